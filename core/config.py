@@ -1,0 +1,421 @@
+"""params.yaml, validated: one pydantic section per stage.
+
+Validation happens in two passes, both before any heavy work:
+
+1. :func:`load_params` checks the structure (unknown keys, types, ranges) of the file
+   plus any ``-S key.path=value`` overrides.
+2. :func:`check_strategies` resolves every strategy name against the installed plugins
+   and validates its options with the strategy's own config model.
+
+Every failure is a :class:`ConfigError` whose message is one line naming the key, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from unbottle.core.errors import ConfigError, UnknownStrategyError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StrategyRef(BaseModel):
+    """A strategy chosen by name, with its options: ``{name: adamw, betas: [0.9, 0.95]}``.
+
+    A bare string is shorthand for ``{name: <string>}``. The options are validated later by
+    the strategy's own config model, once the plugins are loaded.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+# The keys of a compress step that name its kind; the rest are the strategy's options.
+STEP_KINDS: dict[str, str] = {
+    "prune": "pruning",
+    "quantize": "quantization",
+    "distill": "distillation",
+}
+
+
+class CompressStep(BaseModel):
+    """One step of a compress recipe: ``{prune: magnitude, sparsity: 0.5}``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_kind(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError(f"a step is a mapping like {{prune: magnitude}}, not {value!r}")
+        kinds = [k for k in STEP_KINDS if k in value]
+        if len(kinds) != 1:
+            raise ValueError(
+                "a step names exactly one of prune, quantize, distill "
+                f"(got {', '.join(kinds) or 'none'})"
+            )
+        if not isinstance(value[kinds[0]], str):
+            raise ValueError(f"{kinds[0]}: the strategy name must be a string")
+        return value
+
+    @property
+    def action(self) -> str:
+        return next(k for k in STEP_KINDS if k in (self.model_extra or {}))
+
+    @property
+    def kind(self) -> str:
+        return STEP_KINDS[self.action]
+
+    @property
+    def strategy(self) -> str:
+        return str((self.model_extra or {})[self.action])
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {k: v for k, v in (self.model_extra or {}).items() if k != self.action}
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.action} {self.strategy}" + (f" ({opts})" if opts else "")
+
+
+class DemoDataParams(Section):
+    seed: int = 0
+    people: int = Field(48, ge=4, le=5000)
+    renderings: int = Field(3, ge=1, le=100)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class DataParams(Section):
+    train_text: Path = Path("data/corpus/train.txt")
+    valid_text: Path = Path("data/corpus/valid.txt")
+    qa_train: Path = Path("data/qa/train.jsonl")
+    qa_test: Path = Path("data/qa/test.jsonl")
+    demo: DemoDataParams = DemoDataParams()
+
+
+class TokenizerParams(Section):
+    vocab_size: int = Field(1024, ge=300, le=262144)
+
+
+class ModelParams(Section):
+    hidden_size: int = Field(128, ge=8)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(344, ge=8)
+    context: int = Field(128, ge=8, le=1 << 20)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ModelParams:
+        if self.hidden_size % self.heads:
+            raise ValueError(
+                f"hidden_size: {self.hidden_size} is not divisible by heads ({self.heads})"
+            )
+        return self
+
+
+class TrainParams(Section):
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    seq_len: int = Field(128, ge=8)
+    lr: float = Field(3e-3, gt=0, le=10)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    log_every: int = Field(10, ge=1)
+    optimizer: StrategyRef = StrategyRef(name="adamw")
+    parallelism: StrategyRef = StrategyRef(name="single")
+
+
+class PretrainParams(Section):
+    tokenizer: TokenizerParams = TokenizerParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+
+    @model_validator(mode="after")
+    def _fits_context(self) -> PretrainParams:
+        if self.train.seq_len > self.model.context:
+            raise ValueError(
+                f"train.seq_len: {self.train.seq_len} is longer than model.context "
+                f"({self.model.context})"
+            )
+        return self
+
+
+class FinetuneParams(Section):
+    method: StrategyRef = StrategyRef(name="full")
+    train: TrainParams = TrainParams(steps=200, lr=1e-3, warmup_steps=10, weight_decay=0.0)
+
+
+class CalibrationParams(Section):
+    samples: int = Field(16, ge=1)
+    seq_len: int = Field(128, ge=8)
+
+
+_VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+BASELINE = "finetuned"
+RESERVED_NAMES = (BASELINE, "pretrained")  # rows of the evaluation that are not variants
+
+
+class CompressParams(Section):
+    calibration: CalibrationParams = CalibrationParams()
+    variants: dict[str, list[CompressStep]] = Field(default_factory=dict)
+
+    @field_validator("variants")
+    @classmethod
+    def _check_variants(cls, variants: dict[str, list[CompressStep]]) -> Any:
+        for name, steps in variants.items():
+            if not _VARIANT_NAME.match(name) or name in RESERVED_NAMES:
+                raise ValueError(
+                    f"{name}: a variant name must match [a-z0-9][a-z0-9_-]* and not be "
+                    f"{' or '.join(map(repr, RESERVED_NAMES))}"
+                )
+            if not steps:
+                raise ValueError(f"{name}: a variant needs at least one step")
+            for i, step in enumerate(steps[:-1]):
+                if step.action == "quantize":
+                    raise ValueError(
+                        f"{name}[{i + 1}]: a {steps[i + 1].action} step cannot follow a "
+                        "quantize step (it needs float weights); quantize must come last"
+                    )
+        return variants
+
+
+class EvaluateParams(Section):
+    metrics: list[StrategyRef] = Field(
+        default_factory=lambda: [
+            StrategyRef(name=n) for n in ("perplexity", "accuracy", "size", "speed")
+        ]
+    )
+    max_questions: int = Field(200, ge=1)
+
+
+class DeployParams(Section):
+    target: StrategyRef = StrategyRef(name="hf")
+    variant: str = BASELINE
+
+
+class Params(Section):
+    seed: int = 0
+    data: DataParams = DataParams()
+    pretrain: PretrainParams = PretrainParams()
+    finetune: FinetuneParams = FinetuneParams()
+    compress: CompressParams = CompressParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    deploy: DeployParams = DeployParams()
+
+    @model_validator(mode="after")
+    def _deploy_variant_exists(self) -> Params:
+        allowed = [BASELINE, *self.compress.variants]
+        if self.deploy.variant not in allowed:
+            raise ValueError(
+                f"deploy.variant: {self.deploy.variant!r} is not a variant; "
+                f"allowed: {', '.join(allowed)}"
+            )
+        return self
+
+    def variant_names(self) -> list[str]:
+        return [BASELINE, *self.compress.variants]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(tree: dict[str, Any], text: str) -> None:
+    """Set ``key.path=value`` in a params tree; integer segments index lists."""
+    path, value = _parse_override(text)
+    node: Any = tree
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"override {text!r}: {where} is not an index of a list of {len(node)}"
+                )
+            index = int(part)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                child = node.get(part)
+                if isinstance(child, str) and not last:
+                    # `-S pretrain.train.optimizer.lr=...` on the string shorthand.
+                    child = node[part] = {"name": child}
+                node = node.setdefault(part, {}) if child is None else child
+        else:
+            raise ConfigError(f"override {text!r}: {where} goes inside a {type(node).__name__}")
+
+
+def _format_loc(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or str(part).startswith(
+            ("function-", "list[", "dict[")
+        ):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _allowed_keys(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = field.annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def one_line(error: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """Render the first pydantic error as `key: value is wrong because ...`."""
+    first = error.errors()[0]
+    loc = [p for p in first["loc"] if not str(p).startswith(("function-", "list[", "dict["))]
+    where = ".".join(filter(None, [prefix, _format_loc(loc)])) or prefix or "params"
+    more = len(error.errors()) - 1
+    tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
+        return f"{where}: unknown key{hint}{tail}"
+    if first["type"] == "missing":
+        return f"{where}: required key is missing{tail}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] in ("value_error", "assertion_error") or "input" not in first:
+        # Validators phrase their message as "sub.key: what is wrong", relative to loc.
+        head, sep, rest = message.partition(": ")
+        if sep and " " not in head:
+            return f"{where + '.' if loc or prefix else ''}{head}: {rest}{tail}"
+        return f"{where}: {message}{tail}"
+    return f"{where}: {first['input']!r} is invalid: {message}{tail}"
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_params(path: Path | None = None, overrides: Sequence[str] = ()) -> Params:
+    """Read params.yaml (or the defaults when ``path`` is None), apply overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"params file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{at}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded
+    # Overrides apply to the defaults merged with the file, so `-S a.b.c=v` works for
+    # keys the file leaves out (including the options of a default strategy).
+    tree = _deep_merge(Params().model_dump(mode="json"), tree) if overrides else tree
+    for text in overrides:
+        apply_override(tree, text)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(one_line(e, Params)) from None
+
+
+def dump_params(params: Params) -> dict[str, Any]:
+    """Params as plain YAML-able data (paths as strings)."""
+    return params.model_dump(mode="json")
+
+
+# ------------------------------------------------------------- strategy resolution
+
+
+def strategy_refs(params: Params) -> Iterator[tuple[str, str, str, dict[str, Any]]]:
+    """Every strategy params name: (key path, kind, name, options)."""
+    for stage in ("pretrain", "finetune"):
+        train: TrainParams = getattr(params, stage).train
+        yield f"{stage}.train.optimizer", "optimizer", train.optimizer.name, train.optimizer.options
+        yield (
+            f"{stage}.train.parallelism",
+            "parallelism",
+            train.parallelism.name,
+            train.parallelism.options,
+        )
+    method = params.finetune.method
+    yield "finetune.method", "finetune_method", method.name, method.options
+    for variant, steps in params.compress.variants.items():
+        for i, step in enumerate(steps):
+            yield f"compress.variants.{variant}[{i}]", step.kind, step.strategy, step.options
+    for i, metric in enumerate(params.evaluate.metrics):
+        yield f"evaluate.metrics[{i}]", "metric", metric.name, metric.options
+    target = params.deploy.target
+    yield "deploy.target", "deploy_target", target.name, target.options
+
+
+def check_strategies(params: Params, registry: Any) -> None:
+    """Fail fast if a named strategy is not installed or its options are invalid."""
+    for where, kind, name, options in strategy_refs(params):
+        try:
+            info = registry.get(kind, name)
+        except UnknownStrategyError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        try:
+            info.cls.Config(**options)
+        except ValidationError as e:
+            raise ConfigError(one_line(e, info.cls.Config, prefix=where)) from None

@@ -1,0 +1,114 @@
+"""Supervised finetuning on question/answer pairs, with the loss on answer tokens only."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from unbottle.core.artifacts import atomic_dir, tree_hash, write_manifest
+from unbottle.core.config import FinetuneParams
+from unbottle.core.registry import Registry
+from unbottle.core.stage import StageResult, strategy_record
+
+log = logging.getLogger("unbottle.finetune")
+IGNORE = -100  # label value that cross-entropy skips
+
+
+def finetune(
+    cfg: FinetuneParams,
+    *,
+    base: Path,
+    qa_train: Path,
+    out_dir: Path,
+    seed: int,
+    registry: Registry,
+) -> StageResult:
+    import torch
+
+    from unbottle.core import task
+    from unbottle.core.artifacts import verify_artifact
+    from unbottle.core.modeling import load_model, save_model
+    from unbottle.core.pretrain import _stable
+    from unbottle.core.training import rng, train
+
+    verify_artifact(base)
+    pairs = task.read_pairs(qa_train, "data.qa_train")
+    method = registry.create("finetune_method", cfg.method.name, cfg.method.options)
+    model, tokenizer = load_model(base)
+    context = model.config.max_position_embeddings
+
+    examples = encode_pairs(tokenizer, pairs, min(cfg.train.seq_len, context))
+    generator = rng(seed)
+
+    def next_batch(step: int) -> dict[str, torch.Tensor]:
+        picks = torch.randint(0, len(examples), (cfg.train.batch_size,), generator=generator)
+        return collate([examples[i] for i in picks.tolist()], tokenizer.pad_token_id)
+
+    trainable = method.prepare(model)
+    log.info("finetune: %d pairs, method %s", len(examples), cfg.method.name)
+    trained, report = train(trainable, next_batch, cfg.train, registry=registry, desc="finetune")
+    metrics = {
+        "final_loss": report.losses[-1],
+        "tokens_per_s": report.tokens_per_second,
+        "train_seconds": report.seconds,
+        "train_pairs": len(examples),
+        "precision": report.precision,
+    }
+    with atomic_dir(out_dir) as tmp:
+        model = method.finalize(trained, tmp)
+        save_model(model, tokenizer, tmp)
+        write_manifest(
+            tmp,
+            stage="finetune",
+            config=cfg.model_dump(mode="json"),
+            strategies={
+                "finetune_method": strategy_record(
+                    registry.get("finetune_method", cfg.method.name)
+                ),
+                "optimizer": strategy_record(registry.get("optimizer", cfg.train.optimizer.name)),
+                "parallelism": strategy_record(
+                    registry.get("parallelism", cfg.train.parallelism.name)
+                ),
+            },
+            inputs={"base": tree_hash(base), "qa_train": tree_hash(qa_train)},
+            metrics=_stable(metrics),
+        )
+    return StageResult(out_dir, metrics, plots={"finetune_loss": report.curve()})
+
+
+def encode_pairs(
+    tokenizer, pairs: list[dict[str, str]], max_len: int
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each (prompt, answer + EOS)."""
+    from unbottle.core import task
+    from unbottle.core.errors import DataError
+
+    examples = []
+    for pair in pairs:
+        prompt_ids = tokenizer(task.prompt(pair["question"]), add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(task.target(pair["answer"]), add_special_tokens=False)["input_ids"]
+        answer_ids = [*answer_ids, tokenizer.eos_token_id]
+        if len(prompt_ids) + len(answer_ids) > max_len:
+            raise DataError(
+                f"data.qa_train: the pair {pair['question']!r} is "
+                f"{len(prompt_ids) + len(answer_ids)} tokens, longer than finetune.train.seq_len "
+                f"({max_len})"
+            )
+        examples.append((prompt_ids, answer_ids))
+    return examples
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad: int) -> dict:
+    """Right-padded batch whose labels cover the answer tokens only."""
+    import torch
+
+    width = max(len(p) + len(a) for p, a in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for r, (p, a) in enumerate(rows):
+        n = len(p) + len(a)
+        input_ids[r, :n] = torch.tensor(p + a)
+        labels[r, len(p) : n] = torch.tensor(a)  # learn the answer, not the question
+        mask[r, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,105 @@
+"""Run one stage by name: what both `unbottle stage NAME` (dvc.yaml) and the Prefect flow
+call, so a stage behaves the same on either route."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from unbottle.core.artifacts import write_json_atomic, write_text_atomic
+from unbottle.core.config import Params, check_strategies
+from unbottle.core.registry import Registry, get_registry
+from unbottle.core.stage import STAGES, Layout, StageResult
+
+
+def setup(params: Params, registry: Registry | None = None) -> Registry:
+    """Resolve and validate every strategy the params name, before any work."""
+    registry = registry or get_registry()
+    check_strategies(params, registry)
+    return registry
+
+
+def run_stage(
+    name: str, params: Params, layout: Layout, registry: Registry | None = None
+) -> StageResult:
+    from unbottle.core.errors import ConfigError
+
+    if name not in STAGES:
+        raise ConfigError(f"Unknown stage {name!r}. Stages: {', '.join(STAGES)}.")
+    registry = setup(params, registry)
+    data = params.data
+    path = layout.resolve
+    if name == "pretrain":
+        from unbottle.core.pretrain import pretrain
+
+        result = pretrain(
+            params.pretrain,
+            train_text=path(data.train_text),
+            out_dir=layout.artifact("pretrain"),
+            seed=params.seed,
+            registry=registry,
+        )
+    elif name == "finetune":
+        from unbottle.core.finetune import finetune
+
+        result = finetune(
+            params.finetune,
+            base=layout.artifact("pretrain"),
+            qa_train=path(data.qa_train),
+            out_dir=layout.artifact("finetune"),
+            seed=params.seed,
+            registry=registry,
+        )
+    elif name == "compress":
+        from unbottle.core.compress import compress
+
+        result = compress(
+            params.compress,
+            model=layout.artifact("finetune"),
+            train_text=path(data.train_text),
+            out_dir=layout.artifact("compress"),
+            seed=params.seed,
+            registry=registry,
+        )
+    elif name == "evaluate":
+        from unbottle.core.evaluate import evaluate
+
+        result = evaluate(
+            params.evaluate,
+            pretrained=layout.artifact("pretrain"),
+            baseline=layout.artifact("finetune"),
+            variants_dir=layout.artifact("compress"),
+            valid_text=path(data.valid_text),
+            qa_test=path(data.qa_test),
+            out_dir=layout.artifact("evaluate"),
+            seed=params.seed,
+            registry=registry,
+        )
+    else:
+        from unbottle.core.deploy import deploy
+
+        result = deploy(
+            params.deploy,
+            baseline=layout.artifact("finetune"),
+            variants_dir=layout.artifact("compress"),
+            evaluation=layout.artifact("evaluate"),
+            out_dir=layout.artifact("deploy"),
+            registry=registry,
+        )
+    write_json_atomic(layout.metrics_file(name), result.metrics)
+    for plot, rows in result.plots.items():
+        write_text_atomic(layout.plot_file(plot), _csv(rows))
+    return result
+
+
+def _csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def workspace(root: Path | None = None) -> Layout:
+    return Layout(Path(root or Path.cwd()).resolve())

@@ -1,0 +1,46 @@
+"""Progress bars for long work (rich), quiet when the output is not a terminal."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def progress_bar(desc: str, total: int) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(**figures)``; figures (loss, tokens/s) are shown beside the bar."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[figures]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(desc, total=total, figures="")
+
+        def advance(**figures: Any) -> None:
+            text = "  ".join(
+                f"{k.replace('_per_s', '/s').replace('_', ' ')} {v:,.4g}"
+                for k, v in figures.items()
+            )
+            progress.update(task, advance=1, figures=text)
+
+        yield advance

@@ -1,0 +1,130 @@
+"""Run a model variant through the runtime that will serve it: torch or ONNX Runtime.
+
+Evaluation metrics talk to a :class:`ModelRunner`, so the same metric measures a float
+safetensors model in torch and an int8 ONNX model in ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from unbottle.core.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class ModelRunner(Protocol):
+    format: str
+    context: int
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, V) float32 logits."""
+        ...
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, **kw: Any
+    ) -> torch.Tensor:
+        """Greedy decoding; returns (B, T + new) ids."""
+        ...
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(stored weight elements, of which nonzero)."""
+        ...
+
+
+def model_format(model_dir: Path) -> str:
+    model_dir = Path(model_dir)
+    if (model_dir / "model.safetensors").is_file():
+        return "hf"
+    if list(model_dir.glob("*.onnx")):
+        return "onnx"
+    raise DataError(f"{model_dir}: neither model.safetensors nor an .onnx model is there")
+
+
+class TorchRunner:
+    format = "hf"
+
+    def __init__(self, model_dir: Path) -> None:
+        from unbottle.core.modeling import load_model
+
+        self.model, self.tokenizer = load_model(model_dir)
+        self.model.eval()
+        self.context = int(self.model.config.max_position_embeddings)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(input_ids=input_ids).logits.float()
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, **kw: Any
+    ) -> torch.Tensor:
+        import torch
+
+        with torch.inference_mode():
+            return self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **kw,
+            )
+
+    def parameter_counts(self) -> tuple[int, int]:
+        params = list(self.model.parameters())
+        return sum(p.numel() for p in params), sum(int(p.count_nonzero()) for p in params)
+
+
+class OnnxRunner:
+    format = "onnx"
+
+    def __init__(self, model_dir: Path) -> None:
+        from optimum.onnxruntime import ORTModelForCausalLM
+        from transformers import AutoTokenizer
+
+        files = sorted(Path(model_dir).glob("*.onnx"))
+        self.path = files[0]
+        self.model = ORTModelForCausalLM.from_pretrained(model_dir, file_name=self.path.name)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.context = int(self.model.config.max_position_embeddings)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        mask = torch.ones_like(input_ids)
+        return self.model(input_ids=input_ids, attention_mask=mask).logits.float()
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, **kw: Any
+    ) -> torch.Tensor:
+        return self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **kw,
+        )
+
+    def parameter_counts(self) -> tuple[int, int]:
+        import numpy as np
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(self.path)).graph
+        total = nonzero = 0
+        for init in graph.initializer:
+            if len(init.dims) >= 2:  # weight matrices and embeddings, not scales or shapes
+                array = numpy_helper.to_array(init)
+                total += array.size
+                nonzero += int(np.count_nonzero(array))
+        return total, nonzero
+
+
+def load_runner(model_dir: Path) -> ModelRunner:
+    fmt = model_format(model_dir)
+    return TorchRunner(model_dir) if fmt == "hf" else OnnxRunner(model_dir)

@@ -1,0 +1,138 @@
+"""Built-in distillation: ``kd``, a shallower student taught by the model it came from.
+
+Knowledge distillation (Hinton, Vinyals & Dean, 2015, "Distilling the Knowledge in a
+Neural Network"): the student minimises
+
+    alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE
+
+on the pipeline's own training text. As in DistilBERT (Sanh et al., 2019) the student is
+initialised from the teacher, keeping evenly spaced layers, so it starts close to the
+teacher and distillation recovers what dropping layers lost.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from pydantic import Field
+
+from unbottle import CompressContext, StrategyConfig, hookimpl
+from unbottle.core.errors import ConfigError
+
+
+def _held_out_loss(model: Any, batches: list[Any]) -> float:
+    import torch
+
+    model.eval()
+    with torch.inference_mode():
+        losses = [float(model(input_ids=b, labels=b).loss) for b in batches]
+    return sum(losses) / len(losses)
+
+
+def shallow_copy_of(teacher: Any, layers: int) -> Any:
+    """A student with ``layers`` of the teacher's decoder layers, evenly spaced."""
+    import torch
+
+    total = teacher.config.num_hidden_layers
+    if not 1 <= layers < total:
+        raise ConfigError(f"distill: student layers {layers} must be in [1, {total - 1}]")
+    keep = (
+        [round(i * (total - 1) / max(layers - 1, 1)) for i in range(layers)] if layers > 1 else [0]
+    )
+    student = copy.deepcopy(teacher)
+    student.model.layers = torch.nn.ModuleList([student.model.layers[i] for i in keep])
+    for i, layer in enumerate(student.model.layers):
+        layer.self_attn.layer_idx = i  # the KV cache indexes layers by position
+    student.config.num_hidden_layers = layers
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    return student
+
+
+class KnowledgeDistillation:
+    """Drop layers from the model, then distill the original into the shallower copy."""
+
+    name = "kd"
+
+    class Config(StrategyConfig):
+        layers: int = Field(2, ge=1)  # decoder layers the student keeps
+        alpha: float = Field(0.5, ge=0, le=1)
+        temperature: float = Field(2.0, gt=0)
+        steps: int = Field(100, ge=1)
+        batch_size: int = Field(8, ge=1)
+        seq_len: int = Field(64, ge=8)
+        lr: float = Field(1e-3, gt=0)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def distill(self, teacher: Any, ctx: CompressContext) -> tuple[Any, dict[str, float]]:
+        import torch
+        import torch.nn.functional as F
+
+        from unbottle.core.config import TrainParams
+        from unbottle.core.registry import get_registry
+        from unbottle.core.training import rng, train
+
+        c = self.config
+        teacher.eval().requires_grad_(False)
+        student = shallow_copy_of(teacher, c.layers).requires_grad_(True)
+        held_out = list(ctx.calibration)
+        teacher_loss = _held_out_loss(teacher, held_out)
+        before = _held_out_loss(student, held_out)
+
+        stream = ctx.train_ids
+        generator = rng(ctx.seed + 2)
+
+        def next_batch(step: int) -> dict[str, torch.Tensor]:
+            starts = torch.randint(
+                0, stream.numel() - c.seq_len, (c.batch_size,), generator=generator
+            )
+            ids = torch.stack([stream[s : s + c.seq_len] for s in starts.tolist()])  # (B, T)
+            return {"input_ids": ids, "labels": ids}
+
+        def loss_fn(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            out = model(**batch)
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=batch["input_ids"]).logits  # (B, T, V)
+            t = c.temperature
+            kl = (
+                F.kl_div(
+                    F.log_softmax(out.logits / t, dim=-1),
+                    F.log_softmax(teacher_logits / t, dim=-1),
+                    log_target=True,
+                    reduction="batchmean",
+                )
+                / batch["input_ids"].shape[1]
+            )  # per token, like the cross-entropy
+            return c.alpha * t * t * kl + (1 - c.alpha) * out.loss
+
+        params = TrainParams(
+            steps=c.steps,
+            batch_size=c.batch_size,
+            seq_len=c.seq_len,
+            lr=c.lr,
+            warmup_steps=min(10, c.steps // 10),
+            weight_decay=0.0,
+            log_every=max(1, c.steps // 5),
+        )
+        student, _ = train(
+            student, next_batch, params, registry=get_registry(), desc="distill", loss_fn=loss_fn
+        )
+        after = _held_out_loss(student, held_out)
+        gap_before, gap_after = before - teacher_loss, after - teacher_loss
+        return student, {
+            "student_layers": c.layers,
+            "teacher_perplexity": math.exp(teacher_loss),
+            "student_perplexity_before": math.exp(before),
+            "student_perplexity_after": math.exp(after),
+            # Share of the loss gap to the teacher that distillation closed.
+            "gap_recovered": (1 - gap_after / gap_before) if gap_before > 0 else 0.0,
+        }
+
+
+@hookimpl
+def register_distillers(register):
+    register(KnowledgeDistillation)

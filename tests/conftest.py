@@ -1,0 +1,107 @@
+"""Shared fixtures: a tiny workspace (8 fictional people, a 2-layer model) and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unbottle.core.data import DemoDataConfig, write_demo_data
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough that the whole pipeline runs in well under a minute on 2 cores.
+TINY_PARAMS = {
+    "seed": 0,
+    "data": {"demo": {"seed": 0, "people": 8, "renderings": 2, "test_fraction": 0.2}},
+    "pretrain": {
+        "tokenizer": {"vocab_size": 320},
+        "model": {
+            "hidden_size": 32,
+            "layers": 2,
+            "heads": 2,
+            "intermediate_size": 64,
+            "context": 64,
+        },
+        "train": {
+            "steps": 12,
+            "batch_size": 4,
+            "seq_len": 32,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "log_every": 4,
+        },
+    },
+    "finetune": {
+        "train": {
+            "steps": 8,
+            "batch_size": 4,
+            "seq_len": 64,
+            "lr": 1e-3,
+            "warmup_steps": 1,
+            "log_every": 4,
+        }
+    },
+    "compress": {
+        "calibration": {"samples": 4, "seq_len": 32},
+        "variants": {
+            "magnitude50": [{"prune": "magnitude", "sparsity": 0.5}],
+            "int8": [{"quantize": "onnx-dynamic-int8"}],
+        },
+    },
+    "evaluate": {
+        "metrics": [
+            {"name": "perplexity", "window": 32},
+            "accuracy",
+            "size",
+            {"name": "speed", "prompt_tokens": 8, "new_tokens": 4, "repeats": 1},
+        ],
+        "max_questions": 8,
+    },
+    "deploy": {"target": "hf", "variant": "finetuned"},
+}
+
+TINY_DATA = DemoDataConfig(seed=0, people=8, renderings=2, test_fraction=0.2)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    write_demo_data(out, TINY_DATA)
+    return out
+
+
+def make_workspace(root: Path, data: Path, params: dict | None = None) -> Path:
+    shutil.copytree(data, root / "data")
+    (root / "params.yaml").write_text(yaml.safe_dump(params or TINY_PARAMS, sort_keys=False))
+    return root
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, tiny_data: Path) -> Path:
+    """A directory with tiny demo data and a tiny params.yaml."""
+    return make_workspace(tmp_path, tiny_data)
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update(extra or {})
+    return env
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300):
+    """Run `unbottle ARGS` as a user would, in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "unbottle", *args],
+        cwd=cwd,
+        env=cli_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,196 @@
+"""Each stage on a tiny config, run in-process in order, then checked for what it promises."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_PARAMS, make_workspace
+from unbottle.core.artifacts import read_manifest, verify_artifact
+from unbottle.core.config import Params
+from unbottle.core.pipeline import run_stage
+from unbottle.core.stage import STAGES, Layout
+
+PARAMS = copy.deepcopy(TINY_PARAMS)
+PARAMS["compress"]["variants"]["kd1"] = [
+    {"distill": "kd", "layers": 1, "steps": 6, "batch_size": 2, "seq_len": 32}
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_data) -> dict:
+    """Run all five stages once; tests below inspect what each wrote."""
+    root = make_workspace(tmp_path_factory.mktemp("stages"), tiny_data, PARAMS)
+    layout = Layout(root)
+    params = Params.model_validate(PARAMS)
+    results = {name: run_stage(name, params, layout) for name in STAGES}
+    return {"layout": layout, "params": params, "results": results}
+
+
+def answer_loss(model_dir: Path, qa_file: Path) -> float:
+    """Mean cross-entropy of the answer tokens of held-out questions."""
+    import torch
+
+    from unbottle.core import task
+    from unbottle.core.finetune import collate, encode_pairs
+    from unbottle.core.modeling import load_model
+
+    model, tokenizer = load_model(model_dir)
+    pairs = task.read_pairs(qa_file, "qa")
+    batch = collate(encode_pairs(tokenizer, pairs, 64), tokenizer.pad_token_id)
+    with torch.inference_mode():
+        return float(model(**batch).loss)
+
+
+def test_pretrain_writes_a_model_and_a_falling_loss_curve(run):
+    layout: Layout = run["layout"]
+    out = layout.artifact("pretrain")
+    assert (out / "model.safetensors").is_file()
+    assert (out / "tokenizer.json").is_file()
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))  # no pickles
+    manifest = verify_artifact(out)
+    assert manifest["strategies"]["optimizer"]["name"] == "adamw"
+    assert manifest["strategies"]["optimizer"]["distribution"] == "unbottle"
+    assert len(manifest["inputs"]["train_text"]) == 64  # a sha256
+    metrics = json.loads(layout.metrics_file("pretrain").read_text())
+    assert metrics["tokens_per_s"] > 0
+    curve = layout.plot_file("pretrain_loss").read_text().splitlines()
+    assert curve[0] == "step,loss"
+    losses = [float(line.split(",")[1]) for line in curve[1:]]
+    assert losses[-1] < losses[0]
+
+
+def test_finetune_lowers_the_loss_of_held_out_answers(run):
+    layout: Layout = run["layout"]
+    qa_test = layout.root / "data/qa/test.jsonl"
+    before = answer_loss(layout.artifact("pretrain"), qa_test)
+    after = answer_loss(layout.artifact("finetune"), qa_test)
+    assert after < before
+    assert (
+        read_manifest(layout.artifact("finetune"))["strategies"]["finetune_method"]["name"]
+        == "full"
+    )
+
+
+def test_finetune_learns_only_the_answer_tokens():
+    from unbottle.core.finetune import IGNORE, collate
+
+    batch = collate([([5, 6, 7], [8, 9]), ([5], [8])], pad=1)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 8, 1, 1, 1]]
+    assert batch["labels"].tolist() == [
+        [IGNORE, IGNORE, IGNORE, 8, 9],
+        [IGNORE, 8, IGNORE, IGNORE, IGNORE],
+    ]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+
+
+def test_magnitude_variant_has_real_zeros_at_the_target_sparsity(run):
+    from safetensors.torch import load_file
+
+    out = run["layout"].artifact("compress") / "magnitude50"
+    weights = load_file(out / "model.safetensors")
+    pruned = {k: v for k, v in weights.items() if k.endswith("proj.weight")}
+    assert pruned
+    for name, w in pruned.items():
+        assert int((w == 0).sum()) == round(0.5 * w.numel()), name
+    assert float((weights["model.embed_tokens.weight"] == 0).float().mean()) < 0.01
+    manifest = read_manifest(out)
+    assert manifest["steps"][0]["action"] == "prune"
+    assert manifest["steps"][0]["metrics"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_int8_variant_stores_int8_weights(run):
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    from safetensors.torch import load_file
+
+    layout: Layout = run["layout"]
+    out = layout.artifact("compress") / "int8"
+    (model_file,) = out.glob("*.onnx")
+    graph = onnx.load(str(model_file)).graph
+    int8 = [t for t in graph.initializer if t.data_type in (TensorProto.INT8, TensorProto.UINT8)]
+    float_weights = load_file(layout.artifact("finetune") / "model.safetensors")
+    projections = [w for k, w in float_weights.items() if k.endswith("proj.weight")]
+    # Every projection matrix is stored as one byte per weight, not four.
+    stored = sorted(numpy_helper.to_array(t).size for t in int8 if len(t.dims) == 2)
+    assert sum(stored) >= sum(w.numel() for w in projections)
+    assert all(len(t.raw_data) == numpy_helper.to_array(t).size for t in int8 if t.raw_data)
+    metrics = read_manifest(out)["metrics"]
+    assert metrics["step1_onnx_int8_bytes"] < metrics["step1_onnx_fp32_bytes"]
+
+
+def test_distilled_variant_is_shallower_and_recovers(run):
+    from transformers import AutoConfig
+
+    out = run["layout"].artifact("compress") / "kd1"
+    assert AutoConfig.from_pretrained(out).num_hidden_layers == 1
+    step = read_manifest(out)["steps"][0]
+    assert step["action"] == "distill"
+    assert (
+        step["metrics"]["student_perplexity_after"] < step["metrics"]["student_perplexity_before"]
+    )
+
+
+def test_compress_records_every_variant_and_step(run):
+    out = run["layout"].artifact("compress")
+    manifest = verify_artifact(out)
+    assert manifest["variants"] == ["magnitude50", "int8", "kd1"]
+    for name in manifest["variants"]:
+        verify_artifact(out / name)
+
+
+def test_evaluate_measures_every_variant(run):
+    layout: Layout = run["layout"]
+    metrics = json.loads(layout.metrics_file("evaluate").read_text())["variants"]
+    assert set(metrics) == {"pretrained", "finetuned", "magnitude50", "int8", "kd1"}
+    for name, row in metrics.items():
+        for key in (
+            "perplexity",
+            "accuracy",
+            "size_bytes",
+            "parameters",
+            "nonzero_parameters",
+            "latency_p50_s",
+            "decode_tokens_per_s",
+        ):
+            assert key in row and math.isfinite(row[key]), (name, key)
+    assert metrics["int8"]["format"] == "onnx"
+    # (At this tiny size the ONNX graph outweighs its int8 weights; the demo shows the shrink.)
+    assert (
+        metrics["int8"]["size_bytes"]
+        == (layout.artifact("compress") / "int8" / "model_quantized.onnx").stat().st_size
+    )
+    assert metrics["magnitude50"]["nonzero_parameters"] < metrics["finetuned"]["nonzero_parameters"]
+    assert metrics["finetuned"]["perplexity_ratio"] == pytest.approx(1.0)
+    report = (layout.artifact("evaluate") / "report.md").read_text()
+    for name in metrics:
+        assert f"| {name} |" in report
+
+
+def test_deploy_bundle_loads_and_generates_in_transformers(run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = run["layout"].artifact("deploy")
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "README.md",
+        "manifest.json",
+    } <= names
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("Question: Where does", return_tensors="pt")
+    with torch.inference_mode():
+        generated = model.generate(**ids, max_new_tokens=3, min_new_tokens=3)
+    assert generated.shape[1] == ids["input_ids"].shape[1] + 3
+    card = (out / "README.md").read_text()
+    assert "| finetuned |" in card and "| int8 |" in card
+    assert read_manifest(out)["variant"] == "finetuned"

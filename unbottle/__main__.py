@@ -1,0 +1,3 @@
+from unbottle.cli import main
+
+main()
