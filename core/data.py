@@ -5,8 +5,12 @@ anything.  Each person has five facts (town, job, pet, favourite colour, birth
 year).  The facts are rendered
 
 * as varied English prose (``corpus/train.txt``) for pretraining a tiny causal LM,
-* as prose built only from held-out sentence templates (``corpus/valid.txt``), so
-  validation perplexity measures generalisation rather than memorised sentences,
+* as held-out prose (``corpus/valid.txt``): one new paragraph per person, drawn from
+  its own random stream, so its paragraphs never appear in the training text. It
+  uses the training templates on purpose: a model this small, trained on this
+  little text, cannot generalise to unseen phrasings (held-out templates gave a
+  perplexity in the tens of thousands for every model, which ranks nothing), while
+  new compositions of known facts measure what compression takes away,
 * as question/answer pairs (``qa/train.jsonl``) for finetuning, and
 * as held-out questions (``qa/test.jsonl``) scored by exact match: each asks about
   a fact the model saw only in prose, using a question form it was finetuned on
@@ -254,38 +258,11 @@ _TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{subj} [was|were] born in the year {year}.",
     ),
 }
-_VALID_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "town": (
-        "{subj} [resides|reside] in {town}.",
-        "The town of {town} is where {subj} [lives|live].",
-    ),
-    "job": (
-        "{subj} [makes|make] a living as {a_job}.",
-        "Everyone knows {obj} as the local {job}.",
-    ),
-    "pet": (
-        "{subj} [shares|share] {poss} house with {a_pet}.",
-        "{a_pet} keeps {obj} company at home.",
-    ),
-    "color": (
-        "{subj} [is|are] fond of the colour {color}.",
-        "The colour {subj} [likes|like] best is {color}.",
-    ),
-    "year": (
-        "{year} is the year {subj} [was|were] born.",
-        "{possn} birth took place in {year}.",
-    ),
-}
 _TRAIN_FILLERS = (
     "{town} lies on the river {river}.",
     "{town} is known for its {product}.",
     "There is {a_landmark} in {town}.",
     "Visitors to {town} often admire the {landmark}.",
-)
-_VALID_FILLERS = (
-    "The {landmark} of {town} can be seen from far away.",
-    "Traders travel to {town} to buy {product}.",
-    "The river {river} flows through {town}.",
 )
 # Everyday sentences tying the person to their town.  They follow from the facts
 # (so never contradict across renderings) but are not asked about.
@@ -295,11 +272,6 @@ _TRAIN_LOCAL = (
     "{subj} [buys|buy] {product} at the market in {town}.",
     "Most mornings, {subj} [crosses|cross] {town} on foot.",
 )
-_VALID_LOCAL = (
-    "{subj} [passes|pass] the {landmark} every morning.",
-    "In summer, {subj} [swims|swim] in the river {river}.",
-)
-
 _VERB_FORMS = re.compile(r"\[([^|\]]+)\|([^\]]+)\]")
 
 # A full name is mentioned at least once per paragraph; later sentences use it
@@ -471,7 +443,6 @@ class _Style:
 
 
 _TRAIN_STYLE = _Style(_TRAIN_TEMPLATES, _TRAIN_LOCAL, _TRAIN_FILLERS)
-_VALID_STYLE = _Style(_VALID_TEMPLATES, _VALID_LOCAL, _VALID_FILLERS)
 
 
 def _paragraph(rng: SplitMix64, person: Person, town: Town, style: _Style) -> str:
@@ -512,7 +483,7 @@ def _train_corpus(world: World, config: DemoDataConfig) -> str:
 def _valid_corpus(world: World, config: DemoDataConfig) -> str:
     rng = SplitMix64.for_stream(config.seed, "corpus/valid")
     towns = {t.name: t for t in world.towns}
-    paragraphs = [_paragraph(rng, p, towns[p.town], _VALID_STYLE) for p in world.people]
+    paragraphs = [_paragraph(rng, p, towns[p.town], _TRAIN_STYLE) for p in world.people]
     rng.shuffle(paragraphs)
     return _join_paragraphs(paragraphs)
 

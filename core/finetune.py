@@ -31,8 +31,8 @@ def finetune(
     from unbottle.core.pretrain import _stable
     from unbottle.core.training import rng, train
 
-    verify_artifact(base)
     pairs = task.read_pairs(qa_train, "data.qa_train")
+    verify_artifact(base)
     method = registry.create("finetune_method", cfg.method.name, cfg.method.options)
     model, tokenizer = load_model(base)
     context = model.config.max_position_embeddings

@@ -1,0 +1,99 @@
+"""Bad input through the CLI: one line on stderr, exit code 2, earlier artifacts untouched."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import TINY_DATA, run_cli
+from unbottle.core.artifacts import atomic_dir, file_hashes
+from unbottle.core.data import generate_demo_data
+
+
+def previous_artifact(workspace, stage: str) -> dict[str, str]:
+    """Stand in for the output of an earlier run; returns its file hashes."""
+    out = workspace / "artifacts" / stage
+    out.mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"earlier weights")
+    (out / "manifest.json").write_text("{}")
+    return file_hashes(out, exclude=())
+
+
+def assert_one_line_error(result, pattern: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["-S", "pretrain.train.steps=0"], r"pretrain\.train\.steps: 0 is invalid"),
+        (["-S", "pretrain.train.optimizer=lamb"], r"Unknown optimizer 'lamb'\. Installed: "),
+        (["-S", "data.train_text=data/nope.txt"], r"data\.train_text: .*nope\.txt does not exist"),
+        (["-S", "pretrain.train.precision=fp16"], r"fp16 needs a CUDA GPU"),
+        (["-S", "pretrain.train.seq_len=100000"], r"pretrain\.train\.seq_len: 100000 is longer"),
+        (["--params", "missing.yaml"], r"params file 'missing\.yaml' does not exist"),
+    ],
+)
+def test_bad_input_fails_in_one_line_and_keeps_earlier_artifacts(workspace, args, pattern):
+    before = previous_artifact(workspace, "pretrain")
+    result = run_cli("stage", "pretrain", *args, cwd=workspace)
+    assert_one_line_error(result, pattern)
+    assert file_hashes(workspace / "artifacts" / "pretrain", exclude=()) == before
+
+
+def test_unknown_stage_and_unknown_compress_strategy(workspace):
+    assert_one_line_error(run_cli("stage", "train", cwd=workspace), r"Unknown stage 'train'")
+    result = run_cli("stage", "compress", "-S", "compress.variants.x=[{prune: foo}]", cwd=workspace)
+    assert_one_line_error(result, r"compress\.variants\.x\[0\]: Unknown pruning strategy 'foo'")
+
+
+def test_malformed_data_is_named_with_its_line(workspace):
+    (workspace / "data/qa/train.jsonl").write_text('{"question": "q?", "answer": "a"}\nnot json\n')
+    previous_artifact(workspace, "pretrain")
+    result = run_cli("stage", "finetune", cwd=workspace)
+    assert_one_line_error(result, r"train\.jsonl:2 is not valid JSON")
+
+
+def test_stage_refuses_an_input_artifact_whose_files_changed(workspace):
+    previous_artifact(workspace, "pretrain")
+    result = run_cli("stage", "finetune", cwd=workspace)
+    assert_one_line_error(result, r"artifacts/pretrain: files do not match its manifest")
+
+
+def test_debug_shows_the_traceback(workspace):
+    result = run_cli("--debug", "stage", "pretrain", "-S", "pretrain.train.steps=0", cwd=workspace)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+
+
+def test_data_demo_writes_the_deterministic_world(tmp_path):
+    args = ["-S", "data.demo.people=8", "-S", "data.demo.renderings=2"]
+    result = run_cli("data", "demo", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    expected = generate_demo_data(TINY_DATA)
+    for rel, text in expected.items():
+        assert (tmp_path / "data" / rel).read_text(encoding="utf-8") == text
+    bad = run_cli("data", "demo", "-S", "data.demo.people=1", cwd=tmp_path)
+    assert_one_line_error(bad, r"data\.demo\.people: 1 is invalid")
+
+
+def test_atomic_dir_keeps_the_old_output_when_the_work_fails(tmp_path):
+    final = tmp_path / "artifact"
+    with atomic_dir(final) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
+        (tmp / "weights").write_text("half-written v2")
+        raise RuntimeError("crash in the middle")
+    assert (final / "weights").read_text() == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact"]  # no temp dirs left
+
+
+def test_plugins_json_is_machine_readable(tmp_path):
+    rows = json.loads(run_cli("plugins", "--json", cwd=tmp_path).stdout)
+    assert {"kind", "name", "distribution", "version", "plugin"} == set(rows[0])
