@@ -30,7 +30,7 @@ def record_in_dvc(root: Path) -> bool:
     if not ((root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()):
         return False
     subprocess.run(
-        [sys.executable, "-m", "dvc", "commit", "--force", "--quiet", *STAGES],
+        [sys.executable, "-m", "dvc", "commit", "--force", *STAGES],
         cwd=root,
         check=True,
     )

@@ -18,7 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 # Small enough that the whole pipeline runs in well under a minute on 2 cores.
 TINY_PARAMS = {
     "seed": 0,
-    "data": {"demo": {"seed": 0, "people": 8, "renderings": 2, "test_fraction": 0.2}},
+    "data": {
+        # dvc.yaml names these keys, so a params file for `dvc repro` must spell them out.
+        "train_text": "data/corpus/train.txt",
+        "valid_text": "data/corpus/valid.txt",
+        "qa_train": "data/qa/train.jsonl",
+        "qa_test": "data/qa/test.jsonl",
+        "demo": {"seed": 0, "people": 8, "renderings": 2, "test_fraction": 0.2},
+    },
     "pretrain": {
         "tokenizer": {"vocab_size": 320},
         "model": {
