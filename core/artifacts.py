@@ -89,6 +89,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    # mkdtemp makes the directory private (0700); an artifact is as readable as any folder.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
     except BaseException:
@@ -115,7 +119,7 @@ def write_manifest(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``manifest.json`` into an artifact directory whose files are complete."""
-    from unbottle.core.provenance import environment
+    from unbottle.core.provenance import provenance
 
     manifest = {
         "stage": stage,
@@ -124,7 +128,8 @@ def write_manifest(
         "inputs": inputs,
         "files": file_hashes(out_dir),
         "metrics": metrics,
-        "environment": environment(),
+        # The final directory's parent: the temporary directory is created beside it.
+        "environment": provenance(Path(out_dir).parent),
         **(extra or {}),
     }
     write_json_atomic(Path(out_dir) / MANIFEST, manifest)

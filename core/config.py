@@ -152,6 +152,21 @@ class TrainParams(Section):
     log_every: int = Field(10, ge=1)
     optimizer: StrategyRef = StrategyRef(name="adamw")
     parallelism: StrategyRef = StrategyRef(name="single")
+    # The learning rate after warmup: cosine decay to min_lr_ratio * lr, linear decay to 0,
+    # or constant.
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # batch_size is the global batch of one optimizer step; it is split over the processes
+    # and then over this many micro-batches, whose gradients add up before the step.
+    grad_accum_steps: int = Field(1, ge=1)
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory
+    compile: bool = False  # torch.compile the model (see BENCHMARKS.md for when it wins)
+    # A resumable checkpoint every N optimizer steps (0: none), keeping the newest K, under
+    # checkpoint_dir (default: artifacts/.checkpoints/<stage>).
+    checkpoint_every: int = Field(100, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_dir: Path | None = None
+    # Refuse to start when the estimated memory exceeds what the device has free.
+    memory_check: bool = True
 
 
 class PretrainParams(Section):
@@ -184,9 +199,78 @@ BASELINE = "finetuned"
 RESERVED_NAMES = (BASELINE, "pretrained")  # rows of the evaluation that are not variants
 
 
+#: The marker of a sweep axis inside a sweep recipe: ``sparsity: {grid: [0.3, 0.5]}``.
+GRID = "grid"
+
+
+def _name_part(value: Any) -> str:
+    """A grid value as part of a variant name: 0.5 -> 0p5, onnx-dynamic-int8 stays."""
+    text = re.sub(r"[^a-z0-9_-]+", "-", str(value).lower().replace(".", "p"))
+    return text.strip("-_") or "x"
+
+
+def expand_sweep(prefix: str, recipe: Any) -> dict[str, list[dict[str, Any]]]:
+    """The variants a sweep recipe stands for: one per point of its grid.
+
+    A recipe is a list of steps like a variant's, in which any value (a strategy name or
+    an option) may be ``{grid: [v1, v2, ...]}``. The variants are the cross product of
+    the grids, named ``prefix-v1-...`` after the values of each point, in order.
+    """
+    import itertools
+
+    if not (isinstance(recipe, list) and recipe and all(isinstance(s, dict) for s in recipe)):
+        raise ValueError(
+            f"sweep.{prefix}: a sweep is a list of steps like "
+            f"[{{prune: magnitude, sparsity: {{{GRID}: [0.3, 0.5]}}}}]"
+        )
+    axes: list[tuple[int, str, list[Any]]] = []
+    for i, step in enumerate(recipe):
+        for key, value in step.items():
+            if isinstance(value, dict) and GRID in value:
+                values = value[GRID]
+                if set(value) != {GRID} or not isinstance(values, list) or not values:
+                    raise ValueError(
+                        f"sweep.{prefix}[{i}].{key}: write {{{GRID}: [value, ...]}} with at "
+                        "least one value"
+                    )
+                axes.append((i, key, values))
+    variants: dict[str, list[dict[str, Any]]] = {}
+    for point in itertools.product(*(values for _, _, values in axes)):
+        steps = [dict(step) for step in recipe]
+        for (i, key, _), value in zip(axes, point, strict=True):
+            steps[i][key] = value
+        name = "-".join([prefix, *map(_name_part, point)])
+        if name in variants:
+            raise ValueError(f"sweep.{prefix}: two grid points are both named {name!r}")
+        variants[name] = steps
+    return variants
+
+
 class CompressParams(Section):
     calibration: CalibrationParams = CalibrationParams()
     variants: dict[str, list[CompressStep]] = Field(default_factory=dict)
+    # Grids over compression settings, each expanded into variants next to `variants`
+    # (see expand_sweep): `mag: [{prune: magnitude, sparsity: {grid: [0.3, 0.5]}}]`.
+    sweep: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_sweep(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("sweep"):
+            return data
+        if not isinstance(data["sweep"], dict):
+            raise ValueError("sweep: a mapping of name prefix to recipe")
+        variants = dict(data.get("variants") or {})
+        for prefix, recipe in data["sweep"].items():
+            for name, steps in expand_sweep(str(prefix), recipe).items():
+                known = variants.get(name)
+                if known is not None and _plain(known) != steps:
+                    raise ValueError(
+                        f"sweep.{prefix}: makes the variant {name!r}, which compress.variants "
+                        "already defines with other steps; rename one"
+                    )
+                variants[name] = steps
+        return {**data, "variants": variants}
 
     @field_validator("variants")
     @classmethod
@@ -211,15 +295,47 @@ class CompressParams(Section):
 class EvaluateParams(Section):
     metrics: list[StrategyRef] = Field(
         default_factory=lambda: [
-            StrategyRef(name=n) for n in ("perplexity", "accuracy", "size", "speed")
+            StrategyRef(name=n)
+            for n in ("memory", "perplexity", "accuracy", "samples", "size", "speed", "roofline")
         ]
     )
     max_questions: int = Field(200, ge=1)
+    # Where torch variants run while measured (ONNX variants run in ONNX Runtime on CPU):
+    # auto takes a GPU when there is one. Measure on the device that will serve them.
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+
+def _plain(steps: Any) -> Any:
+    """Steps as plain mappings, whether given as dicts or as validated CompressSteps."""
+    if isinstance(steps, list):
+        return [s.model_dump() if isinstance(s, BaseModel) else s for s in steps]
+    return steps
+
+
+class GateLimit(Section):
+    """A bound on one evaluation metric: ``{max: 1.5}``, ``{min: 0.2}`` or both."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> GateLimit:
+        if self.min is None and self.max is None:
+            raise ValueError("a gate needs min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
 
 
 class DeployParams(Section):
     target: StrategyRef = StrategyRef(name="hf")
-    variant: str = BASELINE
+    variant: str = BASELINE  # the variant `policy: explicit` deploys
+    # explicit: `variant`; smallest: least size_bytes; fastest: most decode_tokens_per_s;
+    # best: the best `quality` metric. Always among the variants that pass `gates`.
+    policy: Literal["explicit", "smallest", "fastest", "best"] = "explicit"
+    quality: str = "perplexity"
+    # Limits on evaluation metrics, by metric name: `perplexity_ratio: {max: 1.5}`.
+    gates: dict[str, GateLimit] = Field(default_factory=dict)
 
 
 class Params(Section):
@@ -419,3 +535,85 @@ def check_strategies(params: Params, registry: Any) -> None:
             info.cls.Config(**options)
         except ValidationError as e:
             raise ConfigError(one_line(e, info.cls.Config, prefix=where)) from None
+    check_evaluation_plan(params, registry)
+
+
+# ------------------------------------------------------- metric names, gates and policy
+
+#: Metrics the evaluate stage derives from others: name -> (source, which way is better).
+DERIVED_METRICS: dict[str, tuple[str, str]] = {"perplexity_ratio": ("perplexity", "lower")}
+#: The metric each ranking policy orders by, and which way is better.
+POLICY_METRICS: dict[str, tuple[str, str]] = {
+    "smallest": ("size_bytes", "lower"),
+    "fastest": ("decode_tokens_per_s", "higher"),
+}
+
+
+def metric_outputs(params: Params, registry: Any) -> tuple[dict[str, str | None], bool]:
+    """The names the configured metrics produce, with which way is better, and whether
+    that list is complete (a plugin metric without a ``produces`` listing makes it not)."""
+    produced: dict[str, str | None] = {}
+    complete = True
+    for ref in params.evaluate.metrics:
+        listing = getattr(registry.get("metric", ref.name).cls, "produces", None)
+        if listing is None:
+            complete = False
+        elif isinstance(listing, dict):
+            produced.update(listing)
+        else:
+            produced.update(dict.fromkeys(listing))
+    for name, (source, better) in DERIVED_METRICS.items():
+        if source in produced:
+            produced[name] = better
+    return produced, complete
+
+
+def check_evaluation_plan(params: Params, registry: Any) -> None:
+    """Metric prerequisites, gates and the deploy policy name metrics that will exist."""
+    earlier: set[str] = set()
+    earlier_known = True  # False once a metric without a `produces` listing came before
+    for i, ref in enumerate(params.evaluate.metrics):
+        cls = registry.get("metric", ref.name).cls
+        for needed in getattr(cls, "requires", ()):
+            if earlier_known and needed not in earlier:
+                makers = [
+                    n
+                    for n in registry.names("metric")
+                    if needed in (getattr(registry.get("metric", n).cls, "produces", None) or ())
+                ]
+                hint = f"; list {' or '.join(makers)} before it" if makers else ""
+                raise ConfigError(
+                    f"evaluate.metrics[{i}]: {ref.name} needs {needed!r} from a metric listed "
+                    f"before it{hint}"
+                )
+        listing = getattr(cls, "produces", None)
+        earlier_known = earlier_known and listing is not None
+        earlier.update(listing or ())
+    produced, complete = metric_outputs(params, registry)
+    names = ", ".join(sorted(produced)) or "none"
+    deploy = params.deploy
+    for name in deploy.gates:
+        if complete and name not in produced:
+            raise ConfigError(
+                f"deploy.gates.{name}: no metric in evaluate.metrics produces {name!r}; "
+                f"gates can use: {names}"
+            )
+    if deploy.policy in POLICY_METRICS:
+        name = POLICY_METRICS[deploy.policy][0]
+        if complete and name not in produced:
+            raise ConfigError(
+                f"deploy.policy: {deploy.policy!r} ranks by {name}, which no metric in "
+                "evaluate.metrics produces; add the metric that does"
+            )
+    if deploy.policy == "best":
+        if complete and deploy.quality not in produced:
+            raise ConfigError(
+                f"deploy.quality: no metric in evaluate.metrics produces {deploy.quality!r}; "
+                f"choose one of: {names}"
+            )
+        if deploy.quality in produced and produced[deploy.quality] is None:
+            ranked = ", ".join(sorted(k for k, v in produced.items() if v))
+            raise ConfigError(
+                f"deploy.quality: {deploy.quality!r} is neither better low nor high; "
+                f"choose one of: {ranked}"
+            )

@@ -21,3 +21,7 @@ class UnknownStrategyError(UnbottleError):
 
 class DataError(UnbottleError):
     """An input file is missing, empty or malformed."""
+
+
+class GateError(UnbottleError):
+    """No evaluated variant passes the quality gates (or the one named explicitly fails)."""

@@ -11,7 +11,7 @@ from unbottle.core.registry import Registry
 from unbottle.core.stage import StageResult, strategy_record
 
 log = logging.getLogger("unbottle.finetune")
-IGNORE = -100  # label value that cross-entropy skips
+IGNORE = -100  # label value that cross-entropy skips (training.IGNORE_INDEX)
 
 
 def finetune(
@@ -27,52 +27,89 @@ def finetune(
 
     from unbottle.core import task
     from unbottle.core.artifacts import verify_artifact
+    from unbottle.core.errors import ConfigError
     from unbottle.core.modeling import load_model, save_model
     from unbottle.core.pretrain import _stable
-    from unbottle.core.training import rng, train
+    from unbottle.core.training import (
+        Batches,
+        barrier,
+        checkpoint_store,
+        is_main_process,
+        train,
+    )
 
     pairs = task.read_pairs(qa_train, "data.qa_train")
     verify_artifact(base)
     method = registry.create("finetune_method", cfg.method.name, cfg.method.options)
     model, tokenizer = load_model(base)
     context = model.config.max_position_embeddings
-
-    examples = encode_pairs(tokenizer, pairs, min(cfg.train.seq_len, context))
-    generator = rng(seed)
-
-    def next_batch(step: int) -> dict[str, torch.Tensor]:
-        picks = torch.randint(0, len(examples), (cfg.train.batch_size,), generator=generator)
-        return collate([examples[i] for i in picks.tolist()], tokenizer.pad_token_id)
-
-    trainable = method.prepare(model)
-    log.info("finetune: %d pairs, method %s", len(examples), cfg.method.name)
-    trained, report = train(trainable, next_batch, cfg.train, registry=registry, desc="finetune")
-    metrics = {
-        "final_loss": report.losses[-1],
-        "tokens_per_s": report.tokens_per_second,
-        "train_seconds": report.seconds,
-        "train_pairs": len(examples),
-        "precision": report.precision,
-    }
-    with atomic_dir(out_dir) as tmp:
-        model = method.finalize(trained, tmp)
-        save_model(model, tokenizer, tmp)
-        write_manifest(
-            tmp,
-            stage="finetune",
-            config=cfg.model_dump(mode="json"),
-            strategies={
-                "finetune_method": strategy_record(
-                    registry.get("finetune_method", cfg.method.name)
-                ),
-                "optimizer": strategy_record(registry.get("optimizer", cfg.train.optimizer.name)),
-                "parallelism": strategy_record(
-                    registry.get("parallelism", cfg.train.parallelism.name)
-                ),
-            },
-            inputs={"base": tree_hash(base), "qa_train": tree_hash(qa_train)},
-            metrics=_stable(metrics),
+    if cfg.train.seq_len > context:
+        raise ConfigError(
+            f"finetune.train.seq_len: {cfg.train.seq_len} is longer than the base model's "
+            f"context ({context}); use at most {context}"
         )
+    examples = encode_pairs(tokenizer, pairs, cfg.train.seq_len)
+
+    def rows(ids: list[int]) -> dict[str, torch.Tensor]:
+        return collate([examples[i] for i in ids], tokenizer.pad_token_id)
+
+    torch.manual_seed(seed)  # adapters start from the same random init on every run
+    trainable = method.prepare(model)
+    trainable_parameters = sum(
+        p.numel() for p in {id(p): p for p in trainable.parameters()}.values() if p.requires_grad
+    )
+    (log.info if is_main_process() else log.debug)(
+        "finetune: %d pairs, method %s", len(examples), cfg.method.name
+    )
+    inputs = {"base": tree_hash(base), "qa_train": tree_hash(qa_train)}
+    store = checkpoint_store(
+        cfg.train,
+        stage="finetune",
+        out_dir=out_dir,
+        identity={
+            "inputs": inputs,
+            "method": cfg.method.model_dump(mode="json"),
+            "seed": seed,
+        },
+    )
+    trained, report = train(
+        trainable,
+        Batches(size=len(examples), collate=rows, seed=seed),
+        cfg.train,
+        registry=registry,
+        desc="finetune",
+        checkpoints=store,
+    )
+    metrics = {
+        **report.metrics(),
+        "train_pairs": len(examples),
+        "trainable_parameters": trainable_parameters,
+    }
+    if is_main_process():  # under DDP every process trained; one writes
+        with atomic_dir(out_dir) as tmp:
+            model = method.finalize(trained, tmp)
+            save_model(model, tokenizer, tmp)
+            write_manifest(
+                tmp,
+                stage="finetune",
+                config=cfg.model_dump(mode="json"),
+                strategies={
+                    "finetune_method": strategy_record(
+                        registry.get("finetune_method", cfg.method.name)
+                    ),
+                    "optimizer": strategy_record(
+                        registry.get("optimizer", cfg.train.optimizer.name)
+                    ),
+                    "parallelism": strategy_record(
+                        registry.get("parallelism", cfg.train.parallelism.name)
+                    ),
+                },
+                inputs=inputs,
+                metrics=_stable(metrics),
+            )
+        if store is not None:
+            store.clear()  # the artifact is whole: the run's checkpoints are not needed
+    barrier()
     return StageResult(out_dir, metrics, plots={"finetune_loss": report.curve()})
 
 

@@ -99,7 +99,9 @@ def register_metrics(register: Register) -> None:
     """Register evaluation metrics (protocol ``Metric``).
 
     A metric measures one model variant through the runtime that serves it (torch or ONNX
-    Runtime) and returns named numbers. Chosen by the list ``evaluate.metrics``.
+    Runtime) and returns named numbers. Chosen by the list ``evaluate.metrics``. Optional
+    class attributes ``produces`` (name -> "lower"/"higher"/None) and ``requires`` let
+    params that gate on, or build on, its names be checked before any work.
     """
 
 

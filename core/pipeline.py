@@ -5,12 +5,46 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import logging
 from pathlib import Path
+from typing import Any
 
 from unbottle.core.artifacts import write_json_atomic, write_text_atomic
 from unbottle.core.config import Params, check_strategies
 from unbottle.core.registry import Registry, get_registry
 from unbottle.core.stage import STAGES, Layout, StageResult
+
+log = logging.getLogger("unbottle.pipeline")
+
+
+def is_timing(key: str) -> bool:
+    """Measurements of the machine (speed, peak memory), not of the model: they vary run
+    to run, so they are kept out of the reproducible metrics."""
+    return (
+        key.endswith(("_s", "_seconds"))
+        or "per_s" in key
+        or key == "seconds"
+        or key.startswith(("peak_", "roofline_"))  # roofline_pct: speed over bandwidth
+    )
+
+
+def split_timings(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split (nested) metrics into (quality, timing); the quality part is reproducible."""
+    quality: dict[str, Any] = {}
+    timing: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            q, t = split_timings(value)
+            if q:
+                quality[key] = q
+            if t:
+                timing[key] = t
+        elif is_timing(key):
+            timing[key] = value
+        else:
+            quality[key] = value
+    return quality, timing
 
 
 def setup(params: Params, registry: Registry | None = None) -> Registry:
@@ -21,13 +55,41 @@ def setup(params: Params, registry: Registry | None = None) -> Registry:
 
 
 def run_stage(
-    name: str, params: Params, layout: Layout, registry: Registry | None = None
+    name: str,
+    params: Params,
+    layout: Layout,
+    registry: Registry | None = None,
+    *,
+    force: bool = False,
 ) -> StageResult:
+    """Run stage ``name`` unless its output is already current for these inputs."""
+    from unbottle.core import fingerprint
     from unbottle.core.errors import ConfigError
 
     if name not in STAGES:
         raise ConfigError(f"Unknown stage {name!r}. Stages: {', '.join(STAGES)}.")
     registry = setup(params, registry)
+    stamp = fingerprint.fingerprint(name, params, layout, registry)
+    out_dir, metrics_file = layout.artifact(name), layout.metrics_file(name)
+    if not force and fingerprint.is_current(out_dir, stamp, metrics_file):
+        log.info("%s is up to date (fingerprint %s), skipping", name, stamp[:12])
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        return StageResult(out_dir, metrics, skipped=True)
+    result = _run(name, params, layout, registry)
+    from unbottle.core.training import is_main_process
+
+    if not is_main_process():  # under torchrun, rank 0 alone writes the shared files
+        return result
+    fingerprint.record(result.out_dir, stamp)
+    quality, timing = split_timings(result.metrics)
+    write_json_atomic(metrics_file, quality)
+    write_json_atomic(layout.timing_file(name), timing)
+    for plot, rows in result.plots.items():
+        write_text_atomic(layout.plot_file(plot), _csv(rows))
+    return result
+
+
+def _run(name: str, params: Params, layout: Layout, registry: Registry) -> StageResult:
     data = params.data
     path = layout.resolve
     if name == "pretrain":
@@ -75,6 +137,7 @@ def run_stage(
             out_dir=layout.artifact("evaluate"),
             seed=params.seed,
             registry=registry,
+            images_dir=layout.metrics_dir,  # the report's PNGs, for `dvc plots show`
         )
     else:
         from unbottle.core.deploy import deploy
@@ -87,9 +150,6 @@ def run_stage(
             out_dir=layout.artifact("deploy"),
             registry=registry,
         )
-    write_json_atomic(layout.metrics_file(name), result.metrics)
-    for plot, rows in result.plots.items():
-        write_text_atomic(layout.plot_file(plot), _csv(rows))
     return result
 
 

@@ -20,7 +20,14 @@ def pretrain(
     import torch
 
     from unbottle.core.modeling import build_model, documents, encode_stream, read_text, save_model
-    from unbottle.core.training import rng, train
+    from unbottle.core.training import (
+        Batches,
+        barrier,
+        checkpoint_store,
+        estimate_memory,
+        is_main_process,
+        train,
+    )
 
     text = read_text(train_text, "data.train_text")
     tokenizer = train_tokenizer_for(text, cfg.tokenizer.vocab_size)
@@ -33,47 +40,70 @@ def pretrain(
             f"data.train_text: {stream.numel()} tokens is fewer than one sequence of "
             f"{seq_len + 1}; give more text or lower pretrain.train.seq_len"
         )
-    log.info(
+    (log.info if is_main_process() else log.debug)(
         "pretrain: %d documents, %d tokens, vocabulary %d",
         len(documents(text)),
         stream.numel(),
         len(tokenizer),
     )
+    # Check the memory on a weightless (meta) copy first: refuse before allocating.
+    with torch.device("meta"):
+        skeleton = build_model(cfg.model, tokenizer, seed)
+    plan = estimate_memory(skeleton, cfg.train, registry=registry, key="pretrain.train")
     model = build_model(cfg.model, tokenizer, seed)
-    generator = rng(seed)
 
-    def next_batch(step: int) -> dict[str, torch.Tensor]:
-        starts = torch.randint(
-            0, stream.numel() - seq_len, (cfg.train.batch_size,), generator=generator
-        )
-        input_ids = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])  # (B, T)
+    def windows(starts: list[int]) -> dict[str, torch.Tensor]:
+        input_ids = torch.stack([stream[s : s + seq_len] for s in starts])  # (B, T)
         return {"input_ids": input_ids, "labels": input_ids}
 
-    model, report = train(model, next_batch, cfg.train, registry=registry, desc="pretrain")
+    data = Batches(size=stream.numel() - seq_len, collate=windows, seed=seed)
+    inputs = {"train_text": tree_hash(train_text)}
+    store = checkpoint_store(
+        cfg.train,
+        stage="pretrain",
+        out_dir=out_dir,
+        identity={
+            "inputs": inputs,
+            "tokenizer": cfg.tokenizer.model_dump(mode="json"),
+            "model": cfg.model.model_dump(mode="json"),
+            "seed": seed,
+        },
+    )
+    model, report = train(
+        model,
+        data,
+        cfg.train,
+        registry=registry,
+        desc="pretrain",
+        checkpoints=store,
+        memory_estimate=plan,
+    )
     metrics = {
-        "final_loss": report.losses[-1],
-        "tokens_per_s": report.tokens_per_second,
-        "train_seconds": report.seconds,
-        "train_tokens": report.tokens,
+        **report.metrics(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
-        "precision": report.precision,
     }
-    with atomic_dir(out_dir) as tmp:
-        save_model(model, tokenizer, tmp)
-        write_manifest(
-            tmp,
-            stage="pretrain",
-            config=cfg.model_dump(mode="json"),
-            strategies={
-                "optimizer": strategy_record(registry.get("optimizer", cfg.train.optimizer.name)),
-                "parallelism": strategy_record(
-                    registry.get("parallelism", cfg.train.parallelism.name)
-                ),
-            },
-            inputs={"train_text": tree_hash(train_text)},
-            metrics=_stable(metrics),
-        )
+    if is_main_process():  # under DDP every process trained; one writes
+        with atomic_dir(out_dir) as tmp:
+            save_model(model, tokenizer, tmp)
+            write_manifest(
+                tmp,
+                stage="pretrain",
+                config=cfg.model_dump(mode="json"),
+                strategies={
+                    "optimizer": strategy_record(
+                        registry.get("optimizer", cfg.train.optimizer.name)
+                    ),
+                    "parallelism": strategy_record(
+                        registry.get("parallelism", cfg.train.parallelism.name)
+                    ),
+                },
+                inputs=inputs,
+                metrics=_stable(metrics),
+            )
+        if store is not None:
+            store.clear()  # the artifact is whole: the run's checkpoints are not needed
+    barrier()
     return StageResult(out_dir, metrics, plots={"pretrain_loss": report.curve()})
 
 
@@ -83,6 +113,17 @@ def train_tokenizer_for(text: str, vocab_size: int):
     return train_tokenizer(documents(text), vocab_size)
 
 
+# Metrics that vary from run to run of the same config: kept out of the manifest, so an
+# interrupted and resumed run writes the same artifact as an uninterrupted one.
+_VOLATILE = (
+    "train_seconds",
+    "train_cpu_seconds",
+    "tokens_per_s",
+    "resumed_from_step",
+    "peak_memory_bytes",
+)
+
+
 def _stable(metrics: dict) -> dict:
-    """The metrics that do not depend on timing, for the manifest (timings vary per run)."""
-    return {k: v for k, v in metrics.items() if "second" not in k and "per_s" not in k}
+    """The metrics that do not depend on timing or on how the run went, for the manifest."""
+    return {k: v for k, v in metrics.items() if k not in _VOLATILE}

@@ -96,10 +96,6 @@ class Registry:
                 f"Unknown {_KIND_LABEL[kind]} '{name}'. Installed: {installed}."
             ) from None
 
-    def config(self, kind: str, name: str, options: dict[str, Any]) -> BaseModel:
-        """Validate ``options`` with the strategy's own config model."""
-        return self.get(kind, name).cls.Config(**options)
-
     def create(self, kind: str, name: str, options: dict[str, Any] | None = None) -> Any:
         """Instantiate a strategy with validated options."""
         info = self.get(kind, name)

@@ -1,7 +1,15 @@
-"""The evaluation table a person reads first: one row per variant."""
+"""The evaluation report a person reads first: one row per variant, the Pareto frontier,
+and two plots (quality against size, quality against decode speed).
+
+A variant is on a frontier when no other candidate is at least as good on both axes and
+strictly better on one; those are the only variants worth deploying for some budget.
+The pretrained model is drawn as a reference but is never a candidate.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 # (metric key, column title, format); columns appear only when some row has the metric.
@@ -13,9 +21,26 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("size_bytes", "size (MB)", "{:.2f}"),
     ("parameters", "weights", "{:,}"),
     ("sparsity", "sparsity", "{:.1%}"),
+    ("peak_memory_bytes", "gen. memory (MB)", "{:.2f}"),
+    ("ttft_s", "TTFT (ms)", "{:.1f}"),
+    ("prefill_tokens_per_s", "prefill tok/s", "{:.0f}"),
     ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
+    ("decode_tokens_per_s_batched", "decode tok/s (batch)", "{:.1f}"),
     ("latency_p50_s", "latency p50 (s)", "{:.3f}"),
+    ("latency_p95_s", "latency p95 (s)", "{:.3f}"),
+    ("roofline_pct", "% of roofline", "{:.1f}"),
 ]
+FRONTIER_LABELS = {"quality_vs_size": "size", "quality_vs_speed": "speed"}
+# Shown in these units; the JSON keeps bytes and seconds.
+_SCALE = {"size_bytes": 1e-6, "peak_memory_bytes": 1e-6, "ttft_s": 1e3}
+
+#: Quality axis of the plots, in order of preference, with which way is better.
+QUALITY = (("perplexity", "lower"), ("accuracy", "higher"))
+#: The two trade-offs the report draws: (name, x key, x label, which x is better).
+TRADEOFFS = (
+    ("quality_vs_size", "size_bytes", "size on disk (MB)", "lower"),
+    ("quality_vs_speed", "decode_tokens_per_s", "decode tokens/s, batch 1", "higher"),
+)
 
 
 def add_ratios(rows: dict[str, dict[str, Any]], baseline: str) -> None:
@@ -28,19 +53,195 @@ def add_ratios(rows: dict[str, dict[str, Any]], baseline: str) -> None:
 
 
 def _cell(key: str, fmt: str, value: Any) -> str:
-    if value is None:
+    if value is None or value == "":
         return "–"
-    if key == "size_bytes":
-        value = value / 1e6
-    return fmt.format(value)
+    return fmt.format(value * _SCALE.get(key, 1))
 
 
-def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
+def pareto_cell(name: str, fronts: Mapping[str, list[str]]) -> str:
+    """Which frontiers a variant is on: "size, speed", or "–"."""
+    on = [FRONTIER_LABELS[f] for f, members in fronts.items() if name in members]
+    return ", ".join(on) or "–"
+
+
+def markdown_table(
+    rows: dict[str, dict[str, Any]], fronts: Mapping[str, list[str]] | None = None
+) -> str:
+    """One row per variant; with ``fronts``, a last column naming its Pareto frontiers."""
     columns = [c for c in COLUMNS if any(c[0] in row for row in rows.values())]
-    head = "| variant | " + " | ".join(title for _, title, _ in columns) + " |"
-    rule = "|---|" + "---:|" * len(columns)
-    body = [
-        f"| {name} | " + " | ".join(_cell(key, fmt, row.get(key)) for key, _, fmt in columns) + " |"
-        for name, row in rows.items()
-    ]
+    titles = [title for _, title, _ in columns] + (["Pareto"] if fronts else [])
+    head = "| variant | " + " | ".join(titles) + " |"
+    rule = "|---|" + "---:|" * len(titles)
+    body = []
+    for name, row in rows.items():
+        cells = [_cell(key, fmt, row.get(key)) for key, _, fmt in columns]
+        if fronts:
+            cells.append(pareto_cell(name, fronts))
+        body.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join([head, rule, *body])
+
+
+def pareto_front(points: Mapping[str, tuple[float, float]], better: tuple[str, str]) -> list[str]:
+    """The names no other point dominates, in input order.
+
+    ``better`` says for x and y whether "lower" or "higher" is better. A point dominates
+    another when it is at least as good on both axes and strictly better on one; equal
+    points do not dominate each other, so both stay.
+    """
+    sign = [1 if b == "lower" else -1 for b in better]  # minimise sign * value
+
+    def key(name: str) -> tuple[float, float]:
+        x, y = points[name]
+        return sign[0] * x, sign[1] * y
+
+    front = []
+    for name in points:
+        a = key(name)
+        dominated = any(
+            b[0] <= a[0] and b[1] <= a[1] and b != a for b in (key(o) for o in points if o != name)
+        )
+        if not dominated:
+            front.append(name)
+    return front
+
+
+def quality_axis(rows: Mapping[str, Mapping[str, Any]]) -> tuple[str, str] | None:
+    for key, better in QUALITY:
+        if any(key in row for row in rows.values()):
+            return key, better
+    return None
+
+
+def frontiers(
+    rows: Mapping[str, Mapping[str, Any]], candidates: Iterable[str]
+) -> dict[str, list[str]]:
+    """For each trade-off the report draws, the candidates on its Pareto frontier."""
+    quality = quality_axis(rows)
+    out: dict[str, list[str]] = {}
+    if quality is None:
+        return out
+    for name, x_key, _, x_better in TRADEOFFS:
+        points = {
+            c: (float(rows[c][x_key]), float(rows[c][quality[0]]))
+            for c in candidates
+            if x_key in rows[c] and quality[0] in rows[c]
+        }
+        if points:
+            out[name] = pareto_front(points, (x_better, quality[1]))
+    return out
+
+
+def plot_tradeoffs(
+    rows: Mapping[str, Mapping[str, Any]],
+    fronts: Mapping[str, list[str]],
+    out_dir: Path,
+    reference: str | None = None,
+) -> list[Path]:
+    """One PNG per trade-off: every variant, its frontier joined by a line, the reference
+    model as a grey cross. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+    import matplotlib.pyplot as plt
+
+    quality = quality_axis(rows)
+    if quality is None:
+        return []
+    q_key, q_better = quality
+    written = []
+    for name, x_key, x_label, x_better in TRADEOFFS:
+        if name not in fronts:
+            continue
+        scale = _SCALE.get(x_key, 1)
+        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+        front = fronts[name]
+        for variant, row in rows.items():
+            if x_key not in row or q_key not in row:
+                continue
+            x, y = row[x_key] * scale, row[q_key]
+            if variant == reference:
+                ax.scatter(x, y, marker="x", color="0.5", zorder=2)
+            elif variant in front:
+                ax.scatter(x, y, s=60, color="tab:red", edgecolor="black", zorder=3)
+            else:
+                ax.scatter(x, y, s=40, color="tab:blue", alpha=0.7, zorder=2)
+            ax.annotate(variant, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        line = sorted((rows[v][x_key] * scale, rows[v][q_key]) for v in front)
+        ax.step(
+            [p[0] for p in line],
+            [p[1] for p in line],
+            where="post" if x_better == "lower" else "pre",
+            color="tab:red",
+            linewidth=1,
+            label="Pareto frontier",
+        )
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(f"{q_key} ({q_better} is better)")
+        ax.set_title(f"{q_key} vs {x_label.split(' (')[0].split(',')[0]}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        path = Path(out_dir) / f"{name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def table_rows(rows: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The rows as flat records that all have the same columns (a CSV for DVC plots):
+    every metric any row has ("" where a row lacks it), plus size in MB for an axis."""
+    keys: list[str] = []
+    for row in rows.values():
+        keys.extend(k for k in row if k not in keys)
+    if "size_bytes" in keys:
+        keys.append("size_mb")
+    out = []
+    for name, row in rows.items():
+        record = {"variant": name, **{k: row.get(k, "") for k in keys}}
+        if "size_bytes" in row:
+            record["size_mb"] = row["size_bytes"] / 1e6
+        out.append(record)
+    return out
+
+
+def samples_markdown(samples: Mapping[str, Mapping[str, Any]]) -> str:
+    """Generated text under the table, so a person can read what the numbers mean."""
+    parts = []
+    for variant, kinds in samples.items():
+        lines = []
+        for item in kinds.get("generations", []):
+            lines.append(f"- *{item['prompt']}* → {item['continuation'].strip()!r}")
+        for item in kinds.get("accuracy", []):
+            mark = "✓" if item["correct"] else "✗"
+            lines.append(
+                f"- {mark} {item['question']} → {item['prediction']!r} (expected "
+                f"{item['answer']!r})"
+            )
+        if lines:
+            parts.append(f"### {variant}\n\n" + "\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def report_markdown(
+    table: str,
+    fronts: Mapping[str, list[str]],
+    plots: Iterable[Path],
+    samples: Mapping[str, Mapping[str, Any]],
+) -> str:
+    """The whole report.md: table, frontiers, plots, samples."""
+    sections = ["# Evaluation", table]
+    labels = {"quality_vs_size": "quality and size", "quality_vs_speed": "quality and speed"}
+    lines = [
+        f"- Best trade-offs of {labels[name]} (Pareto frontier): {', '.join(members)}"
+        for name, members in fronts.items()
+    ]
+    if lines:
+        sections.append("\n".join(lines))
+    images = [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in plots]
+    if images:
+        sections.append("\n\n".join(images))
+    text = samples_markdown(samples)
+    if text:
+        sections.append("## Samples\n\n" + text)
+    return "\n\n".join(sections) + "\n"

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 class ModelRunner(Protocol):
     format: str
     context: int
+    #: Where the weights live and the work runs: "cpu" or a torch device such as "cuda:0".
+    device: str
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, V) float32 logits."""
@@ -46,18 +48,19 @@ def model_format(model_dir: Path) -> str:
 class TorchRunner:
     format = "hf"
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, device: str = "cpu") -> None:
         from unbottle.core.modeling import load_model
 
         self.model, self.tokenizer = load_model(model_dir)
-        self.model.eval()
+        self.model.to(device).eval()
+        self.device = device
         self.context = int(self.model.config.max_position_embeddings)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         import torch
 
         with torch.inference_mode():
-            return self.model(input_ids=input_ids).logits.float()
+            return self.model(input_ids=input_ids.to(self.device)).logits.float().cpu()
 
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, **kw: Any
@@ -66,13 +69,13 @@ class TorchRunner:
 
         with torch.inference_mode():
             return self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id,
                 **kw,
-            )
+            ).cpu()
 
     def parameter_counts(self) -> tuple[int, int]:
         params = list(self.model.parameters())
@@ -81,6 +84,7 @@ class TorchRunner:
 
 class OnnxRunner:
     format = "onnx"
+    device = "cpu"  # ONNX Runtime's CPU execution provider
 
     def __init__(self, model_dir: Path) -> None:
         from optimum.onnxruntime import ORTModelForCausalLM
@@ -125,6 +129,7 @@ class OnnxRunner:
         return total, nonzero
 
 
-def load_runner(model_dir: Path) -> ModelRunner:
+def load_runner(model_dir: Path, device: str = "cpu") -> ModelRunner:
+    """The runner for a model directory; torch models go to ``device``, ONNX runs on CPU."""
     fmt = model_format(model_dir)
-    return TorchRunner(model_dir) if fmt == "hf" else OnnxRunner(model_dir)
+    return TorchRunner(model_dir, device) if fmt == "hf" else OnnxRunner(model_dir)

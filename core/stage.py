@@ -16,6 +16,7 @@ class StageResult:
     out_dir: Path
     metrics: dict[str, Any]
     plots: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    skipped: bool = False  # the output was already current, nothing ran
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class Layout:
 
     def metrics_file(self, stage: str) -> Path:
         return self.metrics_dir / f"{stage}.json"
+
+    def timing_file(self, stage: str) -> Path:
+        """Timings live apart from quality metrics: they differ on every run."""
+        return self.metrics_dir / f"{stage}_timing.json"
 
     def plot_file(self, name: str) -> Path:
         return self.metrics_dir / f"{name}.csv"

@@ -130,9 +130,21 @@ class EvalContext:
     model_dir: Path
     seed: int = 0
     samples: dict[str, Any] = field(default_factory=dict)
+    #: What the metrics before this one measured for the same variant (a metric that
+    #: builds on another's figure, like ``roofline`` on ``decode_tokens_per_s``, reads it).
+    measured: dict[str, Any] = field(default_factory=dict)
 
 
 class Metric(Strategy, Protocol):
+    """Measures one variant.
+
+    Two optional class attributes let unbottle check params before any work:
+    ``produces``, the names ``measure`` returns, each mapped to ``"lower"`` or
+    ``"higher"`` (which is better) or ``None`` (neither), so a quality gate on a name no
+    configured metric produces is a config error; and ``requires``, names an earlier
+    metric in ``evaluate.metrics`` must produce (read from ``ctx.measured``).
+    """
+
     def measure(self, model: ModelRunner, ctx: EvalContext) -> dict[str, float]:
         """Measure one variant; return named numbers (e.g. {"perplexity": 3.2})."""
         ...

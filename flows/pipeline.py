@@ -1,4 +1,11 @@
-"""The Prefect flow: the five stages as tasks, each a thin wrapper over core's run_stage."""
+"""The Prefect flow: the five stages as tasks, each a thin wrapper over core's run_stage.
+
+Each task's cache key is the stage's content fingerprint (inputs, params slice, code and
+plugin versions; see ``unbottle.core.fingerprint``), offered only while the artifact on
+disk is intact: a rerun with nothing changed does no work, and changing one compress
+parameter reruns compress and what follows. I/O-bound tasks (deploy, recording in DVC)
+retry with backoff; training does not.
+"""
 
 from __future__ import annotations
 
@@ -8,66 +15,141 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import TaskRunContext
+from prefect.tasks import exponential_backoff
 
 from unbottle.core.config import load_params
+from unbottle.core.errors import UnbottleError
 from unbottle.core.pipeline import run_stage, setup
 from unbottle.core.stage import STAGES, Layout
+from unbottle.flows.report import decide_deployment, publish_evaluation
+
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2)}
 
 
-@task(task_run_name="{name}")
+def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """The stage's fingerprint while its artifact is current; no key (run it) otherwise."""
+    from unbottle.core import fingerprint
+    from unbottle.core.registry import get_registry
+
+    params = _params(parameters["params_file"], parameters["overrides"])
+    layout = Layout(Path(parameters["root"]))
+    name = parameters["name"]
+    stamp = fingerprint.fingerprint(name, params, layout, get_registry())
+    if fingerprint.is_current(layout.artifact(name), stamp, layout.metrics_file(name)):
+        return f"unbottle-{name}-{stamp}"
+    return None
+
+
+def _params(params_file: str | None, overrides: list[str]):
+    return load_params(Path(params_file) if params_file else None, overrides)
+
+
+@task(
+    task_run_name="{name}",
+    cache_key_fn=stage_cache_key,
+    persist_result=True,
+    result_serializer="json",
+)
 def stage_task(name: str, params_file: str | None, overrides: list[str], root: str) -> dict:
     """Run one stage through core; the same function `unbottle stage` calls."""
     logger = get_run_logger()
-    params = load_params(Path(params_file) if params_file else None, overrides)
-    result = run_stage(name, params, Layout(Path(root)))
-    logger.info("%s wrote %s", name, result.out_dir)
+    result = run_stage(name, _params(params_file, overrides), Layout(Path(root)))
+    logger.info(
+        "%s %s %s", name, "was up to date in" if result.skipped else "wrote", result.out_dir
+    )
     return result.metrics
 
 
-def record_in_dvc(root: Path) -> bool:
-    """Make dvc.lock describe the outputs this flow wrote, so `dvc repro` has nothing to do."""
-    if not ((root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()):
-        return False
-    subprocess.run(
-        [sys.executable, "-m", "dvc", "commit", "--force", *STAGES],
-        cwd=root,
-        check=True,
+class DvcError(UnbottleError):
+    """A DVC command failed: no remote, an unwritable remote, a held repo lock."""
+
+
+def dvc(root: Path, *args: str) -> str:
+    """Run a DVC command; a failure becomes one line with DVC's own reason."""
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True
     )
-    return True
+    if done.returncode != 0:
+        errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
+        reason = errors[0].removeprefix("ERROR:").strip() if errors else done.stderr.strip()
+        if "no remote specified" in reason:
+            reason = "this project has no default remote"
+        hint = ""
+        if "lock" in reason.lower():
+            hint = "; another DVC command holds the repo lock: wait for it to finish"
+        elif "remote" in reason.lower():
+            hint = "; add one with `dvc remote add -d NAME URL` or fix its URL or permissions"
+        raise DvcError(f"dvc {args[0]}: {reason}{hint}")
+    return done.stdout
+
+
+def check_default_remote(root: Path) -> str:
+    """The default remote's name; fails in one line when there is none."""
+    try:
+        name = dvc(root, "remote", "default").strip()
+    except DvcError:
+        name = ""
+    if not name:
+        raise DvcError(
+            "dvc push: this project has no default remote; add one with "
+            "`dvc remote add -d NAME URL`"
+        )
+    return name
+
+
+def is_dvc_project(root: Path) -> bool:
+    return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
+
+
+@task(**IO_RETRIES)
+def record_in_dvc(root: str) -> None:
+    """Make dvc.lock describe the outputs this flow wrote, so `dvc repro` has nothing to do."""
+    dvc(Path(root), "commit", "--force", *STAGES)
+
+
+@task(**IO_RETRIES)
+def push_to_dvc_remote(root: str) -> None:
+    """Upload data and artifacts to the default DVC remote."""
+    dvc(Path(root), "push")
 
 
 @flow(name="unbottle-pipeline")
 def pipeline(
-    params_file: str | None = None, overrides: list[str] | None = None, root: str = "."
+    params_file: str | None = None,
+    overrides: list[str] | None = None,
+    root: str = ".",
+    push: bool = False,
 ) -> dict[str, Any]:
     """pretrain -> finetune -> compress -> evaluate -> deploy, on one params file."""
     logger = get_run_logger()
     overrides = list(overrides or [])
     root_path = Path(root).resolve()
-    params = load_params(Path(params_file) if params_file else None, overrides)
+    params = _params(params_file, overrides)
     setup(params)  # every strategy resolved and validated before the first stage
 
+    layout = Layout(root_path)
     results: dict[str, dict] = {}
     upstream: list[Any] = []
     for name in STAGES:
-        future = stage_task.submit(name, params_file, overrides, str(root_path), wait_for=upstream)
+        if name == "deploy":
+            # The report is published and the gates checked before anything deploys: when
+            # no variant passes, the flow stops here, naming each one and the limit it broke.
+            publish_evaluation(layout.artifact("evaluate"))
+            decide_deployment(params, layout.artifact("evaluate"))
+        runner = stage_task.with_options(**IO_RETRIES) if name == "deploy" else stage_task
+        future = runner.submit(name, params_file, overrides, str(root_path), wait_for=upstream)
         results[name] = future.result()
         upstream = [future]
 
-    from unbottle.core.evaluate import read_evaluation
-
-    layout = Layout(root_path)
-    rows, table = read_evaluation(layout.artifact("evaluate"))
-    create_markdown_artifact(key="unbottle-evaluation", markdown=f"# Evaluation\n\n{table}\n")
-    create_table_artifact(
-        key="unbottle-evaluation-table",
-        table=[{"variant": name, **row} for name, row in rows.items()],
-    )
     # Only a run of the workspace's own params.yaml describes what dvc.yaml would run.
     own_params = params_file in (None, "params.yaml", str(root_path / "params.yaml"))
-    if not overrides and own_params and record_in_dvc(root_path):
+    if not overrides and own_params and is_dvc_project(root_path):
+        record_in_dvc(str(root_path))
         logger.info("dvc.lock now describes this run's outputs")
+        if push:
+            push_to_dvc_remote(str(root_path))
+            logger.info("pushed data and artifacts to the default DVC remote")
     return {
         "deployed": str(layout.artifact("deploy")),
         "report": str(layout.artifact("evaluate") / "report.md"),

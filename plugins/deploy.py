@@ -1,8 +1,16 @@
-"""Built-in deploy target: ``hf``, a Hugging Face-format bundle.
+"""Built-in deploy targets: ``hf``, ``onnx`` and ``server``.
 
-The bundle holds safetensors weights, config, tokenizer, a generation config and a
-README model card with the evaluation table; ``AutoModelForCausalLM.from_pretrained``
-loads it and generates from it, which the target checks before it returns.
+- ``hf``: a Hugging Face-format bundle: safetensors weights, config, tokenizer, a
+  generation config and a README model card with the evaluation table;
+  ``AutoModelForCausalLM.from_pretrained`` loads it and generates from it.
+- ``onnx``: an edge bundle: the model exported to ONNX with a KV cache by optimum and
+  quantized to dynamic int8 by ONNX Runtime (the compress stage's code path), with the
+  tokenizer and a model card; ``optimum.onnxruntime.ORTModelForCausalLM`` loads it.
+- ``server``: the ``hf`` or ``onnx`` bundle of the variant plus ``serve.json``, what
+  ``unbottle serve BUNDLE`` runs (an OpenAI-compatible server, ``core/server.py``).
+
+Every bundle gets a chat template (unbottle's question/answer one when the tokenizer has
+none), and each target checks that its bundle loads and generates before it returns.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from typing import Any
 from pydantic import Field
 
 from unbottle import DeployContext, StrategyConfig, hookimpl
+from unbottle.core.serving import CHAT_TEMPLATE, SERVE_CONFIG, ServeConfig
+from unbottle.plugins.quantization import ISA, export_onnx
 
 _MODEL_FILES = (
     "model.safetensors",
@@ -25,7 +35,8 @@ _MODEL_FILES = (
 )
 
 
-def model_card(ctx: DeployContext, max_new_tokens: int) -> str:
+def model_card(ctx: DeployContext, max_new_tokens: int, usage: str | None = None) -> str:
+    """The README of a bundle; ``usage`` replaces the transformers example."""
     env = ctx.manifest.get("environment", {}).get("packages", {})
     versions = ", ".join(
         f"{name} {env.get(name, '?')}" for name in ("unbottle", "torch", "transformers")
@@ -47,7 +58,17 @@ Variant deployed: **{ctx.variant}** (format `{ctx.model_format}`).
 
 ## Use
 
-```python
+{usage or _transformers_usage(max_new_tokens)}
+
+## Provenance
+
+- Built with {versions}.
+- The full manifest (config, strategies, input hashes) is in `manifest.json`.
+"""
+
+
+def _transformers_usage(max_new_tokens: int) -> str:
+    return f"""```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("path/to/this/bundle")
@@ -55,13 +76,31 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/bundle")
 prompt = "Question: Where does Alice live?\\nAnswer:"
 ids = tokenizer(prompt, return_tensors="pt")
 print(tokenizer.decode(model.generate(**ids, max_new_tokens={max_new_tokens})[0]))
-```
+```"""
 
-## Provenance
 
-- Built with {versions}.
-- The full manifest (config, strategies, input hashes) is in `manifest.json`.
-"""
+def save_tokenizer(model_dir: Path, out_dir: Path) -> None:
+    """The variant's tokenizer, with a chat template for chat clients if it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+
+
+def write_generation_config(model_dir: Path, out_dir: Path, max_new_tokens: int) -> None:
+    """Greedy decoding with the model's special tokens: what the bundle's users get."""
+    from transformers import GenerationConfig
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    GenerationConfig(
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_id=config.get("eos_token_id"),
+        pad_token_id=config.get("pad_token_id"),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+    ).save_pretrained(out_dir)
 
 
 class HuggingFaceBundle:
@@ -78,19 +117,13 @@ class HuggingFaceBundle:
 
     def deploy(self, model_dir: Path, out_dir: Path, ctx: DeployContext) -> dict[str, Any]:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         for name in _MODEL_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, out_dir / name)
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-        GenerationConfig(
-            bos_token_id=config.get("bos_token_id"),
-            eos_token_id=config.get("eos_token_id"),
-            pad_token_id=config.get("pad_token_id"),
-            max_new_tokens=self.config.max_new_tokens,
-            do_sample=False,
-        ).save_pretrained(out_dir)
+        save_tokenizer(model_dir, out_dir)
+        write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
         (out_dir / "README.md").write_text(
             model_card(ctx, self.config.max_new_tokens), encoding="utf-8"
         )
@@ -102,11 +135,165 @@ class HuggingFaceBundle:
         with torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=2)
         return {
-            "bundle_bytes": sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file()),
+            # The weights, not the whole bundle: the model card's timings vary run to run.
+            "weights_bytes": (out_dir / "model.safetensors").stat().st_size,
             "smoke_generated_tokens": int(out.shape[1] - ids["input_ids"].shape[1]),
+        }
+
+
+def _onnx_usage(file_name: str, max_new_tokens: int) -> str:
+    return f"""```python
+from optimum.onnxruntime import ORTModelForCausalLM
+from transformers import AutoTokenizer
+
+model = ORTModelForCausalLM.from_pretrained("path/to/this/bundle", file_name="{file_name}")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/bundle")
+ids = tokenizer("Question: Where does Alice live?\\nAnswer:", return_tensors="pt")
+print(tokenizer.decode(model.generate(**ids, max_new_tokens={max_new_tokens})[0]))
+```
+
+Or serve it: `unbottle serve path/to/this/bundle`."""
+
+
+class OnnxBundle:
+    """An edge bundle: an ONNX graph with a KV cache, dynamic int8 by default.
+
+    A float (``hf``) variant is exported with optimum and quantized by ONNX Runtime through
+    the same helper as the compress stage's ``onnx-dynamic-int8``; an ``onnx`` variant
+    (already exported, e.g. the int8 one) is shipped as it is and the options that shape
+    an export do not apply. ``int8: false`` ships the float32 graph, whose greedy tokens are
+    those of the torch model.
+    """
+
+    name = "onnx"
+    accepts = ("hf", "onnx")
+
+    class Config(StrategyConfig):
+        int8: bool = True
+        per_channel: bool = True
+        isa: ISA = "avx2"
+        max_new_tokens: int = Field(16, ge=1, le=4096)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def deploy(self, model_dir: Path, out_dir: Path, ctx: DeployContext) -> dict[str, Any]:
+        from optimum.onnxruntime import ORTModelForCausalLM
+        from transformers import AutoTokenizer
+
+        from unbottle.core.serving import OnnxBackend
+
+        if ctx.model_format == "hf":
+            facts: dict[str, Any] = export_onnx(
+                model_dir,
+                out_dir,
+                int8=self.config.int8,
+                per_channel=self.config.per_channel,
+                isa=self.config.isa,
+            )
+        else:
+            facts = {}
+            for path in model_dir.iterdir():
+                if path.suffix == ".onnx" or path.name in ("config.json", "ort_config.json"):
+                    shutil.copy2(path, out_dir / path.name)
+        save_tokenizer(model_dir, out_dir)
+        write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
+        (model_file,) = out_dir.glob("*.onnx")
+        (out_dir / "README.md").write_text(
+            model_card(
+                ctx,
+                self.config.max_new_tokens,
+                _onnx_usage(model_file.name, self.config.max_new_tokens),
+            ),
+            encoding="utf-8",
+        )
+
+        # The bundle is only done if optimum can load it and generate from it.
+        model = ORTModelForCausalLM.from_pretrained(out_dir, file_name=model_file.name)
+        tokenizer = AutoTokenizer.from_pretrained(out_dir)
+        ids = tokenizer("Question:", return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=2, min_new_tokens=2)
+        return {
+            **facts,
+            "onnx_file": model_file.name,
+            "onnx_bytes": model_file.stat().st_size,
+            "int8": OnnxBackend(out_dir).couples_rows,
+            "smoke_generated_tokens": int(out.shape[1] - ids["input_ids"].shape[1]),
+        }
+
+
+def _serve_usage(config: ServeConfig) -> str:
+    return f"""Serve it with an OpenAI-compatible API (continuous batching, streaming, metrics):
+
+```bash
+unbottle serve path/to/this/bundle            # http://{config.host}:{config.port}/v1
+```
+
+```python
+from openai import OpenAI
+
+client = OpenAI(base_url="http://{config.host}:{config.port}/v1", api_key="KEY or anything")
+reply = client.chat.completions.create(
+    model="{config.model_name}",
+    messages=[{{"role": "user", "content": "Where does Alice live?"}}],
+)
+print(reply.choices[0].message.content)
+```
+
+`serve.json` holds the server's settings (batch size, queue bound, limits); flags of
+`unbottle serve` override them."""
+
+
+class ServerBundle:
+    """What ``unbottle serve`` runs: the variant's ``hf`` or ``onnx`` bundle plus serve.json.
+
+    The options are the server's (:class:`unbottle.core.serving.ServeConfig`): they are
+    validated here, at deploy time, and written to ``serve.json``.
+    """
+
+    name = "server"
+    accepts = ("hf", "onnx")
+    Config = ServeConfig
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+
+    def deploy(self, model_dir: Path, out_dir: Path, ctx: DeployContext) -> dict[str, Any]:
+        from unbottle.core.serving import SamplingParams, load_bundle
+
+        config = self.config.model_copy(
+            update={"model_name": self.config.model_name or f"unbottle-{ctx.variant}"}
+        )
+        inner = HuggingFaceBundle if ctx.model_format == "hf" else OnnxBundle
+        facts = inner(inner.Config(max_new_tokens=config.default_max_tokens)).deploy(
+            model_dir, out_dir, ctx
+        )
+        (out_dir / SERVE_CONFIG).write_text(
+            config.model_dump_json(indent=2) + "\n", encoding="utf-8"
+        )
+        (out_dir / "README.md").write_text(
+            model_card(ctx, config.default_max_tokens, _serve_usage(config)), encoding="utf-8"
+        )
+
+        # The bundle is only done if the serving engine can load it and generate from it.
+        bundle = load_bundle(out_dir)
+        engine = bundle.engine()
+        engine.start()
+        try:
+            prompt = bundle.tokenizer("Question:", add_special_tokens=False)["input_ids"]
+            seq = engine.generate(prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+        finally:
+            engine.stop()
+        return {
+            **facts,
+            "model_name": bundle.model_name,
+            "backend": bundle.format,
+            "serve_smoke_generated_tokens": len(seq.generated),
         }
 
 
 @hookimpl
 def register_deploy_targets(register):
     register(HuggingFaceBundle)
+    register(OnnxBundle)
+    register(ServerBundle)

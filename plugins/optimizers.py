@@ -1,4 +1,8 @@
-"""Built-in optimizers: AdamW, Adam and SGD with momentum (torch.optim)."""
+"""Built-in optimizers: AdamW, Adam, SGD with momentum (torch.optim) and Adafactor.
+
+Each also says how many bytes of state it keeps for a set of parameters
+(``state_bytes``), which the memory estimate before training uses.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class AdamW:
     class Config(StrategyConfig):
         betas: tuple[float, float] = (0.9, 0.95)
         eps: float = Field(1e-8, gt=0)
+        fused: bool = True  # one fused kernel for all parameters (CPU and CUDA)
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -39,7 +44,11 @@ class AdamW:
             lr=lr,
             betas=self.config.betas,
             eps=self.config.eps,
+            fused=self.config.fused,
         )
+
+    def state_bytes(self, parameters: Iterable[Any]) -> int:
+        return _moments_bytes(parameters, 2)  # exp_avg and exp_avg_sq
 
 
 class Adam:
@@ -50,6 +59,7 @@ class Adam:
     class Config(StrategyConfig):
         betas: tuple[float, float] = (0.9, 0.999)
         eps: float = Field(1e-8, gt=0)
+        fused: bool = True
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -62,7 +72,11 @@ class Adam:
             lr=lr,
             betas=self.config.betas,
             eps=self.config.eps,
+            fused=self.config.fused,
         )
+
+    def state_bytes(self, parameters: Iterable[Any]) -> int:
+        return _moments_bytes(parameters, 2)
 
 
 class SGD:
@@ -87,9 +101,64 @@ class SGD:
             nesterov=self.config.nesterov and self.config.momentum > 0,
         )
 
+    def state_bytes(self, parameters: Iterable[Any]) -> int:
+        return _moments_bytes(parameters, 1 if self.config.momentum > 0 else 0)
+
+
+class Adafactor:
+    """Adafactor (Shazeer & Stern, 2018): second moments factored into row and column means.
+
+    A matrix of r x c keeps r + c values of state instead of Adam's 2rc, which is the
+    point of it when optimizer state is what does not fit. This uses the transformers
+    implementation with an external learning rate (``relative_step`` off), so the
+    schedule of ``train.schedule`` applies as for the other optimizers.
+    """
+
+    name = "adafactor"
+
+    class Config(StrategyConfig):
+        beta1: float | None = Field(None, ge=0, lt=1)  # first moment (None: none, less memory)
+        decay_rate: float = Field(-0.8, lt=0)  # second-moment decay: 1 - step^decay_rate
+        clip_threshold: float = Field(1.0, gt=0)  # update clipping (RMS)
+        scale_parameter: bool = False  # scale the lr by each parameter's RMS
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def build(self, parameters: Iterable[Any], *, lr: float, weight_decay: float) -> Any:
+        from transformers.optimization import Adafactor as HFAdafactor
+
+        return HFAdafactor(
+            _decay_groups(parameters, weight_decay),
+            lr=lr,
+            beta1=self.config.beta1,
+            decay_rate=self.config.decay_rate,
+            clip_threshold=self.config.clip_threshold,
+            scale_parameter=self.config.scale_parameter,
+            relative_step=False,
+            warmup_init=False,
+        )
+
+    def state_bytes(self, parameters: Iterable[Any]) -> int:
+        total = 0
+        for p in parameters:
+            if p.dim() >= 2:  # row and column means of the squared gradient
+                total += (p.numel() // p.shape[-1] + p.numel() // p.shape[-2]) * 4
+            else:
+                total += p.numel() * 4
+            if self.config.beta1 is not None:
+                total += p.numel() * 4
+        return total
+
+
+def _moments_bytes(parameters: Iterable[Any], moments: int) -> int:
+    """fp32 state tensors of each parameter's shape, ``moments`` of them."""
+    return sum(moments * p.numel() * 4 for p in parameters)
+
 
 @hookimpl
 def register_optimizers(register):
     register(AdamW)
     register(Adam)
     register(SGD)
+    register(Adafactor)

@@ -1,11 +1,80 @@
-"""Built-in training parallelism: ``single`` (one process)."""
+"""Built-in training parallelism: ``single``, ``ddp`` and ``fsdp``, all through accelerate.
+
+The launcher starts the processes; the strategy checks, inside each one, that what was
+launched is what params ask for, and builds the ``Accelerator`` the loop runs through.
+
+- ``single``: one process on one device.
+- ``ddp``: DistributedDataParallel, one model replica per process, gradients all-reduced
+  (gloo on CPUs, NCCL on GPUs). Launch with ``torchrun --nproc_per_node N -m unbottle
+  stage pretrain -S pretrain.train.parallelism=ddp``, and across machines with torchrun's
+  ``--nnodes``/``--node_rank``/``--rdzv_endpoint`` (see README).
+- ``fsdp``: FullyShardedDataParallel (FSDP2) through accelerate's FSDP plugin: weights,
+  gradients and optimizer state sharded over the GPUs, a decoder layer gathered at a time.
+  GPUs only: on a CPU it refuses before any work.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+from pydantic import Field
 
 from unbottle import StrategyConfig, hookimpl
 from unbottle.core.errors import ConfigError
+
+_LAUNCH = "torchrun --nproc_per_node N -m unbottle stage <stage> ..."
+
+
+def _fresh_state() -> None:
+    # Pretrain and finetune may run in one process (a Prefect flow): accelerate keeps its
+    # state in a process-wide singleton, so start each loop from a clean one. An existing
+    # process group is kept and reused.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _launched() -> tuple[int, int]:
+    """(world size, processes on this machine) as the launcher set them."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+
+
+def _check_devices(name: str, local: int, *, cpu: bool) -> None:
+    """One process per device: refuse more processes on a machine than it has devices."""
+    import torch
+
+    if not cpu and torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if local > gpus:
+            raise ConfigError(
+                f"train.parallelism: '{name}' was launched with {local} processes on this "
+                f"machine but it has {gpus} GPU{'s' if gpus > 1 else ''}; launch at most {gpus}"
+            )
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if local > (cores or 1):
+        raise ConfigError(
+            f"train.parallelism: '{name}' was launched with {local} processes on this machine "
+            f"but it has {cores} CPU cores; launch at most {cores}"
+        )
+
+
+def _check_world(name: str, expected: int | None, *, minimum: int) -> int:
+    world, local = _launched()
+    if world < minimum:
+        raise ConfigError(
+            f"train.parallelism: '{name}' needs at least {minimum} processes but {world} was "
+            f"launched; start it with `{_LAUNCH}` (`accelerate launch --cpu` starts one)"
+        )
+    if expected is not None and world != expected:
+        raise ConfigError(
+            f"train.parallelism.processes: {expected} expected but {world} were launched; "
+            "launch that many or change the option"
+        )
+    return local
 
 
 class Single:
@@ -21,12 +90,14 @@ class Single:
 
     def accelerator(self, *, mixed_precision: str) -> Any:
         from accelerate import Accelerator
-        from accelerate.state import AcceleratorState, GradientState
 
-        # Pretrain and finetune may run in one process (a Prefect flow): accelerate keeps
-        # its state in a process-wide singleton, so start each loop from a clean one.
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        world, _ = _launched()
+        if world != 1:
+            raise ConfigError(
+                f"train.parallelism: 'single' runs one process, but {world} were launched; "
+                "choose ddp or fsdp"
+            )
+        _fresh_state()
         accelerator = Accelerator(cpu=self.config.cpu, mixed_precision=mixed_precision)
         if accelerator.num_processes != 1:
             raise ConfigError(
@@ -36,6 +107,88 @@ class Single:
         return accelerator
 
 
+class DDP:
+    """Data parallel: a replica per process, gradients averaged by all-reduce."""
+
+    name = "ddp"
+
+    class Config(StrategyConfig):
+        processes: int | None = Field(None, ge=1)  # expected world size (None: as launched)
+        cpu: bool = False  # gloo on the CPUs even when GPUs are present
+        bucket_cap_mb: int = Field(25, ge=1)  # gradients all-reduced in buckets of this size
+        find_unused_parameters: bool = False
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def accelerator(self, *, mixed_precision: str) -> Any:
+        import torch
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+
+        c = self.config
+        cpu = c.cpu or not torch.cuda.is_available()
+        local = _check_world(self.name, c.processes, minimum=2)
+        _check_devices(self.name, local, cpu=cpu)
+        _fresh_state()
+        accelerator = Accelerator(
+            cpu=cpu,  # accelerate picks MULTI_CPU (gloo) only when told it runs on CPUs
+            mixed_precision=mixed_precision,
+            kwargs_handlers=[
+                DistributedDataParallelKwargs(
+                    bucket_cap_mb=c.bucket_cap_mb, find_unused_parameters=c.find_unused_parameters
+                )
+            ],
+        )
+        if accelerator.num_processes < 2:
+            raise ConfigError(
+                "train.parallelism: 'ddp' found no process group (world size 1); "
+                f"start it with `{_LAUNCH}`"
+            )
+        return accelerator
+
+
+class FSDP:
+    """Fully sharded data parallel (FSDP2) over CUDA GPUs."""
+
+    name = "fsdp"
+
+    class Config(StrategyConfig):
+        processes: int | None = Field(None, ge=1)
+        reshard_after_forward: bool = True  # True: ZeRO-3-like; False: keep weights gathered
+        cpu_offload: bool = False  # keep sharded weights and optimizer state in CPU RAM
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def accelerator(self, *, mixed_precision: str) -> Any:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "train.parallelism: 'fsdp' shards the model over CUDA GPUs and this machine "
+                "has none; use ddp (gloo) or single on a CPU"
+            )
+        from accelerate import Accelerator, FullyShardedDataParallelPlugin
+
+        c = self.config
+        if "LOCAL_RANK" not in os.environ:
+            raise ConfigError(f"train.parallelism: 'fsdp' needs a distributed launch: `{_LAUNCH}`")
+        local = _check_world(self.name, c.processes, minimum=1)
+        _check_devices(self.name, local, cpu=False)
+        _fresh_state()
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            reshard_after_forward=c.reshard_after_forward,
+            cpu_offload=c.cpu_offload,
+            # One FSDP unit per decoder layer (the model's `_no_split_modules`).
+            auto_wrap_policy="transformer_based_wrap",
+            state_dict_type="FULL_STATE_DICT",
+        )
+        return Accelerator(mixed_precision=mixed_precision, fsdp_plugin=plugin)
+
+
 @hookimpl
 def register_parallelism(register):
     register(Single)
+    register(DDP)
+    register(FSDP)

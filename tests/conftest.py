@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -87,6 +88,32 @@ def make_workspace(root: Path, data: Path, params: dict | None = None) -> Path:
     shutil.copytree(data, root / "data")
     (root / "params.yaml").write_text(yaml.safe_dump(params or TINY_PARAMS, sort_keys=False))
     return root
+
+
+# The stage tests also distill a 1-layer student.
+PIPELINE_PARAMS = copy.deepcopy(TINY_PARAMS)
+PIPELINE_PARAMS["compress"]["variants"]["kd1"] = [
+    {"distill": "kd", "layers": 1, "steps": 6, "batch_size": 2, "seq_len": 32}
+]
+
+
+def run_pipeline(root: Path, params: dict) -> dict:
+    """Run the five stages in-process, in order."""
+    from unbottle.core.config import Params
+    from unbottle.core.pipeline import run_stage
+    from unbottle.core.stage import STAGES, Layout
+
+    layout = Layout(root)
+    validated = Params.model_validate(params)
+    results = {name: run_stage(name, validated, layout) for name in STAGES}
+    return {"layout": layout, "params": validated, "results": results}
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict:
+    """One tiny pipeline run, shared by the tests that only read its outputs."""
+    root = make_workspace(tmp_path_factory.mktemp("pipeline"), tiny_data, PIPELINE_PARAMS)
+    return run_pipeline(root, PIPELINE_PARAMS)
 
 
 @pytest.fixture

@@ -97,3 +97,10 @@ def test_atomic_dir_keeps_the_old_output_when_the_work_fails(tmp_path):
 def test_plugins_json_is_machine_readable(tmp_path):
     rows = json.loads(run_cli("plugins", "--json", cwd=tmp_path).stdout)
     assert {"kind", "name", "distribution", "version", "plugin"} == set(rows[0])
+
+
+def test_run_fails_fast_on_bad_params_before_prefect_starts(workspace):
+    result = run_cli("run", "-S", "compress.variants.x=[{prune: nope}]", cwd=workspace)
+    assert_one_line_error(result, r"compress\.variants\.x\[0\]: Unknown pruning strategy 'nope'")
+    assert not (workspace / "artifacts").exists()
+    assert not (workspace / ".prefect").exists()

@@ -57,7 +57,8 @@ def test_structural_errors_are_one_line(override, message):
     [
         (
             "pretrain.train.optimizer=lamb",
-            r"^pretrain\.train\.optimizer: Unknown optimizer 'lamb'\. Installed: adam, adamw, sgd",
+            r"^pretrain\.train\.optimizer: Unknown optimizer 'lamb'\. "
+            r"Installed: adafactor, adam, adamw, sgd",
         ),
         (
             "compress.variants.x=[{prune: foo}]",

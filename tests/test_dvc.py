@@ -3,11 +3,13 @@ one compress parameter reruns compress, evaluate and deploy only."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,20 +64,93 @@ def dvc_repo(tmp_path, tiny_data) -> Path:
 
 
 @pytest.mark.slow
-def test_repro_after_a_flow_run_runs_nothing_and_a_param_change_reruns_downstream(dvc_repo):
+def test_flow_run_then_repro_experiments_and_a_remote_round_trip(dvc_repo, tmp_path):
     root = dvc_repo
-    out = sh(sys.executable, "-m", "unbottle", "run", cwd=root, timeout=900)
+    remote = tmp_path / "remote"
+    dvc("remote", "add", "-d", "local", str(remote), cwd=root)
+    sh("git", "commit", "-qam", "a local DVC remote", cwd=root)
+    out = sh(sys.executable, "-m", "unbottle", "run", "--push", cwd=root, timeout=900)
     assert "deployed model:" in out
     assert (root / ".prefect").is_dir()  # PREFECT_HOME defaults into the workspace
+    assert any(remote.rglob("*")), "dvc push wrote nothing to the remote"
 
-    assert stages_run(dvc("repro", cwd=root)) == []
+    # The flow recorded its outputs: nothing to reproduce, and quickly so (best of two:
+    # the first call also warms DVC's hash cache after the flow's own `dvc commit`).
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        assert stages_run(dvc("repro", cwd=root)) == []
+        seconds.append(time.perf_counter() - start)
     assert "up to date" in dvc("status", cwd=root)
 
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["compress"]["variants"]["magnitude50"][0]["sparsity"] = 0.6
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(dvc("repro", cwd=root)) == ["compress", "evaluate", "deploy"]
+    # Provenance: the commit the run was made from, and the data version.
+    head = sh("git", "rev-parse", "HEAD", cwd=root).strip()
+    shown = json.loads(
+        sh(sys.executable, "-m", "unbottle", "show", "artifacts/finetune", "--json", cwd=root)
+    )
+    data_md5 = yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
+    assert shown["environment"]["git"] == {"commit": head, "dirty": False}
+    assert shown["environment"]["dvc_data"] == data_md5
+    assert shown["strategies"]["optimizer"]["distribution"] == "unbottle"
+    assert "git commit" in sh(
+        sys.executable, "-m", "unbottle", "show", "artifacts/finetune", cwd=root
+    )
+
+    # A second run of the flow finds every stage current and does no work.
+    again = sh(sys.executable, "-m", "unbottle", "run", cwd=root, timeout=600)
+    assert again.count("was up to date") == 5, again
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "a run", cwd=root)
+
+    # A fresh clone pulls data and artifacts from the remote and has nothing to run.
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(root), str(clone), cwd=tmp_path)
+    dvc("pull", cwd=clone)
+    assert (clone / "artifacts/deploy/model.safetensors").is_file()
+    assert stages_run(dvc("repro", cwd=clone)) == []
+
+    # One compress parameter, as an experiment: only compress and what follows rerun.
+    exp = dvc("exp", "run", "-S", "compress.variants.magnitude50.0.sparsity=0.6", cwd=root)
+    assert stages_run(exp) == ["compress", "evaluate", "deploy"]
+    diff = json.loads(dvc("metrics", "diff", "--json", cwd=root))
+    sparsity = diff["metrics/compress.json"]["magnitude50.prune_sparsity"]
+    assert sparsity["old"] == 0.5
+    assert sparsity["new"] == pytest.approx(0.6, abs=1e-3)
+
+    # The experiment's results are applied to the workspace: nothing left to reproduce.
     assert stages_run(dvc("repro", cwd=root)) == []
+    assert min(seconds) < 3, f"a no-op dvc repro took {seconds} s"
+
+
+def test_push_without_a_remote_fails_before_any_work(dvc_repo):
+    result = subprocess.run(
+        [sys.executable, "-m", "unbottle", "run", "--push"],
+        cwd=dvc_repo,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: dvc push: this project has no default remote; add one with "
+        "`dvc remote add -d NAME URL`"
+    )
+    assert not (dvc_repo / "artifacts").exists()
+
+
+def test_dvc_yaml_matches_what_the_fingerprints_hash():
+    from unbottle.core.fingerprint import STAGE_CODE, STAGE_PARAMS
+
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert {name: tuple(stage["params"]) for name, stage in spec.items()} == STAGE_PARAMS
+    for name, stage in spec.items():
+        core_deps = {
+            d.removeprefix("core/").removesuffix(".py")
+            for d in stage["deps"]
+            if d.startswith("core/")
+        }
+        assert core_deps == set(STAGE_CODE[name]), name
 
 
 def test_dvc_yaml_declares_only_the_params_each_stage_reads():
@@ -91,3 +166,24 @@ def test_dvc_yaml_declares_only_the_params_each_stage_reads():
             if dep.endswith(".py"):
                 assert (REPO / dep).is_file(), dep
     assert TINY_PARAMS["deploy"]["variant"] == "finetuned"
+
+
+def test_a_held_dvc_lock_fails_in_one_line(dvc_repo):
+    from dvc.lock import make_lock
+
+    from unbottle.flows.pipeline import DvcError
+    from unbottle.flows.pipeline import dvc as run_dvc
+
+    lock = make_lock(
+        str(dvc_repo / ".dvc" / "tmp" / "lock"), tmp_dir=str(dvc_repo / ".dvc" / "tmp")
+    )
+    lock.lock()
+    try:
+        with pytest.raises(DvcError) as info:
+            run_dvc(dvc_repo, "commit", "--force", "pretrain")
+    finally:
+        lock.unlock()
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("dvc commit: ")
+    assert message.endswith("another DVC command holds the repo lock: wait for it to finish")

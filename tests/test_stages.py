@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_PARAMS, make_workspace
 from unbottle.core.artifacts import read_manifest, verify_artifact
-from unbottle.core.config import Params
-from unbottle.core.pipeline import run_stage
-from unbottle.core.stage import STAGES, Layout
-
-PARAMS = copy.deepcopy(TINY_PARAMS)
-PARAMS["compress"]["variants"]["kd1"] = [
-    {"distill": "kd", "layers": 1, "steps": 6, "batch_size": 2, "seq_len": 32}
-]
+from unbottle.core.stage import Layout
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_data) -> dict:
-    """Run all five stages once; tests below inspect what each wrote."""
-    root = make_workspace(tmp_path_factory.mktemp("stages"), tiny_data, PARAMS)
-    layout = Layout(root)
-    params = Params.model_validate(PARAMS)
-    results = {name: run_stage(name, params, layout) for name in STAGES}
-    return {"layout": layout, "params": params, "results": results}
+def run(pipeline_run) -> dict:
+    return pipeline_run
 
 
 def answer_loss(model_dir: Path, qa_file: Path) -> float:
@@ -56,8 +42,8 @@ def test_pretrain_writes_a_model_and_a_falling_loss_curve(run):
     assert manifest["strategies"]["optimizer"]["name"] == "adamw"
     assert manifest["strategies"]["optimizer"]["distribution"] == "unbottle"
     assert len(manifest["inputs"]["train_text"]) == 64  # a sha256
-    metrics = json.loads(layout.metrics_file("pretrain").read_text())
-    assert metrics["tokens_per_s"] > 0
+    timing = json.loads(layout.timing_file("pretrain").read_text())
+    assert timing["tokens_per_s"] > 0
     curve = layout.plot_file("pretrain_loss").read_text().splitlines()
     assert curve[0] == "step,loss"
     losses = [float(line.split(",")[1]) for line in curve[1:]]
@@ -145,8 +131,13 @@ def test_compress_records_every_variant_and_step(run):
 
 def test_evaluate_measures_every_variant(run):
     layout: Layout = run["layout"]
-    metrics = json.loads(layout.metrics_file("evaluate").read_text())["variants"]
+    evaluation = json.loads((layout.artifact("evaluate") / "evaluation.json").read_text())
+    metrics = evaluation["variants"]
     assert set(metrics) == {"pretrained", "finetuned", "magnitude50", "int8", "kd1"}
+    quality = json.loads(layout.metrics_file("evaluate").read_text())["variants"]
+    timing = json.loads(layout.timing_file("evaluate").read_text())["variants"]
+    assert "perplexity" in quality["int8"] and "latency_p50_s" not in quality["int8"]
+    assert "latency_p50_s" in timing["int8"]
     for name, row in metrics.items():
         for key in (
             "perplexity",

@@ -47,6 +47,9 @@ def _environment(root: Path) -> None:
     """Defaults that keep a run inside the workspace and offline."""
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "unbottle")
+    # The temporary server's first start runs database migrations: on a busy 2-core machine
+    # that can take longer than Prefect's default 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -77,8 +80,19 @@ def _load(params: Path | None, overrides: list[str] | None):
     return load_params(_params_path(params), overrides or [])
 
 
+ForceOption = Annotated[
+    bool, typer.Option("--force", help="Run even when the output is current for its inputs.")
+]
+
+
 @app.command()
-def run(params: ParamsOption = None, overrides: SetOption = None) -> None:
+def run(
+    params: ParamsOption = None,
+    overrides: SetOption = None,
+    push: Annotated[
+        bool, typer.Option("--push", help="dvc push data and artifacts after the run.")
+    ] = False,
+) -> None:
     """Run the whole pipeline as one Prefect flow."""
     root = Path.cwd().resolve()
     _environment(root)
@@ -91,13 +105,79 @@ def run(params: ParamsOption = None, overrides: SetOption = None) -> None:
     from unbottle.flows.pipeline import pipeline
 
     path = _params_path(params)
+    if push:  # a missing remote fails now, not after training
+        from unbottle.core.errors import UnbottleError
+        from unbottle.flows.pipeline import check_default_remote, is_dvc_project
+
+        if not is_dvc_project(root):
+            raise UnbottleError("--push: no DVC project here (dvc.yaml and .dvc/ are needed)")
+        check_default_remote(root)
     summary = pipeline(
         params_file=str(path) if path else None,
         overrides=list(overrides or []),
         root=str(root),
+        push=push,
     )
     typer.echo(f"deployed model: {summary['deployed']}")
     typer.echo(f"evaluation report: {summary['report']}")
+
+
+@app.command()
+def sweep(params: ParamsOption = None, overrides: SetOption = None) -> None:
+    """Compress and evaluate every variant (compress.variants and the grids of
+    compress.sweep) as mapped Prefect tasks, into one report; deploys nothing.
+
+    Example: unbottle sweep -S 'compress.sweep.mag=[{prune: magnitude, sparsity: {grid:
+    [0.3, 0.5, 0.7]}}]'
+    """
+    root = Path.cwd().resolve()
+    _environment(root)
+    _logging()
+    params_obj = _load(params, overrides)  # fail fast, before Prefect starts
+
+    from unbottle.core.pipeline import setup
+
+    setup(params_obj)
+    from unbottle.flows.sweep import sweep as sweep_flow
+
+    path = _params_path(params)
+    summary = sweep_flow(
+        params_file=str(path) if path else None, overrides=list(overrides or []), root=str(root)
+    )
+    typer.echo(f"swept {len(summary['variants'])} variants: {', '.join(summary['variants'])}")
+    typer.echo(f"sweep report: {summary['report']}")
+    chosen = summary["would_deploy"]
+    typer.echo(f"deploy.policy would pick: {chosen or 'none (no variant passes deploy.gates)'}")
+
+
+@app.command("schedule")
+def schedule_command(
+    cron: Annotated[str, typer.Option(help="When to run, as cron: '0 3 * * *'.")],
+    name: Annotated[str, typer.Option(help="The deployment's name.")] = "scheduled",
+    pool: Annotated[str, typer.Option(help="A process work pool (created if missing).")] = (
+        "unbottle-process"
+    ),
+    params: ParamsOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Deploy the pipeline flow to the Prefect server at PREFECT_API_URL with a schedule."""
+    root = Path.cwd().resolve()
+    _environment(root)
+    _load(params, overrides)  # a broken params file fails here, not at 3 a.m.
+    from unbottle.flows.schedule import schedule
+
+    path = _params_path(params)
+    full_name = schedule(
+        cron=cron,
+        name=name,
+        pool=pool,
+        root=root,
+        params_file=str(path.resolve()) if path else None,
+        overrides=list(overrides or []),
+    )
+    typer.echo(f"deployment {full_name} runs at '{cron}' on work pool {pool}")
+    typer.echo(f"start a worker: prefect worker start --pool {pool}")
+    typer.echo(f"run it now:     prefect deployment run '{full_name}'")
 
 
 @app.command()
@@ -105,15 +185,17 @@ def stage(
     name: Annotated[str, typer.Argument(help="pretrain, finetune, compress, evaluate or deploy.")],
     params: ParamsOption = None,
     overrides: SetOption = None,
+    force: ForceOption = False,
 ) -> None:
-    """Run one stage (what dvc.yaml calls)."""
+    """Run one stage (what dvc.yaml calls); skipped when its output is already current."""
     root = Path.cwd().resolve()
     _environment(root)
     _logging()
     from unbottle.core.pipeline import run_stage, workspace
 
-    result = run_stage(name, _load(params, overrides), workspace(root))
-    typer.echo(f"{name}: wrote {result.out_dir.relative_to(root)}")
+    result = run_stage(name, _load(params, overrides), workspace(root), force=force)
+    done = "up to date" if result.skipped else "wrote"
+    typer.echo(f"{name}: {done} {result.out_dir.relative_to(root)}")
 
 
 @app.command()
@@ -148,6 +230,86 @@ def plugins(
     for row in rows:
         table.add_row(row["kind"], row["name"], row["distribution"], row["version"], row["plugin"])
     Console().print(table)
+
+
+@app.command()
+def show(
+    artifact: Annotated[
+        Path, typer.Argument(help="An artifact directory, e.g. artifacts/finetune.")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Print an artifact's provenance: stage, config, strategies, inputs, metrics, versions."""
+    from unbottle.core.artifacts import read_manifest
+
+    manifest = read_manifest(artifact)
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2, sort_keys=True))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    env = manifest.get("environment", {})
+    git = env.get("git") or {}
+    facts = Table(title=f"{artifact} ({manifest.get('stage', '?')})", show_header=False)
+    facts.add_column(style="bold")
+    facts.add_column(overflow="fold")
+    commit = git.get("commit") or "not a git checkout"
+    facts.add_row("git commit", commit + (" (dirty)" if git.get("dirty") else ""))
+    facts.add_row("dvc data", str(env.get("dvc_data")))
+    facts.add_row("device", str(env.get("device")))
+    packages = env.get("packages", {})
+    facts.add_row("packages", ", ".join(f"{k} {v}" for k, v in packages.items()))
+    for role, info in manifest.get("strategies", {}).items():
+        facts.add_row(
+            f"strategy {role}", f"{info['name']} ({info['distribution']} {info['version']})"
+        )
+    for name, digest in manifest.get("inputs", {}).items():
+        facts.add_row(f"input {name}", f"sha256:{digest[:16]}")
+    facts.add_row("config", json.dumps(manifest.get("config"), sort_keys=True))
+    facts.add_row("metrics", json.dumps(manifest.get("metrics"), sort_keys=True))
+    Console().print(facts)
+
+
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="A deployed bundle, e.g. artifacts/deploy.")],
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (default 127.0.0.1: this machine only).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="UNBOTTLE_API_KEY",
+            show_default=False,
+            help="Require `Authorization: Bearer KEY` on every endpoint but /health.",
+        ),
+    ] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="Sequences decoded together (default 8).")
+    ] = None,
+    max_queue: Annotated[
+        int | None, typer.Option(help="Sequences that may wait; beyond, 429 (default 64).")
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="The model id clients name (default unbottle-VARIANT).")
+    ] = None,
+) -> None:
+    """Serve a bundle with an OpenAI-compatible API (completions, chat, streaming, metrics)."""
+    _environment(Path.cwd().resolve())
+    _logging()
+    from unbottle.core.server import serve as run_server
+    from unbottle.core.serving import load_bundle
+
+    overrides = {
+        "host": host,
+        "port": port,
+        "max_batch": max_batch,
+        "max_queue": max_queue,
+        "model_name": model_name,
+    }
+    run_server(load_bundle(bundle, overrides), api_key=api_key or None)
 
 
 @data_app.command("demo")

@@ -1,0 +1,227 @@
+"""Serving throughput: one stream against N concurrent streams, through the real server.
+
+Starts ``unbottle serve BUNDLE`` on a loopback port (a subprocess, as users run it),
+then streams completions with fixed lengths (``ignore_eos``) in two phases of the same
+run:
+
+1. single stream: requests one after another;
+2. concurrent: ``--concurrency`` streams at once (continuous batching shares the steps);
+
+alternated ``--rounds`` times, so that a change in the machine's other load hits both.
+
+For each phase it reports aggregate generated tokens/s, request latency p50/p99 and
+time to first token (TTFT) p50/p99, and the ratio of the two throughputs (target: >= 4x
+at 8 streams on the demo model). The client runs on the same machine, so its CPU time
+is part of what is measured.
+
+    python bench/serve_load.py artifacts/deploy
+    python bench/serve_load.py artifacts/deploy --concurrency 8 --max-tokens 64 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = [
+    "Question: Where does {name} live?\nAnswer:",
+    "Question: What is the job of {name}?\nAnswer:",
+    "Question: What pet does {name} have?\nAnswer:",
+    "Question: In which year was {name} born?\nAnswer:",
+]
+NAMES = ["Alice", "Bob", "Carol", "Dan", "Eve", "Frank", "Grace", "Heidi"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def one_stream(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int):
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    started = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                ttft = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return time.perf_counter() - started, ttft, tokens
+
+
+async def phase(url: str, model: str, requests: int, concurrency: int, max_tokens: int) -> dict:
+    prompts = [
+        PROMPTS[i % len(PROMPTS)].format(name=NAMES[i % len(NAMES)]) for i in range(requests)
+    ]
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as http:
+
+        async def run(prompt: str):
+            async with gate:
+                return await one_stream(http, model, prompt, max_tokens)
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(run(p) for p in prompts))
+        wall = time.perf_counter() - started
+    tokens = sum(r[2] for r in results)
+    assert tokens == requests * max_tokens, f"lost tokens: {tokens} != {requests * max_tokens}"
+    return {
+        "wall_s": wall,
+        "tokens": tokens,
+        "latencies": [r[0] for r in results],
+        "ttfts": [r[1] for r in results if r[1] is not None],
+    }
+
+
+def summarize(runs: list[dict], streams: int) -> dict:
+    """Rounds of one phase pooled: tokens over wall time, latency percentiles."""
+    latencies = [x for run in runs for x in run["latencies"]]
+    ttfts = [x for run in runs for x in run["ttfts"]]
+    tokens, wall = sum(r["tokens"] for r in runs), sum(r["wall_s"] for r in runs)
+    return {
+        "streams": streams,
+        "requests": len(latencies),
+        "generated_tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "tokens_per_s_by_round": [r["tokens"] / r["wall_s"] for r in runs],
+        "latency_p50_s": statistics.median(latencies),
+        "latency_p99_s": percentile(latencies, 99),
+        "ttft_p50_s": statistics.median(ttfts),
+        "ttft_p99_s": percentile(ttfts, 99),
+    }
+
+
+def start_server(bundle: Path, port: int, max_batch: int) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("UNBOTTLE_API_KEY", None)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "unbottle",
+            "serve",
+            str(bundle),
+            "--port",
+            str(port),
+            "--max-batch",
+            str(max_batch),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"unbottle serve exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("unbottle serve did not start in 180 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle", type=Path, nargs="?", default=Path("artifacts/deploy"))
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--single-requests", type=int, default=16)
+    parser.add_argument("--concurrent-requests", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="Alternations of the two phases.")
+    parser.add_argument("--json", type=Path, help="Also write the results here.")
+    args = parser.parse_args()
+    if not args.bundle.is_dir():
+        raise SystemExit(f"{args.bundle}: no bundle (run `make demo` or pass a bundle path)")
+
+    load_before = os.getloadavg()[0]  # other work on the machine skews every figure
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(args.bundle, port, max_batch=args.concurrency)
+    try:
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        asyncio.run(phase(url, model, 8, args.concurrency, args.max_tokens))  # warm-up
+        singles, concurrents = [], []
+        # The phases alternate, so a change in the machine's other load hits both alike.
+        for _ in range(args.rounds):
+            singles.append(asyncio.run(phase(url, model, args.single_requests, 1, args.max_tokens)))
+            concurrents.append(
+                asyncio.run(
+                    phase(url, model, args.concurrent_requests, args.concurrency, args.max_tokens)
+                )
+            )
+        single, many = summarize(singles, 1), summarize(concurrents, args.concurrency)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    result = {
+        "bundle": str(args.bundle),
+        "max_tokens": args.max_tokens,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "single": single,
+        "concurrent": many,
+        "rounds": args.rounds,
+        "speedup": many["tokens_per_s"] / single["tokens_per_s"],
+        "speedup_by_round": [
+            m / s
+            for m, s in zip(
+                many["tokens_per_s_by_round"], single["tokens_per_s_by_round"], strict=True
+            )
+        ],
+        "load_average_before_after": [load_before, os.getloadavg()[0]],
+    }
+    print(f"{'streams':>8} {'tok/s':>9} {'p50 s':>8} {'p99 s':>8} {'TTFT p50':>9} {'TTFT p99':>9}")
+    for row in (single, many):
+        print(
+            f"{row['streams']:>8} {row['tokens_per_s']:>9.1f} {row['latency_p50_s']:>8.3f} "
+            f"{row['latency_p99_s']:>8.3f} {row['ttft_p50_s']:>9.4f} {row['ttft_p99_s']:>9.4f}"
+        )
+    rounds = ", ".join(f"{x:.2f}x" for x in result["speedup_by_round"])
+    print(f"aggregate speedup at {args.concurrency} streams: {result['speedup']:.2f}x ({rounds})")
+    print(
+        "1-minute load average before/after: {:.2f} / {:.2f}".format(
+            *result["load_average_before_after"]
+        )
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The sweep flow: every compressed variant a mapped Prefect task, all in one report.
+
+``unbottle sweep`` runs it. pretrain and finetune run as the pipeline's stage tasks
+(skipped when current); then one task per variant compresses it and one task per model
+measures it; the rows become one report under ``artifacts/sweep/evaluation``. Variants
+that share a recipe prefix reuse it through the compress prefix cache, kept in
+``.cache/unbottle/prefixes`` so that a later sweep reuses it too. Tasks run one at a time:
+speed measured while another variant compresses beside it would measure the contention.
+
+The sweep explores; it deploys nothing. It reports the variant that ``deploy.policy``
+would pick among those passing ``deploy.gates``, or why none passes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from unbottle.core.config import load_params
+from unbottle.core.stage import Layout
+
+SWEEP_DIR = "sweep"
+PREFIX_CACHE = Path(".cache") / "unbottle" / "prefixes"
+
+
+def _params(params_file: str | None, overrides: list[str]):
+    return load_params(Path(params_file) if params_file else None, overrides)
+
+
+@task(task_run_name="compress {name}", cache_policy=NO_CACHE)
+def compress_variant(
+    name: str, params_file: str | None, overrides: list[str], root: str, staging: str
+) -> dict[str, Any]:
+    """Build one variant into the staging directory, through the prefix cache."""
+    from unbottle.core.compress import PrefixCache, build_variant, prepare
+    from unbottle.core.registry import get_registry
+
+    params = _params(params_file, overrides)
+    layout = Layout(Path(root))
+    bench = prepare(
+        params.compress,
+        model=layout.artifact("finetune"),
+        train_text=layout.resolve(params.data.train_text),
+        seed=params.seed,
+        registry=get_registry(),
+    )
+    cache = PrefixCache(layout.root / PREFIX_CACHE)
+    return build_variant(bench, name, Path(staging) / name, cache=cache)
+
+
+@task(task_run_name="evaluate {name}", cache_policy=NO_CACHE)
+def evaluate_model(
+    name: str, model_dir: str, params_file: str | None, overrides: list[str], root: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every configured metric on one model: (row, samples)."""
+    from unbottle.core import task as qa
+    from unbottle.core.evaluate import create_metrics, measure_variant, resolve_device
+    from unbottle.core.modeling import read_text
+    from unbottle.core.registry import get_registry
+
+    params = _params(params_file, overrides)
+    layout = Layout(Path(root))
+    cfg = params.evaluate
+    return measure_variant(
+        Path(model_dir),
+        create_metrics(cfg, get_registry()),
+        valid_text=read_text(layout.resolve(params.data.valid_text), "data.valid_text"),
+        questions=qa.read_pairs(layout.resolve(params.data.qa_test), "data.qa_test")[
+            : cfg.max_questions
+        ],
+        seed=params.seed,
+        device=resolve_device(cfg.device),
+        label=name,
+    )
+
+
+@flow(name="unbottle-sweep", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def sweep(
+    params_file: str | None = None, overrides: list[str] | None = None, root: str = "."
+) -> dict[str, Any]:
+    """pretrain -> finetune -> compress each variant -> evaluate each -> one report."""
+    from unbottle.core.artifacts import atomic_dir, tree_hash
+    from unbottle.core.compress import write_index
+    from unbottle.core.config import BASELINE
+    from unbottle.core.errors import ConfigError, GateError
+    from unbottle.core.evaluate import PRETRAINED, write_evaluation
+    from unbottle.core.pipeline import setup
+    from unbottle.flows.pipeline import stage_task
+    from unbottle.flows.report import decide_deployment, publish_evaluation
+
+    logger = get_run_logger()
+    overrides = list(overrides or [])
+    root_path = Path(root).resolve()
+    params = _params(params_file, overrides)
+    registry = setup(params)  # every strategy of every grid point checked before any work
+    names = list(params.compress.variants)
+    if not names:
+        raise ConfigError("compress: no variants to sweep; add compress.sweep or .variants")
+    layout = Layout(root_path)
+    args = (params_file, overrides, str(root_path))
+
+    upstream: list[Any] = []
+    for stage in ("pretrain", "finetune"):
+        future = stage_task.submit(stage, *args, wait_for=upstream)
+        future.result()
+        upstream = [future]
+
+    out = layout.artifacts / SWEEP_DIR
+    variants_dir = out / "variants"
+    inputs = {
+        "model": tree_hash(layout.artifact("finetune")),
+        "train_text": tree_hash(layout.resolve(params.data.train_text)),
+    }
+    with atomic_dir(variants_dir) as staging:
+        built = compress_variant.map(
+            names, *(unmapped(a) for a in args), staging=unmapped(str(staging))
+        ).result()
+        write_index(staging, params.compress, inputs, names)
+    reused = {name: m["reused_steps"] for name, m in zip(names, built, strict=True)}
+    logger.info("recipe steps reused from the prefix cache: %s", reused)
+
+    targets = {
+        PRETRAINED: layout.artifact("pretrain"),
+        BASELINE: layout.artifact("finetune"),
+        **{name: variants_dir / name for name in names},
+    }
+    measured = evaluate_model.map(
+        list(targets), [str(p) for p in targets.values()], *(unmapped(a) for a in args)
+    ).result()
+    evaluation_dir = out / "evaluation"
+    write_evaluation(
+        params.evaluate,
+        dict(zip(targets, measured, strict=True)),
+        out_dir=evaluation_dir,
+        registry=registry,
+        inputs={name: tree_hash(path) for name, path in targets.items()},
+        stage="sweep",
+    )
+    publish_evaluation(evaluation_dir, key="unbottle-sweep")
+    try:
+        chosen: str | None = decide_deployment(params, evaluation_dir).chosen
+    except GateError as e:
+        logger.warning("no deploy candidate: %s", e)
+        chosen = None
+    return {
+        "report": str(evaluation_dir / "report.md"),
+        "variants": names,
+        "reused_steps": reused,
+        "would_deploy": chosen,
+    }

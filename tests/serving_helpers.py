@@ -1,0 +1,86 @@
+"""Helpers of the serving tests: one tiny finetuned model per session, a live server."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TINY_PARAMS, make_workspace
+from unbottle.core.config import Params
+from unbottle.core.pipeline import run_stage
+from unbottle.core.stage import Layout
+
+_FINETUNED: dict[Path, Path] = {}
+
+
+def finetuned_model(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """The tiny finetuned model, trained once per test session by the real stages."""
+    key = tmp_path_factory.getbasetemp()
+    if key not in _FINETUNED:
+        root = make_workspace(tmp_path_factory.mktemp("serving"), tiny_data, TINY_PARAMS)
+        params, layout = Params.model_validate(TINY_PARAMS), Layout(root)
+        for stage in ("pretrain", "finetune"):
+            run_stage(stage, params, layout)
+        _FINETUNED[key] = layout.artifact("finetune")
+    return _FINETUNED[key]
+
+
+def deploy_target(name: str, options: dict[str, Any], model_dir: Path, out_dir: Path) -> dict:
+    """Run a deploy target on a variant, as the deploy stage does (without its evaluation)."""
+    from unbottle.core.artifacts import read_manifest
+    from unbottle.core.registry import get_registry
+    from unbottle.core.runtime import model_format
+    from unbottle.core.strategies import DeployContext
+
+    target = get_registry().create("deploy_target", name, options)
+    ctx = DeployContext(
+        variant="finetuned",
+        model_format=model_format(model_dir),
+        metrics={},
+        report_markdown="| variant |\n|---|\n| finetuned |",
+        manifest=read_manifest(model_dir),
+    )
+    out_dir.mkdir(parents=True)
+    return target.deploy(model_dir, out_dir, ctx)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(
+    bundle: Path, overrides: dict[str, Any] | None = None, api_key: str | None = None
+) -> Iterator[str]:
+    """The real app on uvicorn, on a loopback port, in a thread; yields its base URL."""
+    import uvicorn
+
+    from unbottle.core.server import create_app
+    from unbottle.core.serving import load_bundle
+
+    app = create_app(load_bundle(bundle, overrides), api_key=api_key)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

@@ -1,0 +1,703 @@
+"""Evaluation that decides: metrics with known answers, the Pareto frontier, the report,
+quality gates and the deploy policy, and a two-variant sweep whose variants share a prefix.
+
+The sweep runs the real compress, evaluate and deploy stages on a tiny random-weight
+model made here (a "pretrained" and a "finetuned" artifact), so no training is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TINY_PARAMS, make_workspace, run_cli
+from unbottle.core.artifacts import read_manifest, write_json_atomic, write_manifest
+from unbottle.core.config import (
+    DeployParams,
+    EvaluateParams,
+    Params,
+    check_strategies,
+    load_params,
+)
+from unbottle.core.errors import ConfigError, DataError, GateError
+from unbottle.core.registry import get_registry
+from unbottle.core.strategies import EvalContext
+
+# ----------------------------------------------------------------- tiny models and runners
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_data: Path):
+    from unbottle.core.modeling import documents, read_text, train_tokenizer
+
+    text = read_text(tiny_data / "corpus" / "train.txt", "train")
+    return train_tokenizer(documents(text), 320)
+
+
+@pytest.fixture(scope="module")
+def valid_text(tiny_data: Path) -> str:
+    return (tiny_data / "corpus" / "valid.txt").read_text(encoding="utf-8")
+
+
+class KnownLogits:
+    """A model whose logits are known: all zeros (uniform), or the true next token."""
+
+    format = "hf"
+    device = "cpu"
+
+    def __init__(self, vocab: int, context: int = 64, perfect: bool = False) -> None:
+        self.vocab, self.context, self.perfect = vocab, context, perfect
+
+    def logits(self, input_ids):
+        import torch
+
+        b, t = input_ids.shape
+        out = torch.zeros(b, t, self.vocab)  # (B, T, V)
+        if self.perfect:  # position t predicts input t+1 with near certainty
+            out[:, :-1].scatter_(2, input_ids[:, 1:, None], 50.0)
+        return out
+
+
+def context_for(tokenizer, text: str, questions=()) -> EvalContext:
+    return EvalContext(
+        tokenizer=tokenizer, valid_text=text, questions=list(questions), model_dir=Path(".")
+    )
+
+
+@pytest.mark.parametrize(("window", "stride"), [(16, 8), (32, 32), (64, 40)])
+def test_perplexity_of_uniform_logits_is_the_vocabulary_size(tokenizer, valid_text, window, stride):
+    from unbottle.core.modeling import encode_stream
+    from unbottle.plugins.metrics import Perplexity
+
+    vocab = len(tokenizer)
+    metric = Perplexity(Perplexity.Config(window=window, stride=stride))
+    result = metric.measure(KnownLogits(vocab), context_for(tokenizer, valid_text))
+    assert result["perplexity"] == pytest.approx(vocab, rel=1e-9)
+    # Every token but the first is scored exactly once, whatever the window and stride.
+    assert result["perplexity_tokens"] == encode_stream(tokenizer, valid_text).numel() - 1
+
+
+def test_perplexity_scores_each_token_against_the_one_that_follows(tokenizer, valid_text):
+    from unbottle.plugins.metrics import Perplexity
+
+    metric = Perplexity(Perplexity.Config(window=32, stride=24))
+    result = metric.measure(
+        KnownLogits(len(tokenizer), perfect=True), context_for(tokenizer, valid_text)
+    )
+    assert result["perplexity"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_perplexity_refuses_a_held_out_text_shorter_than_the_window(tokenizer):
+    from unbottle.plugins.metrics import Perplexity
+
+    metric = Perplexity(Perplexity.Config(window=32))
+    with pytest.raises(DataError, match=r"^perplexity: the held-out text has \d+ tokens, fewer"):
+        metric.measure(KnownLogits(len(tokenizer)), context_for(tokenizer, "Short text."))
+
+
+class Answering:
+    """A model that answers each known question with a fixed text (greedy, batched)."""
+
+    format = "hf"
+    device = "cpu"
+    context = 64
+
+    def __init__(self, tokenizer, answers: dict[str, str]) -> None:
+        self.tokenizer, self.answers = tokenizer, answers
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
+        import torch
+
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask, strict=True):
+            prompt = self.tokenizer.decode(ids[mask.bool()])
+            question = prompt.removeprefix("Question: ").split("\n")[0]
+            new = self.tokenizer(self.answers[question], add_special_tokens=False)["input_ids"]
+            new = (new + [self.tokenizer.eos_token_id] * max_new_tokens)[:max_new_tokens]
+            rows.append(torch.cat([ids, torch.tensor(new)]))
+        return torch.stack(rows)
+
+
+def test_accuracy_is_exact_match_after_normalisation(tokenizer):
+    from unbottle.core import task
+    from unbottle.plugins.metrics import Accuracy
+
+    assert task.exact_match(" Dundale.\nQuestion: more", "dundale")
+    assert task.exact_match("  RED ", "red")
+    assert not task.exact_match("Dundale Hill", "Dundale")
+    assert not task.exact_match("", "1943")
+
+    questions = [
+        {"question": "Where does Ann live?", "answer": "Dundale"},
+        {"question": "What is Bo's colour?", "answer": "red"},
+        {"question": "When was Cy born?", "answer": "1943"},
+    ]
+    model = Answering(
+        tokenizer,
+        {
+            "Where does Ann live?": " Dundale.\n",
+            "What is Bo's colour?": " Red",
+            "When was Cy born?": " 1944",
+        },
+    )
+    metric = Accuracy(Accuracy.Config(batch_size=2, max_new_tokens=6, samples=3))
+    ctx = context_for(tokenizer, "", questions)
+    result = metric.measure(model, ctx)
+    assert result == {"accuracy": pytest.approx(2 / 3), "questions": 3}
+    assert [s["correct"] for s in ctx.samples["accuracy"]] == [True, True, False]
+    assert ctx.samples["accuracy"][2]["prediction"] == "1944"
+
+
+# ------------------------------------------------------------------- cost and roofline
+
+
+def test_peak_rss_delta_sees_memory_allocated_while_running():
+    import numpy as np
+
+    from unbottle.plugins.metrics import peak_rss_delta
+
+    def allocate() -> None:
+        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+        assert block.sum() == 64 * 2**20
+        del block  # freed before return: only the peak can see it
+
+    assert peak_rss_delta(allocate) >= 60 * 2**20
+    assert peak_rss_delta(lambda: None) < 8 * 2**20
+
+
+def test_memory_bandwidth_is_measured_once_per_process():
+    from unbottle.plugins.metrics import memory_bandwidth
+
+    first = memory_bandwidth("cpu", 64)
+    assert 1e8 < first < 1e13  # between 0.1 GB/s and 10 TB/s
+    assert memory_bandwidth("cpu", 64) == first  # cached, not measured again
+
+
+def test_bytes_per_token_count_an_embedding_lookup_as_one_row(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from unbottle.plugins.metrics import onnx_bytes_per_token
+
+    table = numpy_helper.from_array(np.zeros((10, 4), np.float32), "table")
+    weight = numpy_helper.from_array(np.zeros((4, 4), np.int8), "weight")
+    scale = numpy_helper.from_array(np.ones((), np.float32), "scale")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["h"]),
+            helper.make_node("DequantizeLinear", ["weight", "scale"], ["w"]),
+            helper.make_node("MatMul", ["h", "w"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        initializer=[table, weight, scale],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    # One row of the table (4 float32), the int8 matrix, the float32 scale.
+    assert onnx_bytes_per_token(path) == 4 * 4 + 16 * 1 + 4
+
+
+# ---------------------------------------------------------------------- Pareto frontier
+
+
+def test_pareto_front_on_a_fixed_table():
+    from unbottle.core.report import pareto_front
+
+    # (size, perplexity): smaller and lower are better.
+    points = {
+        "dense": (100.0, 10.0),
+        "int8": (25.0, 10.5),
+        "pruned": (100.0, 12.0),  # dominated by dense: same size, worse perplexity
+        "int4": (13.0, 14.0),
+        "bad": (50.0, 15.0),  # dominated by int8
+        "twin": (25.0, 10.5),  # equal to int8: neither dominates the other
+    }
+    assert pareto_front(points, ("lower", "lower")) == ["dense", "int8", "int4", "twin"]
+    # (decode tok/s, accuracy): both higher is better.
+    speed = {"a": (10.0, 0.9), "b": (30.0, 0.8), "c": (20.0, 0.7), "d": (30.0, 0.5)}
+    assert pareto_front(speed, ("higher", "higher")) == ["a", "b"]
+
+
+# ---------------------------------------------------------------------- gates and policy
+
+
+ROWS: dict[str, dict[str, Any]] = {
+    "pretrained": {"format": "hf", "perplexity": 9.0, "perplexity_ratio": 0.9, "accuracy": 0.0},
+    "finetuned": {
+        "format": "hf",
+        "perplexity": 10.0,
+        "perplexity_ratio": 1.0,
+        "accuracy": 0.50,
+        "size_bytes": 4_000_000,
+        "decode_tokens_per_s": 100.0,
+    },
+    "magnitude50": {
+        "format": "hf",
+        "perplexity": 14.0,
+        "perplexity_ratio": 1.4,
+        "accuracy": 0.40,
+        "size_bytes": 4_000_000,
+        "decode_tokens_per_s": 101.0,
+    },
+    "kd2": {
+        "format": "hf",
+        "perplexity": 12.0,
+        "perplexity_ratio": 1.2,
+        "accuracy": 0.30,
+        "size_bytes": 2_000_000,
+        "decode_tokens_per_s": 180.0,
+    },
+    "int8": {
+        "format": "onnx",
+        "perplexity": 10.2,
+        "perplexity_ratio": 1.02,
+        "accuracy": 0.48,
+        "size_bytes": 1_000_000,
+        "decode_tokens_per_s": 250.0,
+    },
+}
+
+
+def directions() -> dict[str, str | None]:
+    from unbottle.core.deploy import metric_directions
+
+    return metric_directions(get_registry())
+
+
+def choose(accepts=None, **deploy):
+    from unbottle.core.deploy import choose_variant
+
+    return choose_variant(DeployParams.model_validate(deploy), ROWS, directions(), accepts)
+
+
+@pytest.mark.parametrize(
+    ("deploy", "chosen"),
+    [
+        ({}, "finetuned"),  # explicit, the default variant
+        ({"variant": "kd2"}, "kd2"),
+        ({"policy": "smallest"}, "int8"),
+        ({"policy": "fastest"}, "int8"),
+        ({"policy": "best"}, "finetuned"),  # lowest perplexity; pretrained is no candidate
+        ({"policy": "best", "quality": "accuracy"}, "finetuned"),
+        ({"policy": "smallest", "gates": {"accuracy": {"min": 0.49}}}, "finetuned"),
+        ({"policy": "fastest", "gates": {"perplexity_ratio": {"max": 1.1}}}, "int8"),
+        (
+            {"policy": "smallest", "gates": {"accuracy": {"min": 0.3}, "size_bytes": {"max": 3e6}}},
+            "int8",
+        ),
+        # Equal size: the tie goes to the variant listed first.
+        ({"policy": "smallest", "gates": {"size_bytes": {"min": 3e6}}}, "finetuned"),
+    ],
+)
+def test_policy_chooses_among_the_variants_that_pass(deploy, chosen):
+    assert choose(**deploy).chosen == chosen
+
+
+def test_a_target_that_cannot_ship_a_format_rules_its_variants_out():
+    decision = choose(accepts=("hf",), policy="smallest")
+    assert decision.chosen == "kd2"
+    assert decision.verdicts["int8"] == ["format onnx (target hf ships hf)"]
+
+
+def test_no_variant_passing_names_each_variant_and_the_limit_it_broke():
+    with pytest.raises(GateError) as error:
+        choose(
+            policy="best",
+            gates={"accuracy": {"min": 0.6}, "perplexity_ratio": {"max": 1.3}},
+        )
+    assert str(error.value) == (
+        "deploy.gates: no variant passes; finetuned: accuracy 0.5 < min 0.6; "
+        "magnitude50: accuracy 0.4 < min 0.6, perplexity_ratio 1.4 > max 1.3; "
+        "kd2: accuracy 0.3 < min 0.6; int8: accuracy 0.48 < min 0.6"
+    )
+
+
+def test_an_explicit_variant_that_fails_a_gate_is_refused():
+    with pytest.raises(GateError, match=r"^deploy\.variant: 'magnitude50' fails deploy\.gates "):
+        choose(variant="magnitude50", gates={"perplexity_ratio": {"max": 1.3}})
+
+
+def test_a_gate_on_a_metric_no_variant_has_is_named():
+    with pytest.raises(ConfigError, match=r"^deploy\.gates\.bleu: no evaluated variant has 'bleu'"):
+        choose(gates={"bleu": {"min": 0.1}})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["evaluate.metrics=[perplexity, size]", "deploy.gates.accuracy={min: 0.2}"],
+            r"^deploy\.gates\.accuracy: no metric in evaluate\.metrics produces 'accuracy'; "
+            r"gates can use: nonzero_parameters, parameters, perplexity, perplexity_ratio",
+        ),
+        (
+            ["evaluate.metrics=[perplexity]", "deploy.policy=fastest"],
+            r"^deploy\.policy: 'fastest' ranks by decode_tokens_per_s, which no metric",
+        ),
+        (
+            ["deploy.policy=best", "deploy.quality=questions"],
+            r"^deploy\.quality: 'questions' is neither better low nor high",
+        ),
+        (
+            ["evaluate.metrics=[roofline, speed]"],
+            r"^evaluate\.metrics\[0\]: roofline needs 'decode_tokens_per_s' from a metric",
+        ),
+        (["evaluate.metrics=[bleu]"], r"^evaluate\.metrics\[0\]: Unknown metric 'bleu'"),
+        (["deploy.gates.accuracy={}"], r"^deploy\.gates\.accuracy: a gate needs min, max or both"),
+        (
+            ["compress.sweep.mag=[{prune: magnitude, sparsity: {grid: []}}]"],
+            r"^compress\.sweep\.mag\[0\]\.sparsity: write \{grid: \[value, \.\.\.\]\}",
+        ),
+        (
+            ["compress.sweep.mag=[{prune: magnitude, sparsity: {grid: [0.5, 1.5]}}]"],
+            r"^compress\.variants\.mag-1p5\[0\]\.sparsity: 1\.5 is invalid",
+        ),
+    ],
+)
+def test_evaluation_plan_errors_are_one_line_before_any_work(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_strategies(load_params(None, overrides), get_registry())
+
+
+def test_a_sweep_expands_into_named_variants():
+    params = load_params(
+        None,
+        [
+            "compress.variants.int8=[{quantize: onnx-dynamic-int8}]",
+            "compress.sweep.mag=[{prune: {grid: [magnitude]}, sparsity: {grid: [0.25, 0.5]}}, "
+            "{quantize: onnx-dynamic-int8}]",
+        ],
+    )
+    assert list(params.compress.variants) == [
+        "int8",
+        "mag-magnitude-0p25",
+        "mag-magnitude-0p5",
+    ]
+    assert params.compress.variants["mag-magnitude-0p5"][0].options == {"sparsity": 0.5}
+    # A dump validates again to the same variants (the flow reloads params per task).
+    again = Params.model_validate(params.model_dump(mode="json"))
+    assert again.compress.variants == params.compress.variants
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fixed_results() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    rows = {
+        name: {k: v for k, v in row.items() if k != "perplexity_ratio"}
+        for name, row in ROWS.items()
+    }
+    rows["pretrained"].update(size_bytes=4_000_000, decode_tokens_per_s=99.0)
+    samples = {"generations": [{"prompt": "Ann lives", "continuation": " in Dundale."}]}
+    return {name: (row, samples) for name, row in rows.items()}
+
+
+def parse_table(markdown: str) -> tuple[list[str], dict[str, list[str]]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    split = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return split[0], {cells[0]: cells for cells in split[2:]}
+
+
+def test_report_renders_table_plots_and_csv_that_match_the_json(tmp_path):
+    from unbottle.core.evaluate import EVALUATION, REPORT, write_evaluation
+    from unbottle.core.report import COLUMNS
+
+    cfg = EvaluateParams.model_validate({"metrics": ["perplexity", "accuracy", "size", "speed"]})
+    result = write_evaluation(
+        cfg,
+        fixed_results(),
+        out_dir=tmp_path / "evaluate",
+        registry=get_registry(),
+        inputs={},
+        images_dir=tmp_path / "metrics",
+    )
+    out = tmp_path / "evaluate"
+    for name in ("quality_vs_size.png", "quality_vs_speed.png"):
+        png = (out / name).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+        assert (tmp_path / "metrics" / f"evaluate_{name}").read_bytes() == png
+
+    data = json.loads((out / EVALUATION).read_text())
+    rows = data["variants"]
+    assert data["order"] == list(ROWS)
+    assert rows["int8"]["perplexity_ratio"] == pytest.approx(1.02)
+    # Frontiers among candidates only: pretrained is a reference.
+    assert data["frontiers"]["quality_vs_size"] == ["finetuned", "int8"]
+    assert data["frontiers"]["quality_vs_speed"] == ["finetuned", "int8"]
+
+    report = (out / REPORT).read_text()
+    assert report.startswith(f"# Evaluation\n\n{data['table']}\n")
+    assert "![quality vs size](quality_vs_size.png)" in report
+    assert "*Ann lives* → 'in Dundale.'" in report
+    header, table = parse_table(data["table"])
+    assert list(table) == list(ROWS)
+    assert header[-1] == "Pareto"
+    assert table["int8"][-1] == "size, speed" and table["kd2"][-1] == "–"
+    formats = {title: (key, fmt) for key, title, fmt in COLUMNS}
+    scale = {"size_bytes": 1e-6, "ttft_s": 1e3, "peak_memory_bytes": 1e-6}
+    for name, cells in table.items():
+        for title, cell in zip(header[1:-1], cells[1:-1], strict=True):
+            key, fmt = formats[title]
+            value = rows[name].get(key)
+            expected = "–" if value in (None, "") else fmt.format(value * scale.get(key, 1))
+            assert cell == expected, (name, title)
+
+    # The CSV for DVC has one row per variant with the JSON's numbers.
+    (records,) = result.plots.values()
+    assert [r["variant"] for r in records] == list(ROWS)
+    for record in records:
+        for key, value in rows[record["variant"]].items():
+            assert record[key] == value
+    assert records[3]["size_mb"] == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------- a sweep through the stages
+
+
+def save_random_model(out: Path, tokenizer, stage: str, seed: int) -> None:
+    from unbottle.core.config import ModelParams
+    from unbottle.core.modeling import build_model, save_model
+
+    model = build_model(
+        ModelParams(hidden_size=32, layers=2, heads=2, intermediate_size=64, context=64),
+        tokenizer,
+        seed,
+    )
+    out.mkdir(parents=True)
+    save_model(model, tokenizer, out)
+    write_manifest(out, stage=stage, config={}, strategies={}, inputs={}, metrics={})
+
+
+KD = {"distill": "kd", "layers": 1, "steps": 2, "batch_size": 2, "seq_len": 32}
+SWEEP_PARAMS = copy.deepcopy(TINY_PARAMS)
+SWEEP_PARAMS["compress"]["variants"] = {}
+SWEEP_PARAMS["compress"]["sweep"] = {
+    "kd": [KD, {"prune": "magnitude", "sparsity": {"grid": [0.3, 0.6]}}]
+}
+SWEEP_PARAMS["evaluate"]["metrics"] = [
+    {"name": "memory", "batch_size": 2, "prompt_tokens": 8, "new_tokens": 8},
+    {"name": "perplexity", "window": 64, "stride": 56},
+    {"name": "accuracy", "max_new_tokens": 4},
+    {"name": "samples", "count": 1, "max_new_tokens": 4},
+    "size",
+    {"name": "speed", "prompt_tokens": 8, "new_tokens": 4, "repeats": 3, "batch_size": 2},
+    {"name": "roofline", "bandwidth_megabytes": 64},
+]
+SWEEP_PARAMS["deploy"] = {
+    "target": "hf",
+    "policy": "smallest",
+    "gates": {"perplexity_ratio": {"max": 10.0}},
+}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, tiny_data, tokenizer) -> dict[str, Any]:
+    """compress (two grid points sharing a distilled prefix), evaluate and deploy."""
+    from unbottle.core.pipeline import run_stage
+    from unbottle.core.stage import Layout
+
+    root = make_workspace(tmp_path_factory.mktemp("sweep"), tiny_data, SWEEP_PARAMS)
+    layout = Layout(root)
+    save_random_model(layout.artifact("pretrain"), tokenizer, "pretrain", seed=1)
+    save_random_model(layout.artifact("finetune"), tokenizer, "finetune", seed=2)
+    params = Params.model_validate(SWEEP_PARAMS)
+    results = {name: run_stage(name, params, layout) for name in ("compress", "evaluate")}
+    results["deploy"] = run_stage("deploy", params, layout)
+    return {"root": root, "layout": layout, "params": params, "results": results}
+
+
+def test_a_two_variant_sweep_reuses_the_shared_prefix(swept, tmp_path):
+    from safetensors.torch import load_file
+
+    from unbottle.core.compress import compress
+
+    layout, params = swept["layout"], swept["params"]
+    compressed = swept["results"]["compress"].metrics
+    assert list(compressed) == ["kd-0p3", "kd-0p6"]
+    assert compressed["kd-0p3"]["reused_steps"] == 0
+    assert compressed["kd-0p6"]["reused_steps"] == 1  # the distillation ran once
+    out = layout.artifact("compress")
+    steps = read_manifest(out / "kd-0p6")["steps"]
+    assert [s["action"] for s in steps] == ["distill", "prune"]
+    assert steps[1]["metrics"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+
+    # The reused prefix gives the same weights, bit for bit, as computing it afresh.
+    alone = params.compress.model_copy(
+        update={"variants": {"kd-0p6": params.compress.variants["kd-0p6"]}}
+    )
+    fresh = compress(
+        alone,
+        model=layout.artifact("finetune"),
+        train_text=layout.root / "data/corpus/train.txt",
+        out_dir=tmp_path / "alone",
+        seed=params.seed,
+        registry=get_registry(),
+    )
+    assert fresh.metrics["kd-0p6"]["reused_steps"] == 0
+    reused = load_file(out / "kd-0p6" / "model.safetensors")
+    recomputed = load_file(tmp_path / "alone" / "kd-0p6" / "model.safetensors")
+    assert reused.keys() == recomputed.keys()
+    assert all(bool((reused[k] == recomputed[k]).all()) for k in reused)
+    assert not list(out.parent.glob(".compress.prefixes.*"))  # the run's cache is gone
+
+
+def test_each_variant_of_the_sweep_is_a_row_of_one_report(swept):
+    layout = swept["layout"]
+    rows = swept["results"]["evaluate"].metrics["variants"]
+    assert list(rows) == ["pretrained", "finetuned", "kd-0p3", "kd-0p6"]
+    for name, row in rows.items():
+        for key in (
+            "perplexity",
+            "accuracy",
+            "size_bytes",
+            "peak_memory_bytes",
+            "ttft_s",
+            "prefill_tokens_per_s",
+            "decode_tokens_per_s",
+            "decode_tokens_per_s_batched",
+            "latency_p50_s",
+            "latency_p95_s",
+            "roofline_pct",
+        ):
+            assert math.isfinite(row[key]), (name, key)
+        assert row["latency_p95_s"] >= row["latency_p50_s"] > 0
+        assert row["batched_size"] == 2
+        assert 0 < row["roofline_pct"] < 100
+    # A 1-layer student is smaller than the 2-layer model it was distilled from.
+    assert rows["kd-0p3"]["weight_bytes_per_token"] < rows["finetuned"]["weight_bytes_per_token"]
+    assert rows["kd-0p6"]["nonzero_parameters"] < rows["kd-0p3"]["nonzero_parameters"]
+
+    report = (layout.artifact("evaluate") / "report.md").read_text()
+    for name in rows:
+        assert f"| {name} |" in report
+    assert "## Samples" in report
+    for plot in ("quality_vs_size", "quality_vs_speed"):
+        assert (layout.artifact("evaluate") / f"{plot}.png").stat().st_size > 5000
+        assert (layout.metrics_dir / f"evaluate_{plot}.png").is_file()
+    with open(layout.plot_file("evaluate_table"), newline="") as f:
+        assert [r["variant"] for r in csv.DictReader(f)] == list(rows)
+
+
+def test_deploy_ships_what_the_policy_picks_and_the_card_shows_why(swept):
+    layout = swept["layout"]
+    rows = swept["results"]["evaluate"].metrics["variants"]
+    expected = min(
+        ("finetuned", "kd-0p3", "kd-0p6"), key=lambda n: (rows[n]["size_bytes"], n != "finetuned")
+    )
+    manifest = read_manifest(layout.artifact("deploy"))
+    assert manifest["variant"] == expected
+    assert manifest["decision"]["policy"] == "smallest"
+    card = (layout.artifact("deploy") / "README.md").read_text()
+    assert "### Deployment decision" in card and f"| {expected} | pass | **deployed** |" in card
+    assert "| kd-0p6 |" in card  # the evaluation table
+
+
+def test_when_no_variant_passes_deploy_stops_in_one_line_and_writes_nothing(swept):
+    root, layout = swept["root"], swept["layout"]
+    before = read_manifest(layout.artifact("deploy"))
+    result = run_cli("stage", "deploy", "-S", "deploy.gates.perplexity_ratio={max: 0.5}", cwd=root)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert re.fullmatch(
+        r"error: deploy\.gates: no variant passes; finetuned: perplexity_ratio 1 > max 0\.5; "
+        r"kd-0p3: perplexity_ratio [\d.]+ > max 0\.5; kd-0p6: perplexity_ratio [\d.]+ > max 0\.5",
+        line,
+    )
+    assert read_manifest(layout.artifact("deploy")) == before
+
+
+def test_a_variant_whose_files_changed_is_refused_before_measuring(swept, tmp_path):
+    import shutil
+
+    from unbottle.core.pipeline import run_stage
+    from unbottle.core.stage import Layout
+
+    copy_root = tmp_path / "copy"
+    shutil.copytree(swept["root"], copy_root)
+    layout = Layout(copy_root)
+    weights = layout.artifact("compress") / "kd-0p3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    report = layout.artifact("evaluate") / "report.md"
+    before = report.read_text()
+    with pytest.raises(DataError, match=r"files do not match its manifest \(kd-0p3/model\.safe"):
+        run_stage("evaluate", swept["params"], layout, force=True)
+    assert report.read_text() == before
+
+
+def test_read_evaluation_keeps_params_order(tmp_path):
+    from unbottle.core.evaluate import EVALUATION, read_evaluation
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    write_json_atomic(
+        out / EVALUATION,
+        {"variants": {"b": {}, "a": {}}, "order": ["b", "a"], "table": "| t |"},
+    )
+    write_manifest(out, stage="evaluate", config={}, strategies={}, inputs={}, metrics={})
+    rows, table = read_evaluation(out)
+    assert list(rows) == ["b", "a"] and table == "| t |"
+
+
+def test_the_documented_dvc_experiment_sweeps_queue_the_intended_variants(tmp_path):
+    """`dvc exp run --queue -S` with Hydra's grid syntax and `+compress.sweep`: each queued
+    experiment's params.yaml validates into the variants docs/evaluation.md promises."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import REPO
+    from tests.test_dvc import dvc, env, sh
+
+    root = tmp_path / "exp"
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    sh("git", "init", "-q", "-b", "main", cwd=root)
+    dvc("init", "-q", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "params", cwd=root)
+    dvc(
+        "exp",
+        "run",
+        "--queue",
+        "-S",
+        "compress.variants.magnitude50.0.sparsity=0.3,0.7",
+        "-S",
+        "+compress.sweep.mag=[{prune: magnitude, sparsity: {grid: [0.25, 0.5]}}]",
+        cwd=root,
+    )
+    listing = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json"],
+        cwd=root,
+        env=env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    shown = json.loads(listing.stdout)
+    queued = [
+        rev["data"]["params"]["params.yaml"]["data"]
+        for commit in shown
+        for exp in commit.get("experiments") or []
+        for rev in exp["revs"]
+    ]
+    assert len(queued) == 2  # the grid of the first -S; the second adds one key to both
+    sparsities = []
+    for tree in queued:
+        params = Params.model_validate(yaml.safe_load(yaml.safe_dump(tree)))
+        variants = params.compress.variants
+        assert [n for n in variants if n.startswith("mag-")] == ["mag-0p25", "mag-0p5"]
+        sparsities.append(variants["magnitude50"][0].options["sparsity"])
+    assert sorted(sparsities) == [0.3, 0.7]

@@ -1,0 +1,628 @@
+"""The OpenAI-compatible server: the official client, batching, bad input, load, shutdown.
+
+A tiny model is finetuned once, deployed with the ``server`` target, and served by the
+real app on uvicorn on a loopback port. Expected outputs come from transformers'
+``generate`` on the same weights, one prompt at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import cli_env
+from tests.serving_helpers import deploy_target, finetuned_model, free_port, live_server
+from unbottle.core import task
+
+KEY = "test-key-123"
+MODEL = "unbottle-finetuned"
+QUESTIONS = [
+    "Where does Alice live?",
+    "What is the job of Bob?",
+    "What pet does Carol have?",
+    "When was Dan born?",
+    "What is the favourite colour of Eve?",
+    "Who lives in the town?",
+]
+PROMPTS = [task.prompt(q) for q in QUESTIONS] + ["Alice", "The pet of", "In 1990 a", "blue"]
+LONGEST = 12
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tiny_data) -> Path:
+    out = tmp_path_factory.mktemp("server-target") / "bundle"
+    deploy_target("server", {}, finetuned_model(tmp_path_factory, tiny_data), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def greedy(bundle) -> dict[str, list[int]]:
+    """Each prompt's greedy continuation by transformers, alone, ignoring EOS."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(bundle).eval()
+    tokenizer = AutoTokenizer.from_pretrained(bundle)
+    out = {}
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            generated = model.generate(
+                **ids,
+                max_new_tokens=LONGEST,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        out[prompt] = generated[0, ids["input_ids"].shape[1] :].tolist()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(bundle):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bundle)
+
+
+@pytest.fixture(scope="module")
+def server(bundle) -> str:
+    """The server as `unbottle serve` runs it: the engine in a child process."""
+    with live_server(bundle, api_key=KEY) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+def text_of(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------- the client
+
+
+def test_models_list_names_the_served_model(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_a_wrong_or_missing_key_is_refused_with_401(server):
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        bad.completions.create(model=MODEL, prompt="Alice", max_tokens=2)
+    assert info.value.status_code == 401
+    assert info.value.body["code"] == "invalid_api_key"
+    for path in ("/v1/models", "/metrics"):
+        response = httpx.get(server + path)
+        assert response.status_code == 401
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(server + "/health").json() == {"status": "ok"}  # no key needed
+
+
+def test_completion_is_the_greedy_continuation(client, greedy, tokenizer):
+    prompt = PROMPTS[0]
+    reply = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert reply.object == "text_completion"
+    assert reply.choices[0].text == text_of(tokenizer, greedy[prompt][:8])
+    assert reply.choices[0].finish_reason == "length"
+    prompt_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert reply.usage.prompt_tokens == prompt_tokens
+    assert reply.usage.completion_tokens == 8
+    assert reply.usage.total_tokens == prompt_tokens + 8
+
+
+def test_chat_renders_the_bundles_chat_template(client, tokenizer, greedy):
+    question = QUESTIONS[1]
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=6,
+        extra_body={"ignore_eos": True},
+    )
+    # One user message renders exactly as the finetuning prompt (core.task.prompt).
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == text_of(tokenizer, greedy[task.prompt(question)][:6])
+    assert reply.usage.prompt_tokens == len(
+        tokenizer(task.prompt(question), add_special_tokens=False)["input_ids"]
+    )
+
+
+def test_streaming_gives_the_same_text_and_ends_with_done(client, server, greedy, tokenizer):
+    prompt = PROMPTS[2]
+    expected = text_of(tokenizer, greedy[prompt][:10])
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=10,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    chat = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": QUESTIONS[2]}],
+            max_tokens=10,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert chat[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chat if c.choices)
+    assert content == expected
+    assert chat[-1].usage.completion_tokens == 10 and chat[-1].choices == []
+
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "stream": True}
+    with httpx.stream(
+        "POST", f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "text_completion"
+
+
+def test_stop_sequences_cut_the_text_where_they_start(client, greedy, tokenizer):
+    prompt = next(p for p in PROMPTS if len(text_of(tokenizer, greedy[p])) >= 6)
+    full = text_of(tokenizer, greedy[prompt])
+    stop = full[3:5]
+    expected = full[: full.find(stop)]
+    kw = {"model": MODEL, "prompt": prompt, "max_tokens": LONGEST, "stop": [stop, "\x00never"]}
+    reply = client.completions.create(**kw, extra_body={"ignore_eos": True})
+    assert (reply.choices[0].text, reply.choices[0].finish_reason) == (expected, "stop")
+    streamed = client.completions.create(**kw, stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_n_and_a_list_of_prompts_give_one_choice_each(client, greedy, tokenizer):
+    reply = client.completions.create(
+        model=MODEL, prompt=PROMPTS[:2], n=2, max_tokens=4, extra_body={"ignore_eos": True}
+    )
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    texts = [c.text for c in reply.choices]
+    assert texts == [text_of(tokenizer, greedy[p][:4]) for p in PROMPTS[:2] for _ in range(2)]
+    assert reply.usage.completion_tokens == 16
+
+
+def test_sampling_follows_the_seed_and_top_p(client, greedy, tokenizer):
+    def sample(**kw) -> str:
+        return (
+            client.completions.create(
+                model=MODEL, prompt="Alice", max_tokens=12, extra_body={"ignore_eos": True}, **kw
+            )
+            .choices[0]
+            .text
+        )
+
+    assert sample(temperature=1.5, seed=7) == sample(temperature=1.5, seed=7)
+    assert sample(temperature=1.5, seed=7) != sample(temperature=1.5, seed=8)
+    # A nucleus this small holds only the most likely token: greedy decoding.
+    assert sample(temperature=1.0, top_p=1e-6, seed=3) == text_of(tokenizer, greedy["Alice"])
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_batched_greedy_tokens_equal_solo_tokens(bundle, greedy):
+    """Requests that join and leave a running batch decode exactly what they decode alone."""
+    from unbottle.core.serving import SamplingParams, Sequence, load_bundle
+
+    loaded = load_bundle(bundle)
+    steps: list[int] = []
+    engine = loaded.engine(on_step=steps.append)
+    engine.start()
+    try:
+        prompt_ids = [loaded.tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+        solo = [
+            engine.generate(ids, SamplingParams(max_tokens=LONGEST, ignore_eos=True)).generated
+            for ids in prompt_ids
+        ]
+        assert max(steps) == 1
+        steps.clear()
+        done = threading.Semaphore(0)
+        lengths = [LONGEST - 2 * (i % 4) for i in range(len(PROMPTS))]  # leave at different steps
+        seqs = [
+            Sequence(
+                ids,
+                SamplingParams(max_tokens=n, ignore_eos=True),
+                lambda seq, text, finish: finish and done.release(),
+            )
+            for ids, n in zip(prompt_ids, lengths, strict=True)
+        ]
+        for i, seq in enumerate(seqs):  # arrive while others are decoding
+            engine.submit([seq])
+            time.sleep(0.003 * (i % 3))
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    assert solo == [greedy[p] for p in PROMPTS]  # the engine alone is transformers' generate
+    for seq, alone, n in zip(seqs, solo, lengths, strict=True):
+        assert seq.generated == alone[:n]
+    assert max(steps) > 1  # they really shared decode steps
+    assert steps != sorted(steps)  # ...and the batch grew and shrank between steps
+
+
+def test_load_400_requests_at_concurrency_16_lose_nothing(server, greedy, tokenizer):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    jobs = [(PROMPTS[i % len(PROMPTS)], 4 + i % 9) for i in range(400)]
+
+    async def run() -> list[tuple[int, dict]]:
+        limits = httpx.Limits(max_connections=16)
+        async with httpx.AsyncClient(base_url=server, limits=limits, timeout=60) as http:
+            gate = asyncio.Semaphore(16)
+
+            async def one(prompt: str, n: int) -> tuple[int, dict]:
+                async with gate:
+                    body = {"model": MODEL, "prompt": prompt, "max_tokens": n, "ignore_eos": True}
+                    response = await http.post("/v1/completions", json=body, headers=headers)
+                    return response.status_code, response.json()
+
+            return await asyncio.gather(*(one(p, n) for p, n in jobs))
+
+    started = time.perf_counter()
+    results = asyncio.run(run())
+    elapsed = time.perf_counter() - started
+    assert [status for status, _ in results] == [200] * 400
+    ids = {body["id"] for _, body in results}
+    assert len(ids) == 400
+    for (prompt, n), (_, body) in zip(jobs, results, strict=True):
+        assert body["choices"][0]["text"] == text_of(tokenizer, greedy[prompt][:n])
+        assert body["usage"]["completion_tokens"] == n
+    metrics = httpx.get(server + "/metrics", headers=headers).text
+    ok = re.search(
+        r'unbottle_requests_total\{endpoint="/v1/completions",status="200"\} (\S+)', metrics
+    )
+    assert ok and float(ok.group(1)) >= 400
+    steps = float(re.search(r"unbottle_decode_batch_size_count (\S+)", metrics).group(1))
+    rows = float(re.search(r"unbottle_decode_batch_size_sum (\S+)", metrics).group(1))
+    assert rows / steps > 2, "concurrent requests should share decode steps"
+    assert elapsed < 120
+
+
+def test_metrics_are_prometheus_text(server):
+    response = httpx.get(server + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    for name in (
+        "unbottle_requests_total",
+        "unbottle_request_duration_seconds_bucket",
+        "unbottle_time_to_first_token_seconds_bucket",
+        "unbottle_prompt_tokens_total",
+        "unbottle_generation_tokens_total",
+        "unbottle_queue_depth",
+        "unbottle_running_sequences",
+    ):
+        assert f"\n{name}" in response.text, name
+
+
+# --------------------------------------------------------------------------- bad input
+
+LONG_PROMPT = "Alice " * 100  # beyond the tiny model's 64-token context
+
+BAD_REQUESTS = [
+    ("not json", b"{not json", 400, None, "invalid_json"),
+    ("a list body", b"[1, 2]", 400, None, "invalid_body"),
+    ("no prompt", {"model": MODEL}, 400, "prompt", "invalid_value"),
+    ("no model", {"prompt": "Alice"}, 400, "model", "invalid_value"),
+    ("unknown model", {"model": "gpt-4", "prompt": "Alice"}, 404, "model", "model_not_found"),
+    ("max_tokens 0", {"model": MODEL, "prompt": "Alice", "max_tokens": 0}, 400, "max_tokens", None),
+    (
+        "max_tokens too big",
+        {"model": MODEL, "prompt": "A", "max_tokens": 65},
+        400,
+        "max_tokens",
+        None,
+    ),
+    (
+        "prompt + max_tokens over the context",
+        {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 60},
+        400,
+        "max_tokens",
+        "context_length_exceeded",
+    ),
+    (
+        "prompt longer than the context",
+        {"model": MODEL, "prompt": LONG_PROMPT},
+        400,
+        "prompt",
+        "context_length_exceeded",
+    ),
+    (
+        "max_tokens a string",
+        {"model": MODEL, "prompt": "A", "max_tokens": "5"},
+        400,
+        "max_tokens",
+        None,
+    ),
+    (
+        "temperature above 2",
+        {"model": MODEL, "prompt": "A", "temperature": 2.5},
+        400,
+        "temperature",
+        None,
+    ),
+    (
+        "temperature below 0",
+        {"model": MODEL, "prompt": "A", "temperature": -1},
+        400,
+        "temperature",
+        None,
+    ),
+    ("top_p 0", {"model": MODEL, "prompt": "A", "top_p": 0}, 400, "top_p", None),
+    ("top_p above 1", {"model": MODEL, "prompt": "A", "top_p": 1.5}, 400, "top_p", None),
+    ("n 0", {"model": MODEL, "prompt": "A", "n": 0}, 400, "n", None),
+    ("n over the limit", {"model": MODEL, "prompt": "A", "n": 99}, 400, "n", None),
+    ("five stops", {"model": MODEL, "prompt": "A", "stop": list("abcde")}, 400, "stop", None),
+    ("an empty stop", {"model": MODEL, "prompt": "A", "stop": [""]}, 400, "stop", None),
+    ("a numeric stop", {"model": MODEL, "prompt": "A", "stop": 3}, 400, "stop", None),
+    ("an empty prompt", {"model": MODEL, "prompt": ""}, 400, "prompt", None),
+    ("a prompt of dicts", {"model": MODEL, "prompt": [{"a": 1}]}, 400, "prompt", None),
+    ("token ids out of range", {"model": MODEL, "prompt": [1, 99999]}, 400, "prompt", None),
+    ("logprobs", {"model": MODEL, "prompt": "A", "logprobs": 5}, 400, "logprobs", "unsupported"),
+]
+
+BAD_CHATS = [
+    ("no messages", {"model": MODEL, "messages": []}, 400, "messages", None),
+    (
+        "a bad role",
+        {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]},
+        400,
+        "messages.0.role",
+        None,
+    ),
+    (
+        "content a number",
+        {"model": MODEL, "messages": [{"role": "user", "content": 5}]},
+        400,
+        "messages.0.content",
+        None,
+    ),
+    (
+        "a conversation longer than the context",
+        {"model": MODEL, "messages": [{"role": "user", "content": LONG_PROMPT}]},
+        400,
+        "messages",
+        "context_length_exceeded",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "path, body, status, param, code",
+    [("/v1/completions", *case[1:]) for case in BAD_REQUESTS]
+    + [("/v1/chat/completions", *case[1:]) for case in BAD_CHATS],
+    ids=[case[0] for case in BAD_REQUESTS] + [f"chat: {case[0]}" for case in BAD_CHATS],
+)
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(
+    server, path, body, status, param, code
+):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(server + path, content=content, headers=headers)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    ok = httpx.post(
+        server + "/v1/completions",
+        json={"model": MODEL, "prompt": "Alice", "max_tokens": 2},
+        headers=headers,
+    )
+    assert ok.status_code == 200
+
+
+def test_error_messages_name_the_value_and_the_limit(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def message(body: dict) -> str:
+        return httpx.post(server + "/v1/completions", json=body, headers=headers).json()["error"][
+            "message"
+        ]
+
+    assert message({"model": MODEL, "prompt": "A", "max_tokens": 0}) == (
+        "max_tokens: Input should be greater than or equal to 1 (got 0)"
+    )
+    assert message({"model": MODEL, "prompt": "A", "max_tokens": 100}) == (
+        "max_tokens: 100 is more than this server's limit of 64"
+    )
+    assert re.fullmatch(
+        r"This model's maximum context length is 64 tokens\. However, your prompt has \d+ "
+        r"tokens, leaving no room to generate\.",
+        message({"model": MODEL, "prompt": LONG_PROMPT}),
+    )
+    assert message({"model": "gpt-4", "prompt": "A"}) == (
+        f"The model `gpt-4` does not exist; this server serves `{MODEL}`."
+    )
+
+
+def test_an_oversized_body_gets_413(bundle):
+    with live_server(bundle, {"max_body_bytes": 4096, "engine_process": False}) as url:
+        body = {"model": MODEL, "prompt": "A" * 5000}
+        response = httpx.post(url + "/v1/completions", json=body)
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+        # Chunked, without a Content-Length: still cut off at the limit.
+        chunks = (b"x" * 1024 for _ in range(8))
+        response = httpx.post(url + "/v1/completions", content=chunks)
+        assert response.status_code == 413
+        assert httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "A"}).is_success
+
+
+def test_a_full_queue_answers_429_and_recovers(bundle):
+    with live_server(bundle, {"max_batch": 1, "max_queue": 1, "engine_process": False}) as url:
+        body = {"model": MODEL, "prompt": "Alice", "max_tokens": 50, "ignore_eos": True}
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+                return await asyncio.gather(
+                    *(http.post("/v1/completions", json=body) for _ in range(8))
+                )
+
+        responses = asyncio.run(burst())
+        statuses = sorted(r.status_code for r in responses)
+        assert set(statuses) == {200, 429}, statuses
+        assert 1 <= statuses.count(200) <= 7
+        refused = next(r for r in responses if r.status_code == 429)
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert refused.headers["retry-after"] == "1"
+        assert httpx.post(url + "/v1/completions", json=body).status_code == 200
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_unbottle_serve_binds_loopback_uses_the_env_key_and_drains_on_sigterm(bundle, tmp_path):
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "unbottle",
+            "serve",
+            str(bundle),
+            "--port",
+            str(port),
+            "--max-batch",
+            "1",
+        ],
+        env=cli_env({"UNBOTTLE_API_KEY": "env-key", "COLUMNS": "200"}),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, Path(log.name).read_text()
+            assert time.monotonic() < deadline, "unbottle serve did not start"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            time.sleep(0.2)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        headers = {"Authorization": "Bearer env-key"}
+        assert httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"] == MODEL
+
+        # Six streams on one batch slot: most are still queued when SIGTERM arrives.
+        body = {
+            "model": MODEL,
+            "prompt": "Alice",
+            "max_tokens": 50,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        results: list[list[str]] = [[] for _ in range(6)]
+        accepted = [threading.Event() for _ in range(6)]
+
+        def stream(i: int) -> None:
+            with httpx.stream(
+                "POST", url + "/v1/completions", json=body, headers=headers, timeout=60
+            ) as response:
+                assert response.status_code == 200
+                accepted[i].set()  # the server sends the headers once the request is queued
+                results[i].extend(line for line in response.iter_lines() if line)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for event in accepted:
+            assert event.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        finished_before_sigterm = sum(
+            bool(lines) and lines[-1] == "data: [DONE]" for lines in results
+        )
+        for thread in threads:
+            thread.join(60)
+        # uvicorn re-raises the signal once it has shut down cleanly.
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert finished_before_sigterm < 6
+    for lines in results:  # every in-flight request finished
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(line[6:]) for line in lines[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    output = Path(log.name).read_text()
+    assert f"Uvicorn running on http://127.0.0.1:{port}" in output
+    assert "Application shutdown complete." in output
+    with pytest.raises(httpx.TransportError):  # and then it stopped listening
+        httpx.get(url + "/health")
+
+
+def test_server_target_writes_the_serve_config_and_card(bundle):
+    from unbottle.core.serving import read_serve_config
+
+    config = read_serve_config(bundle)
+    assert config.model_name == MODEL and config.host == "127.0.0.1"
+    card = (bundle / "README.md").read_text()
+    assert "unbottle serve path/to/this/bundle" in card and "| finetuned |" in card
+    assert (bundle / "model.safetensors").is_file()
+
+
+def test_serve_rejects_a_bad_bundle_or_flag_in_one_line(bundle, tmp_path):
+    from tests.conftest import run_cli
+
+    missing = run_cli("serve", str(tmp_path / "nope"), cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"error: {tmp_path / 'nope'}: no such bundle directory"
+    bad = run_cli("serve", str(bundle), "--max-batch", "0", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "error: serve: max_batch: Input should be greater than or equal to 1 (got 0)"
+    )
+
+
+def test_a_dead_engine_process_gives_503_not_a_hung_server(bundle):
+    import psutil
+
+    def engine_children() -> set[int]:
+        me = psutil.Process()
+        return {p.pid for p in me.children() if any("spawn_main" in part for part in p.cmdline())}
+
+    before = engine_children()
+    with live_server(bundle) as url:
+        (engine_pid,) = engine_children() - before
+        body = {"model": MODEL, "prompt": "Alice", "max_tokens": 2}
+        assert httpx.post(url + "/v1/completions", json=body).status_code == 200
+        psutil.Process(engine_pid).kill()
+        psutil.Process(engine_pid).wait(30)
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health").status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        response = httpx.post(url + "/v1/completions", json=body)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "engine_down"
