@@ -4,7 +4,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-export PREFECT_HOME ?= $(abspath .prefect)
 
 .PHONY: install demo data test lint format clean
 

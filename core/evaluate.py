@@ -156,7 +156,6 @@ def write_evaluation(
     """Write the report of measured rows into ``out_dir`` (atomically); PNG copies named
     ``evaluate_<plot>.png`` go to ``images_dir`` too, for DVC's plots."""
     from unbottle.core.artifacts import write_text_atomic
-    from unbottle.core.pipeline import is_timing
     from unbottle.core.report import (
         add_ratios,
         frontiers,
@@ -165,6 +164,7 @@ def write_evaluation(
         report_markdown,
         table_rows,
     )
+    from unbottle.core.stage import is_timing
 
     rows = {name: dict(row) for name, (row, _) in results.items()}
     samples = {name: s for name, (_, s) in results.items()}

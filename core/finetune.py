@@ -8,7 +8,7 @@ from pathlib import Path
 from unbottle.core.artifacts import atomic_dir, tree_hash, write_manifest
 from unbottle.core.config import FinetuneParams
 from unbottle.core.registry import Registry
-from unbottle.core.stage import StageResult, strategy_record
+from unbottle.core.stage import StageResult, split_timings, strategy_record
 
 log = logging.getLogger("unbottle.finetune")
 IGNORE = -100  # label value that cross-entropy skips (training.IGNORE_INDEX)
@@ -29,7 +29,6 @@ def finetune(
     from unbottle.core.artifacts import verify_artifact
     from unbottle.core.errors import ConfigError
     from unbottle.core.modeling import load_model, save_model
-    from unbottle.core.pretrain import _stable
     from unbottle.core.training import (
         Batches,
         barrier,
@@ -105,7 +104,7 @@ def finetune(
                     ),
                 },
                 inputs=inputs,
-                metrics=_stable(metrics),
+                metrics=split_timings(metrics)[0],
             )
         if store is not None:
             store.clear()  # the artifact is whole: the run's checkpoints are not needed

@@ -8,43 +8,13 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 from unbottle.core.artifacts import write_json_atomic, write_text_atomic
 from unbottle.core.config import Params, check_strategies
 from unbottle.core.registry import Registry, get_registry
-from unbottle.core.stage import STAGES, Layout, StageResult
+from unbottle.core.stage import STAGES, Layout, StageResult, split_timings
 
 log = logging.getLogger("unbottle.pipeline")
-
-
-def is_timing(key: str) -> bool:
-    """Measurements of the machine (speed, peak memory), not of the model: they vary run
-    to run, so they are kept out of the reproducible metrics."""
-    return (
-        key.endswith(("_s", "_seconds"))
-        or "per_s" in key
-        or key == "seconds"
-        or key.startswith(("peak_", "roofline_"))  # roofline_pct: speed over bandwidth
-    )
-
-
-def split_timings(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split (nested) metrics into (quality, timing); the quality part is reproducible."""
-    quality: dict[str, Any] = {}
-    timing: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            q, t = split_timings(value)
-            if q:
-                quality[key] = q
-            if t:
-                timing[key] = t
-        elif is_timing(key):
-            timing[key] = value
-        else:
-            quality[key] = value
-    return quality, timing
 
 
 def setup(params: Params, registry: Registry | None = None) -> Registry:

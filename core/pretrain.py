@@ -8,7 +8,7 @@ from pathlib import Path
 from unbottle.core.artifacts import atomic_dir, tree_hash, write_manifest
 from unbottle.core.config import PretrainParams
 from unbottle.core.registry import Registry
-from unbottle.core.stage import StageResult, strategy_record
+from unbottle.core.stage import StageResult, split_timings, strategy_record
 
 log = logging.getLogger("unbottle.pretrain")
 
@@ -99,7 +99,7 @@ def pretrain(
                     ),
                 },
                 inputs=inputs,
-                metrics=_stable(metrics),
+                metrics=split_timings(metrics)[0],
             )
         if store is not None:
             store.clear()  # the artifact is whole: the run's checkpoints are not needed
@@ -111,19 +111,3 @@ def train_tokenizer_for(text: str, vocab_size: int):
     from unbottle.core.modeling import documents, train_tokenizer
 
     return train_tokenizer(documents(text), vocab_size)
-
-
-# Metrics that vary from run to run of the same config: kept out of the manifest, so an
-# interrupted and resumed run writes the same artifact as an uninterrupted one.
-_VOLATILE = (
-    "train_seconds",
-    "train_cpu_seconds",
-    "tokens_per_s",
-    "resumed_from_step",
-    "peak_memory_bytes",
-)
-
-
-def _stable(metrics: dict) -> dict:
-    """The metrics that do not depend on timing or on how the run went, for the manifest."""
-    return {k: v for k, v in metrics.items() if k not in _VOLATILE}

@@ -53,3 +53,35 @@ class Layout:
 def strategy_record(info: Any) -> dict[str, str]:
     """How a manifest names a strategy: its name and the distribution that provided it."""
     return {"name": info.name, "distribution": info.distribution, "version": info.version}
+
+
+def is_timing(key: str) -> bool:
+    """Measurements of the machine or of one run (speed, peak memory, where a run resumed),
+    not of the model: they vary run to run, so they stay out of the reproducible metrics
+    and out of manifests (a resumed run then writes the same artifact as an uninterrupted
+    one)."""
+    return (
+        key.endswith(("_s", "_seconds"))
+        or "per_s" in key
+        or key == "seconds"
+        or key == "resumed_from_step"
+        or key.startswith(("peak_", "roofline_"))  # roofline_pct: speed over bandwidth
+    )
+
+
+def split_timings(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split (nested) metrics into (quality, timing); the quality part is reproducible."""
+    quality: dict[str, Any] = {}
+    timing: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            q, t = split_timings(value)
+            if q:
+                quality[key] = q
+            if t:
+                timing[key] = t
+        elif is_timing(key):
+            timing[key] = value
+        else:
+            quality[key] = value
+    return quality, timing

@@ -124,6 +124,10 @@ def workspace(tmp_path: Path, tiny_data: Path) -> Path:
 
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    # Each test's workspace gets its own Prefect home (the CLI's default), unless a test
+    # says otherwise: one leaked in from the caller's shell would be shared.
+    env.pop("PREFECT_HOME", None)
+    env.pop("PREFECT_API_URL", None)
     env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     env.update(extra or {})
     return env

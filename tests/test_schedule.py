@@ -73,7 +73,7 @@ def prefect_server(tmp_path_factory):
 @pytest.mark.slow
 def test_scheduled_deployment_runs_on_a_worker(prefect_server, workspace):
     api, env = prefect_server["api"], prefect_server["env"]
-    pool = "tests-pool"
+    pool = "unbottle-process"  # the pool prefect.yaml names too
     created = subprocess.run(
         [*PREFECT, "work-pool", "create", pool, "--type", "process"],
         env=env,
