@@ -80,6 +80,18 @@ def _load(params: Path | None, overrides: list[str] | None):
     return load_params(_params_path(params), overrides or [])
 
 
+def _prepare_flow(params: Path | None, overrides: list[str] | None) -> tuple[Path, Path | None]:
+    """Validate params and every strategy they name before Prefect starts; return the
+    workspace root and the params file the flow will read."""
+    root = Path.cwd().resolve()
+    _environment(root)
+    _logging()
+    from unbottle.core.pipeline import setup
+
+    setup(_load(params, overrides))
+    return root, _params_path(params)
+
+
 ForceOption = Annotated[
     bool, typer.Option("--force", help="Run even when the output is current for its inputs.")
 ]
@@ -94,17 +106,9 @@ def run(
     ] = False,
 ) -> None:
     """Run the whole pipeline as one Prefect flow."""
-    root = Path.cwd().resolve()
-    _environment(root)
-    _logging()
-    params_obj = _load(params, overrides)  # fail fast, before Prefect starts
-
-    from unbottle.core.pipeline import setup
-
-    setup(params_obj)
+    root, path = _prepare_flow(params, overrides)
     from unbottle.flows.pipeline import pipeline
 
-    path = _params_path(params)
     if push:  # a missing remote fails now, not after training
         from unbottle.core.errors import UnbottleError
         from unbottle.flows.pipeline import check_default_remote, is_dvc_project
@@ -130,17 +134,9 @@ def sweep(params: ParamsOption = None, overrides: SetOption = None) -> None:
     Example: unbottle sweep -S 'compress.sweep.mag=[{prune: magnitude, sparsity: {grid:
     [0.3, 0.5, 0.7]}}]'
     """
-    root = Path.cwd().resolve()
-    _environment(root)
-    _logging()
-    params_obj = _load(params, overrides)  # fail fast, before Prefect starts
-
-    from unbottle.core.pipeline import setup
-
-    setup(params_obj)
+    root, path = _prepare_flow(params, overrides)
     from unbottle.flows.sweep import sweep as sweep_flow
 
-    path = _params_path(params)
     summary = sweep_flow(
         params_file=str(path) if path else None, overrides=list(overrides or []), root=str(root)
     )
