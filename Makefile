@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The tests exercise the optional integrations too (lm-evaluation-harness, the Dask runner).
+EXTRAS := dev,lm-eval,dask
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install demo data test lint format clean
@@ -10,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,7 +33,7 @@ format: install
 
 # pytest exits 5 when it collects nothing: that is a failure here, not a pass.
 test: lint
-	$(PY) -m pytest; rc=$$?; \
+	UNBOTTLE_REQUIRE_EXTRAS=1 $(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean:

@@ -4,8 +4,15 @@
 (skipped when current); then one task per variant compresses it and one task per model
 measures it; the rows become one report under ``artifacts/sweep/evaluation``. Variants
 that share a recipe prefix reuse it through the compress prefix cache, kept in
-``.cache/unbottle/prefixes`` so that a later sweep reuses it too. Tasks run one at a time:
-speed measured while another variant compresses beside it would measure the contention.
+``.cache/unbottle/prefixes`` so that a later sweep reuses it too.
+
+Where the tasks run is the task runner's business (``task_runner``): by default one at a
+time in this process; with ``dask`` or ``ray`` (the ``[dask]`` / ``[ray]`` extras) on a
+cluster, a local one or one at an address. Variants compress in waves (``build_order``):
+the first variant to reach a shared recipe prefix computes it, the ones that start with it
+run in a later wave and find it in the cache, and variants within a wave run in parallel.
+Evaluations run one at a time on any runner: a speed measured while another model runs
+beside it on the same cores would measure the contention.
 
 The sweep explores; it deploys nothing. It reports the variant that ``deploy.policy``
 would pick among those passing ``deploy.gates``, or why none passes.
@@ -21,10 +28,44 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from unbottle.core.config import load_params
+from unbottle.core.errors import ConfigError
 from unbottle.core.stage import Layout
 
 SWEEP_DIR = "sweep"
 PREFIX_CACHE = Path(".cache") / "unbottle" / "prefixes"
+RUNNERS = ("thread", "dask", "ray")
+
+
+def task_runner(kind: str = "thread", *, address: str | None = None, workers: int = 2) -> Any:
+    """The Prefect task runner a sweep's tasks go through.
+
+    ``thread``: one task at a time in this process. ``dask``: a Dask cluster, the one at
+    ``address`` (``tcp://host:8786``) or a local one of ``workers`` single-threaded
+    processes. ``ray``: a Ray cluster at ``address`` (``ray://host:10001``) or a local one
+    with ``workers`` CPUs.
+    """
+    if kind == "thread":
+        return ThreadPoolTaskRunner(max_workers=1)
+    if kind not in RUNNERS:
+        raise ConfigError(f"--runner: {kind!r} is not a runner; choose one of {', '.join(RUNNERS)}")
+    if workers < 1:
+        raise ConfigError(f"--workers: {workers} workers; at least 1 needed")
+    try:
+        if kind == "dask":
+            from prefect_dask import DaskTaskRunner
+
+            if address:
+                return DaskTaskRunner(address=address)
+            return DaskTaskRunner(
+                cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True}
+            )
+        from prefect_ray import RayTaskRunner
+
+        return RayTaskRunner(address=address, init_kwargs={"num_cpus": workers})
+    except ImportError:
+        raise ConfigError(
+            f"--runner {kind}: prefect-{kind} is not installed; pip install 'unbottle[{kind}]'"
+        ) from None
 
 
 def _params(params_file: str | None, overrides: list[str]):
@@ -84,9 +125,9 @@ def sweep(
 ) -> dict[str, Any]:
     """pretrain -> finetune -> compress each variant -> evaluate each -> one report."""
     from unbottle.core.artifacts import atomic_dir, tree_hash
-    from unbottle.core.compress import write_index
+    from unbottle.core.compress import build_order, plan_prefixes, write_index
     from unbottle.core.config import BASELINE
-    from unbottle.core.errors import ConfigError, GateError
+    from unbottle.core.errors import GateError
     from unbottle.core.evaluate import PRETRAINED, write_evaluation
     from unbottle.core.pipeline import setup
     from unbottle.flows.pipeline import stage_task
@@ -115,12 +156,24 @@ def sweep(
         "model": tree_hash(layout.artifact("finetune")),
         "train_text": tree_hash(layout.resolve(params.data.train_text)),
     }
+    waves = build_order(
+        plan_prefixes(
+            params.compress,
+            model=layout.artifact("finetune"),
+            train_text=layout.resolve(params.data.train_text),
+            seed=params.seed,
+            registry=registry,
+        )
+    )
+    built: dict[str, dict[str, Any]] = {}
     with atomic_dir(variants_dir) as staging:
-        built = compress_variant.map(
-            names, *(unmapped(a) for a in args), staging=unmapped(str(staging))
-        ).result()
+        for wave in waves:
+            results = compress_variant.map(
+                wave, *(unmapped(a) for a in args), staging=unmapped(str(staging))
+            ).result()
+            built.update(zip(wave, results, strict=True))
         write_index(staging, params.compress, inputs, names)
-    reused = {name: m["reused_steps"] for name, m in zip(names, built, strict=True)}
+    reused = {name: built[name]["reused_steps"] for name in names}
     logger.info("recipe steps reused from the prefix cache: %s", reused)
 
     targets = {
@@ -128,9 +181,9 @@ def sweep(
         BASELINE: layout.artifact("finetune"),
         **{name: variants_dir / name for name in names},
     }
-    measured = evaluate_model.map(
-        list(targets), [str(p) for p in targets.values()], *(unmapped(a) for a in args)
-    ).result()
+    measured = [
+        evaluate_model.submit(name, str(path), *args).result() for name, path in targets.items()
+    ]
     evaluation_dir = out / "evaluation"
     write_evaluation(
         params.evaluate,

@@ -16,6 +16,18 @@ from unbottle.core.data import DemoDataConfig, write_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def require_extra(module: str):
+    """Import an optional dependency, skipping the test where it is not installed, except
+    under ``UNBOTTLE_REQUIRE_EXTRAS=1`` (set by `make test`, which installs the extras),
+    where a missing one fails instead of silently skipping."""
+    import importlib
+
+    if os.environ.get("UNBOTTLE_REQUIRE_EXTRAS") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
 # Small enough that the whole pipeline runs in well under a minute on 2 cores.
 TINY_PARAMS = {
     "seed": 0,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_extra
 from unbottle.core.config import check_strategies, load_params
 from unbottle.core.errors import ConfigError
 from unbottle.core.registry import get_registry
@@ -102,7 +103,7 @@ class KnownAnswers:
 
 
 def test_local_tasks_score_a_runner_offline(tmp_path, tiny_data, monkeypatch):
-    pytest.importorskip("lm_eval")
+    require_extra("lm_eval")
     from unbottle.core.modeling import documents, read_text, train_tokenizer
     from unbottle.plugins.lm_eval_harness import LmEvalTasks
 
@@ -145,7 +146,7 @@ def test_local_tasks_score_a_runner_offline(tmp_path, tiny_data, monkeypatch):
 
 
 def test_unknown_task_names_what_the_include_path_defines(tmp_path, tiny_data):
-    pytest.importorskip("lm_eval")
+    require_extra("lm_eval")
     from unbottle.plugins.lm_eval_harness import LmEvalTasks
 
     (tmp_path / "t.yaml").write_text(QA_TASK.format(data=tmp_path / "x.jsonl"))

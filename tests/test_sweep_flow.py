@@ -23,25 +23,21 @@ def prefect_server(tmp_path_factory):
         yield
 
 
-@pytest.mark.slow
-def test_sweep_flow_maps_variants_and_reuses_the_shared_prefix(prefect_server, tmp_path, tiny_data):
-    from prefect.artifacts import Artifact
-
+def stamped_workspace(tmp_path, tiny_data):
+    """A sweep workspace whose pretrain and finetune outputs are random-weight models,
+    stamped as current so the flow's stage tasks skip them (no training in these tests)."""
     from unbottle.core import fingerprint
     from unbottle.core.artifacts import write_json_atomic
     from unbottle.core.config import Params
     from unbottle.core.modeling import documents, read_text, train_tokenizer
     from unbottle.core.registry import get_registry
     from unbottle.core.stage import Layout
-    from unbottle.flows.sweep import PREFIX_CACHE, sweep
 
     params_tree = copy.deepcopy(SWEEP_PARAMS)
     params_tree["evaluate"]["metrics"] = [{"name": "perplexity", "window": 64}, "size"]
     params_tree["deploy"]["gates"] = {"perplexity_ratio": {"max": 0.01}}  # nothing passes
     root = make_workspace(tmp_path, tiny_data, params_tree)
     layout = Layout(root)
-    # Random-weight pretrain and finetune outputs, stamped as current so the flow's stage
-    # tasks skip them (no training in this test).
     tokenizer = train_tokenizer(documents(read_text(root / "data/corpus/train.txt", "t")), 320)
     params = Params.model_validate(params_tree)
     for seed, stage in enumerate(("pretrain", "finetune")):
@@ -50,9 +46,47 @@ def test_sweep_flow_maps_variants_and_reuses_the_shared_prefix(prefect_server, t
             layout.artifact(stage), fingerprint.fingerprint(stage, params, layout, get_registry())
         )
         write_json_atomic(layout.metrics_file(stage), {})
+    return root
 
-    state = sweep(params_file=str(root / "params.yaml"), root=str(root), return_state=True)
-    assert state.is_completed(), state
+
+@pytest.mark.slow
+def test_sweep_maps_variants_over_a_dask_cluster_and_reuses_the_shared_prefix(
+    prefect_server, tmp_path, tiny_data
+):
+    """The sweep through prefect-dask on a local cluster of two worker processes (the
+    default runner is the same flow with tasks in this process): each variant compresses
+    on a worker, and the prefix the two share is computed once."""
+    import distributed
+    from prefect.artifacts import Artifact
+
+    from unbottle.flows.sweep import PREFIX_CACHE, sweep, task_runner
+
+    class Finished(distributed.diagnostics.plugin.SchedulerPlugin):
+        """Which tasks the cluster's workers completed, and where."""
+
+        def __init__(self) -> None:
+            self.where: dict[str, str] = {}
+
+        def transition(self, key, start, finish, *args, **kwargs):
+            if finish == "memory" and start == "processing":
+                self.where[str(key)] = kwargs.get("worker", "?")
+
+    root = stamped_workspace(tmp_path, tiny_data)
+    finished = Finished()
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        cluster.scheduler.add_plugin(finished)
+        workers = set(cluster.scheduler.workers)
+        runner = task_runner("dask", address=cluster.scheduler_address)
+        state = sweep.with_options(task_runner=runner)(
+            params_file=str(root / "params.yaml"), root=str(root), return_state=True
+        )
+        assert state.is_completed(), state
+    compressed = {k: w for k, w in finished.where.items() if k.startswith("compress_variant")}
+    assert len(compressed) == 2, finished.where
+    assert set(compressed.values()) <= workers
+
     summary = state.result()
     assert summary["variants"] == ["kd-0p3", "kd-0p6"]
     assert summary["reused_steps"] == {"kd-0p3": 0, "kd-0p6": 1}
@@ -66,3 +100,13 @@ def test_sweep_flow_maps_variants_and_reuses_the_shared_prefix(prefect_server, t
     published = Artifact.get(key="unbottle-sweep")
     assert published is not None and data["table"] in published.data
     assert not (root / "artifacts/deploy").exists()
+
+
+def test_an_unknown_runner_or_a_missing_engine_is_one_line():
+    from unbottle.core.errors import ConfigError
+    from unbottle.flows.sweep import task_runner
+
+    with pytest.raises(ConfigError, match=r"^--runner: 'spark' is not a runner; choose one of"):
+        task_runner("spark")
+    with pytest.raises(ConfigError, match=r"^--workers: 0 workers; at least 1 needed$"):
+        task_runner("dask", workers=0)

@@ -127,17 +127,31 @@ def run(
 
 
 @app.command()
-def sweep(params: ParamsOption = None, overrides: SetOption = None) -> None:
+def sweep(
+    params: ParamsOption = None,
+    overrides: SetOption = None,
+    runner: Annotated[
+        str, typer.Option(help="Where tasks run: thread (here, one at a time), dask or ray.")
+    ] = "thread",
+    address: Annotated[
+        str | None,
+        typer.Option(help="The dask or ray cluster to use (default: start a local one)."),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Workers of a local dask or ray cluster.")] = 2,
+) -> None:
     """Compress and evaluate every variant (compress.variants and the grids of
     compress.sweep) as mapped Prefect tasks, into one report; deploys nothing.
 
     Example: unbottle sweep -S 'compress.sweep.mag=[{prune: magnitude, sparsity: {grid:
-    [0.3, 0.5, 0.7]}}]'
+    [0.3, 0.5, 0.7]}}]' --runner dask --workers 2
     """
-    root, path = _prepare_flow(params, overrides)
+    root, path = _prepare_flow(params, overrides)  # sets PREFECT_HOME: before prefect loads
     from unbottle.flows.sweep import sweep as sweep_flow
+    from unbottle.flows.sweep import task_runner
 
-    summary = sweep_flow(
+    chosen_runner = task_runner(runner, address=address, workers=workers)
+
+    summary = sweep_flow.with_options(task_runner=chosen_runner)(
         params_file=str(path) if path else None, overrides=list(overrides or []), root=str(root)
     )
     typer.echo(f"swept {len(summary['variants'])} variants: {', '.join(summary['variants'])}")
