@@ -1,0 +1,238 @@
+"""One calibration pass over a decoder, block by block: what Wanda, SparseGPT and GPTQ share.
+
+SparseGPT (Frantar & Alistarh, 2023) and GPTQ (Frantar et al., 2022) compress a model
+*sequentially*: the calibration sequences are run to the first decoder block; each block
+is compressed from statistics of what enters its Linear layers, and the block's output,
+computed with the compressed weights, becomes the input of the next block, so every
+block sees (and compensates for) the errors of the ones before it.
+
+This module runs that pass once per block, in the order the data flows inside a Llama-
+family block ("true sequential" in the GPTQ code):
+
+    q/k/v  <- input_layernorm(x)                      statistics, then compress q, k, v
+    o      <- attention(q, k, v)                      statistics, then compress o
+    gate/up <- post_attention_layernorm(x + o(...))   statistics, then compress gate, up
+    down   <- act(gate) * up                          statistics, then compress down
+
+Each Linear is compressed from inputs produced by the already-compressed layers before
+it, and each block costs one forward pass (not two, as running a block once to collect
+statistics and again to propagate would), which is what keeps 128 x 512 calibration
+tokens on a 135M model within minutes on two CPU cores.
+
+A method sees each Linear once, through a callback ``process(name, linear, stats)``: it
+may rewrite ``linear.weight`` in place (prune or fake-quantize it) and keep whatever it
+needs (masks, integer codes); the pass then carries on with the rewritten weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from unbottle.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+#: The Linear layers of a Llama-family block, in the order the pass reaches them.
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
+MLP_INPUTS = ("gate_proj", "up_proj")
+
+
+@dataclass
+class InputStats:
+    """What entered one Linear over the whole calibration set.
+
+    ``sq_norm[j]`` is the sum over tokens of x_j^2 (Wanda's ||X_j||_2^2); ``hessian`` is
+    the sum over tokens of x x^T, the (in, in) matrix that SparseGPT and GPTQ call H up to
+    a factor 2/tokens (present only when asked for). Layers fed the same input share one
+    ``InputStats``: a method must not modify it in place.
+    """
+
+    tokens: int
+    sq_norm: torch.Tensor  # (in,)
+    hessian: torch.Tensor | None  # (in, in)
+
+    @property
+    def mean_hessian(self) -> torch.Tensor:
+        """H = 2/n * sum x x^T, the Hessian of the layer's squared reconstruction error."""
+        if self.hessian is None:
+            raise ValueError("this pass did not collect Hessians (hessian=False)")
+        return self.hessian * (2.0 / max(self.tokens, 1))
+
+
+#: ``process(name, linear, stats)``: compress one Linear in place.
+Process = Callable[[str, "torch.nn.Linear", InputStats], None]
+
+
+class _Accumulator:
+    def __init__(self, hessian: bool) -> None:
+        self.hessian = hessian
+        self.tokens = 0
+        self.sq_norm: Any = None
+        self.xtx: Any = None
+
+    def add(self, x: torch.Tensor) -> None:
+        import torch
+
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        if self.sq_norm is None:
+            self.sq_norm = torch.zeros(x.shape[1])
+            if self.hessian:
+                self.xtx = torch.zeros(x.shape[1], x.shape[1])
+        self.tokens += x.shape[0]
+        self.sq_norm += x.pow(2).sum(0)
+        if self.hessian:
+            self.xtx.addmm_(x.T, x)  # (in, in)
+
+    def stats(self) -> InputStats:
+        return InputStats(tokens=self.tokens, sq_norm=self.sq_norm, hessian=self.xtx)
+
+
+def decoder_blocks(model: Any) -> Any:
+    """The model's decoder blocks, checked to be Llama-family (Llama, Mistral, Qwen2, SmolLM)."""
+    blocks = getattr(getattr(model, "model", None), "layers", None)
+    needed = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
+    if blocks is None or not all(hasattr(blocks[0], n) for n in needed):
+        raise ConfigError(
+            f"layer-wise calibration supports Llama-family decoders "
+            f"(model.layers[i] with {', '.join(needed)}); got {type(model).__name__}"
+        )
+    return blocks
+
+
+class _Stop(Exception):
+    """Raised by a hook to stop a forward pass once it has what it came for."""
+
+
+def _block_inputs(
+    model: Any, calibration: Sequence[torch.Tensor], batch_size: int
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """The hidden states and keyword arguments entering block 0, one pair per batch."""
+    import torch
+
+    first = decoder_blocks(model)[0]
+    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def grab(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Stop
+
+    ids = torch.cat([c.reshape(1, -1) for c in calibration])  # (N, T)
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, ids.shape[0], batch_size):
+            with contextlib.suppress(_Stop):
+                model.model(input_ids=ids[start : start + batch_size], use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _attention_output_inputs(block: Any, normed: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+    """What the attention's output projection receives: the heads' outputs, concatenated."""
+    seen: list[torch.Tensor] = []
+
+    def grab(_module: Any, args: tuple[Any, ...]) -> None:
+        seen.append(args[0])
+        raise _Stop
+
+    handle = block.self_attn.o_proj.register_forward_pre_hook(grab)
+    try:
+        with contextlib.suppress(_Stop):
+            block.self_attn(hidden_states=normed, **kwargs)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _block_linears(block: Any, prefix: str) -> dict[str, tuple[str, Any]]:
+    """Short name -> (full module name, Linear) for the seven projections of a block."""
+    parts = {
+        "self_attn": (*ATTENTION_INPUTS, "o_proj"),
+        "mlp": (*MLP_INPUTS, "down_proj"),
+    }
+    return {
+        short: (f"{prefix}.{part}.{short}", getattr(getattr(block, part), short))
+        for part, shorts in parts.items()
+        for short in shorts
+    }
+
+
+def _compress_block(
+    block: Any,
+    linears: dict[str, tuple[str, Any]],
+    batches: list[tuple[torch.Tensor, dict[str, Any]]],
+    process: Process,
+    select: Callable[[str], bool],
+    hessian: bool,
+) -> list[torch.Tensor]:
+    """Compress one block's selected Linears in data-flow order; return its outputs."""
+
+    def compress(shorts: Sequence[str], inputs: Sequence[torch.Tensor]) -> None:
+        chosen = [s for s in shorts if select(linears[s][0])]
+        if not chosen:
+            return
+        acc = _Accumulator(hessian)
+        for x in inputs:
+            acc.add(x)
+        stats = acc.stats()
+        for short in chosen:
+            process(*linears[short], stats)
+
+    x = [hidden for hidden, _ in batches]  # (B, T, H) each
+    compress(ATTENTION_INPUTS, [block.input_layernorm(h) for h in x])
+    heads = [
+        _attention_output_inputs(block, block.input_layernorm(h), kwargs)
+        for h, (_, kwargs) in zip(x, batches, strict=True)
+    ]  # (B, T, heads * head_dim) each
+    compress(("o_proj",), heads)
+    x = [h + block.self_attn.o_proj(z) for h, z in zip(x, heads, strict=True)]
+    del heads
+    compress(MLP_INPUTS, [block.post_attention_layernorm(h) for h in x])
+    mlp = block.mlp
+    inner = []
+    for h in x:
+        m = block.post_attention_layernorm(h)
+        inner.append(mlp.act_fn(mlp.gate_proj(m)) * mlp.up_proj(m))  # (B, T, FFN)
+    compress(("down_proj",), inner)
+    return [h + mlp.down_proj(u) for h, u in zip(x, inner, strict=True)]
+
+
+def calibrate_sequentially(
+    model: Any,
+    calibration: Sequence[torch.Tensor],
+    process: Process,
+    *,
+    select: Callable[[str], bool],
+    hessian: bool,
+    batch_size: int = 8,
+    desc: str = "calibrate",
+) -> None:
+    """Run ``calibration`` through ``model`` block by block, calling ``process`` on each
+    selected Linear (by its full module name) once its input statistics are complete.
+
+    ``calibration`` holds (1, T) token-id tensors of one length. Linears that ``select``
+    rejects are left as they are; the model is modified in place.
+    """
+    import torch
+
+    from unbottle.core.progress import progress_bar
+
+    if not calibration:
+        raise ConfigError("compress.calibration.samples: 0 calibration samples; at least 1 needed")
+    blocks = decoder_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), progress_bar(desc, len(blocks)) as advance:
+        batches = _block_inputs(model, calibration, batch_size)
+        for index, block in enumerate(blocks):
+            linears = _block_linears(block, f"{prefix}.{index}")
+            outputs = _compress_block(block, linears, batches, process, select, hessian)
+            batches = [(h, kwargs) for h, (_, kwargs) in zip(outputs, batches, strict=True)]
+            advance()
+    model.train(was_training)

@@ -1,0 +1,121 @@
+"""The block-by-block calibration pass sees exactly what the dense model computes."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from unbottle.core.errors import ConfigError
+from unbottle.core.layerwise import calibrate_sequentially
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_statistics_match_the_dense_forward_pass() -> None:
+    model = tiny_llama()
+    calibration = [torch.randint(0, 64, (1, 16)) for _ in range(5)]
+
+    expected: dict[str, list[torch.Tensor]] = {}
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda m, args, name=name: expected.setdefault(name, []).append(args[0])
+        )
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name != "lm_head"
+    ]
+    with torch.no_grad():
+        for ids in calibration:
+            model(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+
+    seen: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
+
+    def record(name, linear, stats):
+        seen[name] = (stats.tokens, stats.sq_norm.clone(), stats.hessian.clone())
+
+    # Batches of 2 over 5 sequences: uneven batches must give the same statistics.
+    calibrate_sequentially(
+        model, calibration, record, select=lambda n: True, hessian=True, batch_size=2
+    )
+    assert list(seen) == [
+        f"model.layers.{i}.{part}"
+        for i in range(2)
+        for part in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    ]
+    for name, inputs in expected.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])  # (tokens, in)
+        tokens, sq_norm, hessian = seen[name]
+        assert tokens == 5 * 16
+        torch.testing.assert_close(sq_norm, x.pow(2).sum(0), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hessian, x.T @ x, rtol=1e-4, atol=1e-4)
+
+
+def test_later_layers_see_the_compressed_earlier_ones() -> None:
+    model = tiny_llama()
+    calibration = [torch.randint(0, 64, (1, 16)) for _ in range(3)]
+    down_inputs: list[torch.Tensor] = []
+
+    def zero_first_block(name, linear, stats):
+        if name.startswith("model.layers.0."):
+            linear.weight.zero_()
+        elif name == "model.layers.1.self_attn.q_proj":
+            down_inputs.append(stats.sq_norm.clone())
+
+    calibrate_sequentially(
+        model,
+        calibration,
+        zero_first_block,
+        select=lambda n: True,
+        hessian=False,
+    )
+    # With block 0's projections zeroed it passes its input through unchanged, so block 1
+    # sees the embeddings themselves.
+    with torch.no_grad():
+        embedded = torch.cat([model.model.embed_tokens(c) for c in calibration])
+        normed = model.model.layers[1].input_layernorm(embedded)
+    torch.testing.assert_close(down_inputs[0], normed.pow(2).sum((0, 1)), rtol=1e-4, atol=1e-4)
+
+
+def test_only_selected_layers_are_processed() -> None:
+    model = tiny_llama()
+    names: list[str] = []
+    pattern = re.compile(r"down_proj$")
+    calibrate_sequentially(
+        model,
+        [torch.randint(0, 64, (1, 8))],
+        lambda name, linear, stats: names.append(name),
+        select=lambda n: bool(pattern.search(n)),
+        hessian=False,
+    )
+    assert names == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+
+
+def test_no_calibration_samples_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="0 calibration samples"):
+        calibrate_sequentially(
+            tiny_llama(), [], lambda *a: None, select=lambda n: True, hessian=False
+        )
