@@ -129,35 +129,85 @@ class Workbench:
 
     def prefix_keys(self, name: str) -> list[str]:
         """The cache key of each float prefix of a variant's recipe: steps 1..k."""
-        origin = {
-            "model": self.inputs["model"],
-            "train_text": self.inputs["train_text"],
-            "calibration": self.cfg.calibration.model_dump(mode="json"),
-            "seed": self.seed,
-        }
-        keys: list[str] = []
-        steps: list[dict[str, Any]] = []
-        for step, strategy in self.plans[name]:
-            if step.action == "quantize":
-                break  # a quantized model is an output, never a prefix
-            info = self.registry.get(step.kind, step.strategy)
-            steps.append(
-                {
-                    "action": step.action,
-                    "strategy": step.strategy,
-                    "options": strategy.config.model_dump(mode="json"),
-                    "distribution": f"{info.distribution} {info.version}",
-                    "source": _source_hash(info.cls),
-                }
-            )
-            blob = json.dumps({"origin": origin, "steps": steps}, sort_keys=True)
-            keys.append(hashlib.sha256(blob.encode()).hexdigest())
-        return keys
+        return prefix_keys(self.cfg, self.plans[name], self.inputs, self.seed, self.registry)
 
     def shared_prefixes(self) -> set[str]:
         """Keys of prefixes that more than one variant of this run starts with."""
-        counts = collections.Counter(k for name in self.plans for k in self.prefix_keys(name))
-        return {key for key, n in counts.items() if n > 1}
+        return shared_prefixes({name: self.prefix_keys(name) for name in self.plans})
+
+
+def prefix_keys(
+    cfg: CompressParams,
+    plan: list[tuple[CompressStep, Any]],
+    inputs: dict[str, str],
+    seed: int,
+    registry: Registry,
+) -> list[str]:
+    """The cache key of each float prefix of one recipe (steps 1..k), from content only:
+    the input model and text hashes, calibration, seed and every step so far."""
+    origin = {
+        "model": inputs["model"],
+        "train_text": inputs["train_text"],
+        "calibration": cfg.calibration.model_dump(mode="json"),
+        "seed": seed,
+    }
+    keys: list[str] = []
+    steps: list[dict[str, Any]] = []
+    for step, strategy in plan:
+        if step.action == "quantize":
+            break  # a quantized model is an output, never a prefix
+        info = registry.get(step.kind, step.strategy)
+        steps.append(
+            {
+                "action": step.action,
+                "strategy": step.strategy,
+                "options": strategy.config.model_dump(mode="json"),
+                "distribution": f"{info.distribution} {info.version}",
+                "source": _source_hash(info.cls),
+            }
+        )
+        blob = json.dumps({"origin": origin, "steps": steps}, sort_keys=True)
+        keys.append(hashlib.sha256(blob.encode()).hexdigest())
+    return keys
+
+
+def shared_prefixes(keys: dict[str, list[str]]) -> set[str]:
+    """The prefix keys that more than one variant starts with."""
+    counts = collections.Counter(k for variant_keys in keys.values() for k in variant_keys)
+    return {key for key, n in counts.items() if n > 1}
+
+
+def plan_prefixes(
+    cfg: CompressParams, *, model: Path, train_text: Path, seed: int, registry: Registry
+) -> dict[str, list[str]]:
+    """Each variant's prefix keys, without loading the model (for schedulers)."""
+    plans = {
+        name: [(step, registry.create(step.kind, step.strategy, step.options)) for step in steps]
+        for name, steps in cfg.variants.items()
+    }
+    inputs = {"model": tree_hash(model), "train_text": tree_hash(train_text)}
+    return {name: prefix_keys(cfg, plan, inputs, seed, registry) for name, plan in plans.items()}
+
+
+def build_order(keys: dict[str, list[str]]) -> list[list[str]]:
+    """Variants in waves such that each shared prefix is computed once.
+
+    The first variant to reach a shared prefix computes it; a variant that starts with a
+    prefix another one computes runs in a later wave than that one, and finds it in the
+    cache. Variants inside a wave are independent and may run in parallel.
+    """
+    shared = shared_prefixes(keys)
+    computed_in: dict[str, int] = {}  # shared prefix key -> wave of the variant computing it
+    waves: dict[str, int] = {}
+    for name, variant_keys in keys.items():
+        mine = [k for k in variant_keys if k in shared]
+        waves[name] = max((computed_in[k] + 1 for k in mine if k in computed_in), default=0)
+        for k in mine:
+            computed_in.setdefault(k, waves[name])
+    return [
+        [name for name in keys if waves[name] == w]
+        for w in range(max(waves.values(), default=-1) + 1)
+    ]
 
 
 def prepare(
@@ -239,6 +289,7 @@ def build_variant(
             train_ids=bench.stream,
             seed=bench.seed,
             work_dir=variant_dir.parent,
+            teacher=bench.base,
         )
         began = time.perf_counter()
         if step.action == "prune":

@@ -87,7 +87,8 @@ class CompressContext:
 
     ``calibration`` holds token-id tensors of shape (1, T) drawn from the pipeline's own
     training text; ``train_ids`` is that whole text as one 1-D token stream (for
-    distillation).
+    distillation). ``teacher`` is the float model the variant started from (the finetuned
+    model), unchanged by the steps before: a distiller's teacher. Treat it as read-only.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -95,6 +96,7 @@ class CompressContext:
     train_ids: torch.Tensor
     seed: int = 0
     work_dir: Path | None = None
+    teacher: PreTrainedModel | None = None
 
 
 class Pruner(Strategy, Protocol):
@@ -114,9 +116,10 @@ class Quantizer(Strategy, Protocol):
 
 class Distiller(Strategy, Protocol):
     def distill(
-        self, teacher: PreTrainedModel, ctx: CompressContext
+        self, model: PreTrainedModel, ctx: CompressContext
     ) -> tuple[PreTrainedModel, dict[str, float]]:
-        """Train and return a student of ``teacher``, with metrics."""
+        """Train a student made from ``model`` (the recipe's current model) to imitate
+        ``ctx.teacher``; return it with metrics."""
         ...
 
 

@@ -1,13 +1,17 @@
-"""Built-in distillation: ``kd``, a shallower student taught by the model it came from.
+"""Built-in distillation: ``kd``, a smaller student taught by the finetuned model.
 
 Knowledge distillation (Hinton, Vinyals & Dean, 2015, "Distilling the Knowledge in a
 Neural Network"): the student minimises
 
     alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE
 
-on the pipeline's own training text. As in DistilBERT (Sanh et al., 2019) the student is
-initialised from the teacher, keeping evenly spaced layers, so it starts close to the
-teacher and distillation recovers what dropping layers lost.
+on the pipeline's own training text. The teacher is the model the variant started from
+(the finetuned model). The student is the recipe's current model: after a structured
+prune step, the narrower model it made; with ``layers``, a copy of the current model
+keeping that many of its decoder layers, evenly spaced, as in DistilBERT (Sanh et al.,
+2019), so it starts close to the teacher and distillation recovers what dropping layers
+lost. Weights that are exactly zero when distillation starts (an earlier unstructured or
+N:M prune step) get no gradient, so the student keeps its sparsity pattern.
 """
 
 from __future__ import annotations
@@ -51,13 +55,44 @@ def shallow_copy_of(teacher: Any, layers: int) -> Any:
     return student
 
 
+def keep_zeros_during_training(model: Any) -> int:
+    """Mask the gradient of every Linear weight at its exact zeros; return how many.
+
+    With zero gradient (and no weight decay) Adam-family optimizers never move those
+    weights, so a pruned student stays exactly as sparse as it was.
+    """
+    import torch
+
+    masked = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            keep = module.weight.detach() != 0
+            zeros = int((~keep).sum())
+            if zeros:
+                module.weight.register_hook(lambda grad, keep=keep: grad * keep)
+                masked += zeros
+    return masked
+
+
+def same_weights(a: Any, b: Any) -> bool:
+    import torch
+
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa
+    )
+
+
 class KnowledgeDistillation:
-    """Drop layers from the model, then distill the original into the shallower copy."""
+    """Distill the finetuned model into a smaller student: the current model or a
+    shallower copy of it."""
 
     name = "kd"
 
     class Config(StrategyConfig):
-        layers: int = Field(2, ge=1)  # decoder layers the student keeps
+        # Decoder layers the student keeps (a shallower copy of the current model), or
+        # None: the student is the current model as an earlier prune step left it.
+        layers: int | None = Field(None, ge=1)
         alpha: float = Field(0.5, ge=0, le=1)
         temperature: float = Field(2.0, gt=0)
         steps: int = Field(100, ge=1)
@@ -68,7 +103,7 @@ class KnowledgeDistillation:
     def __init__(self, config: Config) -> None:
         self.config = config
 
-    def distill(self, teacher: Any, ctx: CompressContext) -> tuple[Any, dict[str, float]]:
+    def distill(self, model: Any, ctx: CompressContext) -> tuple[Any, dict[str, float]]:
         import torch
         import torch.nn.functional as F
 
@@ -77,8 +112,19 @@ class KnowledgeDistillation:
         from unbottle.core.training import rng, train
 
         c = self.config
-        teacher.eval().requires_grad_(False)
-        student = shallow_copy_of(teacher, c.layers).requires_grad_(True)
+        teacher = ctx.teacher if ctx.teacher is not None else copy.deepcopy(model)
+        teacher.eval()
+        if c.layers is not None:
+            student = shallow_copy_of(model, c.layers)
+        elif same_weights(model, teacher):
+            raise ConfigError(
+                "distill kd: the student would be the teacher itself; set `layers` for a "
+                "shallower student, or put a prune step (e.g. structured) before distill"
+            )
+        else:
+            student = model
+        student.requires_grad_(True)
+        masked = keep_zeros_during_training(student)
         held_out = list(ctx.calibration)
         teacher_loss = _held_out_loss(teacher, held_out)
         before = _held_out_loss(student, held_out)
@@ -124,7 +170,10 @@ class KnowledgeDistillation:
         after = _held_out_loss(student, held_out)
         gap_before, gap_after = before - teacher_loss, after - teacher_loss
         return student, {
-            "student_layers": c.layers,
+            "student_layers": student.config.num_hidden_layers,
+            "student_parameters": sum(p.numel() for p in student.parameters()),
+            "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+            "zeros_kept": masked,
             "teacher_perplexity": math.exp(teacher_loss),
             "student_perplexity_before": math.exp(before),
             "student_perplexity_after": math.exp(after),

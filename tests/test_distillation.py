@@ -1,0 +1,81 @@
+"""Distillation: the teacher is the variant's starting model, the student the current one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from unbottle.core.errors import ConfigError
+from unbottle.core.strategies import CompressContext
+from unbottle.plugins.distillation import KnowledgeDistillation
+
+VOCAB = 48
+
+
+def teacher_and_context() -> tuple[LlamaForCausalLM, CompressContext]:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    teacher = LlamaForCausalLM(config).eval()
+    # A learnable stream: a repeating pattern with a little noise.
+    pattern = torch.arange(VOCAB).repeat(40)
+    stream = torch.where(
+        torch.rand(pattern.shape) < 0.1, torch.randint(0, VOCAB, pattern.shape), pattern
+    )
+    calibration = [stream[i : i + 32].unsqueeze(0) for i in range(0, 256, 32)]
+    ctx = CompressContext(
+        tokenizer=None, calibration=calibration, train_ids=stream, teacher=teacher
+    )
+    return teacher, ctx
+
+
+def kd(**options) -> KnowledgeDistillation:
+    defaults = {"steps": 30, "batch_size": 4, "seq_len": 32, "lr": 3e-3}
+    return KnowledgeDistillation(KnowledgeDistillation.Config(**{**defaults, **options}))
+
+
+def test_a_pruned_student_keeps_its_zeros_and_moves_toward_the_teacher() -> None:
+    teacher, ctx = teacher_and_context()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for layer in student.model.layers:
+            w = layer.mlp.up_proj.weight
+            w[:, ::2] = 0.0  # half the columns pruned
+    zeros_before = {n: (p == 0) for n, p in student.named_parameters() if p.dim() == 2}
+
+    trained, metrics = kd().distill(student, ctx)
+
+    for name, p in trained.named_parameters():
+        if name in zeros_before:
+            assert torch.all(p[zeros_before[name]] == 0), name
+    assert metrics["zeros_kept"] == sum(int(z.sum()) for z in zeros_before.values())
+    assert metrics["student_parameters"] == metrics["teacher_parameters"]
+    assert metrics["student_perplexity_after"] < metrics["student_perplexity_before"]
+    # The teacher is read, never trained.
+    fresh, _ = teacher_and_context()
+    assert all(
+        torch.equal(a, b) for a, b in zip(teacher.parameters(), fresh.parameters(), strict=True)
+    )
+
+
+def test_layers_makes_a_shallower_copy_of_the_current_model() -> None:
+    teacher, ctx = teacher_and_context()
+    student, metrics = kd(layers=1, steps=2).distill(copy.deepcopy(teacher), ctx)
+    assert student.config.num_hidden_layers == 1 and metrics["student_layers"] == 1
+    assert metrics["student_parameters"] < metrics["teacher_parameters"]
+
+
+def test_the_teacher_itself_is_no_student() -> None:
+    teacher, ctx = teacher_and_context()
+    with pytest.raises(ConfigError, match=r"^distill kd: the student would be the teacher itself"):
+        kd().distill(copy.deepcopy(teacher), ctx)
