@@ -61,7 +61,9 @@ def task_runner(kind: str = "thread", *, address: str | None = None, workers: in
             )
         from prefect_ray import RayTaskRunner
 
-        return RayTaskRunner(address=address, init_kwargs={"num_cpus": workers})
+        if address:  # ray.init refuses a CPU count for a cluster that exists already
+            return RayTaskRunner(address=address)
+        return RayTaskRunner(init_kwargs={"num_cpus": workers})
     except ImportError:
         raise ConfigError(
             f"--runner {kind}: prefect-{kind} is not installed; pip install 'unbottle[{kind}]'"
