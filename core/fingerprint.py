@@ -38,9 +38,21 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "pretrain": ("pretrain", "source", "training", "checkpoint", "memory", "modeling"),
     "finetune": ("finetune", "task", "training", "checkpoint", "memory", "modeling"),
-    "compress": ("compress", "modeling"),
-    "evaluate": ("evaluate", "runtime", "report", "task"),
-    "deploy": ("deploy", "evaluate"),  # the gates and the decision live in evaluate
+    # The pruning and quantization algorithms the built-in strategies call live in core.
+    "compress": (
+        "compress",
+        "modeling",
+        "layerwise",
+        "sparsity",
+        "sparsegpt",
+        "structured",
+        "quantize",
+        "gptq",
+        "packed",
+    ),
+    "evaluate": ("evaluate", "runtime", "report", "task", "packed", "quantize"),
+    # The gates and the decision live in evaluate; the bundles load models through runtime.
+    "deploy": ("deploy", "evaluate", "runtime", "serving", "packed", "quantize"),
 }
 
 

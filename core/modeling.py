@@ -85,6 +85,11 @@ def load_model(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFas
         raise DataError(
             f"{model_dir}: no model.safetensors; a float model in Hugging Face format is needed"
         )
+    if (model_dir / "quantization.json").is_file():
+        raise DataError(
+            f"{model_dir}: the model is quantized (packed low-bit weights, quantization.json); "
+            "this step needs float weights: give it the model from before the quantize step"
+        )
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, use_safetensors=True, torch_dtype=torch.float32
     )

@@ -37,21 +37,35 @@ class ModelRunner(Protocol):
 
 
 def model_format(model_dir: Path) -> str:
+    """The format of a model directory: ``hf`` (float safetensors), ``packed`` (low-bit
+    weights with ``quantization.json``, see core/packed.py) or ``onnx``."""
     model_dir = Path(model_dir)
     if (model_dir / "model.safetensors").is_file():
-        return "hf"
+        return "packed" if (model_dir / "quantization.json").is_file() else "hf"
     if list(model_dir.glob("*.onnx")):
         return "onnx"
     raise DataError(f"{model_dir}: neither model.safetensors nor an .onnx model is there")
 
 
+def load_torch_model(model_dir: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) of a float ("hf") or packed model directory, in torch."""
+    if model_format(model_dir) == "packed":
+        from unbottle.core.packed import load_packed
+
+        return load_packed(model_dir)
+    from unbottle.core.modeling import load_model
+
+    return load_model(model_dir)
+
+
 class TorchRunner:
+    """A float or packed model in torch (a packed one dequantizes in each forward)."""
+
     format = "hf"
 
     def __init__(self, model_dir: Path, device: str = "cpu") -> None:
-        from unbottle.core.modeling import load_model
-
-        self.model, self.tokenizer = load_model(model_dir)
+        self.format = model_format(model_dir)
+        self.model, self.tokenizer = load_torch_model(model_dir)
         self.model.to(device).eval()
         self.device = device
         self.context = int(self.model.config.max_position_embeddings)
@@ -79,7 +93,15 @@ class TorchRunner:
 
     def parameter_counts(self) -> tuple[int, int]:
         params = list(self.model.parameters())
-        return sum(p.numel() for p in params), sum(int(p.count_nonzero()) for p in params)
+        total = sum(p.numel() for p in params)
+        nonzero = sum(int(p.count_nonzero()) for p in params)
+        # A packed layer's weight is not a parameter: count the weights it stands for.
+        for module in self.model.modules():
+            if hasattr(module, "weight_counts"):
+                layer_total, layer_nonzero = module.weight_counts()
+                total += layer_total
+                nonzero += layer_nonzero
+        return total, nonzero
 
 
 class OnnxRunner:
@@ -132,4 +154,4 @@ class OnnxRunner:
 def load_runner(model_dir: Path, device: str = "cpu") -> ModelRunner:
     """The runner for a model directory; torch models go to ``device``, ONNX runs on CPU."""
     fmt = model_format(model_dir)
-    return TorchRunner(model_dir, device) if fmt == "hf" else OnnxRunner(model_dir)
+    return OnnxRunner(model_dir) if fmt == "onnx" else TorchRunner(model_dir, device)

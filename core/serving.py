@@ -157,7 +157,7 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """A Hugging Face-format model (safetensors) in torch."""
+    """A Hugging Face-format model (safetensors) in torch, float or packed low-bit."""
 
     format = "hf"
     couples_rows = False
@@ -165,9 +165,10 @@ class TorchBackend:
     def __init__(self, bundle: Path) -> None:
         import torch
 
-        from unbottle.core.modeling import load_model
+        from unbottle.core.runtime import load_torch_model, model_format
 
-        self.model, _ = load_model(bundle)
+        self.format = model_format(bundle)
+        self.model, _ = load_torch_model(bundle)
         self.model.eval()
         self.context = int(self.model.config.max_position_embeddings)
         self._torch = torch
@@ -333,7 +334,7 @@ def load_backend(bundle: Path, threads: int | None = None) -> Backend:
     # Process-wide: the engine is the only torch user (the model, or for ONNX the cache
     # bookkeeping, whose copies stalled for milliseconds with an idle OpenMP thread to wake).
     torch.set_num_threads(threads)
-    if model_format(bundle) == "hf":
+    if model_format(bundle) in ("hf", "packed"):
         return TorchBackend(bundle)
     return OnnxBackend(bundle, threads)
 

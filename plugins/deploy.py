@@ -7,7 +7,10 @@
   quantized to dynamic int8 by ONNX Runtime (the compress stage's code path), with the
   tokenizer and a model card; ``optimum.onnxruntime.ORTModelForCausalLM`` loads it.
 - ``server``: the ``hf`` or ``onnx`` bundle of the variant plus ``serve.json``, what
-  ``unbottle serve BUNDLE`` runs (an OpenAI-compatible server, ``core/server.py``).
+  ``unbottle serve BUNDLE`` runs (an OpenAI-compatible server, ``core/server.py``). A
+  ``packed`` variant (low-bit weights from ``rtn`` or ``gptq``, ``core/packed.py``) ships
+  as it is, served through unbottle's dequantizing loader. The ``hf`` target does not
+  take packed variants: plain transformers cannot load them.
 
 Every bundle gets a chat template (unbottle's question/answer one when the tokenizer has
 none), and each target checks that its bundle loads and generates before it returns.
@@ -244,15 +247,28 @@ print(reply.choices[0].message.content)
 `unbottle serve` override them."""
 
 
+def packed_bundle(model_dir: Path, out_dir: Path, max_new_tokens: int) -> dict[str, Any]:
+    """A packed variant's files, tokenizer and generation config, as they are."""
+    from unbottle.core.packed import QUANT_CONFIG
+
+    for name in (*_MODEL_FILES, QUANT_CONFIG):
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
+    save_tokenizer(model_dir, out_dir)
+    write_generation_config(model_dir, out_dir, max_new_tokens)
+    return {"weights_bytes": (out_dir / "model.safetensors").stat().st_size}
+
+
 class ServerBundle:
-    """What ``unbottle serve`` runs: the variant's ``hf`` or ``onnx`` bundle plus serve.json.
+    """What ``unbottle serve`` runs: the variant's ``hf``, ``onnx`` or ``packed`` model plus
+    serve.json.
 
     The options are the server's (:class:`unbottle.core.serving.ServeConfig`): they are
     validated here, at deploy time, and written to ``serve.json``.
     """
 
     name = "server"
-    accepts = ("hf", "onnx")
+    accepts = ("hf", "onnx", "packed")
     Config = ServeConfig
 
     def __init__(self, config: ServeConfig) -> None:
@@ -264,10 +280,13 @@ class ServerBundle:
         config = self.config.model_copy(
             update={"model_name": self.config.model_name or f"unbottle-{ctx.variant}"}
         )
-        inner = HuggingFaceBundle if ctx.model_format == "hf" else OnnxBundle
-        facts = inner(inner.Config(max_new_tokens=config.default_max_tokens)).deploy(
-            model_dir, out_dir, ctx
-        )
+        if ctx.model_format == "packed":
+            facts = packed_bundle(model_dir, out_dir, config.default_max_tokens)
+        else:
+            inner = HuggingFaceBundle if ctx.model_format == "hf" else OnnxBundle
+            facts = inner(inner.Config(max_new_tokens=config.default_max_tokens)).deploy(
+                model_dir, out_dir, ctx
+            )
         (out_dir / SERVE_CONFIG).write_text(
             config.model_dump_json(indent=2) + "\n", encoding="utf-8"
         )

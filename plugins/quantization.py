@@ -1,19 +1,34 @@
-"""Built-in quantization: ``onnx-dynamic-int8`` (ONNX Runtime through optimum).
+"""Built-in quantization: ``rtn`` and ``gptq`` (packed low-bit weights), ``onnx-dynamic-int8``.
 
-The model is exported to ONNX with optimum, then ONNX Runtime's dynamic quantization
-stores every MatMul weight as int8 with a scale (per output channel by default);
-activations are quantized on the fly at run time. The result is a real int8 model: its
-file is about a quarter of the float export.
+- ``rtn``: weight-only round-to-nearest, int4 or int8, per output channel or per group
+  of input columns, symmetric or with zero points, optionally with a clipping search
+  (``core/quantize.py``).
+- ``gptq``: GPTQ (Frantar et al., 2022), the same grids, each layer quantized to keep
+  its outputs on calibration data, block by block (``core/gptq.py``).
+
+Both write the ``packed`` format (``core/packed.py``): the integer codes packed into
+uint8 in safetensors with float16 scales and packed zero points; evaluation and the
+``server`` deploy target load it through a dequantizing layer.
+
+- ``onnx-dynamic-int8``: the model is exported to ONNX with optimum, then ONNX Runtime's
+  dynamic quantization stores every MatMul weight as int8 with a scale (per output
+  channel by default); activations are quantized on the fly at run time. The result is a
+  real int8 model: its file is about a quarter of the float export.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
 
 from unbottle import CompressContext, StrategyConfig, hookimpl
+from unbottle.core.errors import ConfigError
+from unbottle.core.quantize import DEFAULT_LAYERS, Scheme
 
 # The instruction sets whose int8 kernels ONNX Runtime's quantizer can target.
 ISA = Literal["avx2", "avx512", "avx512_vnni", "arm64"]
@@ -46,9 +61,159 @@ class OnnxDynamicInt8:
         return facts
 
 
+class WeightOnlyConfig(StrategyConfig):
+    """The grid options ``rtn`` and ``gptq`` share."""
+
+    bits: Literal[4, 8] = 4
+    #: Input columns per group; null: one grid per output channel.
+    group_size: int | None = Field(None, ge=1)
+    #: Symmetric grids (zero point 2^(bits-1), not stored) or one zero point per group.
+    symmetric: bool = False
+    #: Search, per group, the shrink of the min/max range with the least squared error.
+    clip_search: bool = False
+    #: Which Linear layers to quantize (a regex over module names); the output head and
+    #: the embeddings always stay float.
+    layers: str = DEFAULT_LAYERS
+
+    @field_validator("layers")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{value!r} is not a regular expression ({e})") from None
+        return value
+
+    def scheme(self) -> Scheme:
+        return Scheme(
+            bits=self.bits,
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+            clip_search=self.clip_search,
+        )
+
+
+def _load_and_select(model_dir: Path, config: WeightOnlyConfig, what: str) -> tuple[Any, list]:
+    """The float model and the Linears to quantize, checked before any work."""
+    from unbottle.core.modeling import load_model
+    from unbottle.core.quantize import check_group_size, quantizable_linears
+
+    model, _ = load_model(model_dir)
+    layers = quantizable_linears(model, config.layers, what)
+    check_group_size(layers, config.scheme(), what)
+    return model, layers
+
+
+class RoundToNearest:
+    """Weight-only round-to-nearest onto int4/int8 grids, stored packed."""
+
+    name = "rtn"
+    output_format = "packed"
+    Config = WeightOnlyConfig
+
+    def __init__(self, config: WeightOnlyConfig) -> None:
+        self.config = config
+
+    def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
+        import torch
+
+        from unbottle.core.packed import save_packed
+        from unbottle.core.quantize import quantize_rtn, weight_error
+
+        c = self.config
+        model, layers = _load_and_select(model_dir, c, self.name)
+        scheme = c.scheme()
+        with torch.no_grad():
+            quantized = {name: quantize_rtn(linear.weight, scheme) for name, linear in layers}
+            errors = [
+                weight_error(linear.weight, quantized[name].dequantize()) for name, linear in layers
+            ]
+        facts = save_packed(
+            model,
+            ctx.tokenizer,
+            quantized,
+            out_dir,
+            method=self.name,
+            group_size=c.group_size,
+            symmetric=c.symmetric,
+            options=c.model_dump(mode="json"),
+            source_dir=model_dir,
+        )
+        return {
+            "bits": c.bits,
+            "group_size": c.group_size or 0,  # 0: per output channel
+            **facts,
+            "mean_weight_error": sum(errors) / len(errors),
+        }
+
+
+class Gptq:
+    """GPTQ (Frantar et al., 2022) onto int4/int8 grids, stored packed."""
+
+    name = "gptq"
+    output_format = "packed"
+
+    class Config(WeightOnlyConfig):
+        #: Quantize input columns in order of decreasing activation energy (desc_act).
+        act_order: bool = False
+        #: With act_order and groups: fit group grids up front on contiguous columns
+        #: (no g_idx) instead of in activation order.
+        static_groups: bool = False
+        #: Dampening added to the Hessian's diagonal, a fraction of its mean.
+        damp: float = Field(0.01, gt=0, lt=1)
+        #: Columns per lazy batch update.
+        block_size: int = Field(128, ge=1)
+        #: Calibration sequences per forward pass of the block-by-block pass.
+        batch_size: int = Field(8, ge=1)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
+        from unbottle.core.gptq import gptq_model
+        from unbottle.core.packed import save_packed
+
+        c = self.config
+        if not ctx.calibration:
+            raise ConfigError(
+                "compress.calibration.samples: 0 calibration samples; gptq needs at least 1"
+            )
+        model, layers = _load_and_select(model_dir, c, self.name)
+        quantized, metrics = gptq_model(
+            model,
+            ctx.calibration,
+            layers,
+            c.scheme(),
+            act_order=c.act_order,
+            static_groups=c.static_groups,
+            damp=c.damp,
+            block_size=c.block_size,
+            batch_size=c.batch_size,
+        )
+        facts = save_packed(
+            model,
+            ctx.tokenizer,
+            quantized,
+            out_dir,
+            method=self.name,
+            group_size=c.group_size,
+            symmetric=c.symmetric,
+            options=c.model_dump(mode="json"),
+            source_dir=model_dir,
+        )
+        return {
+            "bits": c.bits,
+            "group_size": c.group_size or 0,  # 0: per output channel
+            **facts,
+            **metrics,
+        }
+
+
 @hookimpl
 def register_quantizers(register):
     register(OnnxDynamicInt8)
+    register(RoundToNearest)
+    register(Gptq)
 
 
 def export_onnx(

@@ -1,0 +1,307 @@
+"""GPTQ: quantize each Linear so its *outputs* on calibration data change least.
+
+Frantar, Ashkboos, Hoefler & Alistarh, 2022, "GPTQ: Accurate Post-Training Quantization
+for Generative Pre-trained Transformers" (arXiv:2210.17323), building on Optimal Brain
+Quantization (Frantar & Alistarh, 2022). For a layer with weight W (out, in) and inputs
+X (in, tokens), GPTQ minimises ||W X - Q X||^2 over quantized Q, one input column at a
+time: column j is rounded to its grid, and the error it leaves is spread over the
+columns not yet quantized, in proportion to the inverse of H = 2 X X^T:
+
+    err = (w_j - q_j) / [H^-1]_jj          W[:, j+1:] -= err [H^-1]_{j, j+1:}
+
+after which column j is removed from H^-1. As in the paper:
+
+- the inverse Hessian's updates for all remaining columns are read off one upper
+  Cholesky factor of H^-1 (section 3, "Cholesky reformulation"), computed once per layer
+  from H + damp * mean(diag H) * I (the dampening keeps it positive definite; the
+  factorisation is retried with 10x the damping if it still fails);
+- columns are processed in blocks of ``block_size``: updates inside a block are applied
+  at once per column, those to the columns after it once per block ("lazy batch
+  updates");
+- input columns never active in the calibration data (diag H = 0) get weight 0 and
+  H_jj = 1, as in the reference code.
+
+Options beyond the paper's core, all from its reference implementation:
+
+- groups (``group_size``): a group's grid is fitted when GPTQ reaches its first column,
+  on the weights *as updated so far*, so the grid absorbs the compensation of the
+  earlier columns. Blocks are made a multiple of the group size, so a group's columns
+  are always up to date when its grid is fitted.
+- activation order (``act_order``, "desc_act"): columns are processed in order of
+  decreasing H_jj (the input features with the largest activations first, while most
+  columns remain to absorb their error). With groups, group k is then the k-th run of
+  ``group_size`` columns *in that order*: its grid is computed in the permuted order, and
+  ``g_idx[j]`` records, per original column j, which group's grid it uses.
+  ``static_groups`` instead fits every group's grid up front on contiguous original
+  columns, so no ``g_idx`` is needed (at some cost in accuracy).
+- the grid search of :func:`unbottle.core.quantize.fit_grid` (``clip_search``).
+
+The model is quantized block by block through
+:func:`unbottle.core.layerwise.calibrate_sequentially`: each layer's Hessian comes from
+inputs computed with every earlier layer already quantized, and the dequantized weights
+are written into the model as it goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from unbottle.core.errors import ConfigError
+from unbottle.core.quantize import (
+    QuantizedWeight,
+    Scheme,
+    fit_grid,
+    weight_error,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from unbottle.core.layerwise import InputStats
+
+
+@dataclass
+class PreparedHessian:
+    """What GPTQ needs from a layer's input Hessian; layers sharing inputs share it."""
+
+    dead: torch.Tensor  # (in,) bool: inputs never active in the calibration data
+    diag: torch.Tensor  # (in,) diag H after the dead fix, permuted like the columns
+    perm: torch.Tensor | None  # (in,) processing order of the columns (act_order)
+    hinv_chol: torch.Tensor  # (in, in) upper Cholesky factor of (damped H)^-1, permuted
+    damp: float  # the relative damping that made H positive definite
+    damp_added: float  # what was added to H's diagonal: damp * mean(diag H)
+
+
+def prepare_hessian(hessian: torch.Tensor, *, damp: float, act_order: bool) -> PreparedHessian:
+    """Damp, permute and factor H = sum x x^T (any positive multiple of it works)."""
+    import torch
+
+    H = hessian.detach().float().clone()  # (in, in)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
+    diag = torch.diag(H).clone()
+    mean_diag = float(diag.mean())
+    eye = torch.eye(H.shape[0])
+    used = damp
+    for _ in range(4):
+        with single_thread():
+            lower, info = torch.linalg.cholesky_ex(H + used * mean_diag * eye)
+            if int(info) == 0:
+                inverse = torch.cholesky_inverse(lower)  # (in, in)
+                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        if int(info) == 0:
+            return PreparedHessian(dead, diag, perm, upper, used, used * mean_diag)
+        used *= 10
+    raise ValueError(f"the input Hessian is not positive definite even with damping {used:g}")
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block.
+
+    GPTQ's column loop is thousands of ops on a few thousand numbers each; spread over a
+    thread pool, each op waits for the pool's hand-off, which costs more than the op (on
+    two shared cores, the loop ran 6 to 20 times slower with two threads than with one).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class LayerResult:
+    quantized: QuantizedWeight
+    weight: torch.Tensor  # (out, in) float32: the dequantized weight
+    #: GPTQ's own account of the error it left: the sum over columns of the squared
+    #: rounding errors scaled by the inverse Hessian's Cholesky diagonal, which adds up to
+    #: tr((W - Q) H' (W - Q)^T) for the damped Hessian H' (in the units of the H given).
+    loss: float
+
+
+def gptq_layer(
+    weight: torch.Tensor,
+    hessian: PreparedHessian,
+    scheme: Scheme,
+    *,
+    static_groups: bool = False,
+    block_size: int = 128,
+    weighted_search: bool = False,
+) -> LayerResult:
+    """Quantize one weight matrix (out, in) with GPTQ against a prepared Hessian.
+
+    ``weighted_search``: the clipping search (``scheme.clip_search``) weighs each column's
+    squared error by H_jj, the diagonal of the output error, instead of counting the
+    weights alike.
+    """
+    import torch
+
+    W = weight.detach().float().clone()  # (out, in)
+    out, n = W.shape
+    W[:, hessian.dead] = 0.0
+    perm = hessian.perm
+    length = scheme.group_length(n)
+    groups = n // length
+    grouped = scheme.group_size is not None
+    scales = torch.zeros(out, groups)
+    zeros = torch.zeros(out, groups)
+    diag = None  # H_jj in original column order, for a weighted search
+    if weighted_search:
+        diag = hessian.diag if perm is None else hessian.diag[torch.argsort(perm)]
+    if not grouped or static_groups:
+        # Grids fitted once, before any update, on contiguous original columns.
+        rows = W.reshape(out * groups, length)  # (out*G, group)
+        importance = None if diag is None else diag.reshape(groups, length).repeat(out, 1)
+        scale, zero = fit_grid(rows, scheme, importance)
+        scales, zeros = scale.reshape(out, groups), zero.reshape(out, groups)
+    # The group of each processed (permuted) column, in the grids' numbering.
+    if not grouped:
+        group_of = torch.zeros(n, dtype=torch.long)
+    elif static_groups:
+        group_of = (perm if perm is not None else torch.arange(n)) // length
+    else:
+        group_of = torch.arange(n) // length
+    if perm is not None:
+        W = W[:, perm]
+    if grouped:
+        block_size = max(1, block_size // length) * length  # groups never straddle blocks
+
+    # Transposed, a column of W is a contiguous row: the loop's many small ops run on
+    # contiguous memory.
+    Wt = W.T.contiguous()  # (in, out)
+    codes = torch.zeros(n, out)  # (in, out), integer-valued, in processing order
+    scales_t, zeros_t = scales.T.contiguous(), zeros.T.contiguous()  # (G, out)
+    group_list = group_of.tolist()
+    fit_in_loop = grouped and not static_groups
+    Hinv = hessian.hinv_chol
+    loss = 0.0
+    with single_thread():  # thousands of small ops: a thread pool's hand-offs cost more
+        for i1 in range(0, n, block_size):
+            i2 = min(i1 + block_size, n)
+            block = Wt[i1:i2]  # (B, out) view, kept up to date column by column
+            errors = torch.empty_like(block)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                g = group_list[col]
+                if fit_in_loop and col % length == 0:
+                    importance = None if diag is None else hessian.diag[col : col + length]
+                    scales_t[g], zeros_t[g] = fit_grid(block[i : i + length].T, scheme, importance)
+                s, z = scales_t[g], zeros_t[g]  # (out,)
+                w = block[i]  # (out,)
+                q = torch.div(w, s).round_().add_(z).clamp_(0, scheme.maxq)
+                codes[col] = q
+                err = errors[i]
+                torch.sub(w, (q - z).mul_(s), out=err)  # w - dequantized, as (q - z) * s
+                err.div_(Hinv1[i, i])
+                block[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # (B - i, out)
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, errors, alpha=-1)  # the lazy batch update
+            loss += float(errors.pow(2).sum())
+    codes, scales, zeros = codes.T, scales_t.T, zeros_t.T
+
+    g_idx = None
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        codes = codes[:, inverse]
+        if grouped and not static_groups:
+            g_idx = group_of[inverse].to(torch.int32)  # column j -> its group's grid
+    quantized = QuantizedWeight(
+        codes=codes.to(torch.uint8),
+        scales=scales.half(),
+        zeros=None if scheme.symmetric else zeros.to(torch.uint8),
+        g_idx=g_idx,
+        bits=scheme.bits,
+    )
+    return LayerResult(quantized, quantized.dequantize(), loss)
+
+
+def output_error(
+    original: torch.Tensor, result: LayerResult, hessian: PreparedHessian, raw: torch.Tensor
+) -> float:
+    """||W X - Q X||^2 / ||W X||^2, the layer's relative output error on its inputs.
+
+    ``raw`` is H = sum x x^T as collected. GPTQ's loss is the error for the damped H,
+    tr(D (H + a I) D^T) with D = W - Q, so the error for H itself is the loss minus
+    a ||D||^2: one matrix product (for ||W X||^2) instead of two.
+    """
+    delta = original.float() - result.weight  # (out, in)
+    delta[:, hessian.dead] = 0.0  # inputs never active: no output error, whatever D is
+    error = result.loss - hessian.damp_added * float(delta.pow(2).sum())
+    w = original.float()
+    reference = float(((w @ raw) * w).sum())
+    return max(error, 0.0) / reference if reference > 0 else 0.0
+
+
+def gptq_model(
+    model: Any,
+    calibration: Sequence[torch.Tensor],
+    layers: Sequence[tuple[str, Any]],
+    scheme: Scheme,
+    *,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    batch_size: int = 8,
+) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
+    """Quantize ``layers`` of ``model`` in place, block by block; return their codes.
+
+    Each selected Linear's weight is replaced by its dequantized GPTQ weight, so later
+    layers are calibrated on the quantized earlier ones. Returns the quantized weights
+    by module name and metrics: the mean and max relative output error of the layers on
+    the calibration inputs they saw, their mean relative weight error and the largest
+    damping used.
+    """
+    from unbottle.core.layerwise import calibrate_sequentially
+
+    selected = {name for name, _ in layers}
+    results: dict[str, QuantizedWeight] = {}
+    errors: list[float] = []
+    weight_errors: list[float] = []
+    damps: list[float] = []
+    shared: list[Any] = [None, None]  # (stats, prepared) of the last input seen
+
+    def process(name: str, linear: Any, stats: InputStats) -> None:
+        if shared[0] is not stats:  # q/k/v and gate/up share their inputs
+            shared[:] = [stats, prepare_hessian(stats.hessian, damp=damp, act_order=act_order)]
+        prepared = shared[1]
+        result = gptq_layer(
+            linear.weight, prepared, scheme, static_groups=static_groups, block_size=block_size
+        )
+        errors.append(output_error(linear.weight, result, prepared, stats.hessian))
+        weight_errors.append(weight_error(linear.weight, result.weight))
+        damps.append(prepared.damp)
+        linear.weight.copy_(result.weight.to(linear.weight.dtype))
+        results[name] = result.quantized
+
+    calibrate_sequentially(
+        model,
+        calibration,
+        process,
+        select=selected.__contains__,
+        hessian=True,
+        batch_size=batch_size,
+        desc="gptq",
+    )
+    missed = sorted(selected - set(results))
+    if missed:  # a Linear outside the q/k/v/o and gate/up/down projections of a block
+        raise ConfigError(
+            f"gptq.layers: selects {missed[0]}, which the block-by-block pass does not reach; "
+            "gptq quantizes the attention and MLP projections of Llama-family blocks"
+        )
+    return results, {
+        "mean_layer_output_error": sum(errors) / len(errors),
+        "max_layer_output_error": max(errors),
+        "mean_weight_error": sum(weight_errors) / len(weight_errors),
+        "max_damp": max(damps),
+    }
