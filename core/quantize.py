@@ -165,8 +165,15 @@ def quantize_codes(
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Any:
-    """The weights the codes stand for: (q - z) * s, in float32."""
-    return (codes.float() - zero.float()) * scale.float()
+    """The weights the codes stand for: (q - z) * s, in float32, broadcast like ``codes``.
+
+    Computed in place on a fresh float copy of the codes: out of place, torch's
+    broadcasting of a (rows, 1) operand ran ten times slower.
+    """
+    import torch
+
+    weights = codes.to(torch.float32, copy=True)
+    return weights.sub_(zero.float()).mul_(scale.float())
 
 
 @dataclass
@@ -214,8 +221,12 @@ def dequantize_groups(
     out, n = codes.shape
     groups = scales.shape[1]
     if g_idx is not None:
+        # Each column's grid, gathered (index_select: advanced indexing along dim 1 was
+        # several times slower).
         g = g_idx.long()
-        return dequantize_codes(codes, scales[:, g], zeros[:, g])
+        return dequantize_codes(
+            codes, scales.float().index_select(1, g), zeros.float().index_select(1, g)
+        )
     grouped = codes.reshape(out, groups, n // groups)  # (out, G, group)
     return dequantize_codes(grouped, scales[..., None], zeros[..., None]).reshape(out, n)
 
@@ -288,9 +299,9 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     per = _per_byte(bits)
     if per == 1:
         return packed[..., :n]
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (per,)
-    lanes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)  # (..., bytes, per)
-    return lanes.reshape(*packed.shape[:-1], -1)[..., :n]
+    mask = 2**bits - 1
+    lanes = torch.stack([(packed >> (bits * k)) & mask for k in range(per)], dim=-1)
+    return lanes.reshape(*packed.shape[:-1], -1)[..., :n]  # (..., bytes * per) -> (..., n)
 
 
 # ------------------------------------------------------------------ layer selection

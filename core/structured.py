@@ -14,9 +14,8 @@ calibration pass over the dense model (:func:`measure_importance`):
   from every group (``heads``; K/V projections stay). When every query head has its own
   K/V head (plain multi-head attention) the two are the same thing.
 * **FFN channels** j are scored by ||a_j||_2 * ||W_down[:, j]||_2, the norm of the
-  channel's activation over the calibration tokens times the norm of what it writes back
-  (the Wanda score of the channel as a whole; cf. the channel criteria of LLM-Pruner,
-  Ma et al., 2023, and Sheared LLaMA, Xia et al., 2024).
+  channel's activation act(gate_j) * up_j over the calibration tokens times the norm of
+  the column it writes back with: Wanda's |W| * ||X|| for the channel as a whole.
 * **Decoder layers** go as one contiguous run of n layers, the run whose input and output
   hidden states are closest in angular distance arccos(cos(x_l, x_{l+n})) / pi (Gromov et
   al., 2024, "The Unreasonable Ineffectiveness of the Deeper Layers"), averaged here over
@@ -98,10 +97,6 @@ class Plan:
     kept_kv_heads: dict[int, list[int]]
     kept_heads: dict[int, list[int]]  # query heads, grouped by their K/V head, in order
     kept_channels: dict[int, list[int]]
-
-
-class _Stop(Exception):
-    pass
 
 
 def measure_importance(

@@ -70,6 +70,15 @@ Fraction = Annotated[float, Field(ge=0, lt=1)]
 class UnstructuredOptions(StrategyConfig):
     """What magnitude, Wanda and SparseGPT share: how much to prune, and where.
 
+    ``sparsity``: the overall fraction of weights zeroed (0.5 unless a pattern is given);
+    ``pattern``: "N:M" instead; ``layers``: a regex over module names, the Linears to
+    prune; ``allocation``: how the sparsity is spread over decoder blocks (``uniform``,
+    ``depth``: rising linearly with depth, ``owl``: falling with the block's outlier
+    ratio); ``spread``: the block sparsities of depth and owl span target +- spread (OWL's
+    lambda); ``owl_threshold``: OWL's M, a score is an outlier above M times its block's
+    mean; ``overrides``: ``{regex: sparsity}`` pinned for matching layers;
+    ``batch_size``: calibration sequences per forward pass.
+
     Subclasses declare the fields (so each strategy lists its options in its own order);
     these validators check how they combine.
     """
@@ -84,6 +93,10 @@ class UnstructuredOptions(StrategyConfig):
                 "give sparsity (unstructured) or pattern (N:M), not both; "
                 f"pattern {data['pattern']} fixes the sparsity"
             )
+        if data.get("pattern") is not None or data.get("overrides"):
+            # An N:M pattern fixes every layer's sparsity and overrides set them: the
+            # default allocation gives way (an explicit one is checked below).
+            data = {"allocation": "uniform", **data}
         if data.get("sparsity") is None and data.get("pattern") is None:
             return {**data, "sparsity": DEFAULT_SPARSITY}
         return data
@@ -350,7 +363,7 @@ class Magnitude:
         allocation: Literal["uniform", "depth", "owl"] = "uniform"
         overrides: dict[str, Fraction] = Field(default_factory=dict)
         owl_threshold: float = Field(5.0, gt=0)
-        spread: float = Field(0.08, gt=0, lt=0.5)
+        spread: float = Field(0.05, gt=0, lt=0.5)
         batch_size: int = Field(8, ge=1)
 
     def __init__(self, config: Config) -> None:
@@ -402,10 +415,10 @@ class Wanda:
         sparsity: float | None = Field(None, gt=0, lt=1)
         pattern: str | None = None
         layers: str = BLOCK_LINEARS
-        allocation: Literal["uniform", "depth", "owl"] = "uniform"
+        allocation: Literal["uniform", "depth", "owl"] = "depth"
         overrides: dict[str, Fraction] = Field(default_factory=dict)
         owl_threshold: float = Field(5.0, gt=0)
-        spread: float = Field(0.08, gt=0, lt=0.5)
+        spread: float = Field(0.05, gt=0, lt=0.5)
         batch_size: int = Field(8, ge=1)
 
     def __init__(self, config: Config) -> None:
@@ -459,10 +472,10 @@ class SparseGPT:
         sparsity: float | None = Field(None, gt=0, lt=1)
         pattern: str | None = None
         layers: str = BLOCK_LINEARS
-        allocation: Literal["uniform", "depth", "owl"] = "uniform"
+        allocation: Literal["uniform", "depth", "owl"] = "depth"
         overrides: dict[str, Fraction] = Field(default_factory=dict)
         owl_threshold: float = Field(5.0, gt=0)
-        spread: float = Field(0.08, gt=0, lt=0.5)
+        spread: float = Field(0.05, gt=0, lt=0.5)
         batch_size: int = Field(8, ge=1)
         # Columns per lazy-update block; the pruning mask is chosen per block.
         blocksize: int = Field(128, ge=1)

@@ -154,10 +154,11 @@ class Gptq:
     output_format = "packed"
 
     class Config(WeightOnlyConfig):
-        #: Quantize input columns in order of decreasing activation energy (desc_act).
-        act_order: bool = False
+        #: Quantize input columns in order of decreasing activation energy (desc_act):
+        #: the strongest of GPTQ's options on the small models measured.
+        act_order: bool = True
         #: With act_order and groups: fit group grids up front on contiguous columns
-        #: (no g_idx) instead of in activation order.
+        #: (no g_idx, so dequantizing is cheaper) instead of in activation order.
         static_groups: bool = False
         #: Dampening added to the Hessian's diagonal, a fraction of its mean.
         damp: float = Field(0.01, gt=0, lt=1)
