@@ -91,7 +91,7 @@ def load_model(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFas
             "this step needs float weights: give it the model from before the quantize step"
         )
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, use_safetensors=True, torch_dtype=torch.float32
+        model_dir, use_safetensors=True, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer

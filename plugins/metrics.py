@@ -111,8 +111,13 @@ class Accuracy:
         questions = ctx.questions
         for start in range(0, len(questions), self.config.batch_size):
             batch = questions[start : start + self.config.batch_size]
+            # Encoded as finetune encoded its prompts: without special tokens, so that a
+            # tokenizer that adds BOS does not hand the model a prompt it never trained on.
             enc = tokenizer(
-                [task.prompt(q["question"]) for q in batch], return_tensors="pt", padding=True
+                [task.prompt(q["question"]) for q in batch],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
             )
             out = model.generate(
                 enc["input_ids"],
@@ -164,7 +169,8 @@ class Samples:
         generations = []
         for doc in docs:
             prompt = " ".join(doc.split()[: self.config.prompt_words])
-            enc = ctx.tokenizer(prompt, return_tensors="pt")
+            # Documents are encoded without special tokens for training, so here too.
+            enc = ctx.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
             out = model.generate(
                 enc["input_ids"],
                 enc["attention_mask"],

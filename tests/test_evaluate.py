@@ -155,6 +155,38 @@ def test_accuracy_is_exact_match_after_normalisation(tokenizer):
     assert ctx.samples["accuracy"][2]["prediction"] == "1944"
 
 
+def test_accuracy_prompts_are_encoded_as_finetune_trained_on_them(tokenizer):
+    """A tokenizer that adds BOS (Llama's do) must not prepend it at evaluation only:
+    finetune encodes prompts without special tokens, so accuracy must too."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from unbottle.core import task
+    from unbottle.plugins.metrics import Accuracy
+
+    with_bos = copy.deepcopy(tokenizer)
+    bos = with_bos.bos_token
+    with_bos.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, with_bos.bos_token_id)]
+    )
+    assert with_bos("x")["input_ids"][0] == with_bos.bos_token_id  # the trap is armed
+    question = {"question": "Where does Ann live?", "answer": "Dundale"}
+    seen = []
+
+    class Recording(Answering):
+        def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
+            pairs = zip(input_ids, attention_mask, strict=True)
+            seen.extend(ids[mask.bool()].tolist() for ids, mask in pairs)
+            return super().generate(input_ids, attention_mask, max_new_tokens, **kw)
+
+    model = Recording(tokenizer, {question["question"]: " Dundale"})
+    metric = Accuracy(Accuracy.Config(batch_size=1, max_new_tokens=4, samples=1))
+    metric.measure(model, context_for(with_bos, "", [question]))
+    trained = with_bos(task.prompt(question["question"]), add_special_tokens=False)["input_ids"]
+    assert seen == [trained]
+
+
 # ------------------------------------------------------------------- cost and roofline
 
 
