@@ -34,7 +34,9 @@ Options beyond the paper's core, all from its reference implementation:
   ``g_idx[j]`` records, per original column j, which group's grid it uses.
   ``static_groups`` instead fits every group's grid up front on contiguous original
   columns, so no ``g_idx`` is needed (at some cost in accuracy).
-- the grid search of :func:`unbottle.core.quantize.fit_grid` (``clip_search``).
+- the clipping search of :func:`unbottle.core.quantize.fit_grid` (``clip_search``), with
+  each column's squared error weighted by H_jj: the diagonal of the output error the
+  layer minimises, so that clipping spares the weights of the most active inputs.
 
 The model is quantized block by block through
 :func:`unbottle.core.layerwise.calibrate_sequentially`: each layer's Hessian comes from
@@ -106,8 +108,8 @@ def single_thread() -> Iterator[None]:
     """Run torch on one thread inside the block.
 
     GPTQ's column loop is thousands of ops on a few thousand numbers each; spread over a
-    thread pool, each op waits for the pool's hand-off, which costs more than the op (on
-    two shared cores, the loop ran 6 to 20 times slower with two threads than with one).
+    thread pool, each op waits for the pool's hand-off, which costs more than the op (and
+    many times more when the cores are shared with other processes).
     """
     import torch
 
@@ -123,10 +125,32 @@ def single_thread() -> Iterator[None]:
 class LayerResult:
     quantized: QuantizedWeight
     weight: torch.Tensor  # (out, in) float32: the dequantized weight
-    #: GPTQ's own account of the error it left: the sum over columns of the squared
-    #: rounding errors scaled by the inverse Hessian's Cholesky diagonal, which adds up to
-    #: tr((W - Q) H' (W - Q)^T) for the damped Hessian H' (in the units of the H given).
-    loss: float
+    #: GPTQ's own account of the error it left, per output row: the sum over columns of
+    #: the squared rounding errors scaled by the inverse Hessian's Cholesky diagonal,
+    #: which adds up to tr((W - Q) H' (W - Q)^T) for the damped Hessian H' (in the units
+    #: of the H given).
+    row_loss: torch.Tensor  # (out,)
+
+    @property
+    def loss(self) -> float:
+        return float(self.row_loss.sum())
+
+    def rows(self, start: int, stop: int) -> LayerResult:
+        """The result for output rows [start, stop): GPTQ treats rows independently, so
+        layers fed the same input can be quantized as one stacked matrix and split."""
+        q = self.quantized
+        return LayerResult(
+            QuantizedWeight(
+                codes=q.codes[start:stop].clone(),
+                scales=q.scales[start:stop].clone(),
+                zeros=None if q.zeros is None else q.zeros[start:stop].clone(),
+                # A copy each: tensors sharing storage would be saved once, as if tied.
+                g_idx=None if q.g_idx is None else q.g_idx.clone(),
+                bits=q.bits,
+            ),
+            self.weight[start:stop].clone(),
+            self.row_loss[start:stop].clone(),
+        )
 
 
 def gptq_layer(
@@ -136,14 +160,24 @@ def gptq_layer(
     *,
     static_groups: bool = False,
     block_size: int = 128,
-    weighted_search: bool = False,
 ) -> LayerResult:
     """Quantize one weight matrix (out, in) with GPTQ against a prepared Hessian.
 
-    ``weighted_search``: the clipping search (``scheme.clip_search``) weighs each column's
-    squared error by H_jj, the diagonal of the output error, instead of counting the
-    weights alike.
+    The clipping search (``scheme.clip_search``) weighs each column's squared error by
+    H_jj, the diagonal of the layer's output error, rather than counting weights alike.
     """
+    with single_thread():  # thousands of small ops: a thread pool's hand-offs cost more
+        return _gptq_rows(weight, hessian, scheme, static_groups, block_size)
+
+
+def _gptq_rows(
+    weight: torch.Tensor,
+    hessian: PreparedHessian,
+    scheme: Scheme,
+    static_groups: bool,
+    block_size: int,
+) -> LayerResult:
+    """GPTQ on the rows of ``weight``, with torch on the caller's threads."""
     import torch
 
     W = weight.detach().float().clone()  # (out, in)
@@ -155,8 +189,8 @@ def gptq_layer(
     grouped = scheme.group_size is not None
     scales = torch.zeros(out, groups)
     zeros = torch.zeros(out, groups)
-    diag = None  # H_jj in original column order, for a weighted search
-    if weighted_search:
+    diag = None  # H_jj in original column order, for the clipping search
+    if scheme.clip_search:
         diag = hessian.diag if perm is None else hessian.diag[torch.argsort(perm)]
     if not grouped or static_groups:
         # Grids fitted once, before any update, on contiguous original columns.
@@ -184,29 +218,28 @@ def gptq_layer(
     group_list = group_of.tolist()
     fit_in_loop = grouped and not static_groups
     Hinv = hessian.hinv_chol
-    loss = 0.0
-    with single_thread():  # thousands of small ops: a thread pool's hand-offs cost more
-        for i1 in range(0, n, block_size):
-            i2 = min(i1 + block_size, n)
-            block = Wt[i1:i2]  # (B, out) view, kept up to date column by column
-            errors = torch.empty_like(block)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                g = group_list[col]
-                if fit_in_loop and col % length == 0:
-                    importance = None if diag is None else hessian.diag[col : col + length]
-                    scales_t[g], zeros_t[g] = fit_grid(block[i : i + length].T, scheme, importance)
-                s, z = scales_t[g], zeros_t[g]  # (out,)
-                w = block[i]  # (out,)
-                q = torch.div(w, s).round_().add_(z).clamp_(0, scheme.maxq)
-                codes[col] = q
-                err = errors[i]
-                torch.sub(w, (q - z).mul_(s), out=err)  # w - dequantized, as (q - z) * s
-                err.div_(Hinv1[i, i])
-                block[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # (B - i, out)
-            Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, errors, alpha=-1)  # the lazy batch update
-            loss += float(errors.pow(2).sum())
+    row_loss = torch.zeros(out)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        block = Wt[i1:i2]  # (B, out) view, kept up to date column by column
+        errors = torch.empty_like(block)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = group_list[col]
+            if fit_in_loop and col % length == 0:
+                importance = None if diag is None else hessian.diag[col : col + length]
+                scales_t[g], zeros_t[g] = fit_grid(block[i : i + length].T, scheme, importance)
+            s, z = scales_t[g], zeros_t[g]  # (out,)
+            w = block[i]  # (out,)
+            q = torch.div(w, s).round_().add_(z).clamp_(0, scheme.maxq)
+            codes[col] = q
+            err = errors[i]
+            torch.sub(w, (q - z).mul_(s), out=err)  # w - dequantized, as (q - z) * s
+            err.div_(Hinv1[i, i])
+            block[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # (B - i, out)
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, errors, alpha=-1)  # the lazy batch update
+        row_loss += errors.pow(2).sum(dim=0)
     codes, scales, zeros = codes.T, scales_t.T, zeros_t.T
 
     g_idx = None
@@ -222,7 +255,7 @@ def gptq_layer(
         g_idx=g_idx,
         bits=scheme.bits,
     )
-    return LayerResult(quantized, quantized.dequantize(), loss)
+    return LayerResult(quantized, quantized.dequantize(), row_loss)
 
 
 def output_error(
@@ -269,25 +302,33 @@ def gptq_model(
     errors: list[float] = []
     weight_errors: list[float] = []
     damps: list[float] = []
-    shared: list[Any] = [None, None]  # (stats, prepared) of the last input seen
 
-    def process(name: str, linear: Any, stats: InputStats) -> None:
-        if shared[0] is not stats:  # q/k/v and gate/up share their inputs
-            shared[:] = [stats, prepare_hessian(stats.hessian, damp=damp, act_order=act_order)]
-        prepared = shared[1]
+    def process(group: Sequence[tuple[str, Any]], stats: InputStats) -> None:
+        import torch
+
+        prepared = prepare_hessian(stats.hessian, damp=damp, act_order=act_order)
+        # Layers fed the same input (q/k/v, gate/up) share H, and GPTQ quantizes each
+        # output row on its own: one pass over the stacked weights gives each layer the
+        # same result as its own pass, in fewer, larger ops.
+        stacked = torch.cat([linear.weight.detach() for _, linear in group])
         result = gptq_layer(
-            linear.weight, prepared, scheme, static_groups=static_groups, block_size=block_size
+            stacked, prepared, scheme, static_groups=static_groups, block_size=block_size
         )
-        errors.append(output_error(linear.weight, result, prepared, stats.hessian))
-        weight_errors.append(weight_error(linear.weight, result.weight))
-        damps.append(prepared.damp)
-        linear.weight.copy_(result.weight.to(linear.weight.dtype))
-        results[name] = result.quantized
+        start = 0
+        for name, linear in group:
+            stop = start + linear.weight.shape[0]
+            own = result.rows(start, stop)
+            start = stop
+            errors.append(output_error(linear.weight, own, prepared, stats.hessian))
+            weight_errors.append(weight_error(linear.weight, own.weight))
+            damps.append(prepared.damp)
+            linear.weight.copy_(own.weight.to(linear.weight.dtype))
+            results[name] = own.quantized
 
     calibrate_sequentially(
         model,
         calibration,
-        process,
+        process_together=process,
         select=selected.__contains__,
         hessian=True,
         batch_size=batch_size,

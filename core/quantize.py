@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 DEFAULT_LAYERS = r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 # The smallest positive float16 (a subnormal): a scale below it would be stored as zero.
 _MIN_SCALE = 2.0**-24
+#: The clipping search evaluates candidates in chunks of about this many weights.
+_CLIP_SEARCH_ELEMENTS = 2**24
 
 
 @dataclass(frozen=True)
@@ -100,16 +102,21 @@ def fit_grid(
     high = w.max(dim=1).values.clamp(min=0)
     if not scheme.clip_search:
         return _grid(low, high, scheme)
-    best_scale, best_zero = _grid(low, high, scheme)
-    best_err = _squared_error(w, best_scale, best_zero, scheme, importance)
-    for shrink in torch.linspace(1.0, scheme.clip_min, scheme.clip_grid)[1:].tolist():
-        scale, zero = _grid(low * shrink, high * shrink, scheme)
-        err = _squared_error(w, scale, zero, scheme, importance)
-        better = err < best_err
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-        best_err = torch.where(better, err, best_err)
-    return best_scale, best_zero
+    # Every shrink factor at once, as a leading dimension of c candidates: GPTQ fits a
+    # grid at each group boundary of its column loop, so one call per group must be a
+    # handful of ops, not a Python loop over the candidates. Chunked to bound memory.
+    shrinks = torch.linspace(1.0, scheme.clip_min, scheme.clip_grid)  # 1.0 first
+    chunk = max(1, _CLIP_SEARCH_ELEMENTS // max(w.numel(), 1))
+    scales, zeros, errors = [], [], []
+    for start in range(0, len(shrinks), chunk):
+        shrink = shrinks[start : start + chunk, None]  # (c, 1)
+        scale, zero = _grid(low * shrink, high * shrink, scheme)  # (c, rows) each
+        scales.append(scale)
+        zeros.append(zero)
+        errors.append(_squared_error(w, scale, zero, scheme, importance))
+    # argmin keeps the first of equal errors: the widest range, unless a shrink is better.
+    best = torch.cat(errors).argmin(dim=0, keepdim=True)  # (1, rows)
+    return torch.cat(scales).gather(0, best)[0], torch.cat(zeros).gather(0, best)[0]
 
 
 def _grid(
@@ -142,17 +149,14 @@ def _squared_error(
     scheme: Scheme,
     importance: torch.Tensor | None,
 ) -> torch.Tensor:
-    err = (
-        dequantize_codes(
-            quantize_codes(w, scale[:, None], zero[:, None], scheme.maxq),
-            scale[:, None],
-            zero[:, None],
-        )
-        - w
-    ).pow(2)  # (rows, n)
+    """Squared error of ``w`` (rows, n) on each grid; ``scale``/``zero`` (..., rows)."""
+    scale, zero = scale[..., None], zero[..., None]
+    err = (dequantize_codes(quantize_codes(w, scale, zero, scheme.maxq), scale, zero) - w).pow_(
+        2
+    )  # (..., rows, n)
     if importance is not None:
-        err = err * importance
-    return err.sum(dim=1)
+        err = err.mul_(importance)
+    return err.sum(dim=-1)
 
 
 def quantize_codes(

@@ -49,7 +49,7 @@ def parse_pattern(text: str) -> tuple[int, int]:
     return n, m
 
 
-def spread(total: int, parts: int) -> list[int]:
+def even_split(total: int, parts: int) -> list[int]:
     """``total`` split into ``parts`` integers that differ by at most one and sum to it."""
     return [total * (i + 1) // parts - total * i // parts for i in range(parts)]
 
@@ -63,21 +63,20 @@ def exact_counts(sizes: Sequence[int], sparsities: Sequence[float], target: floa
     total = round(target * sum(sizes))
     wanted = [min(max(s, 0.0), 1.0) * n for s, n in zip(sparsities, sizes, strict=True)]
     counts = [min(math.floor(w), n) for w, n in zip(wanted, sizes, strict=True)]
-    # Hand the remaining zeros to the layers whose wish was rounded down the most (and
+    # Hand the remaining zeros to the layers whose wish was rounded down the most (or
     # take surplus ones back from those rounded down the least), never past a layer's size.
     order = sorted(range(len(sizes)), key=lambda i: counts[i] - wanted[i])
-    i = 0
-    while sum(counts) < total:
-        j = order[i % len(order)]
-        if counts[j] < sizes[j]:
-            counts[j] += 1
-        i += 1
-    i = 0
-    while sum(counts) > total:
-        j = order[-1 - i % len(order)]
-        if counts[j] > 0:
-            counts[j] -= 1
-        i += 1
+    missing = total - sum(counts)
+    while missing > 0:
+        for j in order:
+            if missing and counts[j] < sizes[j]:
+                counts[j] += 1
+                missing -= 1
+    while missing < 0:
+        for j in reversed(order):
+            if missing and counts[j] > 0:
+                counts[j] -= 1
+                missing += 1
     return counts
 
 
@@ -95,7 +94,7 @@ def row_prune_mask(scores: torch.Tensor, zeros: int) -> torch.Tensor:
 
     rows = scores.shape[0]
     mask = torch.zeros_like(scores, dtype=torch.bool)
-    per_row = spread(zeros, rows)
+    per_row = even_split(zeros, rows)
     for k in sorted(set(per_row)):
         if k == 0:
             continue

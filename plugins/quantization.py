@@ -69,7 +69,8 @@ class WeightOnlyConfig(StrategyConfig):
     group_size: int | None = Field(None, ge=1)
     #: Symmetric grids (zero point 2^(bits-1), not stored) or one zero point per group.
     symmetric: bool = False
-    #: Search, per group, the shrink of the min/max range with the least squared error.
+    #: Search, per group, the shrink of the min/max range with the least squared error
+    #: (rtn: of the weights; gptq: weighted per input by its activation energy, H_jj).
     clip_search: bool = False
     #: Which Linear layers to quantize (a regex over module names); the output head and
     #: the embeddings always stay float.
@@ -154,8 +155,9 @@ class Gptq:
     output_format = "packed"
 
     class Config(WeightOnlyConfig):
-        #: Quantize input columns in order of decreasing activation energy (desc_act):
-        #: the strongest of GPTQ's options on the small models measured.
+        #: The clipping search, weighted by each input's activation energy (H_jj).
+        clip_search: bool = True
+        #: Quantize input columns in order of decreasing activation energy (desc_act).
         act_order: bool = True
         #: With act_order and groups: fit group grids up front on contiguous columns
         #: (no g_idx, so dequantizing is cheaper) instead of in activation order.

@@ -119,3 +119,21 @@ def test_no_calibration_samples_is_an_error() -> None:
         calibrate_sequentially(
             tiny_llama(), [], lambda *a: None, select=lambda n: True, hessian=False
         )
+
+
+@pytest.mark.parametrize("width", [7, 576, 1000])
+def test_hessian_accumulated_by_blocks_is_the_full_symmetric_product(width):
+    """Only the blocks on and above the diagonal are accumulated; the mirror must be exact."""
+    from unbottle.core.layerwise import _Accumulator, _block_edges
+
+    g = torch.Generator().manual_seed(width)
+    batches = [torch.randn(2, 37, width, generator=g) for _ in range(3)]
+    acc = _Accumulator(hessian=True)
+    for x in batches:
+        acc.add(x)
+    stats = acc.stats()
+    x = torch.cat([b.reshape(-1, width) for b in batches])
+    assert stats.tokens == x.shape[0]
+    torch.testing.assert_close(stats.hessian, x.T @ x, rtol=1e-5, atol=1e-3)
+    assert torch.equal(stats.hessian, stats.hessian.T)
+    assert len(_block_edges(width)) - 1 == max(1, round(width / 384))

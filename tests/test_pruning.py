@@ -204,6 +204,25 @@ def test_sparsegpt_reconstructs_the_layer_output_better_than_magnitude_and_wanda
     assert errors["wanda"] < 0.8 * errors["magnitude"], errors
 
 
+@pytest.mark.parametrize("pattern", [None, (2, 4)], ids=["50%", "2:4"])
+def test_sparsegpt_column_loop_split_over_threads_gives_the_one_thread_result(pattern):
+    _, x = correlated_layer(1)
+    weight = torch.randn(300, 128, generator=torch.Generator().manual_seed(7))  # 2 row slices
+    hinv = inverse_hessian_factor(x.T @ x)
+    zeros = None if pattern else weight.numel() // 2
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sparsegpt_prune(weight, hinv, zeros=zeros, pattern=pattern, blocksize=32)
+        torch.set_num_threads(2)
+        two = sparsegpt_prune(weight, hinv, zeros=zeros, pattern=pattern, blocksize=32)
+        assert torch.get_num_threads() == 2  # the loop's one-thread setting is undone
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one == 0, two == 0)
+    torch.testing.assert_close(one, two, rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- structured
 
 
