@@ -33,9 +33,10 @@ weights files of the saved variant (safetensors, or ONNX graph and data).
 
 Rows: ``dense``; ``magnitude``, ``wanda``, ``sparsegpt`` at 50% and 2:4; ``rtn`` and
 ``gptq`` at int4 group 64, int4 per channel and int8 per channel; ``onnx-int8`` (ONNX
-Runtime dynamic int8); ``int4-asym-g32``, which is lossless by construction on this
-model (it was shipped Q4_1: its linear weights already lie on a 4-bit asymmetric grid
-in groups of 32) and is there as a check of the packing, not as a result. With
+Runtime dynamic int8); ``int4-asym-g32``, the model's own grouping: it was shipped Q4_1,
+so its linear weights already lie on a 4-bit grid in groups of 32 (with a float
+minimum, which unbottle's integer zero points do not reproduce); not a result either
+way. With
 ``--demo-model`` (the finetuned demo model, e.g. ``artifacts/finetune`` after
 ``make demo``): a recipe run by the compress stage itself on that model, by default
 structured pruning then ``kd`` distillation (``--demo-recipe``), calibrated as the demo
@@ -137,16 +138,22 @@ ROWS: dict[str, Row] = {
         "quantization",
         "rtn",
         {"bits": 4, "group_size": 32, "symmetric": False},
-        "RTN int4 asym g32 (lossless by construction)",
+        "RTN int4 asym g32 (the model's Q4_1 grouping)",
         note=(
-            "lossless by construction, not a result: the model was shipped Q4_1, so its "
-            "linear weights already lie on a 4-bit asymmetric grid in groups of 32"
+            "not a result either way: the model was shipped Q4_1, so each group of 32 "
+            "weights is d*q + m with a float16 step d and minimum m; a grid with such a "
+            "float offset reproduces them exactly. unbottle's grids keep zero on the grid "
+            "(an integer zero point), which is not Q4_1's grid, so this row is not lossless"
         ),
     ),
 }
 DEMO = "demo"  # the structured-prune-then-distill rows on the demo model
 #: The demo recipe: structured pruning, then distillation from the unpruned model.
-DEMO_RECIPE: list[dict[str, Any]] = [{"prune": "structured"}, {"distill": "kd"}]
+#: Half the FFN channels of every block, then 200 steps of distillation.
+DEMO_RECIPE: list[dict[str, Any]] = [
+    {"prune": "structured", "ffn": 0.5},
+    {"distill": "kd", "steps": 200},
+]
 
 # ------------------------------------------------------------------------------ text
 
