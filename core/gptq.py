@@ -46,12 +46,12 @@ are written into the model as it goes.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from unbottle.core.errors import ConfigError
+from unbottle.core.layerwise import one_thread
 from unbottle.core.quantize import (
     QuantizedWeight,
     Scheme,
@@ -92,7 +92,7 @@ def prepare_hessian(hessian: torch.Tensor, *, damp: float, act_order: bool) -> P
     eye = torch.eye(H.shape[0])
     used = damp
     for _ in range(4):
-        with single_thread():
+        with one_thread():
             lower, info = torch.linalg.cholesky_ex(H + used * mean_diag * eye)
             if int(info) == 0:
                 inverse = torch.cholesky_inverse(lower)  # (in, in)
@@ -101,24 +101,6 @@ def prepare_hessian(hessian: torch.Tensor, *, damp: float, act_order: bool) -> P
             return PreparedHessian(dead, diag, perm, upper, used, used * mean_diag)
         used *= 10
     raise ValueError(f"the input Hessian is not positive definite even with damping {used:g}")
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one thread inside the block.
-
-    GPTQ's column loop is thousands of ops on a few thousand numbers each; spread over a
-    thread pool, each op waits for the pool's hand-off, which costs more than the op (and
-    many times more when the cores are shared with other processes).
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass
@@ -166,18 +148,6 @@ def gptq_layer(
     The clipping search (``scheme.clip_search``) weighs each column's squared error by
     H_jj, the diagonal of the layer's output error, rather than counting weights alike.
     """
-    with single_thread():  # thousands of small ops: a thread pool's hand-offs cost more
-        return _gptq_rows(weight, hessian, scheme, static_groups, block_size)
-
-
-def _gptq_rows(
-    weight: torch.Tensor,
-    hessian: PreparedHessian,
-    scheme: Scheme,
-    static_groups: bool,
-    block_size: int,
-) -> LayerResult:
-    """GPTQ on the rows of ``weight``, with torch on the caller's threads."""
     import torch
 
     W = weight.detach().float().clone()  # (out, in)
@@ -219,27 +189,28 @@ def _gptq_rows(
     fit_in_loop = grouped and not static_groups
     Hinv = hessian.hinv_chol
     row_loss = torch.zeros(out)
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        block = Wt[i1:i2]  # (B, out) view, kept up to date column by column
-        errors = torch.empty_like(block)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = group_list[col]
-            if fit_in_loop and col % length == 0:
-                importance = None if diag is None else hessian.diag[col : col + length]
-                scales_t[g], zeros_t[g] = fit_grid(block[i : i + length].T, scheme, importance)
-            s, z = scales_t[g], zeros_t[g]  # (out,)
-            w = block[i]  # (out,)
-            q = torch.div(w, s).round_().add_(z).clamp_(0, scheme.maxq)
-            codes[col] = q
-            err = errors[i]
-            torch.sub(w, (q - z).mul_(s), out=err)  # w - dequantized, as (q - z) * s
-            err.div_(Hinv1[i, i])
-            block[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # (B - i, out)
-        Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, errors, alpha=-1)  # the lazy batch update
-        row_loss += errors.pow(2).sum(dim=0)
+    with one_thread():  # thousands of small ops: a thread pool's hand-offs cost more
+        for i1 in range(0, n, block_size):
+            i2 = min(i1 + block_size, n)
+            block = Wt[i1:i2]  # (B, out) view, kept up to date column by column
+            errors = torch.empty_like(block)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                g = group_list[col]
+                if fit_in_loop and col % length == 0:
+                    importance = None if diag is None else hessian.diag[col : col + length]
+                    scales_t[g], zeros_t[g] = fit_grid(block[i : i + length].T, scheme, importance)
+                s, z = scales_t[g], zeros_t[g]  # (out,)
+                w = block[i]  # (out,)
+                q = torch.div(w, s).round_().add_(z).clamp_(0, scheme.maxq)
+                codes[col] = q
+                err = errors[i]
+                torch.sub(w, (q - z).mul_(s), out=err)  # w - dequantized, as (q - z) * s
+                err.div_(Hinv1[i, i])
+                block[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # (B - i, out)
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, errors, alpha=-1)  # the lazy batch update
+            row_loss += errors.pow(2).sum(dim=0)
     codes, scales, zeros = codes.T, scales_t.T, zeros_t.T
 
     g_idx = None

@@ -151,9 +151,8 @@ def _squared_error(
 ) -> torch.Tensor:
     """Squared error of ``w`` (rows, n) on each grid; ``scale``/``zero`` (..., rows)."""
     scale, zero = scale[..., None], zero[..., None]
-    err = (dequantize_codes(quantize_codes(w, scale, zero, scheme.maxq), scale, zero) - w).pow_(
-        2
-    )  # (..., rows, n)
+    codes = quantize_codes(w, scale, zero, scheme.maxq)
+    err = (dequantize_codes(codes, scale, zero) - w).pow_(2)  # (..., rows, n)
     if importance is not None:
         err = err.mul_(importance)
     return err.sum(dim=-1)

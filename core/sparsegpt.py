@@ -24,32 +24,13 @@ its blocks in proportion to their widths, so the achieved sparsity is the asked 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from unbottle.core.layerwise import one_thread
+
 if TYPE_CHECKING:
     import torch
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread inside the block.
-
-    SparseGPT's column loop is a long chain of small operations, and the Cholesky steps
-    are sequential too: waking other threads for each costs more than it saves, and on a
-    busy machine far more (100x for the loop, 20x for the factorisation, measured with
-    2 threads on 2 shared cores).
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
