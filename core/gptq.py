@@ -55,6 +55,7 @@ from unbottle.core.layerwise import one_thread
 from unbottle.core.quantize import (
     QuantizedWeight,
     Scheme,
+    clamp_codes,
     fit_grid,
     weight_error,
 )
@@ -189,26 +190,35 @@ def gptq_layer(
     fit_in_loop = grouped and not static_groups
     Hinv = hessian.hinv_chol
     row_loss = torch.zeros(out)
+    ratio = torch.empty(out)  # w / s, then the code minus the zero point
     with one_thread():  # thousands of small ops: a thread pool's hand-offs cost more
         for i1 in range(0, n, block_size):
             i2 = min(i1 + block_size, n)
             block = Wt[i1:i2]  # (B, out) view, kept up to date column by column
             errors = torch.empty_like(block)
             Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
+            pivots = Hinv1.diagonal().tolist()
+            # Per column: views made once per block, the grid's tensors once per group,
+            # and seven ops, all in place; with q - z = clamp(round(w / s), -z, maxq - z)
+            # the code and the error share one rounding.
+            views = (block, errors, Hinv1, codes[i1:i2])
+            rows = zip(*(v.unbind(0) for v in views), strict=True)
+            grid_of = -1
+            for i, (w, err, h_row, code) in enumerate(rows):
                 col = i1 + i
                 g = group_list[col]
                 if fit_in_loop and col % length == 0:
                     importance = None if diag is None else hessian.diag[col : col + length]
                     scales_t[g], zeros_t[g] = fit_grid(block[i : i + length].T, scheme, importance)
-                s, z = scales_t[g], zeros_t[g]  # (out,)
-                w = block[i]  # (out,)
-                q = torch.div(w, s).round_().add_(z).clamp_(0, scheme.maxq)
-                codes[col] = q
-                err = errors[i]
-                torch.sub(w, (q - z).mul_(s), out=err)  # w - dequantized, as (q - z) * s
-                err.div_(Hinv1[i, i])
-                block[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # (B - i, out)
+                    grid_of = -1
+                if g != grid_of:
+                    s, z = scales_t[g], zeros_t[g]  # (out,)
+                    low, high = -z, scheme.maxq - z
+                    grid_of = g
+                clamp_codes(torch.div(w, s, out=ratio).round_(), low, high)
+                torch.add(ratio, z, out=code)
+                torch.sub(w, torch.mul(ratio, s, out=err), out=err).div_(pivots[i])
+                block[i:].addr_(h_row[i:], err, alpha=-1)  # (B - i, out)
             Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, errors, alpha=-1)  # the lazy batch update
             row_loss += errors.pow(2).sum(dim=0)
     codes, scales, zeros = codes.T, scales_t.T, zeros_t.T

@@ -47,8 +47,10 @@ if TYPE_CHECKING:
 DEFAULT_LAYERS = r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 # The smallest positive float16 (a subnormal): a scale below it would be stored as zero.
 _MIN_SCALE = 2.0**-24
-#: The clipping search evaluates candidates in chunks of about this many weights.
-_CLIP_SEARCH_ELEMENTS = 2**24
+#: The clipping search evaluates candidates in chunks of about this many weights: a
+#: chunk's intermediates (2 MB each) stay in cache, which made GPTQ's in-loop searches
+#: 2-3x faster than one pass over every candidate (measured on a 3072 x 64 group).
+_CLIP_SEARCH_ELEMENTS = 2**19
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ def fit_grid(
         return _grid(low, high, scheme)
     # Every shrink factor at once, as a leading dimension of c candidates: GPTQ fits a
     # grid at each group boundary of its column loop, so one call per group must be a
-    # handful of ops, not a Python loop over the candidates. Chunked to bound memory.
+    # handful of ops, not a Python loop over the candidates. Chunked to stay in cache.
     shrinks = torch.linspace(1.0, scheme.clip_min, scheme.clip_grid)  # 1.0 first
     chunk = max(1, _CLIP_SEARCH_ELEMENTS // max(w.numel(), 1))
     scales, zeros, errors = [], [], []
@@ -149,13 +151,35 @@ def _squared_error(
     scheme: Scheme,
     importance: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Squared error of ``w`` (rows, n) on each grid; ``scale``/``zero`` (..., rows)."""
-    scale, zero = scale[..., None], zero[..., None]
-    codes = quantize_codes(w, scale, zero, scheme.maxq)
-    err = (dequantize_codes(codes, scale, zero) - w).pow_(2)  # (..., rows, n)
-    if importance is not None:
-        err = err.mul_(importance)
-    return err.sum(dim=-1)
+    """Squared error of ``w`` (rows, n) on each grid; ``scale``/``zero`` (..., rows).
+
+    With r = w / s and an integer zero point z, the dequantized weight is
+    (clamp(round(r) + z, 0, maxq) - z) * s = clamp(round(r), -z, maxq - z) * s, so its
+    error is s * (clamp(round(r), -z, maxq - z) - r): five passes over the candidates,
+    in place, instead of ten.
+    """
+    import torch
+
+    scale, zero = scale[..., None], zero[..., None]  # (..., rows, 1)
+    ratio = w / scale  # (..., rows, n)
+    err = clamp_codes(torch.round(ratio), -zero, scheme.maxq - zero).sub_(ratio).square_()
+    if importance is None:
+        total = err.sum(dim=-1)
+    elif importance.dim() == 1:
+        total = err @ importance  # (..., rows)
+    else:
+        total = err.mul_(importance).sum(dim=-1)
+    return total * scale[..., 0].square()
+
+
+def clamp_codes(codes: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``codes`` clamped in place to [low, high], tensors broadcast against it.
+
+    ``torch.clamp_`` with tensor bounds ran 6x slower than a maximum and a minimum here.
+    """
+    import torch
+
+    return torch.minimum(torch.maximum(codes, low, out=codes), high, out=codes)
 
 
 def quantize_codes(

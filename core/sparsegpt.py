@@ -24,6 +24,8 @@ its blocks in proportion to their widths, so the achieved sparsity is the asked 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -75,11 +77,36 @@ def sparsegpt_prune(
     ``zeros``, the exact number of weights to zero (unstructured), or ``pattern`` (N, M):
     at most N nonzeros in every M consecutive input weights of each row.
     """
+    if (zeros is None) == (pattern is None):
+        raise ValueError("give exactly one of zeros and pattern")
+    budgets = None if zeros is None else [zeros]
+    return sparsegpt_prune_together(
+        [weight], hinv, zeros=budgets, pattern=pattern, blocksize=blocksize
+    )[0]
+
+
+def sparsegpt_prune_together(
+    weights: Sequence[torch.Tensor],
+    hinv: torch.Tensor,
+    *,
+    zeros: Sequence[int] | None = None,
+    pattern: tuple[int, int] | None = None,
+    blocksize: int = 128,
+) -> list[torch.Tensor]:
+    """:func:`sparsegpt_prune` of layers fed the same input (q/k/v, gate/up), in one pass.
+
+    ``weights`` (out_i, in) share ``hinv``; ``zeros`` gives each layer's own budget.
+    Each layer gets what it would get alone: the column loop treats output rows
+    independently, and each layer's weights to zero are chosen among its own rows. One
+    loop over the stacked rows runs a third as many small ops as three loops would.
+    """
     import torch
 
     if (zeros is None) == (pattern is None):
         raise ValueError("give exactly one of zeros and pattern")
-    w = weight.detach().to(torch.float32).clone()  # (out, in)
+    if zeros is not None and len(zeros) != len(weights):
+        raise ValueError(f"{len(zeros)} budgets for {len(weights)} weights")
+    w = torch.cat([x.detach().to(torch.float32) for x in weights])  # (sum out, in)
     cols = w.shape[1]
     if pattern is not None:
         m = pattern[1]
@@ -87,21 +114,22 @@ def sparsegpt_prune(
             raise ValueError(f"{m} must divide the input width {cols} and the block {blocksize}")
     block_starts = list(range(0, cols, blocksize))
     widths = [min(blocksize, cols - s) for s in block_starts]
-    # A layer's zeros, split over its blocks in proportion to their widths.
-    budgets = [0] * len(widths)
-    if zeros is not None:
-        cumulative = [0]
-        for width in widths:
-            cumulative.append(cumulative[-1] + width)
-        budgets = [
-            round(zeros * cumulative[b + 1] / cols) - round(zeros * cumulative[b] / cols)
+    stops = list(itertools.accumulate(x.shape[0] for x in weights))
+    layers = [slice(stop - x.shape[0], stop) for x, stop in zip(weights, stops, strict=True)]
+    # Each layer's zeros, split over the blocks in proportion to their widths.
+    edges = [0, *itertools.accumulate(widths)]
+    budgets = [
+        [
+            round(count * edges[b + 1] / cols) - round(count * edges[b] / cols)
             for b in range(len(widths))
         ]
+        for count in (zeros or [0] * len(weights))
+    ]
 
     workers = torch.get_num_threads()  # one column loop per core, each on one thread
     with one_thread():
-        _prune_blocks(w, hinv, block_starts, widths, budgets, pattern, workers)
-    return w.to(weight.dtype)
+        _prune_blocks(w, hinv, block_starts, widths, layers, budgets, pattern, workers)
+    return [w[rows].to(x.dtype) for x, rows in zip(weights, layers, strict=True)]
 
 
 #: Fewer rows than this per thread and the threads' hand-offs cost more than they save.
@@ -113,16 +141,19 @@ def _prune_blocks(
     hinv: torch.Tensor,
     block_starts: list[int],
     widths: list[int],
-    budgets: list[int],
+    layers: list[slice],
+    budgets: list[list[int]],
     pattern: tuple[int, int] | None,
     workers: int,
 ) -> None:
     """SparseGPT's Algorithm 1 on ``w`` in place, block by block.
 
-    Works on W transposed, so that a column of W is a contiguous row for the loop's many
-    small ops. A block's mask is chosen over all rows at once; the column loop that
-    follows treats rows independently, so it runs on ``workers`` row slices in parallel
-    threads (torch on one thread each: the caller's ``one_thread``).
+    ``layers`` are the row ranges of the stacked layers, and ``budgets[k][b]`` the
+    zeros of layer k in block b (unstructured). Works on W transposed, so that a column
+    of W is a contiguous row for the loop's many small ops. A block's mask is chosen
+    per layer, over all its rows at once; the column loop that follows treats rows
+    independently, so it runs on ``workers`` row slices in parallel threads (torch on
+    one thread each: the caller's ``one_thread``).
     """
     import numpy
     import torch
@@ -136,19 +167,24 @@ def _prune_blocks(
     ]  # of W's rows: columns of wt
     pool = ThreadPoolExecutor(parts) if parts > 1 else None
     try:
-        for start, width, budget in zip(block_starts, widths, budgets, strict=True):
+        for b, (start, width) in enumerate(zip(block_starts, widths, strict=True)):
             end = start + width
             block = wt[start:end]  # (width, out), a view: updated in place
             h_block = hinv[start:end, start:end]  # (width, width)
             diag = torch.diagonal(h_block)  # (width,)
             errors = torch.zeros_like(block)  # (width, out)
             pruned = torch.zeros_like(block, dtype=torch.bool)
-            if pattern is None and budget:
-                saliency = (block.pow(2) / diag.pow(2).unsqueeze(1)).reshape(-1)
+            for rows, layer_budgets in zip(layers, budgets, strict=True):
+                budget = layer_budgets[b]
+                if pattern is not None or not budget:
+                    continue
+                saliency = block[:, rows].pow(2) / diag.pow(2).unsqueeze(1)  # (width, r)
                 # A partition in linear time: topk or a sort, with k near half of a
                 # block's 10^5 weights, took 5-10x longer.
-                lowest = numpy.argpartition(saliency.numpy(), budget - 1)[:budget]
-                pruned.view(-1)[torch.from_numpy(lowest)] = True
+                lowest = numpy.argpartition(saliency.reshape(-1).numpy(), budget - 1)[:budget]
+                lowest = torch.from_numpy(lowest)
+                height = rows.stop - rows.start
+                pruned[lowest // height, lowest % height + rows.start] = True
 
             def columns(
                 rows: slice, block=block, h_block=h_block, diag=diag, errors=errors, pruned=pruned

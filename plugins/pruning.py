@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -496,7 +497,7 @@ class SparseGPT:
         import torch
 
         from unbottle.core.layerwise import calibrate_sequentially
-        from unbottle.core.sparsegpt import inverse_hessian_factor, sparsegpt_prune
+        from unbottle.core.sparsegpt import inverse_hessian_factor, sparsegpt_prune_together
 
         opts = self.config
         layers = prunable_linears(model, opts.layers)
@@ -508,28 +509,26 @@ class SparseGPT:
             )
         _check_calibration(ctx, "sparsegpt")
         budgets = _zero_budgets(model, layers, ctx, opts) if opts.nm is None else {}
-        # q/k/v (and gate/up) share one input, hence one Hessian: factor it once. The
-        # cache holds the statistics object itself, so its identity cannot be reused.
-        cached: list[Any] = [None, None]  # [stats, factor]
 
-        def process(name: str, linear: Any, stats: Any) -> None:
-            if cached[0] is not stats:
-                cached[:] = [stats, inverse_hessian_factor(stats.hessian, opts.damping)]
-            pruned = sparsegpt_prune(
-                linear.weight,
-                cached[1],
-                zeros=budgets.get(name) if opts.nm is None else None,
+        def process(group: Sequence[tuple[str, Any]], stats: Any) -> None:
+            # q/k/v (and gate/up) share one input, hence one Hessian: factored once and
+            # pruned as one stacked matrix, each layer with its own budget.
+            pruned = sparsegpt_prune_together(
+                [linear.weight for _, linear in group],
+                inverse_hessian_factor(stats.hessian, opts.damping),
+                zeros=None if opts.nm is not None else [budgets[name] for name, _ in group],
                 pattern=opts.nm,
                 blocksize=opts.blocksize,
             )
-            linear.weight.copy_(pruned)
+            for (_, linear), weight in zip(group, pruned, strict=True):
+                linear.weight.copy_(weight)
 
         selected = {name for name, _ in layers}
         with torch.no_grad():
             calibrate_sequentially(
                 model,
                 ctx.calibration,
-                process,
+                process_together=process,
                 select=lambda name: name in selected,
                 hessian=True,
                 batch_size=opts.batch_size,

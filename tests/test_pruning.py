@@ -15,7 +15,12 @@ from tests.conftest import TINY_PARAMS, make_workspace
 from unbottle.core.config import Params, check_strategies, load_params
 from unbottle.core.errors import ConfigError
 from unbottle.core.registry import get_registry
-from unbottle.core.sparsegpt import inverse_hessian_factor, reconstruction_error, sparsegpt_prune
+from unbottle.core.sparsegpt import (
+    inverse_hessian_factor,
+    reconstruction_error,
+    sparsegpt_prune,
+    sparsegpt_prune_together,
+)
 from unbottle.core.sparsity import exact_counts, nm_prune_mask, row_prune_mask, wanda_scores
 from unbottle.core.strategies import CompressContext
 from unbottle.core.structured import Shape, measure_importance, plan_cut
@@ -221,6 +226,27 @@ def test_sparsegpt_column_loop_split_over_threads_gives_the_one_thread_result(pa
         torch.set_num_threads(threads)
     assert torch.equal(one == 0, two == 0)
     torch.testing.assert_close(one, two, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)], ids=["unstructured", "2:4"])
+def test_sparsegpt_on_stacked_layers_gives_each_layer_its_own_result(pattern):
+    _, x = correlated_layer(1)
+    generator = torch.Generator().manual_seed(3)
+    weights = [torch.randn(rows, 128, generator=generator) for rows in (96, 32, 160)]
+    hinv = inverse_hessian_factor(x.T @ x)
+    budgets = [w.numel() * share // 8 for w, share in zip(weights, (4, 2, 5), strict=True)]
+    alone = [
+        sparsegpt_prune(w, hinv, zeros=None if pattern else zeros, pattern=pattern, blocksize=32)
+        for w, zeros in zip(weights, budgets, strict=True)
+    ]
+    together = sparsegpt_prune_together(
+        weights, hinv, zeros=None if pattern else budgets, pattern=pattern, blocksize=32
+    )
+    for one, stacked, zeros in zip(alone, together, budgets, strict=True):
+        assert torch.equal(one == 0, stacked == 0)  # each layer's own mask and budget
+        if pattern is None:
+            assert int((stacked == 0).sum()) == zeros
+        torch.testing.assert_close(stacked, one, rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- structured
