@@ -107,18 +107,18 @@ def fit_grid(
     # Every shrink factor at once, as a leading dimension of c candidates: GPTQ fits a
     # grid at each group boundary of its column loop, so one call per group must be a
     # handful of ops, not a Python loop over the candidates. Chunked to stay in cache.
-    shrinks = torch.linspace(1.0, scheme.clip_min, scheme.clip_grid)  # 1.0 first
+    shrinks = torch.linspace(1.0, scheme.clip_min, scheme.clip_grid)[:, None]  # 1.0 first
+    scales, zeros = _grid(low * shrinks, high * shrinks, scheme)  # (c, rows) each
     chunk = max(1, _CLIP_SEARCH_ELEMENTS // max(w.numel(), 1))
-    scales, zeros, errors = [], [], []
-    for start in range(0, len(shrinks), chunk):
-        shrink = shrinks[start : start + chunk, None]  # (c, 1)
-        scale, zero = _grid(low * shrink, high * shrink, scheme)  # (c, rows) each
-        scales.append(scale)
-        zeros.append(zero)
-        errors.append(_squared_error(w, scale, zero, scheme, importance))
+    errors = torch.cat(
+        [
+            _squared_error(w, scales[i : i + chunk], zeros[i : i + chunk], scheme, importance)
+            for i in range(0, len(shrinks), chunk)
+        ]
+    )  # (c, rows)
     # argmin keeps the first of equal errors: the widest range, unless a shrink is better.
-    best = torch.cat(errors).argmin(dim=0, keepdim=True)  # (1, rows)
-    return torch.cat(scales).gather(0, best)[0], torch.cat(zeros).gather(0, best)[0]
+    best = errors.argmin(dim=0, keepdim=True)  # (1, rows)
+    return scales.gather(0, best)[0], zeros.gather(0, best)[0]
 
 
 def _grid(

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from unbottle.core.layerwise import one_thread
@@ -126,14 +125,12 @@ def sparsegpt_prune_together(
         for count in (zeros or [0] * len(weights))
     ]
 
-    workers = torch.get_num_threads()  # one column loop per core, each on one thread
+    # One thread: the loop's small ops cost more in a thread pool's hand-offs than they
+    # gain, and splitting the rows over two Python threads ran 1.3-2.4x slower than one
+    # loop (measured on 960-3072 x 576 and 576 x 1536 weights, 2 cores).
     with one_thread():
-        _prune_blocks(w, hinv, block_starts, widths, layers, budgets, pattern, workers)
+        _prune_blocks(w, hinv, block_starts, widths, layers, budgets, pattern)
     return [w[rows].to(x.dtype) for x, rows in zip(weights, layers, strict=True)]
-
-
-#: Fewer rows than this per thread and the threads' hand-offs cost more than they save.
-_MIN_ROWS_PER_WORKER = 128
 
 
 def _prune_blocks(
@@ -144,74 +141,54 @@ def _prune_blocks(
     layers: list[slice],
     budgets: list[list[int]],
     pattern: tuple[int, int] | None,
-    workers: int,
 ) -> None:
     """SparseGPT's Algorithm 1 on ``w`` in place, block by block.
 
     ``layers`` are the row ranges of the stacked layers, and ``budgets[k][b]`` the
     zeros of layer k in block b (unstructured). Works on W transposed, so that a column
     of W is a contiguous row for the loop's many small ops. A block's mask is chosen
-    per layer, over all its rows at once; the column loop that follows treats rows
-    independently, so it runs on ``workers`` row slices in parallel threads (torch on
-    one thread each: the caller's ``one_thread``).
+    per layer, over all its rows at once.
     """
     import numpy
     import torch
 
     n, m = pattern if pattern is not None else (0, 0)
     wt = w.T.contiguous()  # (in, out)
-    out = wt.shape[1]
-    parts = max(1, min(workers, out // _MIN_ROWS_PER_WORKER))
-    row_slices = [
-        slice(out * i // parts, out * (i + 1) // parts) for i in range(parts)
-    ]  # of W's rows: columns of wt
-    pool = ThreadPoolExecutor(parts) if parts > 1 else None
-    try:
-        for b, (start, width) in enumerate(zip(block_starts, widths, strict=True)):
-            end = start + width
-            block = wt[start:end]  # (width, out), a view: updated in place
-            h_block = hinv[start:end, start:end]  # (width, width)
-            diag = torch.diagonal(h_block)  # (width,)
-            errors = torch.zeros_like(block)  # (width, out)
-            pruned = torch.zeros_like(block, dtype=torch.bool)
-            for rows, layer_budgets in zip(layers, budgets, strict=True):
-                budget = layer_budgets[b]
-                if pattern is not None or not budget:
-                    continue
-                saliency = block[:, rows].pow(2) / diag.pow(2).unsqueeze(1)  # (width, r)
-                # A partition in linear time: topk or a sort, with k near half of a
-                # block's 10^5 weights, took 5-10x longer.
-                lowest = numpy.argpartition(saliency.reshape(-1).numpy(), budget - 1)[:budget]
-                lowest = torch.from_numpy(lowest)
-                height = rows.stop - rows.start
-                pruned[lowest // height, lowest % height + rows.start] = True
+    for b, (start, width) in enumerate(zip(block_starts, widths, strict=True)):
+        end = start + width
+        block = wt[start:end]  # (width, out), a view: updated in place
+        h_block = hinv[start:end, start:end]  # (width, width)
+        diag = torch.diagonal(h_block)  # (width,)
+        errors = torch.zeros_like(block)  # (width, out)
+        pruned = torch.zeros_like(block, dtype=torch.bool)
+        for rows, layer_budgets in zip(layers, budgets, strict=True):
+            budget = layer_budgets[b]
+            if pattern is not None or not budget:
+                continue
+            saliency = block[:, rows].pow(2) / diag.pow(2).unsqueeze(1)  # (width, r)
+            # A partition in linear time: topk or a sort, with k near half of a
+            # block's 10^5 weights, took 5-10x longer.
+            lowest = numpy.argpartition(saliency.reshape(-1).numpy(), budget - 1)[:budget]
+            lowest = torch.from_numpy(lowest)
+            height = rows.stop - rows.start
+            pruned[lowest // height, lowest % height + rows.start] = True
 
-            def columns(
-                rows: slice, block=block, h_block=h_block, diag=diag, errors=errors, pruned=pruned
-            ) -> None:
-                part, part_errors, part_pruned = block[:, rows], errors[:, rows], pruned[:, rows]
-                for j in range(part.shape[0]):
-                    if pattern is not None and j % m == 0:
-                        group = part[j : j + m].pow(2) / diag[j : j + m, None].pow(2)  # (m, r)
-                        lowest = torch.topk(group, m - n, dim=0, largest=False).indices
-                        part_pruned[j : j + m].scatter_(0, lowest, True)
-                    column = part[j]  # (r,)
-                    kept = torch.where(part_pruned[j], 0.0, column)
-                    error = part_errors[j]
-                    torch.sub(column, kept, out=error).div_(diag[j])
-                    # OBS: move this column's error onto the block's columns to its right.
-                    part[j:].addr_(h_block[j, j:], error, alpha=-1)
-                    part[j] = kept
-
-            if pool is None:
-                columns(slice(None))
-            else:
-                list(pool.map(columns, row_slices))
-            # Lazy batch update: the whole block's errors onto every column after it.
-            wt[end:].addmm_(hinv[start:end, end:].T, errors, alpha=-1)  # (in - end, out)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+        # Views made once per block, and four ops per column.
+        pivots, h_rows = diag.tolist(), h_block.unbind(0)
+        views = zip(*(v.unbind(0) for v in (block, errors, pruned)), strict=True)
+        for j, (column, error, mask) in enumerate(views):  # (out,) each
+            if pattern is not None and j % m == 0:
+                group = block[j : j + m].pow(2) / diag[j : j + m, None].pow(2)  # (m, out)
+                lowest = torch.topk(group, m - n, dim=0, largest=False).indices
+                pruned[j : j + m].scatter_(0, lowest, True)
+            # The error of zeroing the masked weights (and none for the others).
+            torch.mul(column, mask, out=error).div_(pivots[j])
+            # OBS: move this column's error onto the block's columns to its right
+            # (which leaves the pruned weights near zero; then exactly zero).
+            block[j:].addr_(h_rows[j][j:], error, alpha=-1)
+            column.masked_fill_(mask, 0.0)
+        # Lazy batch update: the whole block's errors onto every column after it.
+        wt[end:].addmm_(hinv[start:end, end:].T, errors, alpha=-1)  # (in - end, out)
     w.copy_(wt.T)
 
 
