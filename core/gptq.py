@@ -199,8 +199,9 @@ def gptq_layer(
             Hinv1 = Hinv[i1:i2, i1:i2]
             pivots = Hinv1.diagonal().tolist()
             # Per column: views made once per block, the grid's tensors once per group,
-            # and seven ops, all in place; with q - z = clamp(round(w / s), -z, maxq - z)
-            # the code and the error share one rounding.
+            # and a few ops writing into existing tensors; with
+            # q - z = clamp(round(w / s), -z, maxq - z) the code and the error share one
+            # rounding.
             views = (block, errors, Hinv1, codes[i1:i2])
             rows = zip(*(v.unbind(0) for v in views), strict=True)
             grid_of = -1

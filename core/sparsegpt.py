@@ -76,8 +76,6 @@ def sparsegpt_prune(
     ``zeros``, the exact number of weights to zero (unstructured), or ``pattern`` (N, M):
     at most N nonzeros in every M consecutive input weights of each row.
     """
-    if (zeros is None) == (pattern is None):
-        raise ValueError("give exactly one of zeros and pattern")
     budgets = None if zeros is None else [zeros]
     return sparsegpt_prune_together(
         [weight], hinv, zeros=budgets, pattern=pattern, blocksize=blocksize
