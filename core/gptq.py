@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from unbottle.core.errors import ConfigError
-from unbottle.core.layerwise import one_thread
+from unbottle.core.layerwise import inverse_cholesky_factor, one_thread
 from unbottle.core.quantize import (
     QuantizedWeight,
     Scheme,
@@ -87,18 +87,15 @@ def prepare_hessian(hessian: torch.Tensor, *, damp: float, act_order: bool) -> P
     H[dead, dead] = 1.0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
-        H = H[perm][:, perm]
+        H = H.index_select(0, perm).index_select(1, perm)
     diag = torch.diag(H).clone()
     mean_diag = float(diag.mean())
-    eye = torch.eye(H.shape[0])
     used = damp
     for _ in range(4):
-        with one_thread():
-            lower, info = torch.linalg.cholesky_ex(H + used * mean_diag * eye)
-            if int(info) == 0:
-                inverse = torch.cholesky_inverse(lower)  # (in, in)
-                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-        if int(info) == 0:
+        damped = H.clone()
+        damped.diagonal().add_(used * mean_diag)
+        upper = inverse_cholesky_factor(damped)
+        if upper is not None:
             return PreparedHessian(dead, diag, perm, upper, used, used * mean_diag)
         used *= 10
     raise ValueError(f"the input Hessian is not positive definite even with damping {used:g}")
@@ -176,60 +173,80 @@ def gptq_layer(
         group_of = (perm if perm is not None else torch.arange(n)) // length
     else:
         group_of = torch.arange(n) // length
-    if perm is not None:
-        W = W[:, perm]
     if grouped:
         block_size = max(1, block_size // length) * length  # groups never straddle blocks
 
     # Transposed, a column of W is a contiguous row: the loop's many small ops run on
-    # contiguous memory.
-    Wt = W.T.contiguous()  # (in, out)
-    codes = torch.zeros(n, out)  # (in, out), integer-valued, in processing order
+    # contiguous memory. Rows in processing order.
+    Wt = W.T.contiguous() if perm is None else W.T.index_select(0, perm)  # (in, out)
+    codes = torch.zeros(n, out)  # (in, out): q - z during the loop, in processing order
     scales_t, zeros_t = scales.T.contiguous(), zeros.T.contiguous()  # (G, out)
     group_list = group_of.tolist()
     fit_in_loop = grouped and not static_groups
+    # Within a block, columns go in sub-blocks of ``step``: a column's rounding error is
+    # spread at once only over its own sub-block (a small slab that stays in cache), and
+    # over the rest of the block once per sub-block, as one matrix product. A sub-block
+    # never straddles a group, so a grid fitted at a group's first column sees every
+    # update of the columns before it.
+    step = _sub_block(length if fit_in_loop else block_size)
     Hinv = hessian.hinv_chol
     row_loss = torch.zeros(out)
-    ratio = torch.empty(out)  # w / s, then the code minus the zero point
     with one_thread():  # thousands of small ops: a thread pool's hand-offs cost more
         for i1 in range(0, n, block_size):
             i2 = min(i1 + block_size, n)
-            block = Wt[i1:i2]  # (B, out) view, kept up to date column by column
+            block = Wt[i1:i2]  # (B, out) view, kept up to date
+            # Per column, w minus its dequantized value, divided by the column's pivot
+            # [H^-1]_jj once its sub-block is done: the error GPTQ spreads.
             errors = torch.empty_like(block)
             Hinv1 = Hinv[i1:i2, i1:i2]
-            pivots = Hinv1.diagonal().tolist()
-            # Per column: views made once per block, the grid's tensors once per group,
-            # and a few ops writing into existing tensors; with
-            # q - z = clamp(round(w / s), -z, maxq - z) the code and the error share one
-            # rounding.
-            views = (block, errors, Hinv1, codes[i1:i2])
-            rows = zip(*(v.unbind(0) for v in views), strict=True)
+            pivots = Hinv1.diagonal()
+            scale_by = (-1.0 / pivots).tolist()
             grid_of = -1
-            for i, (w, err, h_row, code) in enumerate(rows):
-                col = i1 + i
-                g = group_list[col]
-                if fit_in_loop and col % length == 0:
-                    importance = None if diag is None else hessian.diag[col : col + length]
-                    scales_t[g], zeros_t[g] = fit_grid(block[i : i + length].T, scheme, importance)
+            for j1 in range(0, i2 - i1, step):
+                j2 = min(j1 + step, i2 - i1)
+                first = i1 + j1
+                if fit_in_loop and first % length == 0:
+                    g = group_list[first]
+                    importance = None if diag is None else hessian.diag[first : first + length]
+                    group = block[j1 : j1 + length].T.contiguous()  # (out, group)
+                    scales_t[g], zeros_t[g] = fit_grid(group, scheme, importance)
                     grid_of = -1
-                if g != grid_of:
-                    s, z = scales_t[g], zeros_t[g]  # (out,)
-                    low, high = -z, scheme.maxq - z
-                    grid_of = g
-                clamp_codes(torch.div(w, s, out=ratio).round_(), low, high)
-                torch.add(ratio, z, out=code)
-                torch.sub(w, torch.mul(ratio, s, out=err), out=err).div_(pivots[i])
-                block[i:].addr_(h_row[i:], err, alpha=-1)  # (B - i, out)
+                slab = block[j1:j2]  # (S, out)
+                # Hinv1 is upper triangular: row i of the slab's own part is zero left of
+                # the diagonal, so updating the whole slab leaves the columns already
+                # done alone (all but column i itself, which is never read again).
+                columns = zip(
+                    slab.unbind(0),
+                    errors[j1:j2].unbind(0),
+                    codes[first : i1 + j2].unbind(0),
+                    Hinv1[j1:j2, j1:j2].unbind(0),
+                    range(first, i1 + j2),
+                    strict=True,
+                )
+                for w, err, code, h_row, col in columns:
+                    g = group_list[col]
+                    if g != grid_of:
+                        s, z = scales_t[g], zeros_t[g]  # (out,)
+                        low, high = -z, scheme.maxq - z
+                        grid_of = g
+                    # q - z = clamp(round(w / s), -z, maxq - z): one rounding gives both
+                    # the code and the error.
+                    clamp_codes(torch.div(w, s, out=code).round_(), low, high)
+                    torch.addcmul(w, code, s, value=-1.0, out=err)  # w - (q - z) * s
+                    slab.addr_(h_row, err, alpha=scale_by[col - i1])
+                done = errors[j1:j2].div_(pivots[j1:j2, None])  # (S, out)
+                block[j2:].addmm_(Hinv1[j1:j2, j2:].T, done, alpha=-1)
             Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, errors, alpha=-1)  # the lazy batch update
             row_loss += errors.pow(2).sum(dim=0)
-    codes, scales, zeros = codes.T, scales_t.T, zeros_t.T
+    codes.add_(zeros_t[group_of])  # q = (q - z) + z, each column with its group's z
 
     g_idx = None
     if perm is not None:
         inverse = torch.argsort(perm)
-        codes = codes[:, inverse]
+        codes = codes.index_select(0, inverse)  # rows back in the original column order
         if grouped and not static_groups:
             g_idx = group_of[inverse].to(torch.int32)  # column j -> its group's grid
+    codes, scales, zeros = codes.T, scales_t.T, zeros_t.T  # (out, in), (out, G) each
     quantized = QuantizedWeight(
         codes=codes.to(torch.uint8),
         scales=scales.half(),
@@ -238,6 +255,11 @@ def gptq_layer(
         bits=scheme.bits,
     )
     return LayerResult(quantized, quantized.dequantize(), row_loss)
+
+
+def _sub_block(length: int, most: int = 16) -> int:
+    """The largest divisor of ``length`` that is at most ``most``."""
+    return next(d for d in range(min(most, length), 0, -1) if length % d == 0)
 
 
 def output_error(

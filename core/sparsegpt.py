@@ -28,7 +28,7 @@ import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from unbottle.core.layerwise import one_thread
+from unbottle.core.layerwise import inverse_cholesky_factor, one_thread
 
 if TYPE_CHECKING:
     import torch
@@ -49,17 +49,13 @@ def inverse_hessian_factor(hessian: torch.Tensor, damping: float = 0.01) -> torc
     h[dead, dead] = 1.0
     damp = damping * torch.diagonal(h).mean()
     h.diagonal().add_(damp)
-    with one_thread():
-        # A near-singular H (few tokens, correlated inputs) may need more damping.
-        for _ in range(6):
-            chol, info = torch.linalg.cholesky_ex(h)
-            if int(info) == 0:
-                break
-            h.diagonal().add_(damp)
-        else:
-            raise ValueError("the Hessian is not positive definite even with extra damping")
-        inverse = torch.cholesky_inverse(chol)
-        return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)  # (in, in)
+    # A near-singular H (few tokens, correlated inputs) may need more damping.
+    for _ in range(6):
+        upper = inverse_cholesky_factor(h)
+        if upper is not None:
+            return upper  # (in, in)
+        h.diagonal().add_(damp)
+    raise ValueError("the Hessian is not positive definite even with extra damping")
 
 
 def sparsegpt_prune(
