@@ -17,7 +17,10 @@ after which column j is removed from H^-1. As in the paper:
   factorisation is retried with 10x the damping if it still fails);
 - columns are processed in blocks of ``block_size``: updates inside a block are applied
   at once per column, those to the columns after it once per block ("lazy batch
-  updates");
+  updates"). unbottle applies the same idea once more inside a block: a column's update
+  goes at once only to its sub-block of 16 columns, and to the rest of the block once
+  per sub-block, so the per-column work stays in cache (the result is the paper's, up
+  to the order of floating-point sums);
 - input columns never active in the calibration data (diag H = 0) get weight 0 and
   H_jj = 1, as in the reference code.
 

@@ -78,9 +78,9 @@ def one_thread() -> Iterator[None]:
     """Run torch on one thread inside the block.
 
     The column loops of GPTQ and SparseGPT are long chains of small operations, and
-    their Cholesky steps are sequential too: waking other threads for each costs more
-    than it saves, and on a busy machine far more (100x for the loop, 20x for the
-    factorisation, measured with 2 threads on 2 shared cores).
+    the factorisations of narrow Hessians are small too: waking other threads for each
+    costs more than it saves, and on a busy machine far more (100x for the loop, 20x for
+    the factorisation, measured with 2 threads on 2 shared cores).
     """
     import torch
 
@@ -94,7 +94,8 @@ def one_thread() -> Iterator[None]:
 
 #: Hessians at least this wide are factored on torch's threads, narrower ones on one: a
 #: 1536-wide factorisation is gigaflops, and took 105 ms on two threads against 180 ms
-#: on one; a 576-wide one gains 4 ms, not worth a busy machine's stalls.
+#: on one; a 576-wide one gained 4 ms, not worth a busy machine's stalls (ad-hoc
+#: timings on this repository's 2-core machine).
 THREADED_FACTOR_WIDTH = 1024
 
 

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from unbottle.core.errors import ConfigError
-from unbottle.core.layerwise import calibrate_sequentially
+from unbottle.core.layerwise import calibrate_sequentially, inverse_cholesky_factor
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -137,3 +137,16 @@ def test_hessian_accumulated_by_blocks_is_the_full_symmetric_product(width):
     torch.testing.assert_close(stats.hessian, x.T @ x, rtol=1e-5, atol=1e-3)
     assert torch.equal(stats.hessian, stats.hessian.T)
     assert len(_block_edges(width)) - 1 == max(1, round(width / 384))
+
+
+@pytest.mark.parametrize("width", [40, 1100])  # one thread, then torch's threads
+def test_inverse_cholesky_factor_is_the_upper_factor_of_the_inverse(width):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * width, width, generator=g, dtype=torch.float64)
+    h = x.T @ x + 0.1 * torch.eye(width, dtype=torch.float64)
+    upper = inverse_cholesky_factor(h)
+    assert upper is not None
+    assert torch.equal(upper, torch.triu(upper)) and bool((upper.diagonal() > 0).all())
+    torch.testing.assert_close(upper.T @ upper @ h, torch.eye(width, dtype=torch.float64))
+    h[0, 0] = -1.0  # not positive definite
+    assert inverse_cholesky_factor(h) is None
