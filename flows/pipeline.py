@@ -1,7 +1,7 @@
 """The Prefect flow: the five stages as tasks, each a thin wrapper over core's run_stage.
 
 Each task's cache key is the stage's content fingerprint (inputs, params slice, code and
-plugin versions; see ``unbottle.core.fingerprint``), offered only while the artifact on
+plugin versions; see ``unbottle.core.store.fingerprint``), offered only while the artifact on
 disk is intact: a rerun with nothing changed does no work, and changing one compress
 parameter reruns compress and what follows. I/O-bound tasks (deploy, recording in DVC)
 retry with backoff; training does not.
@@ -18,19 +18,19 @@ from prefect import flow, get_run_logger, task
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
-from unbottle.core.config import load_params
-from unbottle.core.errors import UnbottleError
-from unbottle.core.pipeline import run_stage, setup
-from unbottle.core.stage import STAGES, Layout
-from unbottle.flows.report import decide_deployment, publish_evaluation
+from unbottle.core.config.params import load_params
+from unbottle.core.contract.errors import UnbottleError
+from unbottle.core.stages.layout import STAGES, Layout
+from unbottle.core.stages.runner import run_stage, setup
+from unbottle.flows.publish import decide_deployment, publish_evaluation
 
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2)}
 
 
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     """The stage's fingerprint while its artifact is current; no key (run it) otherwise."""
-    from unbottle.core import fingerprint
     from unbottle.core.registry import get_registry
+    from unbottle.core.store import fingerprint
 
     params = _params(parameters["params_file"], parameters["overrides"])
     layout = Layout(Path(parameters["root"]))

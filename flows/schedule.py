@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unbottle.core.errors import UnbottleError
+from unbottle.core.contract.errors import UnbottleError
 
 DEFAULT_POOL = "unbottle-process"
 

@@ -27,9 +27,9 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from unbottle.core.config import load_params
-from unbottle.core.errors import ConfigError
-from unbottle.core.stage import Layout
+from unbottle.core.config.params import load_params
+from unbottle.core.contract.errors import ConfigError
+from unbottle.core.stages.layout import Layout
 
 SWEEP_DIR = "sweep"
 PREFIX_CACHE = Path(".cache") / "unbottle" / "prefixes"
@@ -79,8 +79,8 @@ def compress_variant(
     name: str, params_file: str | None, overrides: list[str], root: str, staging: str
 ) -> dict[str, Any]:
     """Build one variant into the staging directory, through the prefix cache."""
-    from unbottle.core.compress import PrefixCache, build_variant, prepare
     from unbottle.core.registry import get_registry
+    from unbottle.core.stages.compress import PrefixCache, build_variant, prepare
 
     params = _params(params_file, overrides)
     layout = Layout(Path(root))
@@ -100,10 +100,10 @@ def evaluate_model(
     name: str, model_dir: str, params_file: str | None, overrides: list[str], root: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every configured metric on one model: (row, samples)."""
-    from unbottle.core import task as qa
-    from unbottle.core.evaluate import create_metrics, measure_variant, resolve_device
-    from unbottle.core.modeling import read_text
+    from unbottle.core.data import prompts as qa
+    from unbottle.core.models.loading import read_text
     from unbottle.core.registry import get_registry
+    from unbottle.core.stages.evaluate import create_metrics, measure_variant, resolve_device
 
     params = _params(params_file, overrides)
     layout = Layout(Path(root))
@@ -126,14 +126,14 @@ def sweep(
     params_file: str | None = None, overrides: list[str] | None = None, root: str = "."
 ) -> dict[str, Any]:
     """pretrain -> finetune -> compress each variant -> evaluate each -> one report."""
-    from unbottle.core.artifacts import atomic_dir, tree_hash
-    from unbottle.core.compress import build_order, plan_prefixes, write_index
-    from unbottle.core.config import BASELINE
-    from unbottle.core.errors import GateError
-    from unbottle.core.evaluate import PRETRAINED, write_evaluation
-    from unbottle.core.pipeline import setup
+    from unbottle.core.config.params import BASELINE
+    from unbottle.core.contract.errors import GateError
+    from unbottle.core.stages.compress import build_order, plan_prefixes, write_index
+    from unbottle.core.stages.evaluate import PRETRAINED, write_evaluation
+    from unbottle.core.stages.runner import setup
+    from unbottle.core.store.artifacts import atomic_dir, tree_hash
     from unbottle.flows.pipeline import stage_task
-    from unbottle.flows.report import decide_deployment, publish_evaluation
+    from unbottle.flows.publish import decide_deployment, publish_evaluation
 
     logger = get_run_logger()
     overrides = list(overrides or [])

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import Field
 
 from unbottle import CompressContext, StrategyConfig, hookimpl
-from unbottle.core.errors import ConfigError
+from unbottle.core.contract.errors import ConfigError
 
 
 def _held_out_loss(model: Any, batches: list[Any]) -> float:
@@ -107,9 +107,9 @@ class KnowledgeDistillation:
         import torch
         import torch.nn.functional as F
 
-        from unbottle.core.config import TrainParams
+        from unbottle.core.config.params import TrainParams
         from unbottle.core.registry import get_registry
-        from unbottle.core.training import rng, train
+        from unbottle.core.training.loop import rng, train
 
         c = self.config
         teacher = ctx.teacher if ctx.teacher is not None else copy.deepcopy(model)

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from unbottle import StrategyConfig, hookimpl
-from unbottle.core.errors import ConfigError
+from unbottle.core.contract.errors import ConfigError
 
 log = logging.getLogger("unbottle.finetune")
 

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from unbottle import StrategyConfig, hookimpl
-from unbottle.core.errors import ConfigError
+from unbottle.core.contract.errors import ConfigError
 
 _LAUNCH = "torchrun --nproc_per_node N -m unbottle stage <stage> ..."
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unbottle.core.data import DemoDataConfig, write_demo_data
+from unbottle.core.data.demo import DemoDataConfig, write_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,9 +111,9 @@ PIPELINE_PARAMS["compress"]["variants"]["kd1"] = [
 
 def run_pipeline(root: Path, params: dict) -> dict:
     """Run the five stages in-process, in order."""
-    from unbottle.core.config import Params
-    from unbottle.core.pipeline import run_stage
-    from unbottle.core.stage import STAGES, Layout
+    from unbottle.core.config.params import Params
+    from unbottle.core.stages.layout import STAGES, Layout
+    from unbottle.core.stages.runner import run_stage
 
     layout = Layout(root)
     validated = Params.model_validate(params)

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import TINY_PARAMS, make_workspace
-from unbottle.core.config import Params
-from unbottle.core.pipeline import run_stage
-from unbottle.core.stage import Layout
+from unbottle.core.config.params import Params
+from unbottle.core.stages.layout import Layout
+from unbottle.core.stages.runner import run_stage
 
 _FINETUNED: dict[Path, Path] = {}
 
@@ -34,10 +34,10 @@ def finetuned_model(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -
 
 def deploy_target(name: str, options: dict[str, Any], model_dir: Path, out_dir: Path) -> dict:
     """Run a deploy target on a variant, as the deploy stage does (without its evaluation)."""
-    from unbottle.core.artifacts import read_manifest
+    from unbottle.core.contract.strategies import DeployContext
+    from unbottle.core.models.runtimes import model_format
     from unbottle.core.registry import get_registry
-    from unbottle.core.runtime import model_format
-    from unbottle.core.strategies import DeployContext
+    from unbottle.core.store.artifacts import read_manifest
 
     target = get_registry().create("deploy_target", name, options)
     ctx = DeployContext(
@@ -64,8 +64,8 @@ def live_server(
     """The real app on uvicorn, on a loopback port, in a thread; yields its base URL."""
     import uvicorn
 
-    from unbottle.core.server import create_app
-    from unbottle.core.serving import load_bundle
+    from unbottle.core.serving.engine import load_bundle
+    from unbottle.core.serving.http import create_app
 
     app = create_app(load_bundle(bundle, overrides), api_key=api_key)
     sock = socket.socket()

@@ -8,8 +8,8 @@ import re
 import pytest
 
 from tests.conftest import TINY_DATA, run_cli
-from unbottle.core.artifacts import atomic_dir, file_hashes
-from unbottle.core.data import generate_demo_data
+from unbottle.core.data.demo import generate_demo_data
+from unbottle.core.store.artifacts import atomic_dir, file_hashes
 
 
 def previous_artifact(workspace, stage: str) -> dict[str, str]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from unbottle.core.config import check_strategies, load_params
-from unbottle.core.errors import ConfigError
+from unbottle.core.config.params import check_strategies, load_params
+from unbottle.core.contract.errors import ConfigError
 from unbottle.core.registry import get_registry
 
 

@@ -1,4 +1,4 @@
-"""Tests for the synthetic demo world (unbottle.core.data)."""
+"""Tests for the synthetic demo world (unbottle.core.data.demo)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from unbottle.core.data import (
+from unbottle.core.data.demo import (
     ATTRIBUTES,
     DemoDataConfig,
     SplitMix64,

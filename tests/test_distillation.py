@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unbottle.core.errors import ConfigError
-from unbottle.core.strategies import CompressContext
+from unbottle.core.contract.errors import ConfigError
+from unbottle.core.contract.strategies import CompressContext
 from unbottle.plugins.distillation import KnowledgeDistillation
 
 VOCAB = 48

@@ -140,17 +140,15 @@ def test_push_without_a_remote_fails_before_any_work(dvc_repo):
 
 
 def test_dvc_yaml_matches_what_the_fingerprints_hash():
-    from unbottle.core.fingerprint import STAGE_CODE, STAGE_PARAMS
+    from unbottle.core.store.fingerprint import STAGE_CODE, STAGE_PARAMS
 
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert {name: tuple(stage["params"]) for name, stage in spec.items()} == STAGE_PARAMS
     for name, stage in spec.items():
-        core_deps = {
-            d.removeprefix("core/").removesuffix(".py")
-            for d in stage["deps"]
-            if d.startswith("core/")
-        }
-        assert core_deps == set(STAGE_CODE[name]), name
+        code_deps = {d.removesuffix(".py").replace("/", ".") for d in stage["deps"]}
+        core_deps = {d for d in code_deps if d.startswith("core.")}
+        assert core_deps == {m for m in STAGE_CODE[name] if m.startswith("core.")}, name
+        assert set(STAGE_CODE[name]) <= code_deps, name
 
 
 def test_dvc_yaml_declares_only_the_params_each_stage_reads():

@@ -18,24 +18,24 @@ from typing import Any
 import pytest
 
 from tests.conftest import TINY_PARAMS, make_workspace, run_cli
-from unbottle.core.artifacts import read_manifest, write_json_atomic, write_manifest
-from unbottle.core.config import (
+from unbottle.core.config.params import (
     DeployParams,
     EvaluateParams,
     Params,
     check_strategies,
     load_params,
 )
-from unbottle.core.errors import ConfigError, DataError, GateError
+from unbottle.core.contract.errors import ConfigError, DataError, GateError
+from unbottle.core.contract.strategies import EvalContext
 from unbottle.core.registry import get_registry
-from unbottle.core.strategies import EvalContext
+from unbottle.core.store.artifacts import read_manifest, write_json_atomic, write_manifest
 
 # ----------------------------------------------------------------- tiny models and runners
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_data: Path):
-    from unbottle.core.modeling import documents, read_text, train_tokenizer
+    from unbottle.core.models.loading import documents, read_text, train_tokenizer
 
     text = read_text(tiny_data / "corpus" / "train.txt", "train")
     return train_tokenizer(documents(text), 320)
@@ -73,7 +73,7 @@ def context_for(tokenizer, text: str, questions=()) -> EvalContext:
 
 @pytest.mark.parametrize(("window", "stride"), [(16, 8), (32, 32), (64, 40)])
 def test_perplexity_of_uniform_logits_is_the_vocabulary_size(tokenizer, valid_text, window, stride):
-    from unbottle.core.modeling import encode_stream
+    from unbottle.core.models.loading import encode_stream
     from unbottle.plugins.metrics import Perplexity
 
     vocab = len(tokenizer)
@@ -126,7 +126,7 @@ class Answering:
 
 
 def test_accuracy_is_exact_match_after_normalisation(tokenizer):
-    from unbottle.core import task
+    from unbottle.core.data import prompts as task
     from unbottle.plugins.metrics import Accuracy
 
     assert task.exact_match(" Dundale.\nQuestion: more", "dundale")
@@ -162,7 +162,7 @@ def test_accuracy_prompts_are_encoded_as_finetune_trained_on_them(tokenizer):
 
     from tokenizers.processors import TemplateProcessing
 
-    from unbottle.core import task
+    from unbottle.core.data import prompts as task
     from unbottle.plugins.metrics import Accuracy
 
     with_bos = copy.deepcopy(tokenizer)
@@ -243,7 +243,7 @@ def test_bytes_per_token_count_an_embedding_lookup_as_one_row(tmp_path):
 
 
 def test_pareto_front_on_a_fixed_table():
-    from unbottle.core.report import pareto_front
+    from unbottle.core.stages.report import pareto_front
 
     # (size, perplexity): smaller and lower are better.
     points = {
@@ -301,13 +301,13 @@ ROWS: dict[str, dict[str, Any]] = {
 
 
 def directions() -> dict[str, str | None]:
-    from unbottle.core.deploy import metric_directions
+    from unbottle.core.stages.deploy import metric_directions
 
     return metric_directions(get_registry())
 
 
 def choose(accepts=None, **deploy):
-    from unbottle.core.deploy import choose_variant
+    from unbottle.core.stages.deploy import choose_variant
 
     return choose_variant(DeployParams.model_validate(deploy), ROWS, directions(), accepts)
 
@@ -441,8 +441,8 @@ def parse_table(markdown: str) -> tuple[list[str], dict[str, list[str]]]:
 
 
 def test_report_renders_table_plots_and_csv_that_match_the_json(tmp_path):
-    from unbottle.core.evaluate import EVALUATION, REPORT, write_evaluation
-    from unbottle.core.report import COLUMNS
+    from unbottle.core.stages.evaluate import EVALUATION, REPORT, write_evaluation
+    from unbottle.core.stages.report import COLUMNS
 
     cfg = EvaluateParams.model_validate({"metrics": ["perplexity", "accuracy", "size", "speed"]})
     result = write_evaluation(
@@ -497,8 +497,8 @@ def test_report_renders_table_plots_and_csv_that_match_the_json(tmp_path):
 
 
 def save_random_model(out: Path, tokenizer, stage: str, seed: int) -> None:
-    from unbottle.core.config import ModelParams
-    from unbottle.core.modeling import build_model, save_model
+    from unbottle.core.config.params import ModelParams
+    from unbottle.core.models.loading import build_model, save_model
 
     model = build_model(
         ModelParams(hidden_size=32, layers=2, heads=2, intermediate_size=64, context=64),
@@ -535,8 +535,8 @@ SWEEP_PARAMS["deploy"] = {
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, tiny_data, tokenizer) -> dict[str, Any]:
     """compress (two grid points sharing a distilled prefix), evaluate and deploy."""
-    from unbottle.core.pipeline import run_stage
-    from unbottle.core.stage import Layout
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
 
     root = make_workspace(tmp_path_factory.mktemp("sweep"), tiny_data, SWEEP_PARAMS)
     layout = Layout(root)
@@ -551,7 +551,7 @@ def swept(tmp_path_factory, tiny_data, tokenizer) -> dict[str, Any]:
 def test_a_two_variant_sweep_reuses_the_shared_prefix(swept, tmp_path):
     from safetensors.torch import load_file
 
-    from unbottle.core.compress import compress
+    from unbottle.core.stages.compress import compress
 
     layout, params = swept["layout"], swept["params"]
     compressed = swept["results"]["compress"].metrics
@@ -651,8 +651,8 @@ def test_when_no_variant_passes_deploy_stops_in_one_line_and_writes_nothing(swep
 def test_a_variant_whose_files_changed_is_refused_before_measuring(swept, tmp_path):
     import shutil
 
-    from unbottle.core.pipeline import run_stage
-    from unbottle.core.stage import Layout
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
 
     copy_root = tmp_path / "copy"
     shutil.copytree(swept["root"], copy_root)
@@ -667,7 +667,7 @@ def test_a_variant_whose_files_changed_is_refused_before_measuring(swept, tmp_pa
 
 
 def test_read_evaluation_keeps_params_order(tmp_path):
-    from unbottle.core.evaluate import EVALUATION, read_evaluation
+    from unbottle.core.stages.evaluate import EVALUATION, read_evaluation
 
     out = tmp_path / "ev"
     out.mkdir()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unbottle.core.errors import ConfigError
-from unbottle.core.layerwise import calibrate_sequentially, inverse_cholesky_factor
+from unbottle.core.compression.calibration import calibrate_sequentially, inverse_cholesky_factor
+from unbottle.core.contract.errors import ConfigError
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -124,7 +124,7 @@ def test_no_calibration_samples_is_an_error() -> None:
 @pytest.mark.parametrize("width", [7, 576, 1000])
 def test_hessian_accumulated_by_blocks_is_the_full_symmetric_product(width):
     """Only the blocks on and above the diagonal are accumulated; the mirror must be exact."""
-    from unbottle.core.layerwise import _Accumulator, _block_edges
+    from unbottle.core.compression.calibration import _Accumulator, _block_edges
 
     g = torch.Generator().manual_seed(width)
     batches = [torch.randn(2, 37, width, generator=g) for _ in range(3)]

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_extra
-from unbottle.core.config import check_strategies, load_params
-from unbottle.core.errors import ConfigError
+from unbottle.core.config.params import check_strategies, load_params
+from unbottle.core.contract.errors import ConfigError
+from unbottle.core.contract.strategies import EvalContext
 from unbottle.core.registry import get_registry
-from unbottle.core.strategies import EvalContext
 
 QA_TASK = """\
 task: people_qa
@@ -104,8 +104,8 @@ class KnownAnswers:
 
 def test_local_tasks_score_a_runner_offline(tmp_path, tiny_data, monkeypatch):
     require_extra("lm_eval")
-    from unbottle.core.modeling import documents, read_text, train_tokenizer
-    from unbottle.plugins.lm_eval_harness import LmEvalTasks
+    from unbottle.core.models.loading import documents, read_text, train_tokenizer
+    from unbottle.plugins.metrics.lm_eval import LmEvalTasks
 
     tokenizer = train_tokenizer(documents(read_text(tiny_data / "corpus/train.txt", "t")), 320)
     qa = [
@@ -147,7 +147,7 @@ def test_local_tasks_score_a_runner_offline(tmp_path, tiny_data, monkeypatch):
 
 def test_unknown_task_names_what_the_include_path_defines(tmp_path, tiny_data):
     require_extra("lm_eval")
-    from unbottle.plugins.lm_eval_harness import LmEvalTasks
+    from unbottle.plugins.metrics.lm_eval import LmEvalTasks
 
     (tmp_path / "t.yaml").write_text(QA_TASK.format(data=tmp_path / "x.jsonl"))
     metric = LmEvalTasks(LmEvalTasks.Config(tasks=["nope"], include_path=tmp_path))

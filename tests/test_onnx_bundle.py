@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.serving_helpers import deploy_target, finetuned_model, live_server
-from unbottle.core import task
+from unbottle.core.data import prompts as task
 
 NEW_TOKENS = 8
 MAX_PERPLEXITY_RATIO = 1.02
@@ -101,8 +101,8 @@ def test_fp32_bundle_generates_the_torch_models_greedy_tokens(
 def test_int8_bundle_stays_within_the_quality_gate(
     int8_bundle, finetuned, tiny_data, prompts, torch_greedy
 ):
-    from unbottle.core.runtime import OnnxRunner, TorchRunner
-    from unbottle.core.strategies import EvalContext
+    from unbottle.core.contract.strategies import EvalContext
+    from unbottle.core.models.runtimes import OnnxRunner, TorchRunner
     from unbottle.plugins.metrics import Perplexity
 
     model, tokenizer = load_ort(int8_bundle)
@@ -143,7 +143,7 @@ def test_an_onnx_variant_ships_as_it_is(tmp_path, int8_bundle):
 def test_the_engine_keeps_int8_greedy_tokens_batch_invariant(int8_bundle, prompts):
     """Dynamic int8 shares one activation scale across a batch, so the engine decodes its
     rows one by one: batched and solo tokens must still be equal."""
-    from unbottle.core.serving import SamplingParams, Sequence, load_bundle
+    from unbottle.core.serving.engine import SamplingParams, Sequence, load_bundle
 
     loaded = load_bundle(int8_bundle)
     assert loaded.backend.couples_rows

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from unbottle.core.errors import PluginError
+from unbottle.core.contract.errors import PluginError
+from unbottle.core.contract.strategies import KINDS
 from unbottle.core.registry import ENTRY_POINT_GROUP, load_registry
-from unbottle.core.strategies import KINDS
 
 BUILTINS = {
     ("parallelism", "single"),

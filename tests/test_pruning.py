@@ -12,18 +12,23 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import TINY_PARAMS, make_workspace
-from unbottle.core.config import Params, check_strategies, load_params
-from unbottle.core.errors import ConfigError
+from unbottle.core.compression.sparsity import (
+    exact_counts,
+    nm_prune_mask,
+    row_prune_mask,
+    wanda_scores,
+)
+from unbottle.core.config.params import Params, check_strategies, load_params
+from unbottle.core.contract.errors import ConfigError
+from unbottle.core.contract.strategies import CompressContext
 from unbottle.core.registry import get_registry
-from unbottle.core.sparsegpt import (
+from unbottle.plugins.pruning.sparsegpt import (
     inverse_hessian_factor,
     reconstruction_error,
     sparsegpt_prune,
     sparsegpt_prune_together,
 )
-from unbottle.core.sparsity import exact_counts, nm_prune_mask, row_prune_mask, wanda_scores
-from unbottle.core.strategies import CompressContext
-from unbottle.core.structured import Shape, measure_importance, plan_cut
+from unbottle.plugins.pruning.structured import Shape, measure_importance, plan_cut
 
 PROJECTIONS = re.compile(r"(q|k|v|o|gate|up|down)_proj$")
 
@@ -350,9 +355,9 @@ def test_structured_model_saves_loads_and_generates(tmp_path):
 def test_compress_recipe_runs_its_steps_in_order(tmp_path, tiny_data):
     from safetensors.torch import load_file
 
-    from unbottle.core.artifacts import read_manifest
-    from unbottle.core.pipeline import run_stage
-    from unbottle.core.stage import Layout
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
+    from unbottle.core.store.artifacts import read_manifest
 
     params = copy.deepcopy(TINY_PARAMS)
     for stage in ("pretrain", "finetune"):  # any model will do: train it as little as possible

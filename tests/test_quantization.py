@@ -14,18 +14,18 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import TINY_PARAMS, make_workspace
-from unbottle.core.errors import ConfigError, DataError, GateError
-from unbottle.core.gptq import gptq_layer, gptq_model, prepare_hessian
-from unbottle.core.packed import QUANT_CONFIG, load_packed, save_packed
-from unbottle.core.quantize import Scheme, fit_grid, pack, quantize_rtn, unpack
-from unbottle.core.strategies import CompressContext
+from unbottle.core.compression.grids import Scheme, fit_grid, pack, quantize_rtn, unpack
+from unbottle.core.contract.errors import ConfigError, DataError, GateError
+from unbottle.core.contract.strategies import CompressContext
+from unbottle.core.models.lowbit import QUANT_CONFIG, load_packed, save_packed
+from unbottle.plugins.quantization.gptq import gptq_layer, gptq_model, prepare_hessian
 
 # ------------------------------------------------------------------------ helpers
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from unbottle.core.modeling import train_tokenizer
+    from unbottle.core.models.loading import train_tokenizer
 
     return train_tokenizer(["the quick brown fox jumps over the lazy dog " * 8], 300)
 
@@ -53,7 +53,7 @@ def calibration(vocab: int, n: int = 4, length: int = 32) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def float_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny float model saved as the compress stage hands it to a quantizer."""
-    from unbottle.core.modeling import save_model
+    from unbottle.core.models.loading import save_model
 
     out = tmp_path_factory.mktemp("float")
     save_model(tiny_llama(len(tokenizer)), tokenizer, out)
@@ -231,7 +231,7 @@ def test_blocked_gptq_gives_the_column_by_column_result(group_size, act_order, c
 
 
 def test_gptq_accounts_exactly_for_the_output_error_it_leaves():
-    from unbottle.core.gptq import output_error as relative_output_error
+    from unbottle.plugins.quantization.gptq import output_error as relative_output_error
 
     x = correlated_inputs(96)
     x[:, 7] = 0.0  # an input never active: its column gets weight 0
@@ -316,7 +316,7 @@ def quantized_tensor_bytes(path: Path, modules: list[str]) -> tuple[int, dict[st
 
 
 def test_packed_model_stores_integers_and_loads_to_the_same_logits(tmp_path, tokenizer):
-    from unbottle.core.runtime import load_runner, model_format
+    from unbottle.core.models.runtimes import load_runner, model_format
     from unbottle.plugins.metrics import torch_bytes_per_token
 
     model = tiny_llama(len(tokenizer))
@@ -363,7 +363,7 @@ def test_packed_model_stores_integers_and_loads_to_the_same_logits(tmp_path, tok
 
 
 def test_a_step_needing_float_weights_refuses_a_packed_model(tmp_path, float_dir, tokenizer):
-    from unbottle.core.modeling import load_model
+    from unbottle.core.models.loading import load_model
 
     out = tmp_path / "int8"
     quantizer("rtn", {"bits": 8}).quantize(float_dir, out, context(tokenizer))
@@ -412,7 +412,7 @@ def test_gptq_without_calibration_samples_fails_before_loading(tmp_path, tokeniz
     ],
 )
 def test_invalid_options_fail_with_one_line_naming_the_key(options, message):
-    from unbottle.core.config import Params, check_strategies
+    from unbottle.core.config.params import Params, check_strategies
     from unbottle.core.registry import get_registry
 
     params = Params.model_validate(
@@ -429,9 +429,9 @@ def test_compress_evaluate_and_deploy_a_gptq_int4_variant(tmp_path, tmp_path_fac
     import shutil
 
     from tests.serving_helpers import finetuned_model
-    from unbottle.core.config import Params
-    from unbottle.core.pipeline import run_stage
-    from unbottle.core.stage import Layout
+    from unbottle.core.config.params import Params
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
 
     params = copy.deepcopy(TINY_PARAMS)
     params["compress"]["variants"] = {

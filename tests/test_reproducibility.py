@@ -8,8 +8,8 @@ import shutil
 import time
 
 from tests.conftest import PIPELINE_PARAMS, make_workspace, run_pipeline
-from unbottle.core.artifacts import file_hashes
-from unbottle.core.stage import STAGES
+from unbottle.core.stages.layout import STAGES
+from unbottle.core.store.artifacts import file_hashes
 
 
 def weight_hashes(layout) -> dict[str, str]:

@@ -25,7 +25,7 @@ import pytest
 
 from tests.conftest import cli_env
 from tests.serving_helpers import deploy_target, finetuned_model, free_port, live_server
-from unbottle.core import task
+from unbottle.core.data import prompts as task
 
 KEY = "test-key-123"
 MODEL = "unbottle-finetuned"
@@ -230,7 +230,7 @@ def test_sampling_follows_the_seed_and_top_p(client, greedy, tokenizer):
 
 def test_batched_greedy_tokens_equal_solo_tokens(bundle, greedy):
     """Requests that join and leave a running batch decode exactly what they decode alone."""
-    from unbottle.core.serving import SamplingParams, Sequence, load_bundle
+    from unbottle.core.serving.engine import SamplingParams, Sequence, load_bundle
 
     loaded = load_bundle(bundle)
     steps: list[int] = []
@@ -583,7 +583,7 @@ def test_unbottle_serve_binds_loopback_uses_the_env_key_and_drains_on_sigterm(bu
 
 
 def test_server_target_writes_the_serve_config_and_card(bundle):
-    from unbottle.core.serving import read_serve_config
+    from unbottle.core.serving.engine import read_serve_config
 
     config = read_serve_config(bundle)
     assert config.model_name == MODEL and config.host == "127.0.0.1"

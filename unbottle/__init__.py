@@ -3,8 +3,8 @@
 What plugin authors import lives here; everything else is internal.
 """
 
-from unbottle.core.hookspecs import hookimpl
-from unbottle.core.strategies import (
+from unbottle.core.contract.hookspecs import hookimpl
+from unbottle.core.contract.strategies import (
     CompressContext,
     DeployContext,
     DeployTarget,

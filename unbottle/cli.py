@@ -75,7 +75,7 @@ def _params_path(params: Path | None) -> Path | None:
 
 
 def _load(params: Path | None, overrides: list[str] | None):
-    from unbottle.core.config import load_params
+    from unbottle.core.config.params import load_params
 
     return load_params(_params_path(params), overrides or [])
 
@@ -86,7 +86,7 @@ def _prepare_flow(params: Path | None, overrides: list[str] | None) -> tuple[Pat
     root = Path.cwd().resolve()
     _environment(root)
     _logging()
-    from unbottle.core.pipeline import setup
+    from unbottle.core.stages.runner import setup
 
     setup(_load(params, overrides))
     return root, _params_path(params)
@@ -110,7 +110,7 @@ def run(
     from unbottle.flows.pipeline import pipeline
 
     if push:  # a missing remote fails now, not after training
-        from unbottle.core.errors import UnbottleError
+        from unbottle.core.contract.errors import UnbottleError
         from unbottle.flows.pipeline import check_default_remote, is_dvc_project
 
         if not is_dvc_project(root):
@@ -201,7 +201,7 @@ def stage(
     root = Path.cwd().resolve()
     _environment(root)
     _logging()
-    from unbottle.core.pipeline import run_stage, workspace
+    from unbottle.core.stages.runner import run_stage, workspace
 
     result = run_stage(name, _load(params, overrides), workspace(root), force=force)
     done = "up to date" if result.skipped else "wrote"
@@ -250,7 +250,7 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Print an artifact's provenance: stage, config, strategies, inputs, metrics, versions."""
-    from unbottle.core.artifacts import read_manifest
+    from unbottle.core.store.artifacts import read_manifest
 
     manifest = read_manifest(artifact)
     if as_json:
@@ -309,8 +309,8 @@ def serve(
     """Serve a bundle with an OpenAI-compatible API (completions, chat, streaming, metrics)."""
     _environment(Path.cwd().resolve())
     _logging()
-    from unbottle.core.server import serve as run_server
-    from unbottle.core.serving import load_bundle
+    from unbottle.core.serving.engine import load_bundle
+    from unbottle.core.serving.http import serve as run_server
 
     overrides = {
         "host": host,
@@ -329,7 +329,7 @@ def data_demo(
     out: Annotated[Path, typer.Option(help="Where to write the demo data.")] = Path("data"),
 ) -> None:
     """Write the demo world: deterministic prose and question/answer pairs."""
-    from unbottle.core.data import DemoDataConfig, write_demo_data
+    from unbottle.core.data.demo import DemoDataConfig, write_demo_data
 
     demo = _load(params, overrides).data.demo
     hashes = write_demo_data(out, DemoDataConfig(**demo.model_dump()))
@@ -338,7 +338,7 @@ def data_demo(
 
 
 def main() -> None:
-    from unbottle.core.errors import UnbottleError
+    from unbottle.core.contract.errors import UnbottleError
 
     try:
         app()

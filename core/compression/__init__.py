@@ -1,0 +1,1 @@
+"""What compression methods share: the calibration pass, integer grids, sparsity masks."""

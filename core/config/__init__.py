@@ -1,0 +1,1 @@
+"""params.yaml: the schema, overrides and strategy references."""

@@ -1,0 +1,1 @@
+"""What plugins implement and the host calls: hook specifications, strategy protocols, errors."""

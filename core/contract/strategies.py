@@ -1,0 +1,173 @@
+"""The interfaces that strategies implement, as ``typing.Protocol``s.
+
+A plugin does not inherit from anything here: a class with the right attributes and
+method *is* a strategy (structural typing keeps plugins decoupled from unbottle's class
+hierarchy). The only thing a plugin subclasses is :class:`StrategyConfig`, so that its
+options are validated the same way as the rest of params.yaml.
+
+Heavy types (torch, transformers, accelerate) appear only in annotations, so importing
+this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from unbottle.core.models.runtimes import ModelRunner
+
+
+class StrategyConfig(BaseModel):
+    """Base of every strategy's options: unknown keys are an error, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+#: The kinds of strategy, each with its own hook and protocol.
+KINDS: dict[str, str] = {
+    "parallelism": "register_parallelism",
+    "optimizer": "register_optimizers",
+    "finetune_method": "register_finetune_methods",
+    "pruning": "register_pruners",
+    "quantization": "register_quantizers",
+    "distillation": "register_distillers",
+    "metric": "register_metrics",
+    "deploy_target": "register_deploy_targets",
+}
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """What every strategy has: a name users write in params, and a config model."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[StrategyConfig]]
+    #: The validated options; manifests record them.
+    config: StrategyConfig
+
+    def __init__(self, config: Any) -> None: ...
+
+
+class ParallelismStrategy(Strategy, Protocol):
+    def accelerator(self, *, mixed_precision: str) -> Accelerator:
+        """Return the Accelerator the training loop runs through."""
+        ...
+
+
+class OptimizerStrategy(Strategy, Protocol):
+    def build(
+        self, parameters: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float
+    ) -> torch.optim.Optimizer:
+        """Return an optimizer over ``parameters``."""
+        ...
+
+
+class FinetuneMethod(Strategy, Protocol):
+    def prepare(self, model: PreTrainedModel) -> torch.nn.Module:
+        """Return the module to train (the model itself, or a wrapper with adapters)."""
+        ...
+
+    def finalize(self, model: torch.nn.Module, out_dir: Path) -> PreTrainedModel:
+        """Return a plain model for the stages downstream; may save extras under out_dir."""
+        ...
+
+
+@dataclass
+class CompressContext:
+    """What a compress step may use besides the model.
+
+    ``calibration`` holds token-id tensors of shape (1, T) drawn from the pipeline's own
+    training text; ``train_ids`` is that whole text as one 1-D token stream (for
+    distillation). ``teacher`` is the float model the variant started from (the finetuned
+    model), unchanged by the steps before: a distiller's teacher. Treat it as read-only.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    calibration: Sequence[torch.Tensor]
+    train_ids: torch.Tensor
+    seed: int = 0
+    work_dir: Path | None = None
+    teacher: PreTrainedModel | None = None
+
+
+class Pruner(Strategy, Protocol):
+    def prune(self, model: PreTrainedModel, ctx: CompressContext) -> dict[str, float]:
+        """Prune ``model`` in place; return metrics (at least ``sparsity``)."""
+        ...
+
+
+class Quantizer(Strategy, Protocol):
+    #: The format of what ``quantize`` writes ("hf", "onnx", ...); evaluation loads it.
+    output_format: ClassVar[str]
+
+    def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
+        """Read a float model in HF format from model_dir; write the quantized model."""
+        ...
+
+
+class Distiller(Strategy, Protocol):
+    def distill(
+        self, model: PreTrainedModel, ctx: CompressContext
+    ) -> tuple[PreTrainedModel, dict[str, float]]:
+        """Train a student made from ``model`` (the recipe's current model) to imitate
+        ``ctx.teacher``; return it with metrics."""
+        ...
+
+
+@dataclass
+class EvalContext:
+    """The held-out material every metric may draw on."""
+
+    tokenizer: PreTrainedTokenizerBase
+    valid_text: str
+    questions: list[dict[str, str]]
+    model_dir: Path
+    seed: int = 0
+    samples: dict[str, Any] = field(default_factory=dict)
+    #: What the metrics before this one measured for the same variant (a metric that
+    #: builds on another's figure, like ``roofline`` on ``decode_tokens_per_s``, reads it).
+    measured: dict[str, Any] = field(default_factory=dict)
+
+
+class Metric(Strategy, Protocol):
+    """Measures one variant.
+
+    Two optional class attributes let unbottle check params before any work:
+    ``produces``, the names ``measure`` returns, each mapped to ``"lower"`` or
+    ``"higher"`` (which is better) or ``None`` (neither), so a quality gate on a name no
+    configured metric produces is a config error; and ``requires``, names an earlier
+    metric in ``evaluate.metrics`` must produce (read from ``ctx.measured``).
+    """
+
+    def measure(self, model: ModelRunner, ctx: EvalContext) -> dict[str, float]:
+        """Measure one variant; return named numbers (e.g. {"perplexity": 3.2})."""
+        ...
+
+
+@dataclass
+class DeployContext:
+    """What a deploy target knows about the variant it ships."""
+
+    variant: str
+    model_format: str
+    metrics: dict[str, float]
+    report_markdown: str
+    manifest: dict[str, Any]
+
+
+class DeployTarget(Strategy, Protocol):
+    #: The model formats this target can ship.
+    accepts: ClassVar[tuple[str, ...]]
+
+    def deploy(self, model_dir: Path, out_dir: Path, ctx: DeployContext) -> dict[str, Any]:
+        """Write the deployable bundle under out_dir; return facts about it."""
+        ...

@@ -1,0 +1,1 @@
+"""Models in and out: loading and saving, pretrained sources, runtimes, the low-bit format."""

@@ -1,0 +1,123 @@
+"""Tokenizer and model construction, saving and loading (safetensors only).
+
+The model is a transformers Llama-architecture decoder, so everything downstream
+(peft, optimum's ONNX export, `AutoModelForCausalLM`) works on it unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from unbottle.core.contract.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+    from unbottle.core.config.params import ModelParams
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2 style) on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=EOS,
+        bos_token=EOS,
+        pad_token=PAD,
+        unk_token=None,
+        clean_up_tokenization_spaces=False,
+        # A decoder has no token types; without this, generate() rejects the encoding.
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def build_model(cfg: ModelParams, tokenizer: PreTrainedTokenizerFast, seed: int) -> PreTrainedModel:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.context,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
+    """Save weights as safetensors, with config, generation config and tokenizer."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def load_model(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a Hugging Face-format model from safetensors (never from pickles)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "model.safetensors").is_file():
+        raise DataError(
+            f"{model_dir}: no model.safetensors; a float model in Hugging Face format is needed"
+        )
+    if (model_dir / "quantization.json").is_file():
+        raise DataError(
+            f"{model_dir}: the model is quantized (packed low-bit weights, quantization.json); "
+            "this step needs float weights: give it the model from before the quantize step"
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, use_safetensors=True, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model, tokenizer
+
+
+def read_text(path: Path, what: str) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what}: {path} does not exist (run `unbottle data demo` or fix params)")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{what}: {path} is empty")
+    return text
+
+
+def documents(text: str) -> list[str]:
+    """Split a corpus into documents at blank lines."""
+    return [block.strip() for block in text.split("\n\n") if block.strip()]
+
+
+def encode_stream(tokenizer: PreTrainedTokenizerFast, text: str):
+    """The corpus as one 1-D LongTensor of token ids, documents separated by EOS."""
+    import torch
+
+    ids: list[int] = []
+    for doc in documents(text):
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)

@@ -1,0 +1,157 @@
+"""Run a model variant through the runtime that will serve it: torch or ONNX Runtime.
+
+Evaluation metrics talk to a :class:`ModelRunner`, so the same metric measures a float
+safetensors model in torch and an int8 ONNX model in ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from unbottle.core.contract.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class ModelRunner(Protocol):
+    format: str
+    context: int
+    #: Where the weights live and the work runs: "cpu" or a torch device such as "cuda:0".
+    device: str
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, V) float32 logits."""
+        ...
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, **kw: Any
+    ) -> torch.Tensor:
+        """Greedy decoding; returns (B, T + new) ids."""
+        ...
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(stored weight elements, of which nonzero)."""
+        ...
+
+
+def model_format(model_dir: Path) -> str:
+    """The format of a model directory: ``hf`` (float safetensors), ``packed`` (low-bit
+    weights with ``quantization.json``, see core/models/lowbit.py) or ``onnx``."""
+    model_dir = Path(model_dir)
+    if (model_dir / "model.safetensors").is_file():
+        return "packed" if (model_dir / "quantization.json").is_file() else "hf"
+    if list(model_dir.glob("*.onnx")):
+        return "onnx"
+    raise DataError(f"{model_dir}: neither model.safetensors nor an .onnx model is there")
+
+
+def load_torch_model(model_dir: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) of a float ("hf") or packed model directory, in torch."""
+    if model_format(model_dir) == "packed":
+        from unbottle.core.models.lowbit import load_packed
+
+        return load_packed(model_dir)
+    from unbottle.core.models.loading import load_model
+
+    return load_model(model_dir)
+
+
+class TorchRunner:
+    """A float or packed model in torch (a packed one dequantizes in each forward)."""
+
+    format = "hf"
+
+    def __init__(self, model_dir: Path, device: str = "cpu") -> None:
+        self.format = model_format(model_dir)
+        self.model, self.tokenizer = load_torch_model(model_dir)
+        self.model.to(device).eval()
+        self.device = device
+        self.context = int(self.model.config.max_position_embeddings)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(input_ids=input_ids.to(self.device)).logits.float().cpu()
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, **kw: Any
+    ) -> torch.Tensor:
+        import torch
+
+        with torch.inference_mode():
+            return self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **kw,
+            ).cpu()
+
+    def parameter_counts(self) -> tuple[int, int]:
+        params = list(self.model.parameters())
+        total = sum(p.numel() for p in params)
+        nonzero = sum(int(p.count_nonzero()) for p in params)
+        # A packed layer's weight is not a parameter: count the weights it stands for.
+        for module in self.model.modules():
+            if hasattr(module, "weight_counts"):
+                layer_total, layer_nonzero = module.weight_counts()
+                total += layer_total
+                nonzero += layer_nonzero
+        return total, nonzero
+
+
+class OnnxRunner:
+    format = "onnx"
+    device = "cpu"  # ONNX Runtime's CPU execution provider
+
+    def __init__(self, model_dir: Path) -> None:
+        from optimum.onnxruntime import ORTModelForCausalLM
+        from transformers import AutoTokenizer
+
+        files = sorted(Path(model_dir).glob("*.onnx"))
+        self.path = files[0]
+        self.model = ORTModelForCausalLM.from_pretrained(model_dir, file_name=self.path.name)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.context = int(self.model.config.max_position_embeddings)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        mask = torch.ones_like(input_ids)
+        return self.model(input_ids=input_ids, attention_mask=mask).logits.float()
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, **kw: Any
+    ) -> torch.Tensor:
+        return self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **kw,
+        )
+
+    def parameter_counts(self) -> tuple[int, int]:
+        import numpy as np
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(self.path)).graph
+        total = nonzero = 0
+        for init in graph.initializer:
+            if len(init.dims) >= 2:  # weight matrices and embeddings, not scales or shapes
+                array = numpy_helper.to_array(init)
+                total += array.size
+                nonzero += int(np.count_nonzero(array))
+        return total, nonzero
+
+
+def load_runner(model_dir: Path, device: str = "cpu") -> ModelRunner:
+    """The runner for a model directory; torch models go to ``device``, ONNX runs on CPU."""
+    fmt = model_format(model_dir)
+    return OnnxRunner(model_dir) if fmt == "onnx" else TorchRunner(model_dir, device)

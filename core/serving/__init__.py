@@ -1,0 +1,1 @@
+"""Serving: the continuous-batching engine and its OpenAI-compatible HTTP server."""

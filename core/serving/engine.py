@@ -1,0 +1,1030 @@
+"""The serving engine: continuous batching over a KV cache, for torch and ONNX Runtime.
+
+One thread owns the model. Between two decode steps it admits waiting requests (each is
+prefilled on its own, exactly as if it ran alone, and its KV cache is stitched into the
+running batch) and drops the ones that finished, so requests join and leave the batch at
+every step instead of waiting for a whole batch to drain (the scheduling of Orca, Yu et
+al., OSDI 2022, "iteration-level scheduling"; vLLM and TGI serve the same way).
+
+The batch's cache is one preallocated tensor per layer and kind,
+``(B, heads, capacity, head_dim)``, of which ``T`` columns are in use: each row's real
+positions are a contiguous suffix of them (rows are left-padded with zeros), a ``(B, T)``
+attention mask hides the padding, and a decode step writes one new column in place.
+Each row is fed its own position ids, so rotary embeddings see the positions the row
+would have alone; padded columns hold finite values that the mask removes, so a row's
+attention is the same sum it would be alone, up to float rounding order. Greedy outputs
+therefore match a solo run token for token (tests check this against ``transformers``'
+``generate``).
+
+One exception: ONNX Runtime's dynamic int8 quantization scales activations per tensor,
+so the rows of a batch share one scale and a row's logits depend on its neighbours
+(about 5e-3 on the tiny test model). For such a graph the engine decodes each sequence
+on its own (``batch_invariant=True``, the default), still interleaved step by step with
+the others; ``batch_invariant=False`` batches them anyway, for throughput.
+
+:class:`EngineProcess` runs the same engine in a child process, so that the model's
+Python work and a server's event loop do not share one interpreter lock. Nothing here
+imports a web framework; :mod:`unbottle.core.serving.http` puts HTTP in front.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import Field, ValidationError
+
+from unbottle.core.contract.errors import ConfigError, DataError
+from unbottle.core.contract.strategies import StrategyConfig
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("unbottle.serving")
+
+SERVE_CONFIG = "serve.json"
+
+#: The chat template deploy targets give a tokenizer that has none. It renders a
+#: conversation in the question/answer format the pipeline finetunes on, so one user
+#: message with the generation prompt is exactly ``core.task.prompt(question)``.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] in ('system', 'developer') -%}"
+    "{{ message['content'] }}{{ '\\n' }}"
+    "{%- elif message['role'] == 'user' -%}"
+    "Question: {{ message['content'] }}{{ '\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "Answer: {{ message['content'] }}{{ eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}Answer:{%- endif -%}"
+)
+
+
+class ServeConfig(StrategyConfig):
+    """How ``unbottle serve`` runs a bundle; the ``server`` deploy target writes it."""
+
+    #: The model id clients name; default ``unbottle-<variant>``.
+    model_name: str | None = Field(None, min_length=1, max_length=128)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    #: Sequences decoded together in one step.
+    max_batch: int = Field(8, ge=1, le=1024)
+    #: Sequences waiting for a batch slot; beyond this a request gets 429.
+    max_queue: int = Field(64, ge=0, le=100_000)
+    #: The largest max_tokens a request may ask for; default: the model's context.
+    max_tokens: int | None = Field(None, ge=1)
+    #: max_tokens of a completion request that names none (OpenAI's default is 16).
+    default_max_tokens: int = Field(16, ge=1, le=4096)
+    #: The largest ``n`` (choices per prompt).
+    max_n: int = Field(4, ge=1, le=128)
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
+    #: How long shutdown waits for in-flight requests before it cancels them.
+    shutdown_timeout_s: float = Field(30.0, ge=0, le=3600)
+    #: Decode row by row when batching would change a row's numbers (dynamic int8).
+    batch_invariant: bool = True
+    #: Intra-op threads of torch / ONNX Runtime; default: every core but one, which the
+    #: HTTP event loop needs. (Two threads on a 2-core machine that is also serving HTTP
+    #: made decode steps several times slower: the threads wait on each other.)
+    threads: int | None = Field(None, ge=1, le=4096)
+    #: Run the engine in a child process, with its own interpreter lock, so the model's
+    #: Python work and the HTTP event loop do not take turns; false: a thread.
+    engine_process: bool = True
+
+
+def read_serve_config(bundle: Path, overrides: dict[str, Any] | None = None) -> ServeConfig:
+    """The bundle's ``serve.json`` (if any) with ``overrides`` (None values ignored)."""
+    path = Path(bundle) / SERVE_CONFIG
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise DataError(f"{path}: not valid JSON") from None
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "serve config"
+        raise ConfigError(f"serve: {key}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class Backend(Protocol):
+    """One forward pass of a causal LM with an explicit KV cache.
+
+    A cache is a list, one entry per layer, of ``(keys, values)`` tensors shaped
+    ``(B, kv_heads, T, head_dim)``. The engine's batch cache is preallocated,
+    ``(B, kv_heads, capacity, head_dim)`` with ``width`` columns in use, so that a decode
+    step writes one column in place instead of copying the whole cache.
+    """
+
+    format: str
+    context: int
+    #: True when a row's output depends on the other rows of its batch.
+    couples_rows: bool
+
+    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+        """A prompt alone: (V,) logits of its last position, and its (1, h, n, d) cache."""
+        ...
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        buffers: list[tuple[torch.Tensor, ...]],
+        width: int,
+    ) -> torch.Tensor:
+        """One token per row: (B,) tokens at (B,) positions, a (B, width+1) mask over the
+        cache's first ``width`` columns plus the new one -> (B, V) logits; the new keys and
+        values are written into column ``width`` of the (B, h, capacity, d) ``buffers``.
+        """
+        ...
+
+
+class TorchBackend:
+    """A Hugging Face-format model (safetensors) in torch, float or packed low-bit."""
+
+    format = "hf"
+    couples_rows = False
+
+    def __init__(self, bundle: Path) -> None:
+        import torch
+
+        from unbottle.core.models.runtimes import load_torch_model, model_format
+
+        self.format = model_format(bundle)
+        self.model, _ = load_torch_model(bundle)
+        self.model.eval()
+        self.context = int(self.model.config.max_position_embeddings)
+        self._torch = torch
+
+    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1
+            )  # logits: (1, 1, V)
+        return out.logits[0, -1].float(), _layers(out.past_key_values)
+
+    def decode(self, tokens, positions, mask, buffers, width):
+        from transformers.cache_utils import Cache
+
+        torch = self._torch
+        layer = _slot_layer_class()
+        past = Cache(layers=[layer(keys, values, width) for keys, values in buffers])
+        attention = mask  # (B, T+1); without padding transformers needs no mask at all
+        if bool((mask == 0).any()):
+            # The padding as a ready 4D mask: one query per row sees every real column.
+            # (Left to transformers, a padded 2D mask is expanded through torch.vmap, whose
+            # Python overhead made a decode step of 8 rows cost several of 1.)
+            attention = mask[:, None, None, :].bool()  # (B, 1, 1, T+1)
+            if self.model.config._attn_implementation != "sdpa":  # eager adds the mask
+                attention = torch.zeros(attention.shape).masked_fill(
+                    ~attention, torch.finfo(torch.float32).min
+                )
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=tokens[:, None],  # (B, 1)
+                attention_mask=attention,
+                position_ids=positions[:, None],  # (B, 1)
+                past_key_values=past,
+                cache_position=torch.tensor([width]),
+                use_cache=True,
+            )
+        return out.logits[:, -1].float()  # (B, V)
+
+
+def _layers(cache: Any) -> list[tuple[torch.Tensor, ...]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@functools.cache
+def _slot_layer_class() -> type:
+    """A transformers cache layer over preallocated buffers: new columns are written in
+    place, and attention reads a view of the columns in use."""
+    from transformers.cache_utils import DynamicLayer
+
+    class SlotLayer(DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
+            super().__init__()
+            self.buffers, self.width = (keys, values), width
+            self.dtype, self.device = keys.dtype, keys.device
+            self.keys, self.values = keys[:, :, :width], values[:, :, :width]
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, cache_kwargs=None):
+            keys, values = self.buffers
+            end = self.width + key_states.shape[-2]
+            keys[:, :, self.width : end] = key_states  # (B, h, new, d)
+            values[:, :, self.width : end] = value_states
+            self.width = end
+            self.keys, self.values = keys[:, :, :end], values[:, :, :end]
+            return self.keys, self.values
+
+    return SlotLayer
+
+
+# Operators of ONNX Runtime's dynamic quantization: their activation scale spans the batch.
+_DYNAMIC_QUANT_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+
+
+class OnnxBackend:
+    """An ONNX graph exported by optimum with a KV cache, run by ONNX Runtime directly.
+
+    The session is driven with the engine's own stitched cache, so ONNX bundles get
+    continuous batching too; ``ORTModelForCausalLM`` (which the bundle also loads in)
+    would hide the cache.
+    """
+
+    format = "onnx"
+
+    def __init__(self, bundle: Path, threads: int | None = None) -> None:
+        import onnx
+        import onnxruntime as ort
+        import torch
+
+        files = sorted(Path(bundle).glob("*.onnx"))
+        if len(files) != 1:
+            raise DataError(f"{bundle}: expected one .onnx model, found {len(files)}")
+        config = json.loads((Path(bundle) / "config.json").read_text(encoding="utf-8"))
+        self.context = int(config["max_position_embeddings"])
+        graph = onnx.load(str(files[0]), load_external_data=False).graph
+        self.couples_rows = any(node.op_type in _DYNAMIC_QUANT_OPS for node in graph.node)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or default_threads()
+        self.session = ort.InferenceSession(
+            str(files[0]), options, providers=["CPUExecutionProvider"]
+        )
+        names = {i.name: i for i in self.session.get_inputs()}
+        self.layers = sum(
+            1 for n in names if n.startswith("past_key_values.") and n.endswith(".key")
+        )
+        if not self.layers or "position_ids" not in names:
+            raise DataError(
+                f"{files[0]}: the graph has no KV-cache or position_ids inputs; export it with "
+                "the onnx deploy target (optimum, use_cache=True)"
+            )
+        shape = names["past_key_values.0.key"].shape  # [batch, heads, past, head_dim]
+        self.heads, self.head_dim = int(shape[1]), int(shape[3])
+        self._torch = torch
+
+    def _run(self, ids, mask, positions, cache):
+        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        feed["position_ids"] = positions.numpy()
+        for i, (k, v) in enumerate(cache):
+            feed[f"past_key_values.{i}.key"] = k.contiguous().numpy()
+            feed[f"past_key_values.{i}.value"] = v.contiguous().numpy()
+        logits, *present = self.session.run(None, feed)
+        torch = self._torch
+        new_cache = [
+            (torch.from_numpy(present[2 * i]), torch.from_numpy(present[2 * i + 1]))
+            for i in range(self.layers)
+        ]
+        return torch.from_numpy(logits), new_cache
+
+    def prefill(self, ids: list[int]):
+        torch = self._torch
+        n = len(ids)
+        empty = torch.zeros(1, self.heads, 0, self.head_dim)
+        logits, cache = self._run(
+            torch.tensor([ids]),  # (1, n)
+            torch.ones(1, n, dtype=torch.long),
+            torch.arange(n)[None],
+            [(empty, empty)] * self.layers,
+        )
+        return logits[0, -1].float(), cache
+
+    def decode(self, tokens, positions, mask, buffers, width):
+        in_use = [(k[:, :, :width], v[:, :, :width]) for k, v in buffers]
+        logits, present = self._run(tokens[:, None], mask, positions[:, None], in_use)
+        for (keys, values), (new_keys, new_values) in zip(buffers, present, strict=True):
+            keys[:, :, width] = new_keys[:, :, width]  # the new column, (B, h, d)
+            values[:, :, width] = new_values[:, :, width]
+        return logits[:, -1].float()
+
+
+def default_threads() -> int:
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def load_backend(bundle: Path, threads: int | None = None) -> Backend:
+    import torch
+
+    from unbottle.core.models.runtimes import model_format
+
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise DataError(f"{bundle}: no such bundle directory")
+    threads = threads or default_threads()
+    # Process-wide: the engine is the only torch user (the model, or for ONNX the cache
+    # bookkeeping, whose copies stalled for milliseconds with an idle OpenMP thread to wake).
+    torch.set_num_threads(threads)
+    if model_format(bundle) in ("hf", "packed"):
+        return TorchBackend(bundle)
+    return OnnxBackend(bundle, threads)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+#: Receives (sequence, new text, finish reason or None) for one sequence.
+Sink = Callable[["Sequence", str, "str | None"], None]
+#: One decode step's events for all sequences, delivered at once (see ``Engine``).
+Event = tuple["Sequence", str, "str | None"]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation: a prompt, how to sample, and where its text goes."""
+
+    prompt: list[int]
+    params: SamplingParams
+    sink: Sink
+    index: int = 0
+    #: Identifies the sequence between the server and an engine process.
+    uid: int = 0
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+    _emitted: int = 0
+    _prefix_offset: int = 0
+    _read_offset: int = 0
+    _generator: Any = None
+
+    @property
+    def position(self) -> int:
+        """Position id of the last generated token, the one fed to the next step."""
+        return len(self.prompt) + len(self.generated) - 1
+
+
+class QueueFull(Exception):
+    """The engine's waiting queue cannot take the request."""
+
+
+class Engine:
+    """Continuous batching over one backend, in a thread of its own.
+
+    ``submit`` is thread-safe and never blocks; results arrive through each sequence's
+    sink, called from the engine thread, or, with ``on_events``, as one list per engine
+    iteration (a server hands that list to its event loop in one wake-up instead of one
+    per token).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: Any,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        batch_invariant: bool = True,
+        eos_token_ids: set[int] | None = None,
+        on_step: Callable[[int], None] | None = None,
+        on_events: Callable[[list[Event]], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.row_by_row = backend.couples_rows and batch_invariant
+        self.eos = eos_token_ids if eos_token_ids is not None else {tokenizer.eos_token_id}
+        self.on_step = on_step
+        self.on_events = on_events
+        self._events: list[Event] = []
+        self._waiting: deque[Sequence] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._batch = _Batch()
+
+    # -- public, thread-safe -------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._batch.rows)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="unbottle-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue all of ``seqs`` or none: QueueFull when they do not fit."""
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) + len(seqs) > self.max_queue + self._free_slots():
+                raise QueueFull(
+                    f"the queue is full ({len(self._waiting)} waiting, limit {self.max_queue})"
+                )
+            self._waiting.extend(seqs)
+            self._cond.notify()
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        """Stop generating for ``seqs`` (a client went away); no further sink calls."""
+        with self._cond:
+            for seq in seqs:
+                seq.cancelled = True
+            self._cond.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort whatever is still queued or running and end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> Sequence:
+        """Run one sequence to the end, blocking (for scripts and smoke checks)."""
+        done = threading.Event()
+        seq = Sequence(prompt, params, lambda s, text, finish: finish and done.set())
+        self.submit([seq])
+        done.wait()
+        return seq
+
+    # -- the engine thread ---------------------------------------------------------------
+
+    def _free_slots(self) -> int:
+        return max(0, self.max_batch - len(self._batch.rows))
+
+    def _loop(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._batch.rows:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                admitted = []
+                while self._waiting and len(self._batch.rows) + len(admitted) < self.max_batch:
+                    admitted.append(self._waiting.popleft())
+            for seq in admitted:
+                self._admit(seq)
+            if self._batch.rows:
+                try:
+                    self._step()
+                except Exception:  # a bug or out of memory: fail the batch, keep serving
+                    log.exception("decode step failed; aborting %d sequences", self.running)
+                    for seq in self._batch.rows:
+                        self._finish(seq, "error")
+                    self._batch = _Batch()
+            self._flush()
+        with self._cond:
+            leftovers = [*self._waiting, *self._batch.rows]
+            self._waiting.clear()
+        for seq in leftovers:
+            if not seq.cancelled and seq.finish_reason is None:
+                self._finish(seq, "abort")
+        self._flush()
+        self._batch = _Batch()
+
+    def _admit(self, seq: Sequence) -> None:
+        if seq.cancelled:
+            return
+        try:
+            logits, cache = self.backend.prefill(seq.prompt)  # (V,), (1, h, n, d) per layer
+        except Exception:
+            log.exception("prefill failed")
+            self._finish(seq, "error")
+            return
+        if seq.params.temperature > 0:
+            import torch
+
+            seed = seq.params.seed if seq.params.seed is not None else secrets.randbits(63)
+            seq._generator = torch.Generator().manual_seed(seed + seq.index)
+        if not self._advance(seq, logits):
+            self._batch.add(seq, cache, self.backend.context)
+
+    def _step(self) -> None:
+        import torch
+
+        batch = self._batch
+        tokens = torch.tensor([s.generated[-1] for s in batch.rows])  # (B,)
+        positions = torch.tensor([s.position for s in batch.rows])  # (B,)
+        mask = torch.cat([batch.mask, torch.ones(len(batch.rows), 1, dtype=torch.long)], 1)
+        if self.row_by_row:
+            logits = self._decode_rows(tokens, positions, mask)
+        else:
+            logits = self.backend.decode(tokens, positions, mask, batch.buffers, batch.width)
+        batch.mask, batch.width = mask, batch.width + 1
+        if self.on_step is not None:
+            self.on_step(len(batch.rows))
+        finished = [
+            r for r, seq in enumerate(batch.rows) if seq.cancelled or self._advance(seq, logits[r])
+        ]
+        if finished:
+            batch.remove(finished)
+
+    def _decode_rows(self, tokens, positions, mask):
+        """Each row on its own, over its real columns only: exactly its solo computation."""
+        import torch
+
+        batch, rows = self._batch, []
+        for r in range(len(batch.rows)):
+            start = int((mask[r] == 0).sum())  # padding is a prefix
+            own = [(k[r : r + 1, :, start:], v[r : r + 1, :, start:]) for k, v in batch.buffers]
+            logits = self.backend.decode(
+                tokens[r : r + 1],
+                positions[r : r + 1],
+                mask[r : r + 1, start:],
+                own,
+                batch.width - start,
+            )
+            rows.append(logits[0])
+        return torch.stack(rows)  # (B, V)
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> bool:
+        """Append the next token chosen from (V,) logits; True when the sequence is done."""
+        if seq.cancelled:
+            return True
+        token = _choose(logits, seq.params, seq._generator)
+        seq.generated.append(token)
+        params = seq.params
+        # EOS ends a sequence without text; any other token may complete a stop string.
+        eos = token in self.eos and not params.ignore_eos
+        finish = "stop" if eos else self._detokenize(seq)
+        if finish is None and (
+            len(seq.generated) >= params.max_tokens
+            or len(seq.prompt) + len(seq.generated) >= self.backend.context
+        ):
+            finish = "length"
+            # A last token that ends inside a multi-byte character still counts.
+            seq.text += self.tokenizer.decode(
+                seq.generated[seq._read_offset :], skip_special_tokens=True
+            )
+        if finish is not None:
+            self._finish(seq, finish)
+            return True
+        hold = max((len(s) for s in params.stop), default=1) - 1
+        end = len(seq.text) - hold
+        if end > seq._emitted:
+            delta, seq._emitted = seq.text[seq._emitted : end], end
+            self._emit(seq, delta, None)
+        return False
+
+    def _detokenize(self, seq: Sequence) -> str | None:
+        """Extend seq.text with the newest token; "stop" if a stop string appeared.
+
+        Decodes a short window of tokens (the incremental detokenization of TGI and vLLM),
+        and waits while a byte-level token ends inside a multi-byte character.
+        """
+        ids = seq.generated
+        decode = self.tokenizer.decode
+        before = decode(ids[seq._prefix_offset : seq._read_offset], skip_special_tokens=True)
+        after = decode(ids[seq._prefix_offset :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return None
+        new_text = after[len(before) :]
+        seq._prefix_offset, seq._read_offset = seq._read_offset, len(ids)
+        longest = max((len(s) for s in seq.params.stop), default=0)
+        search_from = max(0, len(seq.text) - longest + 1)
+        seq.text += new_text
+        for stop in seq.params.stop:
+            at = seq.text.find(stop, search_from)
+            if at != -1:
+                seq.text = seq.text[:at]
+                return "stop"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        if seq.cancelled:
+            return
+        delta = seq.text[seq._emitted :]
+        seq._emitted = len(seq.text)
+        self._emit(seq, delta, reason)
+
+    def _emit(self, seq: Sequence, text: str, finish: str | None) -> None:
+        if self.on_events is None:
+            seq.sink(seq, text, finish)
+        else:
+            self._events.append((seq, text, finish))
+
+    def _flush(self) -> None:
+        if self._events:
+            events, self._events = self._events, []
+            assert self.on_events is not None
+            self.on_events(events)
+
+
+def _choose(logits: torch.Tensor, params: SamplingParams, generator: Any) -> int:
+    """Greedy for temperature 0, else a sample from the top-p nucleus of (V,) logits."""
+    import torch
+
+    if params.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / params.temperature, dim=-1)  # (V,)
+    if params.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always).
+        keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p
+        pick = torch.multinomial(sorted_probs * keep, 1, generator=generator)
+        return int(order[pick])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class _Batch:
+    """The running sequences and their stitched, left-padded KV cache.
+
+    ``buffers`` hold ``(B, h, capacity, d)`` per layer and kind, of which the first
+    ``width`` columns are in use; each row's real columns are a suffix of those, and
+    ``mask`` (B, width) is 0 on the padding before them. Joining and leaving copy the
+    cache (rare); a decode step only writes one column.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[Sequence] = []
+        self.buffers: list[tuple[torch.Tensor, ...]] = []
+        self.width = 0
+        self.mask: Any = None  # (B, width) long
+
+    def add(self, seq: Sequence, cache: list[tuple[torch.Tensor, ...]], capacity: int) -> None:
+        """Stitch in a prefilled sequence's (1, h, n, d) cache."""
+        import torch
+
+        n = cache[0][0].shape[2]
+        width = max(n, self.width)
+        shift = width - self.width  # the running rows move right to make room
+        rows = []
+        for i, (keys, values) in enumerate(cache):
+            for j, new in enumerate((keys, values)):
+                buffer = torch.zeros(len(self.rows) + 1, new.shape[1], capacity, new.shape[3])
+                if self.rows:
+                    buffer[:-1, :, shift:width] = self.buffers[i][j][:, :, : self.width]
+                buffer[-1, :, width - n : width] = new[0]
+                rows.append(buffer)
+        self.buffers = [tuple(rows[i : i + 2]) for i in range(0, len(rows), 2)]
+        mask = torch.zeros(len(self.rows) + 1, width, dtype=torch.long)
+        if self.rows:
+            mask[:-1, shift:] = self.mask
+        mask[-1, width - n :] = 1
+        self.mask, self.width = mask, width
+        self.rows.append(seq)
+
+    def remove(self, rows: list[int]) -> None:
+        import torch
+
+        gone = set(rows)
+        keep = [r for r in range(len(self.rows)) if r not in gone]
+        self.rows = [self.rows[r] for r in keep]
+        if not keep:
+            self.buffers, self.width, self.mask = [], 0, None
+            return
+        index = torch.tensor(keep)
+        mask = self.mask.index_select(0, index)  # (B', width)
+        # Columns that are padding in every remaining row are dead weight: drop them.
+        start = int(mask.any(0).long().argmax())
+        width = self.width - start
+        buffers = []
+        for layer in self.buffers:
+            kept = []
+            for buffer in layer:
+                rows_kept = buffer.index_select(0, index)  # (B', h, capacity, d), a copy
+                if start:
+                    rows_kept[:, :, :width] = rows_kept[:, :, start : self.width].clone()
+                kept.append(rows_kept)
+            buffers.append(tuple(kept))
+        self.buffers, self.width = buffers, width
+        self.mask = mask[:, start:].contiguous()
+
+
+# --------------------------------------------------------------------------- bundles
+
+
+@dataclass
+class LoadedBundle:
+    """A bundle's tokenizer and settings; the weights load when an engine needs them."""
+
+    path: Path
+    overrides: dict[str, Any]
+    tokenizer: Any
+    config: ServeConfig
+    model_name: str
+    format: str
+    context: int
+    eos_token_ids: set[int]
+    #: Sampling defaults from the bundle's generation config (greedy unless it samples).
+    default_temperature: float
+    default_top_p: float
+    _backend: Backend | None = None
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = load_backend(self.path, self.config.threads)
+        return self._backend
+
+    def engine(
+        self,
+        on_step: Callable[[int], None] | None = None,
+        on_events: Callable[[list[Event]], None] | None = None,
+    ) -> Engine:
+        """An engine in this process (a thread)."""
+        return Engine(
+            self.backend,
+            self.tokenizer,
+            max_batch=self.config.max_batch,
+            max_queue=self.config.max_queue,
+            batch_invariant=self.config.batch_invariant,
+            eos_token_ids=self.eos_token_ids,
+            on_step=on_step,
+            on_events=on_events,
+        )
+
+    def engine_process(
+        self,
+        on_step: Callable[[int], None] | None = None,
+        on_events: Callable[[list[Event]], None] | None = None,
+    ) -> EngineProcess:
+        """An engine in a child process, driven through a pipe."""
+        return EngineProcess(self, on_step=on_step, on_events=on_events)
+
+
+def load_bundle(bundle: Path, overrides: dict[str, Any] | None = None) -> LoadedBundle:
+    """A deployed bundle (hf, onnx or server target), ready to serve."""
+    from unbottle.core.models.runtimes import model_format
+
+    bundle = Path(bundle)
+    if not bundle.is_dir():  # before the heavy imports: a typo should fail fast
+        raise DataError(f"{bundle}: no such bundle directory")
+    config = read_serve_config(bundle, overrides)
+    fmt = model_format(bundle)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bundle)
+    if tokenizer.chat_template is None:
+        log.info("%s has no chat template; using unbottle's question/answer template", bundle)
+        tokenizer.chat_template = CHAT_TEMPLATE
+    generation = _read_json(bundle / "generation_config.json")
+    model_config = _read_json(bundle / "config.json")
+    if "max_position_embeddings" not in model_config:
+        raise DataError(f"{bundle}/config.json: no max_position_embeddings (the context)")
+    eos = generation.get("eos_token_id", model_config.get("eos_token_id"))
+    eos_ids = set(eos) if isinstance(eos, list) else {eos if eos is not None else -1}
+    samples = bool(generation.get("do_sample", False))
+    return LoadedBundle(
+        path=bundle,
+        overrides=dict(overrides or {}),
+        tokenizer=tokenizer,
+        config=config,
+        model_name=config.model_name or _default_name(bundle),
+        format=fmt,
+        context=int(model_config["max_position_embeddings"]),
+        eos_token_ids=eos_ids,
+        default_temperature=float(generation.get("temperature", 1.0)) if samples else 0.0,
+        default_top_p=float(generation.get("top_p", 1.0)) if samples else 1.0,
+    )
+
+
+# --------------------------------------------------------------------------- a process
+
+
+class EngineProcess:
+    """The same engine in a child process, with the interface of :class:`Engine`.
+
+    A model step is mostly Python (the layers' dispatch), and so is an HTTP event loop;
+    in one process they take turns on the interpreter lock, and every hand-over waits
+    on the OS scheduler. In a child process the engine has a lock of its own; the server
+    exchanges small messages with it over a pipe: prompts and cancellations one way, each
+    step's new token ids and text the other. (vLLM runs its engine core in a separate
+    process for the same reason.)
+    """
+
+    def __init__(
+        self,
+        bundle: LoadedBundle,
+        *,
+        on_step: Callable[[int], None] | None = None,
+        on_events: Callable[[list[Event]], None] | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.max_batch = bundle.config.max_batch
+        self.max_queue = bundle.config.max_queue
+        self.on_step = on_step
+        self.on_events = on_events
+        self._live: dict[int, Sequence] = {}
+        self._lock = threading.Lock()
+        self._next_uid = 0
+        self._stopping = False
+        self._queue_depth = 0
+        self._running = 0
+        self._proc: Any = None
+        self._conn: Any = None
+        self._reader: threading.Thread | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue_depth
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive() and not self._stopping
+
+    def start(self, timeout: float = 600.0) -> None:
+        """Start the child and wait until its model is loaded."""
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+        self._conn, child_end = context.Pipe()
+        self._proc = context.Process(
+            target=_engine_main,
+            args=(str(self.bundle.path), self.bundle.overrides, child_end),
+            name="unbottle-engine",
+            daemon=True,
+        )
+        self._proc.start()
+        child_end.close()
+        deadline = time.monotonic() + timeout
+        while not self._conn.poll(0.1):
+            if not self._proc.is_alive():
+                raise RuntimeError(f"the engine process exited with {self._proc.exitcode}")
+            if time.monotonic() > deadline:
+                self._proc.kill()
+                raise RuntimeError(f"the engine process did not start in {timeout:.0f} s")
+        assert self._conn.recv() == ("ready",)
+        self._reader = threading.Thread(target=self._read, name="unbottle-engine-pipe")
+        self._reader.start()
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        with self._lock:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            waiting = max(0, len(self._live) - self.max_batch)
+            if len(self._live) + len(seqs) > self.max_batch + self.max_queue:
+                raise QueueFull(f"the queue is full ({waiting} waiting, limit {self.max_queue})")
+            for seq in seqs:
+                self._next_uid += 1
+                seq.uid = self._next_uid
+                self._live[seq.uid] = seq
+            self._conn.send(("submit", [(s.uid, s.prompt, s.params, s.index) for s in seqs]))
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        with self._lock:
+            for seq in seqs:
+                seq.cancelled = True
+                self._live.pop(seq.uid, None)
+            if not self._stopping:
+                self._conn.send(("cancel", [s.uid for s in seqs]))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            if self._proc is None or self._stopping:
+                return
+            self._stopping = True
+            self._conn.send(("stop",))
+        if self._reader is not None:
+            self._reader.join(timeout)
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+    def _read(self) -> None:
+        """Deliver the child's events until it stops (or dies: then fail what is left)."""
+        try:
+            while True:
+                message = self._conn.recv()
+                if message[0] == "stopped":
+                    return
+                _, updates, steps, self._queue_depth, self._running = message
+                events = []
+                with self._lock:
+                    for uid, tokens, text, finish in updates:
+                        seq = self._live.get(uid)
+                        if seq is None:  # cancelled meanwhile
+                            continue
+                        seq.generated.extend(tokens)
+                        if finish is not None:
+                            seq.finish_reason = finish
+                            del self._live[uid]
+                        events.append((seq, text, finish))
+                if self.on_step is not None:
+                    for size in steps:
+                        self.on_step(size)
+                self._deliver(events)
+        except (EOFError, OSError):
+            self._proc.join(5)
+            log.error("the engine process died (exit code %s)", self._proc.exitcode)
+            with self._lock:
+                self._stopping = True
+                lost, self._live = list(self._live.values()), {}
+            for seq in lost:
+                seq.finish_reason = "error"
+            self._deliver([(seq, "", "error") for seq in lost])
+
+    def _deliver(self, events: list[Event]) -> None:
+        if not events:
+            return
+        if self.on_events is not None:
+            self.on_events(events)
+        else:
+            for seq, text, finish in events:
+                seq.sink(seq, text, finish)
+
+
+def _engine_main(path: str, overrides: dict[str, Any], conn: Any) -> None:
+    """The child's side of :class:`EngineProcess`."""
+    import signal
+
+    # Ctrl-C reaches the whole process group; the server decides when the engine stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loaded = load_bundle(Path(path), overrides)
+    live: dict[int, Sequence] = {}
+    sent: dict[int, int] = {}  # uid -> tokens already sent to the parent
+    steps: list[int] = []
+    send_lock = threading.Lock()
+
+    def on_events(events: list[Event]) -> None:  # in the engine thread
+        updates = []
+        for seq, text, finish in events:
+            done = sent.get(seq.uid, 0)
+            updates.append((seq.uid, seq.generated[done:], text, finish))
+            sent[seq.uid] = len(seq.generated)
+            if finish is not None:
+                sent.pop(seq.uid, None)
+                live.pop(seq.uid, None)
+        sizes = steps[:]
+        steps.clear()
+        with send_lock:
+            conn.send(("events", updates, sizes, engine.queue_depth, engine.running))
+
+    engine = loaded.engine(on_step=steps.append, on_events=on_events)
+    engine.start()
+    with send_lock:
+        conn.send(("ready",))
+
+    def ignore(seq: Sequence, text: str, finish: str | None) -> None:
+        """Events go out through on_events, never through a sink."""
+
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the server is gone
+            engine.stop()
+            return
+        if message[0] == "submit":
+            seqs = [
+                Sequence(prompt, params, ignore, index=index, uid=uid)
+                for uid, prompt, params, index in message[1]
+            ]
+            live.update((seq.uid, seq) for seq in seqs)
+            engine.submit(seqs)
+        elif message[0] == "cancel":
+            engine.cancel([live.pop(uid) for uid in message[1] if uid in live])
+        elif message[0] == "stop":
+            engine.stop()
+            with send_lock:
+                conn.send(("stopped",))
+            return
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _default_name(bundle: Path) -> str:
+    variant = _read_json(bundle / "manifest.json").get("variant")
+    return f"unbottle-{variant}" if variant else bundle.resolve().name

@@ -1,0 +1,879 @@
+"""An OpenAI-compatible HTTP server over :class:`unbottle.core.serving.engine.Engine`.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
+(both stream as server-sent events ending with ``data: [DONE]``), ``GET /health`` and
+``GET /metrics`` (Prometheus text format).
+
+Secure by default: it binds 127.0.0.1 unless told otherwise; with an API key every
+endpoint but ``/health`` needs ``Authorization: Bearer <key>``; bodies are size-limited
+and validated, and every refusal is a 4xx with OpenAI's error body
+(``{"error": {"message", "type", "param", "code"}}``); a bounded queue answers 429
+instead of growing; on SIGINT/SIGTERM uvicorn stops accepting, lets in-flight requests
+finish (up to ``shutdown_timeout_s``), then the engine cancels what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from unbottle.core.serving.engine import (
+    Engine,
+    EngineProcess,
+    Event,
+    LoadedBundle,
+    QueueFull,
+    SamplingParams,
+    Sequence,
+)
+
+log = logging.getLogger("unbottle.server")
+
+#: OpenAI's own limits on stop sequences.
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 256
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+class APIError(Exception):
+    """A request the server refuses, as OpenAI reports it."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type, self.headers = type, headers
+
+    def response(self) -> JSONResponse:
+        return error_response(
+            self.status, self.message, self.type, self.param, self.code, self.headers
+        )
+
+
+def error_body(message: str, type: str, param: str | None, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status, headers=headers)
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+class _Body(BaseModel):
+    # Unknown fields are ignored, as OpenAI-compatible servers do; types are strict, so
+    # "max_tokens": "5" is a 400, not a silent 5.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: Any = None
+    seed: int | None = None
+    user: str | None = None
+    # vLLM's extension: keep generating past EOS (benchmarks use it for fixed lengths).
+    ignore_eos: bool = False
+    # Accepted for compatibility when they ask for nothing this server lacks.
+    logprobs: Any = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+
+
+BodyT = TypeVar("BodyT", bound=_Body)
+
+
+class CompletionBody(_Body):
+    prompt: Any
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _one_error(cls, value: Any, handler: Any) -> Any:
+        # A union reports one error per member; one sentence says it better.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("a string or a list of {type: text, text: ...} parts") from None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatBody(_Body):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------- the app
+
+
+class Metrics:
+    """Prometheus metrics of one server (its own registry, so tests can run several)."""
+
+    def __init__(self, engine_ref: dict[str, Engine | EngineProcess]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "unbottle_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "unbottle_request_duration_seconds",
+            "Time from request to the end of the response",
+            ["endpoint"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "unbottle_time_to_first_token_seconds",
+            "Time from request to its first generated text",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "unbottle_prompt_tokens", "Prompt tokens of completed requests", registry=r
+        )
+        self.generated_tokens = Counter(
+            "unbottle_generation_tokens", "Tokens generated", registry=r
+        )
+        self.batch_size = Histogram(
+            "unbottle_decode_batch_size",
+            "Sequences per decode step",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        queue = Gauge("unbottle_queue_depth", "Sequences waiting for a batch slot", registry=r)
+        running = Gauge("unbottle_running_sequences", "Sequences in the decode batch", registry=r)
+        queue.set_function(lambda: engine_ref["engine"].queue_depth if engine_ref else 0)
+        running.set_function(lambda: engine_ref["engine"].running if engine_ref else 0)
+
+
+def create_app(bundle: LoadedBundle, *, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app for one loaded bundle; the engine runs while the app lives."""
+    config = bundle.config
+    engine_ref: dict[str, Engine | EngineProcess] = {}
+    metrics = Metrics(engine_ref)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+
+        def deliver(events: list[Event]) -> None:  # in the event loop
+            for seq, text, finish in events:
+                seq.sink(seq, text, finish)
+
+        make = bundle.engine_process if config.engine_process else bundle.engine
+        engine = make(
+            on_step=metrics.batch_size.observe,
+            on_events=lambda events: loop.call_soon_threadsafe(deliver, events),
+        )
+        engine.start()
+        engine_ref["engine"] = engine
+        log.info(
+            "serving %s (%s) with max_batch=%d",
+            bundle.model_name,
+            bundle.format,
+            config.max_batch,
+        )
+        yield
+        # uvicorn has already waited for (or cancelled) in-flight requests.
+        engine.stop()
+
+    app = FastAPI(
+        title="unbottle", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.add_middleware(
+        Guard, api_key=api_key, max_body_bytes=config.max_body_bytes, metrics=metrics
+    )
+    service = _Service(bundle, engine_ref, metrics)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(exc.status_code, message, code=code)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        engine = engine_ref.get("engine")
+        if engine is None or not engine.alive:
+            return error_response(503, "the engine is not running", "server_error")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [service.model_card()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        service.check_model(model_id, param=None)
+        return JSONResponse(service.model_card())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await service.complete(await _parse(request, CompletionBody))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await service.chat(await _parse(request, ChatBody))
+
+    return app
+
+
+async def _parse(request: Request, model: type[BodyT]) -> BodyT:
+    """The JSON body as ``model``, whatever the Content-Type (curl -d sends a form type)."""
+    try:
+        data = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(
+            400, f"We could not parse the JSON body of your request: {e}", code="invalid_json"
+        ) from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_body")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e.errors()[0]) from None
+
+
+def _validation_error(err: Any) -> APIError:
+    """One pydantic error as OpenAI reports a bad parameter: the field, what is wrong, the value."""
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if not loc:
+        return APIError(400, f"The request body is invalid: {err['msg']}", code="invalid_body")
+    got = "" if err.get("type") == "missing" else f" (got {json.dumps(err.get('input'))[:80]})"
+    return APIError(400, f"{param}: {err['msg']}{got}", param=param, code="invalid_value")
+
+
+class _Service:
+    """What the endpoints do: validate, tokenize, queue, and shape OpenAI responses."""
+
+    def __init__(
+        self, bundle: LoadedBundle, engine_ref: dict[str, Engine | EngineProcess], metrics: Metrics
+    ):
+        self.bundle = bundle
+        self.config = bundle.config
+        self.tokenizer = bundle.tokenizer
+        self.context = bundle.context
+        self.max_tokens_limit = min(self.config.max_tokens or self.context, self.context)
+        self.engine_ref = engine_ref
+        self.metrics = metrics
+        self.created = int(time.time())
+
+    def model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.bundle.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "unbottle",
+            "max_model_len": self.context,
+        }
+
+    def check_model(self, name: str, param: str | None = "model") -> None:
+        if name != self.bundle.model_name:
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist; this server serves "
+                f"`{self.bundle.model_name}`.",
+                param=param,
+                code="model_not_found",
+            )
+
+    # -- validation ----------------------------------------------------------------------
+
+    def _common(self, body: _Body) -> None:
+        self.check_model(body.model)
+        if body.n > self.config.max_n:
+            raise APIError(
+                400,
+                f"n: {body.n} is more than this server's limit of {self.config.max_n}",
+                param="n",
+                code="invalid_value",
+            )
+        unsupported = {
+            "logprobs": body.logprobs not in (None, False, 0),
+            "presence_penalty": body.presence_penalty not in (None, 0),
+            "frequency_penalty": body.frequency_penalty not in (None, 0),
+            "logit_bias": bool(body.logit_bias),
+        }
+        if isinstance(body, CompletionBody):
+            unsupported.update(
+                echo=body.echo, suffix=bool(body.suffix), best_of=body.best_of not in (None, 1)
+            )
+        if isinstance(body, ChatBody):
+            unsupported.update(
+                tools=bool(body.tools),
+                response_format=(body.response_format or {}).get("type", "text") != "text",
+            )
+        for name, used in unsupported.items():
+            if used:
+                raise APIError(
+                    400, f"{name}: not supported by this server", param=name, code="unsupported"
+                )
+        if body.stream_options is not None and not body.stream:
+            raise APIError(
+                400,
+                "stream_options: only allowed when stream is true",
+                param="stream_options",
+                code="invalid_value",
+            )
+
+    def _stops(self, stop: Any) -> tuple[str, ...]:
+        if stop is None:
+            return ()
+        stops = [stop] if isinstance(stop, str) else stop
+        if (
+            not isinstance(stops, list)
+            or not all(isinstance(s, str) and s for s in stops)
+            or len(stops) > MAX_STOP_SEQUENCES
+            or any(len(s) > MAX_STOP_LENGTH for s in stops)
+        ):
+            raise APIError(
+                400,
+                f"stop: a non-empty string or a list of up to {MAX_STOP_SEQUENCES} non-empty "
+                f"strings of at most {MAX_STOP_LENGTH} characters",
+                param="stop",
+                code="invalid_value",
+            )
+        return tuple(stops)
+
+    def _prompts(self, prompt: Any) -> list[list[int]]:
+        """A completion prompt, in any of OpenAI's four shapes, as lists of token ids."""
+        vocab = len(self.tokenizer)
+
+        def is_ids(x: Any) -> bool:
+            return isinstance(x, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in x
+            )
+
+        if isinstance(prompt, str):
+            texts: list[Any] = [prompt]
+        elif is_ids(prompt) and prompt:
+            texts = [prompt]
+        elif (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(p, str) or (is_ids(p) and p) for p in prompt)
+        ):
+            texts = prompt
+        else:
+            raise APIError(
+                400,
+                "prompt: a string, a list of strings, a list of token ids, or a list of lists "
+                "of token ids",
+                param="prompt",
+                code="invalid_value",
+            )
+        prompts = []
+        for item in texts:
+            if isinstance(item, str):
+                ids = self.tokenizer(item, add_special_tokens=False)["input_ids"]
+            else:
+                ids = item
+                if any(t < 0 or t >= vocab for t in ids):
+                    raise APIError(
+                        400,
+                        f"prompt: token ids must be in [0, {vocab})",
+                        param="prompt",
+                        code="invalid_value",
+                    )
+            if not ids:
+                raise APIError(
+                    400, "prompt: the prompt is empty", param="prompt", code="invalid_value"
+                )
+            prompts.append(ids)
+        return prompts
+
+    def _max_tokens(
+        self, asked: int | None, default: int, prompts: list[list[int]], prompt_param: str
+    ) -> int:
+        longest = max(len(p) for p in prompts)
+        if longest >= self.context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.context} tokens. However, your "
+                f"prompt has {longest} tokens, leaving no room to generate.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        if asked is not None and asked > self.max_tokens_limit:
+            raise APIError(
+                400,
+                f"max_tokens: {asked} is more than this server's limit of {self.max_tokens_limit}",
+                param="max_tokens",
+                code="invalid_value",
+            )
+        if asked is not None and longest + asked > self.context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.context} tokens. However, you "
+                f"requested {longest + asked} tokens ({longest} in the prompt, {asked} for the "
+                "completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return (
+            asked
+            if asked is not None
+            else min(default, self.max_tokens_limit, self.context - longest)
+        )
+
+    def _sampling(self, body: _Body, max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=(
+                body.temperature
+                if body.temperature is not None
+                else self.bundle.default_temperature
+            ),
+            top_p=body.top_p if body.top_p is not None else self.bundle.default_top_p,
+            stop=self._stops(body.stop),
+            seed=body.seed,
+            ignore_eos=body.ignore_eos,
+        )
+
+    # -- endpoints -----------------------------------------------------------------------
+
+    async def complete(self, body: CompletionBody) -> Response:
+        self._common(body)
+        prompts = self._prompts(body.prompt)
+        max_tokens = self._max_tokens(
+            body.max_tokens, self.config.default_max_tokens, prompts, "prompt"
+        )
+        params = self._sampling(body, max_tokens)
+        return await self._run(prompts, params, body, kind="text_completion", id_prefix="cmpl-")
+
+    async def chat(self, body: ChatBody) -> Response:
+        self._common(body)
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise APIError(
+                400,
+                "max_tokens and max_completion_tokens: give one, not both",
+                param="max_completion_tokens",
+                code="invalid_value",
+            )
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True
+            )
+        except Exception as e:  # the template itself refused the conversation
+            raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
+        if hasattr(ids, "keys"):  # some versions return a BatchEncoding
+            ids = ids["input_ids"]
+        asked = body.max_completion_tokens or body.max_tokens
+        max_tokens = self._max_tokens(asked, self.context, [ids], "messages")
+        params = self._sampling(body, max_tokens)
+        return await self._run([ids], params, body, kind="chat.completion", id_prefix="chatcmpl-")
+
+    async def _run(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        body: _Body,
+        *,
+        kind: str,
+        id_prefix: str,
+    ) -> Response:
+        engine = self.engine_ref["engine"]
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(seq: Sequence, text: str, finish: str | None) -> None:  # in the event loop
+            events.put_nowait((seq, text, finish))
+
+        seqs = [
+            Sequence(prompt, params, sink, index=i * body.n + j)
+            for i, prompt in enumerate(prompts)
+            for j in range(body.n)
+        ]
+        if len(seqs) > self.config.max_queue + self.config.max_batch:
+            raise APIError(
+                400,
+                f"this request asks for {len(seqs)} sequences (prompts x n); the server holds "
+                f"at most {self.config.max_queue + self.config.max_batch}",
+                param="n",
+                code="invalid_value",
+            )
+        if not engine.alive:
+            raise APIError(
+                503, "The model engine is not running.", type="server_error", code="engine_down"
+            )
+        try:
+            engine.submit(seqs)
+        except QueueFull as e:
+            raise APIError(
+                429,
+                f"The server is busy: {e}. Retry later.",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ) from None
+        call = _Call(
+            id=f"{id_prefix}{uuid.uuid4().hex}",
+            kind=kind,
+            model=self.bundle.model_name,
+            seqs=seqs,
+            events=events,
+            engine=engine,
+            metrics=self.metrics,
+            started=time.perf_counter(),
+            prompt_tokens=sum(len(p) for p in prompts),
+        )
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(
+                call.stream(include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return await call.collect()
+
+
+class _Call:
+    """One HTTP request's sequences, read back from the engine."""
+
+    def __init__(
+        self, *, id, kind, model, seqs, events, engine, metrics, started, prompt_tokens
+    ) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.id, self.kind, self.model = id, kind, model
+        self.seqs: list[Sequence] = seqs
+        self.events: asyncio.Queue = events
+        self.engine: Engine | EngineProcess = engine
+        self.metrics: Metrics = metrics
+        self.started = started
+        self.created = int(time.time())
+        self.first_token_seen = False
+
+    async def _next(self) -> tuple[Sequence, str, str | None]:
+        seq, text, finish = await self.events.get()
+        if not self.first_token_seen:
+            self.first_token_seen = True
+            self.metrics.ttft.observe(time.perf_counter() - self.started)
+        return seq, text, finish
+
+    def _usage(self) -> dict[str, int]:
+        prompt = self.prompt_tokens
+        completion = sum(len(s.generated) for s in self.seqs)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    def _account(self) -> None:
+        usage = self._usage()
+        self.metrics.prompt_tokens.inc(usage["prompt_tokens"])
+        self.metrics.generated_tokens.inc(usage["completion_tokens"])
+
+    def _failed(self) -> APIError | None:
+        reasons = {s.finish_reason for s in self.seqs}
+        if "abort" in reasons:
+            return APIError(
+                503,
+                "The server is shutting down; the request was cancelled.",
+                type="server_error",
+                code="shutting_down",
+            )
+        if "error" in reasons:
+            return APIError(
+                500, "The model failed while generating.", type="server_error", code="engine_error"
+            )
+        return None
+
+    async def collect(self) -> JSONResponse:
+        texts = {s.index: "" for s in self.seqs}
+        pending = len(self.seqs)
+        try:
+            while pending:
+                seq, text, finish = await self._next()
+                texts[seq.index] += text
+                pending -= finish is not None
+        finally:
+            if pending:  # the client went away or the task was cancelled
+                self.engine.cancel(self.seqs)
+        failed = self._failed()
+        if failed is not None:
+            return failed.response()
+        self._account()
+        choices = []
+        for s in sorted(self.seqs, key=lambda s: s.index):
+            reason = s.finish_reason
+            if self.kind == "chat.completion":
+                choices.append(
+                    {
+                        "index": s.index,
+                        "message": {"role": "assistant", "content": texts[s.index]},
+                        "logprobs": None,
+                        "finish_reason": reason,
+                    }
+                )
+            else:
+                choices.append(
+                    {
+                        "index": s.index,
+                        "text": texts[s.index],
+                        "logprobs": None,
+                        "finish_reason": reason,
+                    }
+                )
+        return JSONResponse(
+            {
+                "id": self.id,
+                "object": self.kind,
+                "created": self.created,
+                "model": self.model,
+                "choices": choices,
+                "usage": self._usage(),
+            }
+        )
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict | None = None) -> str:
+        obj = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
+        payload: dict[str, Any] = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if usage is not None:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload)}\n\n"
+
+    def _choice(
+        self, index: int, text: str | None, finish: str | None, first: bool = False
+    ) -> dict:
+        if self.kind == "chat.completion":
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+    async def stream(self, include_usage: bool) -> AsyncIterator[str]:
+        pending = len(self.seqs)
+        try:
+            if self.kind == "chat.completion":  # the role first, as OpenAI sends it
+                yield self._chunk([self._choice(s.index, "", None, True) for s in self.seqs])
+            while pending:
+                # Everything that is ready goes out in one write: text of one choice that
+                # arrived in several events is merged, so a slow client or a busy loop
+                # gets fewer, larger chunks instead of falling behind.
+                ready = [await self._next()]
+                while not self.events.empty():
+                    ready.append(self.events.get_nowait())
+                out: list[str] = []
+                texts: dict[int, str] = {}
+                for seq, text, finish in ready:
+                    pending -= finish is not None
+                    texts[seq.index] = texts.get(seq.index, "") + text
+                    if finish in ("abort", "error"):
+                        failed = self._failed()
+                        assert failed is not None
+                        body = error_body(failed.message, failed.type, None, failed.code)
+                        out.append(f"data: {json.dumps(body)}\n\n")
+                    elif finish is not None:
+                        merged = texts.pop(seq.index)
+                        if merged:
+                            out.append(self._chunk([self._choice(seq.index, merged, None)]))
+                        out.append(self._chunk([self._choice(seq.index, None, finish)]))
+                for index, merged in texts.items():
+                    if merged:
+                        out.append(self._chunk([self._choice(index, merged, None)]))
+                if out:
+                    yield "".join(out)
+            self._account()
+            tail = self._chunk([], self._usage()) if include_usage else ""
+            yield tail + "data: [DONE]\n\n"
+        finally:
+            if pending:
+                self.engine.cancel(self.seqs)
+
+
+class Guard:
+    """ASGI middleware in front of every route: API key, body size limit and metrics.
+
+    It runs before FastAPI parses anything, so an unauthenticated or oversized request
+    costs the server no JSON parsing, and every response (errors included) is counted.
+    """
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics: Metrics):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = next((e for e in ENDPOINTS if path == e or path.startswith(e + "/")), "other")
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_counted(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+                self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+        refusal = self._check_headers(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send_counted)
+            return
+        body = b""
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.max_body_bytes:
+                    await self._too_large()(scope, receive, send_counted)
+                    return
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send_counted)
+
+    def _check_headers(self, scope) -> JSONResponse | None:
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"] != "/health":
+            auth = headers.get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                message = (
+                    "Incorrect API key provided."
+                    if auth
+                    else "You didn't provide an API key: send it as `Authorization: Bearer KEY`."
+                )
+                return error_response(
+                    401,
+                    message,
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return error_response(400, "Content-Length is not a number", code="invalid_body")
+            if int(length) > self.max_body_bytes:
+                return self._too_large()
+        return None
+
+    def _too_large(self) -> JSONResponse:
+        return error_response(
+            413,
+            f"The request body is larger than this server's limit of {self.max_body_bytes} bytes.",
+            code="request_too_large",
+        )
+
+
+def serve(bundle: LoadedBundle, *, api_key: str | None = None) -> None:
+    """Run the server in the foreground until SIGINT or SIGTERM."""
+    import uvicorn
+
+    config = bundle.config
+    if not api_key and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "serving on %s without an API key: anyone who can reach this port can use the "
+            "model; set --api-key or UNBOTTLE_API_KEY",
+            config.host,
+        )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(bundle, api_key=api_key),
+            host=config.host,
+            port=config.port,
+            timeout_graceful_shutdown=config.shutdown_timeout_s,
+            log_level="info",
+            access_log=False,
+            server_header=False,
+        )
+    )
+    server.run()

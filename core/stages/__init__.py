@@ -1,0 +1,1 @@
+"""The five stage functions and the runner that calls them by name."""

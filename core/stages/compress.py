@@ -1,0 +1,388 @@
+"""Compression: each variant is a recipe, an ordered list of prune/distill/quantize steps.
+
+Every variant starts from the finetuned model. Prune and distill steps work on the float
+model in memory; a quantize step, always the last, writes the quantized model. Each step
+is recorded in the variant's manifest with its strategy, options, metrics and time.
+
+Variants whose recipes share a prefix (``[distill kd]`` and ``[distill kd, quantize]``,
+or the points of a sweep over the last step) reuse the float model after that prefix
+instead of recomputing it: :class:`PrefixCache` keeps it on disk under a key that hashes
+the input model, the calibration data, the seed and every step so far (strategy, its
+validated options, its distribution and the hash of its source). A stale or damaged
+entry is never used: its files are checked against their hashes, and any difference in
+what went into it changes the key.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unbottle.core.config.params import CompressParams, CompressStep
+from unbottle.core.contract.strategies import CompressContext
+from unbottle.core.registry import Registry
+from unbottle.core.stages.layout import StageResult, strategy_record
+from unbottle.core.store.artifacts import (
+    atomic_dir,
+    file_hashes,
+    tree_hash,
+    write_json_atomic,
+    write_manifest,
+)
+
+log = logging.getLogger("unbottle.compress")
+VARIANTS_INDEX = "variants.json"
+CACHE_RECORD = "prefix.json"
+
+
+def calibration_batches(stream: Any, samples: int, seq_len: int, seed: int) -> list[Any]:
+    """``samples`` windows of ``seq_len`` tokens, each (1, T), drawn reproducibly."""
+    import torch
+
+    from unbottle.core.contract.errors import DataError
+    from unbottle.core.training.loop import rng
+
+    if stream.numel() < seq_len + 1:
+        raise DataError(
+            f"compress.calibration: the training text has {stream.numel()} tokens, fewer "
+            f"than one window of {seq_len}; lower compress.calibration.seq_len"
+        )
+    starts = torch.randint(0, stream.numel() - seq_len, (samples,), generator=rng(seed + 1))
+    return [stream[s : s + seq_len].unsqueeze(0) for s in starts.tolist()]
+
+
+# ------------------------------------------------------------------------ prefix cache
+
+
+class PrefixCache:
+    """Float models after the first steps of a recipe, on disk, by content key.
+
+    An entry is a directory ``<root>/<key>/`` holding the model in safetensors (through
+    ``save_model``) and ``prefix.json``: the step records that made it and the sha256 of
+    every file, checked before the entry is used.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def get(self, key: str) -> tuple[Any, list[dict[str, Any]]] | None:
+        from unbottle.core.models.loading import load_model
+
+        entry = self.root / key
+        record_file = entry / CACHE_RECORD
+        if not record_file.is_file():
+            return None
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        if record.get("key") != key or record.get("files") != file_hashes(
+            entry, exclude=(CACHE_RECORD,)
+        ):
+            log.warning("compress: cached prefix %s is damaged; recomputing it", key[:12])
+            return None
+        model, _ = load_model(entry)
+        return model, record["steps"]
+
+    def put(self, key: str, model: Any, tokenizer: Any, steps: list[dict[str, Any]]) -> None:
+        from unbottle.core.models.loading import save_model
+
+        try:
+            with atomic_dir(self.root / key) as tmp:
+                save_model(model, tokenizer, tmp)
+                write_json_atomic(
+                    tmp / CACHE_RECORD,
+                    {"key": key, "steps": steps, "files": file_hashes(tmp, exclude=())},
+                )
+        except OSError as e:  # another process wrote the same entry meanwhile: fine
+            log.warning("compress: could not cache prefix %s: %s", key[:12], e)
+
+
+def _source_hash(cls: type) -> str:
+    path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return tree_hash(Path(path)) if path else "unknown"
+
+
+@dataclass
+class Workbench:
+    """What every variant of one compress run starts from."""
+
+    cfg: CompressParams
+    model_path: Path
+    train_text: Path
+    seed: int
+    registry: Registry
+    base: Any
+    tokenizer: Any
+    stream: Any
+    calibration: list[Any]
+    plans: dict[str, list[tuple[CompressStep, Any]]]
+    inputs: dict[str, str]
+
+    def prefix_keys(self, name: str) -> list[str]:
+        """The cache key of each float prefix of a variant's recipe: steps 1..k."""
+        return prefix_keys(self.cfg, self.plans[name], self.inputs, self.seed, self.registry)
+
+    def shared_prefixes(self) -> set[str]:
+        """Keys of prefixes that more than one variant of this run starts with."""
+        return shared_prefixes({name: self.prefix_keys(name) for name in self.plans})
+
+
+def prefix_keys(
+    cfg: CompressParams,
+    plan: list[tuple[CompressStep, Any]],
+    inputs: dict[str, str],
+    seed: int,
+    registry: Registry,
+) -> list[str]:
+    """The cache key of each float prefix of one recipe (steps 1..k), from content only:
+    the input model and text hashes, calibration, seed and every step so far."""
+    origin = {
+        "model": inputs["model"],
+        "train_text": inputs["train_text"],
+        "calibration": cfg.calibration.model_dump(mode="json"),
+        "seed": seed,
+    }
+    keys: list[str] = []
+    steps: list[dict[str, Any]] = []
+    for step, strategy in plan:
+        if step.action == "quantize":
+            break  # a quantized model is an output, never a prefix
+        info = registry.get(step.kind, step.strategy)
+        steps.append(
+            {
+                "action": step.action,
+                "strategy": step.strategy,
+                "options": strategy.config.model_dump(mode="json"),
+                "distribution": f"{info.distribution} {info.version}",
+                "source": _source_hash(info.cls),
+            }
+        )
+        blob = json.dumps({"origin": origin, "steps": steps}, sort_keys=True)
+        keys.append(hashlib.sha256(blob.encode()).hexdigest())
+    return keys
+
+
+def shared_prefixes(keys: dict[str, list[str]]) -> set[str]:
+    """The prefix keys that more than one variant starts with."""
+    counts = collections.Counter(k for variant_keys in keys.values() for k in variant_keys)
+    return {key for key, n in counts.items() if n > 1}
+
+
+def plan_prefixes(
+    cfg: CompressParams, *, model: Path, train_text: Path, seed: int, registry: Registry
+) -> dict[str, list[str]]:
+    """Each variant's prefix keys, without loading the model (for schedulers)."""
+    plans = {
+        name: [(step, registry.create(step.kind, step.strategy, step.options)) for step in steps]
+        for name, steps in cfg.variants.items()
+    }
+    inputs = {"model": tree_hash(model), "train_text": tree_hash(train_text)}
+    return {name: prefix_keys(cfg, plan, inputs, seed, registry) for name, plan in plans.items()}
+
+
+def build_order(keys: dict[str, list[str]]) -> list[list[str]]:
+    """Variants in waves such that each shared prefix is computed once.
+
+    The first variant to reach a shared prefix computes it; a variant that starts with a
+    prefix another one computes runs in a later wave than that one, and finds it in the
+    cache. Variants inside a wave are independent and may run in parallel.
+    """
+    shared = shared_prefixes(keys)
+    computed_in: dict[str, int] = {}  # shared prefix key -> wave of the variant computing it
+    waves: dict[str, int] = {}
+    for name, variant_keys in keys.items():
+        mine = [k for k in variant_keys if k in shared]
+        waves[name] = max((computed_in[k] + 1 for k in mine if k in computed_in), default=0)
+        for k in mine:
+            computed_in.setdefault(k, waves[name])
+    return [
+        [name for name in keys if waves[name] == w]
+        for w in range(max(waves.values(), default=-1) + 1)
+    ]
+
+
+def prepare(
+    cfg: CompressParams, *, model: Path, train_text: Path, seed: int, registry: Registry
+) -> Workbench:
+    """Check the input, resolve every step's strategy and load the model and data once."""
+    from unbottle.core.models.loading import encode_stream, load_model, read_text
+    from unbottle.core.store.artifacts import verify_artifact
+
+    verify_artifact(model)
+    # Resolve every step's strategy (and validate its options) before any work.
+    plans = {
+        name: [(step, registry.create(step.kind, step.strategy, step.options)) for step in steps]
+        for name, steps in cfg.variants.items()
+    }
+    base, tokenizer = load_model(model)
+    stream = encode_stream(tokenizer, read_text(train_text, "data.train_text"))
+    calibration = calibration_batches(
+        stream, cfg.calibration.samples, cfg.calibration.seq_len, seed
+    )
+    return Workbench(
+        cfg=cfg,
+        model_path=model,
+        train_text=train_text,
+        seed=seed,
+        registry=registry,
+        base=base,
+        tokenizer=tokenizer,
+        stream=stream,
+        calibration=calibration,
+        plans=plans,
+        inputs={"model": tree_hash(model), "train_text": tree_hash(train_text)},
+    )
+
+
+def build_variant(
+    bench: Workbench,
+    name: str,
+    variant_dir: Path,
+    *,
+    cache: PrefixCache | None = None,
+    keep: set[str] | None = None,
+) -> dict[str, Any]:
+    """Run one variant's recipe and write it, with its manifest, into ``variant_dir``.
+
+    With a cache, the longest float prefix found there is loaded instead of recomputed,
+    and each float prefix computed here is stored when its key is in ``keep`` (or always,
+    when ``keep`` is None).
+    """
+    import torch
+
+    from unbottle.core.models.loading import save_model
+
+    plan = bench.plans[name]
+    keys = bench.prefix_keys(name) if cache is not None else []
+    current, records, start = None, [], 0
+    for k in range(len(keys), 0, -1):
+        hit = cache.get(keys[k - 1]) if cache is not None else None
+        if hit is not None:
+            current, records = hit
+            start = k
+            log.info("compress %s: steps 1-%d reused from the prefix cache", name, k)
+            break
+    if current is None:
+        current = copy.deepcopy(bench.base)
+
+    variant_dir.mkdir(parents=True, exist_ok=True)
+    fmt = "hf"  # until a quantize step (always the last) writes its own format
+    quantized = False
+    for i in range(start, len(plan)):
+        step, strategy = plan[i]
+        log.info("compress %s: step %d/%d %s", name, i + 1, len(plan), step.describe())
+        # Each step draws from its own seed, so it does the same whether the steps before
+        # it ran in this process or came from the cache.
+        torch.manual_seed(bench.seed + i)
+        ctx = CompressContext(
+            tokenizer=bench.tokenizer,
+            calibration=bench.calibration,
+            train_ids=bench.stream,
+            seed=bench.seed,
+            work_dir=variant_dir.parent,
+            teacher=bench.base,
+        )
+        began = time.perf_counter()
+        if step.action == "prune":
+            step_metrics = strategy.prune(current, ctx)
+        elif step.action == "distill":
+            current, step_metrics = strategy.distill(current, ctx)
+        else:
+            with tempfile.TemporaryDirectory(dir=variant_dir.parent) as float_dir:
+                save_model(current, bench.tokenizer, Path(float_dir))
+                step_metrics = strategy.quantize(Path(float_dir), variant_dir, ctx)
+            fmt = strategy.output_format
+            quantized = True
+        records.append(
+            {
+                "step": i + 1,
+                "action": step.action,
+                "strategy": strategy_record(bench.registry.get(step.kind, step.strategy)),
+                "options": strategy.config.model_dump(mode="json"),
+                "metrics": step_metrics,
+                "seconds": round(time.perf_counter() - began, 3),
+            }
+        )
+        if cache is not None and i < len(keys) and (keep is None or keys[i] in keep):
+            cache.put(keys[i], current, bench.tokenizer, records)
+    if not quantized:
+        save_model(current, bench.tokenizer, variant_dir)
+    write_manifest(
+        variant_dir,
+        stage="compress",
+        config={"variant": name, "calibration": bench.cfg.calibration.model_dump()},
+        strategies={f"step{r['step']}_{r['action']}": r["strategy"] for r in records},
+        inputs=bench.inputs,
+        metrics={f"step{r['step']}_{k}": v for r in records for k, v in r["metrics"].items()},
+        extra={
+            "format": fmt,
+            "steps": [{k: v for k, v in r.items() if k != "seconds"} for r in records],
+        },
+    )
+    return {
+        "format": fmt,
+        "seconds": round(sum(r["seconds"] for r in records[start:]), 3),
+        "reused_steps": start,
+        **{f"{r['action']}_{k}": v for r in records for k, v in r["metrics"].items()},
+    }
+
+
+def write_index(
+    out_dir: Path, cfg: CompressParams, inputs: dict[str, str], names: list[str]
+) -> None:
+    """The compress artifact's own files, once its variant directories are complete."""
+    write_json_atomic(out_dir / VARIANTS_INDEX, names)
+    write_manifest(
+        out_dir,
+        stage="compress",
+        config=cfg.model_dump(mode="json"),
+        strategies={},
+        inputs=inputs,
+        metrics={},
+        extra={"variants": names},
+    )
+
+
+@contextlib.contextmanager
+def prefix_cache(cache_dir: Path | None, near: Path) -> Iterator[PrefixCache]:
+    """The given cache, or one that lasts this run only (a temporary sibling of ``near``)."""
+    if cache_dir is not None:
+        yield PrefixCache(cache_dir)
+        return
+    near.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=near.parent, prefix=f".{near.name}.prefixes.") as tmp:
+        yield PrefixCache(Path(tmp))
+
+
+def compress(
+    cfg: CompressParams,
+    *,
+    model: Path,
+    train_text: Path,
+    out_dir: Path,
+    seed: int,
+    registry: Registry,
+    cache_dir: Path | None = None,
+) -> StageResult:
+    """Build every variant into ``out_dir``.
+
+    Shared recipe prefixes are computed once: in a cache that lasts this run, or in
+    ``cache_dir``, which keeps every float prefix for later runs (sweeps) too.
+    """
+    bench = prepare(cfg, model=model, train_text=train_text, seed=seed, registry=registry)
+    keep = None if cache_dir is not None else bench.shared_prefixes()
+    metrics: dict[str, Any] = {}
+    with atomic_dir(out_dir) as tmp, prefix_cache(cache_dir, out_dir) as cache:
+        for name in bench.plans:
+            metrics[name] = build_variant(bench, name, tmp / name, cache=cache, keep=keep)
+        write_index(tmp, cfg, bench.inputs, list(bench.plans))
+    return StageResult(out_dir, metrics)

@@ -1,0 +1,218 @@
+"""Deployment: choose the variant the evidence supports, then hand it to a deploy target.
+
+The choice (:func:`choose_variant`) reads the evaluation: every candidate (the finetuned
+model and each compressed variant; the pretrained model is only a reference) is checked
+against ``deploy.gates``, and ``deploy.policy`` picks among those that pass: the one
+named by ``deploy.variant`` (``explicit``), the ``smallest`` on disk, the ``fastest`` at
+decoding, or the ``best`` by ``deploy.quality``. When nothing passes, deployment stops
+with one line naming each variant and the limits it broke.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unbottle.core.config.params import DERIVED_METRICS, POLICY_METRICS, DeployParams, GateLimit
+from unbottle.core.contract.errors import ConfigError, GateError
+from unbottle.core.contract.strategies import DeployContext
+from unbottle.core.registry import Registry
+from unbottle.core.stages.layout import StageResult, strategy_record
+from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_manifest
+
+REFERENCE = "pretrained"  # measured for comparison, never deployed
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def broken_limits(row: dict[str, Any], gates: dict[str, GateLimit]) -> list[str]:
+    """Each gate ``row`` breaks, as ``metric value < min limit``; empty when it passes."""
+    broken = []
+    for metric, limit in gates.items():
+        value = row.get(metric)
+        if value is None:
+            broken.append(f"{metric} was not measured")
+        elif limit.min is not None and value < limit.min:
+            broken.append(f"{metric} {_fmt(value)} < min {_fmt(limit.min)}")
+        elif limit.max is not None and value > limit.max:
+            broken.append(f"{metric} {_fmt(value)} > max {_fmt(limit.max)}")
+    return broken
+
+
+def metric_directions(registry: Registry) -> dict[str, str | None]:
+    """Which way is better for every metric name an installed metric lists."""
+    directions: dict[str, str | None] = {}
+    for name in registry.names("metric"):
+        listing = getattr(registry.get("metric", name).cls, "produces", None)
+        if isinstance(listing, dict):
+            directions.update(listing)
+    directions.update({k: better for k, (_, better) in DERIVED_METRICS.items()})
+    return directions
+
+
+@dataclass
+class Decision:
+    """Which variant deploys, by which policy, and how every candidate fared."""
+
+    chosen: str
+    policy: str
+    ranked_by: str | None
+    gates: dict[str, GateLimit]
+    verdicts: dict[str, list[str]] = field(default_factory=dict)  # variant -> broken limits
+
+    def gates_text(self) -> str:
+        parts = []
+        for metric, limit in self.gates.items():
+            if limit.min is not None:
+                parts.append(f"{metric} ≥ {_fmt(limit.min)}")
+            if limit.max is not None:
+                parts.append(f"{metric} ≤ {_fmt(limit.max)}")
+        return ", ".join(parts) or "none"
+
+    def markdown(self) -> str:
+        how = f"`{self.policy}`" + (f" (by {self.ranked_by})" if self.ranked_by else "")
+        rows = "\n".join(
+            f"| {name} | {'; '.join(broken) or 'pass'} |"
+            + (" **deployed** |" if name == self.chosen else " |")
+            for name, broken in self.verdicts.items()
+        )
+        return (
+            "### Deployment decision\n\n"
+            f"Policy {how} among the variants that pass the gates: {self.gates_text()}.\n\n"
+            f"| variant | gates | |\n|---|---|---|\n{rows}\n"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "chosen": self.chosen,
+            "policy": self.policy,
+            "ranked_by": self.ranked_by,
+            "gates": {k: v.model_dump(exclude_none=True) for k, v in self.gates.items()},
+            "verdicts": self.verdicts,
+        }
+
+
+def choose_variant(
+    cfg: DeployParams,
+    rows: dict[str, dict[str, Any]],
+    directions: dict[str, str | None],
+    accepts: tuple[str, ...] | None = None,
+) -> Decision:
+    """Apply the gates and the policy to evaluated rows (in params order).
+
+    ``accepts``: the model formats the deploy target ships; a variant in another format
+    fails as if it broke a gate.
+    """
+    candidates = [name for name in rows if name != REFERENCE]
+    for metric in cfg.gates:
+        if not any(metric in rows[name] for name in candidates):
+            measured = sorted({k for n in candidates for k in rows[n]})
+            raise ConfigError(
+                f"deploy.gates.{metric}: no evaluated variant has {metric!r}; "
+                f"measured: {', '.join(measured)}"
+            )
+    verdicts = {name: broken_limits(rows[name], cfg.gates) for name in candidates}
+    for name in candidates:
+        fmt = rows[name].get("format")
+        if accepts is not None and fmt not in accepts:
+            ships = "/".join(accepts)
+            verdicts[name].append(f"format {fmt} (target {cfg.target.name} ships {ships})")
+    passing = [name for name in candidates if not verdicts[name]]
+    if not passing:
+        raise GateError(
+            "deploy.gates: no variant passes; "
+            + "; ".join(f"{name}: {', '.join(broken)}" for name, broken in verdicts.items())
+        )
+
+    if cfg.policy == "explicit":
+        if cfg.variant not in verdicts:
+            raise ConfigError(
+                f"deploy.variant: {cfg.variant!r} was not evaluated; evaluated: "
+                f"{', '.join(candidates)}"
+            )
+        if verdicts[cfg.variant]:
+            raise GateError(
+                f"deploy.variant: {cfg.variant!r} fails deploy.gates "
+                f"({', '.join(verdicts[cfg.variant])}); passing: {', '.join(passing)}"
+            )
+        return Decision(cfg.variant, cfg.policy, None, dict(cfg.gates), verdicts)
+
+    metric, better = POLICY_METRICS.get(cfg.policy, (cfg.quality, None))
+    better = better or directions.get(metric)
+    if better is None:
+        raise ConfigError(f"deploy.quality: which way {metric!r} is better is not known")
+    unmeasured = [name for name in passing if metric not in rows[name]]
+    if unmeasured:
+        raise ConfigError(
+            f"deploy.policy: {cfg.policy!r} ranks by {metric}, which was not measured for "
+            f"{', '.join(unmeasured)}"
+        )
+    sign = 1 if better == "lower" else -1
+    chosen = min(passing, key=lambda name: (sign * rows[name][metric], candidates.index(name)))
+    return Decision(chosen, cfg.policy, metric, dict(cfg.gates), verdicts)
+
+
+def decide(cfg: DeployParams, evaluation: Path, registry: Registry) -> Decision:
+    """The decision for an evaluate stage's output (what the flow checks before deploy)."""
+    from unbottle.core.stages.evaluate import read_evaluation
+
+    rows, _ = read_evaluation(evaluation)
+    accepts = registry.get("deploy_target", cfg.target.name).cls.accepts
+    return choose_variant(cfg, rows, metric_directions(registry), tuple(accepts))
+
+
+def deploy(
+    cfg: DeployParams,
+    *,
+    baseline: Path,
+    variants_dir: Path,
+    evaluation: Path,
+    out_dir: Path,
+    registry: Registry,
+) -> StageResult:
+    from unbottle.core.models.runtimes import model_format
+    from unbottle.core.stages.evaluate import read_evaluation, variant_dirs
+    from unbottle.core.store.artifacts import verify_artifact
+
+    target = registry.create("deploy_target", cfg.target.name, cfg.target.options)
+    rows, table = read_evaluation(evaluation)
+    decision = choose_variant(cfg, rows, metric_directions(registry), tuple(target.accepts))
+    variant = decision.chosen
+    dirs = variant_dirs(baseline, variants_dir)
+    if variant not in dirs:
+        raise ConfigError(
+            f"deploy: variant {variant!r} was evaluated but is not among the compressed "
+            f"variants ({', '.join(dirs)}); rerun compress and evaluate"
+        )
+    model_dir = dirs[variant]
+    manifest = verify_artifact(model_dir)
+    fmt = model_format(model_dir)
+    if fmt not in target.accepts:
+        raise ConfigError(
+            f"deploy.target: {target.name!r} ships {', '.join(target.accepts)} models, but "
+            f"variant {variant!r} is {fmt}; choose another variant or target"
+        )
+    ctx = DeployContext(
+        variant=variant,
+        model_format=fmt,
+        metrics=rows[variant],
+        report_markdown=f"{table}\n\n{decision.markdown()}",
+        manifest=manifest,
+    )
+    with atomic_dir(out_dir) as tmp:
+        facts = target.deploy(model_dir, tmp, ctx)
+        write_manifest(
+            tmp,
+            stage="deploy",
+            config=cfg.model_dump(mode="json"),
+            strategies={
+                "deploy_target": strategy_record(registry.get("deploy_target", target.name))
+            },
+            inputs={"model": tree_hash(model_dir), "evaluation": tree_hash(evaluation)},
+            metrics=facts,
+            extra={"variant": variant, "format": fmt, "decision": decision.as_dict()},
+        )
+    return StageResult(out_dir, {"variant": variant, "policy": cfg.policy, **facts})

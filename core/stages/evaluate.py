@@ -1,0 +1,222 @@
+"""Evaluation: every metric, for the finetuned model and every compressed variant.
+
+Each variant is measured through the runtime that serves it (:func:`measure_variant`);
+:func:`write_evaluation` then turns the rows into the report: ``evaluation.json``, a
+Markdown table with the Pareto frontiers in ``report.md``, and the plots
+``quality_vs_size.png`` and ``quality_vs_speed.png``. The evaluate stage runs both in one
+process; the sweep flow maps ``measure_variant`` over variants as Prefect tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from unbottle.core.config.params import BASELINE, EvaluateParams
+from unbottle.core.registry import Registry
+from unbottle.core.stages.layout import StageResult, strategy_record
+from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_json_atomic, write_manifest
+
+log = logging.getLogger("unbottle.evaluate")
+PRETRAINED = "pretrained"
+EVALUATION = "evaluation.json"
+REPORT = "report.md"
+
+
+def variant_dirs(baseline: Path, variants_dir: Path) -> dict[str, Path]:
+    """The finetuned model and every compressed variant, in params order."""
+    from unbottle.core.stages.compress import VARIANTS_INDEX
+
+    names = json.loads((variants_dir / VARIANTS_INDEX).read_text(encoding="utf-8"))
+    return {BASELINE: baseline, **{name: variants_dir / name for name in names}}
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` is a GPU when torch sees one, else the CPU."""
+    if device != "auto":
+        if device == "cuda":
+            import torch
+
+            from unbottle.core.contract.errors import ConfigError
+
+            if not torch.cuda.is_available():
+                raise ConfigError("evaluate.device: 'cuda' but torch sees no GPU; use cpu or auto")
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def create_metrics(cfg: EvaluateParams, registry: Registry) -> list[tuple[str, Any]]:
+    return [(ref.name, registry.create("metric", ref.name, ref.options)) for ref in cfg.metrics]
+
+
+def measure_variant(
+    model_dir: Path,
+    metrics: Sequence[tuple[str, Any]],
+    *,
+    valid_text: str,
+    questions: list[dict[str, str]],
+    seed: int,
+    device: str = "cpu",
+    label: str = "",
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every metric on one model, in order: (row, samples). Refuses a damaged artifact."""
+    from unbottle.core.contract.strategies import EvalContext
+    from unbottle.core.models.runtimes import load_runner
+    from unbottle.core.store.artifacts import verify_artifact
+
+    manifest = verify_artifact(model_dir)
+    runner = load_runner(model_dir, device)
+    ctx = EvalContext(
+        tokenizer=runner.tokenizer,
+        valid_text=valid_text,
+        questions=questions,
+        model_dir=model_dir,
+        seed=seed,
+    )
+    row: dict[str, Any] = {"format": manifest.get("format", runner.format)}
+    for metric_name, metric in metrics:
+        log.info("evaluate %s: %s", label or model_dir.name, metric_name)
+        values = metric.measure(runner, ctx)
+        row.update(values)
+        ctx.measured.update(values)
+    return row, ctx.samples
+
+
+def evaluate(
+    cfg: EvaluateParams,
+    *,
+    pretrained: Path,
+    baseline: Path,
+    variants_dir: Path,
+    valid_text: Path,
+    qa_test: Path,
+    out_dir: Path,
+    seed: int,
+    registry: Registry,
+    images_dir: Path | None = None,
+) -> StageResult:
+    from unbottle.core.data import prompts as task
+    from unbottle.core.models.loading import read_text
+    from unbottle.core.store.artifacts import verify_artifact
+
+    metrics = create_metrics(cfg, registry)
+    text = read_text(valid_text, "data.valid_text")
+    questions = task.read_pairs(qa_test, "data.qa_test")[: cfg.max_questions]
+    device = resolve_device(cfg.device)
+    verify_artifact(variants_dir)
+    # The pretrained model is measured too, as the reference finetuning must beat.
+    targets = {PRETRAINED: pretrained, **variant_dirs(baseline, variants_dir)}
+    for model_dir in targets.values():
+        verify_artifact(model_dir)  # every input checked before the first measurement
+
+    results = {
+        name: measure_variant(
+            model_dir,
+            metrics,
+            valid_text=text,
+            questions=questions,
+            seed=seed,
+            device=device,
+            label=name,
+        )
+        for name, model_dir in targets.items()
+    }
+    return write_evaluation(
+        cfg,
+        results,
+        out_dir=out_dir,
+        registry=registry,
+        inputs={
+            "pretrained": tree_hash(pretrained),
+            "baseline": tree_hash(baseline),
+            "variants": tree_hash(variants_dir),
+            "valid_text": tree_hash(valid_text),
+            "qa_test": tree_hash(qa_test),
+        },
+        images_dir=images_dir,
+    )
+
+
+def write_evaluation(
+    cfg: EvaluateParams,
+    results: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+    *,
+    out_dir: Path,
+    registry: Registry,
+    inputs: dict[str, str],
+    images_dir: Path | None = None,
+    stage: str = "evaluate",
+) -> StageResult:
+    """Write the report of measured rows into ``out_dir`` (atomically); PNG copies named
+    ``evaluate_<plot>.png`` go to ``images_dir`` too, for DVC's plots."""
+    from unbottle.core.stages.layout import is_timing
+    from unbottle.core.stages.report import (
+        add_ratios,
+        frontiers,
+        markdown_table,
+        plot_tradeoffs,
+        report_markdown,
+        table_rows,
+    )
+    from unbottle.core.store.artifacts import write_text_atomic
+
+    rows = {name: dict(row) for name, (row, _) in results.items()}
+    samples = {name: s for name, (_, s) in results.items()}
+    add_ratios(rows, BASELINE)
+    candidates = [name for name in rows if name != PRETRAINED]
+    # The frontiers stay out of the rows: the speed one moves with the machine's timings.
+    fronts = frontiers(rows, candidates)
+    table = markdown_table(rows, fronts)
+    log.info("evaluation:\n%s", table)
+
+    with atomic_dir(out_dir) as tmp:
+        plots = plot_tradeoffs(rows, fronts, tmp, reference=PRETRAINED)
+        write_json_atomic(
+            tmp / EVALUATION,
+            {
+                "variants": rows,
+                "order": list(rows),  # params order (JSON objects here are key-sorted)
+                "frontiers": fronts,
+                "table": table,
+                "samples": samples,
+            },
+        )
+        write_text_atomic(tmp / REPORT, report_markdown(table, fronts, plots, samples))
+        write_manifest(
+            tmp,
+            stage=stage,
+            config=cfg.model_dump(mode="json"),
+            strategies={
+                f"metric_{ref.name}": strategy_record(registry.get("metric", ref.name))
+                for ref in cfg.metrics
+            },
+            inputs=inputs,
+            metrics={  # what the model is, not how fast this machine ran it
+                name: {k: v for k, v in row.items() if not is_timing(k)}
+                for name, row in rows.items()
+            },
+        )
+    if images_dir is not None:
+        images_dir.mkdir(parents=True, exist_ok=True)
+        for plot in plots:
+            copy = images_dir / f"{stage}_{plot.name}"
+            partial = copy.with_name(f".{copy.name}.tmp")
+            shutil.copyfile(out_dir / plot.name, partial)
+            partial.replace(copy)
+    return StageResult(out_dir, {"variants": rows}, plots={f"{stage}_table": table_rows(rows)})
+
+
+def read_evaluation(evaluation_dir: Path) -> tuple[dict[str, Any], str]:
+    """The rows (in params order) and the Markdown table an evaluate stage wrote."""
+    from unbottle.core.store.artifacts import verify_artifact
+
+    verify_artifact(evaluation_dir)
+    data = json.loads((evaluation_dir / EVALUATION).read_text(encoding="utf-8"))
+    rows = data["variants"]
+    return {name: rows[name] for name in data.get("order", rows)}, data["table"]

@@ -1,0 +1,181 @@
+"""Pretraining: a byte-level BPE tokenizer and a Llama-style causal LM, from scratch.
+
+With ``pretrain.source`` set, the stage trains nothing: its artifact is that pretrained
+model (a Hugging Face directory or a converted GGUF file, see core/models/sources.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from unbottle.core.config.params import PretrainParams
+from unbottle.core.registry import Registry
+from unbottle.core.stages.layout import StageResult, split_timings, strategy_record
+from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_manifest
+
+log = logging.getLogger("unbottle.pretrain")
+
+
+def pretrain(
+    cfg: PretrainParams,
+    *,
+    train_text: Path,
+    out_dir: Path,
+    seed: int,
+    registry: Registry,
+    root: Path | None = None,
+) -> StageResult:
+    """Train tokenizer and model on ``train_text``; write them to ``out_dir``.
+
+    With ``cfg.source`` set, write that pretrained model instead (a relative source path
+    is taken from the workspace ``root``, by default the working directory).
+    """
+    if cfg.source is not None:
+        return from_source(cfg, out_dir=out_dir, root=root or Path.cwd())
+
+    import torch
+
+    from unbottle.core.models.loading import (
+        build_model,
+        documents,
+        encode_stream,
+        read_text,
+        save_model,
+    )
+    from unbottle.core.training.loop import (
+        Batches,
+        barrier,
+        checkpoint_store,
+        estimate_memory,
+        is_main_process,
+        train,
+    )
+
+    text = read_text(train_text, "data.train_text")
+    tokenizer = train_tokenizer_for(text, cfg.tokenizer.vocab_size)
+    stream = encode_stream(tokenizer, text)  # (N,)
+    seq_len = cfg.train.seq_len
+    if stream.numel() < seq_len + 1:
+        from unbottle.core.contract.errors import DataError
+
+        raise DataError(
+            f"data.train_text: {stream.numel()} tokens is fewer than one sequence of "
+            f"{seq_len + 1}; give more text or lower pretrain.train.seq_len"
+        )
+    (log.info if is_main_process() else log.debug)(
+        "pretrain: %d documents, %d tokens, vocabulary %d",
+        len(documents(text)),
+        stream.numel(),
+        len(tokenizer),
+    )
+    # Check the memory on a weightless (meta) copy first: refuse before allocating.
+    with torch.device("meta"):
+        skeleton = build_model(cfg.model, tokenizer, seed)
+    plan = estimate_memory(skeleton, cfg.train, registry=registry, key="pretrain.train")
+    model = build_model(cfg.model, tokenizer, seed)
+
+    def windows(starts: list[int]) -> dict[str, torch.Tensor]:
+        input_ids = torch.stack([stream[s : s + seq_len] for s in starts])  # (B, T)
+        return {"input_ids": input_ids, "labels": input_ids}
+
+    data = Batches(size=stream.numel() - seq_len, collate=windows, seed=seed)
+    inputs = {"train_text": tree_hash(train_text)}
+    store = checkpoint_store(
+        cfg.train,
+        stage="pretrain",
+        out_dir=out_dir,
+        identity={
+            "inputs": inputs,
+            "tokenizer": cfg.tokenizer.model_dump(mode="json"),
+            "model": cfg.model.model_dump(mode="json"),
+            "seed": seed,
+        },
+    )
+    model, report = train(
+        model,
+        data,
+        cfg.train,
+        registry=registry,
+        desc="pretrain",
+        checkpoints=store,
+        memory_estimate=plan,
+    )
+    metrics = {
+        **report.metrics(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+    }
+    if is_main_process():  # under DDP every process trained; one writes
+        with atomic_dir(out_dir) as tmp:
+            save_model(model, tokenizer, tmp)
+            write_manifest(
+                tmp,
+                stage="pretrain",
+                config=cfg.model_dump(mode="json"),
+                strategies={
+                    "optimizer": strategy_record(
+                        registry.get("optimizer", cfg.train.optimizer.name)
+                    ),
+                    "parallelism": strategy_record(
+                        registry.get("parallelism", cfg.train.parallelism.name)
+                    ),
+                },
+                inputs=inputs,
+                metrics=split_timings(metrics)[0],
+            )
+        if store is not None:
+            store.clear()  # the artifact is whole: the run's checkpoints are not needed
+    barrier()
+    return StageResult(out_dir, metrics, plots={"pretrain_loss": report.curve()})
+
+
+def from_source(cfg: PretrainParams, *, out_dir: Path, root: Path) -> StageResult:
+    """The pretrained model ``cfg.source`` names, as this stage's artifact: float32
+    safetensors and its own tokenizer. The manifest records the source, its sha256 and,
+    for a GGUF file, the conversion."""
+    from unbottle.core.models import sources as sources
+    from unbottle.core.models.loading import save_model
+    from unbottle.core.training.loop import barrier, is_main_process
+
+    assert cfg.source is not None
+    src = sources.resolve(cfg.source, root)
+    metrics: dict = {}
+    if is_main_process():  # under torchrun, one process converts and writes
+        model, tokenizer, done = sources.load_source(src)
+        metrics = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "vocab_size": len(tokenizer),
+        }
+        log.info(
+            "pretrain: from %s %s (%d parameters), no training",
+            src.kind,
+            src.path,
+            metrics["parameters"],
+        )
+        with atomic_dir(out_dir) as tmp:
+            save_model(model, tokenizer, tmp)
+            write_manifest(
+                tmp,
+                stage="pretrain",
+                config={"source": cfg.source.model_dump(mode="json")},
+                strategies={},
+                inputs={"source": src.sha256},
+                metrics=metrics,
+                extra={
+                    "source": {
+                        "kind": src.kind,
+                        "path": str(src.path),
+                        "sha256": src.sha256,
+                        **done,
+                    }
+                },
+            )
+    barrier()
+    return StageResult(out_dir, metrics)
+
+
+def train_tokenizer_for(text: str, vocab_size: int):
+    from unbottle.core.models.loading import documents, train_tokenizer
+
+    return train_tokenizer(documents(text), vocab_size)

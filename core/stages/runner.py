@@ -1,0 +1,136 @@
+"""Run one stage by name: what both `unbottle stage NAME` (dvc.yaml) and the Prefect flow
+call, so a stage behaves the same on either route."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+from unbottle.core.config.params import Params, check_strategies
+from unbottle.core.registry import Registry, get_registry
+from unbottle.core.stages.layout import STAGES, Layout, StageResult, split_timings
+from unbottle.core.store.artifacts import write_json_atomic, write_text_atomic
+
+log = logging.getLogger("unbottle.pipeline")
+
+
+def setup(params: Params, registry: Registry | None = None) -> Registry:
+    """Resolve and validate every strategy the params name, before any work."""
+    registry = registry or get_registry()
+    check_strategies(params, registry)
+    return registry
+
+
+def run_stage(
+    name: str,
+    params: Params,
+    layout: Layout,
+    registry: Registry | None = None,
+    *,
+    force: bool = False,
+) -> StageResult:
+    """Run stage ``name`` unless its output is already current for these inputs."""
+    from unbottle.core.contract.errors import ConfigError
+    from unbottle.core.store import fingerprint
+
+    if name not in STAGES:
+        raise ConfigError(f"Unknown stage {name!r}. Stages: {', '.join(STAGES)}.")
+    registry = setup(params, registry)
+    stamp = fingerprint.fingerprint(name, params, layout, registry)
+    out_dir, metrics_file = layout.artifact(name), layout.metrics_file(name)
+    if not force and fingerprint.is_current(out_dir, stamp, metrics_file):
+        log.info("%s is up to date (fingerprint %s), skipping", name, stamp[:12])
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        return StageResult(out_dir, metrics, skipped=True)
+    result = _run(name, params, layout, registry)
+    from unbottle.core.training.loop import is_main_process
+
+    if not is_main_process():  # under torchrun, rank 0 alone writes the shared files
+        return result
+    fingerprint.record(result.out_dir, stamp)
+    quality, timing = split_timings(result.metrics)
+    write_json_atomic(metrics_file, quality)
+    write_json_atomic(layout.timing_file(name), timing)
+    for plot, rows in result.plots.items():
+        write_text_atomic(layout.plot_file(plot), _csv(rows))
+    return result
+
+
+def _run(name: str, params: Params, layout: Layout, registry: Registry) -> StageResult:
+    data = params.data
+    path = layout.resolve
+    if name == "pretrain":
+        from unbottle.core.stages.pretrain import pretrain
+
+        result = pretrain(
+            params.pretrain,
+            train_text=path(data.train_text),
+            out_dir=layout.artifact("pretrain"),
+            seed=params.seed,
+            registry=registry,
+            root=layout.root,
+        )
+    elif name == "finetune":
+        from unbottle.core.stages.finetune import finetune
+
+        result = finetune(
+            params.finetune,
+            base=layout.artifact("pretrain"),
+            qa_train=path(data.qa_train),
+            out_dir=layout.artifact("finetune"),
+            seed=params.seed,
+            registry=registry,
+        )
+    elif name == "compress":
+        from unbottle.core.stages.compress import compress
+
+        result = compress(
+            params.compress,
+            model=layout.artifact("finetune"),
+            train_text=path(data.train_text),
+            out_dir=layout.artifact("compress"),
+            seed=params.seed,
+            registry=registry,
+        )
+    elif name == "evaluate":
+        from unbottle.core.stages.evaluate import evaluate
+
+        result = evaluate(
+            params.evaluate,
+            pretrained=layout.artifact("pretrain"),
+            baseline=layout.artifact("finetune"),
+            variants_dir=layout.artifact("compress"),
+            valid_text=path(data.valid_text),
+            qa_test=path(data.qa_test),
+            out_dir=layout.artifact("evaluate"),
+            seed=params.seed,
+            registry=registry,
+            images_dir=layout.metrics_dir,  # the report's PNGs, for `dvc plots show`
+        )
+    else:
+        from unbottle.core.stages.deploy import deploy
+
+        result = deploy(
+            params.deploy,
+            baseline=layout.artifact("finetune"),
+            variants_dir=layout.artifact("compress"),
+            evaluation=layout.artifact("evaluate"),
+            out_dir=layout.artifact("deploy"),
+            registry=registry,
+        )
+    return result
+
+
+def _csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def workspace(root: Path | None = None) -> Layout:
+    return Layout(Path(root or Path.cwd()).resolve())

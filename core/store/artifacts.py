@@ -1,0 +1,161 @@
+"""Artifacts on disk: atomic writes, content hashes and the manifest every output carries.
+
+A stage writes into a temporary sibling directory and renames it into place only when it
+has finished, so a crash never leaves a half-written artifact that a later stage would
+accept. Every artifact holds ``manifest.json``: the stage, its config, the strategies it
+used with their versions, the hashes of its inputs and of its own files, and its metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from unbottle.core.contract.errors import DataError
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hashes(root: Path, *, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
+    """sha256 of every file under root, by relative POSIX path, in sorted order."""
+    out: dict[str, str] = {}
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel not in exclude:
+            out[rel] = sha256_file(path)
+    return out
+
+
+def tree_hash(path: Path) -> str:
+    """One sha256 for a file, or for a directory's relative paths and file hashes."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such file or directory")
+    digest = hashlib.sha256()
+    for rel, h in file_hashes(path, exclude=()).items():
+        digest.update(f"{rel}\0{h}\n".encode())
+    return digest.hexdigest()
+
+
+def dir_size(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory that replaces ``final`` when the block succeeds.
+
+    On an exception the temporary directory is removed and ``final`` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    # mkdtemp makes the directory private (0700); an artifact is as readable as any folder.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(
+    out_dir: Path,
+    *,
+    stage: str,
+    config: Any,
+    strategies: dict[str, dict[str, str]],
+    inputs: dict[str, str],
+    metrics: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``manifest.json`` into an artifact directory whose files are complete."""
+    from unbottle.core.store.provenance import provenance
+
+    manifest = {
+        "stage": stage,
+        "config": config,
+        "strategies": strategies,
+        "inputs": inputs,
+        "files": file_hashes(out_dir),
+        "metrics": metrics,
+        # The final directory's parent: the temporary directory is created beside it.
+        "environment": provenance(Path(out_dir).parent),
+        **(extra or {}),
+    }
+    write_json_atomic(Path(out_dir) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(artifact: Path) -> dict[str, Any]:
+    path = Path(artifact) / MANIFEST
+    if not path.is_file():
+        raise DataError(
+            f"{artifact}: not an unbottle artifact (no {MANIFEST}); run the stage that makes it"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def verify_artifact(artifact: Path) -> dict[str, Any]:
+    """Read a manifest and check that the files on disk still match its hashes."""
+    manifest = read_manifest(artifact)
+    actual = file_hashes(artifact)
+    expected = manifest.get("files", {})
+    if actual != expected:
+        changed = sorted(set(actual) ^ set(expected)) or sorted(
+            k for k in actual if actual[k] != expected.get(k)
+        )
+        raise DataError(
+            f"{artifact}: files do not match its manifest ({', '.join(changed[:3])}); "
+            "rerun the stage that makes it"
+        )
+    return manifest

@@ -1,0 +1,1 @@
+"""The training loop shared by pretrain and finetune: checkpoints, memory, the loop."""

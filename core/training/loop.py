@@ -1,0 +1,658 @@
+"""The training loop shared by pretrain, finetune and the ``kd`` distiller.
+
+It runs through ``accelerate.Accelerator`` from the start: the parallelism strategy builds
+the accelerator (one process, DDP, FSDP), the optimizer strategy builds the optimizer, and
+the loop never changes when either does. Everything that can be wrong with a run
+(precision for the device, world size, batch split, sequence length, memory) is checked
+before the first step, each failure one line naming the key to change.
+
+Data. ``batch_size`` is the global batch of one optimizer step. Each step draws the ids of
+the whole global batch from one generator seeded from params, on every process alike;
+process ``r`` then builds only its own slice of rows, split again into
+``grad_accum_steps`` micro-batches. So a step sees the same examples whatever the number
+of processes, and saving the generator's state saves the data order.
+
+Loss. The default loss is the model's causal-LM cross-entropy summed over the micro-batch
+and divided by the number of label tokens in the *global* batch (summed over processes
+first), so gradient accumulation and DDP, which averages gradients over processes,
+reproduce the gradient of one big batch exactly, padding or not. A custom ``loss_fn``
+returns a per-micro-batch mean instead.
+
+Checkpoints (``core/training/checkpoint.py``) are written every ``checkpoint_every`` steps; a
+rerun of the same run finds the newest whole one and continues from it, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from unbottle.core.contract.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from unbottle.core.config.params import TrainParams
+    from unbottle.core.registry import Registry
+    from unbottle.core.training.checkpoint import CheckpointStore
+    from unbottle.core.training.memory import MemoryEstimate
+
+log = logging.getLogger("unbottle.train")
+IGNORE_INDEX = -100  # label value that cross-entropy skips
+
+# TrainParams keys that do not change the weights a run ends with: a checkpoint taken under
+# other values of these still resumes.
+_NOT_IN_RUN_KEY = (
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "checkpoint_dir",
+    "memory_check",
+)
+
+LossFn = Callable[["torch.nn.Module", dict[str, "torch.Tensor"]], "torch.Tensor"]
+
+
+@dataclass
+class TrainReport:
+    losses: list[float] = field(default_factory=list)  # one per optimizer step, from step 1
+    tokens: int = 0  # tokens trained on, all steps (before a resume too)
+    session_tokens: int = 0  # tokens trained on in this process's run, for the rate
+    seconds: float = 0.0  # wall time of this process's run of the loop
+    cpu_seconds: float = 0.0  # CPU time of this process (all its threads) in the loop
+    precision: str = "fp32"
+    precision_reason: str = ""
+    world_size: int = 1
+    resumed_from: int = 0  # the checkpoint step this run continued from (0: a fresh start)
+    peak_memory_bytes: int = 0
+    memory: MemoryEstimate | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.session_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def curve(self, every: int = 1) -> list[dict[str, float]]:
+        return [
+            {"step": i + 1, "loss": round(loss, 6)}
+            for i, loss in enumerate(self.losses)
+            if (i + 1) % every == 0 or i == 0 or i + 1 == len(self.losses)
+        ]
+
+    def metrics(self) -> dict[str, Any]:
+        """The figures every training stage reports."""
+        return {
+            "final_loss": self.losses[-1],
+            "tokens_per_s": self.tokens_per_second,
+            "train_seconds": self.seconds,
+            "train_cpu_seconds": self.cpu_seconds,
+            "train_tokens": self.tokens,
+            "precision": self.precision,
+            "world_size": self.world_size,
+            "resumed_from_step": self.resumed_from,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "estimated_memory_bytes": self.memory.total if self.memory else 0,
+        }
+
+
+@dataclass
+class Batches:
+    """A training set of ``size`` examples, sampled with replacement.
+
+    ``collate(ids)`` builds the batch of the examples with those ids: a dict of (rows, T)
+    tensors with ``input_ids`` and, for the default loss, ``labels`` (and
+    ``attention_mask`` when rows are padded). ``seed`` seeds the sampling order.
+    """
+
+    size: int
+    collate: Callable[[list[int]], dict[str, torch.Tensor]]
+    seed: int
+
+
+def resolve_precision(requested: str) -> tuple[str, str]:
+    """Pick accelerate's mixed-precision mode for this device, and say why."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if requested == "fp16" and not cuda:
+        raise ConfigError("train.precision: fp16 needs a CUDA GPU; use fp32 or auto on a CPU")
+    if requested == "fp32":
+        return "no", "fp32 requested"
+    if requested == "bf16":
+        return "bf16", "bf16 requested"
+    if requested == "fp16":
+        return "fp16", "fp16 requested (with a gradient scaler)"
+    if cuda:
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: the GPU supports bf16"
+        return "fp16", "auto: the GPU lacks bf16, fp16 with a gradient scaler"
+    capability = str(torch.backends.cpu.get_cpu_capability())
+    if "AMX" in capability or "BF16" in capability:
+        return "bf16", f"auto: the CPU has native bf16 ({capability})"
+    return "no", (
+        f"auto: fp32, because this CPU ({capability}) has no native bf16 and emulated bf16 "
+        "autocast made a training step about 20x slower here"
+    )
+
+
+# ------------------------------------------------------------------ processes
+
+
+def world_size() -> int:
+    """Processes of this run, as the launcher (torchrun, accelerate launch) set them."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Only the main process writes artifacts, metrics and checkpoint manifests."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every process of the run (nothing to wait for with one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def micro_batch_size(cfg: TrainParams, processes: int, key: str) -> int:
+    """Rows per micro-batch in each process; the global batch must split evenly."""
+    parts = processes * cfg.grad_accum_steps
+    if cfg.batch_size % parts:
+        raise ConfigError(
+            f"{key}.batch_size: {cfg.batch_size} does not split over {processes} process"
+            f"{'es' if processes > 1 else ''} x {cfg.grad_accum_steps} accumulation steps; "
+            f"use a multiple of {parts}"
+        )
+    return cfg.batch_size // parts
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def run_key(cfg: TrainParams, *, stage: str, identity: dict[str, Any]) -> str:
+    """A hash of everything that decides the weights a run ends with.
+
+    ``identity`` holds what the stage adds: the hashes of its inputs, the model and
+    method config, the seed. The process count is part of it: a resume under another
+    world size would not be bit-identical.
+    """
+    train = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_IN_RUN_KEY}
+    text = json.dumps(
+        {"stage": stage, "train": train, "identity": identity, "world_size": world_size()},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def checkpoint_store(
+    cfg: TrainParams, *, stage: str, out_dir: Path, identity: dict[str, Any]
+) -> CheckpointStore | None:
+    """Where the stage's run keeps its checkpoints, or None when they are off.
+
+    By default ``artifacts/.checkpoints/<stage>/<run key>/``: beside the stage's artifact
+    (which is replaced whole, so checkpoints cannot live inside it) and out of DVC's outs.
+    """
+    from unbottle.core.training.checkpoint import CheckpointStore
+
+    if cfg.checkpoint_every == 0:
+        return None
+    root = cfg.checkpoint_dir or Path(out_dir).parent / ".checkpoints" / Path(out_dir).name
+    key = run_key(cfg, stage=stage, identity=identity)
+    return CheckpointStore(
+        Path(root).resolve(), key, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints
+    )
+
+
+# ------------------------------------------------------------------ setup pieces
+
+
+def build_schedule(optimizer: Any, cfg: TrainParams) -> Any:
+    """Warmup, then cosine decay to ``min_lr_ratio * lr``, linear decay to 0, or constant."""
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_with_min_lr_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    warmup = min(cfg.warmup_steps, cfg.steps)
+    if cfg.schedule == "cosine":
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=cfg.steps,
+            min_lr_rate=cfg.min_lr_ratio,
+        )
+    if cfg.schedule == "linear":
+        return get_linear_schedule_with_warmup(
+            optimizer, num_warmup_steps=warmup, num_training_steps=cfg.steps
+        )
+    return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+
+
+def check_context(model: Any, seq_len: int, key: str) -> None:
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise ConfigError(
+            f"{key}.seq_len: {seq_len} is longer than the model's context ({context}); "
+            f"use at most {context}"
+        )
+
+
+def _enable_grad_checkpointing(model: Any, key: str) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{key}.grad_checkpointing: this model does not support it; set it false")
+    # Non-reentrant checkpointing works with DDP, frozen inputs and adapters alike.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def estimate_memory(
+    model: Any,
+    cfg: TrainParams,
+    *,
+    registry: Registry,
+    key: str,
+    device: torch.device | None = None,
+    processes: int | None = None,
+) -> MemoryEstimate:
+    """Estimate the run's memory and refuse it when it cannot fit (see core/training/memory.py).
+
+    Works on a model built on the meta device, so a stage can check before it allocates.
+    """
+    import torch
+
+    from unbottle.core.training import memory
+
+    processes = processes or world_size()
+    mixed_precision, _ = resolve_precision(cfg.precision)
+    if device is None:
+        on_cpu = bool(cfg.parallelism.options.get("cpu")) or not torch.cuda.is_available()
+        local = int(os.environ.get("LOCAL_RANK", "0"))  # one GPU per local process
+        device = torch.device("cpu") if on_cpu else torch.device("cuda", local)
+    plan = memory.estimate(
+        model,
+        cfg,
+        micro_batch=micro_batch_size(cfg, processes, key),
+        mixed_precision=mixed_precision,
+        optimizer_strategy=registry.create("optimizer", cfg.optimizer.name, cfg.optimizer.options),
+        world_size=processes,
+        sharded=cfg.parallelism.name == "fsdp",
+    )
+    memory.check(plan, device, key=key, enabled=cfg.memory_check)
+    return plan
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def train(
+    model: torch.nn.Module,
+    data: Batches | Callable[[int], dict[str, torch.Tensor]],
+    cfg: TrainParams,
+    *,
+    registry: Registry,
+    desc: str,
+    loss_fn: LossFn | None = None,
+    checkpoints: CheckpointStore | None = None,
+    key: str | None = None,
+    memory_estimate: MemoryEstimate | None = None,
+) -> tuple[torch.nn.Module, TrainReport]:
+    """Train ``model`` for ``cfg.steps`` optimizer steps on ``data``.
+
+    ``data`` is a :class:`Batches` or, for callers that sample themselves, a function
+    ``step -> global batch`` (no resume of the data order then, so no checkpoints).
+    ``key`` names the params section in error messages (default ``<desc>.train``).
+    Returns the trained, unwrapped model (on every process) and the report.
+    """
+    import torch
+
+    from unbottle.core.progress import progress_bar
+    from unbottle.core.training.checkpoint import restore_rng
+    from unbottle.core.training.memory import PeakMemory
+
+    key = key or f"{desc}.train"
+    if checkpoints is not None and not isinstance(data, Batches):
+        raise ValueError("checkpoints need Batches: a sampling function's order cannot be saved")
+
+    # ---- checks and setup, all before the first step
+    mixed_precision, reason = resolve_precision(cfg.precision)
+    parallel = registry.create("parallelism", cfg.parallelism.name, cfg.parallelism.options)
+    accelerator = parallel.accelerator(mixed_precision=mixed_precision)
+    processes, this_rank = accelerator.num_processes, accelerator.process_index
+    say = log.info if this_rank == 0 else log.debug  # one voice for the whole run
+    micro = micro_batch_size(cfg, processes, key)
+    check_context(model, cfg.seq_len, key)
+    fsdp = accelerator.distributed_type.value == "FSDP"
+    if fsdp and hasattr(model, "peft_config"):
+        raise ConfigError(
+            f"{key}.parallelism: fsdp cannot merge a peft adapter at the end of training; "
+            "use ddp or single with finetune.method lora"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"{desc}: no parameter is trainable")
+    plan = memory_estimate or estimate_memory(
+        model, cfg, registry=registry, key=key, device=accelerator.device, processes=processes
+    )
+    if cfg.grad_checkpointing:
+        _enable_grad_checkpointing(model, key)
+    optimizer_strategy = registry.create("optimizer", cfg.optimizer.name, cfg.optimizer.options)
+    optimizer = optimizer_strategy.build(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    inner_optimizer = getattr(optimizer, "optimizer", optimizer)
+    # Stepped here, not through accelerate: accelerate steps a prepared scheduler once per
+    # process, as if each process's data loader were shorter; our batch is global already.
+    scheduler = build_schedule(inner_optimizer, cfg)
+    forward = torch.compile(prepared) if cfg.compile else prepared
+
+    report = TrainReport(
+        precision=mixed_precision if mixed_precision != "no" else "fp32",
+        precision_reason=reason,
+        world_size=processes,
+        memory=plan,
+    )
+    say("%s: precision %s (%s), %d process(es)", desc, report.precision, reason, processes)
+
+    generator = torch.Generator().manual_seed(data.seed) if isinstance(data, Batches) else None
+    start_step = 0
+    if checkpoints is not None:
+        restored = _resume(checkpoints, prepared, inner_optimizer, this_rank)
+        if restored is not None:
+            state = restored.trainer
+            scheduler.load_state_dict(state["scheduler"])
+            if accelerator.scaler is not None and state.get("scaler"):
+                accelerator.scaler.load_state_dict(state["scaler"])
+            restore_rng(restored, generator)
+            start_step = report.resumed_from = restored.step
+            report.losses = list(state["losses"])
+            report.tokens = int(state["tokens"])
+            say("%s: resuming from %s", desc, restored.path)
+
+    per_process = cfg.batch_size // processes
+
+    def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
+        """This process's micro-batches of the global batch of ``step``."""
+        if isinstance(data, Batches):
+            ids = torch.randint(0, data.size, (cfg.batch_size,), generator=generator).tolist()
+            mine = ids[this_rank * per_process : (this_rank + 1) * per_process]
+            return [
+                data.collate(mine[j * micro : (j + 1) * micro]) for j in range(cfg.grad_accum_steps)
+            ]
+        batch = data(step)
+        rows = next(iter(batch.values())).shape[0]
+        if rows != cfg.batch_size:
+            raise ValueError(f"{desc}: the batch function gave {rows} rows, not {cfg.batch_size}")
+        first = this_rank * per_process
+        return [
+            {k: v[first + j * micro : first + (j + 1) * micro] for k, v in batch.items()}
+            for j in range(cfg.grad_accum_steps)
+        ]
+
+    def all_sum(values: list[float]) -> list[float]:
+        """Sum over processes (one small all-reduce)."""
+        if processes == 1:
+            return values
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    # The names the checkpoint's weights go by (wrappers' prefixes stripped, as
+    # torch.distributed.checkpoint names them); a tied weight answers to each of its names.
+    trainable_names = {
+        name
+        for name, p in accelerator.unwrap_model(prepared).named_parameters(remove_duplicate=False)
+        if p.requires_grad
+    }
+
+    def save_checkpoint(step: int) -> None:
+        assert checkpoints is not None
+        _save(
+            checkpoints,
+            step=step,
+            model=prepared,
+            trainable_names=trainable_names,
+            optimizer=inner_optimizer,
+            generator=generator,
+            trainer={
+                "losses": report.losses,
+                "tokens": report.tokens,
+                "scheduler": scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
+            },
+            rank=this_rank,
+            processes=processes,
+        )
+
+    params = [p for p in prepared.parameters() if p.requires_grad]
+
+    def clip_gradients() -> None:
+        if fsdp:  # sharded gradients: accelerate computes the global norm across shards
+            accelerator.clip_grad_norm_(prepared.parameters(), cfg.grad_clip)
+            return
+        if accelerator.scaler is not None:
+            accelerator.unscale_gradients()  # clip the true gradients, not the scaled ones
+        # torch's own, as accelerate does for plain tensors (without its per-step checks).
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+
+    # use_cache=False only where it is needed (checkpointing warns otherwise): without a
+    # cache object transformers builds the causal mask with vmap instead of letting SDPA
+    # apply it, a few percent of a small model's step.
+    extra = {"use_cache": False} if cfg.grad_checkpointing else {}
+    prepared.train()
+    peak = PeakMemory(accelerator.device)
+    peak.start()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    title = desc if start_step == 0 else f"{desc} (from step {start_step})"
+    bar = progress_bar(title, total=cfg.steps - start_step) if this_rank == 0 else _no_bar()
+    with bar as advance:
+        for step in range(start_step, cfg.steps):
+            parts = [
+                {k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches(step)
+            ]
+            local_tokens = sum(_token_count(b) for b in parts)
+            if loss_fn is None:
+                # Label tokens of the global batch: every micro-batch's loss is a share of
+                # one mean over them.
+                (label_tokens,) = all_sum([sum(_label_count(b) for b in parts)])
+                label_tokens = max(int(label_tokens), 1)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for j, batch in enumerate(parts):
+                last = j == len(parts) - 1
+                sync = contextlib.nullcontext() if last else accelerator.no_sync(prepared)
+                with sync:
+                    if loss_fn is None:
+                        loss = forward(**batch, num_items_in_batch=label_tokens, **extra).loss
+                        # DDP averages gradients over processes; the shares must add up.
+                        scaled = loss * processes if processes > 1 else loss
+                    else:
+                        loss = loss_fn(forward, batch) / len(parts)
+                        scaled = loss
+                    accelerator.backward(scaled)
+                loss_sum += loss.detach()
+            if cfg.grad_clip > 0:
+                clip_gradients()
+            if accelerator.scaler is None:
+                # Straight to the optimizer: accelerate's wrapper looks for an optional
+                # package on every step (a millisecond or so), and there is nothing to scale.
+                inner_optimizer.step()
+                scheduler.step()
+            else:
+                optimizer.step()  # the scaler unscales, skips a step with inf/nan, rescales
+                if not optimizer.step_was_skipped:
+                    scheduler.step()
+            inner_optimizer.zero_grad(set_to_none=True)
+
+            loss_total, tokens = all_sum([float(loss_sum), float(local_tokens)])
+            value = loss_total if loss_fn is None else loss_total / processes
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{desc}: loss became {value} at step {step + 1}")
+            report.losses.append(value)
+            report.tokens += int(tokens)
+            report.session_tokens += int(tokens)
+            report.seconds = time.perf_counter() - start
+            report.cpu_seconds = time.process_time() - cpu_start
+            advance(loss=value, tokens_per_s=report.tokens_per_second)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                say(
+                    "%s step %d/%d loss %.4f lr %.2e %.0f tokens/s",
+                    desc,
+                    step + 1,
+                    cfg.steps,
+                    value,
+                    scheduler.get_last_lr()[0],
+                    report.tokens_per_second,
+                )
+            if checkpoints is not None and checkpoints.due(step + 1, cfg.steps):
+                save_checkpoint(step + 1)
+    report.peak_memory_bytes = peak.read()
+
+    trained = _final_model(accelerator, prepared, fsdp)
+    if cfg.grad_checkpointing:
+        trained.gradient_checkpointing_disable()
+    trained.eval()
+    accelerator.free_memory()
+    return trained, report
+
+
+@contextlib.contextmanager
+def _no_bar() -> Any:
+    yield lambda **figures: None
+
+
+def _token_count(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def _label_count(batch: dict[str, torch.Tensor]) -> int:
+    labels = batch.get("labels")
+    if labels is None:
+        raise ValueError("the default loss needs `labels` in every batch")
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())  # causal LM: each token predicts the next
+
+
+def _save(
+    store: CheckpointStore,
+    *,
+    step: int,
+    model: Any,
+    trainable_names: set[str],
+    optimizer: Any,
+    generator: Any,
+    trainer: dict[str, Any],
+    rank: int,
+    processes: int,
+) -> None:
+    """Every process takes part (FSDP gathers the shards); the main process commits."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    trainable = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    # ignore_frozen_params misses a frozen weight tied to another name (lm_head): filter.
+    model_state = {
+        k: v
+        for k, v in get_model_state_dict(model, options=trainable).items()
+        if k in trainable_names
+    }
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=full)
+    main = rank == 0
+    tmp = store.begin(step) if main else store.partial_dir(step)
+    barrier()
+    store.write_rank(tmp, rank, generator)
+    if main:
+        store.write_main(
+            tmp, step=step, model=model_state, optimizer=optimizer_state, trainer=trainer
+        )
+    barrier()
+    if main:
+        final = store.commit(tmp, step, processes)
+        log.info("checkpoint: %s", final)  # main process only
+    barrier()
+
+
+def _resume(store: CheckpointStore, model: Any, optimizer: Any, rank: int) -> Any:
+    """Load the newest whole checkpoint of this run into model and optimizer, if any."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    step = store.latest_valid() if rank == 0 else None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [step]
+        dist.broadcast_object_list(box, src=0)  # every process resumes from the same step
+        step = box[0]
+    if step is None:
+        return None
+    restored = store.load(step, rank)
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    result = set_model_state_dict(model, restored.model, options=options)
+    if result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint {restored.path} has unknown weights {result.unexpected_keys[:3]}"
+        )
+    set_optimizer_state_dict(
+        model, optimizer, restored.optimizer, options=StateDictOptions(full_state_dict=True)
+    )
+    return restored
+
+
+def _final_model(accelerator: Any, prepared: Any, fsdp: bool) -> Any:
+    """The trained model as a plain module (FSDP: the full weights, on the main process)."""
+    unwrapped = accelerator.unwrap_model(prepared)
+    if not fsdp:
+        return unwrapped
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(
+        prepared, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not is_main_process():
+        return unwrapped  # only the main process writes the artifact
+    from torch.distributed.fsdp import FSDPModule
+
+    # fully_shard swapped the module's class for an FSDP subclass: rebuild the original,
+    # on the CPU (its non-persistent buffers, like rotary frequencies, are computed).
+    cls = next(c for c in type(unwrapped).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("cpu"):
+        plain = cls(unwrapped.config)
+    plain.load_state_dict(full)
+    return plain
+
+
+def rng(seed: int) -> Any:
+    import torch
+
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,266 @@
+"""Built-in quantization: ``rtn`` and ``gptq`` (packed low-bit weights), ``onnx-dynamic-int8``.
+
+- ``rtn``: weight-only round-to-nearest, int4 or int8, per output channel or per group
+  of input columns, symmetric or with zero points, optionally with a clipping search
+  (``core/compression/grids.py``).
+- ``gptq``: GPTQ (Frantar et al., 2022), the same grids, each layer quantized to keep
+  its outputs on calibration data, block by block (``plugins/quantization/gptq.py``).
+
+Both write the ``packed`` format (``core/models/lowbit.py``): the integer codes packed into
+uint8 in safetensors with float16 scales and packed zero points; evaluation and the
+``server`` deploy target load it through a dequantizing layer.
+
+- ``onnx-dynamic-int8``: the model is exported to ONNX with optimum, then ONNX Runtime's
+  dynamic quantization stores every MatMul weight as int8 with a scale (per output
+  channel by default); activations are quantized on the fly at run time. The result is a
+  real int8 model: its file is about a quarter of the float export.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from unbottle import CompressContext, StrategyConfig, hookimpl
+from unbottle.core.compression.grids import DEFAULT_LAYERS, Scheme
+from unbottle.core.contract.errors import ConfigError
+
+# The instruction sets whose int8 kernels ONNX Runtime's quantizer can target.
+ISA = Literal["avx2", "avx512", "avx512_vnni", "arm64"]
+
+
+class OnnxDynamicInt8:
+    """Export to ONNX and quantize weights to int8 with ONNX Runtime."""
+
+    name = "onnx-dynamic-int8"
+    output_format = "onnx"
+
+    class Config(StrategyConfig):
+        per_channel: bool = True
+        # The instruction set whose int8 kernels the quantized graph targets.
+        isa: ISA = "avx2"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
+        facts = export_onnx(
+            model_dir,
+            out_dir,
+            int8=True,
+            per_channel=self.config.per_channel,
+            isa=self.config.isa,
+            work_dir=ctx.work_dir,
+        )
+        ctx.tokenizer.save_pretrained(out_dir)
+        return facts
+
+
+class WeightOnlyConfig(StrategyConfig):
+    """The grid options ``rtn`` and ``gptq`` share."""
+
+    bits: Literal[4, 8] = 4
+    #: Input columns per group; null: one grid per output channel.
+    group_size: int | None = Field(None, ge=1)
+    #: Symmetric grids (zero point 2^(bits-1), not stored) or one zero point per group.
+    symmetric: bool = False
+    #: Search, per group, the shrink of the min/max range with the least squared error
+    #: (rtn: of the weights; gptq: weighted per input by its activation energy, H_jj).
+    clip_search: bool = False
+    #: Which Linear layers to quantize (a regex over module names); the output head and
+    #: the embeddings always stay float.
+    layers: str = DEFAULT_LAYERS
+
+    @field_validator("layers")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{value!r} is not a regular expression ({e})") from None
+        return value
+
+    def scheme(self) -> Scheme:
+        return Scheme(
+            bits=self.bits,
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+            clip_search=self.clip_search,
+        )
+
+
+def _load_and_select(model_dir: Path, config: WeightOnlyConfig, what: str) -> tuple[Any, list]:
+    """The float model and the Linears to quantize, checked before any work."""
+    from unbottle.core.compression.grids import check_group_size, quantizable_linears
+    from unbottle.core.models.loading import load_model
+
+    model, _ = load_model(model_dir)
+    layers = quantizable_linears(model, config.layers, what)
+    check_group_size(layers, config.scheme(), what)
+    return model, layers
+
+
+class RoundToNearest:
+    """Weight-only round-to-nearest onto int4/int8 grids, stored packed."""
+
+    name = "rtn"
+    output_format = "packed"
+    Config = WeightOnlyConfig
+
+    def __init__(self, config: WeightOnlyConfig) -> None:
+        self.config = config
+
+    def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
+        import torch
+
+        from unbottle.core.compression.grids import quantize_rtn, weight_error
+        from unbottle.core.models.lowbit import save_packed
+
+        c = self.config
+        model, layers = _load_and_select(model_dir, c, self.name)
+        scheme = c.scheme()
+        with torch.no_grad():
+            quantized = {name: quantize_rtn(linear.weight, scheme) for name, linear in layers}
+            errors = [
+                weight_error(linear.weight, quantized[name].dequantize()) for name, linear in layers
+            ]
+        facts = save_packed(
+            model,
+            ctx.tokenizer,
+            quantized,
+            out_dir,
+            method=self.name,
+            group_size=c.group_size,
+            symmetric=c.symmetric,
+            options=c.model_dump(mode="json"),
+            source_dir=model_dir,
+        )
+        return {
+            "bits": c.bits,
+            "group_size": c.group_size or 0,  # 0: per output channel
+            **facts,
+            "mean_weight_error": sum(errors) / len(errors),
+        }
+
+
+class Gptq:
+    """GPTQ (Frantar et al., 2022) onto int4/int8 grids, stored packed."""
+
+    name = "gptq"
+    output_format = "packed"
+
+    class Config(WeightOnlyConfig):
+        #: The clipping search, weighted by each input's activation energy (H_jj).
+        clip_search: bool = True
+        #: Quantize input columns in order of decreasing activation energy (desc_act).
+        act_order: bool = True
+        #: With act_order and groups: fit group grids up front on contiguous columns
+        #: (no g_idx, so dequantizing is cheaper) instead of in activation order.
+        static_groups: bool = False
+        #: Dampening added to the Hessian's diagonal, a fraction of its mean.
+        damp: float = Field(0.01, gt=0, lt=1)
+        #: Columns per lazy batch update.
+        block_size: int = Field(128, ge=1)
+        #: Calibration sequences per forward pass of the block-by-block pass.
+        batch_size: int = Field(8, ge=1)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
+        from unbottle.core.models.lowbit import save_packed
+        from unbottle.plugins.quantization.gptq import gptq_model
+
+        c = self.config
+        if not ctx.calibration:
+            raise ConfigError(
+                "compress.calibration.samples: 0 calibration samples; gptq needs at least 1"
+            )
+        model, layers = _load_and_select(model_dir, c, self.name)
+        quantized, metrics = gptq_model(
+            model,
+            ctx.calibration,
+            layers,
+            c.scheme(),
+            act_order=c.act_order,
+            static_groups=c.static_groups,
+            damp=c.damp,
+            block_size=c.block_size,
+            batch_size=c.batch_size,
+        )
+        facts = save_packed(
+            model,
+            ctx.tokenizer,
+            quantized,
+            out_dir,
+            method=self.name,
+            group_size=c.group_size,
+            symmetric=c.symmetric,
+            options=c.model_dump(mode="json"),
+            source_dir=model_dir,
+        )
+        return {
+            "bits": c.bits,
+            "group_size": c.group_size or 0,  # 0: per output channel
+            **facts,
+            **metrics,
+        }
+
+
+@hookimpl
+def register_quantizers(register):
+    register(OnnxDynamicInt8)
+    register(RoundToNearest)
+    register(Gptq)
+
+
+def export_onnx(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    int8: bool,
+    per_channel: bool = True,
+    isa: ISA = "avx2",
+    work_dir: Path | None = None,
+) -> dict[str, float]:
+    """Export a Hugging Face-format model to ONNX with a KV cache, optionally dynamic int8.
+
+    Writes the ``.onnx`` graph (``model.onnx`` for float, ``model_quantized.onnx`` for
+    int8), ``config.json`` and ``generation_config.json`` into ``out_dir``; the tokenizer is
+    the caller's to save. The compress stage's ``onnx-dynamic-int8`` quantizer and the
+    ``onnx`` deploy target both come through here, so the two produce the same graph.
+    """
+    from optimum.onnxruntime import ORTModelForCausalLM, ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        export_dir = Path(tmp) / "fp32"
+        ORTModelForCausalLM.from_pretrained(model_dir, export=True, use_cache=True).save_pretrained(
+            export_dir
+        )
+        fp32_bytes = sum(p.stat().st_size for p in export_dir.glob("*.onnx*"))
+        if not int8:
+            for path in export_dir.iterdir():
+                shutil.move(str(path), Path(out_dir) / path.name)
+            return {"onnx_fp32_bytes": fp32_bytes}
+        qconfig = getattr(AutoQuantizationConfig, isa)(is_static=False, per_channel=per_channel)
+        quantized_dir = Path(tmp) / "int8"
+        ORTQuantizer.from_pretrained(export_dir).quantize(
+            save_dir=quantized_dir, quantization_config=qconfig
+        )
+        for path in quantized_dir.iterdir():
+            shutil.move(str(path), Path(out_dir) / path.name)
+        for name in ("generation_config.json",):
+            if (export_dir / name).is_file():
+                shutil.copy2(export_dir / name, Path(out_dir) / name)
+    int8_bytes = sum(p.stat().st_size for p in Path(out_dir).glob("*.onnx*"))
+    return {
+        "onnx_fp32_bytes": fp32_bytes,
+        "onnx_int8_bytes": int8_bytes,
+        "size_ratio": int8_bytes / fp32_bytes,
+    }
