@@ -6,18 +6,22 @@ is compressed from statistics of what enters its Linear layers, and the block's 
 computed with the compressed weights, becomes the input of the next block, so every
 block sees (and compensates for) the errors of the ones before it.
 
-This module runs that pass once per block, in the order the data flows inside a Llama-
-family block ("true sequential" in the GPTQ code):
+This module runs that pass once per block, in the order the data flows inside it ("true
+sequential" in the GPTQ code). Which Linears share an input, and in what order a block
+reaches them, comes from one table, :data:`unbottle.core.compression.mappings.ARCHITECTURES`;
+for the Llama family:
 
-    q/k/v  <- input_layernorm(x)                      statistics, then compress q, k, v
-    o      <- attention(q, k, v)                      statistics, then compress o
+    q/k/v   <- input_layernorm(x)                     statistics, then compress q, k, v
+    o       <- attention(q, k, v)                     statistics, then compress o
     gate/up <- post_attention_layernorm(x + o(...))   statistics, then compress gate, up
-    down   <- act(gate) * up                          statistics, then compress down
+    down    <- act(gate) * up                         statistics, then compress down
 
-Each Linear is compressed from inputs produced by the already-compressed layers before
-it, and each block costs one forward pass (not two, as running a block once to collect
-statistics and again to propagate would), which is what keeps 128 x 512 calibration
-tokens on a 135M model within minutes on two CPU cores.
+Each batch runs through the block's own ``forward`` and stops at each group until the
+group is compressed (:class:`_BlockRun`), so each Linear is compressed from inputs
+produced by the already-compressed layers before it, and each block costs one forward
+pass per batch (not one per group, as restarting the block for each group would), which
+is what keeps 128 x 512 calibration tokens on a 135M model within minutes on two CPU
+cores.
 
 A method sees each Linear once, through a callback ``process(name, linear, stats)``: it
 may rewrite ``linear.weight`` in place (prune or fake-quantize it) and keep whatever it
@@ -30,18 +34,17 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from unbottle.core.compression.mappings import Architecture, architecture_of
 from unbottle.core.contract.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
-
-#: The Linear layers of a Llama-family block, in the order the pass reaches them.
-ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
-MLP_INPUTS = ("gate_proj", "up_proj")
 
 
 @dataclass
@@ -50,13 +53,26 @@ class InputStats:
 
     ``sq_norm[j]`` is the sum over tokens of x_j^2 (Wanda's ||X_j||_2^2); ``hessian`` is
     the sum over tokens of x x^T, the (in, in) matrix that SparseGPT and GPTQ call H up to
-    a factor 2/tokens (present only when asked for). Layers fed the same input share one
-    ``InputStats``: a method must not modify it in place.
+    a factor 2/tokens (present only when asked for); ``abs_sum[j]`` is the sum over tokens
+    of |x_j| (asked for with ``mean_abs=True``; AWQ's activation magnitude is
+    :attr:`mean_abs`). ``feeder`` is (full name, module) of the module whose output is this
+    input channel for channel, the norm or projection before the layers (see
+    :mod:`unbottle.core.compression.mappings`), or None when there is none. Layers fed the
+    same input share one ``InputStats``: a method must not modify it in place.
     """
 
     tokens: int
     sq_norm: torch.Tensor  # (in,)
     hessian: torch.Tensor | None  # (in, in)
+    abs_sum: torch.Tensor | None = None  # (in,)
+    feeder: tuple[str, Any] | None = None
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """Mean |x_j| over the calibration tokens, per input channel (in,)."""
+        if self.abs_sum is None:
+            raise ValueError("this pass did not collect mean |x| (mean_abs=False)")
+        return self.abs_sum / max(self.tokens, 1)
 
     @property
     def mean_hessian(self) -> torch.Tensor:
@@ -118,11 +134,13 @@ def inverse_cholesky_factor(h: torch.Tensor) -> torch.Tensor | None:
 
 
 class _Accumulator:
-    def __init__(self, hessian: bool) -> None:
+    def __init__(self, hessian: bool, mean_abs: bool = False) -> None:
         self.hessian = hessian
+        self.mean_abs = mean_abs
         self.tokens = 0
         self.sq_norm: Any = None
         self.xtx: Any = None
+        self.abs_sum: Any = None
 
     def add(self, x: torch.Tensor) -> None:
         import torch
@@ -133,6 +151,10 @@ class _Accumulator:
             if self.hessian:
                 self.xtx = torch.zeros(x.shape[1], x.shape[1])
         self.tokens += x.shape[0]
+        if self.mean_abs:
+            if self.abs_sum is None:
+                self.abs_sum = torch.zeros(x.shape[1])
+            self.abs_sum += x.abs().sum(0)
         if not self.hessian:  # with a Hessian, sum x_j^2 is its diagonal: no extra pass
             self.sq_norm += x.pow(2).sum(0)
         else:
@@ -150,7 +172,7 @@ class _Accumulator:
         if xtx is not None:
             xtx = torch.triu(xtx) + torch.triu(xtx, diagonal=1).T  # (in, in), symmetric
             sq_norm = torch.diagonal(xtx).clone()
-        return InputStats(tokens=self.tokens, sq_norm=sq_norm, hessian=xtx)
+        return InputStats(tokens=self.tokens, sq_norm=sq_norm, hessian=xtx, abs_sum=self.abs_sum)
 
 
 def _block_edges(width: int, block: int = 384) -> list[int]:
@@ -159,29 +181,16 @@ def _block_edges(width: int, block: int = 384) -> list[int]:
     return [width * i // parts for i in range(parts + 1)]
 
 
-def decoder_blocks(model: Any) -> Any:
-    """The model's decoder blocks, checked to be Llama-family (Llama, Mistral, Qwen2, SmolLM)."""
-    blocks = getattr(getattr(model, "model", None), "layers", None)
-    needed = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
-    if blocks is None or not all(hasattr(blocks[0], n) for n in needed):
-        raise ConfigError(
-            f"layer-wise calibration supports Llama-family decoders "
-            f"(model.layers[i] with {', '.join(needed)}); got {type(model).__name__}"
-        )
-    return blocks
-
-
 class _Stop(Exception):
     """Raised by a hook to stop a forward pass once it has what it came for."""
 
 
 def _block_inputs(
-    model: Any, calibration: Sequence[torch.Tensor], batch_size: int
+    model: Any, blocks: Any, calibration: Sequence[torch.Tensor], batch_size: int
 ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
     """The hidden states and keyword arguments entering block 0, one pair per batch."""
     import torch
 
-    first = decoder_blocks(model)[0]
     captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
 
     def grab(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -190,90 +199,173 @@ def _block_inputs(
         raise _Stop
 
     ids = torch.cat([c.reshape(1, -1) for c in calibration])  # (N, T)
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for start in range(0, ids.shape[0], batch_size):
             with contextlib.suppress(_Stop):
-                model.model(input_ids=ids[start : start + batch_size], use_cache=False)
+                model(input_ids=ids[start : start + batch_size], use_cache=False)
     finally:
         handle.remove()
     return captured
 
 
-def _attention_output_inputs(block: Any, normed: torch.Tensor, kwargs: dict[str, Any]) -> Any:
-    """What the attention's output projection receives: the heads' outputs, concatenated."""
-    seen: list[torch.Tensor] = []
-
-    def grab(_module: Any, args: tuple[Any, ...]) -> None:
-        seen.append(args[0])
-        raise _Stop
-
-    handle = block.self_attn.o_proj.register_forward_pre_hook(grab)
-    try:
-        with contextlib.suppress(_Stop):
-            block.self_attn(hidden_states=normed, **kwargs)
-    finally:
-        handle.remove()
-    return seen[0]
+_GO, _ABORT = "go", "abort"
 
 
-def _block_linears(block: Any, prefix: str) -> dict[str, tuple[str, Any]]:
-    """Short name -> (full module name, Linear) for the seven projections of a block."""
-    parts = {
-        "self_attn": (*ATTENTION_INPUTS, "o_proj"),
-        "mlp": (*MLP_INPUTS, "down_proj"),
-    }
-    return {
-        short: (f"{prefix}.{part}.{short}", getattr(getattr(block, part), short))
-        for part, shorts in parts.items()
-        for short in shorts
-    }
+class _Forward:
+    """One batch's forward pass through a block, on a thread of its own, that stops at the
+    first Linear of each hooked group until told to go on."""
+
+    def __init__(self, run: _BlockRun, index: int, hidden: Any, kwargs: dict[str, Any]) -> None:
+        self.to_worker: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.to_main: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
+        self.group: int | None = None  # the group this forward last stopped at
+        self.group_input: Any = None
+        self.thread = threading.Thread(
+            target=run.work, args=(self, index, hidden, kwargs), daemon=True
+        )
+        self.thread.start()
+
+
+class _BlockRun:
+    """Each batch's forward through ``block`` runs in the block's own code and stops at
+    each group of ``groups``, so a group is compressed before any batch reads its output.
+
+    The forwards take turns: the calling thread resumes one, waits until it stops again,
+    then resumes the next, so exactly one runs at a time, in batch order, and each batch
+    costs one forward pass per block, as it would through the model. What the table of
+    :mod:`unbottle.core.compression.mappings` says about the block is all the pass knows.
+    """
+
+    def __init__(
+        self,
+        block: Any,
+        groups: Sequence[Sequence[Any]],
+        batches: Sequence[tuple[torch.Tensor, dict[str, Any]]],
+    ) -> None:
+        self.local = threading.local()
+        self.handles = [
+            module.register_forward_pre_hook(self._hook(g))
+            for g, modules in enumerate(groups)
+            for module in modules
+        ]
+        self.forwards = [
+            _Forward(self, i, hidden, kwargs) for i, (hidden, kwargs) in enumerate(batches)
+        ]
+        self.block = block
+
+    def work(self, forward: _Forward, index: int, hidden: Any, kwargs: dict[str, Any]) -> None:
+        import torch
+
+        self.local.forward = forward
+        if forward.to_worker.get() == _ABORT:
+            forward.to_main.put(("stopped", None, None))
+            return
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                out = self.block(hidden, **kwargs)
+            forward.to_main.put(("done", None, out[0] if isinstance(out, tuple) else out))
+        except _Stop:
+            forward.to_main.put(("stopped", None, None))
+        except BaseException as e:  # handed to the calling thread, which raises it
+            forward.to_main.put(("error", None, e))
+
+    def _hook(self, group: int) -> Callable[[Any, tuple[Any, ...]], None]:
+        def stop_here(_module: Any, args: tuple[Any, ...]) -> None:
+            forward = getattr(self.local, "forward", None)
+            if forward is None:
+                return  # called outside the pass's forwards
+            if forward.group == group:
+                if args[0] is not forward.group_input:
+                    raise RuntimeError(
+                        f"the Linears of calibration group {group} do not share one input; "
+                        "fix the block's entry in unbottle.compression.ARCHITECTURES"
+                    )
+                return
+            forward.group, forward.group_input = group, args[0]
+            forward.to_main.put(("paused", group, args[0]))
+            if forward.to_worker.get() == _ABORT:
+                raise _Stop
+
+        return stop_here
+
+    def _resume(self, forward: _Forward) -> tuple[str, Any, Any]:
+        forward.to_worker.put(_GO)
+        kind, group, value = forward.to_main.get()
+        if kind == "error":
+            raise value
+        return kind, group, value
+
+    def inputs_of(self, group: int) -> list[torch.Tensor]:
+        """Run every batch to ``group``; the input each one brings to it."""
+        inputs = []
+        for forward in self.forwards:
+            kind, reached, x = self._resume(forward)
+            if kind != "paused" or reached != group:
+                where = "the end of the block" if kind == "done" else f"group {reached}"
+                raise RuntimeError(
+                    f"the calibration pass reached {where} before group {group}; the groups "
+                    "of unbottle.compression.ARCHITECTURES must follow the data flow"
+                )
+            inputs.append(x)
+        return inputs
+
+    def outputs(self) -> list[torch.Tensor]:
+        """Run every batch to the end of the block; its output hidden states."""
+        outputs = []
+        for forward in self.forwards:
+            kind, _, out = self._resume(forward)
+            if kind != "done":
+                raise RuntimeError("the calibration pass stopped in a group it did not expect")
+            outputs.append(out)
+        return outputs
+
+    def close(self) -> None:
+        """Stop the forwards still under way and remove the hooks."""
+        for forward in self.forwards:
+            if forward.thread.is_alive():
+                forward.to_worker.put(_ABORT)
+                forward.to_main.get()
+                forward.thread.join()
+        for handle in self.handles:
+            handle.remove()
 
 
 def _compress_block(
     block: Any,
-    linears: dict[str, tuple[str, Any]],
+    prefix: str,
+    arch: Architecture,
     batches: list[tuple[torch.Tensor, dict[str, Any]]],
     process: ProcessTogether,
     select: Callable[[str], bool],
-    hessian: bool,
+    statistics: dict[str, bool],
     *,
     last: bool,
 ) -> list[torch.Tensor]:
     """Compress one block's selected Linears in data-flow order; return its outputs (none
     for the ``last`` block, whose outputs nothing reads)."""
+    from unbottle.core.compression.mappings import feeder_of
 
-    def compress(shorts: Sequence[str], inputs: Sequence[torch.Tensor]) -> None:
-        chosen = [s for s in shorts if select(linears[s][0])]
-        if not chosen:
-            return
-        acc = _Accumulator(hessian)
-        for x in inputs:
-            acc.add(x)
-        process([linears[short] for short in chosen], acc.stats())
-
-    # Each normalised input is kept from its statistics to its use rather than computed
-    # twice: a few hundred MB for 128 x 512 tokens, against seconds of recomputation.
-    x = [hidden for hidden, _ in batches]  # (B, T, H) each
-    normed = [block.input_layernorm(h) for h in x]
-    compress(ATTENTION_INPUTS, normed)
-    heads = [
-        _attention_output_inputs(block, n, kwargs)
-        for n, (_, kwargs) in zip(normed, batches, strict=True)
-    ]  # (B, T, heads * head_dim) each
-    del normed
-    compress(("o_proj",), heads)
-    x = [h + block.self_attn.o_proj(z) for h, z in zip(x, heads, strict=True)]
-    del heads
-    normed = [block.post_attention_layernorm(h) for h in x]
-    compress(MLP_INPUTS, normed)
-    mlp = block.mlp
-    inner = [mlp.act_fn(mlp.gate_proj(m)) * mlp.up_proj(m) for m in normed]  # (B, T, FFN)
-    del normed
-    compress(("down_proj",), inner)
-    if last:
-        return []
-    return [h + mlp.down_proj(u) for h, u in zip(x, inner, strict=True)]
+    chosen = [
+        (group, [(f"{prefix}.{n}", block.get_submodule(n)) for n in group.linears])
+        for group in arch.groups
+    ]
+    chosen = [(group, [(n, m) for n, m in linears if select(n)]) for group, linears in chosen]
+    chosen = [(group, linears) for group, linears in chosen if linears]
+    run = _BlockRun(block, [[m for _, m in linears] for _, linears in chosen], batches)
+    try:
+        for index, (group, linears) in enumerate(chosen):
+            acc = _Accumulator(**statistics)
+            for x in run.inputs_of(index):
+                acc.add(x)
+            feeder = feeder_of(block, group)
+            stats = acc.stats()
+            if feeder is not None:
+                stats.feeder = (f"{prefix}.{group.feeder}", feeder)
+            process(linears, stats)
+        return [] if last else run.outputs()
+    finally:
+        run.close()
 
 
 def calibrate_sequentially(
@@ -284,6 +376,7 @@ def calibrate_sequentially(
     process_together: ProcessTogether | None = None,
     select: Callable[[str], bool],
     hessian: bool,
+    mean_abs: bool = False,
     batch_size: int = 8,
     desc: str = "calibrate",
 ) -> None:
@@ -294,6 +387,10 @@ def calibrate_sequentially(
     rejects are left as they are; the model is modified in place. Give either
     ``process``, called once per Linear, or ``process_together``, called once per group
     of selected Linears that share their input (a method that can stack them).
+    ``hessian`` and ``mean_abs`` ask for those statistics in :class:`InputStats`; the
+    summed squares and the feeder are always there. Only the Linears of the groups in the
+    model's :data:`~unbottle.core.compression.mappings.ARCHITECTURES` entry are reached
+    (:func:`calibrated_linears` names them).
     """
     import torch
 
@@ -310,19 +407,33 @@ def calibrate_sequentially(
 
     if not calibration:
         raise ConfigError("compress.calibration.samples: 0 calibration samples; at least 1 needed")
-    blocks = decoder_blocks(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    arch = architecture_of(model)
+    blocks = model.get_submodule(arch.blocks)
+    statistics = {"hessian": hessian, "mean_abs": mean_abs}
     was_training = model.training
     model.eval()
     with torch.no_grad(), progress_bar(desc, len(blocks)) as advance:
-        batches = _block_inputs(model, calibration, batch_size)
+        batches = _block_inputs(model, blocks, calibration, batch_size)
         for index, block in enumerate(blocks):
-            linears = _block_linears(block, f"{prefix}.{index}")
             last = index == len(blocks) - 1
             outputs = _compress_block(
-                block, linears, batches, process_together, select, hessian, last=last
+                block,
+                f"{arch.blocks}.{index}",
+                arch,
+                batches,
+                process_together,
+                select,
+                statistics,
+                last=last,
             )
             if not last:
                 batches = [(h, kw) for h, (_, kw) in zip(outputs, batches, strict=True)]
             advance()
     model.train(was_training)
+
+
+def calibrated_linears(model: Any) -> list[str]:
+    """The full names of the Linears the pass reaches, in the order it reaches them."""
+    arch = architecture_of(model)
+    blocks = model.get_submodule(arch.blocks)
+    return [f"{arch.blocks}.{i}.{name}" for i in range(len(blocks)) for name in arch.linears]
