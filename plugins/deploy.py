@@ -7,8 +7,8 @@
   quantized to dynamic int8 by ONNX Runtime (the compress stage's code path), with the
   tokenizer and a model card; ``optimum.onnxruntime.ORTModelForCausalLM`` loads it.
 - ``server``: the ``hf`` or ``onnx`` bundle of the variant plus ``serve.json``, what
-  ``unbottle serve BUNDLE`` runs (an OpenAI-compatible server, ``core/serving/http.py``). A
-  ``packed`` variant (low-bit weights from ``rtn`` or ``gptq``, ``core/models/lowbit.py``) ships
+  ``unbottle serve BUNDLE`` runs (an OpenAI-compatible server). A ``packed`` variant
+  (low-bit weights from ``rtn`` or ``gptq``, see ``unbottle.compression``) ships
   as it is, served through unbottle's dequantizing loader. The ``hf`` target does not
   take packed variants: plain transformers cannot load them.
 
@@ -26,8 +26,8 @@ from typing import Any
 from pydantic import Field
 
 from unbottle import DeployContext, StrategyConfig, hookimpl
-from unbottle.core.serving.engine import CHAT_TEMPLATE, SERVE_CONFIG, ServeConfig
 from unbottle.plugins.quantization import ISA, export_onnx
+from unbottle.serving import CHAT_TEMPLATE, SERVE_CONFIG, ServeConfig
 
 _MODEL_FILES = (
     "model.safetensors",
@@ -184,7 +184,7 @@ class OnnxBundle:
         from optimum.onnxruntime import ORTModelForCausalLM
         from transformers import AutoTokenizer
 
-        from unbottle.core.serving.engine import OnnxBackend
+        from unbottle.serving import OnnxBackend
 
         if ctx.model_format == "hf":
             facts: dict[str, Any] = export_onnx(
@@ -249,7 +249,7 @@ print(reply.choices[0].message.content)
 
 def packed_bundle(model_dir: Path, out_dir: Path, max_new_tokens: int) -> dict[str, Any]:
     """A packed variant's files, tokenizer and generation config, as they are."""
-    from unbottle.core.models.lowbit import QUANT_CONFIG
+    from unbottle.compression import QUANT_CONFIG
 
     for name in (*_MODEL_FILES, QUANT_CONFIG):
         if (model_dir / name).is_file():
@@ -263,7 +263,7 @@ class ServerBundle:
     """What ``unbottle serve`` runs: the variant's ``hf``, ``onnx`` or ``packed`` model plus
     serve.json.
 
-    The options are the server's (:class:`unbottle.core.serving.engine.ServeConfig`): they are
+    The options are the server's (:class:`unbottle.serving.ServeConfig`): they are
     validated here, at deploy time, and written to ``serve.json``.
     """
 
@@ -275,7 +275,7 @@ class ServerBundle:
         self.config = config
 
     def deploy(self, model_dir: Path, out_dir: Path, ctx: DeployContext) -> dict[str, Any]:
-        from unbottle.core.serving.engine import SamplingParams, load_bundle
+        from unbottle.serving import SamplingParams, load_bundle
 
         config = self.config.model_copy(
             update={"model_name": self.config.model_name or f"unbottle-{ctx.variant}"}

@@ -22,8 +22,8 @@ from typing import Any
 
 from pydantic import Field
 
-from unbottle import CompressContext, StrategyConfig, hookimpl
-from unbottle.core.contract.errors import ConfigError
+from unbottle import CompressContext, ConfigError, StrategyConfig, hookimpl
+from unbottle.compression import find_decoder_blocks
 
 
 def _held_out_loss(model: Any, batches: list[Any]) -> float:
@@ -46,13 +46,18 @@ def shallow_copy_of(teacher: Any, layers: int) -> Any:
         [round(i * (total - 1) / max(layers - 1, 1)) for i in range(layers)] if layers > 1 else [0]
     )
     student = copy.deepcopy(teacher)
-    student.model.layers = torch.nn.ModuleList([student.model.layers[i] for i in keep])
-    for i, layer in enumerate(student.model.layers):
+    path, blocks = find_decoder_blocks(student) or _no_decoder_layers(student)
+    student.set_submodule(path, torch.nn.ModuleList([blocks[i] for i in keep]))
+    for i, layer in enumerate(student.get_submodule(path)):
         layer.self_attn.layer_idx = i  # the KV cache indexes layers by position
     student.config.num_hidden_layers = layers
     if getattr(student.config, "layer_types", None):
         student.config.layer_types = [student.config.layer_types[i] for i in keep]
     return student
+
+
+def _no_decoder_layers(model: Any) -> Any:
+    raise ConfigError(f"distill: {type(model).__name__} has no recognisable decoder layers")
 
 
 def keep_zeros_during_training(model: Any) -> int:
@@ -107,9 +112,7 @@ class KnowledgeDistillation:
         import torch
         import torch.nn.functional as F
 
-        from unbottle.core.config.params import TrainParams
-        from unbottle.core.registry import get_registry
-        from unbottle.core.training.loop import rng, train
+        from unbottle.training import TrainParams, get_registry, rng, train
 
         c = self.config
         teacher = ctx.teacher if ctx.teacher is not None else copy.deepcopy(model)

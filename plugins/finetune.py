@@ -21,8 +21,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from unbottle import StrategyConfig, hookimpl
-from unbottle.core.contract.errors import ConfigError
+from unbottle import ConfigError, StrategyConfig, hookimpl
 
 log = logging.getLogger("unbottle.finetune")
 
@@ -175,13 +174,12 @@ class Partial:
 
 
 def decoder_layers(model: Any) -> Any:
-    """The model's stack of decoder layers: the ModuleList as long as its layer count."""
-    import torch
+    """The model's stack of decoder layers (see ``unbottle.compression.find_decoder_blocks``)."""
+    from unbottle.compression import find_decoder_blocks
 
-    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
-            return module
+    found = find_decoder_blocks(model)
+    if found is not None:
+        return found[1]
     raise ConfigError("finetune.method.top_layers: this model has no recognisable decoder layers")
 
 

@@ -20,8 +20,7 @@ from typing import Any
 
 from pydantic import Field
 
-from unbottle import StrategyConfig, hookimpl
-from unbottle.core.contract.errors import ConfigError
+from unbottle import ConfigError, StrategyConfig, hookimpl
 
 _LAUNCH = "torchrun --nproc_per_node N -m unbottle stage <stage> ..."
 

@@ -1,8 +1,11 @@
 """unbottle: one reproducible LLM pipeline, pretrain -> finetune -> compress -> evaluate -> deploy.
 
-What plugin authors import lives here; everything else is internal.
+What plugin authors import lives here and in the public modules ``unbottle.compression``
+(the compression toolkit), ``unbottle.training``, ``unbottle.evaluation`` and
+``unbottle.serving``; everything under ``unbottle.core`` is internal.
 """
 
+from unbottle.core.contract.errors import ConfigError, DataError
 from unbottle.core.contract.hookspecs import hookimpl
 from unbottle.core.contract.strategies import (
     CompressContext,
@@ -18,17 +21,21 @@ from unbottle.core.contract.strategies import (
     Quantizer,
     StrategyConfig,
 )
+from unbottle.core.models.runtimes import ModelRunner
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompressContext",
+    "ConfigError",
+    "DataError",
     "DeployContext",
     "DeployTarget",
     "Distiller",
     "EvalContext",
     "FinetuneMethod",
     "Metric",
+    "ModelRunner",
     "OptimizerStrategy",
     "ParallelismStrategy",
     "Pruner",

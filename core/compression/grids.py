@@ -34,7 +34,6 @@ zero points are packed the same way. The round trip is bit-exact.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,8 +42,6 @@ from unbottle.core.contract.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-#: The Linear layers of a Llama-family decoder block.
-DEFAULT_LAYERS = r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 # The smallest positive float16 (a subnormal): a scale below it would be stored as zero.
 _MIN_SCALE = 2.0**-24
 #: The clipping search evaluates candidates in chunks of about this many weights: a
@@ -260,14 +257,23 @@ def dequantize_groups(
     return dequantize_codes(grouped, scales[..., None], zeros[..., None]).reshape(out, n)
 
 
-def quantize_rtn(weight: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
-    """Round each weight to the nearest point of its group's grid."""
+def quantize_rtn(
+    weight: torch.Tensor, scheme: Scheme, importance: torch.Tensor | None = None
+) -> QuantizedWeight:
+    """Round each weight to the nearest point of its group's grid.
+
+    ``importance`` (in,) weighs each input column's squared error in the clipping search
+    (e.g. the diagonal of the layer's input Hessian); ignored without ``clip_search``.
+    """
     import torch
 
     out, n = weight.shape
     length = scheme.group_length(n)
     rows = weight.detach().float().reshape(out * (n // length), length)  # (out*G, group)
-    scale, zero = fit_grid(rows, scheme)
+    if importance is not None:
+        importance = importance.float().reshape(1, n // length, length).expand(out, -1, -1)
+        importance = importance.reshape(out * (n // length), length)  # like rows
+    scale, zero = fit_grid(rows, scheme, importance)
     codes = quantize_codes(rows, scale[:, None], zero[:, None], scheme.maxq)
     groups = n // length
     return QuantizedWeight(
@@ -334,25 +340,6 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ layer selection
-
-
-def quantizable_linears(model: Any, pattern: str, what: str) -> list[tuple[str, Any]]:
-    """The Linear layers whose names match ``pattern``; the output head is never one.
-
-    The head shares its matrix with the embedding in tied models, and both stay float:
-    they are a small share of the weights and the most sensitive to rounding.
-    """
-    import torch
-
-    regex = re.compile(pattern)
-    found = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name != "lm_head" and regex.search(name)
-    ]
-    if not found:
-        raise ConfigError(f"{what}.layers: {pattern!r} matches no Linear layer of the model")
-    return found
 
 
 def check_group_size(layers: list[tuple[str, Any]], scheme: Scheme, what: str) -> None:

@@ -24,10 +24,15 @@ that mapping for the same reason).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from unbottle.core.contract.errors import ConfigError
+
+#: The Linears of a Llama-family decoder block: what pruners and quantizers select by
+#: default (a regex over full module names).
+DEFAULT_LAYERS = r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
 @dataclass(frozen=True)
@@ -104,8 +109,8 @@ def decoder_blocks(model: Any, what: str = "layer-wise calibration") -> Any:
     return _get(model, architecture_of(model, what).blocks)
 
 
-def find_decoder_blocks(model: Any) -> Any | None:
-    """The decoder blocks of any transformers model, or None if none are recognisable.
+def find_decoder_blocks(model: Any) -> tuple[str, Any] | None:
+    """(dotted path, ModuleList) of the decoder blocks of any transformers model, or None.
 
     The table's path for known architectures; otherwise the ModuleList as long as the
     config's layer count (GPT-2's ``transformer.h``, for instance).
@@ -116,12 +121,30 @@ def find_decoder_blocks(model: Any) -> Any | None:
     if arch is not None:
         blocks = _get(model, arch.blocks)
         if blocks is not None:
-            return blocks
+            return arch.blocks, blocks
     count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
-            return module
+            return name, module
     return None
+
+
+def find_linears(model: Any, pattern: str) -> list[tuple[str, Any]]:
+    """The Linear layers whose full names match the regex ``pattern``, in model order.
+
+    The output head is never one: it shares its matrix with the embedding in tied
+    models, and both stay float (a small share of the weights, and the most sensitive to
+    pruning and rounding). An empty list when nothing matches: the caller says which
+    option was wrong.
+    """
+    import torch
+
+    regex = re.compile(pattern)
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name != "lm_head" and regex.search(name)
+    ]
 
 
 def feeder_of(block: Any, group: LayerGroup) -> Any | None:

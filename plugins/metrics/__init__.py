@@ -31,8 +31,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from unbottle import EvalContext, StrategyConfig, hookimpl
-from unbottle.core.contract.errors import DataError
+from unbottle import DataError, EvalContext, StrategyConfig, hookimpl
 
 
 class Perplexity:
@@ -56,7 +55,7 @@ class Perplexity:
     def measure(self, model: Any, ctx: EvalContext) -> dict[str, float]:
         import torch
 
-        from unbottle.core.models.loading import encode_stream
+        from unbottle.evaluation import encode_stream
 
         ids = encode_stream(ctx.tokenizer, ctx.valid_text)
         window = self.config.window or min(model.context, 512)
@@ -102,7 +101,7 @@ class Accuracy:
         self.config = config
 
     def measure(self, model: Any, ctx: EvalContext) -> dict[str, float]:
-        from unbottle.core.data import prompts as task
+        from unbottle import evaluation as task
 
         tokenizer = ctx.tokenizer
         tokenizer.padding_side = "left"  # generation continues from the right edge
@@ -163,7 +162,7 @@ class Samples:
         self.config = config
 
     def measure(self, model: Any, ctx: EvalContext) -> dict[str, float]:
-        from unbottle.core.models.loading import documents
+        from unbottle.evaluation import documents
 
         docs = documents(ctx.valid_text)[: self.config.count]
         generations = []
@@ -203,7 +202,7 @@ class Size:
         self.config = config
 
     def measure(self, model: Any, ctx: EvalContext) -> dict[str, float]:
-        from unbottle.core.store.artifacts import MANIFEST
+        from unbottle.evaluation import MANIFEST
 
         weights = [
             p
@@ -226,7 +225,7 @@ def prompt_batch(ctx: EvalContext, batch: int, tokens: int, what: str) -> Any:
     """``batch`` windows of ``tokens`` held-out tokens, each from a different place: (B, P)."""
     import torch
 
-    from unbottle.core.models.loading import encode_stream
+    from unbottle.evaluation import encode_stream
 
     ids = encode_stream(ctx.tokenizer, ctx.valid_text)
     if ids.numel() < tokens:
@@ -488,7 +487,7 @@ def torch_bytes_per_token(model: Any) -> int:
 
     Every parameter is read once per step, except an embedding table, of which a step
     reads one row per token, unless it is tied to the output head (then the head reads
-    all of it). A packed low-bit layer (core/models/lowbit.py) reads its packed codes, scales
+    all of it). A packed low-bit layer (``unbottle.compression``) reads its packed codes, scales
     and zero points.
     """
     import torch

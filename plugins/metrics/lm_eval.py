@@ -36,8 +36,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from unbottle import EvalContext, StrategyConfig
-from unbottle.core.contract.errors import ConfigError
+from unbottle import ConfigError, EvalContext, StrategyConfig
 
 
 def _score_batch(runner: Any, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:

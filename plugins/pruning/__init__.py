@@ -35,13 +35,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from unbottle import CompressContext, StrategyConfig, hookimpl
-from unbottle.core.contract.errors import ConfigError
+from unbottle import CompressContext, ConfigError, StrategyConfig, hookimpl
+from unbottle.compression import DEFAULT_LAYERS, find_linears
 
 log = logging.getLogger("unbottle.prune")
 
 #: The Linear layers of a Llama-family decoder block.
-BLOCK_LINEARS = r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+BLOCK_LINEARS = DEFAULT_LAYERS
 DEFAULT_SPARSITY = 0.5
 
 
@@ -51,14 +51,7 @@ def prunable_linears(model: Any, pattern: str) -> list[tuple[str, Any]]:
     Embeddings and the (tied) output head are left dense: they are shared, and pruning
     them costs small models far more quality than it saves.
     """
-    import torch
-
-    regex = re.compile(pattern)
-    found = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name != "lm_head" and regex.search(name)
-    ]
+    found = find_linears(model, pattern)
     if not found:
         raise ConfigError(f"prune: layers {pattern!r} match no Linear layer of the model")
     return found
@@ -106,7 +99,7 @@ class UnstructuredOptions(StrategyConfig):
     @field_validator("pattern", mode="before", check_fields=False)
     @classmethod
     def _valid_pattern(cls, value: Any) -> str | None:
-        from unbottle.core.compression.sparsity import parse_pattern
+        from unbottle.compression import parse_pattern
 
         if isinstance(value, int) and not isinstance(value, bool):
             # YAML 1.1 reads an unquoted 2:4 as the base-60 number 2 * 60 + 4 = 124.
@@ -165,7 +158,7 @@ class UnstructuredOptions(StrategyConfig):
 
     @property
     def nm(self) -> tuple[int, int] | None:
-        from unbottle.core.compression.sparsity import parse_pattern
+        from unbottle.compression import parse_pattern
 
         pattern = self.__dict__.get("pattern")
         return parse_pattern(pattern) if pattern is not None else None
@@ -203,13 +196,13 @@ def _check_pattern_fits(layers: list[tuple[str, Any]], nm: tuple[int, int] | Non
 
 def _check_reachable(model: Any, layers: list[tuple[str, Any]], who: str) -> None:
     """Wanda and SparseGPT see the Linears the block-by-block pass reaches, nothing else."""
-    from unbottle.core.compression.calibration import decoder_blocks
+    from unbottle.compression import architecture_of, calibrated_linears
 
-    decoder_blocks(model)  # a Llama-family decoder, or a one-line error
-    reachable = re.compile(r"layers\.\d+\.(self_attn|mlp)" + BLOCK_LINEARS)
-    missed = [name for name, _ in layers if not reachable.search(name)]
+    arch = architecture_of(model)  # a known architecture, or a one-line error
+    reachable = set(calibrated_linears(model))
+    missed = [name for name, _ in layers if name not in reachable]
     if missed:
-        handled = "q/k/v/o_proj and gate/up/down_proj of model.layers"
+        handled = f"{', '.join(arch.linears)} of {arch.blocks}"
         raise ConfigError(
             f"{who}: layers matches {missed[0]}, which the block-by-block calibration pass "
             f"does not reach (it handles {handled})"
@@ -229,8 +222,12 @@ def _owl_layer_sparsities(
 ) -> dict[str, float]:
     """Each layer's sparsity under OWL: its block's, from outlier ratios of Wanda scores
     measured on the dense model (one block-by-block pass, weights untouched)."""
-    from unbottle.core.compression.calibration import calibrate_sequentially
-    from unbottle.core.compression.sparsity import outlier_ratio, spread_sparsities, wanda_scores
+    from unbottle.compression import (
+        calibrate_sequentially,
+        outlier_ratio,
+        spread_sparsities,
+        wanda_scores,
+    )
 
     selected = {name for name, _ in layers}
     scores: dict[int, list[Any]] = {}
@@ -276,7 +273,7 @@ def _owl_layer_sparsities(
 def _depth_sparsities(layers: list[tuple[str, Any]], opts: Any) -> dict[str, float]:
     """Each layer's sparsity under the depth schedule: rising linearly with its block's
     index from target - spread to target + spread (size-weighted mean: the target)."""
-    from unbottle.core.compression.sparsity import spread_sparsities
+    from unbottle.compression import spread_sparsities
 
     sizes: dict[int, int] = {}
     for name, module in layers:
@@ -321,7 +318,7 @@ def _zero_budgets(
     model: Any, layers: list[tuple[str, Any]], ctx: CompressContext, opts: Any
 ) -> dict[str, int]:
     """How many weights each layer loses, summing to exactly round(target * total)."""
-    from unbottle.core.compression.sparsity import exact_counts
+    from unbottle.compression import exact_counts
 
     if opts.allocation == "owl":
         wished = _owl_layer_sparsities(model, layers, ctx, opts)
@@ -374,7 +371,7 @@ class Magnitude:
     def prune(self, model: Any, ctx: CompressContext) -> dict[str, float]:
         import torch
 
-        from unbottle.core.compression.sparsity import nm_prune_mask, smallest
+        from unbottle.compression import nm_prune_mask, smallest
 
         opts = self.config
         layers = prunable_linears(model, opts.layers)
@@ -429,8 +426,12 @@ class Wanda:
     def prune(self, model: Any, ctx: CompressContext) -> dict[str, float]:
         import torch
 
-        from unbottle.core.compression.calibration import calibrate_sequentially
-        from unbottle.core.compression.sparsity import nm_prune_mask, row_prune_mask, wanda_scores
+        from unbottle.compression import (
+            calibrate_sequentially,
+            nm_prune_mask,
+            row_prune_mask,
+            wanda_scores,
+        )
 
         opts = self.config
         layers = prunable_linears(model, opts.layers)
@@ -497,7 +498,7 @@ class SparseGPT:
     def prune(self, model: Any, ctx: CompressContext) -> dict[str, float]:
         import torch
 
-        from unbottle.core.compression.calibration import calibrate_sequentially
+        from unbottle.compression import calibrate_sequentially
         from unbottle.plugins.pruning.sparsegpt import (
             inverse_hessian_factor,
             sparsegpt_prune_together,
@@ -587,7 +588,7 @@ class Structured:
 
     def cut(self, model: Any) -> Any:
         """The counts to remove from this model, or a one-line error if they cannot be."""
-        from unbottle.core.compression.calibration import decoder_blocks
+        from unbottle.compression import decoder_blocks
         from unbottle.plugins.pruning.structured import Cut, Shape
 
         decoder_blocks(model)

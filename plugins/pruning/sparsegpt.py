@@ -28,7 +28,7 @@ import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from unbottle.core.compression.calibration import inverse_cholesky_factor, one_thread
+from unbottle.compression import inverse_cholesky_factor, one_thread
 
 if TYPE_CHECKING:
     import torch

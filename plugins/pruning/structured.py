@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from unbottle.core.compression.calibration import decoder_blocks
+from unbottle.compression import architecture_of, decoder_blocks
 
 if TYPE_CHECKING:
     import torch
@@ -270,8 +270,9 @@ def apply_plan(model: Any, plan: Plan) -> None:
             mlp.up_proj = _rows(mlp.up_proj, channel)
             mlp.down_proj = _columns(mlp.down_proj, channel)
             mlp.intermediate_size = channels
-    model.model.layers = torch.nn.ModuleList([blocks[i] for i in kept_layers])
-    for position, block in enumerate(model.model.layers):
+    path = architecture_of(model).blocks
+    model.set_submodule(path, torch.nn.ModuleList([blocks[i] for i in kept_layers]))
+    for position, block in enumerate(model.get_submodule(path)):
         block.self_attn.layer_idx = position  # the KV cache indexes layers by position
     config = model.config
     config.head_dim = shape.head_dim  # no longer hidden_size // heads

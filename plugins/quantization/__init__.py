@@ -2,12 +2,12 @@
 
 - ``rtn``: weight-only round-to-nearest, int4 or int8, per output channel or per group
   of input columns, symmetric or with zero points, optionally with a clipping search
-  (``core/compression/grids.py``).
+  (``unbottle.compression``).
 - ``gptq``: GPTQ (Frantar et al., 2022), the same grids, each layer quantized to keep
   its outputs on calibration data, block by block (``plugins/quantization/gptq.py``).
 
-Both write the ``packed`` format (``core/models/lowbit.py``): the integer codes packed into
-uint8 in safetensors with float16 scales and packed zero points; evaluation and the
+Both write the ``packed`` format (``unbottle.compression.save_packed``): the integer codes
+packed into uint8 in safetensors with float16 scales and packed zero points; evaluation and the
 ``server`` deploy target load it through a dequantizing layer.
 
 - ``onnx-dynamic-int8``: the model is exported to ONNX with optimum, then ONNX Runtime's
@@ -26,9 +26,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from unbottle import CompressContext, StrategyConfig, hookimpl
-from unbottle.core.compression.grids import DEFAULT_LAYERS, Scheme
-from unbottle.core.contract.errors import ConfigError
+from unbottle import CompressContext, ConfigError, StrategyConfig, hookimpl
+from unbottle.compression import DEFAULT_LAYERS, Scheme
 
 # The instruction sets whose int8 kernels ONNX Runtime's quantizer can target.
 ISA = Literal["avx2", "avx512", "avx512_vnni", "arm64"]
@@ -96,11 +95,12 @@ class WeightOnlyConfig(StrategyConfig):
 
 def _load_and_select(model_dir: Path, config: WeightOnlyConfig, what: str) -> tuple[Any, list]:
     """The float model and the Linears to quantize, checked before any work."""
-    from unbottle.core.compression.grids import check_group_size, quantizable_linears
-    from unbottle.core.models.loading import load_model
+    from unbottle.compression import check_group_size, find_linears, load_model
 
     model, _ = load_model(model_dir)
-    layers = quantizable_linears(model, config.layers, what)
+    layers = find_linears(model, config.layers)
+    if not layers:
+        raise ConfigError(f"{what}.layers: {config.layers!r} matches no Linear layer of the model")
     check_group_size(layers, config.scheme(), what)
     return model, layers
 
@@ -118,8 +118,7 @@ class RoundToNearest:
     def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
         import torch
 
-        from unbottle.core.compression.grids import quantize_rtn, weight_error
-        from unbottle.core.models.lowbit import save_packed
+        from unbottle.compression import quantize_rtn, save_packed, weight_error
 
         c = self.config
         model, layers = _load_and_select(model_dir, c, self.name)
@@ -173,7 +172,7 @@ class Gptq:
         self.config = config
 
     def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
-        from unbottle.core.models.lowbit import save_packed
+        from unbottle.compression import save_packed
         from unbottle.plugins.quantization.gptq import gptq_model
 
         c = self.config

@@ -37,12 +37,12 @@ Options beyond the paper's core, all from its reference implementation:
   ``g_idx[j]`` records, per original column j, which group's grid it uses.
   ``static_groups`` instead fits every group's grid up front on contiguous original
   columns, so no ``g_idx`` is needed (at some cost in accuracy).
-- the clipping search of :func:`unbottle.core.compression.grids.fit_grid` (``clip_search``), with
+- the clipping search of :func:`unbottle.compression.fit_grid` (``clip_search``), with
   each column's squared error weighted by H_jj: the diagonal of the output error the
   layer minimises, so that clipping spares the weights of the most active inputs.
 
 The model is quantized block by block through
-:func:`unbottle.core.compression.calibration.calibrate_sequentially`: each layer's Hessian
+:func:`unbottle.compression.calibrate_sequentially`: each layer's Hessian
 comes from inputs computed with every earlier layer already quantized, and the dequantized weights
 are written into the model as it goes.
 """
@@ -53,20 +53,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from unbottle.core.compression.calibration import inverse_cholesky_factor, one_thread
-from unbottle.core.compression.grids import (
+from unbottle import ConfigError
+from unbottle.compression import (
     QuantizedWeight,
     Scheme,
     clamp_codes,
     fit_grid,
+    inverse_cholesky_factor,
+    one_thread,
     weight_error,
 )
-from unbottle.core.contract.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-    from unbottle.core.compression.calibration import InputStats
+    from unbottle.compression import InputStats
 
 
 @dataclass
@@ -302,7 +303,7 @@ def gptq_model(
     the calibration inputs they saw, their mean relative weight error and the largest
     damping used.
     """
-    from unbottle.core.compression.calibration import calibrate_sequentially
+    from unbottle.compression import calibrate_sequentially
 
     selected = {name for name, _ in layers}
     results: dict[str, QuantizedWeight] = {}

@@ -1,0 +1,20 @@
+"""The training loop, for strategies that train (a distiller, a finetuning method).
+
+:func:`train` runs unbottle's loop (optimizer and parallelism strategies from the
+registry, warmup and cosine schedule, gradient clipping, progress) over the batches a
+``next_batch(step)`` callback returns, minimising ``loss_fn(model, batch)`` (the model's
+own loss by default); :class:`TrainParams` holds its settings (``steps``,
+``batch_size``, ``seq_len``, ``lr``, ``warmup_steps``, ``weight_decay``, ``log_every``
+and the rest of ``params.yaml``'s ``train`` section); :func:`get_registry` is the registry
+of installed strategies it takes; :func:`rng` is a seeded ``torch.Generator`` for
+drawing batches reproducibly. The built-in ``kd`` distiller
+(``unbottle.plugins.distillation``) is an example.
+"""
+
+from __future__ import annotations
+
+from unbottle.core.config.params import TrainParams
+from unbottle.core.registry import get_registry
+from unbottle.core.training.loop import rng, train
+
+__all__ = ["TrainParams", "get_registry", "rng", "train"]
