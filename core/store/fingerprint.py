@@ -57,6 +57,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
         "core.stages.compress",
         "core.models.loading",
         "core.compression.calibration",
+        "core.compression.mappings",
         "core.compression.sparsity",
         "plugins.pruning.sparsegpt",
         "plugins.pruning.structured",
