@@ -32,7 +32,9 @@ and transformers baseline, reported apart as ``rss_before_mb``). Size on disk is
 weights files of the saved variant (safetensors, or ONNX graph and data).
 
 Rows: ``dense``; ``magnitude``, ``wanda``, ``sparsegpt`` at 50% and 2:4; ``rtn`` and
-``gptq`` at int4 group 64, int4 per channel and int8 per channel; ``onnx-int8`` (ONNX
+``gptq`` at int4 group 64, int4 per channel and int8 per channel; ``awq`` at int4 group
+64, from the third-party example plugin ``examples/unbottle-awq``, which must be installed
+first (``pip install --no-deps ./examples/unbottle-awq``); ``onnx-int8`` (ONNX
 Runtime dynamic int8); ``int4-asym-g32``, the model's own grouping: it was shipped Q4_1,
 so its linear weights already lie on a 4-bit grid in groups of 32 (with a float
 minimum, which unbottle's integer zero points do not reproduce); not a result either
@@ -90,6 +92,8 @@ class Row:
     target: float | None = None  # issue #4's target: perplexity ratio to dense, at most
     textbook: float | None = None  # the straightforward implementation's ratio (issue #4)
     note: str = ""
+    #: A plugin distribution outside unbottle that provides the strategy, and how to get it.
+    requires: tuple[str, str] | None = None
 
 
 ROWS: dict[str, Row] = {
@@ -105,6 +109,13 @@ ROWS: dict[str, Row] = {
     ),
     "gptq-int4-g64": Row(
         "quantization", "gptq", {"bits": 4, "group_size": 64}, "GPTQ int4 g64", 1.25, 1.38
+    ),
+    "awq-int4-g64": Row(
+        "quantization",
+        "awq",
+        {"bits": 4, "group_size": 64},
+        "AWQ int4 g64 (examples/unbottle-awq)",
+        requires=("unbottle-awq", "pip install --no-deps ./examples/unbottle-awq"),
     ),
     "rtn-int4-pc": Row(
         "quantization",
@@ -413,12 +424,24 @@ def run_child(name: str, spec: dict[str, Any], work: Path) -> Outcome:
 
 def check_rows(names: list[str], demo_recipe: list[dict[str, Any]] | None) -> None:
     """Every strategy and option valid before any work, or one line and exit code 2."""
+    from importlib.metadata import PackageNotFoundError, version
+
     from pydantic import ValidationError
 
     from unbottle.core.config.params import CompressParams, one_line
     from unbottle.core.contract.errors import UnbottleError
     from unbottle.core.registry import get_registry
 
+    for name in names:
+        needed = ROWS[name].requires
+        if needed is not None:
+            try:
+                version(needed[0])
+            except PackageNotFoundError:
+                fail(
+                    f"row {name}: its strategy comes from the plugin {needed[0]}, which is not "
+                    f"installed: {needed[1]} (or leave the row out with --only)"
+                )
     registry = get_registry()
     steps = [(f"row {n}", ROWS[n].kind, ROWS[n].strategy, ROWS[n].options) for n in names]
     if demo_recipe is not None:
