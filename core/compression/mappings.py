@@ -9,7 +9,7 @@ whose output is the group's input, into which a per-channel scale can be folded.
 
 The model is llm-compressor's ``modifiers/awq/mappings.py`` (a smooth layer and the
 layers it balances, per architecture), extended with the block path and the data-flow
-order the sequential pass needs. For the Llama family (Llama, Mistral, Qwen2, SmolLM):
+order the sequential pass needs. For the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM):
 
     q/k/v_proj   <- input_layernorm            (an RMSNorm: scale its weight)
     o_proj       <- v_proj, through attention  (only without grouped-query attention)
@@ -77,6 +77,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": LLAMA,
     "mistral": LLAMA,
     "qwen2": LLAMA,
+    "qwen3": LLAMA,  # q_norm/k_norm inside the attention change nothing here
 }
 
 
