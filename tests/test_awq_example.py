@@ -35,12 +35,16 @@ def awq_installed() -> Iterator[None]:
     leftovers = [
         p for p in (EXAMPLE / "build", EXAMPLE / "unbottle_awq.egg-info") if not p.exists()
     ]
+    from unbottle.core.registry import get_registry
+
     try:
         _pip("install", "--no-deps", "--no-build-isolation", "--quiet", str(EXAMPLE))
+        get_registry.cache_clear()  # this process's registry was read before the install
         yield
     finally:
         if before is None:
             _pip("uninstall", "--yes", "--quiet", DIST)
+        get_registry.cache_clear()  # and the tests after this module must not see awq
         for path in leftovers:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -79,8 +83,8 @@ def test_compress_runs_an_awq_variant(awq_installed, tmp_path, tmp_path_factory,
     for stage in ("pretrain", "finetune"):
         shutil.copytree(trained / stage, root / "artifacts" / stage)
 
-    # In this process, as `unbottle stage compress` runs it: the registry is read from the
-    # installed entry points on each call, so it sees the freshly installed plugin.
+    # In this process, as `unbottle stage compress` runs it, with the registry read again
+    # from the installed entry points (the fixture cleared the cached one).
     run_stage("compress", Params.model_validate(params), Layout(root))
 
     variant = root / "artifacts" / "compress" / "awq4"

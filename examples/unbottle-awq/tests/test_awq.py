@@ -127,7 +127,7 @@ def test_awq_model_beats_rtn_when_a_norm_makes_outlier_channels():
     layers = find_linears(model, r"proj$")
     quantized, metrics = awq_model(model, calibration(), layers, SCHEME)
     assert metrics["mean_group_output_error"] < metrics["mean_group_output_error_rtn"]
-    assert logits_error(quantized, model) < 0.7 * logits_error(rtn, rtn_model)
+    assert logits_error(quantized, model) < 0.5 * logits_error(rtn, rtn_model)
 
 
 @pytest.mark.parametrize(
