@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY_PARAMS, run_cli
+from tests.released_model import BOS, EOS, UNK, tiny_released_model
 from tests.test_cli import assert_one_line_error, previous_artifact
 from unbottle.core.store.artifacts import file_hashes, read_manifest
 
-BOS, EOS, UNK = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SAMPLE = "Question: Where does Alice live?\nAnswer: Alice lives in a quiet town."
 
 
@@ -30,48 +30,7 @@ SAMPLE = "Question: Where does Alice live?\nAnswer: Alice lives in a quiet town.
 @pytest.fixture(scope="module")
 def tiny_pretrained(tiny_data: Path):
     """A tiny Llama and its tokenizer (which, like many released ones, has no pad token)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from unbottle.core.models.loading import documents
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    text = (tiny_data / "corpus" / "train.txt").read_text(encoding="utf-8")
-    backend.train_from_iterator(
-        documents(text),
-        trainer=trainers.BpeTrainer(
-            vocab_size=320,
-            special_tokens=[UNK, BOS, EOS],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        model_input_names=["input_ids", "attention_mask"],
-    )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, as in SmolLM2
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return tiny_released_model(tiny_data / "corpus" / "train.txt")
 
 
 @pytest.fixture(scope="module")
@@ -416,7 +375,8 @@ def test_a_hub_model_id_is_read_from_the_cache_offline_with_its_commit_recorded(
         (
             [f"pretrain.source.hub={HUB_ID}-missing"],
             r"pretrain\.source\.hub: unbottle-tests/tiny-llama-missing at revision main is "
-            r"not in the Hugging Face cache \(.*\) and the hub cannot be reached; ",
+            r"not in the Hugging Face cache \(.*\) and HF_HUB_OFFLINE=1 \(set HF_HUB_OFFLINE=0 to "
+            r"download\); ",
         ),
         (
             [f"pretrain.source.hub={HUB_ID}", "pretrain.source.file=model.gguf"],

@@ -181,11 +181,16 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
     except LocalEntryNotFoundError:
         from huggingface_hub import constants
 
+        why = (
+            "HF_HUB_OFFLINE=1 (set HF_HUB_OFFLINE=0 to download)"
+            if constants.HF_HUB_OFFLINE
+            else "the hub cannot be reached"
+        )
         raise ConfigError(
             f"{WHERE}.hub: {where} is not in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}) and the hub cannot be reached; download it where "
-            f"there is a network (`huggingface-cli download {repo_id}`) or point "
-            "HF_HUB_CACHE at a cache that has it"
+            f"({constants.HF_HUB_CACHE}) and {why}; download it where there is a network "
+            f"(`huggingface-cli download {repo_id}`) or point HF_HUB_CACHE at a cache that "
+            "has it"
         ) from None
     except RevisionNotFoundError:
         raise ConfigError(f"{WHERE}.revision: the hub has no {where}") from None
