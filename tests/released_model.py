@@ -58,7 +58,7 @@ def tiny_released_model(train_text: Path):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,  # grouped-query attention, as in SmolLM2
-        max_position_embeddings=64,
+        max_position_embeddings=128,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         tie_word_embeddings=True,

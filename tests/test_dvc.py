@@ -72,6 +72,7 @@ def dvc_repo(tmp_path, tiny_data) -> Path:
     model, tokenizer = tiny_released_model(tiny_data / "corpus" / "train.txt")
     save_released_model(model, tokenizer, root / "models" / "tiny-chat")
     params["pretrain"]["source"] = {"path": "models/tiny-chat"}
+    params["finetune"]["train"]["seq_len"] = 128  # chat format: the template's tokens too
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for folder in ("core", "plugins"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))

@@ -127,6 +127,8 @@ def gguf_source(tiny_pretrained, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def params_with_source(source: dict) -> dict:
     params = copy.deepcopy(TINY_PARAMS)
     params["pretrain"]["source"] = source
+    # The model has a chat template, so finetuning renders it: longer than Question:/Answer:.
+    params["finetune"]["train"]["seq_len"] = 128
     return params
 
 

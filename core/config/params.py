@@ -237,6 +237,11 @@ class PretrainParams(Section):
 
 class FinetuneParams(Section):
     method: StrategyRef = StrategyRef(name="full")
+    # How pairs become prompts (core/data/prompts.py): the tokenizer's chat template (what
+    # /v1/chat/completions renders), the Question:/Answer: completion form, or auto (chat
+    # when the tokenizer has a chat template). A system prompt needs chat.
+    format: Literal["auto", "chat", "completion"] = "auto"
+    system_prompt: str | None = None
     train: TrainParams = TrainParams(steps=200, lr=1e-3, warmup_steps=10, weight_decay=0.0)
 
 
