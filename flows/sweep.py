@@ -103,7 +103,12 @@ def evaluate_model(
     from unbottle.core.data import prompts as qa
     from unbottle.core.models.loading import read_text
     from unbottle.core.registry import get_registry
-    from unbottle.core.stages.evaluate import create_metrics, measure_variant, resolve_device
+    from unbottle.core.stages.evaluate import (
+        create_metrics,
+        measure_variant,
+        prompt_format_of,
+        resolve_device,
+    )
 
     params = _params(params_file, overrides)
     layout = Layout(Path(root))
@@ -118,6 +123,7 @@ def evaluate_model(
         seed=params.seed,
         device=resolve_device(cfg.device),
         label=name,
+        prompt_format=prompt_format_of(layout.artifact("finetune")),
     )
 
 

@@ -3,6 +3,7 @@ one compress parameter reruns compress, evaluate and deploy only."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY_PARAMS, cli_env, make_workspace
+from tests.conftest import REPO, TINY_PARAMS, cli_env
+from tests.released_model import save_released_model, tiny_released_model
 
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "unbottle tests",
@@ -47,10 +49,31 @@ def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([a-z]+)'", output)
 
 
+#: The user's own files, at paths of their choosing: DVC must track these, not the demo's.
+USER_DATA = {
+    "train_text": ("corpus/train.txt", "mine/prose.txt"),
+    "valid_text": ("corpus/valid.txt", "mine/held_out.txt"),
+    "qa_train": ("qa/train.jsonl", "mine/qa_train.jsonl"),
+    "qa_test": ("qa/test.jsonl", "mine/qa_test.jsonl"),
+}
+
+
 @pytest.fixture
 def dvc_repo(tmp_path, tiny_data) -> Path:
-    """A project like this one: the code dvc.yaml depends on, tiny params, data.dvc."""
-    root = make_workspace(tmp_path / "project", tiny_data)
+    """A user's project: a released model (a tiny one in SmolLM2's format) as
+    ``pretrain.source``, their own data files under data/ tracked by data.dvc, the code
+    dvc.yaml depends on, and this project's dvc.yaml."""
+    params = copy.deepcopy(TINY_PARAMS)
+    root = tmp_path / "project"
+    (root / "data" / "mine").mkdir(parents=True)
+    for key, (demo, mine) in USER_DATA.items():
+        shutil.copy(tiny_data / demo, root / "data" / mine)
+        params["data"][key] = f"data/{mine}"
+    model, tokenizer = tiny_released_model(tiny_data / "corpus" / "train.txt")
+    save_released_model(model, tokenizer, root / "models" / "tiny-chat")
+    params["pretrain"]["source"] = {"path": "models/tiny-chat"}
+    params["finetune"]["train"]["seq_len"] = 128  # chat format: the template's tokens too
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for folder in ("core", "plugins"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
@@ -119,6 +142,13 @@ def test_flow_run_then_repro_experiments_and_a_remote_round_trip(dvc_repo, tmp_p
 
     # The experiment's results are applied to the workspace: nothing left to reproduce.
     assert stages_run(dvc("repro", cwd=root)) == []
+
+    # An edit to the user's own held-out text: DVC sees it, and only evaluate (which reads
+    # it) and deploy (which reads the evaluation) rerun.
+    held_out = root / "data" / USER_DATA["valid_text"][1]
+    held_out.write_text(held_out.read_text(encoding="utf-8") + "\nOne more paragraph.\n")
+    assert "evaluate" in dvc("status", cwd=root)
+    assert stages_run(dvc("repro", cwd=root)) in (["evaluate"], ["evaluate", "deploy"])
     assert min(seconds) < 3, f"a no-op dvc repro took {seconds} s"
 
 
@@ -158,6 +188,9 @@ def test_dvc_yaml_declares_only_the_params_each_stage_reads():
         assert stage["cmd"] == f"unbottle stage {name}"
         assert all(p == "seed" or p.split(".")[0] in ("data", name) for p in stage["params"])
         assert stage["outs"] == [f"artifacts/{name}"]
+        # The data deps are the files the params name, templated from params.yaml.
+        data_deps = {d for d in stage["deps"] if d.startswith("${")}
+        assert data_deps == {f"${{{p}}}" for p in stage["params"] if p.startswith("data.")}
     # Every code dependency exists, so editing it reruns the stage.
     for stage in spec.values():
         for dep in stage["deps"]:

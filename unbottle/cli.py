@@ -50,15 +50,28 @@ def _environment(root: Path) -> None:
     # The temporary server's first start runs database migrations: on a busy 2-core machine
     # that can take longer than Prefect's default 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # Prefect's server sends anonymous usage data by default; offline it logs an ERROR
+    # every ten minutes. A pipeline run phones home only if the user says so.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Nothing reaches the Hugging Face Hub unless the user says so (HF_HUB_OFFLINE=0):
+    # a `pretrain.source.hub` model is then read from the local cache.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def _logging() -> None:
+    import sys
+
     from rich.logging import RichHandler
 
-    handler = RichHandler(show_path=False, rich_tracebacks=True)
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=True)
+    else:
+        # Into a file or a pipe: whole lines, never wrapped at rich's default 80 columns
+        # (which mangled tables in CI logs).
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
     logger = logging.getLogger("unbottle")
     if not logger.handlers:
         logger.addHandler(handler)

@@ -174,13 +174,18 @@ class SourceParams(Section):
 
     ``path``: a Hugging Face directory (config.json, model.safetensors, tokenizer) or a
     GGUF file, relative to the workspace; or ``package``: an installed Python package that
-    ships a GGUF file (``file``, needed only when it ships several). A bare string is
-    shorthand for ``{path: <string>}``. A path is checked when the pretrain stage resolves
-    it; a package is checked here.
+    ships a GGUF file (``file``, needed only when it ships several); or ``hub``: a Hugging
+    Face Hub model id, read through ``huggingface_hub``'s cache at ``revision`` (a branch,
+    tag or commit; ``HF_HUB_OFFLINE=1`` reads the cache only), with ``file`` naming a GGUF
+    file in the repository if the model is one. A bare string is shorthand for
+    ``{path: <string>}``. A path or hub id is checked when the pretrain stage resolves it;
+    a package is checked here.
     """
 
     path: Path | None = None
     package: str | None = None
+    hub: str | None = None
+    revision: str | None = None
     file: str | None = None
 
     @model_validator(mode="before")
@@ -192,13 +197,18 @@ class SourceParams(Section):
     def _one_origin(self) -> SourceParams:
         from unbottle.core.models.sources import SourceError, package_file
 
-        if (self.path is None) == (self.package is None):
+        if sum(origin is not None for origin in (self.path, self.package, self.hub)) != 1:
             raise ValueError(
-                "give exactly one of path (a GGUF file or a Hugging Face directory) or "
-                "package (an installed package that ships a GGUF file)"
+                "give exactly one of path (a GGUF file or a Hugging Face directory), "
+                "package (an installed package that ships a GGUF file) or hub (a Hugging "
+                "Face Hub model id)"
             )
-        if self.file is not None and self.package is None:
-            raise ValueError("file: names a file inside `package`; with `path`, give the file")
+        if self.file is not None and self.path is not None:
+            raise ValueError(
+                "file: names a file inside `package` or `hub`; with `path`, give the file"
+            )
+        if self.revision is not None and self.hub is None:
+            raise ValueError("revision: pins a `hub` model; it means nothing without `hub`")
         if self.package is not None:
             try:
                 package_file(self.package, self.file)
@@ -227,6 +237,11 @@ class PretrainParams(Section):
 
 class FinetuneParams(Section):
     method: StrategyRef = StrategyRef(name="full")
+    # How pairs become prompts (core/data/prompts.py): the tokenizer's chat template (what
+    # /v1/chat/completions renders), the Question:/Answer: completion form, or auto (chat
+    # when the tokenizer has a chat template). A system prompt needs chat.
+    format: Literal["auto", "chat", "completion"] = "auto"
+    system_prompt: str | None = None
     train: TrainParams = TrainParams(steps=200, lr=1e-3, warmup_steps=10, weight_decay=0.0)
 
 

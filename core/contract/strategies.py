@@ -136,6 +136,10 @@ class EvalContext:
     #: What the metrics before this one measured for the same variant (a metric that
     #: builds on another's figure, like ``roofline`` on ``decode_tokens_per_s``, reads it).
     measured: dict[str, Any] = field(default_factory=dict)
+    #: How finetuning rendered prompts (chat template or completion), so a metric asks
+    #: ``questions`` the way the served model expects: ``prompt_format.prompt_text(tokenizer,
+    #: pair)``. None: the completion format.
+    prompt_format: Any = None
 
 
 class Metric(Strategy, Protocol):

@@ -119,6 +119,17 @@ def locate(cfg: SourceParams, root: Path) -> tuple[str, Path]:
         except SourceError as e:
             raise ConfigError(f"{WHERE}.{e}") from None
         key = f"{WHERE}.file"
+    elif cfg.hub is not None:
+        snapshot = hub_snapshot(cfg.hub, cfg.revision)
+        if cfg.file is None:
+            return "hf", _hf_directory(snapshot, f"{WHERE}.hub")
+        path, key = snapshot / cfg.file, f"{WHERE}.file"
+        if Path(cfg.file).is_absolute() or not path.is_file():
+            shipped = sorted(p.name for p in snapshot.glob("*.gguf"))
+            raise ConfigError(
+                f"{key}: {cfg.hub} has no file {cfg.file!r}; its GGUF files: "
+                f"{', '.join(shipped) or 'none'}"
+            )
     else:
         assert cfg.path is not None  # SourceParams checks that one of the two is given
         path = cfg.path if cfg.path.is_absolute() else Path(root) / cfg.path
@@ -126,21 +137,73 @@ def locate(cfg: SourceParams, root: Path) -> tuple[str, Path]:
         if not path.exists():
             raise ConfigError(f"{key}: {path} does not exist")
         if path.is_dir():
-            missing = [name for name in HF_FILES if not (path / name).is_file()]
-            if not any((path / name).is_file() for name in TOKENIZER_FILES):
-                missing.append(" or ".join(TOKENIZER_FILES))
-            if missing:
-                raise ConfigError(
-                    f"{key}: {path} is a directory without {', '.join(missing)}; a Hugging "
-                    "Face model directory holds config.json, model.safetensors and a tokenizer"
-                )
-            return "hf", path
+            return "hf", _hf_directory(path, key)
     if not path.is_file() or not is_gguf(path):
         raise ConfigError(
             f"{key}: {path} is not a GGUF file (it does not begin with the bytes 'GGUF') "
             "nor a Hugging Face model directory"
         )
     return "gguf", path
+
+
+def _hf_directory(path: Path, key: str) -> Path:
+    """``path`` if it holds a Hugging Face model, else a one-line ConfigError."""
+    missing = [name for name in HF_FILES if not (path / name).is_file()]
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
+    if missing:
+        raise ConfigError(
+            f"{key}: {path} is a directory without {', '.join(missing)}; a Hugging "
+            "Face model directory holds config.json, model.safetensors and a tokenizer"
+        )
+    return path
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The local snapshot of a Hub model at ``revision`` (default ``main``), through
+    ``huggingface_hub``'s cache: downloaded if missing and the hub is reachable, read from
+    the cache alone with ``HF_HUB_OFFLINE=1``. The snapshot folder's name is the commit."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{repo_id} at revision {revision or 'main'}"
+    try:
+        return Path(snapshot_download(repo_id=repo_id, revision=revision))
+    except HFValidationError:
+        raise ConfigError(
+            f"{WHERE}.hub: {repo_id!r} is not a Hub model id (like 'org/name')"
+        ) from None
+    except LocalEntryNotFoundError:
+        from huggingface_hub import constants
+
+        why = (
+            "HF_HUB_OFFLINE=1 (set HF_HUB_OFFLINE=0 to download)"
+            if constants.HF_HUB_OFFLINE
+            else "the hub cannot be reached"
+        )
+        raise ConfigError(
+            f"{WHERE}.hub: {where} is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and {why}; download it where there is a network "
+            f"(`huggingface-cli download {repo_id}`) or point HF_HUB_CACHE at a cache that "
+            "has it"
+        ) from None
+    except RevisionNotFoundError:
+        raise ConfigError(f"{WHERE}.revision: the hub has no {where}") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{WHERE}.hub: the hub has no model {repo_id!r}") from None
+
+
+def hub_commit(path: Path) -> str | None:
+    """The commit of a file or folder inside a hub cache snapshot (``.../snapshots/<sha>/``)."""
+    parts = Path(path).parts
+    if "snapshots" in parts[:-1]:
+        return parts[parts.index("snapshots") + 1]
+    return None
 
 
 def resolve(cfg: SourceParams, root: Path) -> Source:

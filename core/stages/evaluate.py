@@ -64,8 +64,10 @@ def measure_variant(
     seed: int,
     device: str = "cpu",
     label: str = "",
+    prompt_format: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every metric on one model, in order: (row, samples). Refuses a damaged artifact."""
+    """Every metric on one model, in order: (row, samples). Refuses a damaged artifact.
+    ``prompt_format``: how finetuning rendered prompts (see :func:`prompt_format_of`)."""
     from unbottle.core.contract.strategies import EvalContext
     from unbottle.core.models.runtimes import load_runner
     from unbottle.core.store.artifacts import verify_artifact
@@ -78,6 +80,7 @@ def measure_variant(
         questions=questions,
         model_dir=model_dir,
         seed=seed,
+        prompt_format=prompt_format,
     )
     row: dict[str, Any] = {"format": manifest.get("format", runner.format)}
     for metric_name, metric in metrics:
@@ -86,6 +89,15 @@ def measure_variant(
         row.update(values)
         ctx.measured.update(values)
     return row, ctx.samples
+
+
+def prompt_format_of(finetuned: Path) -> Any:
+    """The prompt format the finetune artifact recorded: every row is asked the same way,
+    the way the deployed model's chat endpoint will ask it."""
+    from unbottle.core.data.prompts import PromptFormat
+    from unbottle.core.store.artifacts import read_manifest
+
+    return PromptFormat.from_record(read_manifest(finetuned).get("prompt_format"))
 
 
 def evaluate(
@@ -114,6 +126,7 @@ def evaluate(
     targets = {PRETRAINED: pretrained, **variant_dirs(baseline, variants_dir)}
     for model_dir in targets.values():
         verify_artifact(model_dir)  # every input checked before the first measurement
+    prompt_format = prompt_format_of(baseline)
 
     results = {
         name: measure_variant(
@@ -124,6 +137,7 @@ def evaluate(
             seed=seed,
             device=device,
             label=name,
+            prompt_format=prompt_format,
         )
         for name, model_dir in targets.items()
     }

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from unbottle.core.config.params import FinetuneParams
+from unbottle.core.data.prompts import PromptFormat
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult, split_timings, strategy_record
 from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_manifest
@@ -47,7 +48,8 @@ def finetune(
             f"finetune.train.seq_len: {cfg.train.seq_len} is longer than the base model's "
             f"context ({context}); use at most {context}"
         )
-    examples = encode_pairs(tokenizer, pairs, cfg.train.seq_len)
+    prompt_format = task.PromptFormat.resolve(cfg.format, cfg.system_prompt, tokenizer)
+    examples = encode_pairs(tokenizer, pairs, cfg.train.seq_len, prompt_format)
 
     def rows(ids: list[int]) -> dict[str, torch.Tensor]:
         return collate([examples[i] for i in ids], tokenizer.pad_token_id)
@@ -58,7 +60,10 @@ def finetune(
         p.numel() for p in {id(p): p for p in trainable.parameters()}.values() if p.requires_grad
     )
     (log.info if is_main_process() else log.debug)(
-        "finetune: %d pairs, method %s", len(examples), cfg.method.name
+        "finetune: %d pairs, method %s, %s format",
+        len(examples),
+        cfg.method.name,
+        prompt_format.kind,
     )
     inputs = {"base": tree_hash(base), "qa_train": tree_hash(qa_train)}
     store = checkpoint_store(
@@ -105,6 +110,8 @@ def finetune(
                 },
                 inputs=inputs,
                 metrics=split_timings(metrics)[0],
+                # How prompts were rendered: evaluate asks its questions the same way.
+                extra={"prompt_format": prompt_format.record()},
             )
         if store is not None:
             store.clear()  # the artifact is whole: the run's checkpoints are not needed
@@ -113,38 +120,40 @@ def finetune(
 
 
 def encode_pairs(
-    tokenizer, pairs: list[dict[str, str]], max_len: int
+    tokenizer, pairs: list[dict], max_len: int, prompt_format: PromptFormat | None = None
 ) -> list[tuple[list[int], list[int]]]:
-    """Token ids of each (prompt, answer + EOS)."""
+    """(input ids, labels) of each pair, the labels IGNORE where nothing is learned."""
     from unbottle.core.contract.errors import DataError
-    from unbottle.core.data import prompts as task
+    from unbottle.core.data.prompts import PromptFormat
 
+    prompt_format = prompt_format or PromptFormat()
     examples = []
     for pair in pairs:
-        prompt_ids = tokenizer(task.prompt(pair["question"]), add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(task.target(pair["answer"]), add_special_tokens=False)["input_ids"]
-        answer_ids = [*answer_ids, tokenizer.eos_token_id]
-        if len(prompt_ids) + len(answer_ids) > max_len:
+        try:
+            runs = prompt_format.segments(tokenizer, pair)
+        except DataError as e:
+            raise DataError(f"data.qa_train: {e}") from None
+        ids = [i for run, _ in runs for i in run]
+        labels = [i if learned else IGNORE for run, learned in runs for i in run]
+        if len(ids) > max_len:
             raise DataError(
-                f"data.qa_train: the pair {pair['question']!r} is "
-                f"{len(prompt_ids) + len(answer_ids)} tokens, longer than finetune.train.seq_len "
-                f"({max_len})"
+                f"data.qa_train: the pair {pair['question']!r} is {len(ids)} tokens, longer "
+                f"than finetune.train.seq_len ({max_len})"
             )
-        examples.append((prompt_ids, answer_ids))
+        examples.append((ids, labels))
     return examples
 
 
 def collate(rows: list[tuple[list[int], list[int]]], pad: int) -> dict:
-    """Right-padded batch whose labels cover the answer tokens only."""
+    """Right-padded batch; the labels cover the answer tokens only."""
     import torch
 
-    width = max(len(p) + len(a) for p, a in rows)
+    width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    for r, (p, a) in enumerate(rows):
-        n = len(p) + len(a)
-        input_ids[r, :n] = torch.tensor(p + a)
-        labels[r, len(p) : n] = torch.tensor(a)  # learn the answer, not the question
-        mask[r, :n] = 1
+    for r, (ids, learned) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        labels[r, : len(ids)] = torch.tensor(learned)  # learn the answer, not the question
+        mask[r, : len(ids)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from unbottle.core.config.params import PretrainParams
+from unbottle.core.config.params import PretrainParams, SourceParams
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult, split_timings, strategy_record
 from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_manifest
@@ -167,12 +167,23 @@ def from_source(cfg: PretrainParams, *, out_dir: Path, root: Path) -> StageResul
                         "kind": src.kind,
                         "path": str(src.path),
                         "sha256": src.sha256,
+                        **hub_record(cfg.source, src.path),
                         **done,
                     }
                 },
             )
     barrier()
-    return StageResult(out_dir, metrics)
+    # No steps trained: the loss curve dvc.yaml declares is written with its header only.
+    return StageResult(out_dir, metrics, plots={"pretrain_loss": []})
+
+
+def hub_record(source: SourceParams, path: Path) -> dict[str, str | None]:
+    """Provenance of a Hub model: the id, the revision asked for and the commit read."""
+    if source.hub is None:
+        return {}
+    from unbottle.core.models.sources import hub_commit
+
+    return {"hub": source.hub, "revision": source.revision or "main", "commit": hub_commit(path)}
 
 
 def train_tokenizer_for(text: str, vocab_size: int):

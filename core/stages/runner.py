@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import logging
+import time
 from pathlib import Path
 
 from unbottle.core.config.params import Params, check_strategies
@@ -15,6 +16,12 @@ from unbottle.core.stages.layout import STAGES, Layout, StageResult, split_timin
 from unbottle.core.store.artifacts import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("unbottle.pipeline")
+
+#: The columns of the plots dvc.yaml declares, for a stage that has no rows to write.
+PLOT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "pretrain_loss": ("step", "loss"),
+    "finetune_loss": ("step", "loss"),
+}
 
 
 def setup(params: Params, registry: Registry | None = None) -> Registry:
@@ -45,6 +52,7 @@ def run_stage(
         log.info("%s is up to date (fingerprint %s), skipping", name, stamp[:12])
         metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
         return StageResult(out_dir, metrics, skipped=True)
+    started = time.perf_counter()
     result = _run(name, params, layout, registry)
     from unbottle.core.training.loop import is_main_process
 
@@ -52,10 +60,11 @@ def run_stage(
         return result
     fingerprint.record(result.out_dir, stamp)
     quality, timing = split_timings(result.metrics)
+    timing["wall_s"] = round(time.perf_counter() - started, 3)
     write_json_atomic(metrics_file, quality)
     write_json_atomic(layout.timing_file(name), timing)
     for plot, rows in result.plots.items():
-        write_text_atomic(layout.plot_file(plot), _csv(rows))
+        write_text_atomic(layout.plot_file(plot), _csv(rows, PLOT_COLUMNS.get(plot)))
     return result
 
 
@@ -124,9 +133,12 @@ def _run(name: str, params: Params, layout: Layout, registry: Registry) -> Stage
     return result
 
 
-def _csv(rows: list[dict]) -> str:
+def _csv(rows: list[dict], columns: tuple[str, ...] | None = None) -> str:
+    """Rows as CSV; with no rows, the header alone (a loss curve of a model that trained
+    no steps is still the file dvc.yaml declares)."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    fieldnames = list(rows[0]) if rows else list(columns or ())
+    writer = csv.DictWriter(out, fieldnames=fieldnames, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()

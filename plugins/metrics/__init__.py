@@ -105,6 +105,8 @@ class Accuracy:
 
         tokenizer = ctx.tokenizer
         tokenizer.padding_side = "left"  # generation continues from the right edge
+        # Asked as finetuning taught and the server will ask: chat template or completion.
+        prompt_format = ctx.prompt_format or task.PromptFormat()
         correct = 0
         samples: list[dict[str, Any]] = []
         questions = ctx.questions
@@ -113,7 +115,7 @@ class Accuracy:
             # Encoded as finetune encoded its prompts: without special tokens, so that a
             # tokenizer that adds BOS does not hand the model a prompt it never trained on.
             enc = tokenizer(
-                [task.prompt(q["question"]) for q in batch],
+                [prompt_format.prompt_text(tokenizer, q) for q in batch],
                 return_tensors="pt",
                 padding=True,
                 add_special_tokens=False,
