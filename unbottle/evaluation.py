@@ -2,9 +2,12 @@
 
 - :func:`encode_stream`: a text as one (N,) stream of token ids with an EOS between
   documents; :func:`documents`: a text split into its documents.
-- The question-answering task: :func:`prompt` formats a question as the finetuned model
-  saw it, :func:`exact_match` compares a prediction with an answer after
-  :func:`normalize`.
+- The question-answering task: :class:`PromptFormat` renders a question as the finetuned
+  model saw it and as the server's chat endpoint renders it (``ctx.prompt_format``, the
+  format the finetune stage recorded: chat template or completion); :func:`prompt` is the
+  completion form; :func:`exact_match` compares a prediction with an answer after
+  :func:`normalize`; :func:`read_pairs` reads question/answer, prompt/completion and
+  messages records.
 - :data:`MANIFEST`: the file name of a variant's manifest, which is not a weight file.
 
 A metric receives the model as a :class:`unbottle.ModelRunner`, whatever its runtime.
@@ -12,8 +15,17 @@ A metric receives the model as a :class:`unbottle.ModelRunner`, whatever its run
 
 from __future__ import annotations
 
-from unbottle.core.data.prompts import exact_match, normalize, prompt
+from unbottle.core.data.prompts import PromptFormat, exact_match, normalize, prompt, read_pairs
 from unbottle.core.models.loading import documents, encode_stream
 from unbottle.core.store.artifacts import MANIFEST
 
-__all__ = ["MANIFEST", "documents", "encode_stream", "exact_match", "normalize", "prompt"]
+__all__ = [
+    "MANIFEST",
+    "PromptFormat",
+    "documents",
+    "encode_stream",
+    "exact_match",
+    "normalize",
+    "prompt",
+    "read_pairs",
+]
