@@ -291,7 +291,49 @@ def show(
         facts.add_row(f"input {name}", f"sha256:{digest[:16]}")
     facts.add_row("config", json.dumps(manifest.get("config"), sort_keys=True))
     facts.add_row("metrics", json.dumps(manifest.get("metrics"), sort_keys=True))
-    Console().print(facts)
+    timing = _timing_of(Path(artifact), manifest)
+    for key, value in timing.items():
+        if not isinstance(value, dict) and not key.startswith("step"):
+            facts.add_row(f"time {key}", str(value))
+    console = Console()
+    console.print(facts)
+    if manifest.get("steps"):  # a compress variant: its recipe as it ran
+        steps = Table(title="steps")
+        for column in ("step", "action", "strategy", "options", "metrics", "seconds"):
+            steps.add_column(column, overflow="fold")
+        for record in manifest["steps"]:
+            strategy = record.get("strategy", {})
+            steps.add_row(
+                str(record.get("step")),
+                str(record.get("action")),
+                f"{strategy.get('name')} ({strategy.get('distribution')} "
+                f"{strategy.get('version')})",
+                json.dumps(record.get("options"), sort_keys=True),
+                json.dumps(record.get("metrics"), sort_keys=True),
+                str(timing.get(f"step{record.get('step')}_seconds", "-")),
+            )
+        console.print(steps)
+
+
+def _timing_of(artifact: Path, manifest: dict) -> dict:
+    """The run's times for an artifact, from its workspace's metrics/<stage>_timing.json
+    (timings stay out of manifests, which must be reproducible): a stage's own, or one
+    compress variant's."""
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.store.provenance import workspace_root
+
+    stage = manifest.get("stage")
+    if stage is None:
+        return {}
+    path = Layout(workspace_root(artifact)).timing_file(stage)
+    try:
+        timing = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    variant = (manifest.get("config") or {}).get("variant")
+    if variant is not None:
+        timing = timing.get(variant, {})
+    return timing if isinstance(timing, dict) else {}
 
 
 @app.command()

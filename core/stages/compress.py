@@ -332,6 +332,8 @@ def build_variant(
         "format": fmt,
         "seconds": round(sum(r["seconds"] for r in records[start:]), 3),
         "reused_steps": start,
+        # Per-step times land in metrics/compress_timing.json (`unbottle show` prints them).
+        **{f"step{r['step']}_seconds": r["seconds"] for r in records[start:]},
         **{f"{r['action']}_{k}": v for r in records for k, v in r["metrics"].items()},
     }
 

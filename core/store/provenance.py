@@ -43,13 +43,30 @@ def device() -> str:
     return f"cpu: {_cpu_name()}, {os.cpu_count()} threads"
 
 
+#: What a pipeline run itself writes into a workspace: changes there do not make the
+#: checkout "dirty" (a committed tree stays clean while the pipeline runs in it).
+PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "artifacts")
+
+
+def workspace_root(where: Path) -> Path:
+    """The workspace an artifact lives in: the folder holding its ``artifacts/``."""
+    where = Path(where).resolve()
+    for folder in [where, *where.parents]:
+        if folder.name == "artifacts":
+            return folder.parent
+    return where
+
+
 def git_state(where: Path) -> dict[str, Any]:
-    """The commit of the checkout holding ``where`` and whether tracked files differ from it."""
+    """The commit of the checkout holding ``where`` and whether tracked files differ from
+    it, not counting the pipeline's own outputs (:data:`PIPELINE_OUTPUTS`)."""
+
+    root = workspace_root(where)
 
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(
-                ["git", *args], cwd=where, capture_output=True, text=True, timeout=10
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10
             )
         except (OSError, subprocess.TimeoutExpired):
             return None
@@ -58,7 +75,8 @@ def git_state(where: Path) -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None}
-    changes = git("status", "--porcelain", "--untracked-files=no")
+    excluded = [f":(exclude){name}" for name in PIPELINE_OUTPUTS]  # relative to root
+    changes = git("status", "--porcelain", "--untracked-files=no", "--", ":/", *excluded)
     return {"commit": commit, "dirty": bool(changes)}
 
 
