@@ -17,8 +17,10 @@ A packed model directory holds
 :func:`load_packed` builds the model from its config and puts a :class:`QuantizedLinear`
 in place of each quantized Linear: it keeps the packed buffers and dequantizes them at
 every forward call (no float copy is kept, so the model stays small in memory; each call
-pays for the unpacking). Plain ``transformers`` cannot load this format; unbottle's
-evaluation, serving and the ``server`` deploy target load it through here.
+pays for the unpacking). Plain ``transformers`` cannot load this format and refuses it
+(see :data:`SAFETENSORS_METADATA`); unbottle's evaluation, serving and the ``server``
+deploy target load it through here, and the ``hf`` deploy target rewrites it as a standard
+compressed-tensors checkpoint (:mod:`unbottle.core.models.compressed_checkpoint`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ FORMAT = "packed"
 QUANT_CONFIG = "quantization.json"
 WEIGHTS = "model.safetensors"
 _CONFIG_VERSION = 1
+#: The weights file's safetensors metadata. Its ``format`` is not one transformers
+#: accepts ("pt", "tf", "flax", "mlx"), so ``from_pretrained`` on a packed directory
+#: raises ("Incompatible safetensors file ... but unbottle-packed") rather than loading
+#: the config's Linear layers with random weights. safetensors itself ignores it.
+SAFETENSORS_METADATA = {"format": "unbottle-packed", "unbottle": FORMAT}
 
 
 def __getattr__(name: str) -> Any:
@@ -215,7 +222,9 @@ def save_packed(
             continue  # a tied matrix is stored once (the loader ties it again)
         seen.add(identity)
         tensors[key] = tensor.detach().contiguous()
-    save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "pt", "unbottle": FORMAT})
+    # Not "pt": plain transformers refuses a safetensors file of another format, so it
+    # fails loudly on this directory instead of building random Linear layers.
+    save_file(tensors, str(out_dir / WEIGHTS), metadata=SAFETENSORS_METADATA)
     model.config.save_pretrained(out_dir)
     if source_dir is not None and (Path(source_dir) / "generation_config.json").is_file():
         shutil.copy2(Path(source_dir) / "generation_config.json", out_dir)
