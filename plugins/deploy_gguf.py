@@ -101,7 +101,8 @@ class GgufBundle:
             out_dir, gguf_file=file_name, dtype=torch.float32
         ).eval()
         tokenizer = AutoTokenizer.from_pretrained(out_dir, gguf_file=file_name)
-        ids = tokenizer("Question:", return_tensors="pt")
+        # (transformers' GGUF tokenizer adds token type ids, which a causal LM rejects)
+        ids = tokenizer("Question:", return_tensors="pt", return_token_type_ids=False)
         with torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=2, min_new_tokens=2)
         return {
