@@ -280,18 +280,41 @@ def test_gguf_refuses_q4_0_from_a_pruned_but_dense_variant(tmp_path, float_dir):
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_gguf_refuses_an_architecture_the_writer_does_not_know(tmp_path, float_dir):
+@pytest.mark.parametrize(
+    ("change", "options", "message"),
+    [
+        (
+            {"model_type": "mistral"},
+            {},
+            r"^deploy\.target: the GGUF writer does not know the architecture 'mistral'; "
+            r"known: llama$",
+        ),
+        (
+            {"attention_bias": True},
+            {},
+            r"^deploy\.target: the GGUF writer knows the plain llama layout; this model has "
+            r"attention_bias: True$",
+        ),
+        (
+            {"intermediate_size": 48},
+            {"type": "Q8_0"},
+            r"^deploy\.target\.type: Q8_0 stores blocks of 32 inputs, and this model's layer "
+            r"input sizes are 48, 64; use F16$",
+        ),
+    ],
+    ids=["architecture", "bias", "block"],
+)
+def test_gguf_refuses_a_model_the_writer_does_not_know(
+    tmp_path, float_dir, change, options, message
+):
     require_extra("gguf")
     other = tmp_path / "other"
     shutil.copytree(float_dir, other)
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
-    with pytest.raises(
-        ConfigError,
-        match=r"^deploy\.target: the GGUF writer does not know the architecture 'mistral'; "
-        r"known: llama$",
-    ):
-        deploy("gguf", {}, other, tmp_path / "out")
+    (other / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ConfigError, match=message):
+        deploy("gguf", options, other, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,22 @@ def check_writable(model_dir: Path, gguf_type: str, what: str) -> dict[str, Any]
             f"{what}: the GGUF writer does not know the architecture {model_type!r}; "
             f"known: {', '.join(ARCHITECTURES)}"
         )
+    unsupported = [key for key in ("attention_bias", "mlp_bias", "rope_scaling") if config.get(key)]
+    if unsupported:
+        raise ConfigError(
+            f"{what}: the GGUF writer knows the plain llama layout; this model has "
+            f"{', '.join(f'{key}: {config[key]}' for key in unsupported)}"
+        )
+    sizes = sorted({config["hidden_size"], config["intermediate_size"]})
+    if gguf_type != "F16" and any(size % BLOCK for size in sizes):
+        raise ConfigError(
+            f"{what}.type: {gguf_type} stores blocks of {BLOCK} inputs, and this model's "
+            f"layer input sizes are {', '.join(map(str, sizes))}; use F16"
+        )
+    tokenizer_json = Path(model_dir) / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise ConfigError(f"{what}: {model_dir} has no tokenizer.json for the GGUF vocabulary")
+    _pre_tokenizer(json.loads(tokenizer_json.read_text(encoding="utf-8")))
     if not (Path(model_dir) / QUANT_CONFIG).is_file():
         if gguf_type == "Q4_0":
             raise ConfigError(
