@@ -17,10 +17,8 @@ A packed model directory holds
 :func:`load_packed` builds the model from its config and puts a :class:`QuantizedLinear`
 in place of each quantized Linear: it keeps the packed buffers and dequantizes them at
 every forward call (no float copy is kept, so the model stays small in memory; each call
-pays for the unpacking). Plain ``transformers`` cannot load this format and refuses it
-(see :data:`SAFETENSORS_METADATA`); unbottle's evaluation, serving and the ``server``
-deploy target load it through here, and the ``hf`` deploy target rewrites it as a standard
-compressed-tensors checkpoint (:mod:`unbottle.core.models.compressed_checkpoint`).
+pays for the unpacking). Plain ``transformers`` cannot load this format; unbottle's
+evaluation, serving and the ``server`` deploy target load it through here.
 """
 
 from __future__ import annotations
@@ -40,11 +38,6 @@ FORMAT = "packed"
 QUANT_CONFIG = "quantization.json"
 WEIGHTS = "model.safetensors"
 _CONFIG_VERSION = 1
-#: The weights file's safetensors metadata. Its ``format`` is not one transformers
-#: accepts ("pt", "tf", "flax", "mlx"), so ``from_pretrained`` on a packed directory
-#: raises ("Incompatible safetensors file ... but unbottle-packed") rather than loading
-#: the config's Linear layers with random weights. safetensors itself ignores it.
-SAFETENSORS_METADATA = {"format": "unbottle-packed", "unbottle": FORMAT}
 
 
 def __getattr__(name: str) -> Any:
@@ -175,6 +168,15 @@ def write_quantization_config(
             "options": options,
         },
     )
+
+
+#: The weights file's safetensors metadata. Its ``format`` is not one transformers
+#: accepts ("pt", "tf", "flax", "mlx"), so ``from_pretrained`` on a packed directory
+#: raises ("Incompatible safetensors file ... but unbottle-packed") rather than loading
+#: the config's Linear layers with random weights; safetensors itself ignores it. The
+#: ``hf`` deploy target rewrites the variant as a checkpoint transformers does load
+#: (core/models/compressed_checkpoint.py).
+SAFETENSORS_METADATA = {"format": "unbottle-packed", "unbottle": FORMAT}
 
 
 def save_packed(
