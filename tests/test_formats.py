@@ -321,7 +321,7 @@ def test_gguf_refuses_a_model_the_writer_does_not_know(
     ("target", "module", "install"),
     [
         ("gguf", "gguf", r"pip install 'unbottle\[gguf\]'"),
-        ("hf", "compressed_tensors", r"pip install 'unbottle\[hf-quantized\]'"),
+        ("hf", "compressed_tensors", r"pip install 'compressed-tensors>=0\.14,<0\.15'"),
     ],
 )
 def test_a_missing_optional_library_is_one_line_with_its_pip_install(

@@ -43,8 +43,8 @@ def require_compressed_tensors(what: str) -> None:
     if importlib.util.find_spec("compressed_tensors") is None:
         raise ConfigError(
             f"{what}: a quantized Hugging Face checkpoint needs the compressed-tensors "
-            f"package; install it with `pip install 'unbottle[hf-quantized]'` "
-            f"(or `pip install '{COMPRESSED_TENSORS}'`)"
+            f"package (a dependency of unbottle); install it with "
+            f"`pip install '{COMPRESSED_TENSORS}'`"
         )
 
 
