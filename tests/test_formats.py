@@ -334,7 +334,10 @@ def test_a_missing_optional_library_is_one_line_with_its_pip_install(
         "find_spec",
         lambda name, *a: None if name == module else find_spec(name, *a),
     )
-    with pytest.raises(ConfigError, match=rf"^deploy\.target: .*needs the .* package; .*{install}"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^deploy\.target: .*needs the \S+ package\b.*; install it with `{install}",
+    ):
         deploy(target, {}, variant, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
 
