@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     import numpy as np
 
 GgufType = Literal["F16", "Q8_0", "Q4_0"]
-GGUF_TYPES: tuple[str, ...] = ("F16", "Q8_0", "Q4_0")
 #: Hugging Face ``model_type`` -> GGUF architecture the writer knows.
 ARCHITECTURES = {"llama": "llama"}
 #: The exact packed grid (bits, group size) each low-bit type holds (symmetric only).
