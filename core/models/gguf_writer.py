@@ -6,7 +6,7 @@ names (``gguf.get_tensor_name_map``), the reordering of the query and key rows t
 llama.cpp's rotary embedding expects, and the tokenizer as a GPT-2 style BPE vocabulary
 with merges, special tokens and the chat template.
 
-Weight types (``GGUF_TYPES``):
+Weight types (``GgufType``, the ``gguf`` deploy target's ``type``):
 
 - ``F16``: every matrix in float16 (norms stay float32, as ggml requires);
 - ``Q8_0``: blocks of 32 weights, one float16 scale d each, int8 codes q, value q * d;
