@@ -128,7 +128,16 @@ integer codes, float16 scales, zero points and act-order `g_idx`. transformers l
 pip install 'transformers>=4.57,<4.58' '{COMPRESSED_TENSORS}'
 ```
 
-{_transformers_usage(max_new_tokens)}
+```python
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+# float32 on CPU (transformers picks float16 for compressed-tensors checkpoints otherwise)
+model = AutoModelForCausalLM.from_pretrained("path/to/this/bundle", dtype=torch.float32)
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/bundle")
+ids = tokenizer("Question: Where does Alice live?\\nAnswer:", return_tensors="pt")
+print(tokenizer.decode(model.generate(**ids, max_new_tokens={max_new_tokens})[0]))
+```
 
 On a GPU, vLLM serves it with its int4/int8 kernels: `vllm serve path/to/this/bundle`."""
 
