@@ -1,16 +1,18 @@
-"""Built-in deploy targets: ``hf``, ``onnx`` and ``server``.
+"""Built-in deploy targets: ``hf``, ``onnx``, ``server`` (and ``gguf``, ``plugins/deploy_gguf.py``).
 
 - ``hf``: a Hugging Face-format bundle: safetensors weights, config, tokenizer, a
   generation config and a README model card with the evaluation table;
-  ``AutoModelForCausalLM.from_pretrained`` loads it and generates from it.
+  ``AutoModelForCausalLM.from_pretrained`` loads it and generates from it. A ``packed``
+  variant is written as a standard compressed-tensors checkpoint, which transformers loads
+  with the ``compressed-tensors`` package and vLLM serves.
 - ``onnx``: an edge bundle: the model exported to ONNX with a KV cache by optimum and
   quantized to dynamic int8 by ONNX Runtime (the compress stage's code path), with the
   tokenizer and a model card; ``optimum.onnxruntime.ORTModelForCausalLM`` loads it.
 - ``server``: the ``hf`` or ``onnx`` bundle of the variant plus ``serve.json``, what
   ``unbottle serve BUNDLE`` runs (an OpenAI-compatible server). A ``packed`` variant
-  (low-bit weights from ``rtn`` or ``gptq``, see ``unbottle.compression``) ships
-  as it is, served through unbottle's dequantizing loader. The ``hf`` target does not
-  take packed variants: plain transformers cannot load them.
+  (low-bit weights from ``rtn`` or ``gptq``, see ``unbottle.compression``) ships as it
+  is, served through unbottle's dequantizing loader (plain transformers refuses that
+  directory; its card names no ``library_name``).
 
 Every bundle gets a chat template (unbottle's question/answer one when the tokenizer has
 none), and each target checks that its bundle loads and generates before it returns.
@@ -27,6 +29,7 @@ from pydantic import Field
 
 from unbottle import DeployContext, StrategyConfig, hookimpl
 from unbottle.plugins.quantization import ISA, export_onnx
+from unbottle.export import COMPRESSED_TENSORS
 from unbottle.serving import CHAT_TEMPLATE, SERVE_CONFIG, ServeConfig
 
 _MODEL_FILES = (
@@ -38,15 +41,25 @@ _MODEL_FILES = (
 )
 
 
-def model_card(ctx: DeployContext, max_new_tokens: int, usage: str | None = None) -> str:
-    """The README of a bundle; ``usage`` replaces the transformers example."""
+def model_card(
+    ctx: DeployContext,
+    max_new_tokens: int,
+    usage: str | None = None,
+    library: str | None = None,
+) -> str:
+    """The README of a bundle; ``usage`` replaces the transformers example.
+
+    ``library``: the card's ``library_name``, only for a bundle that library loads as it
+    is (``transformers`` for the ``hf`` bundles); none otherwise, so no card promises a
+    load that would fail.
+    """
     env = ctx.manifest.get("environment", {}).get("packages", {})
     versions = ", ".join(
         f"{name} {env.get(name, '?')}" for name in ("unbottle", "torch", "transformers")
     )
+    library_line = f"library_name: {library}\n" if library else ""
     return f"""---
-library_name: transformers
-pipeline_tag: text-generation
+{library_line}pipeline_tag: text-generation
 tags: [unbottle]
 ---
 
@@ -106,11 +119,39 @@ def write_generation_config(model_dir: Path, out_dir: Path, max_new_tokens: int)
     ).save_pretrained(out_dir)
 
 
+def _quantized_usage(max_new_tokens: int) -> str:
+    return f"""A standard compressed-tensors (`pack-quantized`) checkpoint: the variant's own
+integer codes, float16 scales, zero points and act-order `g_idx`. transformers loads it
+(on CPU it decompresses the weights) with the compressed-tensors package:
+
+```bash
+pip install 'transformers>=4.57,<4.58' '{COMPRESSED_TENSORS}'
+```
+
+```python
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+# float32 on CPU (transformers picks float16 for compressed-tensors checkpoints otherwise)
+model = AutoModelForCausalLM.from_pretrained("path/to/this/bundle", dtype=torch.float32)
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/bundle")
+ids = tokenizer("Question: Where does Alice live?\\nAnswer:", return_tensors="pt")
+print(tokenizer.decode(model.generate(**ids, max_new_tokens={max_new_tokens})[0]))
+```
+
+On a GPU, vLLM serves it with its int4/int8 kernels: `vllm serve path/to/this/bundle`."""
+
+
 class HuggingFaceBundle:
-    """A directory that transformers loads: safetensors, config, tokenizer, model card."""
+    """A directory that transformers loads: safetensors, config, tokenizer, model card.
+
+    A float variant is copied; a packed one (``rtn``/``gptq``) is rewritten as a
+    compressed-tensors checkpoint (``core/models/compressed_checkpoint.py``), which
+    transformers loads with the ``compressed-tensors`` package and vLLM serves.
+    """
 
     name = "hf"
-    accepts = ("hf",)
+    accepts = ("hf", "packed")
 
     class Config(StrategyConfig):
         max_new_tokens: int = Field(16, ge=1, le=4096)
@@ -122,26 +163,59 @@ class HuggingFaceBundle:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        for name in _MODEL_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, out_dir / name)
+        quantized = ctx.model_format == "packed"
+        facts: dict[str, Any] = {}
+        if quantized:
+            from unbottle.export import write_compressed_tensors
+
+            facts = write_compressed_tensors(model_dir, out_dir)  # checks the library first
+            if (model_dir / "generation_config.json").is_file():
+                shutil.copy2(model_dir / "generation_config.json", out_dir)
+        else:
+            for name in _MODEL_FILES:
+                if (model_dir / name).is_file():
+                    shutil.copy2(model_dir / name, out_dir / name)
         save_tokenizer(model_dir, out_dir)
         write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
+        usage = _quantized_usage(self.config.max_new_tokens) if quantized else None
         (out_dir / "README.md").write_text(
-            model_card(ctx, self.config.max_new_tokens), encoding="utf-8"
+            model_card(ctx, self.config.max_new_tokens, usage, library="transformers"),
+            encoding="utf-8",
         )
 
         # The bundle is only done if transformers can load it and generate from it.
-        model = AutoModelForCausalLM.from_pretrained(out_dir, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            out_dir, use_safetensors=True, dtype=torch.float32
+        ).eval()
         tokenizer = AutoTokenizer.from_pretrained(out_dir)
         ids = tokenizer("Question:", return_tensors="pt")
         with torch.inference_mode():
+            if quantized:
+                facts["max_logit_difference"] = _logit_difference(model, model_dir, ids)
             out = model.generate(**ids, max_new_tokens=2)
         return {
+            **facts,
             # The weights, not the whole bundle: the model card's timings vary run to run.
             "weights_bytes": (out_dir / "model.safetensors").stat().st_size,
             "smoke_generated_tokens": int(out.shape[1] - ids["input_ids"].shape[1]),
         }
+
+
+def _logit_difference(model: Any, packed_dir: Path, ids: Any) -> float:
+    """Largest |logit| difference between transformers' load and unbottle's own loader;
+    above float tolerance the checkpoint is wrong and the stage fails."""
+    from unbottle import DataError
+    from unbottle.compression import load_packed
+
+    reference, _ = load_packed(packed_dir)
+    expected = reference(input_ids=ids["input_ids"]).logits
+    difference = float((model(input_ids=ids["input_ids"]).logits - expected).abs().max())
+    if difference > 1e-4 * max(1.0, float(expected.abs().max())):
+        raise DataError(
+            f"deploy: the compressed-tensors checkpoint's logits differ from the packed "
+            f"variant's by {difference:.3g} (float tolerance 1e-4 of their scale)"
+        )
+    return difference
 
 
 def _onnx_usage(file_name: str, max_new_tokens: int) -> str:
@@ -290,8 +364,11 @@ class ServerBundle:
         (out_dir / SERVE_CONFIG).write_text(
             config.model_dump_json(indent=2) + "\n", encoding="utf-8"
         )
+        # Only the float variant's bundle is one plain transformers loads.
+        library = "transformers" if ctx.model_format == "hf" else None
         (out_dir / "README.md").write_text(
-            model_card(ctx, config.default_max_tokens, _serve_usage(config)), encoding="utf-8"
+            model_card(ctx, config.default_max_tokens, _serve_usage(config), library),
+            encoding="utf-8",
         )
 
         # The bundle is only done if the serving engine can load it and generate from it.
@@ -316,3 +393,7 @@ def register_deploy_targets(register):
     register(HuggingFaceBundle)
     register(OnnxBundle)
     register(ServerBundle)
+    # In a module of its own (its writer is core/models/gguf_writer.py).
+    from unbottle.plugins.deploy_gguf import GgufBundle
+
+    register(GgufBundle)

@@ -170,6 +170,15 @@ def write_quantization_config(
     )
 
 
+#: The weights file's safetensors metadata. Its ``format`` is not one transformers
+#: accepts ("pt", "tf", "flax", "mlx"), so ``from_pretrained`` on a packed directory
+#: raises ("Incompatible safetensors file ... but unbottle-packed") rather than loading
+#: the config's Linear layers with random weights; safetensors itself ignores it. The
+#: ``hf`` deploy target rewrites the variant as a checkpoint transformers does load
+#: (core/models/compressed_checkpoint.py).
+SAFETENSORS_METADATA = {"format": "unbottle-packed", "unbottle": FORMAT}
+
+
 def save_packed(
     model: Any,
     tokenizer: Any,
@@ -215,7 +224,9 @@ def save_packed(
             continue  # a tied matrix is stored once (the loader ties it again)
         seen.add(identity)
         tensors[key] = tensor.detach().contiguous()
-    save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "pt", "unbottle": FORMAT})
+    # Not "pt": plain transformers refuses a safetensors file of another format, so it
+    # fails loudly on this directory instead of building random Linear layers.
+    save_file(tensors, str(out_dir / WEIGHTS), metadata=SAFETENSORS_METADATA)
     model.config.save_pretrained(out_dir)
     if source_dir is not None and (Path(source_dir) / "generation_config.json").is_file():
         shutil.copy2(Path(source_dir) / "generation_config.json", out_dir)

@@ -1,0 +1,112 @@
+"""The ``gguf`` deploy target: one GGUF file for llama.cpp, Ollama and other ggml runtimes.
+
+The file (``core/models/gguf_writer.py``) carries the weights, the tokenizer and the chat
+template. ``type``:
+
+- ``F16`` or ``Q8_0`` for a float variant (Q8_0 rounded to nearest by the ``gguf`` package);
+- ``Q4_0`` from a packed variant on a symmetric int4 grid in groups of 32 (``rtn`` or
+  ``gptq`` with ``bits: 4, group_size: 32, symmetric: true``; for gptq with act_order also
+  ``static_groups: true``), and ``Q8_0`` from one on a symmetric int8 grid in groups of 32:
+  the codes and scales are copied as they are, so GPTQ's choices survive;
+- ``auto`` (the default): Q8_0 for a float variant, the exact type for a packed one.
+
+A variant the type cannot hold (Q4_0 from an asymmetric, group-64 or float variant), an
+architecture the writer does not know, or a missing ``gguf`` package stops the stage with
+one line before anything is written. The bundle is done only when transformers' GGUF
+loader (``gguf_file=``) loads the file back and generates from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from unbottle import DeployContext, StrategyConfig
+from unbottle.plugins.deploy import model_card, save_tokenizer, write_generation_config
+
+
+def _gguf_usage(file_name: str, max_new_tokens: int) -> str:
+    return f"""With llama.cpp:
+
+```bash
+llama-cli -m {file_name} -cnv                    # chat, with the file's chat template
+llama-server -m {file_name} --port 8080         # an OpenAI-compatible server
+```
+
+With Ollama: a `Modelfile` holding `FROM ./{file_name}`, then
+`ollama create my-model -f Modelfile && ollama run my-model`.
+
+With transformers (it dequantizes to float; needs the `gguf` package):
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/to/this/bundle", gguf_file="{file_name}")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/bundle", gguf_file="{file_name}")
+ids = tokenizer("Question: Where does Alice live?\\nAnswer:", return_tensors="pt")
+print(tokenizer.decode(model.generate(**ids, max_new_tokens={max_new_tokens})[0]))
+```"""
+
+
+class GgufBundle:
+    """A GGUF file with tokenizer and chat template, plus a model card."""
+
+    name = "gguf"
+    accepts = ("hf", "packed")
+
+    class Config(StrategyConfig):
+        type: Literal["auto", "F16", "Q8_0", "Q4_0"] = "auto"
+        max_new_tokens: int = Field(16, ge=1, le=4096)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def gguf_type(self, model_dir: Path, model_format: str) -> str:
+        """The type to write: as configured, or for ``auto`` the one that holds the
+        variant as it is."""
+        if self.config.type != "auto":
+            return self.config.type
+        if model_format != "packed":
+            return "Q8_0"
+        from unbottle.compression import read_quantization_config
+        from unbottle.export import EXACT_GRIDS
+
+        meta = read_quantization_config(model_dir)
+        for gguf_type, (bits, group) in EXACT_GRIDS.items():
+            if (meta["bits"], meta["group_size"]) == (bits, group):
+                return gguf_type
+        return "Q4_0" if meta["bits"] == 4 else "Q8_0"  # refused, with the reason, below
+
+    def deploy(self, model_dir: Path, out_dir: Path, ctx: DeployContext) -> dict[str, Any]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from unbottle.export import check_writable, write_gguf
+
+        gguf_type = self.gguf_type(model_dir, ctx.model_format)
+        check_writable(model_dir, gguf_type, "deploy.target")  # one line, before any work
+        save_tokenizer(model_dir, out_dir)  # the tokenizer the file embeds, chat template too
+        file_name = f"model-{gguf_type}.gguf"
+        facts = write_gguf(model_dir, out_dir, out_dir / file_name, gguf_type)
+        write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
+        usage = _gguf_usage(file_name, self.config.max_new_tokens)
+        (out_dir / "README.md").write_text(
+            model_card(ctx, self.config.max_new_tokens, usage), encoding="utf-8"
+        )
+
+        # The bundle is only done if a GGUF reader loads the file and generates from it.
+        model = AutoModelForCausalLM.from_pretrained(
+            out_dir, gguf_file=file_name, dtype=torch.float32
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained(out_dir, gguf_file=file_name)
+        # (transformers' GGUF tokenizer adds token type ids, which a causal LM rejects)
+        ids = tokenizer("Question:", return_tensors="pt", return_token_type_ids=False)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=2, min_new_tokens=2)
+        return {
+            **facts,
+            "gguf_file": file_name,
+            "smoke_generated_tokens": int(out.shape[1] - ids["input_ids"].shape[1]),
+        }

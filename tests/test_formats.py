@@ -1,0 +1,374 @@
+"""Interchange formats: a packed variant as a standard compressed-tensors checkpoint (the
+``hf`` target), GGUF files (the ``gguf`` target), and no unbottle directory that plain
+transformers would load with random weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import require_extra
+from tests.test_quantization import calibration, tiny_llama
+from unbottle.core.compression.grids import Scheme, unpack
+from unbottle.core.contract.errors import ConfigError
+from unbottle.core.contract.strategies import DeployContext
+from unbottle.core.models.lowbit import load_packed, save_packed
+from unbottle.plugins.quantization.gptq import gptq_model
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from unbottle.core.models.loading import train_tokenizer
+
+    return train_tokenizer(["the quick brown fox jumps over the lazy dog " * 8], 300)
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory, tokenizer) -> Path:
+    from unbottle.core.models.loading import save_model
+
+    out = tmp_path_factory.mktemp("float")
+    save_model(tiny_llama(len(tokenizer), seed=3), tokenizer, out)
+    return out
+
+
+def packed_variant(root: Path, tokenizer, *, bits: int, group_size: int | None, **grid) -> Path:
+    """A GPTQ variant of the tiny model in unbottle's packed format."""
+    symmetric = grid.pop("symmetric", False)
+    model = tiny_llama(len(tokenizer), seed=3)
+    layers = [(n, m) for n, m in model.named_modules() if n.endswith("proj")]
+    scheme = Scheme(bits=bits, group_size=group_size, symmetric=symmetric)
+    quantized, _ = gptq_model(model, calibration(len(tokenizer)), layers, scheme, **grid)
+    out = root / f"gptq{bits}-g{group_size}-{'sym' if symmetric else 'asym'}"
+    save_packed(
+        model, tokenizer, quantized, out, method="gptq", group_size=group_size,
+        symmetric=symmetric, options={},
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def sym32(tmp_path_factory, tokenizer) -> Path:
+    """GPTQ int4, symmetric, groups of 32 fitted on contiguous columns: Q4_0's grid."""
+    return packed_variant(
+        tmp_path_factory.mktemp("sym32"), tokenizer, bits=4, group_size=32, symmetric=True,
+        act_order=True, static_groups=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def asym32(tmp_path_factory, tokenizer) -> Path:
+    """GPTQ int4 with zero points in groups of 32."""
+    return packed_variant(
+        tmp_path_factory.mktemp("asym32"), tokenizer, bits=4, group_size=32, act_order=False
+    )
+
+
+def deploy(name: str, options: dict, model_dir: Path, out_dir: Path) -> dict:
+    from unbottle.core.models.runtimes import model_format
+    from unbottle.core.registry import get_registry
+
+    target = get_registry().create("deploy_target", name, options)
+    fmt = model_format(model_dir)
+    assert fmt in target.accepts
+    ctx = DeployContext(
+        variant=model_dir.name,
+        model_format=fmt,
+        metrics={},
+        report_markdown="| variant |\n|---|\n| x |",
+        manifest={},
+    )
+    out_dir.mkdir(parents=True)
+    return target.deploy(model_dir, out_dir, ctx)
+
+
+def logits(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=IDS).logits
+
+
+def card_library(bundle: Path) -> str | None:
+    header = (bundle / "README.md").read_text().split("---")[1]
+    lines = [line for line in header.splitlines() if line.startswith("library_name:")]
+    return lines[0].split(":", 1)[1].strip() if lines else None
+
+
+# --------------------------------------------------- item 2: compressed-tensors checkpoint
+
+
+@pytest.mark.parametrize(
+    "grid",
+    [
+        # GPTQ's default: asymmetric int4 in groups, act order (a g_idx per column).
+        {"bits": 4, "group_size": 16, "act_order": True},
+        {"bits": 8, "group_size": None, "symmetric": True, "act_order": False},
+    ],
+    ids=["int4-g16-asym-actorder", "int8-channel-sym"],
+)
+def test_hf_target_writes_a_quantized_checkpoint_transformers_loads_to_the_same_logits(
+    tmp_path, tokenizer, grid
+):
+    require_extra("compressed_tensors")
+    variant = packed_variant(tmp_path, tokenizer, **grid)
+    bundle = tmp_path / "bundle"
+    facts = deploy("hf", {}, variant, bundle)
+
+    config = json.loads((bundle / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors"
+    assert config["format"] == "pack-quantized"
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"]) == (grid["bits"], grid["group_size"])
+    assert weights["actorder"] == ("group" if grid["act_order"] else None)
+    assert config["ignore"] == ["lm_head"]
+    with safe_open(str(bundle / "model.safetensors"), "pt") as f:
+        dtypes = {k.rsplit(".", 1)[1]: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+        assert "model.layers.0.self_attn.q_proj.weight" not in f.keys()  # noqa: SIM118
+    assert dtypes["weight_packed"] == "I32" and dtypes["weight_scale"] == "F16"
+    assert ("weight_g_idx" in dtypes) == grid["act_order"]
+    assert facts["quantized_layers"] == 14 and facts["smoke_generated_tokens"] == 2
+    assert card_library(bundle) == "transformers"
+
+    # Plain transformers, as a user would call it: the packed variant's logits.
+    model = AutoModelForCausalLM.from_pretrained(bundle, dtype=torch.float32)
+    reference, _ = load_packed(variant)
+    assert torch.allclose(logits(model), logits(reference), rtol=0, atol=1e-5)
+    assert facts["max_logit_difference"] <= 1e-5
+
+
+def test_compressed_tensors_codes_are_the_variants_codes(tmp_path, asym32):
+    """No re-quantization: the checkpoint's packed int32 words unpack to the same codes."""
+    require_extra("compressed_tensors")
+    from compressed_tensors.compressors.quantized_compressors.pack_quantized import (
+        unpack_from_int32,
+    )
+
+    variant = asym32
+    bundle = tmp_path / "bundle"
+    deploy("hf", {}, variant, bundle)
+    name = "model.layers.1.mlp.down_proj"
+    with safe_open(str(variant / "model.safetensors"), "pt") as f:
+        codes = unpack(f.get_tensor(f"{name}.qweight"), 4, 128).int()
+        zeros = unpack(f.get_tensor(f"{name}.qzeros"), 4, 4).int()
+        scales = f.get_tensor(f"{name}.scales")
+    with safe_open(str(bundle / "model.safetensors"), "pt") as f:
+        packed = f.get_tensor(f"{name}.weight_packed")
+        signed = unpack_from_int32(packed, 4, torch.Size([64, 128])).int()
+        zero_point = unpack_from_int32(
+            f.get_tensor(f"{name}.weight_zero_point"), 4, torch.Size([64, 4]), packed_dim=0
+        ).int()
+        assert torch.equal(f.get_tensor(f"{name}.weight_scale"), scales)
+    assert torch.equal(signed + 8, codes)
+    assert torch.equal(zero_point + 8, zeros)
+
+
+# ------------------------------------------------------------------------ item 3: GGUF
+
+
+def gguf_tensor(path: Path, name: str):
+    from gguf import GGUFReader
+
+    (tensor,) = [t for t in GGUFReader(path).tensors if t.name == name]
+    return tensor
+
+
+def test_gguf_q4_0_holds_a_symmetric_group32_gptq_variant_code_for_code(tmp_path, tokenizer, sym32):
+    require_extra("gguf")
+    from unbottle.core.models.gguf_writer import decode_blocks, rotary_permute
+
+    variant = sym32
+    bundle = tmp_path / "bundle"
+    facts = deploy("gguf", {}, variant, bundle)  # auto: the exact type, Q4_0
+    assert facts["gguf_type"] == "Q4_0" and facts["gguf_exact_tensors"] == 14
+    path = bundle / "model-Q4_0.gguf"
+    assert facts["smoke_generated_tokens"] == 2 and card_library(bundle) is None
+
+    # Bit-exact: Q4_0's 4-bit codes and float16 d are the variant's codes and scales
+    # (the query rows in llama.cpp's rotary order).
+    with safe_open(str(variant / "model.safetensors"), "pt") as f:
+        codes = unpack(f.get_tensor("model.layers.0.self_attn.q_proj.qweight"), 4, 64).numpy()
+        scales = f.get_tensor("model.layers.0.self_attn.q_proj.scales").numpy()
+    tensor = gguf_tensor(path, "blk.0.attn_q.weight")
+    assert tensor.tensor_type.name == "Q4_0"
+    got_codes, got_scales = decode_blocks(tensor.data, "Q4_0", 64)
+    assert (got_codes == rotary_permute(codes, 4)).all()
+    assert (got_scales == rotary_permute(scales, 4)).all()
+
+    # transformers' GGUF reader: the variant's logits (embeddings are float16 in the file).
+    model = AutoModelForCausalLM.from_pretrained(bundle, gguf_file=path.name, dtype=torch.float32)
+    reference, _ = load_packed(variant)
+    assert torch.allclose(logits(model), logits(reference), rtol=0, atol=2e-3)
+
+    # The tokenizer and chat template travel in the file.
+    loaded = AutoTokenizer.from_pretrained(bundle, gguf_file=path.name)
+    text = "the quick brown fox"
+    assert loaded(text, add_special_tokens=False)["input_ids"] == tokenizer(text)["input_ids"]
+    from gguf import GGUFReader
+
+    template = GGUFReader(path).fields["tokenizer.chat_template"].contents()
+    assert template == AutoTokenizer.from_pretrained(bundle).chat_template
+
+
+@pytest.mark.parametrize(("gguf_type", "atol"), [("F16", 2e-3), ("Q8_0", 3e-2)])
+def test_gguf_of_a_float_variant_loads_back_to_its_logits(tmp_path, float_dir, gguf_type, atol):
+    require_extra("gguf")
+    bundle = tmp_path / "bundle"
+    facts = deploy("gguf", {"type": gguf_type}, float_dir, bundle)
+    assert facts["gguf_type"] == gguf_type and facts["gguf_exact_tensors"] == 0
+    path = bundle / f"model-{gguf_type}.gguf"
+    assert gguf_tensor(path, "blk.1.ffn_down.weight").tensor_type.name == gguf_type
+    model = AutoModelForCausalLM.from_pretrained(bundle, gguf_file=path.name, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    assert torch.allclose(logits(model), logits(reference), rtol=0, atol=atol)
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("grid", "gguf_type", "message"),
+    [
+        (
+            {"bits": 4, "group_size": 32, "act_order": False},
+            "Q4_0",
+            r"^deploy\.target\.type: Q4_0 cannot hold this quantized variant \(int4, group "
+            r"32, asymmetric\) without re-quantizing it; .*Q4_0: symmetric int4 in groups of 32",
+        ),
+        (
+            {"bits": 4, "group_size": 64, "symmetric": True, "act_order": False},
+            "Q4_0",
+            r"^deploy\.target\.type: Q4_0 cannot hold this quantized variant \(int4, group 64, ",
+        ),
+        (
+            {"bits": 4, "group_size": 32, "symmetric": True, "act_order": True},
+            "auto",
+            r"^deploy\.target\.type: Q4_0 holds groups of 32 contiguous columns, and "
+            r"model\.layers\.\d\.\S+ has act-order groups \(g_idx\); quantize with gptq "
+            r"`static_groups: true`",
+        ),
+    ],
+    ids=["asymmetric", "group64", "act-order"],
+)
+def test_gguf_refuses_a_grid_its_type_cannot_hold_before_any_work(
+    tmp_path, tokenizer, grid, gguf_type, message
+):
+    require_extra("gguf")
+    variant = packed_variant(tmp_path, tokenizer, **grid)
+    with pytest.raises(ConfigError, match=message):
+        deploy("gguf", {"type": gguf_type}, variant, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_gguf_refuses_q4_0_from_a_pruned_but_dense_variant(tmp_path, float_dir):
+    require_extra("gguf")
+    pruned = tmp_path / "pruned"
+    shutil.copytree(float_dir, pruned)
+    with pytest.raises(
+        ConfigError,
+        match=r"^deploy\.target\.type: Q4_0 holds only a symmetric int4 grid in groups of 32, "
+        r"and this variant has float weights \(pruned or not",
+    ):
+        deploy("gguf", {"type": "Q4_0"}, pruned, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "options", "message"),
+    [
+        (
+            {"model_type": "mistral"},
+            {},
+            r"^deploy\.target: the GGUF writer does not know the architecture 'mistral'; "
+            r"known: llama$",
+        ),
+        (
+            {"attention_bias": True},
+            {},
+            r"^deploy\.target: the GGUF writer knows the plain llama layout; this model has "
+            r"attention_bias: True$",
+        ),
+        (
+            {"intermediate_size": 48},
+            {"type": "Q8_0"},
+            r"^deploy\.target\.type: Q8_0 stores blocks of 32 inputs, and this model's layer "
+            r"input sizes are 48, 64; use F16$",
+        ),
+    ],
+    ids=["architecture", "bias", "block"],
+)
+def test_gguf_refuses_a_model_the_writer_does_not_know(
+    tmp_path, float_dir, change, options, message
+):
+    require_extra("gguf")
+    other = tmp_path / "other"
+    shutil.copytree(float_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ConfigError, match=message):
+        deploy("gguf", options, other, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("target", "module", "install"),
+    [
+        ("gguf", "gguf", r"pip install 'unbottle\[gguf\]'"),
+        ("hf", "compressed_tensors", r"pip install 'compressed-tensors>=0\.14,<0\.15'"),
+    ],
+)
+def test_a_missing_optional_library_is_one_line_with_its_pip_install(
+    tmp_path, sym32, monkeypatch, target, module, install
+):
+    variant = sym32
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == module else find_spec(name, *a),
+    )
+    with pytest.raises(
+        ConfigError,
+        match=rf"^deploy\.target: .*needs the \S+ package\b.*; install it with `{install}",
+    ):
+        deploy(target, {}, variant, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_no_unbottle_directory_loads_as_random_weights_in_plain_transformers(
+    tmp_path, float_dir, asym32
+):
+    """Every format either loads in plain transformers with its own logits or fails loudly."""
+    require_extra("compressed_tensors")
+    require_extra("gguf")
+    from unbottle.plugins.quantization import export_onnx
+
+    float_model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    packed = asym32
+    packed_model, _ = load_packed(packed)
+    deploy("server", {}, packed, tmp_path / "server-packed")
+    deploy("hf", {}, packed, tmp_path / "hf-packed")
+    deploy("gguf", {"type": "F16"}, float_dir, tmp_path / "gguf")
+    (tmp_path / "onnx").mkdir()
+    export_onnx(float_dir, tmp_path / "onnx", int8=False)
+    loads = {float_dir: float_model, tmp_path / "hf-packed": packed_model}
+    refuses = {
+        packed: "Incompatible safetensors file.* but unbottle-packed",
+        tmp_path / "server-packed": "Incompatible safetensors file.* but unbottle-packed",
+        tmp_path / "gguf": "Unrecognized model in",  # no config.json: the file is all
+        tmp_path / "onnx": "no file named .*model.safetensors",
+    }
+    for directory, reference in loads.items():
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        assert torch.allclose(logits(model), logits(reference), rtol=0, atol=1e-5), directory
+    for directory, message in refuses.items():
+        with pytest.raises((OSError, ValueError), match=message):
+            AutoModelForCausalLM.from_pretrained(directory)
+    assert card_library(tmp_path / "server-packed") is None

@@ -1,0 +1,27 @@
+"""Interchange formats deploy targets write, for engines outside unbottle.
+
+- compressed-tensors ``pack-quantized`` (vLLM's native format, and what transformers
+  loads on CPU): :func:`write_compressed_tensors` rewrites a packed ``rtn``/``gptq``
+  variant code for code; :data:`COMPRESSED_TENSORS` is the pinned requirement.
+- GGUF (llama.cpp, Ollama): :func:`write_gguf` writes F16, Q8_0, or Q4_0/Q8_0 copied
+  exactly from a symmetric group-32 variant (:data:`EXACT_GRIDS`); :func:`check_writable`
+  refuses, before any work, a variant or architecture the file cannot hold.
+"""
+
+from __future__ import annotations
+
+from unbottle.core.models.compressed_checkpoint import (
+    COMPRESSED_TENSORS,
+    load_compressed_tensors,
+    write_compressed_tensors,
+)
+from unbottle.core.models.gguf_writer import EXACT_GRIDS, check_writable, write_gguf
+
+__all__ = [
+    "COMPRESSED_TENSORS",
+    "EXACT_GRIDS",
+    "check_writable",
+    "load_compressed_tensors",
+    "write_compressed_tensors",
+    "write_gguf",
+]
