@@ -28,8 +28,8 @@ from typing import Any
 from pydantic import Field
 
 from unbottle import DeployContext, StrategyConfig, hookimpl
-from unbottle.plugins.quantization import ISA, export_onnx
 from unbottle.export import COMPRESSED_TENSORS
+from unbottle.plugins.quantization import ISA, export_onnx
 from unbottle.serving import CHAT_TEMPLATE, SERVE_CONFIG, ServeConfig
 
 _MODEL_FILES = (

@@ -18,6 +18,7 @@ PUBLIC = {
     "unbottle.training",
     "unbottle.evaluation",
     "unbottle.serving",
+    "unbottle.export",
 }
 
 
