@@ -196,6 +196,16 @@ def _quantized_linear_class() -> type:
             tensors = (self.qweight, self.scales, self.qzeros, self.g_idx)
             return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+        def read_bytes(self) -> int:
+            """Bytes of weight one forward call reads: the float copy with the
+            ``dequantized`` kernel, the packed buffers (or their repacked form) otherwise."""
+            if self.kernel == "dequantized":
+                return self.dequantized.numel() * self.dequantized.element_size()
+            if self.kernel == "int4pack":
+                tensors = (self.int4pack, self.int4pack_grid, self.input_order)
+                return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+            return self.packed_bytes()
+
         def weight_counts(self) -> tuple[int, int]:
             """(weight elements this layer stands for, of which nonzero after dequantizing)."""
             return self.in_features * self.out_features, int(
@@ -278,7 +288,10 @@ def save_packed(
     packed_bytes = float_bytes = 0
     for name, q in quantized.items():
         linear = model.get_submodule(name)
-        layer = _quantized_linear_class().from_quantized(q, group_size, linear.bias)
+        # The model is only written from here: no float copy (kernel on-the-fly).
+        layer = _quantized_linear_class().from_quantized(
+            q, group_size, linear.bias, kernel="on-the-fly"
+        )
         model.set_submodule(name, layer)
         packed_bytes += layer.packed_bytes()
         float_bytes += layer.in_features * layer.out_features * 4
