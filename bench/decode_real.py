@@ -583,9 +583,7 @@ def main(argv: list[str]) -> int:
             }
             if name in kept:
                 report["rows"].append(kept[name])
-                real.progress(
-                    f"[{i + 1}/{len(order)}] {name}: kept from {kept[name]['run']}"
-                )
+                real.progress(f"[{i + 1}/{len(order)}] {name}: kept from {kept[name]['run']}")
                 continue
             real.progress(f"[{i + 1}/{len(order)}] {name}: {row.label}")
             missing = genai_available() if row.runtime == "genai" else None
