@@ -41,7 +41,9 @@ the command and the machine replace the marked section of BENCHMARKS.md.
 
     .venv/bin/python bench/decode_real.py                       # every row (the lead runs it)
     .venv/bin/python bench/decode_real.py --only fp32-torch,gptq-int4-g64-onnx --resume
-    .venv/bin/python bench/decode_real.py --source tests/tiny --samples 4 ...   # a check
+    .venv/bin/python bench/decode_real.py --source DIR_OF_A_TINY_HF_MODEL --samples 2 \\
+        --seq-len 32 --window 32 --prompt-tokens 8 --new-tokens 8 --eval-windows 2 \\
+        --out /tmp/d.json --markdown /tmp/B.md        # an end-to-end check on a tiny model
 """
 
 from __future__ import annotations
