@@ -7,7 +7,10 @@
   with the ``compressed-tensors`` package and vLLM serves.
 - ``onnx``: an edge bundle: the model exported to ONNX with a KV cache by optimum and
   quantized to dynamic int8 by ONNX Runtime (the compress stage's code path), with the
-  tokenizer and a model card; ``optimum.onnxruntime.ORTModelForCausalLM`` loads it.
+  tokenizer and a model card; ``optimum.onnxruntime.ORTModelForCausalLM`` loads it. A
+  ``packed`` variant (``rtn``, ``gptq``) becomes the int4/int8 edge bundle: its Linear
+  layers are ONNX Runtime ``MatMulNBits`` nodes holding the variant's own codes, scales
+  and zero points (``plugins/quantization/matmulnbits.py``).
 - ``server``: the ``hf`` or ``onnx`` bundle of the variant plus ``serve.json``, what
   ``unbottle serve BUNDLE`` runs (an OpenAI-compatible server). A ``packed`` variant
   (low-bit weights from ``rtn`` or ``gptq``, see ``unbottle.compression``) ships as it
@@ -237,18 +240,22 @@ class OnnxBundle:
 
     A float (``hf``) variant is exported with optimum and quantized by ONNX Runtime through
     the same helper as the compress stage's ``onnx-dynamic-int8``; an ``onnx`` variant
-    (already exported, e.g. the int8 one) is shipped as it is and the options that shape
-    an export do not apply. ``int8: false`` ships the float32 graph, whose greedy tokens are
-    those of the torch model.
+    (already exported, e.g. the int8 one or a ``runtime: onnx`` GPTQ one) is shipped as it
+    is and the options that shape an export do not apply. ``int8: false`` ships the float32
+    graph, whose greedy tokens are those of the torch model. A ``packed`` variant is
+    exported with ``MatMulNBits`` layers carrying its codes (``accuracy_level`` is their
+    compute type); ``int8``, ``per_channel`` and ``isa`` do not apply to it.
     """
 
     name = "onnx"
-    accepts = ("hf", "onnx")
+    accepts = ("hf", "onnx", "packed")
 
     class Config(StrategyConfig):
         int8: bool = True
         per_channel: bool = True
         isa: ISA = "avx2"
+        #: For packed variants: MatMulNBits' compute type, 0 (float32) to 4 (int8 activations).
+        accuracy_level: int = Field(4, ge=0, le=4)
         max_new_tokens: int = Field(16, ge=1, le=4096)
 
     def __init__(self, config: Config) -> None:
@@ -260,8 +267,14 @@ class OnnxBundle:
 
         from unbottle.serving import OnnxBackend
 
-        if ctx.model_format == "hf":
-            facts: dict[str, Any] = export_onnx(
+        if ctx.model_format == "packed":
+            from unbottle.plugins.quantization.matmulnbits import export_matmulnbits
+
+            facts: dict[str, Any] = export_matmulnbits(
+                model_dir, out_dir, accuracy_level=self.config.accuracy_level
+            )
+        elif ctx.model_format == "hf":
+            facts = export_onnx(
                 model_dir,
                 out_dir,
                 int8=self.config.int8,

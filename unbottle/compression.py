@@ -86,7 +86,7 @@ from unbottle.core.compression.sparsity import (
     wanda_scores,
 )
 from unbottle.core.contract.errors import ConfigError, DataError
-from unbottle.core.models.loading import load_model
+from unbottle.core.models.loading import load_model, save_model
 from unbottle.core.models.lowbit import (
     FORMAT,
     QUANT_CONFIG,
@@ -149,6 +149,7 @@ __all__ = [
     "quantize_rtn",
     "read_quantization_config",
     "row_prune_mask",
+    "save_model",
     "save_packed",
     "smallest",
     "spread_sparsities",

@@ -15,10 +15,24 @@ A packed model directory holds
   directory has them.
 
 :func:`load_packed` builds the model from its config and puts a :class:`QuantizedLinear`
-in place of each quantized Linear: it keeps the packed buffers and dequantizes them at
-every forward call (no float copy is kept, so the model stays small in memory; each call
-pays for the unpacking). Plain ``transformers`` cannot load this format; unbottle's
-evaluation, serving and the ``server`` deploy target load it through here.
+in place of each quantized Linear. How that layer multiplies is its ``kernel``
+(:data:`KERNELS`):
+
+- ``dequantized`` (the default): the weight is dequantized once, when the layer is built,
+  and kept in float32 next to the packed buffers; each call is a plain ``F.linear``, as
+  fast as the float model, with the float model's memory;
+- ``on-the-fly``: no float copy is kept; each call unpacks and dequantizes the whole
+  weight (the smallest memory, several times slower than float at decode);
+- ``int4pack``: torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) on the codes
+  repacked at load, for int4 grids with groups of 32 to 256 (act-order groups are
+  handled by permuting the input columns).
+
+Measured by ``bench/lowbit_kernels.py`` (docs/compression.md has the figures): on an
+AVX2 CPU neither of torch's low-bit kernels beat the float32 matmul at batch 1 or 8, so
+the default is the cached float weight. The fast low-bit route is the ONNX Runtime edge
+bundle (``MatMulNBits``, plugins/quantization/matmulnbits.py). Plain ``transformers``
+cannot load this format; unbottle's evaluation, serving and the ``server`` deploy target
+load it through here.
 """
 
 from __future__ import annotations
@@ -38,6 +52,10 @@ FORMAT = "packed"
 QUANT_CONFIG = "quantization.json"
 WEIGHTS = "model.safetensors"
 _CONFIG_VERSION = 1
+#: How a QuantizedLinear multiplies (see the module docstring); the first is the default.
+KERNELS = ("dequantized", "on-the-fly", "int4pack")
+#: Group sizes torch's CPU int4 kernel takes.
+_INT4PACK_GROUPS = (32, 64, 128, 256)
 
 
 def __getattr__(name: str) -> Any:
@@ -55,8 +73,10 @@ def _quantized_linear_class() -> type:
     class QuantizedLinear(torch.nn.Module):
         """A Linear layer whose weight is stored as packed integer codes with float16 grids.
 
-        ``forward`` unpacks and dequantizes the weight, then runs ``F.linear``: the float
-        weight lives only for the duration of the call.
+        ``kernel`` says how ``forward`` multiplies (:data:`KERNELS`): with a float32 copy
+        dequantized once at construction (``dequantized``), by dequantizing at every call
+        (``on-the-fly``), or with torch's CPU int4 kernel (``int4pack``). The packed
+        buffers are what the layer saves, whatever the kernel.
         """
 
         def __init__(
@@ -71,20 +91,58 @@ def _quantized_linear_class() -> type:
             qzeros: torch.Tensor | None,
             g_idx: torch.Tensor | None,
             bias: torch.Tensor | None,
+            kernel: str = KERNELS[0],
         ) -> None:
             super().__init__()
+            if kernel not in KERNELS:
+                raise ValueError(f"kernel: {kernel!r}; one of {', '.join(KERNELS)}")
             self.in_features, self.out_features = in_features, out_features
             self.bits, self.group_size = bits, group_size
             self.groups = in_features // (group_size or in_features)
+            self.kernel = kernel
             self.register_buffer("qweight", qweight)  # (out, ceil(in * bits / 8)) uint8
             self.register_buffer("scales", scales)  # (out, G) float16
             self.register_buffer("qzeros", qzeros)  # (out, ceil(G * bits / 8)) uint8 or None
             self.register_buffer("g_idx", g_idx)  # (in,) int32 or None
             self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+            # Derived tensors are not saved (persistent=False): the file keeps the codes.
+            if kernel == "dequantized":
+                with torch.no_grad():
+                    weight = self._dequantize()  # (out, in) float32
+                self.register_buffer("dequantized", weight, persistent=False)
+            elif kernel == "int4pack":
+                self._prepare_int4pack()
+
+        def _prepare_int4pack(self) -> None:
+            if self.bits != 4 or self.group_size not in _INT4PACK_GROUPS:
+                groups = ", ".join(map(str, _INT4PACK_GROUPS))
+                raise ValueError(
+                    f"kernel int4pack: int4 with groups of {groups} only; this layer is "
+                    f"int{self.bits}, group {self.group_size}"
+                )
+            codes = unpack(self.qweight, self.bits, self.in_features)  # (out, in) uint8
+            scales = self.scales.float()  # (out, G)
+            # (q - z) s = (q - 8) s + (8 - z) s: the kernel's scale and float zero.
+            offsets = (8 - self.zero_points().float()) * scales  # (out, G)
+            order = None
+            if self.g_idx is not None:
+                # Act-order groups: columns sorted by group form contiguous groups of
+                # group_size, so permute the columns here and the input at each call.
+                order = torch.argsort(self.g_idx.long(), stable=True)  # (in,)
+                codes = codes.index_select(1, order)
+            self.register_buffer("input_order", order, persistent=False)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
+            self.register_buffer("int4pack", packed, persistent=False)
+            grid = torch.stack([scales.t(), offsets.t()], dim=-1).contiguous()  # (G, out, 2)
+            self.register_buffer("int4pack_grid", grid, persistent=False)
 
         @classmethod
         def from_quantized(
-            cls, q: QuantizedWeight, group_size: int | None, bias: torch.Tensor | None = None
+            cls,
+            q: QuantizedWeight,
+            group_size: int | None,
+            bias: torch.Tensor | None = None,
+            kernel: str = KERNELS[0],
         ) -> QuantizedLinear:
             out, n = q.shape
             return cls(
@@ -97,6 +155,7 @@ def _quantized_linear_class() -> type:
                 qzeros=None if q.zeros is None else pack(q.zeros, q.bits),
                 g_idx=q.g_idx,
                 bias=None if bias is None else bias.detach().float().clone(),
+                kernel=kernel,
             )
 
         def zero_points(self) -> torch.Tensor:
@@ -109,20 +168,43 @@ def _quantized_linear_class() -> type:
                 )
             return unpack(self.qzeros, self.bits, self.groups)
 
-        def dequantized_weight(self) -> torch.Tensor:
-            """(out, in) float32 weight, computed from the packed buffers."""
+        def _dequantize(self) -> torch.Tensor:
             codes = unpack(self.qweight, self.bits, self.in_features)  # (out, in) uint8
             return dequantize_groups(codes, self.scales, self.zero_points(), self.g_idx)
 
+        def dequantized_weight(self) -> torch.Tensor:
+            """(out, in) float32 weight, computed from the packed buffers (or its cache)."""
+            return self.dequantized if self.kernel == "dequantized" else self._dequantize()
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            weight = self.dequantized_weight().to(x.dtype)  # (out, in)
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            return torch.nn.functional.linear(x, weight, bias)
+            if self.kernel != "int4pack":
+                weight = self.dequantized_weight().to(x.dtype)  # (out, in)
+                return torch.nn.functional.linear(x, weight, bias)
+            rows = x.reshape(-1, self.in_features).float()  # (B*T, in)
+            if self.input_order is not None:
+                rows = rows.index_select(1, self.input_order)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows, self.int4pack, self.group_size, self.int4pack_grid
+            )  # (B*T, out)
+            if bias is not None:
+                out = out + bias.float()
+            return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
         def packed_bytes(self) -> int:
             """Bytes of the stored weight: packed codes, scales, zero points, group indices."""
             tensors = (self.qweight, self.scales, self.qzeros, self.g_idx)
             return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+        def read_bytes(self) -> int:
+            """Bytes of weight one forward call reads: the float copy with the
+            ``dequantized`` kernel, the packed buffers (or their repacked form) otherwise."""
+            if self.kernel == "dequantized":
+                return self.dequantized.numel() * self.dequantized.element_size()
+            if self.kernel == "int4pack":
+                tensors = (self.int4pack, self.int4pack_grid, self.input_order)
+                return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+            return self.packed_bytes()
 
         def weight_counts(self) -> tuple[int, int]:
             """(weight elements this layer stands for, of which nonzero after dequantizing)."""
@@ -132,7 +214,10 @@ def _quantized_linear_class() -> type:
 
         def extra_repr(self) -> str:
             group = self.group_size or "channel"
-            return f"{self.in_features}, {self.out_features}, int{self.bits}, group={group}"
+            return (
+                f"{self.in_features}, {self.out_features}, int{self.bits}, group={group}, "
+                f"kernel={self.kernel}"
+            )
 
     return QuantizedLinear
 
@@ -212,7 +297,10 @@ def save_packed(
     packed_bytes = float_bytes = 0
     for name, q in quantized.items():
         linear = model.get_submodule(name)
-        layer = _quantized_linear_class().from_quantized(q, group_size, linear.bias)
+        # The model is only written from here: no float copy (kernel on-the-fly).
+        layer = _quantized_linear_class().from_quantized(
+            q, group_size, linear.bias, kernel="on-the-fly"
+        )
         model.set_submodule(name, layer)
         packed_bytes += layer.packed_bytes()
         float_bytes += layer.in_features * layer.out_features * 4
@@ -264,8 +352,11 @@ def read_quantization_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
-def load_packed(model_dir: Path) -> tuple[Any, Any]:
+def load_packed(model_dir: Path, kernel: str = KERNELS[0]) -> tuple[Any, Any]:
     """A packed model with :class:`QuantizedLinear` layers, and its tokenizer.
+
+    ``kernel``: how the layers multiply (:data:`KERNELS`; the module docstring says
+    what each costs).
 
     The model is built from its config with empty (meta) parameters, so no float copy of
     the quantized weights is ever allocated; the file's tensors are then assigned.
@@ -301,6 +392,7 @@ def load_packed(model_dir: Path) -> tuple[Any, Any]:
             qzeros=state.pop(f"{name}.qzeros", None),
             g_idx=state.pop(f"{name}.g_idx", None),
             bias=state.pop(f"{name}.bias", None),
+            kernel=kernel,
         )
         _check_shapes(layer, name, model_dir)
         model.set_submodule(name, layer)

@@ -142,13 +142,44 @@ class OnnxRunner:
         from onnx import numpy_helper
 
         graph = onnx.load(str(self.path)).graph
+        arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
         total = nonzero = 0
-        for init in graph.initializer:
-            if len(init.dims) >= 2:  # weight matrices and embeddings, not scales or shapes
-                array = numpy_helper.to_array(init)
+        packed: set[str] = set()
+        for node in graph.node:
+            if node.op_type == "MatMulNBits":  # a block-quantized weight: count what it holds
+                codes, zeros = _nbits_codes(node, arrays)  # (N, blocks, block), (N, blocks, 1)
+                total += codes.size
+                nonzero += int(np.count_nonzero(codes != zeros))
+                packed.update(node.input[1:])
+        for name, array in arrays.items():
+            # Weight matrices and embeddings, not scales or shapes.
+            if array.ndim >= 2 and name not in packed:
                 total += array.size
                 nonzero += int(np.count_nonzero(array))
         return total, nonzero
+
+
+def _nbits_codes(node: Any, arrays: dict[str, Any]) -> tuple[Any, Any]:
+    """A ``MatMulNBits`` node's unsigned codes (N, blocks, block) and zero points
+    (N, blocks, 1), unpacked (plugins/quantization/matmulnbits.py documents the layout)."""
+    import numpy as np
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    n, k, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
+    blocks = -(-k // block)
+
+    def unpack(packed: Any, count: int) -> Any:  # (rows, bytes) -> (rows, count) codes
+        shifts = np.arange(0, 8, bits, dtype=np.uint8)
+        codes = (packed[..., None] >> shifts) & (2**bits - 1)  # first code in the low bits
+        return codes.reshape(packed.shape[0], -1)[:, :count]
+
+    codes = unpack(arrays[node.input[1]].reshape(n * blocks, -1), block).reshape(n, blocks, block)
+    if len(node.input) > 3 and node.input[3]:
+        zeros = unpack(arrays[node.input[3]].reshape(n, -1), blocks)[..., None]
+    else:
+        zeros = np.full((n, blocks, 1), 2 ** (bits - 1), dtype=np.uint8)
+    return codes, zeros
 
 
 def load_runner(model_dir: Path, device: str = "cpu") -> ModelRunner:

@@ -63,6 +63,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
         "plugins.pruning.structured",
         "core.compression.grids",
         "plugins.quantization.gptq",
+        "plugins.quantization.matmulnbits",
         "core.models.lowbit",
     ),
     "evaluate": (
@@ -81,6 +82,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
         "core.serving.engine",
         "core.models.lowbit",
         "core.compression.grids",
+        "plugins.quantization.matmulnbits",
     ),
 }
 

@@ -489,8 +489,8 @@ def torch_bytes_per_token(model: Any) -> int:
 
     Every parameter is read once per step, except an embedding table, of which a step
     reads one row per token, unless it is tied to the output head (then the head reads
-    all of it). A packed low-bit layer (``unbottle.compression``) reads its packed codes, scales
-    and zero points.
+    all of it). A packed low-bit layer (``unbottle.compression``) reads what its kernel
+    reads: its packed codes, scales and zero points, or its cached float weight.
     """
     import torch
 
@@ -504,7 +504,7 @@ def torch_bytes_per_token(model: Any) -> int:
             total += p[0].numel() * p.element_size()
         else:
             total += p.numel() * p.element_size()
-    return total + sum(m.packed_bytes() for m in model.modules() if hasattr(m, "packed_bytes"))
+    return total + sum(m.read_bytes() for m in model.modules() if hasattr(m, "read_bytes"))
 
 
 def onnx_bytes_per_token(path: Path) -> int:

@@ -7,8 +7,11 @@
   its outputs on calibration data, block by block (``plugins/quantization/gptq.py``).
 
 Both write the ``packed`` format (``unbottle.compression.save_packed``): the integer codes
-packed into uint8 in safetensors with float16 scales and packed zero points; evaluation and the
-``server`` deploy target load it through a dequantizing layer.
+packed into uint8 in safetensors with float16 scales and packed zero points; evaluation and
+the ``server`` deploy target load it through ``QuantizedLinear``. With ``runtime: onnx``
+they write the int4/int8 edge bundle instead: an ONNX graph whose Linear layers are ONNX
+Runtime ``MatMulNBits`` nodes carrying the same codes, scales and zero points
+(``plugins/quantization/matmulnbits.py``), evaluated and served in ONNX Runtime.
 
 - ``onnx-dynamic-int8``: the model is exported to ONNX with optimum, then ONNX Runtime's
   dynamic quantization stores every MatMul weight as int8 with a scale (per output
@@ -24,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from unbottle import CompressContext, ConfigError, StrategyConfig, hookimpl
 from unbottle.compression import DEFAULT_LAYERS, Scheme
@@ -74,6 +77,21 @@ class WeightOnlyConfig(StrategyConfig):
     #: Which Linear layers to quantize (a regex over module names); the output head and
     #: the embeddings always stay float.
     layers: str = DEFAULT_LAYERS
+    #: Where the variant runs: ``torch`` (the packed safetensors format, unbottle's loader)
+    #: or ``onnx`` (an ONNX Runtime graph with MatMulNBits layers holding the same codes).
+    runtime: Literal["torch", "onnx"] = "torch"
+    #: With runtime onnx: MatMulNBits' compute type, 0 (float32, exact) to 4 (int8
+    #: activations, ONNX Runtime's fast CPU path).
+    accuracy_level: int = Field(4, ge=0, le=4)
+
+    @model_validator(mode="after")
+    def _onnx_blocks(self) -> WeightOnlyConfig:
+        from unbottle.plugins.quantization.matmulnbits import block_size_problem
+
+        problem = self.group_size and block_size_problem(self.group_size)
+        if self.runtime == "onnx" and problem:
+            raise ValueError(f"runtime onnx: {problem}")
+        return self
 
     @field_validator("layers")
     @classmethod
@@ -91,6 +109,26 @@ class WeightOnlyConfig(StrategyConfig):
             symmetric=self.symmetric,
             clip_search=self.clip_search,
         )
+
+
+def write_weight_only(
+    config: WeightOnlyConfig, out_dir: Path, ctx: CompressContext, write_packed: Any
+) -> dict[str, Any]:
+    """``write_packed(dir)`` writes the packed variant and returns its facts; with
+    ``runtime: onnx`` it goes to a temporary directory and ``out_dir`` gets the edge bundle."""
+    if config.runtime == "torch":
+        return write_packed(out_dir)
+    from unbottle.plugins.quantization.matmulnbits import export_matmulnbits
+
+    with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
+        facts = write_packed(Path(tmp))
+        facts.update(
+            export_matmulnbits(
+                Path(tmp), out_dir, accuracy_level=config.accuracy_level, work_dir=ctx.work_dir
+            )
+        )
+    ctx.tokenizer.save_pretrained(out_dir)
+    return facts
 
 
 def _load_and_select(model_dir: Path, config: WeightOnlyConfig, what: str) -> tuple[Any, list]:
@@ -114,6 +152,7 @@ class RoundToNearest:
 
     def __init__(self, config: WeightOnlyConfig) -> None:
         self.config = config
+        self.output_format = "onnx" if config.runtime == "onnx" else "packed"
 
     def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
         import torch
@@ -128,16 +167,21 @@ class RoundToNearest:
             errors = [
                 weight_error(linear.weight, quantized[name].dequantize()) for name, linear in layers
             ]
-        facts = save_packed(
-            model,
-            ctx.tokenizer,
-            quantized,
+        facts = write_weight_only(
+            c,
             out_dir,
-            method=self.name,
-            group_size=c.group_size,
-            symmetric=c.symmetric,
-            options=c.model_dump(mode="json"),
-            source_dir=model_dir,
+            ctx,
+            lambda packed_dir: save_packed(
+                model,
+                ctx.tokenizer,
+                quantized,
+                packed_dir,
+                method=self.name,
+                group_size=c.group_size,
+                symmetric=c.symmetric,
+                options=c.model_dump(mode="json"),
+                source_dir=model_dir,
+            ),
         )
         return {
             "bits": c.bits,
@@ -170,6 +214,7 @@ class Gptq:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.output_format = "onnx" if config.runtime == "onnx" else "packed"
 
     def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
         from unbottle.compression import save_packed
@@ -192,16 +237,21 @@ class Gptq:
             block_size=c.block_size,
             batch_size=c.batch_size,
         )
-        facts = save_packed(
-            model,
-            ctx.tokenizer,
-            quantized,
+        facts = write_weight_only(
+            c,
             out_dir,
-            method=self.name,
-            group_size=c.group_size,
-            symmetric=c.symmetric,
-            options=c.model_dump(mode="json"),
-            source_dir=model_dir,
+            ctx,
+            lambda packed_dir: save_packed(
+                model,
+                ctx.tokenizer,
+                quantized,
+                packed_dir,
+                method=self.name,
+                group_size=c.group_size,
+                symmetric=c.symmetric,
+                options=c.model_dump(mode="json"),
+                source_dir=model_dir,
+            ),
         )
         return {
             "bits": c.bits,

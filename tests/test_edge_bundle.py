@@ -1,0 +1,212 @@
+"""The int4/int8 edge bundle (plugins/quantization/matmulnbits.py): ONNX Runtime
+MatMulNBits layers that carry a packed variant's own codes, so its logits are the packed
+torch model's, through compress (``runtime: onnx``), evaluate, deploy and the server."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tests.conftest import TINY_PARAMS, make_workspace
+from unbottle.core.compression.grids import Scheme, quantize_rtn, unpack
+from unbottle.core.contract.errors import ConfigError
+from unbottle.core.models.lowbit import load_packed, save_packed
+from unbottle.plugins.quantization.gptq import gptq_model
+from unbottle.plugins.quantization.matmulnbits import export_matmulnbits
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from unbottle.core.models.loading import train_tokenizer
+
+    return train_tokenizer(["the quick brown fox jumps over the lazy dog " * 8], 300)
+
+
+def packed_variant(tokenizer, out: Path, method: str, scheme: Scheme, width: int = 64) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    layers = [(n, m) for n, m in model.named_modules() if n.endswith("proj")]
+    if method == "gptq":
+        g = torch.Generator().manual_seed(1)
+        calibration = [torch.randint(0, len(tokenizer), (1, 32), generator=g) for _ in range(4)]
+        quantized, _ = gptq_model(model, calibration, layers, scheme, act_order=True)
+    else:
+        quantized = {n: quantize_rtn(m.weight.detach(), scheme) for n, m in layers}
+    save_packed(
+        model,
+        tokenizer,
+        quantized,
+        out,
+        method=method,
+        group_size=scheme.group_size,
+        symmetric=scheme.symmetric,
+        options={},
+    )
+    return out
+
+
+def edge_bundle(packed: Path, out: Path, tokenizer, accuracy_level: int) -> dict:
+    facts = export_matmulnbits(packed, out, accuracy_level=accuracy_level)
+    tokenizer.save_pretrained(out)
+    return facts
+
+
+@pytest.mark.parametrize(
+    ("method", "scheme"),
+    [
+        ("gptq", Scheme(bits=4, group_size=32)),  # act order: g_idx, zero points
+        ("rtn", Scheme(bits=8, symmetric=True)),  # per channel: one block per row
+    ],
+    ids=["gptq-int4-g32", "rtn-int8-channel"],
+)
+def test_edge_bundle_carries_the_variants_codes_and_gives_its_logits(
+    tmp_path, tokenizer, method, scheme
+):
+    import onnx
+    from onnx import numpy_helper
+
+    from unbottle.core.models.runtimes import OnnxRunner, TorchRunner
+
+    packed = packed_variant(tokenizer, tmp_path / "packed", method, scheme)
+    facts = edge_bundle(packed, tmp_path / "fast", tokenizer, accuracy_level=4)
+    assert facts["nbits_layers"] == 14 and facts["bits"] == scheme.bits
+    # The same graph with float32 compute (accuracy_level 0) instead of int8 activations.
+    shutil.copytree(tmp_path / "fast", tmp_path / "exact")
+    exact_graph = onnx.load(str(tmp_path / "fast/model.onnx"))
+    for node in exact_graph.graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+                attribute.i = 0
+    onnx.save(exact_graph, str(tmp_path / "exact/model.onnx"))
+
+    # The graph's weights are the variant's codes, not a re-quantization.
+    torch_model, _ = load_packed(packed, kernel="on-the-fly")
+    graph = onnx.load(str(tmp_path / "exact/model.onnx")).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("MatMulNBits") == 14
+    stored = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = torch_model.get_submodule(name)
+        codes = unpack(layer.qweight, scheme.bits, layer.in_features)  # (N, K)
+        if layer.g_idx is not None:
+            codes = codes[:, torch.argsort(layer.g_idx.long(), stable=True)]
+            assert ops.count("Gather") >= 14  # each act-order layer permutes its input
+        bundle_codes = torch.from_numpy(stored[f"{name}.qweight"].copy()).reshape(
+            codes.shape[0], -1
+        )
+        assert torch.equal(unpack(bundle_codes, scheme.bits, layer.in_features), codes)
+        assert torch.equal(
+            torch.from_numpy(stored[f"{name}.scales"].copy()), layer.scales.float().reshape(-1)
+        )
+
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(5))
+    reference = TorchRunner(packed)
+    expected = reference.logits(ids)
+    exact = OnnxRunner(tmp_path / "exact")
+    assert torch.allclose(exact.logits(ids), expected, atol=1e-5, rtol=1e-5)
+    # Every weight matrix counted as torch counts it (ONNX's count leaves out 1-D norms).
+    norms = sum(p.numel() for p in torch_model.parameters() if p.ndim == 1)
+    total, nonzero = reference.parameter_counts()
+    assert exact.parameter_counts() == (total - norms, nonzero - norms)
+    # ONNX Runtime's fast path quantizes activations to int8 per block: close, not equal.
+    fast = OnnxRunner(tmp_path / "fast").logits(ids)
+    assert (fast - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_grids_matmulnbits_cannot_hold_fail_in_one_line_before_work(tmp_path, tokenizer):
+    from unbottle.core.config.params import Params, check_strategies
+    from unbottle.core.registry import get_registry
+
+    step = {"quantize": "gptq", "group_size": 48, "runtime": "onnx"}
+    params = Params.model_validate({**TINY_PARAMS, "compress": {"variants": {"q": [step]}}})
+    with pytest.raises(
+        ConfigError,
+        match=r"^compress\.variants\.q\[0\].*runtime onnx: group_size 48 is not a power of two "
+        r"of at least 16 \(MatMulNBits block sizes\)",
+    ):
+        check_strategies(params, get_registry())
+    # Per-channel grids are one block per row: a row of 48 cannot be one.
+    packed = packed_variant(
+        tokenizer, tmp_path / "packed", "rtn", Scheme(bits=4, symmetric=True), width=48
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r": model\.layers\.0\.mlp\.gate_proj: a per-channel row of 48 is not a power",
+    ):
+        export_matmulnbits(packed, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gptq_edge_variant_is_evaluated_deployed_and_served_in_onnx_runtime(
+    tmp_path, tmp_path_factory, tiny_data
+):
+    from tests.serving_helpers import finetuned_model
+    from unbottle.core.config.params import Params
+    from unbottle.core.serving.engine import SamplingParams, Sequence, load_bundle
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
+
+    gptq = {"quantize": "gptq", "bits": 4, "group_size": 16, "act_order": True}
+    params = copy.deepcopy(TINY_PARAMS)
+    params["compress"]["variants"] = {"gptq4-edge": [{**gptq, "runtime": "onnx"}]}
+    params["evaluate"]["metrics"] = [{"name": "perplexity", "window": 64}, "size"]
+    params["deploy"] = {"target": "onnx", "policy": "explicit", "variant": "gptq4-edge"}
+    root = make_workspace(tmp_path, tiny_data, params)
+    layout, validated = Layout(root), Params.model_validate(params)
+    trained = finetuned_model(tmp_path_factory, tiny_data).parent
+    for stage in ("pretrain", "finetune"):
+        shutil.copytree(trained / stage, layout.artifact(stage))
+    for stage in ("compress", "evaluate"):
+        run_stage(stage, validated, layout)
+
+    variant = layout.artifact("compress") / "gptq4-edge"
+    manifest = json.loads((variant / "manifest.json").read_text())
+    assert manifest["format"] == "onnx" and manifest["metrics"]["step1_nbits_layers"] == 14
+    rows = json.loads((layout.artifact("evaluate") / "evaluation.json").read_text())["variants"]
+    edge, dense = rows["gptq4-edge"], rows["finetuned"]
+    assert edge["format"] == "onnx"  # measured in ONNX Runtime, the runtime it ships in
+    assert edge["perplexity"] / dense["perplexity"] < 1.5  # the demo's gate
+    model = TINY_PARAMS["pretrain"]["model"]  # ONNX's count leaves out the 1-D norms
+    norms = (2 * model["layers"] + 1) * model["hidden_size"]
+    assert edge["parameters"] == dense["parameters"] - norms
+
+    facts = run_stage("deploy", validated, layout).metrics
+    assert facts["variant"] == "gptq4-edge" and facts["int8"] is False
+    bundle = layout.artifact("deploy")
+    assert (bundle / "model.onnx").read_bytes() == (variant / "model.onnx").read_bytes()
+
+    # The server batches MatMulNBits bundles continuously: batched tokens equal solo ones.
+    loaded = load_bundle(bundle)
+    assert loaded.format == "onnx" and not loaded.backend.couples_rows
+    engine = loaded.engine()
+    engine.start()
+    try:
+        prompts = ["Question: Where does", "Question: Who", "Answer:"]
+        ids = [loaded.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        sampling = SamplingParams(max_tokens=6, ignore_eos=True)
+        solo = [engine.generate(i, sampling).generated for i in ids]
+        done = threading.Semaphore(0)
+        seqs = [Sequence(i, sampling, lambda s, t, f: f and done.release()) for i in ids]
+        engine.submit(seqs)
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+        assert [s.generated for s in seqs] == solo
+    finally:
+        engine.stop()
