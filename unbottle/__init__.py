@@ -6,12 +6,14 @@ What plugin authors import lives here; everything else is internal.
 from unbottle.core.contract.hookspecs import hookimpl
 from unbottle.core.contract.strategies import (
     CompressContext,
+    DataSplit,
     DeployContext,
     DeployTarget,
     Distiller,
     EvalContext,
     FinetuneMethod,
     Metric,
+    ModelParallelStrategy,
     OptimizerStrategy,
     ParallelismStrategy,
     Pruner,
@@ -23,12 +25,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompressContext",
+    "DataSplit",
     "DeployContext",
     "DeployTarget",
     "Distiller",
     "EvalContext",
     "FinetuneMethod",
     "Metric",
+    "ModelParallelStrategy",
     "OptimizerStrategy",
     "ParallelismStrategy",
     "Pruner",
