@@ -1,8 +1,9 @@
 """The training loop shared by pretrain, finetune and the ``kd`` distiller.
 
 It runs through ``accelerate.Accelerator`` from the start: the parallelism strategy builds
-the accelerator (one process, DDP, FSDP), the optimizer strategy builds the optimizer, and
-the loop never changes when either does. Everything that can be wrong with a run
+the accelerator (one process, DDP), or shards the model itself (FSDP, tensor, pipeline,
+2D: a ``ModelParallelStrategy``), the optimizer strategy builds the optimizer, and the loop
+never changes when either does. Everything that can be wrong with a run
 (precision for the device, world size, batch split, sequence length, memory) is checked
 before the first step, each failure one line naming the key to change.
 
