@@ -567,14 +567,19 @@ class PipelineParallel:
 
         self._items = num_items
         losses: list[Any] = []
+        # The logits are not kept for the caller: only the losses are needed.
+        keep = {"return_outputs": False}
         if self._first:
             self._schedule.step(
-                padded("input_ids", 0), target=padded("labels", IGNORE_INDEX), losses=losses
+                padded("input_ids", 0),
+                target=padded("labels", IGNORE_INDEX),
+                losses=losses,
+                **keep,
             )
         elif self._last:
-            self._schedule.step(target=padded("labels", IGNORE_INDEX), losses=losses)
+            self._schedule.step(target=padded("labels", IGNORE_INDEX), losses=losses, **keep)
         else:
-            self._schedule.step()
+            self._schedule.step(**keep)
         group = self.mesh.get_group()
         if self._tied and self.mesh.size() > 1:
             self._sync_tied(module, group)
