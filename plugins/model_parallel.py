@@ -51,7 +51,7 @@ def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _check_world(name: str, mesh: dict[str, int]) -> None:
+def _check_world(name: str, mesh: dict[str, int], key: str = "train") -> None:
     """The mesh's product must be the number of processes launched."""
     world, product = _world(), 1
     for size in mesh.values():
@@ -59,7 +59,7 @@ def _check_world(name: str, mesh: dict[str, int]) -> None:
     if product != world:
         shape = " x ".join(f"{k} {v}" for k, v in mesh.items())
         raise ConfigError(
-            f"{_KEY}: '{name}' mesh {shape} = {product} processes, but {world} "
+            f"{key}.parallelism: '{name}' mesh {shape} = {product} processes, but {world} "
             f"{'was' if world == 1 else 'were'} launched; launch {product} "
             f"(`{_LAUNCH}`) or change the mesh"
         )
@@ -314,7 +314,7 @@ class FSDP(_Sharded):
         self.config = config
 
     def check_model(self, model: Any, cfg: Any, key: str) -> None:
-        _check_world(self.name, {"dp": self.config.processes or _world()})
+        _check_world(self.name, {"dp": self.config.processes or _world()}, key)
         _decoder_layers(model, key)
 
     def accelerator(self, *, mixed_precision: str) -> Any:
@@ -357,7 +357,7 @@ class TensorParallel(_Sharded):
         return self.config.tp or _world()
 
     def check_model(self, model: Any, cfg: Any, key: str) -> None:
-        _check_world(self.name, {"tp": self._tp()})
+        _check_world(self.name, {"tp": self._tp()}, key)
         _decoder_layers(model, key)
         _check_tp(model, self._tp(), key)
 
@@ -398,7 +398,7 @@ class Hybrid(_Sharded):
         return {"dp": self.config.dp, "tp": self.config.tp}
 
     def check_model(self, model: Any, cfg: Any, key: str) -> None:
-        _check_world(self.name, self._shape())
+        _check_world(self.name, self._shape(), key)
         _decoder_layers(model, key)
         _check_tp(model, self.config.tp, key)
 
@@ -490,7 +490,7 @@ class PipelineParallel:
         return self.config.stages or _world()
 
     def check_model(self, model: Any, cfg: Any, key: str) -> None:
-        _check_world(self.name, {"pp": self._stages()})
+        _check_world(self.name, {"pp": self._stages()}, key)
         layers = len(_decoder_layers(model, key))
         if self._stages() > layers:
             raise ConfigError(

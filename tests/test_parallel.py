@@ -169,7 +169,7 @@ def train_cfg(**overrides):
             "hybrid",
             {"dp": 2, "tp": 2},
             {},
-            r"^train\.parallelism: 'hybrid' mesh dp 2 x tp 2 = 4 processes, but 2 were "
+            r"^pretrain\.train\.parallelism: 'hybrid' mesh dp 2 x tp 2 = 4 processes, but 2 were "
             r"launched; launch 4 \(`torchrun",
         ),
         (
@@ -177,7 +177,7 @@ def train_cfg(**overrides):
             "tp",
             {"tp": 4},
             {},
-            r"^train\.parallelism: 'tp' mesh tp 4 = 4 processes, but 2 were launched",
+            r"^pretrain\.train\.parallelism: 'tp' mesh tp 4 = 4 processes, but 2 were launched",
         ),
         (
             3,
@@ -245,7 +245,7 @@ def test_the_cli_refuses_a_bad_mesh_before_any_work(workspace):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].endswith(
-        "'hybrid' mesh dp 2 x tp 2 = 4 processes, but 2 were launched; "
+        "pretrain.train.parallelism: 'hybrid' mesh dp 2 x tp 2 = 4 processes, but 2 were launched; "
         "launch 4 (`torchrun --nproc_per_node N -m unbottle stage "
         "<stage> ...`) or change the mesh"
     ), result.stderr
