@@ -17,8 +17,17 @@ thread it is the cleanest measure of a loop's own overhead), with:
 ``--compile`` adds unbottle with ``train.compile: true`` (torch.compile); its compile time
 is spent in a warm-up run and reported apart.
 
+``--parallel fsdp,tp,pp,hybrid`` instead trains the model once in one process and once
+under each parallelism strategy (torchrun, gloo on CPUs), and records per process the
+memory estimate (weights, gradients, optimizer, activations, transient), the measured
+growth of the resident set during the loop (peak minus the resident set at its start:
+the libraries and the model built before the loop are not in it) and the largest
+relative difference of the losses from one process's. No speed-up is claimed on CPUs:
+several processes share the same cores.
+
     .venv/bin/python bench/train_throughput.py                 # the pipeline's model
     .venv/bin/python bench/train_throughput.py --hidden 256 --layers 6 --compile
+    .venv/bin/python bench/train_throughput.py --parallel fsdp,tp,pp,hybrid --steps 10
 """
 
 from __future__ import annotations
@@ -215,6 +224,155 @@ def run_trainer(model: Any, data: Data, args: argparse.Namespace, steps: int) ->
     return tokens / Clock.wall, tokens / Clock.cpu
 
 
+# name: (processes, the parallelism option)
+PARALLEL = {
+    "ddp": (2, {"name": "ddp"}),
+    "fsdp": (2, {"name": "fsdp"}),
+    "tp": (2, {"name": "tp"}),
+    "pp": (2, {"name": "pp", "microbatches": 4}),
+    "pp-1f1b": (2, {"name": "pp", "microbatches": 4, "schedule": "1f1b"}),
+    "hybrid": (4, {"name": "hybrid", "dp": 2, "tp": 2}),
+}
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def parallel_worker(args: argparse.Namespace) -> None:
+    """One process of a strategy's run (under torchrun): train, then gather the figures."""
+    import torch.distributed as dist
+
+    from unbottle.core.config.params import TrainParams
+    from unbottle.core.registry import get_registry
+    from unbottle.core.training.loop import Batches, train
+
+    data = Data(args.vocab, args.seq_len, args.batch)
+    model = build(args)
+    settings = train_params(args, args.steps).model_dump()
+    settings["parallelism"] = json.loads(args.worker)
+    before = _rss()
+    _, report = train(
+        model,
+        Batches(size=data.size, collate=data.collate, seed=2),
+        TrainParams(**settings),
+        registry=get_registry(),
+        desc="bench",
+    )
+    plan = report.memory
+    mine = {
+        "estimate": plan.total,
+        "parts": {
+            k: getattr(plan, k)
+            for k in ("weights", "gradients", "optimizer", "activations", "transient")
+        },
+        "peak_growth": report.peak_memory_bytes - before,
+    }
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if dist.get_rank() == 0:
+        with open(args.json, "w") as f:
+            json.dump({"losses": report.losses, "ranks": every}, f)
+
+
+def parallel_memory(args: argparse.Namespace) -> None:
+    """Each strategy against one process: losses and per-process memory."""
+    import subprocess
+    import tempfile
+
+    from unbottle.core.training.memory import human
+
+    base = build(args)
+    data = Data(args.vocab, args.seq_len, args.batch)
+    single = run_unbottle_report(copy.deepcopy(base), data, args)
+    rows = {"single": {"processes": 1, **single}}
+    model_args = [
+        f"--{k.replace('_', '-')}={getattr(args, k)}"
+        for k in ("hidden", "intermediate", "layers", "heads", "vocab", "seq_len", "batch", "steps")
+    ]
+    for name in args.parallel.split(","):
+        processes, option = PARALLEL[name]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = f"{tmp}/result.json"
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={processes}",
+                __file__,
+                *model_args,
+                f"--worker={json.dumps(option)}",
+                f"--json={out}",
+            ]
+            env = {**__import__("os").environ, "OMP_NUM_THREADS": str(args.threads or 1)}
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+            with open(out) as f:
+                rows[name] = {"processes": processes, **json.load(f)}
+        print(f"{name}: done", file=sys.stderr, flush=True)
+
+    reference = rows["single"]["losses"]
+    print(
+        f"\nmodel: {sum({id(p): p.numel() for p in base.parameters()}.values()):,} "
+        f"parameters, batch {args.batch} x {args.seq_len}, {args.steps} steps, fp32"
+    )
+    print(
+        "| strategy | processes | max loss diff vs 1 process | estimate per process "
+        "(weights / grads / optimizer / activations / transient) | measured growth per "
+        "process |"
+    )
+    print("|---|---|---|---|---|")
+    for name, row in rows.items():
+        diff = max(abs(a - b) / abs(b) for a, b in zip(row["losses"], reference, strict=True))
+        ranks = row["ranks"]
+        worst = max(ranks, key=lambda r: r["estimate"])
+        parts = " / ".join(human(v) for v in worst["parts"].values())
+        growth = ", ".join(human(r["peak_growth"]) for r in ranks)
+        print(
+            f"| {name} | {row['processes']} | {diff:.1e} | {human(worst['estimate'])} "
+            f"({parts}) | {growth} |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"command": " ".join(sys.argv), "cpu": _cpu_name(), "rows": rows}, f, indent=2
+            )
+
+
+def run_unbottle_report(model: Any, data: Data, args: argparse.Namespace) -> dict:
+    from unbottle.core.registry import get_registry
+    from unbottle.core.training.loop import Batches, train
+
+    before = _rss()
+    _, report = train(
+        model,
+        Batches(size=data.size, collate=data.collate, seed=2),
+        train_params(args, args.steps),
+        registry=get_registry(),
+        desc="bench",
+    )
+    plan = report.memory
+    return {
+        "losses": report.losses,
+        "ranks": [
+            {
+                "estimate": plan.total,
+                "parts": {
+                    k: getattr(plan, k)
+                    for k in ("weights", "gradients", "optimizer", "activations", "transient")
+                },
+                "peak_growth": report.peak_memory_bytes - before,
+            }
+        ],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=128)
@@ -232,9 +390,18 @@ def main() -> None:
         "--without-trainer", action="store_true", help="only the bare loop and unbottle"
     )
     parser.add_argument("--json", help="write the results here too")
+    parser.add_argument(
+        "--parallel", help="strategies to compare with one process, e.g. fsdp,tp,pp,hybrid"
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one process of --parallel
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker:
+        return parallel_worker(args)
+    if args.parallel:
+        torch.set_num_threads(args.threads or 1)
+        return parallel_memory(args)
 
     import logging
 

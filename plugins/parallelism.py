@@ -1,4 +1,5 @@
-"""Built-in training parallelism: ``single``, ``ddp`` and ``fsdp``, all through accelerate.
+"""Built-in training parallelism: ``single`` and ``ddp`` through accelerate; ``fsdp``, ``tp``,
+``pp`` and ``hybrid``, which shard the model, in ``plugins/model_parallel.py``.
 
 The launcher starts the processes; the strategy checks, inside each one, that what was
 launched is what params ask for, and builds the ``Accelerator`` the loop runs through.
@@ -8,9 +9,6 @@ launched is what params ask for, and builds the ``Accelerator`` the loop runs th
   (gloo on CPUs, NCCL on GPUs). Launch with ``torchrun --nproc_per_node N -m unbottle
   stage pretrain -S pretrain.train.parallelism=ddp``, and across machines with torchrun's
   ``--nnodes``/``--node_rank``/``--rdzv_endpoint`` (see README).
-- ``fsdp``: FullyShardedDataParallel (FSDP2) through accelerate's FSDP plugin: weights,
-  gradients and optimizer state sharded over the GPUs, a decoder layer gathered at a time.
-  GPUs only: on a CPU it refuses before any work.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from typing import Any
 from pydantic import Field
 
 from unbottle import ConfigError, StrategyConfig, hookimpl
+from unbottle.plugins.model_parallel import FSDP, Hybrid, PipelineParallel, TensorParallel
 
 _LAUNCH = "torchrun --nproc_per_node N -m unbottle stage <stage> ..."
 
@@ -146,48 +145,9 @@ class DDP:
         return accelerator
 
 
-class FSDP:
-    """Fully sharded data parallel (FSDP2) over CUDA GPUs."""
-
-    name = "fsdp"
-
-    class Config(StrategyConfig):
-        processes: int | None = Field(None, ge=1)
-        reshard_after_forward: bool = True  # True: ZeRO-3-like; False: keep weights gathered
-        cpu_offload: bool = False  # keep sharded weights and optimizer state in CPU RAM
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
-    def accelerator(self, *, mixed_precision: str) -> Any:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "train.parallelism: 'fsdp' shards the model over CUDA GPUs and this machine "
-                "has none; use ddp (gloo) or single on a CPU"
-            )
-        from accelerate import Accelerator, FullyShardedDataParallelPlugin
-
-        c = self.config
-        if "LOCAL_RANK" not in os.environ:
-            raise ConfigError(f"train.parallelism: 'fsdp' needs a distributed launch: `{_LAUNCH}`")
-        local = _check_world(self.name, c.processes, minimum=1)
-        _check_devices(self.name, local, cpu=False)
-        _fresh_state()
-        plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2,
-            reshard_after_forward=c.reshard_after_forward,
-            cpu_offload=c.cpu_offload,
-            # One FSDP unit per decoder layer (the model's `_no_split_modules`).
-            auto_wrap_policy="transformer_based_wrap",
-            state_dict_type="FULL_STATE_DICT",
-        )
-        return Accelerator(mixed_precision=mixed_precision, fsdp_plugin=plugin)
-
-
 @hookimpl
 def register_parallelism(register):
     register(Single)
     register(DDP)
-    register(FSDP)
+    for strategy in (FSDP, TensorParallel, PipelineParallel, Hybrid):
+        register(strategy)

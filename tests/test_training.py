@@ -196,16 +196,6 @@ def test_ddp_refuses_a_launch_that_does_not_match(monkeypatch):
         Single(Single.Config()).accelerator(mixed_precision="no")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
-def test_fsdp_refuses_on_a_cpu():
-    from unbottle.plugins.parallelism import FSDP
-
-    with pytest.raises(
-        ConfigError, match=r"^train\.parallelism: 'fsdp' shards the model over CUDA"
-    ):
-        FSDP(FSDP.Config()).accelerator(mixed_precision="no")
-
-
 def test_a_global_batch_the_processes_cannot_split_is_refused():
     with pytest.raises(
         ConfigError,

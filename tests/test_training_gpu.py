@@ -139,3 +139,23 @@ def test_fsdp_trains_and_writes_a_whole_model(tmp_path, tiny_data):
     assert losses[-1] < losses[0]
     model = AutoModelForCausalLM.from_pretrained(workspace / "artifacts/pretrain")
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.skipif(GPUS < 2, reason="model parallelism over NCCL needs two GPUs")
+@pytest.mark.parametrize("strategy", ["tp", "pp", "fsdp"])
+def test_model_parallelism_over_nccl_matches_one_gpu(tmp_path, tiny_data, strategy):
+    """The CPU tests' comparison (tests/test_parallel.py), on GPUs with NCCL."""
+    from unbottle.core.config.params import Params
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
+
+    params = copy.deepcopy(TINY_PARAMS)
+    params["pretrain"]["train"].update(steps=12, batch_size=4, precision="fp32")
+    sharded = make_workspace(tmp_path / strategy, tiny_data, params)
+    result = _torchrun(sharded, 2, strategy)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = make_workspace(tmp_path / "single", tiny_data, params)
+    run_stage("pretrain", Params.model_validate(params), Layout(single))
+    a = losses_csv(sharded / "metrics/pretrain_loss.csv")
+    b = losses_csv(single / "metrics/pretrain_loss.csv")
+    assert a == pytest.approx(b, rel=1e-3)

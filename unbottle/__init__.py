@@ -1,20 +1,23 @@
 """unbottle: one reproducible LLM pipeline, pretrain -> finetune -> compress -> evaluate -> deploy.
 
 What plugin authors import lives here and in the public modules ``unbottle.compression``
-(the compression toolkit), ``unbottle.training``, ``unbottle.evaluation`` and
-``unbottle.serving``; everything under ``unbottle.core`` is internal.
+(the compression toolkit), ``unbottle.training``, ``unbottle.evaluation``,
+``unbottle.serving`` and ``unbottle.export``; everything under ``unbottle.core`` is
+internal.
 """
 
 from unbottle.core.contract.errors import ConfigError, DataError
 from unbottle.core.contract.hookspecs import hookimpl
 from unbottle.core.contract.strategies import (
     CompressContext,
+    DataSplit,
     DeployContext,
     DeployTarget,
     Distiller,
     EvalContext,
     FinetuneMethod,
     Metric,
+    ModelParallelStrategy,
     OptimizerStrategy,
     ParallelismStrategy,
     Pruner,
@@ -29,12 +32,14 @@ __all__ = [
     "CompressContext",
     "ConfigError",
     "DataError",
+    "DataSplit",
     "DeployContext",
     "DeployTarget",
     "Distiller",
     "EvalContext",
     "FinetuneMethod",
     "Metric",
+    "ModelParallelStrategy",
     "ModelRunner",
     "OptimizerStrategy",
     "ParallelismStrategy",

@@ -9,12 +9,17 @@ and the rest of ``params.yaml``'s ``train`` section); :func:`get_registry` is th
 of installed strategies it takes; :func:`rng` is a seeded ``torch.Generator`` for
 drawing batches reproducibly. The built-in ``kd`` distiller
 (``unbottle.plugins.distillation``) is an example.
+
+For parallelism strategies that shard the model (``unbottle.plugins.model_parallel``):
+:class:`Split` tells the memory estimate each process's share, :func:`stage_layers` how
+decoder layers split over pipeline stages, :data:`IGNORE_INDEX` the label the loss skips.
 """
 
 from __future__ import annotations
 
 from unbottle.core.config.params import TrainParams
 from unbottle.core.registry import get_registry
-from unbottle.core.training.loop import rng, train
+from unbottle.core.training.loop import IGNORE_INDEX, rng, train
+from unbottle.core.training.memory import Split, stage_layers
 
-__all__ = ["TrainParams", "get_registry", "rng", "train"]
+__all__ = ["IGNORE_INDEX", "Split", "TrainParams", "get_registry", "rng", "stage_layers", "train"]

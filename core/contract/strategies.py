@@ -63,6 +63,57 @@ class ParallelismStrategy(Strategy, Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class DataSplit:
+    """How a step's global batch is split: over ``size`` data-parallel groups, this
+    process being in group ``rank``; ``group`` is the process group that sums over those
+    groups (None: every process). Processes in one group (tensor or pipeline parallel
+    peers) see the same rows."""
+
+    size: int
+    rank: int
+    group: Any = None
+
+
+class ModelParallelStrategy(ParallelismStrategy, Protocol):
+    """A parallelism strategy that shards the model itself (FSDP, tensor, pipeline and
+    their meshes). The training loop calls these instead of ``accelerator.prepare`` on
+    the model; the accelerator still gives the device, autocast and the process group.
+
+    Optional, for strategies that run the step themselves (pipeline parallelism):
+    ``forward_backward(module, micro_batches, num_items) -> loss`` (the global batch's
+    loss share of this data-parallel group, the same on every process of the group);
+    ``gather_state(state) -> state`` (whole model or optimizer state from every
+    process's part, on the main process) and ``local_state(module, state) -> state``
+    (this process's part of a whole state).
+    """
+
+    def check_model(self, model: torch.nn.Module, cfg: Any, key: str) -> None:
+        """Refuse, in one line naming ``key``, a model or config the strategy cannot run:
+        called before any work (on a weightless model too)."""
+        ...
+
+    def data_split(self) -> DataSplit:
+        """How the global batch splits over this run's processes (after ``accelerator``)."""
+        ...
+
+    def parallelize(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """Return the module to train: this process's shard of ``model`` on ``device``."""
+        ...
+
+    def clip_grad_norm(self, module: torch.nn.Module, max_norm: float) -> float:
+        """Clip the gradients of the whole model (all shards) to ``max_norm``."""
+        ...
+
+    def final_model(self, module: torch.nn.Module) -> PreTrainedModel:
+        """The trained model, whole, as a plain module (needed on the main process)."""
+        ...
+
+    def memory_split(self, world_size: int) -> Any:
+        """The per-process share, as a ``core.training.memory.Split``."""
+        ...
+
+
 class OptimizerStrategy(Strategy, Protocol):
     def build(
         self, parameters: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float

@@ -1,8 +1,9 @@
 """The training loop shared by pretrain, finetune and the ``kd`` distiller.
 
 It runs through ``accelerate.Accelerator`` from the start: the parallelism strategy builds
-the accelerator (one process, DDP, FSDP), the optimizer strategy builds the optimizer, and
-the loop never changes when either does. Everything that can be wrong with a run
+the accelerator (one process, DDP), or shards the model itself (FSDP, tensor, pipeline,
+2D: a ``ModelParallelStrategy``), the optimizer strategy builds the optimizer, and the loop
+never changes when either does. Everything that can be wrong with a run
 (precision for the device, world size, batch split, sequence length, memory) is checked
 before the first step, each failure one line naming the key to change.
 
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unbottle.core.contract.errors import ConfigError
+from unbottle.core.contract.strategies import DataSplit
 
 if TYPE_CHECKING:
     import torch
@@ -287,6 +289,11 @@ def estimate_memory(
 
     processes = processes or world_size()
     mixed_precision, _ = resolve_precision(cfg.precision)
+    parallel = registry.create("parallelism", cfg.parallelism.name, cfg.parallelism.options)
+    check_model = getattr(parallel, "check_model", None)
+    if check_model is not None:  # a model-parallel strategy: mesh and shapes first
+        check_model(model, cfg, key)
+    split = parallel.memory_split(processes) if hasattr(parallel, "memory_split") else None
     if device is None:
         on_cpu = bool(cfg.parallelism.options.get("cpu")) or not torch.cuda.is_available()
         local = int(os.environ.get("LOCAL_RANK", "0"))  # one GPU per local process
@@ -294,11 +301,12 @@ def estimate_memory(
     plan = memory.estimate(
         model,
         cfg,
-        micro_batch=micro_batch_size(cfg, processes, key),
+        micro_batch=micro_batch_size(cfg, split.data if split else processes, key),
         mixed_precision=mixed_precision,
         optimizer_strategy=registry.create("optimizer", cfg.optimizer.name, cfg.optimizer.options),
         world_size=processes,
         sharded=cfg.parallelism.name == "fsdp",
+        split=split,
     )
     memory.check(plan, device, key=key, enabled=cfg.memory_check)
     return plan
@@ -339,16 +347,27 @@ def train(
     # ---- checks and setup, all before the first step
     mixed_precision, reason = resolve_precision(cfg.precision)
     parallel = registry.create("parallelism", cfg.parallelism.name, cfg.parallelism.options)
+    # A model-parallel strategy (ModelParallelStrategy) shards the model itself.
+    sharding = hasattr(parallel, "parallelize")
+    if sharding:
+        parallel.check_model(model, cfg, key)
+        if loss_fn is not None and hasattr(parallel, "forward_backward"):
+            raise ConfigError(
+                f"{key}.parallelism: '{parallel.name}' trains with the causal-LM loss only; "
+                "use ddp, fsdp, tp or hybrid here"
+            )
     accelerator = parallel.accelerator(mixed_precision=mixed_precision)
     processes, this_rank = accelerator.num_processes, accelerator.process_index
+    # The data-parallel groups the global batch splits over (all processes for DDP).
+    data_split = parallel.data_split() if sharding else DataSplit(processes, this_rank)
     say = log.info if this_rank == 0 else log.debug  # one voice for the whole run
-    micro = micro_batch_size(cfg, processes, key)
+    micro = micro_batch_size(cfg, data_split.size, key)
     check_context(model, cfg.seq_len, key)
     fsdp = accelerator.distributed_type.value == "FSDP"
-    if fsdp and hasattr(model, "peft_config"):
+    if (fsdp or sharding) and hasattr(model, "peft_config"):
         raise ConfigError(
-            f"{key}.parallelism: fsdp cannot merge a peft adapter at the end of training; "
-            "use ddp or single with finetune.method lora"
+            f"{key}.parallelism: {parallel.name} cannot merge a peft adapter at the end of "
+            "training; use ddp or single with finetune.method lora"
         )
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"{desc}: no parameter is trainable")
@@ -358,15 +377,22 @@ def train(
     if cfg.grad_checkpointing:
         _enable_grad_checkpointing(model, key)
     optimizer_strategy = registry.create("optimizer", cfg.optimizer.name, cfg.optimizer.options)
+    if sharding:  # the optimizer is built over the shards
+        model = parallel.parallelize(model, accelerator.device)
     optimizer = optimizer_strategy.build(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
-    prepared, optimizer = accelerator.prepare(model, optimizer)
+    if sharding:
+        prepared, optimizer = model, accelerator.prepare(optimizer)
+    else:
+        prepared, optimizer = accelerator.prepare(model, optimizer)
     inner_optimizer = getattr(optimizer, "optimizer", optimizer)
     # Stepped here, not through accelerate: accelerate steps a prepared scheduler once per
     # process, as if each process's data loader were shorter; our batch is global already.
     scheduler = build_schedule(inner_optimizer, cfg)
     forward = torch.compile(prepared) if cfg.compile else prepared
+    if sharding:  # not wrapped by accelerate, so its autocast is applied here
+        forward = accelerator.autocast()(forward)
 
     report = TrainReport(
         precision=mixed_precision if mixed_precision != "no" else "fp32",
@@ -379,7 +405,7 @@ def train(
     generator = torch.Generator().manual_seed(data.seed) if isinstance(data, Batches) else None
     start_step = 0
     if checkpoints is not None:
-        restored = _resume(checkpoints, prepared, inner_optimizer, this_rank)
+        restored = _resume(checkpoints, prepared, inner_optimizer, this_rank, parallel)
         if restored is not None:
             state = restored.trainer
             scheduler.load_state_dict(state["scheduler"])
@@ -391,13 +417,14 @@ def train(
             report.tokens = int(state["tokens"])
             say("%s: resuming from %s", desc, restored.path)
 
-    per_process = cfg.batch_size // processes
+    per_process = cfg.batch_size // data_split.size
+    group_rank = data_split.rank  # which rows of the global batch are this process's
 
     def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
         """This process's micro-batches of the global batch of ``step``."""
         if isinstance(data, Batches):
             ids = torch.randint(0, data.size, (cfg.batch_size,), generator=generator).tolist()
-            mine = ids[this_rank * per_process : (this_rank + 1) * per_process]
+            mine = ids[group_rank * per_process : (group_rank + 1) * per_process]
             return [
                 data.collate(mine[j * micro : (j + 1) * micro]) for j in range(cfg.grad_accum_steps)
             ]
@@ -405,20 +432,20 @@ def train(
         rows = next(iter(batch.values())).shape[0]
         if rows != cfg.batch_size:
             raise ValueError(f"{desc}: the batch function gave {rows} rows, not {cfg.batch_size}")
-        first = this_rank * per_process
+        first = group_rank * per_process
         return [
             {k: v[first + j * micro : first + (j + 1) * micro] for k, v in batch.items()}
             for j in range(cfg.grad_accum_steps)
         ]
 
     def all_sum(values: list[float]) -> list[float]:
-        """Sum over processes (one small all-reduce)."""
-        if processes == 1:
+        """Sum over the data-parallel groups (one small all-reduce)."""
+        if data_split.size == 1:
             return values
         import torch.distributed as dist
 
         tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, group=data_split.group)
         return tensor.tolist()
 
     # The names the checkpoint's weights go by (wrappers' prefixes stripped, as
@@ -446,11 +473,15 @@ def train(
             },
             rank=this_rank,
             processes=processes,
+            parallel=parallel,
         )
 
     params = [p for p in prepared.parameters() if p.requires_grad]
 
     def clip_gradients() -> None:
+        if sharding:  # over every shard, on any mesh
+            parallel.clip_grad_norm(prepared, cfg.grad_clip)
+            return
         if fsdp:  # sharded gradients: accelerate computes the global norm across shards
             accelerator.clip_grad_norm_(prepared.parameters(), cfg.grad_clip)
             return
@@ -481,14 +512,19 @@ def train(
                 (label_tokens,) = all_sum([sum(_label_count(b) for b in parts)])
                 label_tokens = max(int(label_tokens), 1)
             loss_sum = torch.zeros((), device=accelerator.device)
+            if hasattr(parallel, "forward_backward"):  # the strategy runs the step (pipeline)
+                loss_sum += parallel.forward_backward(prepared, parts, label_tokens)
+                parts = []
             for j, batch in enumerate(parts):
                 last = j == len(parts) - 1
                 sync = contextlib.nullcontext() if last else accelerator.no_sync(prepared)
                 with sync:
                     if loss_fn is None:
                         loss = forward(**batch, num_items_in_batch=label_tokens, **extra).loss
-                        # DDP averages gradients over processes; the shares must add up.
-                        scaled = loss * processes if processes > 1 else loss
+                        # DDP and FSDP average gradients over the data-parallel groups;
+                        # the shares must add up.
+                        groups = data_split.size
+                        scaled = loss * groups if groups > 1 else loss
                     else:
                         loss = loss_fn(forward, batch) / len(parts)
                         scaled = loss
@@ -508,7 +544,7 @@ def train(
             inner_optimizer.zero_grad(set_to_none=True)
 
             loss_total, tokens = all_sum([float(loss_sum), float(local_tokens)])
-            value = loss_total if loss_fn is None else loss_total / processes
+            value = loss_total if loss_fn is None else loss_total / data_split.size
             if not math.isfinite(value):
                 raise FloatingPointError(f"{desc}: loss became {value} at step {step + 1}")
             report.losses.append(value)
@@ -531,7 +567,10 @@ def train(
                 save_checkpoint(step + 1)
     report.peak_memory_bytes = peak.read()
 
-    trained = _final_model(accelerator, prepared, fsdp)
+    if sharding:
+        trained = parallel.final_model(prepared)
+    else:
+        trained = _final_model(accelerator, prepared, fsdp)
     if cfg.grad_checkpointing:
         trained.gradient_checkpointing_disable()
     trained.eval()
@@ -567,6 +606,7 @@ def _save(
     trainer: dict[str, Any],
     rank: int,
     processes: int,
+    parallel: Any = None,
 ) -> None:
     """Every process takes part (FSDP gathers the shards); the main process commits."""
     from torch.distributed.checkpoint.state_dict import (
@@ -575,8 +615,14 @@ def _save(
         get_optimizer_state_dict,
     )
 
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    trainable = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    gather = getattr(parallel, "gather_state", None)
+    # cpu_offload leaves the whole state on the main process only; a strategy that
+    # gathers the parts itself needs every process's own.
+    offload = gather is None
+    full = StateDictOptions(full_state_dict=True, cpu_offload=offload)
+    trainable = StateDictOptions(
+        full_state_dict=True, cpu_offload=offload, ignore_frozen_params=True
+    )
     # ignore_frozen_params misses a frozen weight tied to another name (lm_head): filter.
     model_state = {
         k: v
@@ -584,6 +630,8 @@ def _save(
         if k in trainable_names
     }
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=full)
+    if gather is not None:  # each pipeline stage holds its own weights: put them together
+        model_state, optimizer_state = gather(model_state), gather(optimizer_state)
     main = rank == 0
     tmp = store.begin(step) if main else store.partial_dir(step)
     barrier()
@@ -599,7 +647,9 @@ def _save(
     barrier()
 
 
-def _resume(store: CheckpointStore, model: Any, optimizer: Any, rank: int) -> Any:
+def _resume(
+    store: CheckpointStore, model: Any, optimizer: Any, rank: int, parallel: Any = None
+) -> Any:
     """Load the newest whole checkpoint of this run into model and optimizer, if any."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (
@@ -616,6 +666,10 @@ def _resume(store: CheckpointStore, model: Any, optimizer: Any, rank: int) -> An
     if step is None:
         return None
     restored = store.load(step, rank)
+    local = getattr(parallel, "local_state", None)
+    if local is not None:  # a pipeline stage takes its own part of the whole
+        restored.model = local(model, restored.model)
+        restored.optimizer = local(model, restored.optimizer)
     options = StateDictOptions(full_state_dict=True, strict=False)
     result = set_model_state_dict(model, restored.model, options=options)
     if result.unexpected_keys:

@@ -18,6 +18,16 @@ The estimate adds up, per process:
   With gradient checkpointing only each layer's input (``h``) stays, and one layer's
   activations are rebuilt at a time in the backward pass.
 
+Under a parallelism strategy each process holds a share (:class:`Split`, which the
+strategy gives): FSDP shards weights, gradients and optimizer state over its processes
+and gathers a layer (and prefetches the next) at a time; tensor parallelism splits the
+attention and MLP projections, and those activations that are their outputs, over its
+processes (the residual stream, the norms, the embeddings and the head stay whole);
+pipeline parallelism gives each stage its decoder layers (the embedding to the first, the
+final norm and head to the last) and the activations of the micro-batches in flight on it
+(GPipe: all of a step's; 1F1B: at most the stages after it, Narayanan et al., 2021). The
+estimate is that of the process with the most to hold.
+
 ``tests/test_training.py`` checks the activation count against the tensors autograd
 really saves (``torch.autograd.graph.saved_tensors_hooks``) on a small model.
 
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +52,37 @@ if TYPE_CHECKING:
     from unbottle.core.config.params import TrainParams
 
 log = logging.getLogger("unbottle.memory")
+
+
+#: The projections tensor parallelism splits (Megatron-LM's column/row pairs).
+TP_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a run's work is cut into per-process shares (see the module docstring)."""
+
+    data: int = 1  # ways the global batch splits (DDP, FSDP, a mesh's dp)
+    shard: int = 1  # ways weights, gradients and optimizer state are sharded (FSDP)
+    tensor: int = 1  # ways the decoder layers' projections are split (TP)
+    pipeline: int = 1  # pipeline stages
+    microbatches: int = 1  # pipeline micro-batches per step
+    schedule: str = "gpipe"  # gpipe or 1f1b: how many micro-batches a stage holds
+    buckets: bool = False  # DDP's gradient buckets (a second copy of the gradients)
+
+
+def stage_layers(layers: int, stages: int) -> list[range]:
+    """Decoder layers of each pipeline stage: contiguous, the first stages one longer."""
+    base, extra = divmod(layers, stages)
+    bounds = [0]
+    for s in range(stages):
+        bounds.append(bounds[-1] + base + (1 if s < extra else 0))
+    return [range(bounds[s], bounds[s + 1]) for s in range(stages)]
+
+
+def _layer_of(name: str) -> int | None:
+    match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
 
 
 @dataclass
@@ -101,43 +143,127 @@ def estimate(
     optimizer_strategy: Any,
     world_size: int,
     sharded: bool = False,
+    split: Split | None = None,
 ) -> MemoryEstimate:
-    """What one process needs to train ``model`` with ``cfg`` (works on a meta-device model)."""
-    params = list(model.parameters())
-    unique = {id(p): p for p in params}.values()  # tied weights count once
-    trainable = [p for p in unique if p.requires_grad]
-    weights = sum(p.numel() * p.element_size() for p in unique)
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    gradients = sum(p.numel() * p.element_size() for p in trainable)
-    state_bytes = getattr(optimizer_strategy, "state_bytes", None)
-    optimizer = (
-        int(state_bytes(trainable))
-        if callable(state_bytes)
-        else sum(2 * p.numel() * p.element_size() for p in trainable)
+    """What one process needs to train ``model`` with ``cfg`` (works on a meta-device model).
+
+    ``split`` is the parallelism's share; by default DDP over ``world_size`` processes
+    (FSDP with ``sharded``). With pipeline stages it is the stage with the most to hold.
+    """
+    if split is None:
+        split = Split(
+            data=world_size,
+            shard=world_size if sharded else 1,
+            buckets=world_size > 1 and not sharded,
+        )
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    stages = stage_layers(layers, split.pipeline) if layers and split.pipeline > 1 else None
+    return max(
+        (
+            _estimate_share(model, cfg, micro_batch, mixed_precision, optimizer_strategy, split, s)
+            for s in (range(split.pipeline) if stages else [None])
+        ),
+        key=lambda plan: plan.total,
     )
+
+
+def _estimate_share(
+    model: Any,
+    cfg: TrainParams,
+    micro_batch: int,
+    mixed_precision: str,
+    optimizer_strategy: Any,
+    split: Split,
+    stage: int | None,
+) -> MemoryEstimate:
+    """One process's estimate: pipeline stage ``stage`` (None: the whole model)."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    owned = stage_layers(layers, split.pipeline)[stage] if stage is not None else None
+    last = stage is None or stage == split.pipeline - 1
+
+    def holds(name: str) -> bool:
+        if stage is None:
+            return True
+        index = _layer_of(name)
+        if index is not None:
+            return index in owned
+        if "embed_tokens" in name:
+            return stage == 0
+        return last  # the final norm and the head
+
+    mine: dict[int, tuple[Any, int]] = {}  # tied weights count once per process
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if holds(name) and id(p) not in mine:
+            split_here = split.tensor > 1 and name.rsplit(".", 2)[-2] in TP_PROJECTIONS
+            mine[id(p)] = (p, split.tensor if split_here else 1)
+    all_unique = {id(p): p for p in model.parameters()}.values()
+
+    def size(p: Any, ways: int) -> int:
+        return p.numel() * p.element_size() // ways
+
+    weights = sum(size(p, ways) for p, ways in mine.values())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    trainable = [(p, ways) for p, ways in mine.values() if p.requires_grad]
+    gradients = sum(size(p, ways) for p, ways in trainable)
+    all_trainable = [p for p in all_unique if p.requires_grad]
+    whole_gradients = sum(p.numel() * p.element_size() for p in all_trainable)
+    state_bytes = getattr(optimizer_strategy, "state_bytes", None)
+    whole_optimizer = (
+        int(state_bytes(all_trainable))
+        if callable(state_bytes)
+        else sum(2 * p.numel() * p.element_size() for p in all_trainable)
+    )
+    # The optimizer state follows the parameters: this process's share of them.
+    optimizer = whole_optimizer * gradients // whole_gradients if whole_gradients else 0
     low_precision = mixed_precision in ("bf16", "fp16")
     if low_precision:  # autocast's cached half-precision copies of the matmul weights
-        weights += sum(2 * p.numel() for p in unique if p.dim() >= 2)
-    if sharded:
-        weights, gradients, optimizer = (
-            x // max(world_size, 1) for x in (weights, gradients, optimizer)
-        )
+        weights += sum(2 * p.numel() // ways for p, ways in mine.values() if p.dim() >= 2)
+    transient = 0
+    if split.shard > 1:
+        per_layer = [0] * max(layers, 1)
+        for name, p in model.named_parameters():
+            index = _layer_of(name)
+            if index is not None:
+                per_layer[index] += p.numel() * p.element_size() // split.tensor
+        weights, gradients, optimizer = (x // split.shard for x in (weights, gradients, optimizer))
+        # FSDP gathers one layer's weights (and prefetches the next) and holds its full
+        # gradients until they are reduce-scattered.
+        transient += 3 * max(per_layer)
 
-    config = getattr(model, "config", None)
     tokens = micro_batch * cfg.seq_len
-    activations = transient = 0
+    activations = 0
     if config is not None and hasattr(config, "num_hidden_layers"):
+        h = config.hidden_size
         counts = activation_values_per_token(
             config, cfg.seq_len, checkpointing=cfg.grad_checkpointing
         )
+        layer = counts["layer"]
+        if split.tensor > 1:
+            # The projections' outputs and the attention (2h + 2h_kv + 4i + heads, and the
+            # eager attention matrix) split; the residual stream and the norms (7h) do not.
+            layer = 7 * h + (layer - 7 * h) // split.tensor
+        stack_layers = len(owned) if owned is not None else layers
+        stack = stack_layers * (h if cfg.grad_checkpointing else layer)
+        head = counts["head"] if last else 0
         value_bytes = 2 if low_precision else 4
+        in_flight = 1
+        if stage is not None:
+            # Rows of a pipeline micro-batch; GPipe keeps every micro-batch's activations
+            # until the backward passes, 1F1B at most (stages - stage) of them.
+            tokens = tokens // split.microbatches
+            in_flight = split.microbatches
+            if split.schedule == "1f1b":
+                in_flight = min(split.microbatches, split.pipeline - stage)
         # The head's logits are upcast to fp32 for the loss whatever the precision.
-        activations = tokens * (counts["stack"] * value_bytes + counts["head"] * 4)
+        activations = in_flight * tokens * (stack * value_bytes + head * 4)
         # Backward: one layer's activation gradients (plus the layer rebuilt, with
         # checkpointing) and the logits' gradient at a time.
         rebuilt = 2 if cfg.grad_checkpointing else 1
-        transient = tokens * (rebuilt * counts["layer"] * value_bytes + config.vocab_size * 4)
-    if world_size > 1 and not sharded:
+        logits_grad = config.vocab_size * 4 if last else 0
+        transient += tokens * (rebuilt * layer * value_bytes + logits_grad)
+    if split.buckets:
         transient += gradients  # DDP's gradient buckets
     return MemoryEstimate(weights, gradients, optimizer, activations, transient)
 
