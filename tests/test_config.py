@@ -73,7 +73,10 @@ def test_structural_errors_are_one_line(override, message):
             r"^compress\.variants\.x\[0\]\.sparsty: unknown key; allowed: sparsity, scope",
         ),
         ("evaluate.metrics=[bleu]", r"^evaluate\.metrics\[0\]: Unknown metric 'bleu'"),
-        ("deploy.target=s3", r"^deploy\.target: Unknown deploy target 's3'\. Installed: gguf, hf, onnx, server\.$"),
+        (
+            "deploy.target=s3",
+            r"^deploy\.target: Unknown deploy target 's3'\. Installed: gguf, hf, onnx, server\.$",
+        ),
     ],
 )
 def test_strategy_errors_name_installed_strategies(override, message):
