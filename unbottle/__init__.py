@@ -16,6 +16,7 @@ from unbottle.core.contract.strategies import (
     ParallelismStrategy,
     Pruner,
     Quantizer,
+    ReportColumn,
     StrategyConfig,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "ParallelismStrategy",
     "Pruner",
     "Quantizer",
+    "ReportColumn",
     "StrategyConfig",
     "__version__",
     "hookimpl",
