@@ -149,6 +149,9 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         _pip("uninstall", "--yes", DIST)
         sys.modules.pop("unbottle_probe", None)
         sys.modules.pop("unbottle_probe.helpers", None)
+        from unbottle.core.registry import get_registry
+
+        get_registry.cache_clear()  # in case it was first loaded while the probe was here
 
 
 def _edit(module: Path, note: str) -> None:
