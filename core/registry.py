@@ -95,6 +95,17 @@ class Registry:
         """The lifecycle hooks of every loaded plugin: ``registry.hook.after_stage(...)``."""
         return self._pm.hook
 
+    def lifecycle_hooks(self) -> list[tuple[str, LoadedPlugin]]:
+        """(hook name, plugin) for every lifecycle hook a loaded plugin implements."""
+        registration = set(KINDS.values())
+        found = []
+        for plugin in self.plugins:
+            module = self._pm.get_plugin(plugin.name)
+            for caller in self._pm.get_hookcallers(module) or []:
+                if caller.name not in registration:
+                    found.append((caller.name, plugin))
+        return sorted(found, key=lambda item: (item[0], item[1].name))
+
     def plugin_at(self, traceback: TracebackType | None) -> LoadedPlugin | None:
         """The plugin whose code was running, innermost first, where ``traceback`` was
         raised; None when no plugin was on the stack (a bug of unbottle's own)."""

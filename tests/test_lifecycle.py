@@ -245,6 +245,9 @@ def test_mlflow_tracks_a_run_and_report_shows_a_plugin_column(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("UNBOTTLE_MLFLOW", "1")
     registry = load_registry()  # this process's cached registry predates the probe
+    hooks = {(hook, plugin.name) for hook, plugin in registry.lifecycle_hooks()}
+    assert {("after_stage", "builtin_mlflow"), ("on_train_log", "builtin_mlflow")} <= hooks
+    assert ("register_commands", "probe") in hooks  # what `unbottle plugins` lists
     validated, layout = Params.model_validate(params), Layout(root)
     results = {
         name: run_stage(name, validated, layout, registry)

@@ -241,7 +241,7 @@ def plugins(
         ),
     ] = False,
 ) -> None:
-    """List every installed strategy: kind, name, distribution and version."""
+    """List every installed strategy (and lifecycle hook): kind, name, distribution, version."""
     from unbottle.core.registry import get_registry
 
     if lock:
@@ -257,6 +257,7 @@ def plugins(
 
         typer.echo(reference_markdown(get_registry()), nl=False)
         return
+    registry = get_registry()
     rows = [
         {
             "kind": info.kind,
@@ -265,7 +266,18 @@ def plugins(
             "distribution": info.distribution,
             "version": info.version,
         }
-        for info in get_registry().all()
+        for info in registry.all()
+    ]
+    # Plugins that watch a run (tracking, notifications, commands) show as their hooks.
+    rows += [
+        {
+            "kind": "hook",
+            "name": hook,
+            "plugin": plugin.name,
+            "distribution": plugin.distribution,
+            "version": plugin.version,
+        }
+        for hook, plugin in registry.lifecycle_hooks()
     ]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
