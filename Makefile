@@ -3,8 +3,9 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The tests exercise the optional integrations too (lm-evaluation-harness, the Dask runner).
-EXTRAS := dev,lm-eval,dask
+# The tests exercise the optional integrations too (lm-evaluation-harness, the Dask runner,
+# the MLflow tracker).
+EXTRAS := dev,lm-eval,dask,mlflow
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install demo data test lint format clean

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
+from types import TracebackType
 from typing import Any
 
 import pluggy
@@ -65,11 +66,61 @@ class StrategyInfo:
         return f"plugin '{self.plugin}' ({self.distribution} {self.version})"
 
 
-class Registry:
-    """Every installed strategy, by kind and name."""
+@dataclass(frozen=True)
+class LoadedPlugin:
+    """One plugin module, loaded from an entry point."""
 
-    def __init__(self) -> None:
+    name: str
+    module: str
+    distribution: str
+    version: str
+
+    def describe(self) -> str:
+        return f'plugin "{self.name}" ({self.distribution} {self.version})'
+
+
+class Registry:
+    """Every installed strategy, by kind and name, and the plugins' lifecycle hooks."""
+
+    def __init__(self, plugin_manager: pluggy.PluginManager | None = None) -> None:
         self._strategies: dict[str, dict[str, StrategyInfo]] = {kind: {} for kind in KINDS}
+        self.plugins: list[LoadedPlugin] = []
+        if plugin_manager is None:
+            plugin_manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+            plugin_manager.add_hookspecs(hookspecs)
+        self._pm = plugin_manager
+
+    @property
+    def hook(self) -> Any:
+        """The lifecycle hooks of every loaded plugin: ``registry.hook.after_stage(...)``."""
+        return self._pm.hook
+
+    def lifecycle_hooks(self) -> list[tuple[str, LoadedPlugin]]:
+        """(hook name, plugin) for every lifecycle hook a loaded plugin implements."""
+        registration = set(KINDS.values())
+        found = []
+        for plugin in self.plugins:
+            module = self._pm.get_plugin(plugin.name)
+            for caller in self._pm.get_hookcallers(module) or []:
+                if caller.name not in registration:
+                    found.append((caller.name, plugin))
+        return sorted(found, key=lambda item: (item[0], item[1].name))
+
+    def plugin_at(self, traceback: TracebackType | None) -> LoadedPlugin | None:
+        """The plugin whose code was running, innermost first, where ``traceback`` was
+        raised; None when no plugin was on the stack (a bug of unbottle's own)."""
+        from unbottle.core.store.code import code_path, code_unit, contains
+
+        roots = [(code_path(code_unit(p.module)), p) for p in self.plugins]
+        frames = []
+        while traceback is not None:
+            frames.append(traceback.tb_frame.f_code.co_filename)
+            traceback = traceback.tb_next
+        for filename in reversed(frames):
+            for root, plugin in roots:
+                if root is not None and contains(root, filename):
+                    return plugin
+        return None
 
     def add(self, info: StrategyInfo) -> None:
         existing = self._strategies[info.kind].get(info.name)
@@ -155,7 +206,8 @@ def load_registry(
     except pluggy.PluginValidationError as e:
         raise PluginError(f"A plugin implements a hook that does not exist: {e}") from e
 
-    registry = Registry()
+    registry = Registry(pm)
+    registry.plugins = [LoadedPlugin(n, m.__name__, d, v) for n, m, d, v in loaded]
     for plugin_name, module, dist, version in loaded:
         others = [m for _, m, _, _ in loaded if m is not module]
         for kind, hook_name in KINDS.items():

@@ -9,8 +9,6 @@ retry with backoff; training does not.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +17,9 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from unbottle.core.config.params import load_params
-from unbottle.core.contract.errors import UnbottleError
 from unbottle.core.stages.layout import STAGES, Layout
 from unbottle.core.stages.runner import run_stage, setup
+from unbottle.flows.dvc_lock import DvcError, dvc, is_dvc_project, record_stages
 from unbottle.flows.publish import decide_deployment, publish_evaluation
 
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2)}
@@ -61,29 +59,6 @@ def stage_task(name: str, params_file: str | None, overrides: list[str], root: s
     return result.metrics
 
 
-class DvcError(UnbottleError):
-    """A DVC command failed: no remote, an unwritable remote, a held repo lock."""
-
-
-def dvc(root: Path, *args: str) -> str:
-    """Run a DVC command; a failure becomes one line with DVC's own reason."""
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
-        reason = errors[0].removeprefix("ERROR:").strip() if errors else done.stderr.strip()
-        if "no remote specified" in reason:
-            reason = "this project has no default remote"
-        hint = ""
-        if "lock" in reason.lower():
-            hint = "; another DVC command holds the repo lock: wait for it to finish"
-        elif "remote" in reason.lower():
-            hint = "; add one with `dvc remote add -d NAME URL` or fix its URL or permissions"
-        raise DvcError(f"dvc {args[0]}: {reason}{hint}")
-    return done.stdout
-
-
 def check_default_remote(root: Path) -> str:
     """The default remote's name; fails in one line when there is none."""
     try:
@@ -98,14 +73,10 @@ def check_default_remote(root: Path) -> str:
     return name
 
 
-def is_dvc_project(root: Path) -> bool:
-    return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
-
-
 @task(**IO_RETRIES)
 def record_in_dvc(root: str) -> None:
     """Make dvc.lock describe the outputs this flow wrote, so `dvc repro` has nothing to do."""
-    dvc(Path(root), "commit", "--force", *STAGES)
+    record_stages(Path(root), STAGES)
 
 
 @task(**IO_RETRIES)

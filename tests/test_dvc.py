@@ -46,7 +46,14 @@ def dvc(*args: str, cwd: Path) -> str:
 
 
 def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '([a-z]+)'", output)
+    """The stages a `dvc repro` ran, besides the always-changed ``plugins`` stage (which
+    only rewrites the plugin locks, changing them only when a plugin changed)."""
+    return [s for s in re.findall(r"Running stage '([a-z]+)'", output) if s != "plugins"]
+
+
+def status_is_current(root: Path) -> bool:
+    """`dvc status` has nothing to report but the always-changed lock stage."""
+    return json.loads(dvc("status", "--json", cwd=root)) == {"plugins": ["always changed"]}
 
 
 #: The user's own files, at paths of their choosing: DVC must track these, not the demo's.
@@ -104,7 +111,7 @@ def test_flow_run_then_repro_experiments_and_a_remote_round_trip(dvc_repo, tmp_p
         start = time.perf_counter()
         assert stages_run(dvc("repro", cwd=root)) == []
         seconds.append(time.perf_counter() - start)
-    assert "up to date" in dvc("status", cwd=root)
+    assert status_is_current(root)
 
     # Provenance: the commit the run was made from, and the data version.
     head = sh("git", "rev-parse", "HEAD", cwd=root).strip()
@@ -170,20 +177,35 @@ def test_push_without_a_remote_fails_before_any_work(dvc_repo):
 
 
 def test_dvc_yaml_matches_what_the_fingerprints_hash():
-    from unbottle.core.store.fingerprint import STAGE_CODE, STAGE_PARAMS
+    from unbottle.core.stages.layout import STAGES, Layout
+    from unbottle.core.store.fingerprint import STAGE_CODE, STAGE_PARAMS, stage_code_paths
 
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert {name: tuple(stage["params"]) for name, stage in spec.items()} == STAGE_PARAMS
-    for name, stage in spec.items():
-        code_deps = {d.removesuffix(".py").replace("/", ".") for d in stage["deps"]}
-        core_deps = {d for d in code_deps if d.startswith("core.")}
-        assert core_deps == {m for m in STAGE_CODE[name] if m.startswith("core.")}, name
-        assert set(STAGE_CODE[name]) <= code_deps, name
+    stages = {name: stage for name, stage in spec.items() if name in STAGES}
+    assert {name: tuple(stage["params"]) for name, stage in stages.items()} == STAGE_PARAMS
+    layout = Layout(REPO)
+    for name, stage in stages.items():
+        # The core code by folder (a subpackage) or file (a stage module), as hashed.
+        hashed = {p.relative_to(REPO).as_posix() for p in stage_code_paths(name).values()}
+        assert {d for d in stage["deps"] if d.startswith("core/")} == hashed, name
+        assert len(hashed) == len(STAGE_CODE[name])
+        assert not any(d.startswith("plugins/") for d in stage["deps"]), name  # the lock's job
+        lock = layout.plugin_lock_file(name).relative_to(REPO).as_posix()
+        assert lock in stage["deps"], name
+    # The plugin locks: written by an always-changed stage, one per stage, kept out of
+    # DVC's cache (small, and meant for git).
+    plugins = spec["plugins"]
+    assert plugins["cmd"] == "unbottle plugins --lock"
+    assert plugins["always_changed"] is True
+    assert plugins["outs"] == [
+        {layout.plugin_lock_file(s).relative_to(REPO).as_posix(): {"cache": False}} for s in STAGES
+    ]
 
 
 def test_dvc_yaml_declares_only_the_params_each_stage_reads():
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert list(spec) == ["pretrain", "finetune", "compress", "evaluate", "deploy"]
+    assert list(spec) == ["plugins", "pretrain", "finetune", "compress", "evaluate", "deploy"]
+    del spec["plugins"]
     for name, stage in spec.items():
         assert stage["cmd"] == f"unbottle stage {name}"
         assert all(p == "seed" or p.split(".")[0] in ("data", name) for p in stage["params"])
@@ -194,8 +216,8 @@ def test_dvc_yaml_declares_only_the_params_each_stage_reads():
     # Every code dependency exists, so editing it reruns the stage.
     for stage in spec.values():
         for dep in stage["deps"]:
-            if dep.endswith(".py"):
-                assert (REPO / dep).is_file(), dep
+            if dep.startswith("core/"):
+                assert (REPO / dep).exists(), dep
     assert TINY_PARAMS["deploy"]["variant"] == "finetuned"
 
 

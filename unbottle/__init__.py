@@ -22,6 +22,7 @@ from unbottle.core.contract.strategies import (
     ParallelismStrategy,
     Pruner,
     Quantizer,
+    ReportColumn,
     StrategyConfig,
 )
 from unbottle.core.models.runtimes import ModelRunner
@@ -45,6 +46,7 @@ __all__ = [
     "ParallelismStrategy",
     "Pruner",
     "Quantizer",
+    "ReportColumn",
     "StrategyConfig",
     "__version__",
     "hookimpl",

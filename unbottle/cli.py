@@ -219,6 +219,18 @@ def stage(
     result = run_stage(name, _load(params, overrides), workspace(root), force=force)
     done = "up to date" if result.skipped else "wrote"
     typer.echo(f"{name}: {done} {result.out_dir.relative_to(root)}")
+    _record_in_dvc(root, name, own_params=params is None and not overrides)
+
+
+def _record_in_dvc(root: Path, name: str, *, own_params: bool) -> None:
+    """Record the stage in dvc.lock, as the flow does, so `dvc repro` right after has
+    nothing to do: only for a run of what dvc.yaml runs (the workspace's params.yaml, no
+    overrides), and not under `dvc repro`, which records the stage itself."""
+    from unbottle.flows.dvc_lock import is_dvc_project, record_stages, under_dvc
+
+    if own_params and is_dvc_project(root) and not under_dvc():
+        record_stages(root, [name])
+        typer.echo(f"{name}: recorded in dvc.lock")
 
 
 @app.command()
@@ -226,10 +238,39 @@ def plugins(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     params: ParamsOption = None,
     overrides: SetOption = None,
+    lock: Annotated[
+        bool,
+        typer.Option(
+            "--lock",
+            help="Write locks/<stage>.json: the strategies each stage uses, their "
+            "distributions, versions and code hashes (dvc.yaml's `plugins` stage).",
+        ),
+    ] = False,
+    markdown: Annotated[
+        bool,
+        typer.Option(
+            "--markdown",
+            help="Print the reference of every hook and built-in strategy (docs/plugins.md).",
+        ),
+    ] = False,
 ) -> None:
-    """List every installed strategy: kind, name, distribution and version."""
+    """List every installed strategy (and lifecycle hook): kind, name, distribution, version."""
     from unbottle.core.registry import get_registry
 
+    if lock:
+        from unbottle.core.stages.runner import setup, workspace
+        from unbottle.core.store.fingerprint import write_plugin_locks
+
+        root, loaded = Path.cwd().resolve(), _load(params, overrides)
+        for path in write_plugin_locks(loaded, workspace(root), setup(loaded)):
+            typer.echo(str(path.relative_to(root)))
+        return
+    if markdown:
+        from unbottle.core.contract.reference import reference_markdown
+
+        typer.echo(reference_markdown(get_registry()), nl=False)
+        return
+    registry = get_registry()
     rows = [
         {
             "kind": info.kind,
@@ -238,7 +279,18 @@ def plugins(
             "distribution": info.distribution,
             "version": info.version,
         }
-        for info in get_registry().all()
+        for info in registry.all()
+    ]
+    # Plugins that watch a run (tracking, notifications, commands) show as their hooks.
+    rows += [
+        {
+            "kind": "hook",
+            "name": hook,
+            "plugin": plugin.name,
+            "distribution": plugin.distribution,
+            "version": plugin.version,
+        }
+        for hook, plugin in registry.lifecycle_hooks()
     ]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -395,14 +447,49 @@ def data_demo(
 def main() -> None:
     from unbottle.core.contract.errors import UnbottleError
 
+    # Known before typer parses the line: plugins load (and may fail) first.
+    _state["debug"] = "--debug" in sys.argv[1:]
     try:
+        _plugin_commands()
         app()
-    except (UnbottleError, ValueError) as e:
-        # ValueError: the demo data's own config checks; everything else is a bug.
-        if _state["debug"] or (isinstance(e, ValueError) and not _is_user_value_error(e)):
+    except Exception as e:
+        if _state["debug"]:
             raise
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        # ValueError "data.…": the demo data's own config checks.
+        if isinstance(e, UnbottleError) or (isinstance(e, ValueError) and _is_user_value_error(e)):
+            typer.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        if _report_plugin_failure(e):  # a plugin's code raised: name it
+            sys.exit(2)
+        raise  # everything else is a bug of unbottle's: its traceback
+
+
+def _plugin_commands() -> None:
+    """Let plugins add commands (hook ``register_commands``) before the line is parsed."""
+    from unbottle.core.registry import get_registry
+
+    get_registry().hook.register_commands(cli=app)
+
+
+def _report_plugin_failure(error: BaseException) -> bool:
+    """When a plugin's code raised ``error``, print one line naming the plugin and its
+    distribution and return True; False when no plugin was running (a bug of unbottle's
+    own keeps its traceback)."""
+    from unbottle.core.registry import get_registry
+
+    try:
+        plugin = get_registry().plugin_at(error.__traceback__)
+    except Exception:  # the registry itself failed: that error is the one to show
+        return False
+    if plugin is None:
+        return False
+    message = " ".join(str(error).split()) or "(no message)"
+    typer.echo(
+        f"error: {plugin.describe()} failed: {type(error).__name__}: {message} "
+        "(--debug shows the traceback)",
+        err=True,
+    )
+    return True
 
 
 def _is_user_value_error(error: ValueError) -> bool:

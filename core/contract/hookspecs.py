@@ -1,6 +1,6 @@
-"""The plugin contract: one hook per kind of strategy.
+"""The plugin contract: one registration hook per kind of strategy, and lifecycle hooks.
 
-Every hook is a *registration* hook. unbottle calls it once while it loads plugins and
+Registration hooks (``register_*``): unbottle calls each once while it loads plugins and
 passes a ``register`` callback; an implementation calls ``register(StrategyClass)`` for
 each strategy it provides. The host, not the plugin, decides what a duplicate name means
 (it is an error naming both providers). Strategies are then chosen by the ``name`` that
@@ -15,6 +15,14 @@ A strategy is a small class with:
 - a constructor taking that config, and the one method of its protocol in
   :mod:`unbottle.core.contract.strategies`.
 
+Lifecycle hooks (``after_stage``, ``on_train_log``, ``register_commands``; the pattern of
+kedro's ``after_node_run`` and llm's ``register_commands``) let a plugin watch a run
+without changing it: experiment tracking (the built-in MLflow tracker,
+:mod:`unbottle.plugins.mlflow_tracker`), notifications, extra commands. Every plugin that
+implements one is called; return values are ignored. They run in the process that does
+the work (under torchrun, on rank 0 only); an exception raised in one stops the run,
+named by plugin like any plugin failure.
+
 Hook arguments may be added in later versions, never renamed or removed; an
 implementation may accept only the arguments it uses (pluggy passes them by name).
 """
@@ -22,9 +30,13 @@ implementation may accept only the arguments it uses (pluggy passes them by name
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    import typer
 
 PROJECT_NAME = "unbottle"
 
@@ -111,4 +123,47 @@ def register_deploy_targets(register: Register) -> None:
 
     A target turns the chosen, evaluated variant into something people run: a bundle on
     disk, an edge package, a server. Chosen by ``deploy.target``.
+    """
+
+
+@hookspec
+def after_stage(stage: str, artifact_dir: Path, metrics: dict[str, Any]) -> None:
+    """Called after a stage has written its output, by ``unbottle stage``, ``unbottle run``
+    and ``dvc repro`` alike; not called for a stage that was skipped as up to date.
+
+    - ``stage``: ``pretrain``, ``finetune``, ``compress``, ``evaluate`` or ``deploy``;
+    - ``artifact_dir``: the stage's finished output directory (``artifacts/<stage>``). Its
+      ``manifest.json`` holds the config, strategies, inputs and fingerprint; evaluate's
+      holds ``evaluation.json`` (one row per variant) and ``report.md``;
+    - ``metrics``: what the stage measured, as written to ``metrics/<stage>.json`` plus
+      the timings (evaluate: ``{"variants": {name: row}}``).
+
+    Treat the directory as read-only: the stage's fingerprint covers its files.
+    """
+
+
+@hookspec
+def on_train_log(stage: str, step: int, metrics: dict[str, float]) -> None:
+    """Called after every optimizer step of a training loop, on the main process.
+
+    - ``stage``: what is training: ``pretrain``, ``finetune``, or ``distill`` (the ``kd``
+      distiller inside compress);
+    - ``step``: the optimizer step just finished, counted from 1 (a resumed run goes on
+      from its checkpoint's step);
+    - ``metrics``: ``loss`` (mean over the global batch), ``lr`` (the learning rate of the
+      first parameter group) and ``tokens_per_s`` (since this run started).
+
+    Keep it cheap or buffer: it runs inside the loop.
+    """
+
+
+@hookspec
+def register_commands(cli: typer.Typer) -> None:
+    """Add subcommands to the ``unbottle`` command line.
+
+    Called once when the ``unbottle`` command starts, with its ``typer.Typer`` app;
+    add commands with ``@cli.command()`` (or a group with ``cli.add_typer``). Import
+    heavy libraries inside the command, so that ``unbottle --help`` stays fast. A plugin
+    that fails to load is reported before any command runs
+    (``UNBOTTLE_DISABLE_PLUGINS`` skips it).
     """

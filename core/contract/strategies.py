@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -193,14 +193,30 @@ class EvalContext:
     prompt_format: Any = None
 
 
+@dataclass(frozen=True)
+class ReportColumn:
+    """How report.md shows one number a metric returns.
+
+    ``label`` is the column's title; ``format`` a ``str.format`` pattern for the value
+    (``"{:.3f}"``, ``"{:.1%}"``); ``direction`` says which way is better, ``"lower"`` or
+    ``"higher"``, and is drawn as an arrow after the title (None: neither).
+    """
+
+    label: str
+    format: str = "{:.4g}"
+    direction: Literal["lower", "higher"] | None = None
+
+
 class Metric(Strategy, Protocol):
     """Measures one variant.
 
-    Two optional class attributes let unbottle check params before any work:
-    ``produces``, the names ``measure`` returns, each mapped to ``"lower"`` or
-    ``"higher"`` (which is better) or ``None`` (neither), so a quality gate on a name no
-    configured metric produces is a config error; and ``requires``, names an earlier
-    metric in ``evaluate.metrics`` must produce (read from ``ctx.measured``).
+    Three optional class attributes: ``produces``, the names ``measure`` returns, each
+    mapped to ``"lower"`` or ``"higher"`` (which is better) or ``None`` (neither), so a
+    quality gate on a name no configured metric produces is a config error; ``requires``,
+    names an earlier metric in ``evaluate.metrics`` must produce (read from
+    ``ctx.measured``), both checked before any work; and ``columns``, a
+    ``{name: ReportColumn}`` mapping of the returned names that report.md shows as
+    columns (the built-in metrics' columns are fixed in ``core/stages/report.py``).
     """
 
     def measure(self, model: ModelRunner, ctx: EvalContext) -> dict[str, float]:

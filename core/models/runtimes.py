@@ -28,7 +28,9 @@ class ModelRunner(Protocol):
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, **kw: Any
     ) -> torch.Tensor:
-        """Greedy decoding; returns (B, T + new) ids."""
+        """Greedy decoding. Returns (B, T + new) ids: the prompt included, then the new
+        tokens; a row stops at the model's end-of-sequence token (pass ``eos_token_id=None``
+        to decode exactly ``max_new_tokens``), and finished rows are padded."""
         ...
 
     def parameter_counts(self) -> tuple[int, int]:

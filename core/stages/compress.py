@@ -21,7 +21,6 @@ import copy
 import hashlib
 import json
 import logging
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from unbottle.core.store.artifacts import (
     write_json_atomic,
     write_manifest,
 )
+from unbottle.core.store.code import strategy_code_hash
 
 log = logging.getLogger("unbottle.compress")
 VARIANTS_INDEX = "variants.json"
@@ -106,11 +106,6 @@ class PrefixCache:
             log.warning("compress: could not cache prefix %s: %s", key[:12], e)
 
 
-def _source_hash(cls: type) -> str:
-    path = getattr(sys.modules.get(cls.__module__), "__file__", None)
-    return tree_hash(Path(path)) if path else "unknown"
-
-
 @dataclass
 class Workbench:
     """What every variant of one compress run starts from."""
@@ -163,7 +158,7 @@ def prefix_keys(
                 "strategy": step.strategy,
                 "options": strategy.config.model_dump(mode="json"),
                 "distribution": f"{info.distribution} {info.version}",
-                "source": _source_hash(info.cls),
+                "source": strategy_code_hash(info.cls),
             }
         )
         blob = json.dumps({"origin": origin, "steps": steps}, sort_keys=True)

@@ -52,7 +52,26 @@ def resolve_device(device: str) -> str:
 
 
 def create_metrics(cfg: EvaluateParams, registry: Registry) -> list[tuple[str, Any]]:
+    for ref in cfg.metrics:
+        check_columns(registry.get("metric", ref.name))
     return [(ref.name, registry.create("metric", ref.name, ref.options)) for ref in cfg.metrics]
+
+
+def check_columns(info: Any) -> None:
+    """A metric's declared report columns must format a number, before any measuring."""
+    from unbottle.core.contract.errors import PluginError
+    from unbottle.core.contract.strategies import ReportColumn
+
+    for key, column in (getattr(info.cls, "columns", None) or {}).items():
+        where = f"{info.provider}: metric '{info.name}' column '{key}'"
+        if not isinstance(column, ReportColumn):
+            raise PluginError(f"{where} is {column!r}, not an unbottle.ReportColumn")
+        try:
+            column.format.format(0.5)
+        except (ValueError, IndexError, KeyError) as e:
+            raise PluginError(f"{where}: format {column.format!r} fails on a number: {e}") from e
+        if column.direction not in (None, "lower", "higher"):
+            raise PluginError(f"{where}: direction {column.direction!r}; allowed: lower, higher")
 
 
 def measure_variant(
@@ -175,6 +194,7 @@ def write_evaluation(
         frontiers,
         markdown_table,
         plot_tradeoffs,
+        plugin_columns,
         report_markdown,
         table_rows,
     )
@@ -186,7 +206,8 @@ def write_evaluation(
     candidates = [name for name in rows if name != PRETRAINED]
     # The frontiers stay out of the rows: the speed one moves with the machine's timings.
     fronts = frontiers(rows, candidates)
-    table = markdown_table(rows, fronts)
+    extra = plugin_columns(registry.get("metric", ref.name).cls for ref in cfg.metrics)
+    table = markdown_table(rows, fronts, extra)
     log.info("evaluation:\n%s", table)
 
     with atomic_dir(out_dir) as tmp:

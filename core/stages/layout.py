@@ -46,6 +46,11 @@ class Layout:
     def plot_file(self, name: str) -> Path:
         return self.metrics_dir / f"{name}.csv"
 
+    def plugin_lock_file(self, stage: str) -> Path:
+        """The strategies a stage uses and their code hashes, for DVC (dvc.yaml's
+        ``plugins`` stage writes it; the stage depends on it)."""
+        return self.root / "locks" / f"{stage}.json"
+
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else self.root / path
 

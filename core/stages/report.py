@@ -64,11 +64,29 @@ def pareto_cell(name: str, fronts: Mapping[str, list[str]]) -> str:
     return ", ".join(on) or "–"
 
 
+def plugin_columns(metrics: Iterable[Any]) -> list[tuple[str, str, str]]:
+    """The columns metric classes declare (``columns = {name: ReportColumn}``), as
+    (key, title, format), after the built-in ones and without repeating a key."""
+    known = {key for key, _, _ in COLUMNS}
+    out = []
+    for metric in metrics:
+        for key, column in (getattr(metric, "columns", None) or {}).items():
+            if key in known:
+                continue
+            known.add(key)
+            arrow = {"lower": " ↓", "higher": " ↑"}.get(column.direction or "", "")
+            out.append((key, f"{column.label}{arrow}", column.format))
+    return out
+
+
 def markdown_table(
-    rows: dict[str, dict[str, Any]], fronts: Mapping[str, list[str]] | None = None
+    rows: dict[str, dict[str, Any]],
+    fronts: Mapping[str, list[str]] | None = None,
+    extra_columns: Iterable[tuple[str, str, str]] = (),
 ) -> str:
-    """One row per variant; with ``fronts``, a last column naming its Pareto frontiers."""
-    columns = [c for c in COLUMNS if any(c[0] in row for row in rows.values())]
+    """One row per variant; ``extra_columns`` (key, title, format) after the built-in
+    ones; with ``fronts``, a last column naming its Pareto frontiers."""
+    columns = [c for c in [*COLUMNS, *extra_columns] if any(c[0] in row for row in rows.values())]
     titles = [title for _, title, _ in columns] + (["Pareto"] if fronts else [])
     head = "| variant | " + " | ".join(titles) + " |"
     rule = "|---|" + "---:|" * len(titles)

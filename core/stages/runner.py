@@ -65,6 +65,8 @@ def run_stage(
     write_json_atomic(layout.timing_file(name), timing)
     for plot, rows in result.plots.items():
         write_text_atomic(layout.plot_file(plot), _csv(rows, PLOT_COLUMNS.get(plot)))
+    # Tracking and notification plugins see the finished, recorded output.
+    registry.hook.after_stage(stage=name, artifact_dir=result.out_dir, metrics=result.metrics)
     return result
 
 

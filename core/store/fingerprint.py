@@ -2,8 +2,9 @@
 
 A stage's fingerprint hashes everything its output depends on: the params it reads (the
 same keys dvc.yaml lists), the content of its input data and upstream artifacts, the
-source of the code it runs (its core modules and the modules of the strategies it uses)
-and the versions of unbottle and of every strategy plugin's distribution. When the
+source of the code it runs (its core modules and subpackages, and the whole package of
+every strategy it uses) and the versions of unbottle and of every strategy plugin's
+distribution. When the
 output's manifest records the same fingerprint and its files still match their hashes,
 the stage has nothing to do: `unbottle stage` and the Prefect flow skip it, and the
 flow's tasks use the fingerprint as their cache key.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,58 +33,67 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "deploy": ("deploy",),
 }
 
-#: The modules each stage runs besides its strategies' own, as dotted names under
-#: ``unbottle``; dvc.yaml lists the same files as deps (a test checks).
+#: The core code each stage runs besides its strategies' own (which the plugin locks
+#: hash), as dotted names under ``unbottle``: the stage's own module, the other stage
+#: modules it calls, and whole subpackages for the rest (a test checks this covers every
+#: core module the stage imports). The framework (config, contract, store, the runner)
+#: decides whether a stage runs, not what it writes, and is left out. dvc.yaml lists the
+#: same files and folders as deps (a test checks).
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "pretrain": (
         "core.stages.pretrain",
-        "core.models.sources",
-        "core.training.loop",
-        "core.training.checkpoint",
-        "core.training.memory",
-        "core.models.loading",
+        "core.compression",
+        "core.models",
+        "core.training",
     ),
     "finetune": (
         "core.stages.finetune",
-        "core.data.prompts",
-        "core.training.loop",
-        "core.training.checkpoint",
-        "core.training.memory",
-        "core.models.loading",
+        "core.compression",
+        "core.data",
+        "core.models",
+        "core.training",
     ),
-    # The pruning and quantization algorithms the built-in strategies call.
     "compress": (
         "core.stages.compress",
-        "core.models.loading",
-        "core.compression.calibration",
-        "core.compression.mappings",
-        "core.compression.sparsity",
-        "plugins.pruning.sparsegpt",
-        "plugins.pruning.structured",
-        "core.compression.grids",
-        "plugins.quantization.gptq",
-        "plugins.quantization.matmulnbits",
-        "core.models.lowbit",
+        "core.compression",
+        "core.models",
+        "core.training",  # the kd distiller trains through the pipeline's loop
     ),
     "evaluate": (
         "core.stages.evaluate",
-        "core.models.runtimes",
         "core.stages.report",
-        "core.data.prompts",
-        "core.models.lowbit",
-        "core.compression.grids",
+        "core.stages.compress",
+        "core.compression",
+        "core.data",
+        "core.models",
+        "core.training",
     ),
     # The gates and the decision live in evaluate; the bundles load models through runtime.
     "deploy": (
         "core.stages.deploy",
         "core.stages.evaluate",
-        "core.models.runtimes",
-        "core.serving.engine",
-        "core.models.lowbit",
-        "core.compression.grids",
-        "plugins.quantization.matmulnbits",
+        "core.stages.report",
+        "core.stages.compress",
+        "core.compression",
+        "core.data",
+        "core.models",
+        "core.serving",
+        "core.training",
     ),
 }
+
+
+def stage_code_paths(stage: str) -> dict[str, Path]:
+    """Each entry of ``STAGE_CODE[stage]`` and its file or folder."""
+    from unbottle.core.store.code import code_path
+
+    paths = {}
+    for module in STAGE_CODE[stage]:
+        path = code_path(f"unbottle.{module}")
+        if path is None:
+            raise DataError(f"STAGE_CODE['{stage}']: unbottle.{module} has no source")
+        paths[f"unbottle.{module}"] = path
+    return paths
 
 
 def stage_inputs(stage: str, params: Params, layout: Layout) -> dict[str, Path]:
@@ -139,15 +148,49 @@ def _params_slice(stage: str, params: Params) -> dict[str, Any]:
     return picked
 
 
-def _source_hash(module_name: str) -> str:
-    module = sys.modules.get(module_name)
-    path = getattr(module, "__file__", None)
-    return tree_hash(Path(path)) if path else "unknown"
+def strategy_lock(stage: str, params: Params, registry: Registry) -> dict[str, dict[str, str]]:
+    """The strategies a stage uses, each with its plugin, distribution, version and the
+    hash of its package's code (:mod:`unbottle.core.store.code`). Part of the stage's
+    fingerprint, and what DVC's ``plugins`` stage writes to ``locks/<stage>.json``."""
+    from unbottle.core.store.code import strategy_code_hash
+
+    lock = {}
+    for where, kind, name, _ in strategy_refs(params):
+        if where.startswith(stage):
+            info = registry.get(kind, name)
+            lock[where] = {
+                "kind": kind,
+                "name": name,
+                "plugin": info.plugin,
+                "distribution": info.distribution,
+                "version": info.version,
+                "code": strategy_code_hash(info.cls),
+            }
+    return lock
+
+
+def write_plugin_locks(params: Params, layout: Layout, registry: Registry) -> list[Path]:
+    """Write ``locks/<stage>.json`` for every stage; a file whose content would not change
+    is left alone. DVC's always-changed ``plugins`` stage runs this, and every stage
+    depends on its own lock, so DVC reruns a stage exactly when one of its plugins changed.
+    """
+    from unbottle.core.stages.layout import STAGES
+    from unbottle.core.store.artifacts import write_text_atomic
+
+    written = []
+    for stage in STAGES:
+        path = layout.plugin_lock_file(stage)
+        text = json.dumps(strategy_lock(stage, params, registry), indent=2, sort_keys=True) + "\n"
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, text)
+        written.append(path)
+    return written
 
 
 def fingerprint(stage: str, params: Params, layout: Layout, registry: Registry) -> str:
     """The sha256 that names this stage's output for these inputs, params and code."""
-    import importlib
+    from unbottle.core.store.code import code_hash
 
     inputs = {}
     for name, path in stage_inputs(stage, params, layout).items():
@@ -155,26 +198,13 @@ def fingerprint(stage: str, params: Params, layout: Layout, registry: Registry) 
             inputs[name] = tree_hash(path)
         except DataError:
             inputs[name] = "missing"
-    code = {}
-    for module in STAGE_CODE[stage]:
-        qualified = f"unbottle.{module}"
-        importlib.import_module(qualified)
-        code[qualified] = _source_hash(qualified)
-    strategies = {}
-    for where, kind, name, _ in strategy_refs(params):
-        if where.startswith(stage):
-            info = registry.get(kind, name)
-            strategies[where] = {
-                "name": name,
-                "distribution": f"{info.distribution} {info.version}",
-                "source": _source_hash(info.cls.__module__),
-            }
+    code = {module: code_hash(path) for module, path in stage_code_paths(stage).items()}
     record = {
         "stage": stage,
         "params": _params_slice(stage, params),
         "inputs": inputs,
         "code": code,
-        "strategies": strategies,
+        "strategies": strategy_lock(stage, params, registry),
         "unbottle": package_version("unbottle"),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

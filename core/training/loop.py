@@ -553,6 +553,16 @@ def train(
             report.seconds = time.perf_counter() - start
             report.cpu_seconds = time.process_time() - cpu_start
             advance(loss=value, tokens_per_s=report.tokens_per_second)
+            if this_rank == 0:
+                registry.hook.on_train_log(
+                    stage=desc,
+                    step=step + 1,
+                    metrics={
+                        "loss": value,
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_s": report.tokens_per_second,
+                    },
+                )
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 say(
                     "%s step %d/%d loss %.4f lr %.2e %.0f tokens/s",
