@@ -77,7 +77,7 @@ Variant deployed: **{ctx.variant}** (format `{ctx.model_format}`).
 
 ## Use
 
-{usage or _transformers_usage(max_new_tokens)}
+{usage or _transformers_usage(ctx, max_new_tokens)}
 
 ## Provenance
 
@@ -86,14 +86,45 @@ Variant deployed: **{ctx.variant}** (format `{ctx.model_format}`).
 """
 
 
-def _transformers_usage(max_new_tokens: int) -> str:
+#: The usage examples' question when the evaluation asked none.
+FALLBACK_QUESTION = "Where does Alice live?"
+
+
+def usage_messages(ctx: DeployContext) -> list[dict[str, str]]:
+    """A chat request for a question from the user's held-out set, with the system prompt
+    the model was finetuned with, if any."""
+    from unbottle.evaluation import PromptFormat
+
+    question = ctx.example_question or FALLBACK_QUESTION
+    fmt = ctx.prompt_format or PromptFormat()
+    return fmt.conversation({"question": question, "answer": ""})[:-1]
+
+
+def prompt_code(ctx: DeployContext) -> str:
+    """Python that sets ``ids`` to that question's prompt, rendered as the model was
+    finetuned: through its chat template, or in the completion form."""
+    from unbottle.evaluation import PromptFormat
+
+    fmt = ctx.prompt_format or PromptFormat()
+    if fmt.kind == "chat":
+        return (
+            f"messages = {usage_messages(ctx)!r}\n"
+            "ids = tokenizer.apply_chat_template(\n"
+            '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True\n'
+            ")"
+        )
+    pair = {"question": ctx.example_question or FALLBACK_QUESTION, "answer": ""}
+    prompt = fmt.prompt_text(None, pair)
+    return f'ids = tokenizer({prompt!r}, return_tensors="pt")'
+
+
+def _transformers_usage(ctx: DeployContext, max_new_tokens: int) -> str:
     return f"""```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("path/to/this/bundle")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/bundle")
-prompt = "Question: Where does Alice live?\\nAnswer:"
-ids = tokenizer(prompt, return_tensors="pt")
+{prompt_code(ctx)}
 print(tokenizer.decode(model.generate(**ids, max_new_tokens={max_new_tokens})[0]))
 ```"""
 
@@ -122,7 +153,7 @@ def write_generation_config(model_dir: Path, out_dir: Path, max_new_tokens: int)
     ).save_pretrained(out_dir)
 
 
-def _quantized_usage(max_new_tokens: int) -> str:
+def _quantized_usage(ctx: DeployContext, max_new_tokens: int) -> str:
     return f"""A standard compressed-tensors (`pack-quantized`) checkpoint: the variant's own
 integer codes, float16 scales, zero points and act-order `g_idx`. transformers loads it
 (on CPU it decompresses the weights) with the compressed-tensors package:
@@ -138,7 +169,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 # float32 on CPU (transformers picks float16 for compressed-tensors checkpoints otherwise)
 model = AutoModelForCausalLM.from_pretrained("path/to/this/bundle", dtype=torch.float32)
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/bundle")
-ids = tokenizer("Question: Where does Alice live?\\nAnswer:", return_tensors="pt")
+{prompt_code(ctx)}
 print(tokenizer.decode(model.generate(**ids, max_new_tokens={max_new_tokens})[0]))
 ```
 
@@ -180,7 +211,7 @@ class HuggingFaceBundle:
                     shutil.copy2(model_dir / name, out_dir / name)
         save_tokenizer(model_dir, out_dir)
         write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
-        usage = _quantized_usage(self.config.max_new_tokens) if quantized else None
+        usage = _quantized_usage(ctx, self.config.max_new_tokens) if quantized else None
         (out_dir / "README.md").write_text(
             model_card(ctx, self.config.max_new_tokens, usage, library="transformers"),
             encoding="utf-8",
@@ -221,14 +252,14 @@ def _logit_difference(model: Any, packed_dir: Path, ids: Any) -> float:
     return difference
 
 
-def _onnx_usage(file_name: str, max_new_tokens: int) -> str:
+def _onnx_usage(ctx: DeployContext, file_name: str, max_new_tokens: int) -> str:
     return f"""```python
 from optimum.onnxruntime import ORTModelForCausalLM
 from transformers import AutoTokenizer
 
 model = ORTModelForCausalLM.from_pretrained("path/to/this/bundle", file_name="{file_name}")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/bundle")
-ids = tokenizer("Question: Where does Alice live?\\nAnswer:", return_tensors="pt")
+{prompt_code(ctx)}
 print(tokenizer.decode(model.generate(**ids, max_new_tokens={max_new_tokens})[0]))
 ```
 
@@ -293,7 +324,7 @@ class OnnxBundle:
             model_card(
                 ctx,
                 self.config.max_new_tokens,
-                _onnx_usage(model_file.name, self.config.max_new_tokens),
+                _onnx_usage(ctx, model_file.name, self.config.max_new_tokens),
             ),
             encoding="utf-8",
         )
@@ -312,7 +343,7 @@ class OnnxBundle:
         }
 
 
-def _serve_usage(config: ServeConfig) -> str:
+def _serve_usage(ctx: DeployContext, config: ServeConfig) -> str:
     return f"""Serve it with an OpenAI-compatible API (continuous batching, streaming, metrics):
 
 ```bash
@@ -325,7 +356,7 @@ from openai import OpenAI
 client = OpenAI(base_url="http://{config.host}:{config.port}/v1", api_key="KEY or anything")
 reply = client.chat.completions.create(
     model="{config.model_name}",
-    messages=[{{"role": "user", "content": "Where does Alice live?"}}],
+    messages={json.dumps(usage_messages(ctx))},
 )
 print(reply.choices[0].message.content)
 ```
@@ -380,7 +411,7 @@ class ServerBundle:
         # Only the float variant's bundle is one plain transformers loads.
         library = "transformers" if ctx.model_format == "hf" else None
         (out_dir / "README.md").write_text(
-            model_card(ctx, config.default_max_tokens, _serve_usage(config), library),
+            model_card(ctx, config.default_max_tokens, _serve_usage(ctx, config), library),
             encoding="utf-8",
         )
 

@@ -24,10 +24,15 @@ from typing import Any, Literal
 from pydantic import Field
 
 from unbottle import DeployContext, StrategyConfig
-from unbottle.plugins.deploy import model_card, save_tokenizer, write_generation_config
+from unbottle.plugins.deploy import (
+    model_card,
+    prompt_code,
+    save_tokenizer,
+    write_generation_config,
+)
 
 
-def _gguf_usage(file_name: str, max_new_tokens: int) -> str:
+def _gguf_usage(ctx: DeployContext, file_name: str, max_new_tokens: int) -> str:
     return f"""With llama.cpp:
 
 ```bash
@@ -45,7 +50,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("path/to/this/bundle", gguf_file="{file_name}")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/bundle", gguf_file="{file_name}")
-ids = tokenizer("Question: Where does Alice live?\\nAnswer:", return_tensors="pt")
+{prompt_code(ctx)}
 print(tokenizer.decode(model.generate(**ids, max_new_tokens={max_new_tokens})[0]))
 ```"""
 
@@ -91,7 +96,7 @@ class GgufBundle:
         file_name = f"model-{gguf_type}.gguf"
         facts = write_gguf(model_dir, out_dir, out_dir / file_name, gguf_type)
         write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
-        usage = _gguf_usage(file_name, self.config.max_new_tokens)
+        usage = _gguf_usage(ctx, file_name, self.config.max_new_tokens)
         (out_dir / "README.md").write_text(
             model_card(ctx, self.config.max_new_tokens, usage), encoding="utf-8"
         )

@@ -166,3 +166,29 @@ def test_a_released_model_finetunes_in_chat_format_and_is_evaluated_as_the_serve
     )
     prompt_ids = tokenizer(asked.prompt_text(tokenizer, question), add_special_tokens=False)
     assert prompt_ids["input_ids"] == list(served)
+
+
+def test_a_chat_models_usage_example_prompts_as_the_server_does(released):
+    from unbottle import DeployContext
+    from unbottle.plugins.deploy import prompt_code
+
+    _, tokenizer = released
+    ctx = DeployContext(
+        variant="finetuned",
+        model_format="hf",
+        metrics={},
+        report_markdown="",
+        manifest={},
+        example_question="In what year was Gilen Galdul born?",
+        prompt_format=PromptFormat(kind="chat", system_prompt="Be brief."),
+    )
+    scope = {"tokenizer": tokenizer}
+    exec(prompt_code(ctx), scope)
+    served = tokenizer.apply_chat_template(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "In what year was Gilen Galdul born?"},
+        ],
+        add_generation_prompt=True,
+    )
+    assert scope["ids"]["input_ids"][0].tolist() == list(served)

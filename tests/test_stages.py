@@ -188,3 +188,26 @@ def test_deploy_bundle_loads_and_generates_in_transformers(run):
     card = (out / "README.md").read_text()
     assert "| finetuned |" in card and "| int8 |" in card
     assert read_manifest(out)["variant"] == "finetuned"
+
+
+def run_card_code(bundle: Path) -> str:
+    """Run the model card's Python example against the bundle, as a user would paste it."""
+    import contextlib
+    import io
+    import re
+
+    card = (bundle / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code.replace("path/to/this/bundle", str(bundle)), {})
+    return code
+
+
+def test_the_model_cards_example_runs_and_asks_a_question_of_the_users_test_set(run):
+    from unbottle.core.data.prompts import read_pairs
+
+    questions = [p["question"] for p in read_pairs(run["layout"].root / "data/qa/test.jsonl", "qa")]
+    code = run_card_code(run["layout"].artifact("deploy"))
+    assert any(f"Question: {q}" in code for q in questions), code
+    assert "Alice" not in code  # the demo world's placeholder is not the user's data

@@ -233,6 +233,12 @@ class DeployContext:
     metrics: dict[str, float]
     report_markdown: str
     manifest: dict[str, Any]
+    #: A question from the user's held-out set (what the evaluation asked), for the
+    #: bundle's usage example; None when the evaluation asked none.
+    example_question: str | None = None
+    #: How finetuning rendered prompts (``unbottle.evaluation.PromptFormat``): a usage
+    #: example prompts the model the same way. None: the completion format.
+    prompt_format: Any = None
 
 
 class DeployTarget(Strategy, Protocol):

@@ -174,7 +174,12 @@ def deploy(
     registry: Registry,
 ) -> StageResult:
     from unbottle.core.models.runtimes import model_format
-    from unbottle.core.stages.evaluate import read_evaluation, variant_dirs
+    from unbottle.core.stages.evaluate import (
+        example_question,
+        prompt_format_of,
+        read_evaluation,
+        variant_dirs,
+    )
     from unbottle.core.store.artifacts import verify_artifact
 
     target = registry.create("deploy_target", cfg.target.name, cfg.target.options)
@@ -201,6 +206,8 @@ def deploy(
         metrics=rows[variant],
         report_markdown=f"{table}\n\n{decision.markdown()}",
         manifest=manifest,
+        example_question=example_question(evaluation),
+        prompt_format=prompt_format_of(baseline),
     )
     with atomic_dir(out_dir) as tmp:
         facts = target.deploy(model_dir, tmp, ctx)

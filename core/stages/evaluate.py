@@ -247,6 +247,16 @@ def write_evaluation(
     return StageResult(out_dir, {"variants": rows}, plots={f"{stage}_table": table_rows(rows)})
 
 
+def example_question(evaluation_dir: Path) -> str | None:
+    """The first held-out question the evaluation asked (from its accuracy samples)."""
+    data = json.loads((evaluation_dir / EVALUATION).read_text(encoding="utf-8"))
+    for per_metric in (data.get("samples") or {}).values():
+        for sample in (per_metric or {}).get("accuracy") or []:
+            if isinstance(sample, dict) and isinstance(sample.get("question"), str):
+                return sample["question"]
+    return None
+
+
 def read_evaluation(evaluation_dir: Path) -> tuple[dict[str, Any], str]:
     """The rows (in params order) and the Markdown table an evaluate stage wrote."""
     from unbottle.core.store.artifacts import verify_artifact
