@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from unbottle.core.contract.errors import DataError
+from unbottle.core.contract.errors import DataError, shorten
+from unbottle.core.store.artifacts import read_utf8
 
 
 def prompt(question: str) -> str:
@@ -29,14 +30,16 @@ def read_pairs(path: Path, what: str) -> list[dict[str, str]]:
     """Read question/answer pairs from JSONL: one {"question": ..., "answer": ...} a line."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{what}: {path} does not exist (run `unbottle data demo` or fix params)")
+        raise DataError(
+            f"{what}: {shorten(path)} does not exist (run `unbottle data demo` or fix params)"
+        )
     pairs: list[dict[str, str]] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_utf8(path, what).splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise DataError(f"{what}: {path}:{lineno} is not valid JSON") from None
         if not isinstance(obj, dict) or not all(
             isinstance(obj.get(k), str) and obj.get(k) for k in ("question", "answer")

@@ -21,6 +21,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -359,7 +360,9 @@ def prefix_cache(cache_dir: Path | None, near: Path) -> Iterator[PrefixCache]:
         yield PrefixCache(cache_dir)
         return
     near.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=near.parent, prefix=f".{near.name}.prefixes.") as tmp:
+    # The pid in the name lets a later run sweep it away if this one is killed.
+    prefix = f".{near.name}.prefixes.{os.getpid()}-"
+    with tempfile.TemporaryDirectory(dir=near.parent, prefix=prefix) as tmp:
         yield PrefixCache(Path(tmp))
 
 

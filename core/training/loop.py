@@ -117,13 +117,15 @@ class Batches:
     seed: int
 
 
-def resolve_precision(requested: str) -> tuple[str, str]:
-    """Pick accelerate's mixed-precision mode for this device, and say why."""
+def resolve_precision(requested: str, key: str = "train") -> tuple[str, str]:
+    """Pick accelerate's mixed-precision mode for this device, and say why.
+
+    ``key`` names the params section in error messages (``finetune.train``)."""
     import torch
 
     cuda = torch.cuda.is_available()
     if requested == "fp16" and not cuda:
-        raise ConfigError("train.precision: fp16 needs a CUDA GPU; use fp32 or auto on a CPU")
+        raise ConfigError(f"{key}.precision: fp16 needs a CUDA GPU; use fp32 or auto on a CPU")
     if requested == "fp32":
         return "no", "fp32 requested"
     if requested == "bf16":
@@ -276,6 +278,7 @@ def estimate_memory(
     key: str,
     device: torch.device | None = None,
     processes: int | None = None,
+    announce: bool = True,
 ) -> MemoryEstimate:
     """Estimate the run's memory and refuse it when it cannot fit (see core/training/memory.py).
 
@@ -286,7 +289,7 @@ def estimate_memory(
     from unbottle.core.training import memory
 
     processes = processes or world_size()
-    mixed_precision, _ = resolve_precision(cfg.precision)
+    mixed_precision, _ = resolve_precision(cfg.precision, key)
     if device is None:
         on_cpu = bool(cfg.parallelism.options.get("cpu")) or not torch.cuda.is_available()
         local = int(os.environ.get("LOCAL_RANK", "0"))  # one GPU per local process
@@ -300,7 +303,7 @@ def estimate_memory(
         world_size=processes,
         sharded=cfg.parallelism.name == "fsdp",
     )
-    memory.check(plan, device, key=key, enabled=cfg.memory_check)
+    memory.check(plan, device, key=key, enabled=cfg.memory_check, announce=announce)
     return plan
 
 
@@ -337,7 +340,7 @@ def train(
         raise ValueError("checkpoints need Batches: a sampling function's order cannot be saved")
 
     # ---- checks and setup, all before the first step
-    mixed_precision, reason = resolve_precision(cfg.precision)
+    mixed_precision, reason = resolve_precision(cfg.precision, key)
     parallel = registry.create("parallelism", cfg.parallelism.name, cfg.parallelism.options)
     accelerator = parallel.accelerator(mixed_precision=mixed_precision)
     processes, this_rank = accelerator.num_processes, accelerator.process_index

@@ -94,6 +94,13 @@ class WeightOnlyConfig(StrategyConfig):
         )
 
 
+def _check_model(model: Any, config: WeightOnlyConfig, where: str) -> None:
+    """The layer pattern and group size fit ``model`` (a weightless copy will do)."""
+    from unbottle.core.compression.grids import check_group_size, quantizable_linears
+
+    check_group_size(quantizable_linears(model, config.layers, where), config.scheme(), where)
+
+
 def _load_and_select(model_dir: Path, config: WeightOnlyConfig, what: str) -> tuple[Any, list]:
     """The float model and the Linears to quantize, checked before any work."""
     from unbottle.core.compression.grids import check_group_size, quantizable_linears
@@ -114,6 +121,9 @@ class RoundToNearest:
 
     def __init__(self, config: WeightOnlyConfig) -> None:
         self.config = config
+
+    def check_model(self, model: Any, where: str) -> None:
+        _check_model(model, self.config, where)
 
     def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
         import torch
@@ -171,6 +181,9 @@ class Gptq:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+
+    def check_model(self, model: Any, where: str) -> None:
+        _check_model(model, self.config, where)
 
     def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
         from unbottle.core.models.lowbit import save_packed
