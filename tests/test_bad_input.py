@@ -29,15 +29,17 @@ def cli(args: list[str], cwd: Path, capsys) -> tuple[int, str, str]:
     """``unbottle ARGS`` in this process: (exit code, stdout, stderr)."""
     from unbottle.cli import main
 
-    environ, here = dict(os.environ), Path.cwd()
+    environ, here, argv = dict(os.environ), Path.cwd(), sys.argv
     capsys.readouterr()
     os.chdir(cwd)
+    sys.argv = ["unbottle", *args]
     try:
-        main(args)
+        main()
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     finally:
+        sys.argv = argv
         os.chdir(here)
         os.environ.clear()
         os.environ.update(environ)
@@ -339,3 +341,118 @@ def test_metrics_left_by_another_run_make_an_artifact_stale(pipeline_run, tmp_pa
     other.write_text('{"final_loss": 1.0}\n')
     assert is_current(layout.artifact("finetune"), stamp, layout.metrics_file("finetune"))
     assert not is_current(layout.artifact("finetune"), stamp, other)
+
+
+# ------------------------------------------------------------------ 13: fuzzing params
+
+
+def _key_paths(tree: object, prefix: tuple = ()) -> list[tuple]:
+    """Every key path of a params tree (mappings and list items), the root included."""
+    paths = [prefix]
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            paths += _key_paths(value, (*prefix, key))
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            paths += _key_paths(value, (*prefix, i))
+    return paths
+
+
+def _fuzz_strategies():
+    from hypothesis import strategies as st
+
+    text = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=12)
+    leaves = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(10**30), max_value=10**30),
+        st.floats(allow_nan=True, allow_infinity=True),
+        text,
+        st.sampled_from(["x" * 5000, "adamw", "magnitude", "rtn", "auto", "fp16", "ddp"]),
+    )
+    values = st.recursive(
+        leaves,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)
+        ),
+        max_leaves=6,
+    )
+    paths = _key_paths(TINY_PARAMS)
+
+    @st.composite
+    def broken(draw) -> str:
+        """TINY_PARAMS with 1 to 3 edits: a value replaced (wrong type, out of range,
+        nested), an unknown key added, or a value nested thousands of levels deep."""
+        import copy
+
+        tree = copy.deepcopy(TINY_PARAMS)
+        deep = None
+        for _ in range(draw(st.integers(1, 3))):
+            path = draw(st.sampled_from(paths))
+            node = tree
+            for part in path[:-1]:
+                node = node[part] if isinstance(node, dict) and part in node else None
+                if node is None:
+                    break
+            edit = draw(st.sampled_from(["replace", "replace", "unknown", "deep"]))
+            if edit == "unknown":
+                target = (
+                    node if not path else node.get(path[-1]) if isinstance(node, dict) else None
+                )
+                if isinstance(target, dict):
+                    target[draw(text)] = draw(values)
+            elif path and isinstance(node, dict | list):
+                node[path[-1]] = "__DEEP__" if edit == "deep" else draw(values)
+                if edit == "deep":
+                    deep = draw(st.integers(100, 5000))
+        dumped = yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
+        if deep is not None:
+            dumped = dumped.replace("__DEEP__", "[" * deep + "]" * deep)
+        return dumped
+
+    return broken(), st.sampled_from(["pretrain", "compress"])
+
+
+def test_fuzzed_params_files_fail_in_one_line_and_touch_nothing(upstream, capsys):
+    """Generated params files: each one that validation refuses is refused with an
+    UnbottleError (never another exception), by the CLI with exit 2 in one short line,
+    and leaves the artifacts as they were."""
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    from unbottle.core.config.params import load_params
+    from unbottle.core.contract.errors import UnbottleError
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.preflight import preflight
+    from unbottle.core.stages.runner import setup
+
+    params_files, stages = _fuzz_strategies()
+    before = artifacts_state(upstream)
+    layout = Layout(upstream)
+    path = upstream / "fuzz.yaml"
+    refused = []
+
+    @settings(
+        max_examples=20,
+        deadline=None,
+        derandomize=True,  # the same examples on every run
+        database=None,
+        phases=[Phase.explicit, Phase.generate],  # no shrinking: bounded time on a failure
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(text=params_files, stage=stages)
+    def check(text: str, stage: str) -> None:
+        path.write_text(text, encoding="utf-8")
+        try:
+            params = load_params(path)
+            preflight(stage, params, layout, setup(params))
+        except UnbottleError:
+            pass
+        else:
+            return  # valid: the stage would start work, which is not this test's business
+        refused.append(stage)
+        line = assert_one_line(cli(["stage", stage, "--params", str(path)], upstream, capsys), ".")
+        assert len(line) < 500, line[:600]
+        assert artifacts_state(upstream) == before
+
+    check()
+    assert len(refused) > 10  # most generated files are invalid: the test saw real refusals

@@ -125,10 +125,12 @@ class TokenizerParams(Section):
 
 
 class ModelParams(Section):
-    hidden_size: int = Field(128, ge=8)
-    layers: int = Field(4, ge=1)
-    heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(344, ge=8)
+    # Upper bounds well past the largest open models (hidden 16384, 126 layers, FFN 53248),
+    # so a typo is refused here rather than building a model of a billion layers.
+    hidden_size: int = Field(128, ge=8, le=1 << 16)
+    layers: int = Field(4, ge=1, le=1024)
+    heads: int = Field(4, ge=1, le=1024)
+    intermediate_size: int = Field(344, ge=8, le=1 << 18)
     context: int = Field(128, ge=8, le=1 << 20)
 
     @model_validator(mode="after")

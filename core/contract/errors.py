@@ -37,8 +37,12 @@ ECHO_LIMIT = 80
 
 
 def shorten(text: object, limit: int = ECHO_LIMIT) -> str:
-    """``text`` (a value's repr, a key) cut to ``limit`` characters with an ellipsis."""
+    """``text`` (a value's repr, a key) cut to ``limit`` characters with an ellipsis, and
+    with control characters escaped: a key holding a newline (or U+001E, which
+    ``splitlines`` also breaks at) must not split the error into two lines."""
     text = str(text)
+    if not text[: limit + 1].isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit * 4])
     if len(text) <= limit:
         return text
     return text[: limit - 1] + "…"
