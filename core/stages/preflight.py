@@ -91,13 +91,15 @@ def check_data(name: str, params: Params, layout: Layout) -> None:
 def check_upstream(name: str, layout: Layout) -> None:
     """The upstream artifacts exist and their manifests and weight headers are whole."""
     from unbottle.core.models.loading import check_safetensors
-    from unbottle.core.store.artifacts import read_manifest
+    from unbottle.core.store.artifacts import read_manifest, verify_artifact
 
     for upstream in _UPSTREAM[name]:
         artifact = layout.artifact(upstream)
-        read_manifest(artifact)
-        if upstream in ("pretrain", "finetune"):
+        if upstream == _MODEL_INPUT.get(name):  # the model the stage loads: whole, intact
+            verify_artifact(artifact)
             check_safetensors(artifact)
+        else:
+            read_manifest(artifact)
 
 
 # --------------------------------------------------------------------------- the model
