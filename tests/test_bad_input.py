@@ -224,6 +224,26 @@ def test_setup_refuses_before_loading_anything(upstream, capsys, monkeypatch, st
     assert artifacts_state(upstream) == before
 
 
+def test_a_step_after_a_shape_change_names_its_full_key_path_when_it_runs(upstream):
+    """Structured pruning changes the shapes the next step sees, so the quantizer's group
+    size is checked when it runs; its message still names the whole key path."""
+    import copy
+
+    from unbottle.core.config.params import Params
+    from unbottle.core.contract.errors import ConfigError
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
+
+    tree = copy.deepcopy(PIPELINE_PARAMS)
+    tree["compress"]["variants"] = {
+        "slim-int4": [{"prune": "structured", "ffn": 0.5}, {"quantize": "rtn", "group_size": 64}]
+    }
+    before = artifacts_state(upstream)
+    with pytest.raises(ConfigError, match=r"^compress\.variants\.slim-int4\[1\]\.group_size: 64 "):
+        run_stage("compress", Params.model_validate(tree), Layout(upstream))
+    assert artifacts_state(upstream) == before  # no compress artifact, no leftovers
+
+
 def test_run_checks_every_stage_data_before_prefect_starts(upstream, capsys):
     (upstream / "data/qa/train.jsonl").write_text('{"question": "q?", "answer": "a"}\nnot json\n')
     result = cli(["run"], upstream, capsys)

@@ -291,6 +291,7 @@ def build_variant(
             seed=bench.seed,
             work_dir=variant_dir.parent,
             teacher=bench.base,
+            where=f"compress.variants.{name}[{i}]",
         )
         began = time.perf_counter()
         if step.action == "prune":

@@ -661,7 +661,7 @@ class Structured:
             plan_cut,
         )
 
-        cut = self.cut(model)
+        cut = self.cut(model, ctx.where or "structured")
         _check_calibration(ctx, "structured")
         shape = Shape.of(model)
         before = sum(p.numel() for p in model.parameters())

@@ -132,7 +132,7 @@ class RoundToNearest:
         from unbottle.core.models.lowbit import save_packed
 
         c = self.config
-        model, layers = _load_and_select(model_dir, c, self.name)
+        model, layers = _load_and_select(model_dir, c, ctx.where or self.name)
         scheme = c.scheme()
         with torch.no_grad():
             quantized = {name: quantize_rtn(linear.weight, scheme) for name, linear in layers}
@@ -194,7 +194,7 @@ class Gptq:
             raise ConfigError(
                 "compress.calibration.samples: 0 calibration samples; gptq needs at least 1"
             )
-        model, layers = _load_and_select(model_dir, c, self.name)
+        model, layers = _load_and_select(model_dir, c, ctx.where or self.name)
         quantized, metrics = gptq_model(
             model,
             ctx.calibration,
