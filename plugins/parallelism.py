@@ -22,6 +22,8 @@ from unbottle import ConfigError, StrategyConfig, hookimpl
 from unbottle.plugins.model_parallel import FSDP, Hybrid, PipelineParallel, TensorParallel
 
 _LAUNCH = "torchrun --nproc_per_node N -m unbottle stage <stage> ..."
+#: The key a strategy's messages name when no fuller path is known.
+_KEY = "train.parallelism"
 
 
 def _fresh_state() -> None:
@@ -40,7 +42,7 @@ def _launched() -> tuple[int, int]:
     return world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
 
 
-def _check_devices(name: str, local: int, *, cpu: bool) -> None:
+def _check_devices(name: str, local: int, *, cpu: bool, key: str = _KEY) -> None:
     """One process per device: refuse more processes on a machine than it has devices."""
     import torch
 
@@ -48,28 +50,28 @@ def _check_devices(name: str, local: int, *, cpu: bool) -> None:
         gpus = torch.cuda.device_count()
         if local > gpus:
             raise ConfigError(
-                f"train.parallelism: '{name}' was launched with {local} processes on this "
+                f"{key}: '{name}' was launched with {local} processes on this "
                 f"machine but it has {gpus} GPU{'s' if gpus > 1 else ''}; launch at most {gpus}"
             )
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if local > (cores or 1):
         raise ConfigError(
-            f"train.parallelism: '{name}' was launched with {local} processes on this machine "
+            f"{key}: '{name}' was launched with {local} processes on this machine "
             f"but it has {cores} CPU cores; launch at most {cores}"
         )
 
 
-def _check_world(name: str, expected: int | None, *, minimum: int) -> int:
+def _check_world(name: str, expected: int | None, *, minimum: int, key: str = _KEY) -> int:
     world, local = _launched()
     if world < minimum:
         raise ConfigError(
-            f"train.parallelism: '{name}' needs at least {minimum} processes but {world} was "
+            f"{key}: '{name}' needs at least {minimum} processes but {world} was "
             f"launched; start it with `{_LAUNCH}` (`accelerate launch --cpu` starts one)"
         )
     if expected is not None and world != expected:
         raise ConfigError(
-            f"train.parallelism.processes: {expected} expected but {world} were launched; "
+            f"{key}.processes: {expected} expected but {world} were launched; "
             "launch that many or change the option"
         )
     return local
@@ -86,15 +88,18 @@ class Single:
     def __init__(self, config: Config) -> None:
         self.config = config
 
-    def accelerator(self, *, mixed_precision: str) -> Any:
-        from accelerate import Accelerator
-
+    def check_launch(self, key: str = _KEY) -> None:
+        """Refuse, before any work, a launch of several processes."""
         world, _ = _launched()
         if world != 1:
             raise ConfigError(
-                f"train.parallelism: 'single' runs one process, but {world} were launched; "
-                "choose ddp or fsdp"
+                f"{key}: 'single' runs one process, but {world} were launched; choose ddp or fsdp"
             )
+
+    def accelerator(self, *, mixed_precision: str) -> Any:
+        from accelerate import Accelerator
+
+        self.check_launch()
         _fresh_state()
         accelerator = Accelerator(cpu=self.config.cpu, mixed_precision=mixed_precision)
         if accelerator.num_processes != 1:
@@ -119,14 +124,21 @@ class DDP:
     def __init__(self, config: Config) -> None:
         self.config = config
 
+    def check_launch(self, key: str = _KEY) -> None:
+        """Refuse, before any work, a launch of one process or more than the devices."""
+        import torch
+
+        c = self.config
+        local = _check_world(self.name, c.processes, minimum=2, key=key)
+        _check_devices(self.name, local, cpu=c.cpu or not torch.cuda.is_available(), key=key)
+
     def accelerator(self, *, mixed_precision: str) -> Any:
         import torch
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
         c = self.config
         cpu = c.cpu or not torch.cuda.is_available()
-        local = _check_world(self.name, c.processes, minimum=2)
-        _check_devices(self.name, local, cpu=cpu)
+        self.check_launch()
         _fresh_state()
         accelerator = Accelerator(
             cpu=cpu,  # accelerate picks MULTI_CPU (gloo) only when told it runs on CPUs

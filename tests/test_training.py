@@ -518,7 +518,8 @@ def test_auto_precision_picks_per_device_and_says_why():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
 def test_fp16_refuses_on_a_cpu():
-    with pytest.raises(ConfigError, match=r"^train\.precision: fp16 needs a CUDA GPU"):
+    # The message names the loop's params section (`<desc>.train`), not a bare `train`.
+    with pytest.raises(ConfigError, match=r"^t\.train\.precision: fp16 needs a CUDA GPU"):
         train(
             tiny_model(), token_windows(), cfg(precision="fp16"), registry=get_registry(), desc="t"
         )

@@ -93,15 +93,24 @@ def _load(params: Path | None, overrides: list[str] | None):
     return load_params(_params_path(params), overrides or [])
 
 
-def _prepare_flow(params: Path | None, overrides: list[str] | None) -> tuple[Path, Path | None]:
-    """Validate params and every strategy they name before Prefect starts; return the
-    workspace root and the params file the flow will read."""
+def _prepare_flow(
+    params: Path | None, overrides: list[str] | None, stages: tuple[str, ...]
+) -> tuple[Path, Path | None]:
+    """Validate params, every strategy they name and the data of ``stages`` before
+    Prefect starts; return the workspace root and the params file the flow will read."""
     root = Path.cwd().resolve()
     _environment(root)
     _logging()
-    from unbottle.core.stages.runner import setup
+    from unbottle.core.stages.preflight import preflight
+    from unbottle.core.stages.runner import setup, workspace
 
-    setup(_load(params, overrides))
+    loaded = _load(params, overrides)
+    registry = setup(loaded)
+    # Data, params and shapes of every stage checked here, so a bad input is one line
+    # before Prefect starts; the flow's stages make their upstream artifacts themselves.
+    layout = workspace(root)
+    for name in stages:
+        preflight(name, loaded, layout, registry, planned=True)
     return root, _params_path(params)
 
 
@@ -119,7 +128,9 @@ def run(
     ] = False,
 ) -> None:
     """Run the whole pipeline as one Prefect flow."""
-    root, path = _prepare_flow(params, overrides)
+    from unbottle.core.stages.layout import STAGES
+
+    root, path = _prepare_flow(params, overrides, STAGES)
     from unbottle.flows.pipeline import pipeline
 
     if push:  # a missing remote fails now, not after training
@@ -158,7 +169,8 @@ def sweep(
     Example: unbottle sweep -S 'compress.sweep.mag=[{prune: magnitude, sparsity: {grid:
     [0.3, 0.5, 0.7]}}]' --runner dask --workers 2
     """
-    root, path = _prepare_flow(params, overrides)  # sets PREFECT_HOME: before prefect loads
+    # Sets PREFECT_HOME: before prefect loads. The sweep deploys nothing.
+    root, path = _prepare_flow(params, overrides, ("pretrain", "finetune", "compress", "evaluate"))
     from unbottle.flows.sweep import sweep as sweep_flow
     from unbottle.flows.sweep import task_runner
 
@@ -444,14 +456,15 @@ def data_demo(
         typer.echo(f"{out / rel}  sha256:{digest[:12]}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The console script; ``argv`` (default: the command line) lets tests call it in-process."""
     from unbottle.core.contract.errors import UnbottleError
 
     # Known before typer parses the line: plugins load (and may fail) first.
-    _state["debug"] = "--debug" in sys.argv[1:]
+    _state["debug"] = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         _plugin_commands()
-        app()
+        app(args=argv)
     except Exception as e:
         if _state["debug"]:
             raise

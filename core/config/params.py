@@ -28,7 +28,8 @@ from pydantic import (
     model_validator,
 )
 
-from unbottle.core.contract.errors import ConfigError, UnknownStrategyError
+from unbottle.core.contract.errors import ConfigError, UnknownStrategyError, echo, shorten
+from unbottle.core.store.artifacts import read_utf8
 
 
 class Section(BaseModel):
@@ -72,7 +73,7 @@ class CompressStep(BaseModel):
     @classmethod
     def _one_kind(cls, value: Any) -> Any:
         if not isinstance(value, dict):
-            raise ValueError(f"a step is a mapping like {{prune: magnitude}}, not {value!r}")
+            raise ValueError(f"a step is a mapping like {{prune: magnitude}}, not {echo(value)}")
         kinds = [k for k in STEP_KINDS if k in value]
         if len(kinds) != 1:
             raise ValueError(
@@ -124,10 +125,12 @@ class TokenizerParams(Section):
 
 
 class ModelParams(Section):
-    hidden_size: int = Field(128, ge=8)
-    layers: int = Field(4, ge=1)
-    heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(344, ge=8)
+    # Upper bounds well past the largest open models (hidden 16384, 126 layers, FFN 53248),
+    # so a typo is refused here rather than building a model of a billion layers.
+    hidden_size: int = Field(128, ge=8, le=1 << 16)
+    layers: int = Field(4, ge=1, le=1024)
+    heads: int = Field(4, ge=1, le=1024)
+    intermediate_size: int = Field(344, ge=8, le=1 << 18)
     context: int = Field(128, ge=8, le=1 << 20)
 
     @model_validator(mode="after")
@@ -334,7 +337,7 @@ class CompressParams(Section):
         for name, steps in variants.items():
             if not _VARIANT_NAME.match(name) or name in RESERVED_NAMES:
                 raise ValueError(
-                    f"{name}: a variant name must match [a-z0-9][a-z0-9_-]* and not be "
+                    f"{shorten(name)}: a variant name must match [a-z0-9][a-z0-9_-]* and not be "
                     f"{' or '.join(map(repr, RESERVED_NAMES))}"
                 )
             if not steps:
@@ -408,7 +411,7 @@ class Params(Section):
         allowed = [BASELINE, *self.compress.variants]
         if self.deploy.variant not in allowed:
             raise ValueError(
-                f"deploy.variant: {self.deploy.variant!r} is not a variant; "
+                f"deploy.variant: {echo(self.deploy.variant)} is not a variant; "
                 f"allowed: {', '.join(allowed)}"
             )
         return self
@@ -423,11 +426,15 @@ class Params(Section):
 def _parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+        raise ConfigError(f"override {echo(text)} is not of the form key.path=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise ConfigError(
+            f"override {echo(text)}: the value is nested too deeply to be a param"
+        ) from None
     return key.strip().split("."), value
 
 
@@ -441,7 +448,8 @@ def apply_override(tree: dict[str, Any], text: str) -> None:
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise ConfigError(
-                    f"override {text!r}: {where} is not an index of a list of {len(node)}"
+                    f"override {echo(text)}: {shorten(where)} is not an index of a list of "
+                    f"{len(node)}"
                 )
             index = int(part)
             if last:
@@ -460,7 +468,9 @@ def apply_override(tree: dict[str, Any], text: str) -> None:
                     child = node[part] = {}
                 node = child
         else:
-            raise ConfigError(f"override {text!r}: {where} goes inside a {type(node).__name__}")
+            raise ConfigError(
+                f"override {echo(text)}: {shorten(where)} goes inside a {type(node).__name__}"
+            )
 
 
 def _format_loc(loc: Sequence[Any]) -> str:
@@ -473,7 +483,7 @@ def _format_loc(loc: Sequence[Any]) -> str:
         ):
             continue
         else:
-            out += ("." if out else "") + str(part)
+            out += ("." if out else "") + shorten(part, 40)  # a key may be a 50 MB string
     return out
 
 
@@ -509,9 +519,9 @@ def one_line(error: ValidationError, model: type[BaseModel], prefix: str = "") -
         # Validators phrase their message as "sub.key: what is wrong", relative to loc.
         head, sep, rest = message.partition(": ")
         if sep and " " not in head:
-            return f"{where + '.' if loc or prefix else ''}{head}: {rest}{tail}"
+            return f"{where + '.' if loc or prefix else ''}{shorten(head)}: {rest}{tail}"
         return f"{where}: {message}{tail}"
-    return f"{where}: {first['input']!r} is invalid: {message}{tail}"
+    return f"{where}: {echo(first['input'])} is invalid: {shorten(message, 200)}{tail}"
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -529,13 +539,17 @@ def load_params(path: Path | None = None, overrides: Sequence[str] = ()) -> Para
     tree: dict[str, Any] = {}
     if path is not None:
         if not Path(path).is_file():
-            raise ConfigError(f"params file {str(path)!r} does not exist")
+            raise ConfigError(f"params file {echo(str(path))} does not exist")
         try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(read_utf8(Path(path), "params file", ConfigError))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{path}: not valid YAML{at}") from None
+        except RecursionError:
+            raise ConfigError(
+                f"{path}: nested too deeply to be params (params are a few levels of mappings)"
+            ) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -550,6 +564,8 @@ def load_params(path: Path | None = None, overrides: Sequence[str] = ()) -> Para
         return Params.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(one_line(e, Params)) from None
+    except RecursionError:
+        raise ConfigError("params: a value is nested too deeply to be a param") from None
 
 
 def dump_params(params: Params) -> dict[str, Any]:

@@ -25,3 +25,29 @@ class DataError(UnbottleError):
 
 class GateError(UnbottleError):
     """No evaluated variant passes the quality gates (or the one named explicitly fails)."""
+
+
+class LockedError(UnbottleError):
+    """Another process is running the same stage in this workspace."""
+
+
+#: The most characters of a user's value an error line repeats: a 50 MB string in
+#: params must not become a 50 MB error line.
+ECHO_LIMIT = 80
+
+
+def shorten(text: object, limit: int = ECHO_LIMIT) -> str:
+    """``text`` (a value's repr, a key) cut to ``limit`` characters with an ellipsis, and
+    with control characters escaped: a key holding a newline (or U+001E, which
+    ``splitlines`` also breaks at) must not split the error into two lines."""
+    text = str(text)
+    if not text[: limit + 1].isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit * 4])
+    if len(text) <= limit:
+        return text
+    return text[: limit - 1] + "…"
+
+
+def echo(value: object, limit: int = ECHO_LIMIT) -> str:
+    """A user's value as an error line shows it: its repr, at most ``limit`` characters."""
+    return shorten(repr(value), limit)

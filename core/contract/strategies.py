@@ -140,6 +140,8 @@ class CompressContext:
     training text; ``train_ids`` is that whole text as one 1-D token stream (for
     distillation). ``teacher`` is the float model the variant started from (the finetuned
     model), unchanged by the steps before: a distiller's teacher. Treat it as read-only.
+    ``where`` is the step's key path in params (``compress.variants.g64[1]``), for error
+    messages; empty when the step runs outside a compress stage.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -148,6 +150,13 @@ class CompressContext:
     seed: int = 0
     work_dir: Path | None = None
     teacher: PreTrainedModel | None = None
+    where: str = ""
+
+
+# Any compress strategy may also define ``check_model(self, model, where: str) -> None``
+# (refuse options that cannot apply to a weightless copy of the model the step will see,
+# the message starting with ``where``) and ``keeps_shape = True`` (the step changes no
+# shape). The fail-fast setup calls them before loading anything (docs/plugins.md).
 
 
 class Pruner(Strategy, Protocol):

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unbottle.core.contract.errors import DataError
+from unbottle.core.contract.errors import DataError, shorten
+from unbottle.core.store.artifacts import read_utf8
 
 CHAT, COMPLETION = "chat", "completion"
 ROLES = ("system", "user", "assistant")
@@ -93,14 +94,16 @@ def read_pairs(path: Path, what: str) -> list[dict[str, Any]]:
     """Read records in any of the three shapes as pairs (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{what}: {path} does not exist (run `unbottle data demo` or fix params)")
+        raise DataError(
+            f"{what}: {shorten(path)} does not exist (run `unbottle data demo` or fix params)"
+        )
     pairs: list[dict[str, Any]] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_utf8(path, what).splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise DataError(f"{what}: {path}:{lineno} is not valid JSON") from None
         pairs.append(_pair(obj, f"{what}: {path}:{lineno}"))
     if not pairs:

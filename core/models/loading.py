@@ -7,9 +7,10 @@ The model is a transformers Llama-architecture decoder, so everything downstream
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from unbottle.core.contract.errors import DataError
+from unbottle.core.contract.errors import DataError, shorten
+from unbottle.core.store.artifacts import read_utf8
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -47,23 +48,34 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
 
 
-def build_model(cfg: ModelParams, tokenizer: PreTrainedTokenizerFast, seed: int) -> PreTrainedModel:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(cfg: ModelParams, vocab_size: int, **special_tokens: int | None) -> Any:
+    """The transformers LlamaConfig that ``pretrain.model`` describes."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads,
         num_key_value_heads=cfg.heads,
         max_position_embeddings=cfg.context,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        **special_tokens,
+    )
+
+
+def build_model(cfg: ModelParams, tokenizer: PreTrainedTokenizerFast, seed: int) -> PreTrainedModel:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(
+        cfg,
+        len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        rope_theta=10000.0,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -90,6 +102,7 @@ def load_model(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFas
             f"{model_dir}: the model is quantized (packed low-bit weights, quantization.json); "
             "this step needs float weights: give it the model from before the quantize step"
         )
+    check_safetensors(model_dir)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, use_safetensors=True, dtype=torch.float32
     )
@@ -97,11 +110,32 @@ def load_model(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFas
     return model, tokenizer
 
 
+def check_safetensors(model_dir: Path) -> None:
+    """Every ``*.safetensors`` file of a model has a whole header and covers its tensors.
+
+    Reads the headers only (cheap); a damaged file is one line naming it, not a
+    SafetensorError from deep inside transformers.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise DataError(
+                f"{path}: damaged weights ({shorten(e, 120)}); rerun the stage that makes "
+                f"{model_dir}"
+            ) from None
+
+
 def read_text(path: Path, what: str) -> str:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{what}: {path} does not exist (run `unbottle data demo` or fix params)")
-    text = path.read_text(encoding="utf-8")
+        raise DataError(
+            f"{what}: {shorten(path)} does not exist (run `unbottle data demo` or fix params)"
+        )
+    text = read_utf8(path, what)
     if not text.strip():
         raise DataError(f"{what}: {path} is empty")
     return text

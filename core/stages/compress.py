@@ -21,6 +21,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -285,6 +286,7 @@ def build_variant(
             seed=bench.seed,
             work_dir=variant_dir.parent,
             teacher=bench.base,
+            where=f"compress.variants.{name}[{i}]",
         )
         began = time.perf_counter()
         if step.action == "prune":
@@ -356,7 +358,9 @@ def prefix_cache(cache_dir: Path | None, near: Path) -> Iterator[PrefixCache]:
         yield PrefixCache(cache_dir)
         return
     near.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=near.parent, prefix=f".{near.name}.prefixes.") as tmp:
+    # The pid in the name lets a later run sweep it away if this one is killed.
+    prefix = f".{near.name}.prefixes.{os.getpid()}-"
+    with tempfile.TemporaryDirectory(dir=near.parent, prefix=prefix) as tmp:
         yield PrefixCache(Path(tmp))
 
 

@@ -237,13 +237,14 @@ def write_evaluation(
                 for name, row in rows.items()
             },
         )
-    if images_dir is not None:
-        images_dir.mkdir(parents=True, exist_ok=True)
-        for plot in plots:
-            copy = images_dir / f"{stage}_{plot.name}"
-            partial = copy.with_name(f".{copy.name}.tmp")
-            shutil.copyfile(out_dir / plot.name, partial)
-            partial.replace(copy)
+        # From the finished artifact before its swap (the runner swaps it after stamping).
+        if images_dir is not None:
+            images_dir.mkdir(parents=True, exist_ok=True)
+            for plot in plots:
+                copy = images_dir / f"{stage}_{plot.name}"
+                partial = copy.with_name(f".{copy.name}.tmp")
+                shutil.copyfile(tmp / plot.name, partial)
+                partial.replace(copy)
     return StageResult(out_dir, {"variants": rows}, plots={f"{stage}_table": table_rows(rows)})
 
 

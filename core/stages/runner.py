@@ -3,6 +3,7 @@ call, so a stage behaves the same on either route."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -11,9 +12,18 @@ import time
 from pathlib import Path
 
 from unbottle.core.config.params import Params, check_strategies
+from unbottle.core.contract.errors import echo
 from unbottle.core.registry import Registry, get_registry
 from unbottle.core.stages.layout import STAGES, Layout, StageResult, split_timings
-from unbottle.core.store.artifacts import write_json_atomic, write_text_atomic
+from unbottle.core.stages.preflight import preflight
+from unbottle.core.store.artifacts import (
+    PendingSwap,
+    json_text,
+    swap_later,
+    write_json_atomic,
+    write_text_atomic,
+)
+from unbottle.core.store.locking import stage_lock, sweep_leftovers
 
 log = logging.getLogger("unbottle.pipeline")
 
@@ -44,30 +54,61 @@ def run_stage(
     from unbottle.core.store import fingerprint
 
     if name not in STAGES:
-        raise ConfigError(f"Unknown stage {name!r}. Stages: {', '.join(STAGES)}.")
+        raise ConfigError(f"Unknown stage {echo(name)}. Stages: {', '.join(STAGES)}.")
     registry = setup(params, registry)
-    stamp = fingerprint.fingerprint(name, params, layout, registry)
-    out_dir, metrics_file = layout.artifact(name), layout.metrics_file(name)
-    if not force and fingerprint.is_current(out_dir, stamp, metrics_file):
-        log.info("%s is up to date (fingerprint %s), skipping", name, stamp[:12])
-        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
-        return StageResult(out_dir, metrics, skipped=True)
-    started = time.perf_counter()
-    result = _run(name, params, layout, registry)
+    preflight(name, params, layout, registry)
     from unbottle.core.training.loop import is_main_process
 
-    if not is_main_process():  # under torchrun, rank 0 alone writes the shared files
-        return result
-    fingerprint.record(result.out_dir, stamp)
+    # Under torchrun every rank runs the stage and rank 0 alone writes: it alone locks.
+    main = is_main_process()
+    with stage_lock(layout.artifacts, name) if main else contextlib.nullcontext():
+        if main:
+            sweep_leftovers(layout.artifacts, name)
+        stamp = fingerprint.fingerprint(name, params, layout, registry)
+        out_dir, metrics_file = layout.artifact(name), layout.metrics_file(name)
+        if not force and fingerprint.is_current(out_dir, stamp, metrics_file):
+            log.info("%s is up to date (fingerprint %s), skipping", name, stamp[:12])
+            metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+            return StageResult(out_dir, metrics, skipped=True)
+        # The stage's artifact waits under its temporary name until it carries its
+        # fingerprint and the hash of its metrics, and the metrics are written: a kill at
+        # any moment leaves an artifact that is whole and stamped, or none that is new.
+        with swap_later(out_dir) as pending:
+            started = time.perf_counter()
+            result = _run(name, params, layout, registry)
+            if main:
+                wall_s = round(time.perf_counter() - started, 3)
+                _record(name, result, stamp, layout, pending, wall_s)
+    if main:
+        # Tracking and notification plugins see the finished, recorded output.
+        registry.hook.after_stage(stage=name, artifact_dir=result.out_dir, metrics=result.metrics)
+    return result
+
+
+def _record(
+    name: str,
+    result: StageResult,
+    stamp: str,
+    layout: Layout,
+    pending: PendingSwap,
+    wall_s: float,
+) -> None:
+    """Stamp the stage's artifact, write its metrics, timings and plots, swap it in."""
+    from unbottle.core.store import fingerprint
+
     quality, timing = split_timings(result.metrics)
-    timing["wall_s"] = round(time.perf_counter() - started, 3)
-    write_json_atomic(metrics_file, quality)
+    timing["wall_s"] = wall_s
+    metrics_text = json_text(quality)
+    if pending.tmp is not None:
+        pending.stamp(fingerprint=stamp, **fingerprint.metrics_stamp(metrics_text))
+    write_text_atomic(layout.metrics_file(name), metrics_text)
     write_json_atomic(layout.timing_file(name), timing)
     for plot, rows in result.plots.items():
         write_text_atomic(layout.plot_file(plot), _csv(rows, PLOT_COLUMNS.get(plot)))
-    # Tracking and notification plugins see the finished, recorded output.
-    registry.hook.after_stage(stage=name, artifact_dir=result.out_dir, metrics=result.metrics)
-    return result
+    if pending.tmp is not None:
+        pending.commit()
+    else:  # a stage that wrote its artifact without atomic_dir
+        fingerprint.record(result.out_dir, stamp)
 
 
 def _run(name: str, params: Params, layout: Layout, registry: Registry) -> StageResult:

@@ -9,12 +9,14 @@ used with their versions, the hashes of its inputs and of its own files, and its
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,20 @@ def tree_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_utf8(path: Path, what: str, error: type[Exception] = DataError) -> str:
+    """A text file's content; bytes that are not UTF-8 become one line naming the file,
+    the line and the byte, raised as ``error``."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise error(
+            f"{what}: {path}:{line} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+            f"{e.start}); save the file as UTF-8"
+        ) from None
+
+
 def dir_size(path: Path) -> int:
     path = Path(path)
     if path.is_file():
@@ -76,8 +92,58 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def json_text(data: Any) -> str:
+    """JSON as unbottle writes it: indented, keys sorted, one final newline."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json_text(data))
+
+
+@dataclass
+class PendingSwap:
+    """A finished artifact waiting under its temporary name (see :func:`swap_later`)."""
+
+    final: Path
+    tmp: Path | None = None
+
+    def stamp(self, **fields: Any) -> None:
+        """Add ``fields`` to the waiting artifact's manifest (its fingerprint, say)."""
+        assert self.tmp is not None
+        manifest = read_manifest(self.tmp)
+        manifest.update(fields)
+        write_json_atomic(self.tmp / MANIFEST, manifest)
+
+    def commit(self) -> None:
+        """Swap the waiting artifact into place."""
+        assert self.tmp is not None
+        _swap(self.tmp, self.final)
+        self.tmp = None
+
+
+_PENDING: contextvars.ContextVar[dict[Path, PendingSwap] | None] = contextvars.ContextVar(
+    "unbottle_pending_swaps", default=None
+)
+
+
+@contextlib.contextmanager
+def swap_later(final: Path) -> Iterator[PendingSwap]:
+    """While the block runs, :func:`atomic_dir` leaves the artifact it would swap into
+    ``final`` finished under its temporary name: the caller stamps its manifest (the
+    fingerprint, the metrics it goes with) and then commits the swap. A kill at any moment
+    then leaves either the old artifact or a whole, stamped new one, never a new one
+    without its fingerprint. On an exception the waiting artifact is removed."""
+    pending = PendingSwap(Path(final))
+    token = _PENDING.set({**(_PENDING.get() or {}), pending.final.resolve(): pending})
+    try:
+        yield pending
+    except BaseException:
+        if pending.tmp is not None:
+            shutil.rmtree(pending.tmp, ignore_errors=True)
+        raise
+    finally:
+        _PENDING.reset(token)
 
 
 @contextlib.contextmanager
@@ -85,10 +151,14 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces ``final`` when the block succeeds.
 
     On an exception the temporary directory is removed and ``final`` is left as it was.
+    The temporary names carry this process's pid, so a later run can tell a dead
+    writer's leftovers (``core/store/locking.py``).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = Path(
+        tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{os.getpid()}-", suffix=".tmp")
+    )
     # mkdtemp makes the directory private (0700); an artifact is as readable as any folder.
     umask = os.umask(0)
     os.umask(umask)
@@ -98,6 +168,15 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    pending = (_PENDING.get() or {}).get(final.resolve())
+    if pending is not None:
+        pending.tmp = tmp
+        return
+    _swap(tmp, final)
+
+
+def _swap(tmp: Path, final: Path) -> None:
+    """Replace ``final`` with ``tmp``: two renames (the old one out, the new one in)."""
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -142,7 +221,19 @@ def read_manifest(artifact: Path) -> dict[str, Any]:
         raise DataError(
             f"{artifact}: not an unbottle artifact (no {MANIFEST}); run the stage that makes it"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        reason = "not UTF-8" if isinstance(e, UnicodeDecodeError) else "not valid JSON"
+        raise DataError(
+            f"{path}: damaged manifest ({reason}); rerun the stage that makes {artifact}"
+        ) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise DataError(
+            f"{path}: damaged manifest (a JSON {type(manifest).__name__} where an object with "
+            f"the artifact's files is expected); rerun the stage that makes {artifact}"
+        )
+    return manifest
 
 
 def verify_artifact(artifact: Path) -> dict[str, Any]:

@@ -216,13 +216,29 @@ def is_current(out_dir: Path, expected: str, metrics_file: Path) -> bool:
 
     if not (out_dir / MANIFEST).is_file() or not metrics_file.is_file():
         return False
-    if read_manifest(out_dir).get("fingerprint") != expected:
+    try:  # a damaged manifest of the stage's own output: stale, the stage rebuilds it
+        if read_manifest(out_dir).get("fingerprint") != expected:
+            return False
+        manifest = verify_artifact(out_dir)
+        metrics_bytes = metrics_file.read_bytes()
+        metrics = json.loads(metrics_bytes.decode("utf-8"))
+    except (DataError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
-    try:
-        verify_artifact(out_dir)
-    except DataError:
+    # The metrics file must be the one written with this artifact (older artifacts have
+    # no record of it).
+    recorded = manifest.get(METRICS_STAMP)
+    if recorded is not None and recorded != hashlib.sha256(metrics_bytes).hexdigest():
         return False
-    return True
+    return isinstance(metrics, dict)
+
+
+#: The manifest key that holds the sha256 of the metrics file written with the artifact.
+METRICS_STAMP = "metrics_file_sha256"
+
+
+def metrics_stamp(metrics_text: str) -> dict[str, str]:
+    """The manifest field that ties an artifact to the metrics file written with it."""
+    return {METRICS_STAMP: hashlib.sha256(metrics_text.encode()).hexdigest()}
 
 
 def record(out_dir: Path, value: str) -> None:

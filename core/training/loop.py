@@ -119,13 +119,15 @@ class Batches:
     seed: int
 
 
-def resolve_precision(requested: str) -> tuple[str, str]:
-    """Pick accelerate's mixed-precision mode for this device, and say why."""
+def resolve_precision(requested: str, key: str = "train") -> tuple[str, str]:
+    """Pick accelerate's mixed-precision mode for this device, and say why.
+
+    ``key`` names the params section in error messages (``finetune.train``)."""
     import torch
 
     cuda = torch.cuda.is_available()
     if requested == "fp16" and not cuda:
-        raise ConfigError("train.precision: fp16 needs a CUDA GPU; use fp32 or auto on a CPU")
+        raise ConfigError(f"{key}.precision: fp16 needs a CUDA GPU; use fp32 or auto on a CPU")
     if requested == "fp32":
         return "no", "fp32 requested"
     if requested == "bf16":
@@ -278,6 +280,7 @@ def estimate_memory(
     key: str,
     device: torch.device | None = None,
     processes: int | None = None,
+    announce: bool = True,
 ) -> MemoryEstimate:
     """Estimate the run's memory and refuse it when it cannot fit (see core/training/memory.py).
 
@@ -288,7 +291,7 @@ def estimate_memory(
     from unbottle.core.training import memory
 
     processes = processes or world_size()
-    mixed_precision, _ = resolve_precision(cfg.precision)
+    mixed_precision, _ = resolve_precision(cfg.precision, key)
     parallel = registry.create("parallelism", cfg.parallelism.name, cfg.parallelism.options)
     check_model = getattr(parallel, "check_model", None)
     if check_model is not None:  # a model-parallel strategy: mesh and shapes first
@@ -308,7 +311,7 @@ def estimate_memory(
         sharded=cfg.parallelism.name == "fsdp",
         split=split,
     )
-    memory.check(plan, device, key=key, enabled=cfg.memory_check)
+    memory.check(plan, device, key=key, enabled=cfg.memory_check, announce=announce)
     return plan
 
 
@@ -345,7 +348,7 @@ def train(
         raise ValueError("checkpoints need Batches: a sampling function's order cannot be saved")
 
     # ---- checks and setup, all before the first step
-    mixed_precision, reason = resolve_precision(cfg.precision)
+    mixed_precision, reason = resolve_precision(cfg.precision, key)
     parallel = registry.create("parallelism", cfg.parallelism.name, cfg.parallelism.options)
     # A model-parallel strategy (ModelParallelStrategy) shards the model itself.
     sharding = hasattr(parallel, "parallelize")

@@ -280,15 +280,18 @@ def available_bytes(device: torch.device) -> tuple[int, str]:
     return int(psutil.virtual_memory().available), "this machine's RAM"
 
 
-def check(plan: MemoryEstimate, device: torch.device, *, key: str, enabled: bool) -> None:
-    """Refuse a run that cannot fit, unless ``<key>.memory_check`` is false."""
+def check(
+    plan: MemoryEstimate, device: torch.device, *, key: str, enabled: bool, announce: bool = True
+) -> None:
+    """Refuse a run that cannot fit, unless ``<key>.memory_check`` is false; log the
+    estimate when ``announce`` (the fail-fast setup checks quietly, the stage says it)."""
     free, where = available_bytes(device)
     # On a CPU every local process of the run draws on the same RAM.
     sharing = local_world_size() if device.type == "cpu" else 1
     plan.processes_sharing = sharing
     need = plan.total * sharing
     who = f"; per process, x {sharing} processes" if sharing > 1 else ""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if announce and int(os.environ.get("RANK", "0")) == 0:
         log.info(
             "memory: need about %s (%s%s), %s free on %s",
             human(need),

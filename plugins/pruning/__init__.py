@@ -353,6 +353,7 @@ class Magnitude:
     """Zero the smallest-magnitude weights, in each layer, across all of them, or N:M."""
 
     name = "magnitude"
+    keeps_shape = True  # zeros weights, removes none: later steps see the same shapes
 
     class Config(UnstructuredOptions):
         sparsity: float | None = Field(None, gt=0, lt=1)
@@ -409,6 +410,7 @@ class Wanda:
     N:M group), block by block over the calibration data (Sun et al., 2023)."""
 
     name = "wanda"
+    keeps_shape = True  # zeros weights, removes none: later steps see the same shapes
 
     class Config(UnstructuredOptions):
         sparsity: float | None = Field(None, gt=0, lt=1)
@@ -470,6 +472,7 @@ class SparseGPT:
     block by block over the calibration data (Frantar & Alistarh, 2023)."""
 
     name = "sparsegpt"
+    keeps_shape = True  # zeros weights, removes none: later steps see the same shapes
 
     class Config(UnstructuredOptions):
         sparsity: float | None = Field(None, gt=0, lt=1)
@@ -586,8 +589,12 @@ class Structured:
     def __init__(self, config: Config) -> None:
         self.config = config
 
-    def cut(self, model: Any) -> Any:
-        """The counts to remove from this model, or a one-line error if they cannot be."""
+    def check_model(self, model: Any, where: str) -> None:
+        self.cut(model, where)
+
+    def cut(self, model: Any, where: str = "structured") -> Any:
+        """The counts to remove from this model, or a one-line error (beginning with
+        ``where``) if they cannot be. A weightless copy of the model will do."""
         from unbottle.compression import decoder_blocks
         from unbottle.plugins.pruning.structured import Cut, Shape
 
@@ -600,15 +607,14 @@ class Structured:
             n = int(value * total + 0.5) if value < 1 else int(value)  # half up
             if value and n == 0:
                 raise ConfigError(
-                    f"structured: {key} {value} removes nothing ({value} x {total} {unit} "
-                    "rounds to 0)"
+                    f"{where}: {key} {value} removes nothing ({value} x {total} {unit} rounds to 0)"
                 )
             return n
 
         def at_most(key: str, n: int, total: int, what: str) -> None:
             if n >= total:
                 raise ConfigError(
-                    f"structured: {key} {getattr(opts, key)} would remove every {what} "
+                    f"{where}: {key} {getattr(opts, key)} would remove every {what} "
                     f"({total}); at most {total - 1}"
                 )
 
@@ -620,7 +626,7 @@ class Structured:
         if group == 1:  # multi-head attention: a query head and its K/V head go together
             if opts.heads and opts.kv_heads:
                 raise ConfigError(
-                    "structured: this model has one query head per K/V head, so heads and "
+                    f"{where}: this model has one query head per K/V head, so heads and "
                     "kv_heads mean the same; give one"
                 )
             key = "heads" if opts.heads else "kv_heads"
@@ -636,13 +642,13 @@ class Structured:
             per_group = int(opts.heads) // groups
             if int(opts.heads) % groups:
                 raise ConfigError(
-                    f"structured: heads {int(opts.heads)} cannot be taken evenly from "
+                    f"{where}: heads {int(opts.heads)} cannot be taken evenly from "
                     f"{groups} K/V groups (each loses the same number); give a multiple "
                     f"of {groups}"
                 )
         if per_group >= group:
             raise ConfigError(
-                f"structured: heads {opts.heads} would remove every query head of each K/V "
+                f"{where}: heads {opts.heads} would remove every query head of each K/V "
                 f"group ({group} per group); at most {(group - 1) * groups} "
                 f"({group - 1} per group)"
             )
@@ -656,7 +662,7 @@ class Structured:
             plan_cut,
         )
 
-        cut = self.cut(model)
+        cut = self.cut(model, ctx.where or "structured")
         _check_calibration(ctx, "structured")
         shape = Shape.of(model)
         before = sum(p.numel() for p in model.parameters())

@@ -131,16 +131,28 @@ def write_weight_only(
     return facts
 
 
-def _load_and_select(model_dir: Path, config: WeightOnlyConfig, what: str) -> tuple[Any, list]:
-    """The float model and the Linears to quantize, checked before any work."""
-    from unbottle.compression import check_group_size, find_linears, load_model
+def _selected_linears(model: Any, config: WeightOnlyConfig, what: str) -> list:
+    """The Linears ``config.layers`` names, checked to fit the grid (a weightless copy of
+    the model will do)."""
+    from unbottle.compression import check_group_size, find_linears
 
-    model, _ = load_model(model_dir)
     layers = find_linears(model, config.layers)
     if not layers:
         raise ConfigError(f"{what}.layers: {config.layers!r} matches no Linear layer of the model")
     check_group_size(layers, config.scheme(), what)
-    return model, layers
+    return layers
+
+
+def _check_model(model: Any, config: WeightOnlyConfig, where: str) -> None:
+    _selected_linears(model, config, where)
+
+
+def _load_and_select(model_dir: Path, config: WeightOnlyConfig, what: str) -> tuple[Any, list]:
+    """The float model and the Linears to quantize, checked before any work."""
+    from unbottle.compression import load_model
+
+    model, _ = load_model(model_dir)
+    return model, _selected_linears(model, config, what)
 
 
 class RoundToNearest:
@@ -154,13 +166,16 @@ class RoundToNearest:
         self.config = config
         self.output_format = "onnx" if config.runtime == "onnx" else "packed"
 
+    def check_model(self, model: Any, where: str) -> None:
+        _check_model(model, self.config, where)
+
     def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
         import torch
 
         from unbottle.compression import quantize_rtn, save_packed, weight_error
 
         c = self.config
-        model, layers = _load_and_select(model_dir, c, self.name)
+        model, layers = _load_and_select(model_dir, c, ctx.where or self.name)
         scheme = c.scheme()
         with torch.no_grad():
             quantized = {name: quantize_rtn(linear.weight, scheme) for name, linear in layers}
@@ -216,6 +231,9 @@ class Gptq:
         self.config = config
         self.output_format = "onnx" if config.runtime == "onnx" else "packed"
 
+    def check_model(self, model: Any, where: str) -> None:
+        _check_model(model, self.config, where)
+
     def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
         from unbottle.compression import save_packed
         from unbottle.plugins.quantization.gptq import gptq_model
@@ -225,7 +243,7 @@ class Gptq:
             raise ConfigError(
                 "compress.calibration.samples: 0 calibration samples; gptq needs at least 1"
             )
-        model, layers = _load_and_select(model_dir, c, self.name)
+        model, layers = _load_and_select(model_dir, c, ctx.where or self.name)
         quantized, metrics = gptq_model(
             model,
             ctx.calibration,

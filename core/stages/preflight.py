@@ -1,0 +1,198 @@
+"""Fail-fast checks of one stage: what params, the data and the upstream artifacts' configs
+can tell before any heavy work (litgpt's ``setup()`` before ``main()``).
+
+:func:`preflight` runs after the strategies are resolved (``runner.setup``) and before a
+stage loads a model or a dataset: it reads the stage's data files (they exist, are UTF-8,
+parse), the upstream artifacts' manifests and safetensors headers, and checks against the
+*shape* of the model the stage will receive, on a weightless (meta-device) copy built from
+the upstream ``config.json``:
+
+- training (pretrain, finetune): precision for this device, the launch the parallelism
+  strategy needs, the batch split over processes and accumulation steps, the context, and
+  the memory estimate;
+- compress: at least one variant, and each step a strategy can check on the shapes it
+  will see (``check_model``: group sizes that divide the layers' inputs, structured
+  pruning that leaves something). Steps after one that changes shapes are checked when
+  they run.
+
+Every failure is one line naming the full key path. The stages keep their own checks:
+they still hold when a stage function is called directly.
+
+With ``planned=True`` (``unbottle run``: the flow makes the upstream artifacts first) the
+upstream model's shape comes from ``pretrain.model`` and the upstream artifacts are not
+read; a pretrained ``pretrain.source`` then leaves the shape checks to the stages.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from unbottle.core.config.params import Params, TrainParams
+from unbottle.core.contract.errors import ConfigError, DataError, shorten
+from unbottle.core.registry import Registry
+from unbottle.core.stages.layout import Layout
+
+log = logging.getLogger("unbottle.pipeline")
+
+#: The upstream model artifact each stage starts from.
+_MODEL_INPUT = {"finetune": "pretrain", "compress": "finetune"}
+#: The artifacts each stage reads (their manifests must parse).
+_UPSTREAM = {
+    "pretrain": (),
+    "finetune": ("pretrain",),
+    "compress": ("finetune",),
+    "evaluate": ("pretrain", "finetune", "compress"),
+    "deploy": ("finetune", "compress", "evaluate"),
+}
+
+
+def preflight(
+    name: str, params: Params, layout: Layout, registry: Registry, *, planned: bool = False
+) -> None:
+    """Refuse, in one line, what stage ``name`` would refuse only after loading its inputs."""
+    if name == "compress" and not params.compress.variants:
+        raise ConfigError(
+            "compress.variants: no variants to build (an empty artifact would replace the "
+            "last one); name at least one, e.g. magnitude50: [{prune: magnitude, sparsity: 0.5}]"
+        )
+    check_data(name, params, layout)
+    if not planned:
+        check_upstream(name, layout)
+    from_scratch = params.pretrain.source is None
+    if name == "pretrain" and from_scratch:
+        model = _meta_model_from_params(params)
+        check_training(params.pretrain.train, "pretrain.train", model, registry)
+    elif name == "finetune":
+        model = _input_model(name, params, layout, planned=planned)
+        check_training(params.finetune.train, "finetune.train", model, registry, params)
+    elif name == "compress":
+        model = _input_model(name, params, layout, planned=planned)
+        if model is not None:
+            check_compress(params, model, registry)
+
+
+def check_data(name: str, params: Params, layout: Layout) -> None:
+    """The stage's data files exist, are UTF-8 and parse."""
+    from unbottle.core.data.prompts import read_pairs
+    from unbottle.core.models.loading import read_text
+
+    data, path = params.data, layout.resolve
+    if (name == "pretrain" and params.pretrain.source is None) or name == "compress":
+        read_text(path(data.train_text), "data.train_text")
+    if name == "finetune":
+        read_pairs(path(data.qa_train), "data.qa_train")
+    if name == "evaluate":
+        read_text(path(data.valid_text), "data.valid_text")
+        read_pairs(path(data.qa_test), "data.qa_test")
+
+
+def check_upstream(name: str, layout: Layout) -> None:
+    """The upstream artifacts exist and their manifests and weight headers are whole."""
+    from unbottle.core.models.loading import check_safetensors
+    from unbottle.core.store.artifacts import read_manifest, verify_artifact
+
+    for upstream in _UPSTREAM[name]:
+        artifact = layout.artifact(upstream)
+        if upstream == _MODEL_INPUT.get(name):  # the model the stage loads: whole, intact
+            verify_artifact(artifact)
+            check_safetensors(artifact)
+        else:
+            read_manifest(artifact)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def _meta_model_from_params(params: Params) -> Any:
+    """A weightless model of the shape ``pretrain.model`` describes; the vocabulary at
+    ``pretrain.tokenizer.vocab_size``, the most the trained tokenizer can have."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from unbottle.core.models.loading import llama_config
+
+    pretrain = params.pretrain
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            llama_config(pretrain.model, pretrain.tokenizer.vocab_size)
+        )
+
+
+def _input_model(name: str, params: Params, layout: Layout, *, planned: bool) -> Any | None:
+    """A weightless copy of the model stage ``name`` will load, or None when unknown."""
+    if planned:
+        return _meta_model_from_params(params) if params.pretrain.source is None else None
+    return meta_model(layout.artifact(_MODEL_INPUT[name]))
+
+
+def meta_model(model_dir: Path) -> Any:
+    """A weightless (meta-device) model built from ``model_dir/config.json``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        raise DataError(f"{model_dir}: no config.json; rerun the stage that makes it")
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(
+            f"{config_file}: not a model config ({shorten(e, 120)}); rerun the stage that "
+            f"makes {model_dir}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- training
+
+
+def check_training(
+    cfg: TrainParams, key: str, model: Any, registry: Registry, params: Params | None = None
+) -> None:
+    """What the training loop checks before its first step, on a weightless model."""
+    from unbottle.core.training.loop import (
+        check_context,
+        estimate_memory,
+        micro_batch_size,
+        resolve_precision,
+        world_size,
+    )
+
+    resolve_precision(cfg.precision, key)
+    parallel = registry.create("parallelism", cfg.parallelism.name, cfg.parallelism.options)
+    check_launch = getattr(parallel, "check_launch", None)
+    if check_launch is not None:  # optional for third-party strategies
+        check_launch(f"{key}.parallelism")
+    micro_batch_size(cfg, world_size(), key)
+    if model is None:
+        return
+    check_context(model, cfg.seq_len, key)
+    trainable = model
+    if params is not None:  # finetune: the method decides what trains (LoRA: adapters)
+        method = registry.create(
+            "finetune_method", params.finetune.method.name, params.finetune.method.options
+        )
+        try:
+            trainable = method.prepare(model)
+        except Exception as e:  # a method that cannot wrap a weightless model: check later
+            log.debug("preflight: %s could not prepare a meta model (%s)", key, e)
+            return
+    estimate_memory(trainable, cfg, registry=registry, key=key, announce=False)
+
+
+# --------------------------------------------------------------------------- compress
+
+
+def check_compress(params: Params, model: Any, registry: Registry) -> None:
+    """Each variant's steps that see the input model's shapes fit them."""
+    for variant, steps in params.compress.variants.items():
+        for i, step in enumerate(steps):
+            strategy = registry.create(step.kind, step.strategy, step.options)
+            check = getattr(strategy, "check_model", None)
+            if check is not None:
+                check(model, f"compress.variants.{variant}[{i}]")
+            if not getattr(strategy, "keeps_shape", False):
+                break  # the next steps see another shape: they check when they run
