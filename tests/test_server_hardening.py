@@ -60,9 +60,10 @@ def http(server):
 
 
 def metric(http: httpx.Client, name: str) -> float:
+    """A sample of /metrics; 0 for one not there (a labelled counter never counted)."""
     text = http.get("/metrics").text
     found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else math.nan
+    return float(found.group(1)) if found else 0.0
 
 
 def wait_until(condition, timeout: float = 10.0, every: float = 0.05) -> bool:
@@ -260,17 +261,23 @@ def send_raw(port: int, path: str, body: dict) -> socket.socket:
 
 def test_abandoned_non_streaming_requests_are_cancelled(server, http):
     """Issue #17 item 3: 10 abandoned requests decoded 1,200 tokens."""
+    ok, gone = (
+        f'unbottle_requests_total{{endpoint="/v1/completions",status="{s}"}}' for s in (200, 499)
+    )
+    before = {name: metric(http, name) for name in (ok, gone)}
     decoded = metric(http, "unbottle_decode_batch_size_sum")
     cancelled = metric(http, "unbottle_requests_cancelled_total")
     body = {"model": MODEL, "prompt": "Alice", "max_tokens": 50, "ignore_eos": True}
-    socks = [send_raw(port_of(server), "/v1/completions", body) for _ in range(12)]
-    # Every request is in the engine (2 running, 10 queued) before the clients leave.
+    # Ten, so that with this test's own connection they stay under the connection cap.
+    socks = [send_raw(port_of(server), "/v1/completions", body) for _ in range(10)]
+    # Every request is in the engine (2 running, 8 queued), or done, before clients leave.
     assert wait_until(
         lambda: (
             metric(http, "unbottle_running_sequences")
             + metric(http, "unbottle_queue_depth")
-            + (metric(http, "unbottle_decode_batch_size_sum") - decoded) / 50
-            >= 12
+            + metric(http, ok)
+            - before[ok]
+            >= 10
         )
     )
     for sock in socks:
@@ -281,9 +288,13 @@ def test_abandoned_non_streaming_requests_are_cancelled(server, http):
             and metric(http, "unbottle_queue_depth") == 0
         )
     )
-    assert metric(http, "unbottle_requests_cancelled_total") - cancelled == 12
-    # Far fewer than the 12 x 50 tokens they asked for.
-    assert metric(http, "unbottle_decode_batch_size_sum") - decoded < 12 * 50 / 3
+    # On a slow machine the first may finish before its client leaves; the rest do not.
+    finished = metric(http, ok) - before[ok]
+    left = metric(http, "unbottle_requests_cancelled_total") - cancelled
+    assert finished + left == 10 and left >= 7, (finished, left)
+    assert metric(http, gone) - before[gone] == left  # answered 499, never sent
+    # Not the 10 x 50 tokens they asked for: those that finished, and a few steps.
+    assert metric(http, "unbottle_decode_batch_size_sum") - decoded < (finished + 2) * 50
 
 
 def test_a_cancelled_stream_leaves_the_batch(http):
@@ -402,7 +413,8 @@ def test_a_huge_prompt_is_refused_by_its_length_without_tokenizing(server):
     slowest, elapsed, answers = asyncio.run(health_latency_under_load(server, [body] * 4))
     for answer in answers:
         message = assert_openai_error(answer, 400, "prompt", "context_length_exceeded")
-        assert f"your prompt has {len(prompt)} characters" in message
+        characters = len(prompt.replace(" ", ""))
+        assert f"your prompt has {characters} characters besides whitespace" in message
     # Tokenizing one such prompt takes about a second here, four held /health for 6 s.
     assert elapsed < 2.0 and slowest < 1.0, (elapsed, slowest)
 

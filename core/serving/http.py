@@ -430,8 +430,9 @@ class _Service:
         self.created = int(time.time())
         self.max_sequences = self.config.max_queue + self.config.max_batch
         # A token covers at most this many characters of text, so a longer text cannot fit
-        # the context whatever it holds: refuse it without tokenizing. Only sound without
-        # a normalizer (one may shrink the text: Strip, NFC); then everything is tokenized.
+        # the context whatever it holds: refuse it without tokenizing. Whitespace is not
+        # counted (a pre-tokenizer or a chat template may drop it), and without a
+        # normalizer only (one may shrink the text: NFC); with one, everything is tokenized.
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         self.chars_per_token = (
             max(len(token) for token in self.tokenizer.get_vocab())
@@ -570,13 +571,15 @@ class _Service:
         if self.chars_per_token is None:
             return
         most = self.context * self.chars_per_token
-        longest = max((len(t) for t in texts), default=0)
+        if max(map(len, texts), default=0) <= most:  # the common case: nothing to count
+            return
+        longest = max(sum(map(len, t.split())) for t in texts)  # besides whitespace
         if longest > most:
             raise APIError(
                 400,
                 f"This model's maximum context length is {self.context} tokens. However, your "
-                f"{param} has {longest} characters, more than {self.context} tokens of at most "
-                f"{self.chars_per_token} characters can hold.",
+                f"{param} has {longest} characters besides whitespace, more than "
+                f"{self.context} tokens of at most {self.chars_per_token} characters can hold.",
                 param=param,
                 code="context_length_exceeded",
             )
