@@ -203,8 +203,12 @@ def test_a_sequence_that_fails_fails_alone(bundle):
 
 
 def test_deeply_nested_json_is_a_400_not_a_500(http):
-    for lists in (50_000, 64):  # inside the body's object: 50,001 and 65 levels
-        body = b'{"model": "x", "prompt": ' + b"[" * lists + b"]" * lists + b"}"
+    opening = b'{"model": "x", "prompt": '
+    for body in (
+        opening + b"[" * 50_000 + b"]" * 50_000 + b"}",  # 50,001 levels
+        opening + b"[" * 64 + b"]" * 64 + b"}",  # 65
+        opening + b"[" * 50_000,  # never closed: the parser would still recurse
+    ):
         message = assert_openai_error(http.post("/v1/completions", content=body), 400)
         assert message == "The JSON body nests arrays and objects more than 64 levels deep."
     # 64 levels pass; brackets inside strings (escaped quotes too) do not count.

@@ -368,18 +368,20 @@ def _nests_deeper(body: bytes, limit: int) -> bool:
     """Whether the arrays and objects of a JSON text nest more than ``limit`` deep.
 
     Strings are blanked out, the rest kept to its brackets, and innermost pairs removed
-    one level per pass (each pass is one C-speed ``bytes.replace``): no recursion, and no
-    work at all for a body with fewer brackets than the limit.
+    one level per pass (each pass is one C-speed ``bytes.replace``): no recursion, at most
+    ``limit + 1`` passes, and no work at all for a body with fewer brackets than the limit.
+    Brackets never closed count too: the parser recurses into them before it fails.
     """
     if body.count(b"[") + body.count(b"{") <= limit:
         return False
     brackets = _JSON_STRING.sub(b"", body).translate(_BRACKETS, _NOT_BRACKETS)
-    for _ in range(limit):
+    levels = 0
+    while levels <= limit:
         shorter = brackets.replace(b"[]", b"")
         if len(shorter) == len(brackets):
-            return False
-        brackets = shorter
-    return b"[]" in brackets
+            break
+        brackets, levels = shorter, levels + 1
+    return levels + brackets.count(b"[") > limit
 
 
 def _refuse_surrogates(value: Any, path: list[str]) -> None:
