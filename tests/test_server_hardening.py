@@ -509,10 +509,14 @@ def any_text(min_size: int = 0) -> st.SearchStrategy[str]:
 
 
 TEXT, PROMPT = any_text(), any_text(min_size=1)
+
+
+def nested(inner: st.SearchStrategy) -> st.SearchStrategy:
+    return st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4)
+
+
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | TEXT,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
-    max_leaves=12,
+    st.none() | st.booleans() | st.integers() | st.floats() | TEXT, nested, max_leaves=12
 )
 ANY = JSON | st.integers(-(2**70), 2**70)
 SAMPLING_FIELDS = {
