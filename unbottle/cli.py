@@ -304,7 +304,9 @@ def serve(
     ] = None,
     insecure_no_auth: Annotated[
         bool,
-        typer.Option(help="Allow a host other than loopback without an API key."),
+        typer.Option(
+            "--insecure-no-auth", help="Allow a host other than loopback without an API key."
+        ),
     ] = False,
     cors_origin: Annotated[
         list[str] | None,
