@@ -61,20 +61,18 @@ def free_port() -> int:
 def live_server(
     bundle: Path, overrides: dict[str, Any] | None = None, api_key: str | None = None
 ) -> Iterator[str]:
-    """The real app on uvicorn, on a loopback port, in a thread; yields its base URL."""
-    import uvicorn
-
+    """The real server (`unbottle serve`'s app, protocol and limits) on uvicorn, on a
+    loopback port, in a thread; yields its base URL."""
     from unbottle.core.serving.engine import load_bundle
-    from unbottle.core.serving.http import create_app
+    from unbottle.core.serving.http import build_server
 
-    app = create_app(load_bundle(bundle, overrides), api_key=api_key)
+    server = build_server(load_bundle(bundle, overrides), api_key=api_key, log_level="warning")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # loading the engine process is slow on a busy machine
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)

@@ -500,8 +500,12 @@ def test_a_full_queue_answers_429_and_recovers(bundle):
 # --------------------------------------------------------------------------- the CLI
 
 
-def test_unbottle_serve_binds_loopback_uses_the_env_key_and_drains_on_sigterm(bundle, tmp_path):
+def test_unbottle_serve_binds_loopback_reads_the_key_file_drains_on_sigterm_and_exits_0(
+    bundle, tmp_path
+):
     port = free_port()
+    key_file = tmp_path / "api.key"
+    key_file.write_text("file-key\n")
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen(
         [
@@ -514,15 +518,19 @@ def test_unbottle_serve_binds_loopback_uses_the_env_key_and_drains_on_sigterm(bu
             str(port),
             "--max-batch",
             "1",
+            "--api-key-file",
+            str(key_file),
+            "--cors-origin",
+            "http://app.example",
         ],
-        env=cli_env({"UNBOTTLE_API_KEY": "env-key", "COLUMNS": "200"}),
+        env=cli_env({"COLUMNS": "200"}),
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=tmp_path,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # the engine process loads slowly on a busy machine
         while True:
             assert proc.poll() is None, Path(log.name).read_text()
             assert time.monotonic() < deadline, "unbottle serve did not start"
@@ -531,8 +539,18 @@ def test_unbottle_serve_binds_loopback_uses_the_env_key_and_drains_on_sigterm(bu
                     break
             time.sleep(0.2)
         assert httpx.get(url + "/v1/models").status_code == 401
-        headers = {"Authorization": "Bearer env-key"}
+        headers = {"Authorization": "Bearer file-key"}
         assert httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"] == MODEL
+        # CORS for the origin named, and for no other.
+        ask = {
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization",
+        }
+        for origin, allowed in (("http://app.example", True), ("http://evil.example", False)):
+            preflight = httpx.options(url + "/v1/completions", headers={"Origin": origin} | ask)
+            assert preflight.headers.get("access-control-allow-origin") == (
+                origin if allowed else None
+            )
 
         # Six streams on one batch slot: most are still queued when SIGTERM arrives.
         body = {
@@ -564,8 +582,8 @@ def test_unbottle_serve_binds_loopback_uses_the_env_key_and_drains_on_sigterm(bu
         )
         for thread in threads:
             thread.join(60)
-        # uvicorn re-raises the signal once it has shut down cleanly.
-        assert proc.wait(60) in (0, -signal.SIGTERM)
+        # A clean drain is a success (uvicorn alone would re-raise the signal: 143).
+        assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)

@@ -407,12 +407,30 @@ def serve(
         str | None, typer.Option(help="Address to bind (default 127.0.0.1: this machine only).")
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="A file holding the API key: every endpoint but /health then needs "
+            "`Authorization: Bearer KEY`. UNBOTTLE_API_KEY works too."
+        ),
+    ] = None,
     api_key: Annotated[
         str | None,
         typer.Option(
-            envvar="UNBOTTLE_API_KEY",
             show_default=False,
-            help="Require `Authorization: Bearer KEY` on every endpoint but /health.",
+            help="The API key itself (visible to other users in `ps`: prefer --api-key-file).",
+        ),
+    ] = None,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth", help="Allow a host other than loopback without an API key."
+        ),
+    ] = False,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An origin browsers may call the API from (repeatable; none by default)."
         ),
     ] = None,
     max_batch: Annotated[
@@ -428,17 +446,46 @@ def serve(
     """Serve a bundle with an OpenAI-compatible API (completions, chat, streaming, metrics)."""
     _environment(Path.cwd().resolve())
     _logging()
-    from unbottle.core.serving.engine import load_bundle
+    from unbottle.core.contract.errors import ConfigError
+    from unbottle.core.serving.engine import load_bundle, read_serve_config
+    from unbottle.core.serving.http import check_exposure
     from unbottle.core.serving.http import serve as run_server
 
+    if api_key and api_key_file:
+        raise ConfigError("serve: give --api-key or --api-key-file, not both")
+    if api_key:
+        logging.getLogger("unbottle.server").warning(
+            "--api-key puts the key on the command line, where other users see it (ps); "
+            "use --api-key-file or UNBOTTLE_API_KEY"
+        )
+    key = api_key or _read_api_key(api_key_file) or os.environ.get("UNBOTTLE_API_KEY") or None
     overrides = {
         "host": host,
         "port": port,
         "max_batch": max_batch,
         "max_queue": max_queue,
         "model_name": model_name,
+        "cors_origins": tuple(cors_origin) if cors_origin else None,
     }
-    run_server(load_bundle(bundle, overrides), api_key=api_key or None)
+    if bundle.is_dir():  # refuse an exposed host before the model loads
+        check_exposure(read_serve_config(bundle, overrides).host, key, insecure_no_auth)
+    run_server(load_bundle(bundle, overrides), api_key=key, insecure_no_auth=insecure_no_auth)
+
+
+def _read_api_key(path: Path | None) -> str | None:
+    from unbottle.core.contract.errors import ConfigError
+
+    if path is None:
+        return None
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ConfigError(f"--api-key-file {path}: cannot read it: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--api-key-file {path}: not UTF-8 text") from None
+    if not key:
+        raise ConfigError(f"--api-key-file {path}: the file is empty")
+    return key
 
 
 @data_app.command("demo")

@@ -100,6 +100,17 @@ class ServeConfig(StrategyConfig):
     #: Run the engine in a child process, with its own interpreter lock, so the model's
     #: Python work and the HTTP event loop do not take turns; false: a thread.
     engine_process: bool = True
+    #: A request's headers must arrive within this many seconds of the connection opening
+    #: (or of the first byte of a later request on it); then the connection is closed.
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    #: A request's whole body must arrive within this many seconds of its headers (408).
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    #: Open connections at most; a connection beyond it gets 503 and is closed at once.
+    max_connections: int = Field(256, ge=1, le=100_000)
+    #: /health answers 503 when the engine has had work and made no progress this long.
+    stall_timeout_s: float = Field(60.0, gt=0, le=86_400)
+    #: Origins a browser may call the API from (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()
 
 
 def read_serve_config(bundle: Path, overrides: dict[str, Any] | None = None) -> ServeConfig:
@@ -342,6 +353,17 @@ def load_backend(bundle: Path, threads: int | None = None) -> Backend:
 # --------------------------------------------------------------------------- requests
 
 
+#: Temperatures below this sample greedily, and those below ``MIN_TEMPERATURE`` are raised
+#: to it: dividing float32 logits by 1e-300 gives inf and then NaN probabilities. (vLLM
+#: draws the same two lines, ``_SAMPLING_EPS`` and ``_MAX_TEMP``.)
+GREEDY_BELOW = 1e-5
+MIN_TEMPERATURE = 1e-2
+#: A seed is taken modulo 2**64, the range of ``torch.Generator.manual_seed``.
+SEED_MODULUS = 1 << 64
+#: How often a busy engine reports its progress to the server when nothing else happens.
+HEARTBEAT_S = 1.0
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
@@ -423,6 +445,8 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._batch = _Batch()
+        self._progress_at = time.monotonic()  # the end of the engine's last iteration
+        self._reported: tuple[int, int, float] = (0, 0, 0.0)  # queue, running, when
 
     # -- public, thread-safe -------------------------------------------------------------
 
@@ -438,6 +462,12 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def stalled_for(self) -> float:
+        """Seconds the engine has had work and finished no iteration (0 when idle)."""
+        if not self._waiting and not self._batch.rows:
+            return 0.0
+        return time.monotonic() - self._progress_at
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="unbottle-engine", daemon=True)
         self._thread.start()
@@ -451,6 +481,8 @@ class Engine:
                 raise QueueFull(
                     f"the queue is full ({len(self._waiting)} waiting, limit {self.max_queue})"
                 )
+            if not self._waiting and not self._batch.rows:
+                self._progress_at = time.monotonic()  # idle until now, not stalled
             self._waiting.extend(seqs)
             self._cond.notify()
 
@@ -485,8 +517,21 @@ class Engine:
     def _loop(self) -> None:
         import torch
 
-        with torch.inference_mode():
-            self._serve()
+        try:
+            with torch.inference_mode():
+                self._serve()
+        except BaseException:
+            # A bug outside any one sequence: fail everything rather than leave it hanging;
+            # the thread ends, so ``alive`` turns false and the server answers 503.
+            log.exception("the engine failed; failing %d sequences", self.running)
+            with self._cond:
+                self._stopping = True
+                leftovers = [*self._waiting, *self._batch.rows]
+                self._waiting.clear()
+            for seq in leftovers:
+                if not seq.cancelled and seq.finish_reason is None:
+                    self._finish(seq, "error")
+            self._flush(force=True)
 
     def _serve(self) -> None:
         while True:
@@ -508,6 +553,7 @@ class Engine:
                     for seq in self._batch.rows:
                         self._finish(seq, "error")
                     self._batch = _Batch()
+            self._progress_at = time.monotonic()
             self._flush()
         with self._cond:
             leftovers = [*self._waiting, *self._batch.rows]
@@ -515,8 +561,8 @@ class Engine:
         for seq in leftovers:
             if not seq.cancelled and seq.finish_reason is None:
                 self._finish(seq, "abort")
-        self._flush()
         self._batch = _Batch()
+        self._flush(force=True)
 
     def _admit(self, seq: Sequence) -> None:
         if seq.cancelled:
@@ -527,12 +573,12 @@ class Engine:
             log.exception("prefill failed")
             self._finish(seq, "error")
             return
-        if seq.params.temperature > 0:
+        if seq.params.temperature >= GREEDY_BELOW:
             import torch
 
             seed = seq.params.seed if seq.params.seed is not None else secrets.randbits(63)
-            seq._generator = torch.Generator().manual_seed(seed + seq.index)
-        if not self._advance(seq, logits):
+            seq._generator = torch.Generator().manual_seed((seed + seq.index) % SEED_MODULUS)
+        if not self._advance_or_fail(seq, logits):
             self._batch.add(seq, cache, self.backend.context)
 
     def _step(self) -> None:
@@ -550,7 +596,9 @@ class Engine:
         if self.on_step is not None:
             self.on_step(len(batch.rows))
         finished = [
-            r for r, seq in enumerate(batch.rows) if seq.cancelled or self._advance(seq, logits[r])
+            r
+            for r, seq in enumerate(batch.rows)
+            if seq.cancelled or self._advance_or_fail(seq, logits[r])
         ]
         if finished:
             batch.remove(finished)
@@ -572,6 +620,15 @@ class Engine:
             )
             rows.append(logits[0])
         return torch.stack(rows)  # (B, V)
+
+    def _advance_or_fail(self, seq: Sequence, logits: torch.Tensor) -> bool:
+        """``_advance``; a sequence whose sampling or decoding raises fails alone ("error")."""
+        try:
+            return self._advance(seq, logits)
+        except Exception:
+            log.exception("sequence %d failed while choosing a token", seq.uid)
+            self._finish(seq, "error")
+            return True
 
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> bool:
         """Append the next token chosen from (V,) logits; True when the sequence is done."""
@@ -640,24 +697,41 @@ class Engine:
         else:
             self._events.append((seq, text, finish))
 
-    def _flush(self) -> None:
-        if self._events:
+    def _flush(self, force: bool = False) -> None:
+        """Deliver this iteration's events. An engine process also reports, with or without
+        events, when its queue or batch changed size (a cancelled row leaves silently) and,
+        while busy, every ``HEARTBEAT_S``, so the server can tell a slow engine from a
+        wedged one."""
+        if self.on_events is None:
+            return
+        now = time.monotonic()
+        counts = (self.queue_depth, self.running)
+        queue, running, reported_at = self._reported
+        busy = counts != (0, 0)
+        if (
+            self._events
+            or force
+            or counts != (queue, running)
+            or (busy and now - reported_at >= HEARTBEAT_S)
+        ):
             events, self._events = self._events, []
-            assert self.on_events is not None
+            self._reported = (*counts, now)
             self.on_events(events)
 
 
 def _choose(logits: torch.Tensor, params: SamplingParams, generator: Any) -> int:
-    """Greedy for temperature 0, else a sample from the top-p nucleus of (V,) logits."""
+    """Greedy below ``GREEDY_BELOW``, else a sample from the top-p nucleus of (V,) logits."""
     import torch
 
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return int(logits.argmax())
-    probs = torch.softmax(logits / params.temperature, dim=-1)  # (V,)
+    probs = torch.softmax(logits / max(params.temperature, MIN_TEMPERATURE), dim=-1)  # (V,)
     if params.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always).
+        # Keep the smallest prefix whose mass reaches top_p, and the first token always
+        # (a top_p below float32's smallest number would otherwise keep none).
         keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p
+        keep[0] = True
         pick = torch.multinomial(sorted_probs * keep, 1, generator=generator)
         return int(order[pick])
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -848,6 +922,7 @@ class EngineProcess:
         self._stopping = False
         self._queue_depth = 0
         self._running = 0
+        self._heard_at = time.monotonic()  # the child's last message
         self._proc: Any = None
         self._conn: Any = None
         self._reader: threading.Thread | None = None
@@ -863,6 +938,13 @@ class EngineProcess:
     @property
     def alive(self) -> bool:
         return self._proc is not None and self._proc.is_alive() and not self._stopping
+
+    def stalled_for(self) -> float:
+        """Seconds the child has had work and sent nothing (it reports at least every
+        ``HEARTBEAT_S`` while busy); 0 when idle."""
+        if not self._live:
+            return 0.0
+        return time.monotonic() - self._heard_at
 
     def start(self, timeout: float = 600.0) -> None:
         """Start the child and wait until its model is loaded."""
@@ -885,7 +967,14 @@ class EngineProcess:
             if time.monotonic() > deadline:
                 self._proc.kill()
                 raise RuntimeError(f"the engine process did not start in {timeout:.0f} s")
-        assert self._conn.recv() == ("ready",)
+        try:
+            ready = self._conn.recv()
+        except EOFError:  # it died while loading: say how
+            self._proc.join(5)
+            raise RuntimeError(
+                f"the engine process exited with {self._proc.exitcode} while loading"
+            ) from None
+        assert ready == ("ready",)
         self._reader = threading.Thread(target=self._read, name="unbottle-engine-pipe")
         self._reader.start()
 
@@ -896,6 +985,8 @@ class EngineProcess:
             waiting = max(0, len(self._live) - self.max_batch)
             if len(self._live) + len(seqs) > self.max_batch + self.max_queue:
                 raise QueueFull(f"the queue is full ({waiting} waiting, limit {self.max_queue})")
+            if not self._live:
+                self._heard_at = time.monotonic()  # idle until now, not stalled
             for seq in seqs:
                 self._next_uid += 1
                 seq.uid = self._next_uid
@@ -927,6 +1018,7 @@ class EngineProcess:
         try:
             while True:
                 message = self._conn.recv()
+                self._heard_at = time.monotonic()
                 if message[0] == "stopped":
                     return
                 _, updates, steps, self._queue_depth, self._running = message
@@ -992,6 +1084,9 @@ def _engine_main(path: str, overrides: dict[str, Any], conn: Any) -> None:
             conn.send(("events", updates, sizes, engine.queue_depth, engine.running))
 
     engine = loaded.engine(on_step=steps.append, on_events=on_events)
+    # The server enforces the queue limit; the child takes whatever it is sent (its own
+    # counts lag behind cancellations by a step, and a refusal here would kill it).
+    engine.max_queue = 1 << 62
     engine.start()
     with send_lock:
         conn.send(("ready",))
@@ -1001,6 +1096,10 @@ def _engine_main(path: str, overrides: dict[str, Any], conn: Any) -> None:
 
     while True:
         try:
+            if not conn.poll(HEARTBEAT_S):
+                if not engine.alive:  # it failed: exit, so the server sees a dead engine
+                    return
+                continue
             message = conn.recv()
         except (EOFError, OSError):  # the server is gone
             engine.stop()

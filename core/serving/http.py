@@ -10,20 +10,29 @@ and validated, and every refusal is a 4xx with OpenAI's error body
 (``{"error": {"message", "type", "param", "code"}}``); a bounded queue answers 429
 instead of growing; on SIGINT/SIGTERM uvicorn stops accepting, lets in-flight requests
 finish (up to ``shutdown_timeout_s``), then the engine cancels what is left.
+
+Slow or hostile clients are bounded: a request's headers and body must arrive within
+``header_timeout_s`` and ``body_timeout_s``, at most ``max_connections`` connections are
+open, JSON bodies nest at most ``MAX_JSON_DEPTH`` levels, and a client that leaves cancels
+its request. Tokenizing runs in a thread (the tokenizer releases the interpreter lock), so
+a large prompt does not hold up ``/health``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeVar
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import (
@@ -36,7 +45,10 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from unbottle.core.contract.errors import ConfigError
 from unbottle.core.serving.engine import (
     Engine,
     EngineProcess,
@@ -53,6 +65,15 @@ log = logging.getLogger("unbottle.server")
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+#: The deepest nesting of arrays and objects a request body may have (OpenAI's requests
+#: need fewer than ten); checked before parsing, which would recurse once per level.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+#: A lone surrogate, written as a JSON escape or as raw (CESU-style) bytes.
+_SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class APIError(Exception):
@@ -109,7 +130,8 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: Any = None
-    seed: int | None = None
+    # Seeds are 64-bit, as in vLLM (the engine's generator takes 64 bits).
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 63) - 1)
     user: str | None = None
     # vLLM's extension: keep generating past EOS (benchmarks use it for fixed lengths).
     ignore_eos: bool = False
@@ -160,7 +182,11 @@ class Message(BaseModel):
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # Tool and function calling (and its older name, functions) are refused alike.
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
 
 
@@ -204,6 +230,11 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
+        self.cancelled = Counter(
+            "unbottle_requests_cancelled",
+            "Generation requests cancelled before they finished (the client left)",
+            registry=r,
+        )
         queue = Gauge("unbottle_queue_depth", "Sequences waiting for a batch slot", registry=r)
         running = Gauge("unbottle_running_sequences", "Sequences in the decode batch", registry=r)
         queue.set_function(lambda: engine_ref["engine"].queue_depth if engine_ref else 0)
@@ -245,8 +276,21 @@ def create_app(bundle: LoadedBundle, *, api_key: str | None = None) -> FastAPI:
         title="unbottle", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.add_middleware(
-        Guard, api_key=api_key, max_body_bytes=config.max_body_bytes, metrics=metrics
+        Guard,
+        api_key=api_key,
+        max_body_bytes=config.max_body_bytes,
+        body_timeout_s=config.body_timeout_s,
+        metrics=metrics,
     )
+    if config.cors_origins:  # outermost, so a browser's preflight needs no key
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     service = _Service(bundle, engine_ref, metrics)
 
     @app.exception_handler(APIError)
@@ -264,6 +308,11 @@ def create_app(bundle: LoadedBundle, *, api_key: str | None = None) -> FastAPI:
         engine = engine_ref.get("engine")
         if engine is None or not engine.alive:
             return error_response(503, "the engine is not running", "server_error")
+        stalled = engine.stalled_for()
+        if stalled > config.stall_timeout_s:
+            return error_response(
+                503, f"the engine has made no progress for {stalled:.0f} s", "server_error"
+            )
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -281,29 +330,80 @@ def create_app(bundle: LoadedBundle, *, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await service.complete(await _parse(request, CompletionBody))
+        return await service.complete(await _parse(request, CompletionBody), request.receive)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        return await service.chat(await _parse(request, ChatBody))
+        return await service.chat(await _parse(request, ChatBody), request.receive)
 
     return app
 
 
 async def _parse(request: Request, model: type[BodyT]) -> BodyT:
     """The JSON body as ``model``, whatever the Content-Type (curl -d sends a form type)."""
+    body = await request.body()
+    if _nests_deeper(body, MAX_JSON_DEPTH):
+        raise APIError(
+            400,
+            f"The JSON body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.",
+            code="invalid_json",
+        )
     try:
-        data = json.loads(await request.body())
+        data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(
             400, f"We could not parse the JSON body of your request: {e}", code="invalid_json"
         ) from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_body")
+    if _SURROGATE_BYTES.search(body):
+        _refuse_surrogates(data, [])
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise _validation_error(e.errors()[0]) from None
+
+
+def _nests_deeper(body: bytes, limit: int) -> bool:
+    """Whether the arrays and objects of a JSON text nest more than ``limit`` deep.
+
+    Strings are blanked out, the rest kept to its brackets, and innermost pairs removed
+    one level per pass (each pass is one C-speed ``bytes.replace``): no recursion, at most
+    ``limit + 1`` passes, and no work at all for a body with fewer brackets than the limit.
+    Brackets never closed count too: the parser recurses into them before it fails.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    brackets = _JSON_STRING.sub(b"", body).translate(_BRACKETS, _NOT_BRACKETS)
+    levels = 0
+    while levels <= limit:
+        shorter = brackets.replace(b"[]", b"")
+        if len(shorter) == len(brackets):
+            break
+        brackets, levels = shorter, levels + 1
+    return levels + brackets.count(b"[") > limit
+
+
+def _refuse_surrogates(value: Any, path: list[str]) -> None:
+    """400 for the first string holding a lone surrogate (not Unicode; tokenizers fail)."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        if found:
+            param = ".".join(path) or None
+            raise APIError(
+                400,
+                f"{param or 'body'}: contains a lone surrogate (U+{ord(found.group()):04X}), "
+                "which is not valid Unicode",
+                param=param,
+                code="invalid_value",
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_surrogates(key, path)
+            _refuse_surrogates(item, [*path, key])
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_surrogates(item, [*path, str(i)])
 
 
 def _validation_error(err: Any) -> APIError:
@@ -330,6 +430,17 @@ class _Service:
         self.engine_ref = engine_ref
         self.metrics = metrics
         self.created = int(time.time())
+        self.max_sequences = self.config.max_queue + self.config.max_batch
+        # A token covers at most this many characters of text, so a longer text cannot fit
+        # the context whatever it holds: refuse it without tokenizing. Whitespace is not
+        # counted (a pre-tokenizer or a chat template may drop it), and without a
+        # normalizer only (one may shrink the text: NFC); with one, everything is tokenized.
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self.chars_per_token = (
+            max(len(token) for token in self.tokenizer.get_vocab())
+            if backend is not None and backend.normalizer is None
+            else None
+        )
 
     def model_card(self) -> dict[str, Any]:
         return {
@@ -373,9 +484,22 @@ class _Service:
             )
         if isinstance(body, ChatBody):
             unsupported.update(
-                tools=bool(body.tools),
                 response_format=(body.response_format or {}).get("type", "text") != "text",
             )
+            calling = {
+                "tools": bool(body.tools),
+                "functions": bool(body.functions),
+                "tool_choice": body.tool_choice not in (None, "none", "auto"),
+                "function_call": body.function_call not in (None, "none", "auto"),
+            }
+            for name, used in calling.items():
+                if used:
+                    raise APIError(
+                        400,
+                        f"{name}: not supported by this server (no tool or function calling)",
+                        param=name,
+                        code="unsupported",
+                    )
         for name, used in unsupported.items():
             if used:
                 raise APIError(
@@ -408,9 +532,8 @@ class _Service:
             )
         return tuple(stops)
 
-    def _prompts(self, prompt: Any) -> list[list[int]]:
-        """A completion prompt, in any of OpenAI's four shapes, as lists of token ids."""
-        vocab = len(self.tokenizer)
+    def _prompt_items(self, prompt: Any) -> list[Any]:
+        """A completion prompt, in any of OpenAI's four shapes, as a list of strings or id lists."""
 
         def is_ids(x: Any) -> bool:
             return isinstance(x, list) and all(
@@ -435,10 +558,45 @@ class _Service:
                 param="prompt",
                 code="invalid_value",
             )
+        return texts
+
+    def _check_size(self, sequences: int, texts: list[str], param: str) -> None:
+        """Refuse, before any tokenizing, what cannot be served whatever its tokens."""
+        if sequences > self.max_sequences:
+            raise APIError(
+                400,
+                f"this request asks for {sequences} sequences (prompts x n); the server holds "
+                f"at most {self.max_sequences}",
+                param="n",
+                code="invalid_value",
+            )
+        if self.chars_per_token is None:
+            return
+        most = self.context * self.chars_per_token
+        if max(map(len, texts), default=0) <= most:  # the common case: nothing to count
+            return
+        longest = max(sum(map(len, t.split())) for t in texts)  # besides whitespace
+        if longest > most:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.context} tokens. However, your "
+                f"{param} has {longest} characters besides whitespace, more than "
+                f"{self.context} tokens of at most {self.chars_per_token} characters can hold.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def _tokenize(self, items: list[Any]) -> list[list[int]]:
+        """Token ids of each prompt item (runs in a thread: the tokenizer drops the GIL)."""
+        vocab = len(self.tokenizer)
+        strings = [item for item in items if isinstance(item, str)]
+        encoded = iter(
+            self.tokenizer(strings, add_special_tokens=False)["input_ids"] if strings else []
+        )
         prompts = []
-        for item in texts:
+        for item in items:
             if isinstance(item, str):
-                ids = self.tokenizer(item, add_special_tokens=False)["input_ids"]
+                ids = next(encoded)
             else:
                 ids = item
                 if any(t < 0 or t >= vocab for t in ids):
@@ -505,16 +663,20 @@ class _Service:
 
     # -- endpoints -----------------------------------------------------------------------
 
-    async def complete(self, body: CompletionBody) -> Response:
+    async def complete(self, body: CompletionBody, receive: Receive) -> Response:
         self._common(body)
-        prompts = self._prompts(body.prompt)
+        items = self._prompt_items(body.prompt)
+        self._check_size(len(items) * body.n, [i for i in items if isinstance(i, str)], "prompt")
+        prompts = await asyncio.to_thread(self._tokenize, items)
         max_tokens = self._max_tokens(
             body.max_tokens, self.config.default_max_tokens, prompts, "prompt"
         )
         params = self._sampling(body, max_tokens)
-        return await self._run(prompts, params, body, kind="text_completion", id_prefix="cmpl-")
+        return await self._run(
+            prompts, params, body, receive, kind="text_completion", id_prefix="cmpl-"
+        )
 
-    async def chat(self, body: ChatBody) -> Response:
+    async def chat(self, body: ChatBody, receive: Receive) -> Response:
         self._common(body)
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise APIError(
@@ -524,9 +686,14 @@ class _Service:
                 code="invalid_value",
             )
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        # The template only adds text, so the contents alone bound the prompt from below.
+        self._check_size(body.n, ["".join(m["content"] for m in messages)], "messages")
         try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True
+            ids = await asyncio.to_thread(
+                self.tokenizer.apply_chat_template,
+                messages,
+                add_generation_prompt=True,
+                tokenize=True,
             )
         except Exception as e:  # the template itself refused the conversation
             raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
@@ -535,13 +702,16 @@ class _Service:
         asked = body.max_completion_tokens or body.max_tokens
         max_tokens = self._max_tokens(asked, self.context, [ids], "messages")
         params = self._sampling(body, max_tokens)
-        return await self._run([ids], params, body, kind="chat.completion", id_prefix="chatcmpl-")
+        return await self._run(
+            [ids], params, body, receive, kind="chat.completion", id_prefix="chatcmpl-"
+        )
 
     async def _run(
         self,
         prompts: list[list[int]],
         params: SamplingParams,
         body: _Body,
+        receive: Receive,
         *,
         kind: str,
         id_prefix: str,
@@ -557,14 +727,6 @@ class _Service:
             for i, prompt in enumerate(prompts)
             for j in range(body.n)
         ]
-        if len(seqs) > self.config.max_queue + self.config.max_batch:
-            raise APIError(
-                400,
-                f"this request asks for {len(seqs)} sequences (prompts x n); the server holds "
-                f"at most {self.config.max_queue + self.config.max_batch}",
-                param="n",
-                code="invalid_value",
-            )
         if not engine.alive:
             raise APIError(
                 503, "The model engine is not running.", type="server_error", code="engine_down"
@@ -597,7 +759,7 @@ class _Service:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await call.collect()
+        return await call.collect(receive)
 
 
 class _Call:
@@ -652,17 +814,35 @@ class _Call:
             )
         return None
 
-    async def collect(self) -> JSONResponse:
+    async def collect(self, receive: Receive) -> Response:
         texts = {s.index: "" for s in self.seqs}
-        pending = len(self.seqs)
-        try:
+
+        async def gather() -> None:
+            pending = len(self.seqs)
             while pending:
                 seq, text, finish = await self._next()
                 texts[seq.index] += text
                 pending -= finish is not None
+
+        async def client_left() -> None:
+            # Nothing else reads this request's messages: the next one is its disconnect.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        gathering = asyncio.ensure_future(gather())
+        watching = asyncio.ensure_future(client_left())
+        try:
+            await asyncio.wait({gathering, watching}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if pending:  # the client went away or the task was cancelled
+            watching.cancel()
+            left = not gathering.done()  # the client left, or the server cancelled the task
+            if left:
+                gathering.cancel()
                 self.engine.cancel(self.seqs)
+                self.metrics.cancelled.inc()
+        if left:
+            return Response(status_code=499)  # nginx's "client closed request"; never sent
+        gathering.result()
         failed = self._failed()
         if failed is not None:
             return failed.response()
@@ -760,21 +940,32 @@ class _Call:
             tail = self._chunk([], self._usage()) if include_usage else ""
             yield tail + "data: [DONE]\n\n"
         finally:
-            if pending:
+            if pending:  # the client left (or the server cancelled the stream)
                 self.engine.cancel(self.seqs)
+                self.metrics.cancelled.inc()
 
 
 class Guard:
-    """ASGI middleware in front of every route: API key, body size limit and metrics.
+    """ASGI middleware in front of every route: API key, body size and time limits, metrics.
 
-    It runs before FastAPI parses anything, so an unauthenticated or oversized request
-    costs the server no JSON parsing, and every response (errors included) is counted.
+    It runs before FastAPI parses anything, so an unauthenticated, oversized or dribbled
+    request costs the server no JSON parsing, and every response (errors included) is
+    counted. The ``Bearer`` scheme is matched in any case, as RFC 7235 says schemes are.
     """
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics: Metrics):
+    def __init__(
+        self,
+        app,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        metrics: Metrics,
+    ):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.metrics = metrics
 
     async def __call__(self, scope, receive, send) -> None:
@@ -801,8 +992,13 @@ class Guard:
         body = b""
         if scope["method"] in ("POST", "PUT", "PATCH"):
             more = True
+            deadline = time.monotonic() + self.body_timeout_s
             while more:
-                message = await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+                except TimeoutError:
+                    await self._too_slow()(scope, receive, send_counted)
+                    return
                 if message["type"] == "http.disconnect":
                     return
                 body += message.get("body", b"")
@@ -846,6 +1042,14 @@ class Guard:
                 return self._too_large()
         return None
 
+    def _too_slow(self) -> JSONResponse:
+        return error_response(
+            408,
+            f"The request body did not arrive within {self.body_timeout_s:g} s.",
+            code="request_timeout",
+            headers={"Connection": "close"},  # uvicorn closes the connection after it
+        )
+
     def _too_large(self) -> JSONResponse:
         return error_response(
             413,
@@ -854,26 +1058,155 @@ class Guard:
         )
 
 
-def serve(bundle: LoadedBundle, *, api_key: str | None = None) -> None:
-    """Run the server in the foreground until SIGINT or SIGTERM."""
-    import uvicorn
+def _json_error_bytes(status: int, reason: str, message: str, code: str) -> bytes:
+    """A whole HTTP/1.1 error response that closes the connection, for use below ASGI."""
+    body = json.dumps(error_body(message, "server_error", None, code)).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def guarded_protocol(base: type, *, header_timeout_s: float, max_connections: int) -> type:
+    """uvicorn's HTTP protocol ``base`` with a deadline on request headers and a cap on
+    open connections.
+
+    uvicorn times out idle keep-alive connections but not a client that opens a connection
+    and sends its headers a byte at a time (slowloris); the ASGI app only sees a request
+    once its headers are complete, so this deadline lives in the protocol. The deadline
+    runs from the connection opening, or from the first byte of a later request on it.
+    """
+
+    class GuardedProtocol(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._refused = False
+            self._in_request = False
+            self._header_timer: asyncio.TimerHandle | None = None
+            app = self.app
+
+            async def headers_arrived(scope, receive, send) -> None:
+                self._in_request = True
+                self._disarm()
+                await app(scope, receive, send)
+
+            self.app = headers_arrived
+
+        def connection_made(self, transport) -> None:
+            if len(self.connections) >= max_connections:
+                self._refused = True
+                message = f"The server has {max_connections} connections open, its limit."
+                transport.write(_json_error_bytes(503, "Service Unavailable", message, "busy"))
+                transport.close()
+                return
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if not self._in_request and self._header_timer is None:
+                self._arm()  # a new request on a kept-alive connection
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            self._in_request = False
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            if not self._refused:
+                super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self._in_request or self.transport.is_closing():
+                return
+            message = f"The request headers did not arrive within {header_timeout_s:g} s."
+            self.transport.write(
+                _json_error_bytes(408, "Request Timeout", message, "request_timeout")
+            )
+            self.transport.close()
+
+    return GuardedProtocol
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_exposure(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
+    """Refuse to serve beyond this machine without a key, unless told to (as Jupyter does)."""
+    if api_key or insecure_no_auth or is_loopback(host):
+        return
+    raise ConfigError(
+        f"serve: host {host} without an API key would let anyone who can reach the port "
+        "use the model; give --api-key-file or UNBOTTLE_API_KEY, or --insecure-no-auth"
+    )
+
+
+def build_server(
+    bundle: LoadedBundle,
+    *,
+    api_key: str | None = None,
+    insecure_no_auth: bool = False,
+    log_level: str = "info",
+) -> uvicorn.Server:
+    """The uvicorn server for a loaded bundle, with every limit of its serve config."""
 
     config = bundle.config
-    if not api_key and config.host not in ("127.0.0.1", "localhost", "::1"):
+    check_exposure(config.host, api_key, insecure_no_auth)
+    if not api_key and not is_loopback(config.host):
         log.warning(
-            "serving on %s without an API key: anyone who can reach this port can use the "
-            "model; set --api-key or UNBOTTLE_API_KEY",
+            "serving on %s without an API key (--insecure-no-auth): anyone who can reach "
+            "this port can use the model",
             config.host,
         )
-    server = uvicorn.Server(
+    protocol = guarded_protocol(
+        AutoHTTPProtocol,
+        header_timeout_s=config.header_timeout_s,
+        max_connections=config.max_connections,
+    )
+    return _Server(
         uvicorn.Config(
             create_app(bundle, api_key=api_key),
             host=config.host,
             port=config.port,
+            http=protocol,
             timeout_graceful_shutdown=config.shutdown_timeout_s,
-            log_level="info",
+            log_level=log_level,
             access_log=False,
             server_header=False,
+            lifespan="on",
         )
     )
-    server.run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, but a stop on SIGTERM or SIGINT is a success: uvicorn re-raises
+    the signal once it has shut down, so the process would die by it (exit status 143)
+    however well the drain went."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+
+def serve(
+    bundle: LoadedBundle, *, api_key: str | None = None, insecure_no_auth: bool = False
+) -> None:
+    """Run the server in the foreground until SIGINT or SIGTERM; return once it drained."""
+    build_server(bundle, api_key=api_key, insecure_no_auth=insecure_no_auth).run()
