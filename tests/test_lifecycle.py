@@ -165,7 +165,10 @@ def _edit(module: Path, note: str) -> None:
 @pytest.mark.slow
 def test_a_plugin_helper_change_reruns_its_stage_through_unbottle_and_dvc(dvc_repo, probe):  # noqa: F811
     root = dvc_repo
-    params = copy.deepcopy(TINY_PARAMS)
+    # The user's project as dvc_repo lays it out, pretraining from scratch (a released
+    # model as the source would train nothing) with the probe's optimizer.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    del params["pretrain"]["source"]
     params["pretrain"]["train"]["optimizer"] = "probe-sgd"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "commit", "-qam", "pretrain with the probe's optimizer", cwd=root)
