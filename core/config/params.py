@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from unbottle.core.contract.errors import ConfigError, UnknownStrategyError
+from unbottle.core.contract.kinds import KINDS, STEP_KINDS
 
 
 class Section(BaseModel):
@@ -55,14 +56,6 @@ class StrategyRef(BaseModel):
         return dict(self.model_extra or {})
 
 
-# The keys of a compress step that name its kind; the rest are the strategy's options.
-STEP_KINDS: dict[str, str] = {
-    "prune": "pruning",
-    "quantize": "quantization",
-    "distill": "distillation",
-}
-
-
 class CompressStep(BaseModel):
     """One step of a compress recipe: ``{prune: magnitude, sparsity: 0.5}``."""
 
@@ -76,7 +69,7 @@ class CompressStep(BaseModel):
         kinds = [k for k in STEP_KINDS if k in value]
         if len(kinds) != 1:
             raise ValueError(
-                "a step names exactly one of prune, quantize, distill "
+                f"a step names exactly one of {', '.join(STEP_KINDS)} "
                 f"(got {', '.join(kinds) or 'none'})"
             )
         if not isinstance(value[kinds[0]], str):
@@ -545,26 +538,44 @@ def dump_params(params: Params) -> dict[str, Any]:
 # ------------------------------------------------------------- strategy resolution
 
 
-def strategy_refs(params: Params) -> Iterator[tuple[str, str, str, dict[str, Any]]]:
-    """Every strategy params name: (key path, kind, name, options)."""
-    for stage in ("pretrain", "finetune"):
-        train: TrainParams = getattr(params, stage).train
-        yield f"{stage}.train.optimizer", "optimizer", train.optimizer.name, train.optimizer.options
-        yield (
-            f"{stage}.train.parallelism",
-            "parallelism",
-            train.parallelism.name,
-            train.parallelism.options,
+StrategyPlace = tuple[str, str, str, dict[str, Any]]  # (key path, kind, name, options)
+
+
+def strategy_refs(params: Params) -> Iterator[StrategyPlace]:
+    """Every strategy params name: (key path, kind, name, options).
+
+    The places come from the table of kinds (``Kind.params`` and ``Kind.step``), in
+    params.yaml's order: stage by stage, a stage's ``train`` section before its own keys,
+    and a compress recipe's steps in order.
+    """
+    for stage in ("pretrain", "finetune", "compress", "evaluate", "deploy"):
+        places = sorted(
+            (path, kind.name)
+            for kind in KINDS.values()
+            for path in kind.params
+            if path.startswith(f"{stage}.")
         )
-    method = params.finetune.method
-    yield "finetune.method", "finetune_method", method.name, method.options
-    for variant, steps in params.compress.variants.items():
-        for i, step in enumerate(steps):
-            yield f"compress.variants.{variant}[{i}]", step.kind, step.strategy, step.options
-    for i, metric in enumerate(params.evaluate.metrics):
-        yield f"evaluate.metrics[{i}]", "metric", metric.name, metric.options
-    target = params.deploy.target
-    yield "deploy.target", "deploy_target", target.name, target.options
+        # Deeper keys (a stage's train section) first; then by name.
+        for path, kind in sorted(places, key=lambda p: -p[0].count(".")):
+            yield from _refs_at(params, path, kind)
+        if stage == "compress":
+            for variant, steps in params.compress.variants.items():
+                for i, step in enumerate(steps):
+                    where = f"compress.variants.{variant}[{i}]"
+                    yield where, step.kind, step.strategy, step.options
+
+
+def _refs_at(params: Params, path: str, kind: str) -> Iterator[StrategyPlace]:
+    """The strategy (or, for a path ending in ``[]``, the list of them) at ``path``."""
+    node: Any = params
+    for part in path.removesuffix("[]").split("."):
+        node = getattr(node, part)
+    if path.endswith("[]"):
+        base = path.removesuffix("[]")
+        for i, ref in enumerate(node):
+            yield f"{base}[{i}]", kind, ref.name, ref.options
+    elif node is not None:
+        yield path, kind, node.name, node.options
 
 
 def check_strategies(params: Params, registry: Any) -> None:

@@ -32,19 +32,6 @@ class StrategyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-#: The kinds of strategy, each with its own hook and protocol.
-KINDS: dict[str, str] = {
-    "parallelism": "register_parallelism",
-    "optimizer": "register_optimizers",
-    "finetune_method": "register_finetune_methods",
-    "pruning": "register_pruners",
-    "quantization": "register_quantizers",
-    "distillation": "register_distillers",
-    "metric": "register_metrics",
-    "deploy_target": "register_deploy_targets",
-}
-
-
 @runtime_checkable
 class Strategy(Protocol):
     """What every strategy has: a name users write in params, and a config model."""
