@@ -118,6 +118,7 @@ def evaluate_model(
         seed=params.seed,
         device=resolve_device(cfg.device),
         label=name,
+        train_pairs=qa.read_pairs(layout.resolve(params.data.qa_train), "data.qa_train"),
     )
 
 

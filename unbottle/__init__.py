@@ -12,16 +12,20 @@ from unbottle.core.contract.strategies import (
     EvalContext,
     FinetuneMethod,
     Metric,
+    Objective,
     OptimizerStrategy,
     ParallelismStrategy,
+    PretrainContext,
     Pruner,
     Quantizer,
     StrategyConfig,
 )
+from unbottle.core.training.loop import Batches
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batches",
     "CompressContext",
     "DeployContext",
     "DeployTarget",
@@ -29,8 +33,10 @@ __all__ = [
     "EvalContext",
     "FinetuneMethod",
     "Metric",
+    "Objective",
     "OptimizerStrategy",
     "ParallelismStrategy",
+    "PretrainContext",
     "Pruner",
     "Quantizer",
     "StrategyConfig",

@@ -117,6 +117,8 @@ class TokenizerParams(Section):
 
 
 class ModelParams(Section):
+    # The model family (llama, bert, ...); None: the first that pretrain.objective trains.
+    architecture: str | None = None
     hidden_size: int = Field(128, ge=8)
     layers: int = Field(4, ge=1)
     heads: int = Field(4, ge=1)
@@ -204,8 +206,10 @@ class PretrainParams(Section):
     tokenizer: TokenizerParams = TokenizerParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
+    # What pretraining optimises (a plugin kind): clm, mlm, nsp, ...
+    objective: StrategyRef = StrategyRef(name="clm")
     # A pretrained model to start from: the stage then converts or copies it and trains
-    # nothing (tokenizer, model and train are unused). None: pretrain from scratch.
+    # nothing (tokenizer, model, train and objective are unused). None: pretrain from scratch.
     source: SourceParams | None = None
 
     @model_validator(mode="after")
@@ -589,7 +593,51 @@ def check_strategies(params: Params, registry: Any) -> None:
             info.cls.Config(**options)
         except ValidationError as e:
             raise ConfigError(one_line(e, info.cls.Config, prefix=where)) from None
+    check_objective(params, registry)
     check_evaluation_plan(params, registry)
+
+
+def check_objective(params: Params, registry: Any) -> None:
+    """The pretraining objective fits the model params describe (or the source)."""
+    cfg = params.pretrain
+    objective = registry.get("objective", cfg.objective.name).cls
+    if cfg.source is not None:
+        if objective.model_kind != "causal":
+            raise ConfigError(
+                f"pretrain.objective: {cfg.objective.name} trains an {objective.model_kind} "
+                "from scratch, but pretrain.source is set (a pretrained causal LM, not "
+                "trained); remove pretrain.source or use a causal objective such as clm"
+            )
+        return
+    architecture = cfg.model.architecture
+    if architecture is not None and architecture not in objective.architectures:
+        raise ConfigError(
+            f"pretrain.model.architecture: {architecture!r} does not fit pretrain.objective "
+            f"{cfg.objective.name} (it trains {objective.model_kind} models); use "
+            f"{' or '.join(objective.architectures)}, or leave architecture unset"
+        )
+
+
+#: The stages that take the pretrained model as a causal LM.
+CAUSAL_STAGES = ("finetune", "compress", "evaluate", "deploy")
+
+
+def check_stages_fit(params: Params, registry: Any, stages: Sequence[str]) -> None:
+    """Refuse, before any work, a stage that cannot take what pretraining makes: the
+    stages after pretrain work on causal LMs, so an encoder objective stops there."""
+    cfg = params.pretrain
+    if cfg.source is not None:
+        return
+    objective = registry.get("objective", cfg.objective.name).cls
+    if objective.model_kind == "causal":
+        return
+    for stage in stages:
+        if stage in CAUSAL_STAGES:
+            raise ConfigError(
+                f"{stage}: works on causal LMs, and pretrain.objective {cfg.objective.name} "
+                f"trains an {objective.model_kind}; run `unbottle stage pretrain` alone "
+                "(it reports the encoder's held-out figures) or use pretrain.objective clm"
+            )
 
 
 # ------------------------------------------------------- metric names, gates and policy

@@ -77,6 +77,19 @@ KINDS: dict[str, Kind] = {
     """,
         ),
         Kind(
+            "objective",
+            "pretraining objective",
+            "register_objectives",
+            s.Objective,
+            params=("pretrain.objective",),
+            doc="""Register pretraining objectives (protocol ``Objective``).
+
+    An objective builds the model pretraining starts from (a causal decoder, an
+    encoder...), turns the training text into its examples, and measures the trained model
+    on held-out text. Chosen by ``pretrain.objective``.
+    """,
+        ),
+        Kind(
             "finetune_method",
             "finetune method",
             "register_finetune_methods",

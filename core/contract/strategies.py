@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from unbottle.core.config.params import ModelParams
     from unbottle.core.models.runtimes import ModelRunner
+    from unbottle.core.training.loop import Batches
 
 
 class StrategyConfig(BaseModel):
@@ -65,6 +67,62 @@ class FinetuneMethod(Strategy, Protocol):
 
     def finalize(self, model: torch.nn.Module, out_dir: Path) -> PreTrainedModel:
         """Return a plain model for the stages downstream; may save extras under out_dir."""
+        ...
+
+
+@dataclass
+class PretrainContext:
+    """The text an objective trains on (or, in ``evaluate``, the held-out text), with the
+    tokenizer the stage trained on it and the run's sequence length and seed."""
+
+    text: str
+    tokenizer: PreTrainedTokenizerBase
+    seq_len: int
+    seed: int = 0
+
+    def documents(self) -> list[str]:
+        """The text's documents (blocks between blank lines)."""
+        from unbottle.core.models.loading import documents
+
+        return documents(self.text)
+
+    def stream(self) -> torch.Tensor:
+        """The text as one 1-D stream of token ids, documents separated by EOS."""
+        from unbottle.core.models.loading import encode_stream
+
+        return encode_stream(self.tokenizer, self.text)
+
+
+class Objective(Strategy, Protocol):
+    """What pretraining optimises, and the model it optimises it on.
+
+    ``model_kind`` says what the stages downstream get: ``"causal"`` (a decoder that
+    finetune, compress, evaluate and deploy take) or ``"encoder"`` (they refuse it; the
+    pretrain stage reports the objective's own held-out figures instead).
+    ``architectures`` lists the model architectures the objective trains; the first is
+    the default of ``pretrain.model.architecture``.
+
+    An optional method ``loss(model, batch) -> Tensor`` replaces the training loop's
+    causal-LM loss with a per-micro-batch mean (see ``core/training/loop.py``).
+    """
+
+    model_kind: ClassVar[Literal["causal", "encoder"]]
+    architectures: ClassVar[tuple[str, ...]]
+
+    def build_model(
+        self, cfg: ModelParams, tokenizer: PreTrainedTokenizerBase, seed: int
+    ) -> PreTrainedModel:
+        """Return the untrained model for ``cfg`` (``cfg.architecture`` None: the first of
+        ``architectures``); may first add the special tokens it needs to ``tokenizer``."""
+        ...
+
+    def batches(self, ctx: PretrainContext) -> Batches:
+        """Return the training examples of ``ctx.text`` for the training loop."""
+        ...
+
+    def evaluate(self, model: PreTrainedModel, ctx: PretrainContext) -> dict[str, float]:
+        """Measure the trained model on the held-out ``ctx.text``; return named numbers
+        (``{}`` for a causal model: the evaluate stage measures those)."""
         ...
 
 
@@ -123,6 +181,8 @@ class EvalContext:
     #: What the metrics before this one measured for the same variant (a metric that
     #: builds on another's figure, like ``roofline`` on ``decode_tokens_per_s``, reads it).
     measured: dict[str, Any] = field(default_factory=dict)
+    #: The solved training pairs (data.qa_train) that few-shot prompts draw examples from.
+    train_pairs: list[dict[str, str]] = field(default_factory=list)
 
 
 class Metric(Strategy, Protocol):

@@ -16,6 +16,34 @@ def target(answer: str) -> str:
     return f" {answer}"
 
 
+#: What separates solved examples from each other and from the question in a few-shot
+#: prompt (finetuning saw one pair at a time, each ending in EOS).
+SHOT_SEPARATOR = "\n\n"
+
+
+def few_shot_prompt(question: str, examples: list[dict[str, str]]) -> str:
+    """``question``'s prompt after solved ``examples``, each in the finetuning format
+    (``prompt(q) + target(a)``); with no examples, exactly ``prompt(question)``."""
+    solved = [prompt(e["question"]) + target(e["answer"]) for e in examples]
+    return SHOT_SEPARATOR.join([*solved, prompt(question)])
+
+
+def choose_shots(
+    pool: list[dict[str, str]], question: str, k: int, seed: int, index: int
+) -> list[dict[str, str]]:
+    """``k`` solved examples from ``pool`` for the ``index``-th held-out ``question``:
+    drawn by a generator seeded from (seed, index), never the question itself."""
+    import random
+
+    candidates = [pair for pair in pool if normalize(pair["question"]) != normalize(question)]
+    if k > len(candidates):
+        raise DataError(
+            f"{k} shots: only {len(candidates)} training pairs differ from the question "
+            f"{question!r}; lower shots"
+        )
+    return random.Random(f"{seed}:{index}").sample(candidates, k)
+
+
 def normalize(text: str) -> str:
     """What exact match compares: the first line, without surrounding space or a final '.'."""
     return text.strip().split("\n", 1)[0].strip().rstrip(".").strip().lower()

@@ -9,7 +9,7 @@ import json
 import logging
 from pathlib import Path
 
-from unbottle.core.config.params import Params, check_strategies
+from unbottle.core.config.params import Params, check_stages_fit, check_strategies
 from unbottle.core.registry import Registry, get_registry
 from unbottle.core.stages.layout import STAGES, Layout, StageResult, split_timings
 from unbottle.core.store.artifacts import write_json_atomic, write_text_atomic
@@ -17,10 +17,14 @@ from unbottle.core.store.artifacts import write_json_atomic, write_text_atomic
 log = logging.getLogger("unbottle.pipeline")
 
 
-def setup(params: Params, registry: Registry | None = None) -> Registry:
-    """Resolve and validate every strategy the params name, before any work."""
+def setup(
+    params: Params, registry: Registry | None = None, stages: tuple[str, ...] = STAGES
+) -> Registry:
+    """Resolve and validate every strategy the params name, and that each of ``stages``
+    can take what the stages before it make, before any work."""
     registry = registry or get_registry()
     check_strategies(params, registry)
+    check_stages_fit(params, registry, stages)
     return registry
 
 
@@ -38,7 +42,7 @@ def run_stage(
 
     if name not in STAGES:
         raise ConfigError(f"Unknown stage {name!r}. Stages: {', '.join(STAGES)}.")
-    registry = setup(params, registry)
+    registry = setup(params, registry, stages=(name,))
     stamp = fingerprint.fingerprint(name, params, layout, registry)
     out_dir, metrics_file = layout.artifact(name), layout.metrics_file(name)
     if not force and fingerprint.is_current(out_dir, stamp, metrics_file):
@@ -72,6 +76,7 @@ def _run(name: str, params: Params, layout: Layout, registry: Registry) -> Stage
             seed=params.seed,
             registry=registry,
             root=layout.root,
+            valid_text=path(data.valid_text),
         )
     elif name == "finetune":
         from unbottle.core.stages.finetune import finetune
@@ -105,6 +110,7 @@ def _run(name: str, params: Params, layout: Layout, registry: Registry) -> Stage
             variants_dir=layout.artifact("compress"),
             valid_text=path(data.valid_text),
             qa_test=path(data.qa_test),
+            qa_train=path(data.qa_train),  # few-shot examples
             out_dir=layout.artifact("evaluate"),
             seed=params.seed,
             registry=registry,
