@@ -391,3 +391,10 @@ def test_mlm_trains_a_modernbert_encoder_too(tmp_path, tiny_data):
     config = (tmp_path / "artifacts" / "pretrain" / "config.json").read_text()
     assert '"ModernBertForMaskedLM"' in config
     assert metrics["masked_tokens"] > 0 and metrics["pseudo_perplexity"] > 1
+
+
+def test_the_pipeline_with_an_encoder_objective_stops_before_prefect_starts(workspace):
+    result = run_cli("run", "-S", "pretrain.objective=mlm", cwd=workspace)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == ["error: " + REFUSAL.format(stage="finetune")]
+    assert not (workspace / "artifacts").exists()
