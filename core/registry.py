@@ -21,33 +21,10 @@ from pydantic import BaseModel
 
 from unbottle.core.contract import hookspecs
 from unbottle.core.contract.errors import PluginError, UnknownStrategyError
-from unbottle.core.contract.strategies import KINDS
+from unbottle.core.contract.kinds import KINDS
 
 ENTRY_POINT_GROUP = "unbottle"
 DISABLE_ENV = "UNBOTTLE_DISABLE_PLUGINS"
-
-#: The methods each kind of strategy must have (its protocol's work).
-_WORK_METHODS = {
-    "parallelism": ("accelerator",),
-    "optimizer": ("build",),
-    "finetune_method": ("prepare", "finalize"),
-    "pruning": ("prune",),
-    "quantization": ("quantize",),
-    "distillation": ("distill",),
-    "metric": ("measure",),
-    "deploy_target": ("deploy",),
-}
-
-_KIND_LABEL = {
-    "parallelism": "parallelism strategy",
-    "optimizer": "optimizer",
-    "finetune_method": "finetune method",
-    "pruning": "pruning strategy",
-    "quantization": "quantization strategy",
-    "distillation": "distillation strategy",
-    "metric": "metric",
-    "deploy_target": "deploy target",
-}
 
 
 @dataclass(frozen=True)
@@ -126,7 +103,7 @@ class Registry:
         existing = self._strategies[info.kind].get(info.name)
         if existing is not None:
             raise PluginError(
-                f"Two plugins provide the {_KIND_LABEL[info.kind]} '{info.name}': "
+                f"Two plugins provide the {KINDS[info.kind].label} '{info.name}': "
                 f"{existing.provider} and {info.provider}. Uninstall one, or skip one with "
                 f"{DISABLE_ENV}={existing.plugin} or {DISABLE_ENV}={info.plugin}."
             )
@@ -144,7 +121,7 @@ class Registry:
         except KeyError:
             installed = ", ".join(self.names(kind)) or "none"
             raise UnknownStrategyError(
-                f"Unknown {_KIND_LABEL[kind]} '{name}'. Installed: {installed}."
+                f"Unknown {KINDS[kind].label} '{name}'. Installed: {installed}."
             ) from None
 
     def create(self, kind: str, name: str, options: dict[str, Any] | None = None) -> Any:
@@ -172,10 +149,10 @@ def _check_strategy(cls: Any, kind: str, plugin: str, dist: str) -> None:
         raise PluginError(f"{where} registered a strategy ({kind}) without a string `name`.")
     config = getattr(cls, "Config", None)
     if not (isinstance(config, type) and issubclass(config, BaseModel)):
-        raise PluginError(f"{where}: {_KIND_LABEL[kind]} '{name}' has no pydantic `Config`.")
-    for method in _WORK_METHODS[kind]:
+        raise PluginError(f"{where}: {KINDS[kind].label} '{name}' has no pydantic `Config`.")
+    for method in KINDS[kind].methods:
         if not callable(getattr(cls, method, None)):
-            raise PluginError(f"{where}: {_KIND_LABEL[kind]} '{name}' has no `{method}` method.")
+            raise PluginError(f"{where}: {KINDS[kind].label} '{name}' has no `{method}` method.")
 
 
 def load_registry(
@@ -210,8 +187,8 @@ def load_registry(
     registry.plugins = [LoadedPlugin(n, m.__name__, d, v) for n, m, d, v in loaded]
     for plugin_name, module, dist, version in loaded:
         others = [m for _, m, _, _ in loaded if m is not module]
-        for kind, hook_name in KINDS.items():
-            hook = pm.subset_hook_caller(hook_name, remove_plugins=others)
+        for kind, spec in KINDS.items():
+            hook = pm.subset_hook_caller(spec.hook, remove_plugins=others)
 
             def register(
                 cls: Any,

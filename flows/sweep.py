@@ -124,6 +124,7 @@ def evaluate_model(
         device=resolve_device(cfg.device),
         label=name,
         prompt_format=prompt_format_of(layout.artifact("finetune")),
+        train_pairs=qa.read_pairs(layout.resolve(params.data.qa_train), "data.qa_train"),
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import run_cli
 from unbottle.core.contract.errors import PluginError
-from unbottle.core.contract.strategies import KINDS
+from unbottle.core.contract.kinds import KINDS
 from unbottle.core.registry import ENTRY_POINT_GROUP, load_registry
 
 BUILTINS = {

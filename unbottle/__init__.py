@@ -18,18 +18,22 @@ from unbottle.core.contract.strategies import (
     FinetuneMethod,
     Metric,
     ModelParallelStrategy,
+    Objective,
     OptimizerStrategy,
     ParallelismStrategy,
+    PretrainContext,
     Pruner,
     Quantizer,
     ReportColumn,
     StrategyConfig,
 )
 from unbottle.core.models.runtimes import ModelRunner
+from unbottle.core.training.loop import Batches
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batches",
     "CompressContext",
     "ConfigError",
     "DataError",
@@ -42,8 +46,10 @@ __all__ = [
     "Metric",
     "ModelParallelStrategy",
     "ModelRunner",
+    "Objective",
     "OptimizerStrategy",
     "ParallelismStrategy",
+    "PretrainContext",
     "Pruner",
     "Quantizer",
     "ReportColumn",

@@ -7,7 +7,8 @@
   format the finetune stage recorded: chat template or completion); :func:`prompt` is the
   completion form; :func:`exact_match` compares a prediction with an answer after
   :func:`normalize`; :func:`read_pairs` reads question/answer, prompt/completion and
-  messages records.
+  messages records; :func:`choose_shots` draws few-shot examples (seeded, never the
+  question asked) and :meth:`PromptFormat.few_shot_text` places them before it.
 - :data:`MANIFEST`: the file name of a variant's manifest, which is not a weight file.
 
 A metric receives the model as a :class:`unbottle.ModelRunner`, whatever its runtime.
@@ -15,16 +16,26 @@ A metric receives the model as a :class:`unbottle.ModelRunner`, whatever its run
 
 from __future__ import annotations
 
-from unbottle.core.data.prompts import PromptFormat, exact_match, normalize, prompt, read_pairs
+from unbottle.core.data.prompts import (
+    PromptFormat,
+    choose_shots,
+    exact_match,
+    few_shot_prompt,
+    normalize,
+    prompt,
+    read_pairs,
+)
 from unbottle.core.models.loading import documents, encode_stream
 from unbottle.core.store.artifacts import MANIFEST
 
 __all__ = [
     "MANIFEST",
     "PromptFormat",
+    "choose_shots",
     "documents",
     "encode_stream",
     "exact_match",
+    "few_shot_prompt",
     "normalize",
     "prompt",
     "read_pairs",

@@ -13,13 +13,25 @@ drawing batches reproducibly. The built-in ``kd`` distiller
 For parallelism strategies that shard the model (``unbottle.plugins.model_parallel``):
 :class:`Split` tells the memory estimate each process's share, :func:`stage_layers` how
 decoder layers split over pipeline stages, :data:`IGNORE_INDEX` the label the loss skips.
+For pretraining objectives: :func:`build_model`, the Llama decoder ``pretrain.model``
+describes (what ``clm`` trains).
 """
 
 from __future__ import annotations
 
 from unbottle.core.config.params import TrainParams
+from unbottle.core.models.loading import build_model
 from unbottle.core.registry import get_registry
 from unbottle.core.training.loop import IGNORE_INDEX, rng, train
 from unbottle.core.training.memory import Split, stage_layers
 
-__all__ = ["IGNORE_INDEX", "Split", "TrainParams", "get_registry", "rng", "stage_layers", "train"]
+__all__ = [
+    "IGNORE_INDEX",
+    "Split",
+    "TrainParams",
+    "build_model",
+    "get_registry",
+    "rng",
+    "stage_layers",
+    "train",
+]

@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from unbottle.core.contract.errors import ConfigError, UnknownStrategyError, echo, shorten
+from unbottle.core.contract.kinds import KINDS, STEP_KINDS
 from unbottle.core.store.artifacts import read_utf8
 
 
@@ -56,14 +57,6 @@ class StrategyRef(BaseModel):
         return dict(self.model_extra or {})
 
 
-# The keys of a compress step that name its kind; the rest are the strategy's options.
-STEP_KINDS: dict[str, str] = {
-    "prune": "pruning",
-    "quantize": "quantization",
-    "distill": "distillation",
-}
-
-
 class CompressStep(BaseModel):
     """One step of a compress recipe: ``{prune: magnitude, sparsity: 0.5}``."""
 
@@ -77,7 +70,7 @@ class CompressStep(BaseModel):
         kinds = [k for k in STEP_KINDS if k in value]
         if len(kinds) != 1:
             raise ValueError(
-                "a step names exactly one of prune, quantize, distill "
+                f"a step names exactly one of {', '.join(STEP_KINDS)} "
                 f"(got {', '.join(kinds) or 'none'})"
             )
         if not isinstance(value[kinds[0]], str):
@@ -125,6 +118,8 @@ class TokenizerParams(Section):
 
 
 class ModelParams(Section):
+    # The model family (llama, bert, ...); None: the first that pretrain.objective trains.
+    architecture: str | None = None
     # Upper bounds well past the largest open models (hidden 16384, 126 layers, FFN 53248),
     # so a typo is refused here rather than building a model of a billion layers.
     hidden_size: int = Field(128, ge=8, le=1 << 16)
@@ -224,8 +219,10 @@ class PretrainParams(Section):
     tokenizer: TokenizerParams = TokenizerParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
+    # What pretraining optimises (a plugin kind): clm, mlm, nsp, ...
+    objective: StrategyRef = StrategyRef(name="clm")
     # A pretrained model to start from: the stage then converts or copies it and trains
-    # nothing (tokenizer, model and train are unused). None: pretrain from scratch.
+    # nothing (tokenizer, model, train and objective are unused). None: pretrain from scratch.
     source: SourceParams | None = None
 
     @model_validator(mode="after")
@@ -576,26 +573,44 @@ def dump_params(params: Params) -> dict[str, Any]:
 # ------------------------------------------------------------- strategy resolution
 
 
-def strategy_refs(params: Params) -> Iterator[tuple[str, str, str, dict[str, Any]]]:
-    """Every strategy params name: (key path, kind, name, options)."""
-    for stage in ("pretrain", "finetune"):
-        train: TrainParams = getattr(params, stage).train
-        yield f"{stage}.train.optimizer", "optimizer", train.optimizer.name, train.optimizer.options
-        yield (
-            f"{stage}.train.parallelism",
-            "parallelism",
-            train.parallelism.name,
-            train.parallelism.options,
+StrategyPlace = tuple[str, str, str, dict[str, Any]]  # (key path, kind, name, options)
+
+
+def strategy_refs(params: Params) -> Iterator[StrategyPlace]:
+    """Every strategy params name: (key path, kind, name, options).
+
+    The places come from the table of kinds (``Kind.params`` and ``Kind.step``), in
+    params.yaml's order: stage by stage, a stage's ``train`` section before its own keys,
+    and a compress recipe's steps in order.
+    """
+    for stage in ("pretrain", "finetune", "compress", "evaluate", "deploy"):
+        places = sorted(
+            (path, kind.name)
+            for kind in KINDS.values()
+            for path in kind.params
+            if path.startswith(f"{stage}.")
         )
-    method = params.finetune.method
-    yield "finetune.method", "finetune_method", method.name, method.options
-    for variant, steps in params.compress.variants.items():
-        for i, step in enumerate(steps):
-            yield f"compress.variants.{variant}[{i}]", step.kind, step.strategy, step.options
-    for i, metric in enumerate(params.evaluate.metrics):
-        yield f"evaluate.metrics[{i}]", "metric", metric.name, metric.options
-    target = params.deploy.target
-    yield "deploy.target", "deploy_target", target.name, target.options
+        # Deeper keys (a stage's train section) first; then by name.
+        for path, kind in sorted(places, key=lambda p: -p[0].count(".")):
+            yield from _refs_at(params, path, kind)
+        if stage == "compress":
+            for variant, steps in params.compress.variants.items():
+                for i, step in enumerate(steps):
+                    where = f"compress.variants.{variant}[{i}]"
+                    yield where, step.kind, step.strategy, step.options
+
+
+def _refs_at(params: Params, path: str, kind: str) -> Iterator[StrategyPlace]:
+    """The strategy (or, for a path ending in ``[]``, the list of them) at ``path``."""
+    node: Any = params
+    for part in path.removesuffix("[]").split("."):
+        node = getattr(node, part)
+    if path.endswith("[]"):
+        base = path.removesuffix("[]")
+        for i, ref in enumerate(node):
+            yield f"{base}[{i}]", kind, ref.name, ref.options
+    elif node is not None:
+        yield path, kind, node.name, node.options
 
 
 def check_strategies(params: Params, registry: Any) -> None:
@@ -609,7 +624,51 @@ def check_strategies(params: Params, registry: Any) -> None:
             info.cls.Config(**options)
         except ValidationError as e:
             raise ConfigError(one_line(e, info.cls.Config, prefix=where)) from None
+    check_objective(params, registry)
     check_evaluation_plan(params, registry)
+
+
+def check_objective(params: Params, registry: Any) -> None:
+    """The pretraining objective fits the model params describe (or the source)."""
+    cfg = params.pretrain
+    objective = registry.get("objective", cfg.objective.name).cls
+    if cfg.source is not None:
+        if objective.model_kind != "causal":
+            raise ConfigError(
+                f"pretrain.objective: {cfg.objective.name} trains an {objective.model_kind} "
+                "from scratch, but pretrain.source is set (a pretrained causal LM, not "
+                "trained); remove pretrain.source or use a causal objective such as clm"
+            )
+        return
+    architecture = cfg.model.architecture
+    if architecture is not None and architecture not in objective.architectures:
+        raise ConfigError(
+            f"pretrain.model.architecture: {architecture!r} does not fit pretrain.objective "
+            f"{cfg.objective.name} (it trains {objective.model_kind} models); use "
+            f"{' or '.join(objective.architectures)}, or leave architecture unset"
+        )
+
+
+#: The stages that take the pretrained model as a causal LM.
+CAUSAL_STAGES = ("finetune", "compress", "evaluate", "deploy")
+
+
+def check_stages_fit(params: Params, registry: Any, stages: Sequence[str]) -> None:
+    """Refuse, before any work, a stage that cannot take what pretraining makes: the
+    stages after pretrain work on causal LMs, so an encoder objective stops there."""
+    cfg = params.pretrain
+    if cfg.source is not None:
+        return
+    objective = registry.get("objective", cfg.objective.name).cls
+    if objective.model_kind == "causal":
+        return
+    for stage in stages:
+        if stage in CAUSAL_STAGES:
+            raise ConfigError(
+                f"{stage}: works on causal LMs, and pretrain.objective {cfg.objective.name} "
+                f"trains an {objective.model_kind}; run `unbottle stage pretrain` alone "
+                "(it reports the encoder's held-out figures) or use pretrain.objective clm"
+            )
 
 
 # ------------------------------------------------------- metric names, gates and policy

@@ -1,10 +1,12 @@
 """The plugin contract: one registration hook per kind of strategy, and lifecycle hooks.
 
-Registration hooks (``register_*``): unbottle calls each once while it loads plugins and
-passes a ``register`` callback; an implementation calls ``register(StrategyClass)`` for
-each strategy it provides. The host, not the plugin, decides what a duplicate name means
-(it is an error naming both providers). Strategies are then chosen by the ``name`` that
-params.yaml gives, never by the order in which hooks ran.
+Registration hooks (``register_*``) are made from the table of kinds
+(:mod:`unbottle.core.contract.kinds`), one per kind of strategy, which documents each.
+unbottle calls each once while it loads plugins and passes a ``register`` callback; an
+implementation calls ``register(StrategyClass)`` for each strategy it provides. The host,
+not the plugin, decides what a duplicate name means (it is an error naming both
+providers). Strategies are then chosen by the ``name`` that params.yaml gives, never by
+the order in which hooks ran.
 
 A strategy is a small class with:
 
@@ -35,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from unbottle.core.contract.kinds import KINDS, Kind
+
 if TYPE_CHECKING:
     import typer
 
@@ -46,84 +50,24 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 Register = Callable[[type[Any]], None]
 
 
-@hookspec
-def register_parallelism(register: Register) -> None:
-    """Register training-parallelism strategies (protocol ``ParallelismStrategy``).
+def _registration_hook(kind: Kind) -> Callable[[Register], None]:
+    """The hook specification of one kind: ``<kind.hook>(register)``, documented by the
+    kind's entry in :data:`unbottle.core.contract.kinds.KINDS`."""
 
-    Called once at plugin load. A strategy builds the ``accelerate.Accelerator`` that the
-    pretrain and finetune loops run through, so data, model or hybrid parallelism plug in
-    without changing the loop. Chosen by ``pretrain.train.parallelism`` and
-    ``finetune.train.parallelism`` in params.yaml.
-    """
+    def hook(register: Register) -> None:
+        """Filled in from the kind's entry."""
 
-
-@hookspec
-def register_optimizers(register: Register) -> None:
-    """Register optimizers (protocol ``OptimizerStrategy``).
-
-    A strategy turns the trainable parameters and a learning rate into a
-    ``torch.optim.Optimizer``. Chosen by ``pretrain.train.optimizer`` and
-    ``finetune.train.optimizer``.
-    """
+    hook.__name__ = hook.__qualname__ = kind.hook
+    hook.__doc__ = kind.doc
+    hook.__module__ = __name__
+    return hookspec(hook)
 
 
-@hookspec
-def register_finetune_methods(register: Register) -> None:
-    """Register finetuning methods (protocol ``FinetuneMethod``).
-
-    A method decides which weights train (all of them, an adapter, a subset) and how the
-    result is folded back into a plain model for the stages downstream. Chosen by
-    ``finetune.method``.
-    """
-
-
-@hookspec
-def register_pruners(register: Register) -> None:
-    """Register pruning strategies (protocol ``Pruner``).
-
-    A pruner edits a float model in place (zeros in the weights, or a physically smaller
-    model) and returns metrics such as the achieved sparsity. Used by a ``prune`` step of a
-    compress recipe: ``compress.variants.<name>: [{prune: <strategy>, ...options}]``.
-    """
-
-
-@hookspec
-def register_quantizers(register: Register) -> None:
-    """Register quantization strategies (protocol ``Quantizer``).
-
-    A quantizer reads a float model saved in Hugging Face format and writes a model that
-    stores low-bit weights, in the format named by its ``output_format``. It must be the
-    last step of a recipe. Used by a ``quantize`` step of a compress recipe.
-    """
-
-
-@hookspec
-def register_distillers(register: Register) -> None:
-    """Register knowledge-distillation strategies (protocol ``Distiller``).
-
-    A distiller trains a student from the model that the previous recipe steps produced
-    (the teacher) and returns the student. Used by a ``distill`` step of a compress recipe.
-    """
-
-
-@hookspec
-def register_metrics(register: Register) -> None:
-    """Register evaluation metrics (protocol ``Metric``).
-
-    A metric measures one model variant through the runtime that serves it (torch or ONNX
-    Runtime) and returns named numbers. Chosen by the list ``evaluate.metrics``. Optional
-    class attributes ``produces`` (name -> "lower"/"higher"/None) and ``requires`` let
-    params that gate on, or build on, its names be checked before any work.
-    """
-
-
-@hookspec
-def register_deploy_targets(register: Register) -> None:
-    """Register deploy targets (protocol ``DeployTarget``).
-
-    A target turns the chosen, evaluated variant into something people run: a bundle on
-    disk, an edge package, a server. Chosen by ``deploy.target``.
-    """
+# One registration hook per kind of strategy, named and documented by the table of kinds
+# (`register_parallelism`, `register_optimizers`, `register_pruners`, ...).
+for _kind in KINDS.values():
+    globals()[_kind.hook] = _registration_hook(_kind)
+del _kind
 
 
 @hookspec

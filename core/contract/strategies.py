@@ -23,26 +23,15 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from unbottle.core.config.params import ModelParams
     from unbottle.core.models.runtimes import ModelRunner
+    from unbottle.core.training.loop import Batches
 
 
 class StrategyConfig(BaseModel):
     """Base of every strategy's options: unknown keys are an error, values are frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-#: The kinds of strategy, each with its own hook and protocol.
-KINDS: dict[str, str] = {
-    "parallelism": "register_parallelism",
-    "optimizer": "register_optimizers",
-    "finetune_method": "register_finetune_methods",
-    "pruning": "register_pruners",
-    "quantization": "register_quantizers",
-    "distillation": "register_distillers",
-    "metric": "register_metrics",
-    "deploy_target": "register_deploy_targets",
-}
 
 
 @runtime_checkable
@@ -133,6 +122,62 @@ class FinetuneMethod(Strategy, Protocol):
 
 
 @dataclass
+class PretrainContext:
+    """The text an objective trains on (or, in ``evaluate``, the held-out text), with the
+    tokenizer the stage trained on it and the run's sequence length and seed."""
+
+    text: str
+    tokenizer: PreTrainedTokenizerBase
+    seq_len: int
+    seed: int = 0
+
+    def documents(self) -> list[str]:
+        """The text's documents (blocks between blank lines)."""
+        from unbottle.core.models.loading import documents
+
+        return documents(self.text)
+
+    def stream(self) -> torch.Tensor:
+        """The text as one 1-D stream of token ids, documents separated by EOS."""
+        from unbottle.core.models.loading import encode_stream
+
+        return encode_stream(self.tokenizer, self.text)
+
+
+class Objective(Strategy, Protocol):
+    """What pretraining optimises, and the model it optimises it on.
+
+    ``model_kind`` says what the stages downstream get: ``"causal"`` (a decoder that
+    finetune, compress, evaluate and deploy take) or ``"encoder"`` (they refuse it; the
+    pretrain stage reports the objective's own held-out figures instead).
+    ``architectures`` lists the model architectures the objective trains; the first is
+    the default of ``pretrain.model.architecture``.
+
+    An optional method ``loss(model, batch) -> Tensor`` replaces the training loop's
+    causal-LM loss with a per-micro-batch mean (see ``core/training/loop.py``).
+    """
+
+    model_kind: ClassVar[Literal["causal", "encoder"]]
+    architectures: ClassVar[tuple[str, ...]]
+
+    def build_model(
+        self, cfg: ModelParams, tokenizer: PreTrainedTokenizerBase, seed: int
+    ) -> PreTrainedModel:
+        """Return the untrained model for ``cfg`` (``cfg.architecture`` None: the first of
+        ``architectures``); may first add the special tokens it needs to ``tokenizer``."""
+        ...
+
+    def batches(self, ctx: PretrainContext) -> Batches:
+        """Return the training examples of ``ctx.text`` for the training loop."""
+        ...
+
+    def evaluate(self, model: PreTrainedModel, ctx: PretrainContext) -> dict[str, float]:
+        """Measure the trained model on the held-out ``ctx.text``; return named numbers
+        (``{}`` for a causal model: the evaluate stage measures those)."""
+        ...
+
+
+@dataclass
 class CompressContext:
     """What a compress step may use besides the model.
 
@@ -200,6 +245,8 @@ class EvalContext:
     #: ``questions`` the way the served model expects: ``prompt_format.prompt_text(tokenizer,
     #: pair)``. None: the completion format.
     prompt_format: Any = None
+    #: The solved training pairs (data.qa_train) that few-shot prompts draw examples from.
+    train_pairs: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,34 @@ def target(answer: str) -> str:
     return f" {answer}"
 
 
+#: What separates solved examples from each other and from the question in a few-shot
+#: prompt (finetuning saw one pair at a time, each ending in EOS).
+SHOT_SEPARATOR = "\n\n"
+
+
+def few_shot_prompt(question: str, examples: list[dict[str, str]]) -> str:
+    """``question``'s prompt after solved ``examples``, each in the finetuning format
+    (``prompt(q) + target(a)``); with no examples, exactly ``prompt(question)``."""
+    solved = [prompt(e["question"]) + target(e["answer"]) for e in examples]
+    return SHOT_SEPARATOR.join([*solved, prompt(question)])
+
+
+def choose_shots(
+    pool: list[dict[str, str]], question: str, k: int, seed: int, index: int
+) -> list[dict[str, str]]:
+    """``k`` solved examples from ``pool`` for the ``index``-th held-out ``question``:
+    drawn by a generator seeded from (seed, index), never the question itself."""
+    import random
+
+    candidates = [pair for pair in pool if normalize(pair["question"]) != normalize(question)]
+    if k > len(candidates):
+        raise DataError(
+            f"{k} shots: only {len(candidates)} training pairs differ from the question "
+            f"{question!r}; lower shots"
+        )
+    return random.Random(f"{seed}:{index}").sample(candidates, k)
+
+
 def normalize(text: str) -> str:
     """What exact match compares: the first line, without surrounding space or a final '.'."""
     return text.strip().split("\n", 1)[0].strip().rstrip(".").strip().lower()
@@ -174,6 +202,32 @@ class PromptFormat:
                 self.conversation(pair)[:-1], tokenize=False, add_generation_prompt=True
             )
         return self._completion_texts(pair)[0]
+
+    def few_shot_text(
+        self, tokenizer: Any, pair: dict[str, Any], examples: list[dict[str, Any]]
+    ) -> str:
+        """The pair's prompt after solved ``examples``: earlier user/assistant turns in
+        chat, ``Question:``/``Answer:`` blocks before it in completion (as
+        :func:`few_shot_prompt`); with no examples, exactly :meth:`prompt_text`."""
+        if not examples:
+            return self.prompt_text(tokenizer, pair)
+        if self.kind == CHAT:
+            solved = [
+                turn
+                for e in examples
+                for turn in (
+                    {"role": "user", "content": e["question"]},
+                    {"role": "assistant", "content": e["answer"]},
+                )
+            ]
+            asked = self.conversation(pair)[:-1]
+            system = asked[:1] if asked[0]["role"] == "system" else []
+            messages = [*system, *solved, *asked[len(system) :]]
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        solved = ["".join(self._completion_texts(e)) for e in examples]
+        return SHOT_SEPARATOR.join([*solved, self.prompt_text(tokenizer, pair)])
 
     def segments(self, tokenizer: Any, pair: dict[str, Any]) -> list[tuple[list[int], bool]]:
         """The pair's training tokens as (ids, learned) runs: the loss covers the answers

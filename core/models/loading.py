@@ -89,9 +89,6 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out_d
 
 def load_model(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a Hugging Face-format model from safetensors (never from pickles)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model_dir = Path(model_dir)
     if not (model_dir / "model.safetensors").is_file():
         raise DataError(
@@ -103,6 +100,10 @@ def load_model(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFas
             "this step needs float weights: give it the model from before the quantize step"
         )
     check_safetensors(model_dir)
+    refuse_encoder(model_dir)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, use_safetensors=True, dtype=torch.float32
     )
@@ -127,6 +128,23 @@ def check_safetensors(model_dir: Path) -> None:
                 f"{path}: damaged weights ({shorten(e, 120)}); rerun the stage that makes "
                 f"{model_dir}"
             ) from None
+
+
+def refuse_encoder(model_dir: Path) -> None:
+    """One line, instead of transformers' long error or a silently re-headed model, when
+    ``model_dir`` holds an encoder (an mlm or nsp pretraining) where a causal LM is needed."""
+    import json
+
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return
+    architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise DataError(
+            f"{model_dir}: the model is an encoder ({', '.join(architectures)}), not a causal "
+            "LM; finetune, compress, evaluate and deploy work on causal LMs "
+            "(pretrain.objective clm)"
+        )
 
 
 def read_text(path: Path, what: str) -> str:

@@ -74,6 +74,20 @@ def check_columns(info: Any) -> None:
             raise PluginError(f"{where}: direction {column.direction!r}; allowed: lower, higher")
 
 
+def check_shots(cfg: EvaluateParams, metrics: Sequence[tuple[str, Any]], pairs: int) -> None:
+    """A metric with a ``shots`` option draws that many solved examples from the training
+    pairs for each question: refuse more than there are, before measuring anything."""
+    from unbottle.core.contract.errors import ConfigError
+
+    for i, (_, metric) in enumerate(metrics):
+        shots = getattr(getattr(metric, "config", None), "shots", 0) or 0
+        if shots > pairs:
+            raise ConfigError(
+                f"evaluate.metrics[{i}].shots: {shots} is more than the {pairs} training pairs "
+                f"in data.qa_train; use at most {pairs}"
+            )
+
+
 def measure_variant(
     model_dir: Path,
     metrics: Sequence[tuple[str, Any]],
@@ -84,6 +98,7 @@ def measure_variant(
     device: str = "cpu",
     label: str = "",
     prompt_format: Any = None,
+    train_pairs: list[dict[str, str]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every metric on one model, in order: (row, samples). Refuses a damaged artifact.
     ``prompt_format``: how finetuning rendered prompts (see :func:`prompt_format_of`)."""
@@ -100,6 +115,7 @@ def measure_variant(
         model_dir=model_dir,
         seed=seed,
         prompt_format=prompt_format,
+        train_pairs=list(train_pairs or []),
     )
     row: dict[str, Any] = {"format": manifest.get("format", runner.format)}
     for metric_name, metric in metrics:
@@ -131,6 +147,7 @@ def evaluate(
     seed: int,
     registry: Registry,
     images_dir: Path | None = None,
+    qa_train: Path | None = None,
 ) -> StageResult:
     from unbottle.core.data import prompts as task
     from unbottle.core.models.loading import read_text
@@ -139,6 +156,8 @@ def evaluate(
     metrics = create_metrics(cfg, registry)
     text = read_text(valid_text, "data.valid_text")
     questions = task.read_pairs(qa_test, "data.qa_test")[: cfg.max_questions]
+    train_pairs = task.read_pairs(qa_train, "data.qa_train") if qa_train is not None else []
+    check_shots(cfg, metrics, len(train_pairs))
     device = resolve_device(cfg.device)
     verify_artifact(variants_dir)
     # The pretrained model is measured too, as the reference finetuning must beat.
@@ -157,6 +176,7 @@ def evaluate(
             device=device,
             label=name,
             prompt_format=prompt_format,
+            train_pairs=train_pairs,
         )
         for name, model_dir in targets.items()
     }
@@ -171,6 +191,7 @@ def evaluate(
             "variants": tree_hash(variants_dir),
             "valid_text": tree_hash(valid_text),
             "qa_test": tree_hash(qa_test),
+            **({"qa_train": tree_hash(qa_train)} if qa_train is not None else {}),
         },
         images_dir=images_dir,
     )

@@ -1,4 +1,6 @@
-"""Pretraining: a byte-level BPE tokenizer and a Llama-style causal LM, from scratch.
+"""Pretraining: a byte-level BPE tokenizer and a model, from scratch, trained on the
+objective ``pretrain.objective`` names (``clm``: a Llama-style causal LM; ``mlm``, ``nsp``:
+an encoder, whose held-out figures the stage reports, see plugins/objectives.py).
 
 With ``pretrain.source`` set, the stage trains nothing: its artifact is that pretrained
 model (a Hugging Face directory or a converted GGUF file, see core/models/sources.py).
@@ -7,6 +9,7 @@ model (a Hugging Face directory or a converted GGUF file, see core/models/source
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from unbottle.core.config.params import PretrainParams, SourceParams
@@ -25,26 +28,22 @@ def pretrain(
     seed: int,
     registry: Registry,
     root: Path | None = None,
+    valid_text: Path | None = None,
 ) -> StageResult:
     """Train tokenizer and model on ``train_text``; write them to ``out_dir``.
 
-    With ``cfg.source`` set, write that pretrained model instead (a relative source path
-    is taken from the workspace ``root``, by default the working directory).
+    An encoder objective is measured on ``valid_text`` (held out) after training. With
+    ``cfg.source`` set, write that pretrained model instead (a relative source path is
+    taken from the workspace ``root``, by default the working directory).
     """
     if cfg.source is not None:
         return from_source(cfg, out_dir=out_dir, root=root or Path.cwd())
 
     import torch
 
-    from unbottle.core.models.loading import (
-        build_model,
-        documents,
-        encode_stream,
-        read_text,
-        save_model,
-    )
+    from unbottle.core.contract.strategies import PretrainContext
+    from unbottle.core.models.loading import documents, read_text, save_model
     from unbottle.core.training.loop import (
-        Batches,
         barrier,
         checkpoint_store,
         estimate_memory,
@@ -52,35 +51,32 @@ def pretrain(
         train,
     )
 
+    objective = registry.create("objective", cfg.objective.name, cfg.objective.options)
     text = read_text(train_text, "data.train_text")
+    held_out = None
+    if objective.model_kind != "causal":  # the evaluate stage measures causal models
+        if valid_text is None:
+            raise ValueError(f"pretrain: objective {objective.name} needs the held-out text")
+        held_out = read_text(valid_text, "data.valid_text")
     tokenizer = train_tokenizer_for(text, cfg.tokenizer.vocab_size)
-    stream = encode_stream(tokenizer, text)  # (N,)
-    seq_len = cfg.train.seq_len
-    if stream.numel() < seq_len + 1:
-        from unbottle.core.contract.errors import DataError
-
-        raise DataError(
-            f"data.train_text: {stream.numel()} tokens is fewer than one sequence of "
-            f"{seq_len + 1}; give more text or lower pretrain.train.seq_len"
-        )
-    (log.info if is_main_process() else log.debug)(
-        "pretrain: %d documents, %d tokens, vocabulary %d",
-        len(documents(text)),
-        stream.numel(),
-        len(tokenizer),
-    )
     # Check the memory on a weightless (meta) copy first: refuse before allocating.
     with torch.device("meta"):
-        skeleton = build_model(cfg.model, tokenizer, seed)
+        skeleton = objective.build_model(cfg.model, tokenizer, seed)
+    ctx = PretrainContext(text=text, tokenizer=tokenizer, seq_len=cfg.train.seq_len, seed=seed)
+    data = objective.batches(ctx)
+    (log.info if is_main_process() else log.debug)(
+        "pretrain: %d documents, %d examples, vocabulary %d, objective %s",
+        len(documents(text)),
+        data.size,
+        len(tokenizer),
+        objective.name,
+    )
     plan = estimate_memory(skeleton, cfg.train, registry=registry, key="pretrain.train")
-    model = build_model(cfg.model, tokenizer, seed)
+    model = objective.build_model(cfg.model, tokenizer, seed)
 
-    def windows(starts: list[int]) -> dict[str, torch.Tensor]:
-        input_ids = torch.stack([stream[s : s + seq_len] for s in starts])  # (B, T)
-        return {"input_ids": input_ids, "labels": input_ids}
-
-    data = Batches(size=stream.numel() - seq_len, collate=windows, seed=seed)
     inputs = {"train_text": tree_hash(train_text)}
+    if held_out is not None:
+        inputs["valid_text"] = tree_hash(valid_text)
     store = checkpoint_store(
         cfg.train,
         stage="pretrain",
@@ -89,6 +85,7 @@ def pretrain(
             "inputs": inputs,
             "tokenizer": cfg.tokenizer.model_dump(mode="json"),
             "model": cfg.model.model_dump(mode="json"),
+            "objective": cfg.objective.model_dump(mode="json"),
             "seed": seed,
         },
     )
@@ -100,12 +97,15 @@ def pretrain(
         desc="pretrain",
         checkpoints=store,
         memory_estimate=plan,
+        loss_fn=getattr(objective, "loss", None),  # None: the loop's causal-LM loss
     )
     metrics = {
         **report.metrics(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
     }
+    if held_out is not None:
+        metrics.update(objective.evaluate(model, replace(ctx, text=held_out)))
     if is_main_process():  # under DDP every process trained; one writes
         with atomic_dir(out_dir) as tmp:
             save_model(model, tokenizer, tmp)
@@ -114,6 +114,7 @@ def pretrain(
                 stage="pretrain",
                 config=cfg.model_dump(mode="json"),
                 strategies={
+                    "objective": strategy_record(registry.get("objective", objective.name)),
                     "optimizer": strategy_record(
                         registry.get("optimizer", cfg.train.optimizer.name)
                     ),

@@ -18,6 +18,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("perplexity", "perplexity", "{:.3f}"),
     ("perplexity_ratio", "ppl / finetuned", "{:.3f}"),
     ("accuracy", "accuracy", "{:.1%}"),
+    ("accuracy_fewshot", "accuracy {shots}-shot", "{:.1%}"),  # next to zero-shot
     ("size_bytes", "size (MB)", "{:.2f}"),
     ("parameters", "weights", "{:,}"),
     ("sparsity", "sparsity", "{:.1%}"),
@@ -87,7 +88,9 @@ def markdown_table(
     """One row per variant; ``extra_columns`` (key, title, format) after the built-in
     ones; with ``fronts``, a last column naming its Pareto frontiers."""
     columns = [c for c in [*COLUMNS, *extra_columns] if any(c[0] in row for row in rows.values())]
-    titles = [title for _, title, _ in columns] + (["Pareto"] if fronts else [])
+    shots = sorted({str(row["shots"]) for row in rows.values() if "shots" in row}) or ["k"]
+    titles = [title.replace("{shots}", "/".join(shots)) for _, title, _ in columns]
+    titles += ["Pareto"] if fronts else []
     head = "| variant | " + " | ".join(titles) + " |"
     rule = "|---|" + "---:|" * len(titles)
     body = []

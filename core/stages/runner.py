@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from unbottle.core.config.params import Params, check_strategies
+from unbottle.core.config.params import Params, check_stages_fit, check_strategies
 from unbottle.core.contract.errors import echo
 from unbottle.core.registry import Registry, get_registry
 from unbottle.core.stages.layout import STAGES, Layout, StageResult, split_timings
@@ -34,10 +34,14 @@ PLOT_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
-def setup(params: Params, registry: Registry | None = None) -> Registry:
-    """Resolve and validate every strategy the params name, before any work."""
+def setup(
+    params: Params, registry: Registry | None = None, stages: tuple[str, ...] = STAGES
+) -> Registry:
+    """Resolve and validate every strategy the params name, and that each of ``stages``
+    can take what the stages before it make, before any work."""
     registry = registry or get_registry()
     check_strategies(params, registry)
+    check_stages_fit(params, registry, stages)
     return registry
 
 
@@ -55,7 +59,7 @@ def run_stage(
 
     if name not in STAGES:
         raise ConfigError(f"Unknown stage {echo(name)}. Stages: {', '.join(STAGES)}.")
-    registry = setup(params, registry)
+    registry = setup(params, registry, stages=(name,))
     preflight(name, params, layout, registry)
     from unbottle.core.training.loop import is_main_process
 
@@ -124,6 +128,7 @@ def _run(name: str, params: Params, layout: Layout, registry: Registry) -> Stage
             seed=params.seed,
             registry=registry,
             root=layout.root,
+            valid_text=path(data.valid_text),
         )
     elif name == "finetune":
         from unbottle.core.stages.finetune import finetune
@@ -157,6 +162,7 @@ def _run(name: str, params: Params, layout: Layout, registry: Registry) -> Stage
             variants_dir=layout.artifact("compress"),
             valid_text=path(data.valid_text),
             qa_test=path(data.qa_test),
+            qa_train=path(data.qa_train),  # few-shot examples
             out_dir=layout.artifact("evaluate"),
             seed=params.seed,
             registry=registry,

@@ -26,10 +26,10 @@ from unbottle.core.store.provenance import package_version
 
 #: The params each stage reads; dvc.yaml declares the same lists (a test checks).
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("seed", "data.train_text", "pretrain"),
+    "pretrain": ("seed", "data.train_text", "data.valid_text", "pretrain"),
     "finetune": ("seed", "data.qa_train", "finetune"),
     "compress": ("seed", "data.train_text", "compress"),
-    "evaluate": ("seed", "data.valid_text", "data.qa_test", "evaluate"),
+    "evaluate": ("seed", "data.valid_text", "data.qa_test", "data.qa_train", "evaluate"),
     "deploy": ("deploy",),
 }
 
@@ -96,13 +96,16 @@ def stage_code_paths(stage: str) -> dict[str, Path]:
     return paths
 
 
-def stage_inputs(stage: str, params: Params, layout: Layout) -> dict[str, Path]:
+def stage_inputs(
+    stage: str, params: Params, layout: Layout, registry: Registry | None = None
+) -> dict[str, Path]:
     """The files and artifacts a stage reads."""
     data, art = params.data, layout.artifact
     return {
         "pretrain": lambda: {
             "train_text": layout.resolve(data.train_text),
             **source_input(params, layout),
+            **held_out_input(params, layout, registry),
         },
         "finetune": lambda: {
             "pretrain": art("pretrain"),
@@ -118,6 +121,7 @@ def stage_inputs(stage: str, params: Params, layout: Layout) -> dict[str, Path]:
             "compress": art("compress"),
             "valid_text": layout.resolve(data.valid_text),
             "qa_test": layout.resolve(data.qa_test),
+            "qa_train": layout.resolve(data.qa_train),
         },
         "deploy": lambda: {
             "finetune": art("finetune"),
@@ -135,6 +139,17 @@ def source_input(params: Params, layout: Layout) -> dict[str, Path]:
     from unbottle.core.models.sources import locate
 
     return {"source": locate(params.pretrain.source, layout.root)[1]}
+
+
+def held_out_input(params: Params, layout: Layout, registry: Registry | None) -> dict[str, Path]:
+    """The held-out text on which the pretrain stage measures an encoder objective (a
+    causal model is measured by the evaluate stage, so it does not read that text)."""
+    if params.pretrain.source is not None or registry is None:
+        return {}
+    objective = registry.get("objective", params.pretrain.objective.name).cls
+    if objective.model_kind == "causal":
+        return {}
+    return {"valid_text": layout.resolve(params.data.valid_text)}
 
 
 def _params_slice(stage: str, params: Params) -> dict[str, Any]:
@@ -193,7 +208,7 @@ def fingerprint(stage: str, params: Params, layout: Layout, registry: Registry) 
     from unbottle.core.store.code import code_hash
 
     inputs = {}
-    for name, path in stage_inputs(stage, params, layout).items():
+    for name, path in stage_inputs(stage, params, layout, registry).items():
         try:
             inputs[name] = tree_hash(path)
         except DataError:

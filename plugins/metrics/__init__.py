@@ -4,7 +4,9 @@ Each measures a variant through its own runtime (a :class:`ModelRunner`), so an 
 ONNX model is timed in ONNX Runtime, not in torch.
 
 - ``perplexity``: held-out text, sliding windows, exact count of scored tokens.
-- ``accuracy``: exact match of greedy answers to held-out questions.
+- ``accuracy``: exact match of greedy answers to held-out questions; with ``shots: k``
+  also k-shot (k solved training pairs before each question, as in-context examples,
+  Brown et al., 2020), side by side with zero-shot.
 - ``samples``: a few greedy continuations of held-out text, for a person to read.
 - ``size``: bytes on disk, stored weights and nonzeros.
 - ``memory``: peak memory while generating (RSS on CPU, the allocator's peak on GPU).
@@ -87,20 +89,45 @@ class Perplexity:
 
 
 class Accuracy:
-    """Exact match of greedy answers to the held-out questions."""
+    """Exact match of greedy answers to the held-out questions.
+
+    With ``shots: k`` (k > 0) the questions are asked twice: zero-shot (``accuracy``) and
+    after k solved examples from the training pairs (``accuracy_fewshot``), in the
+    finetuning prompt format; the examples for each question are drawn by a generator
+    seeded from the run's seed and the question's position, and never include the
+    question itself (core/data/prompts.py).
+    """
 
     name = "accuracy"
-    produces: ClassVar[dict[str, str | None]] = {"accuracy": "higher", "questions": None}
+    produces: ClassVar[dict[str, str | None]] = {
+        "accuracy": "higher",
+        "accuracy_fewshot": "higher",
+        "shots": None,
+        "questions": None,
+    }
 
     class Config(StrategyConfig):
         batch_size: int = Field(16, ge=1)
         max_new_tokens: int = Field(8, ge=1, le=256)
         samples: int = Field(5, ge=0)
+        shots: int = Field(0, ge=0)  # solved examples before each question (0: zero-shot)
 
     def __init__(self, config: Config) -> None:
         self.config = config
 
     def measure(self, model: Any, ctx: EvalContext) -> dict[str, float]:
+        accuracy, samples = self._score(model, ctx, shots=0)
+        ctx.samples["accuracy"] = samples
+        figures = {"accuracy": accuracy, "questions": len(ctx.questions)}
+        k = self.config.shots
+        if k:
+            figures["accuracy_fewshot"], ctx.samples["accuracy_fewshot"] = self._score(
+                model, ctx, shots=k
+            )
+            figures["shots"] = k
+        return figures
+
+    def _score(self, model: Any, ctx: EvalContext, shots: int) -> tuple[float, list[dict]]:
         from unbottle import evaluation as task
 
         tokenizer = ctx.tokenizer
@@ -112,14 +139,19 @@ class Accuracy:
         questions = ctx.questions
         for start in range(0, len(questions), self.config.batch_size):
             batch = questions[start : start + self.config.batch_size]
+            prompts = [
+                prompt_format.few_shot_text(
+                    tokenizer,
+                    q,
+                    task.choose_shots(ctx.train_pairs, q["question"], shots, ctx.seed, start + i)
+                    if shots
+                    else [],
+                )
+                for i, q in enumerate(batch)
+            ]
             # Encoded as finetune encoded its prompts: without special tokens, so that a
             # tokenizer that adds BOS does not hand the model a prompt it never trained on.
-            enc = tokenizer(
-                [prompt_format.prompt_text(tokenizer, q) for q in batch],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            )
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             out = model.generate(
                 enc["input_ids"],
                 enc["attention_mask"],
@@ -141,8 +173,7 @@ class Accuracy:
                             "correct": ok,
                         }
                     )
-        ctx.samples["accuracy"] = samples
-        return {"accuracy": correct / len(questions), "questions": len(questions)}
+        return correct / len(questions), samples
 
 
 class Samples:
