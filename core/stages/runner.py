@@ -14,6 +14,7 @@ from unbottle.core.config.params import Params, check_strategies
 from unbottle.core.registry import Registry, get_registry
 from unbottle.core.stages.layout import STAGES, Layout, StageResult, split_timings
 from unbottle.core.store.artifacts import write_json_atomic, write_text_atomic
+from unbottle.core.store.cache import cache_root
 
 log = logging.getLogger("unbottle.pipeline")
 
@@ -103,6 +104,7 @@ def _run(name: str, params: Params, layout: Layout, registry: Registry) -> Stage
             out_dir=layout.artifact("compress"),
             seed=params.seed,
             registry=registry,
+            variant_cache=cache_root(layout.root) / "variants",
         )
     elif name == "evaluate":
         from unbottle.core.stages.evaluate import evaluate
@@ -118,6 +120,7 @@ def _run(name: str, params: Params, layout: Layout, registry: Registry) -> Stage
             seed=params.seed,
             registry=registry,
             images_dir=layout.metrics_dir,  # the report's PNGs, for `dvc plots show`
+            row_cache=cache_root(layout.root) / "evaluations",
         )
     else:
         from unbottle.core.stages.deploy import deploy
