@@ -9,6 +9,8 @@
   :func:`normalize`; :func:`read_pairs` reads question/answer, prompt/completion and
   messages records.
 - :data:`MANIFEST`: the file name of a variant's manifest, which is not a weight file.
+- :func:`progress_bar` and :func:`track`: a rich progress bar with an ETA for a metric's
+  long loops (quiet when the output is not a terminal).
 
 A metric receives the model as a :class:`unbottle.ModelRunner`, whatever its runtime.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from unbottle.core.data.prompts import PromptFormat, exact_match, normalize, prompt, read_pairs
 from unbottle.core.models.loading import documents, encode_stream
+from unbottle.core.progress import progress_bar, track
 from unbottle.core.store.artifacts import MANIFEST
 
 __all__ = [
@@ -26,6 +29,8 @@ __all__ = [
     "encode_stream",
     "exact_match",
     "normalize",
+    "progress_bar",
     "prompt",
     "read_pairs",
+    "track",
 ]

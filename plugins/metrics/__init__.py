@@ -60,8 +60,7 @@ class Perplexity:
     def measure(self, model: Any, ctx: EvalContext) -> dict[str, float]:
         import torch
 
-        from unbottle.core.progress import progress_bar
-        from unbottle.evaluation import encode_stream
+        from unbottle.evaluation import encode_stream, progress_bar
 
         ids = encode_stream(ctx.tokenizer, ctx.valid_text)
         window = self.config.window or min(model.context, 512)
@@ -127,7 +126,7 @@ class Accuracy:
         correct = 0
         samples: list[dict[str, Any]] = []
         questions = ctx.questions
-        for start in range(0, len(questions), self.config.batch_size):
+        for start in task.track(range(0, len(questions), self.config.batch_size), "accuracy"):
             batch = questions[start : start + self.config.batch_size]
             # Encoded as finetune encoded its prompts: without special tokens, so that a
             # tokenizer that adds BOS does not hand the model a prompt it never trained on.
