@@ -212,18 +212,23 @@ class SleepyRunner:
         return prompt
 
 
-def test_speed_is_timed_for_its_budget_not_a_fixed_count(tiny_data):
+@pytest.fixture(scope="module")
+def ctx(tiny_data):
     from unbottle import EvalContext
     from unbottle.core.models.loading import documents, read_text, train_tokenizer
-    from unbottle.plugins.metrics import Speed
 
     tokenizer = train_tokenizer(documents(read_text(tiny_data / "corpus" / "train.txt", "t")), 320)
-    ctx = EvalContext(
+    return EvalContext(
         tokenizer=tokenizer,
         valid_text=(tiny_data / "corpus" / "valid.txt").read_text(),
         questions=[],
         model_dir=Path("."),
     )
+
+
+def test_speed_is_timed_for_its_budget_not_a_fixed_count(ctx):
+    from unbottle.plugins.metrics import Speed
+
     runner = SleepyRunner()
     config = Speed.Config(prompt_tokens=8, new_tokens=4, repeats=1000, batch_size=2, budget_s=0.2)
     Speed(config).measure(runner, ctx)
@@ -231,3 +236,12 @@ def test_speed_is_timed_for_its_budget_not_a_fixed_count(tiny_data):
     # Each request takes at least 20 ms: half a 0.2 s budget holds at most 5 per batch size.
     assert 2 <= len(timed) <= 12
     assert runner.requests.count(2) == 2  # one short warm-up per batch size
+
+
+def test_a_perplexity_budget_below_one_window_is_one_line(ctx):
+    from unbottle import DataError
+    from unbottle.plugins.metrics import Perplexity
+
+    metric = Perplexity(Perplexity.Config(window=32, max_tokens=16))
+    with pytest.raises(DataError, match=r"^perplexity.max_tokens: 16 is smaller than the window"):
+        metric.measure(SleepyRunner(), ctx)
