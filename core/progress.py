@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -44,3 +46,11 @@ def progress_bar(desc: str, total: int) -> Iterator[Callable[..., None]]:
             progress.update(task, advance=1, figures=text)
 
         yield advance
+
+
+def track(items: Sequence[T], desc: str) -> Iterator[T]:
+    """Iterate over ``items`` behind a progress bar (with an ETA) named ``desc``."""
+    with progress_bar(desc, len(items)) as advance:
+        for item in items:
+            yield item
+            advance()

@@ -4,7 +4,9 @@
 (skipped when current); then one task per variant compresses it and one task per model
 measures it; the rows become one report under ``artifacts/sweep/evaluation``. Variants
 that share a recipe prefix reuse it through the compress prefix cache, kept in
-``.cache/unbottle/prefixes`` so that a later sweep reuses it too.
+``.cache/unbottle/prefixes`` so that a later sweep reuses it too; a variant or a model's
+row unchanged since an earlier run comes from the variant and row caches beside it
+(:mod:`unbottle.core.store.cache`), so a sweep that changes one point redoes that point.
 
 Where the tasks run is the task runner's business (``task_runner``): by default one at a
 time in this process; with ``dask`` or ``ray`` (the ``[dask]`` / ``[ray]`` extras) on a
@@ -78,9 +80,11 @@ def _params(params_file: str | None, overrides: list[str]):
 def compress_variant(
     name: str, params_file: str | None, overrides: list[str], root: str, staging: str
 ) -> dict[str, Any]:
-    """Build one variant into the staging directory, through the prefix cache."""
+    """Build one variant into the staging directory, through the prefix cache; a variant
+    unchanged since an earlier sweep or pipeline run comes from the variant cache."""
     from unbottle.core.registry import get_registry
-    from unbottle.core.stages.compress import PrefixCache, build_variant, prepare
+    from unbottle.core.stages.compress import PrefixCache, prepare, reuse_or_build
+    from unbottle.core.store.cache import VariantCache, cache_root
 
     params = _params(params_file, overrides)
     layout = Layout(Path(root))
@@ -92,40 +96,46 @@ def compress_variant(
         registry=get_registry(),
     )
     cache = PrefixCache(layout.root / PREFIX_CACHE)
-    return build_variant(bench, name, Path(staging) / name, cache=cache)
+    variants = VariantCache(cache_root(layout.root) / "variants")
+    return reuse_or_build(bench, name, Path(staging) / name, variants, cache, None)
 
 
 @task(task_run_name="evaluate {name}", cache_policy=NO_CACHE)
 def evaluate_model(
     name: str, model_dir: str, params_file: str | None, overrides: list[str], root: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every configured metric on one model: (row, samples)."""
+    """Every configured metric on one model: (row, samples); a row cached for the same
+    model, metrics and data is reused as it was measured."""
     from unbottle.core.data import prompts as qa
     from unbottle.core.models.loading import read_text
     from unbottle.core.registry import get_registry
     from unbottle.core.stages.evaluate import (
         create_metrics,
-        measure_variant,
+        measure_all,
         prompt_format_of,
         resolve_device,
     )
+    from unbottle.core.store.cache import cache_root
 
     params = _params(params_file, overrides)
     layout = Layout(Path(root))
     cfg = params.evaluate
-    return measure_variant(
-        Path(model_dir),
-        create_metrics(cfg, get_registry()),
+    registry = get_registry()
+    results, _ = measure_all(
+        {name: Path(model_dir)},
+        create_metrics(cfg, registry),
         valid_text=read_text(layout.resolve(params.data.valid_text), "data.valid_text"),
         questions=qa.read_pairs(layout.resolve(params.data.qa_test), "data.qa_test")[
             : cfg.max_questions
         ],
         seed=params.seed,
         device=resolve_device(cfg.device),
-        label=name,
         prompt_format=prompt_format_of(layout.artifact("finetune")),
         train_pairs=qa.read_pairs(layout.resolve(params.data.qa_train), "data.qa_train"),
+        registry=registry,
+        row_cache=cache_root(layout.root) / "evaluations",
     )
+    return results[name]
 
 
 @flow(name="unbottle-sweep", task_runner=ThreadPoolTaskRunner(max_workers=1))

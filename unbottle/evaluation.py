@@ -10,6 +10,8 @@
   messages records; :func:`choose_shots` draws few-shot examples (seeded, never the
   question asked) and :meth:`PromptFormat.few_shot_text` places them before it.
 - :data:`MANIFEST`: the file name of a variant's manifest, which is not a weight file.
+- :func:`progress_bar` and :func:`track`: a rich progress bar with an ETA for a metric's
+  long loops (quiet when the output is not a terminal).
 
 A metric receives the model as a :class:`unbottle.ModelRunner`, whatever its runtime.
 """
@@ -26,6 +28,7 @@ from unbottle.core.data.prompts import (
     read_pairs,
 )
 from unbottle.core.models.loading import documents, encode_stream
+from unbottle.core.progress import progress_bar, track
 from unbottle.core.store.artifacts import MANIFEST
 
 __all__ = [
@@ -37,6 +40,8 @@ __all__ = [
     "exact_match",
     "few_shot_prompt",
     "normalize",
+    "progress_bar",
     "prompt",
     "read_pairs",
+    "track",
 ]

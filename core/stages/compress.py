@@ -127,6 +127,10 @@ class Workbench:
         """The cache key of each float prefix of a variant's recipe: steps 1..k."""
         return prefix_keys(self.cfg, self.plans[name], self.inputs, self.seed, self.registry)
 
+    def variant_key(self, name: str) -> str:
+        """The cache key of a whole variant (see :func:`variant_key`)."""
+        return variant_key(self.cfg, name, self.plans[name], self.inputs, self.seed, self.registry)
+
     def shared_prefixes(self) -> set[str]:
         """Keys of prefixes that more than one variant of this run starts with."""
         return shared_prefixes({name: self.prefix_keys(name) for name in self.plans})
@@ -165,6 +169,43 @@ def prefix_keys(
         blob = json.dumps({"origin": origin, "steps": steps}, sort_keys=True)
         keys.append(hashlib.sha256(blob.encode()).hexdigest())
     return keys
+
+
+def variant_key(
+    cfg: CompressParams,
+    name: str,
+    plan: list[tuple[CompressStep, Any]],
+    inputs: dict[str, str],
+    seed: int,
+    registry: Registry,
+) -> str:
+    """The key under which a finished variant is cached: its name (its manifest records
+    it), every step of its recipe, the input model and text, calibration, seed and the
+    compress stage's code. Any other variant's options are not part of it."""
+    from unbottle.core.store.cache import code_hashes, digest, strategy_identity
+    from unbottle.core.store.fingerprint import STAGE_CODE
+    from unbottle.core.store.provenance import package_version
+
+    return digest(
+        {
+            "variant": name,
+            "inputs": inputs,
+            "calibration": cfg.calibration.model_dump(mode="json"),
+            "seed": seed,
+            "steps": [
+                {
+                    "action": step.action,
+                    **strategy_identity(
+                        registry.get(step.kind, step.strategy),
+                        strategy.config.model_dump(mode="json"),
+                    ),
+                }
+                for step, strategy in plan
+            ],
+            "code": code_hashes(STAGE_CODE["compress"]),
+            "unbottle": package_version("unbottle"),
+        }
+    )
 
 
 def shared_prefixes(keys: dict[str, list[str]]) -> set[str]:
@@ -373,17 +414,58 @@ def compress(
     seed: int,
     registry: Registry,
     cache_dir: Path | None = None,
+    variant_cache: Path | None = None,
 ) -> StageResult:
     """Build every variant into ``out_dir``.
 
     Shared recipe prefixes are computed once: in a cache that lasts this run, or in
-    ``cache_dir``, which keeps every float prefix for later runs (sweeps) too.
+    ``cache_dir``, which keeps every float prefix for later runs (sweeps) too. With
+    ``variant_cache``, a variant whose key (:func:`variant_key`) is found there is linked
+    from it unchanged instead of rebuilt, and every variant built is stored there.
     """
+    from unbottle.core.progress import progress_bar
+    from unbottle.core.store.cache import VariantCache
+
     bench = prepare(cfg, model=model, train_text=train_text, seed=seed, registry=registry)
     keep = None if cache_dir is not None else bench.shared_prefixes()
+    variants = VariantCache(variant_cache) if variant_cache is not None else None
     metrics: dict[str, Any] = {}
-    with atomic_dir(out_dir) as tmp, prefix_cache(cache_dir, out_dir) as cache:
+    with (
+        atomic_dir(out_dir) as tmp,
+        prefix_cache(cache_dir, out_dir) as cache,
+        progress_bar("compress", len(bench.plans)) as advance,
+    ):
         for name in bench.plans:
-            metrics[name] = build_variant(bench, name, tmp / name, cache=cache, keep=keep)
+            metrics[name] = reuse_or_build(bench, name, tmp / name, variants, cache, keep)
+            advance()
         write_index(tmp, cfg, bench.inputs, list(bench.plans))
     return StageResult(out_dir, metrics)
+
+
+def reuse_or_build(
+    bench: Workbench,
+    name: str,
+    variant_dir: Path,
+    variants: Any,
+    cache: PrefixCache | None,
+    keep: set[str] | None,
+) -> dict[str, Any]:
+    """A variant from the variant cache when its key is there and intact, else built (and
+    stored there). A reused variant reports the metrics (and seconds) of the run that
+    built it, plus ``reused: true`` (a run fact, kept with the timings)."""
+    if variants is None:
+        return build_variant(bench, name, variant_dir, cache=cache, keep=keep)
+    key = bench.variant_key(name)
+    record = variants.get(key)
+    if record is not None:
+        variants.restore(key, variant_dir)
+        log.info(
+            "compress %s: unchanged (key %s), reused from the variant cache with the "
+            "metrics and seconds of the run that built it",
+            name,
+            key[:12],
+        )
+        return {**record["metrics"], "reused": True}
+    built = build_variant(bench, name, variant_dir, cache=cache, keep=keep)
+    variants.put(key, variant_dir, built)
+    return {**built, "reused": False}

@@ -148,7 +148,10 @@ def evaluate(
     registry: Registry,
     images_dir: Path | None = None,
     qa_train: Path | None = None,
+    row_cache: Path | None = None,
 ) -> StageResult:
+    """Measure the pretrained, finetuned and every compressed model and write the report.
+    With ``row_cache``, a model whose row key is found there is not measured again."""
     from unbottle.core.data import prompts as task
     from unbottle.core.models.loading import read_text
     from unbottle.core.store.artifacts import verify_artifact
@@ -166,21 +169,19 @@ def evaluate(
         verify_artifact(model_dir)  # every input checked before the first measurement
     prompt_format = prompt_format_of(baseline)
 
-    results = {
-        name: measure_variant(
-            model_dir,
-            metrics,
-            valid_text=text,
-            questions=questions,
-            seed=seed,
-            device=device,
-            label=name,
-            prompt_format=prompt_format,
-            train_pairs=train_pairs,
-        )
-        for name, model_dir in targets.items()
-    }
-    return write_evaluation(
+    results, reused = measure_all(
+        targets,
+        metrics,
+        valid_text=text,
+        questions=questions,
+        seed=seed,
+        device=device,
+        prompt_format=prompt_format,
+        train_pairs=train_pairs,
+        registry=registry,
+        row_cache=row_cache,
+    )
+    result = write_evaluation(
         cfg,
         results,
         out_dir=out_dir,
@@ -195,6 +196,119 @@ def evaluate(
         },
         images_dir=images_dir,
     )
+    if row_cache is not None:  # a run fact, kept with the timings (see is_timing)
+        result.metrics["reused"] = reused
+    return result
+
+
+def row_key(
+    model_dir: Path,
+    metrics: Sequence[tuple[str, Any]],
+    *,
+    valid_text: str,
+    questions: list[dict[str, str]],
+    seed: int,
+    device: str,
+    prompt_format: Any,
+    registry: Registry,
+    train_pairs: list[dict[str, str]] | None = None,
+) -> str:
+    """The key of one model's evaluation row: the model directory's content, every metric
+    (name, validated options, distribution, source), the held-out data and the training
+    pairs few-shot examples come from, seed, device, the prompt format and the evaluate
+    stage's code."""
+    import hashlib
+
+    from unbottle.core.store.cache import code_hashes, digest, strategy_identity
+    from unbottle.core.store.fingerprint import STAGE_CODE
+    from unbottle.core.store.provenance import package_version
+
+    return digest(
+        {
+            "model": tree_hash(model_dir),
+            "metrics": [
+                strategy_identity(
+                    registry.get("metric", name),
+                    metric.config.model_dump(mode="json") if hasattr(metric, "config") else None,
+                )
+                for name, metric in metrics
+            ],
+            "valid_text": hashlib.sha256(valid_text.encode()).hexdigest(),
+            "questions": digest(questions),
+            "train_pairs": digest(train_pairs or []),
+            "seed": seed,
+            "device": device,
+            "prompt_format": prompt_format.record() if prompt_format is not None else None,
+            "code": code_hashes(STAGE_CODE["evaluate"]),
+            "unbottle": package_version("unbottle"),
+        }
+    )
+
+
+def measure_all(
+    targets: dict[str, Path],
+    metrics: Sequence[tuple[str, Any]],
+    *,
+    valid_text: str,
+    questions: list[dict[str, str]],
+    seed: int,
+    device: str,
+    prompt_format: Any,
+    registry: Registry,
+    train_pairs: list[dict[str, str]] | None = None,
+    row_cache: Path | None = None,
+) -> tuple[dict[str, tuple[dict[str, Any], dict[str, Any]]], list[str]]:
+    """Every model's (row, samples), in order, and the names whose rows came from
+    ``row_cache``: a row whose key (:func:`row_key`) is there is not measured again, and
+    every row measured is stored there."""
+    from unbottle.core.progress import progress_bar
+    from unbottle.core.store.cache import RowCache
+
+    cache = RowCache(row_cache) if row_cache is not None else None
+    results: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    reused: list[str] = []
+    with progress_bar("evaluate", len(targets)) as advance:
+        for name, model_dir in targets.items():
+            key = None
+            if cache is not None:
+                key = row_key(
+                    model_dir,
+                    metrics,
+                    valid_text=valid_text,
+                    questions=questions,
+                    seed=seed,
+                    device=device,
+                    prompt_format=prompt_format,
+                    train_pairs=train_pairs,
+                    registry=registry,
+                )
+                hit = cache.get(key)
+                if hit is not None:
+                    log.info(
+                        "evaluate %s: unchanged (key %s), row reused from the cache, "
+                        "timings included as they were measured then",
+                        name,
+                        key[:12],
+                    )
+                    results[name] = hit
+                    reused.append(name)
+                    advance()
+                    continue
+            results[name] = measure_variant(
+                model_dir,
+                metrics,
+                valid_text=valid_text,
+                questions=questions,
+                seed=seed,
+                device=device,
+                label=name,
+                prompt_format=prompt_format,
+                train_pairs=train_pairs,
+            )
+            if cache is not None and key is not None:
+                cache.put(key, *results[name])
+            advance()
+    return results, reused
 
 
 def write_evaluation(

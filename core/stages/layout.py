@@ -70,6 +70,7 @@ def is_timing(key: str) -> bool:
         or "per_s" in key
         or key == "seconds"
         or key == "resumed_from_step"
+        or key == "reused"  # a result taken from a cache rather than computed in this run
         or key.startswith(("peak_", "roofline_"))  # roofline_pct: speed over bandwidth
     )
 

@@ -23,6 +23,7 @@ from unbottle.core.store.artifacts import (
     write_json_atomic,
     write_text_atomic,
 )
+from unbottle.core.store.cache import cache_root
 from unbottle.core.store.locking import stage_lock, sweep_leftovers
 
 log = logging.getLogger("unbottle.pipeline")
@@ -151,6 +152,7 @@ def _run(name: str, params: Params, layout: Layout, registry: Registry) -> Stage
             out_dir=layout.artifact("compress"),
             seed=params.seed,
             registry=registry,
+            variant_cache=cache_root(layout.root) / "variants",
         )
     elif name == "evaluate":
         from unbottle.core.stages.evaluate import evaluate
@@ -167,6 +169,7 @@ def _run(name: str, params: Params, layout: Layout, registry: Registry) -> Stage
             seed=params.seed,
             registry=registry,
             images_dir=layout.metrics_dir,  # the report's PNGs, for `dvc plots show`
+            row_cache=cache_root(layout.root) / "evaluations",
         )
     else:
         from unbottle.core.stages.deploy import deploy

@@ -41,7 +41,10 @@ class Perplexity:
 
     Every token after the first is scored exactly once, with up to ``window - stride``
     tokens of context carried over from the previous window (``stride`` is at most
-    ``window - 1``).
+    ``window - 1``). The work is a token budget, not the whole text: at most
+    ``max_tokens`` tokens are scored (the opening ``max_tokens + 1`` tokens of the held-out
+    text), so a large held-out file costs no more than a small one, and a model's cost is
+    its per-token cost times the budget.
     """
 
     name = "perplexity"
@@ -50,6 +53,8 @@ class Perplexity:
     class Config(StrategyConfig):
         window: int | None = Field(None, ge=8)  # default: the model's context, at most 512
         stride: int | None = Field(None, ge=1)  # default: half the window
+        # Scored tokens at most (None: the whole text); see docs/evaluation.md for sizing.
+        max_tokens: int | None = Field(2048, ge=1)
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -57,7 +62,7 @@ class Perplexity:
     def measure(self, model: Any, ctx: EvalContext) -> dict[str, float]:
         import torch
 
-        from unbottle.evaluation import encode_stream
+        from unbottle.evaluation import encode_stream, progress_bar
 
         ids = encode_stream(ctx.tokenizer, ctx.valid_text)
         window = self.config.window or min(model.context, 512)
@@ -70,21 +75,32 @@ class Perplexity:
                 f"perplexity: the held-out text has {ids.numel()} tokens, fewer than the "
                 f"window of {window} + 1; give more text or a smaller window"
             )
+        budget = self.config.max_tokens
+        if budget is not None:
+            if budget < window:
+                raise DataError(
+                    f"perplexity.max_tokens: {budget} is smaller than the window of {window}; "
+                    "raise max_tokens or lower window"
+                )
+            ids = ids[: budget + 1]  # the first token is context only
+        # The window starts, up to the first window that reaches the end of the text.
+        starts = list(range(0, ids.numel() - 1, stride))
+        starts = starts[: next(i + 1 for i, s in enumerate(starts) if s + window >= ids.numel())]
         nll, counted, scored_until = 0.0, 0, 0
-        for start in range(0, ids.numel() - 1, stride):
-            end = min(start + window, ids.numel())
-            chunk = ids[start:end].unsqueeze(0)  # (1, T)
-            logits = model.logits(chunk)[0, :-1]  # (T-1, V): predictions for chunk[1:]
-            targets = chunk[0, 1:]
-            losses = torch.nn.functional.cross_entropy(
-                logits.double(), targets, reduction="none"
-            )  # (T-1,)
-            first_new = max(scored_until - start - 1, 0)  # skip tokens scored already
-            nll += float(losses[first_new:].sum())
-            counted += int(losses.numel() - first_new)
-            scored_until = end
-            if end == ids.numel():
-                break
+        with progress_bar("perplexity", len(starts)) as advance:
+            for start in starts:
+                end = min(start + window, ids.numel())
+                chunk = ids[start:end].unsqueeze(0)  # (1, T)
+                logits = model.logits(chunk)[0, :-1]  # (T-1, V): predictions for chunk[1:]
+                targets = chunk[0, 1:]
+                losses = torch.nn.functional.cross_entropy(
+                    logits.double(), targets, reduction="none"
+                )  # (T-1,)
+                first_new = max(scored_until - start - 1, 0)  # skip tokens scored already
+                nll += float(losses[first_new:].sum())
+                counted += int(losses.numel() - first_new)
+                scored_until = end
+                advance(tokens=counted)
         return {"perplexity": math.exp(nll / counted), "perplexity_tokens": counted}
 
 
@@ -137,7 +153,7 @@ class Accuracy:
         correct = 0
         samples: list[dict[str, Any]] = []
         questions = ctx.questions
-        for start in range(0, len(questions), self.config.batch_size):
+        for start in task.track(range(0, len(questions), self.config.batch_size), "accuracy"):
             batch = questions[start : start + self.config.batch_size]
             prompts = [
                 prompt_format.few_shot_text(
@@ -323,8 +339,14 @@ class Speed:
 
     At batch 1: time to first token (TTFT), prefill tokens/s (prompt tokens over TTFT),
     decode tokens/s (tokens after the first over the time they took), and the latency of
-    the whole request at p50 and p95 over ``repeats`` runs. At ``batch_size``: aggregate
+    the whole request at p50 and p95 over the timed runs. At ``batch_size``: aggregate
     decode tokens/s of that many requests decoded together.
+
+    The work is a time budget, not a fixed count: at each batch size, timed requests
+    repeat until ``repeats`` have run or they have taken ``budget_s / 2`` seconds (at
+    least one always runs), so a large model is timed over fewer requests rather than
+    for longer. Warm-up requests generate 2 tokens: enough to run prefill and a decoding
+    step once (allocations, kernel selection) at a fraction of a request's cost.
     """
 
     name = "speed"
@@ -342,9 +364,10 @@ class Speed:
     class Config(StrategyConfig):
         prompt_tokens: int = Field(32, ge=1)
         new_tokens: int = Field(32, ge=2)
-        repeats: int = Field(5, ge=1)
+        repeats: int = Field(5, ge=1)  # at most, per batch size
         warmup: int = Field(1, ge=0)
         batch_size: int = Field(8, ge=2)  # the larger batch; batch 1 is always measured
+        budget_s: float = Field(6.0, gt=0)  # timed requests, both batch sizes together
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -355,18 +378,11 @@ class Speed:
         prompts = prompt_batch(ctx, c.batch_size, c.prompt_tokens, "speed")  # (B, P)
         single = prompts[:1]  # (1, P)
 
-        for _ in range(c.warmup):
-            timed_generate(model, single, c.new_tokens)
-        runs = [timed_generate(model, single, c.new_tokens) for _ in range(c.repeats)]
+        runs = self.timed_runs(model, single)
         ttft = statistics.median(r[0] for r in runs)
         decode = statistics.median(r[1] for r in runs)
         latencies = sorted(r[2] for r in runs)
-
-        for _ in range(c.warmup):
-            timed_generate(model, prompts, c.new_tokens)
-        batched = statistics.median(
-            timed_generate(model, prompts, c.new_tokens)[1] for _ in range(c.repeats)
-        )
+        batched = statistics.median(r[1] for r in self.timed_runs(model, prompts))
         steps = c.new_tokens - 1  # decoding steps after the first token
         p50 = nearest_rank(latencies, 0.5)
         return {
@@ -379,6 +395,18 @@ class Speed:
             "latency_p95_s": nearest_rank(latencies, 0.95),
             "tokens_per_s": c.new_tokens / p50,
         }
+
+    def timed_runs(self, model: Any, prompts: Any) -> list[tuple[float, float, float]]:
+        """Warm-up, then timed requests until ``repeats`` or half the time budget."""
+        c = self.config
+        for _ in range(c.warmup):
+            timed_generate(model, prompts, 2)
+        runs: list[tuple[float, float, float]] = []
+        spent = 0.0
+        while len(runs) < c.repeats and (not runs or spent < c.budget_s / 2):
+            runs.append(timed_generate(model, prompts, c.new_tokens))
+            spent += runs[-1][2]
+        return runs
 
 
 # ------------------------------------------------------------------------------ memory

@@ -1,0 +1,176 @@
+"""Content-addressed caches of single results: one compressed variant, one evaluation row.
+
+A stage's fingerprint (:mod:`unbottle.core.store.fingerprint`) decides whether the whole
+stage reruns; once it does, these caches decide what inside it is redone. Each compressed
+variant and each model's evaluation row is stored under a key that hashes everything it
+depends on, so changing one variant's option recomputes that variant alone, and a sweep
+of ten variants that changes one does not redo nine.
+
+- :class:`VariantCache`: a variant's directory, under the sha256 of its recipe (every
+  step's strategy, validated options, distribution version and source), the finetuned
+  model, the training text the calibration windows come from, the calibration settings,
+  the seed and the code of the compress stage. Entries are filled by hard links where
+  the file system allows (files are only ever replaced, never written in place, so a link
+  is never changed under the other name) and by copies elsewhere.
+- :class:`RowCache`: one model's evaluation row and samples, under the sha256 of the
+  model directory's content, the metric configs, the held-out data, the seed, the device,
+  the prompt format and the metric and stage code.
+
+Every entry records the hashes of what it holds, checked before use: a damaged entry is
+logged and ignored, never reused. Entries live under ``.cache/unbottle/`` in the workspace
+(beside the sweep's prefix cache); deleting that folder only costs recomputation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from unbottle.core.store.artifacts import (
+    atomic_dir,
+    file_hashes,
+    tree_hash,
+    write_json_atomic,
+)
+
+log = logging.getLogger("unbottle.cache")
+
+#: The workspace's cache folder (the sweep flow keeps its prefixes there too).
+CACHE_DIR = Path(".cache") / "unbottle"
+ENTRY_RECORD = "cache-entry.json"
+
+
+def cache_root(workspace: Path) -> Path:
+    return Path(workspace) / CACHE_DIR
+
+
+def digest(value: Any) -> str:
+    """sha256 of a JSON-serialisable value, independent of key order."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def module_hash(module_name: str) -> str:
+    """sha256 of an imported module's source file (``unknown`` when it has none)."""
+    import importlib
+
+    module = sys.modules.get(module_name) or importlib.import_module(module_name)
+    path = getattr(module, "__file__", None)
+    return tree_hash(Path(path)) if path else "unknown"
+
+
+def code_hashes(modules: tuple[str, ...]) -> dict[str, str]:
+    """Source hashes of modules given as dotted names under ``unbottle``."""
+    return {name: module_hash(f"unbottle.{name}") for name in modules}
+
+
+def strategy_identity(info: Any, options: Any) -> dict[str, Any]:
+    """What a strategy contributes to a key: its name, validated options, the distribution
+    that provides it and the hash of its source module."""
+    return {
+        "name": info.name,
+        "options": options,
+        "distribution": f"{info.distribution} {info.version}",
+        "source": module_hash(info.cls.__module__),
+    }
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file of ``src`` into the (existing, empty) ``dst``; copy where the
+    file system refuses links (another device, no link support)."""
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+
+
+class VariantCache:
+    """Compressed variants' directories by key: ``<root>/<key>/`` holds the variant's
+    files and ``cache-entry.json`` (the key, the stage metrics the variant reported and the
+    sha256 of every file)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The entry's record when it is intact, else None (a damaged one is logged)."""
+        entry = self.root / key
+        record_file = entry / ENTRY_RECORD
+        if not record_file.is_file():
+            return None
+        try:
+            record = json.loads(record_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = {}
+        if record.get("key") != key or record.get("files") != file_hashes(
+            entry, exclude=(ENTRY_RECORD,)
+        ):
+            log.warning("cache: variant entry %s is damaged; not reusing it", key[:12])
+            return None
+        return record
+
+    def restore(self, key: str, dst: Path) -> None:
+        """Fill the empty directory ``dst`` with the entry's files (links or copies)."""
+        entry = self.root / key
+        dst.mkdir(parents=True, exist_ok=True)
+        _link_tree(entry, dst)
+        (dst / ENTRY_RECORD).unlink()
+
+    def put(self, key: str, variant_dir: Path, metrics: dict[str, Any]) -> None:
+        """Store a finished variant directory; a failure to cache never fails the stage."""
+        try:
+            with atomic_dir(self.root / key) as tmp:
+                _link_tree(variant_dir, tmp)
+                write_json_atomic(
+                    tmp / ENTRY_RECORD,
+                    {
+                        "key": key,
+                        "metrics": metrics,
+                        "files": file_hashes(tmp, exclude=(ENTRY_RECORD,)),
+                    },
+                )
+        except OSError as e:
+            log.warning("cache: could not store variant %s: %s", key[:12], e)
+
+
+class RowCache:
+    """Evaluation rows by key: ``<root>/<key>.json`` holds the row, the samples and the
+    sha256 of both."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def get(self, key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        path = self.root / f"{key}.json"
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            body = {"row": record["row"], "samples": record["samples"]}
+            intact = record.get("key") == key and record.get("sha256") == digest(body)
+        except (OSError, ValueError, KeyError, TypeError):
+            intact = False
+        if not intact:
+            log.warning("cache: evaluation row %s is damaged; measuring again", key[:12])
+            return None
+        return record["row"], record["samples"]
+
+    def put(self, key: str, row: dict[str, Any], samples: dict[str, Any]) -> None:
+        body = {"row": row, "samples": samples}
+        try:
+            write_json_atomic(
+                self.root / f"{key}.json", {"key": key, "sha256": digest(body), **body}
+            )
+        except OSError as e:
+            log.warning("cache: could not store evaluation row %s: %s", key[:12], e)
