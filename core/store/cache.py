@@ -28,14 +28,12 @@ import json
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 from unbottle.core.store.artifacts import (
     atomic_dir,
     file_hashes,
-    tree_hash,
     write_json_atomic,
 )
 
@@ -55,28 +53,25 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def module_hash(module_name: str) -> str:
-    """sha256 of an imported module's source file (``unknown`` when it has none)."""
-    import importlib
-
-    module = sys.modules.get(module_name) or importlib.import_module(module_name)
-    path = getattr(module, "__file__", None)
-    return tree_hash(Path(path)) if path else "unknown"
-
-
 def code_hashes(modules: tuple[str, ...]) -> dict[str, str]:
-    """Source hashes of modules given as dotted names under ``unbottle``."""
-    return {name: module_hash(f"unbottle.{name}") for name in modules}
+    """Code hashes of modules or subpackages given as dotted names under ``unbottle``
+    (a subpackage: every file in it), as the stage fingerprints hash them."""
+    from unbottle.core.store.code import module_code_hash
+
+    return {name: module_code_hash(f"unbottle.{name}") for name in modules}
 
 
 def strategy_identity(info: Any, options: Any) -> dict[str, Any]:
     """What a strategy contributes to a key: its name, validated options, the distribution
-    that provides it and the hash of its source module."""
+    that provides it and the hash of its whole package's code (a change in a helper
+    module of the plugin invalidates the entry, as it reruns the stage)."""
+    from unbottle.core.store.code import strategy_code_hash
+
     return {
         "name": info.name,
         "options": options,
         "distribution": f"{info.distribution} {info.version}",
-        "source": module_hash(info.cls.__module__),
+        "source": strategy_code_hash(info.cls),
     }
 
 
