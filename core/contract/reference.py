@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from unbottle.core.contract import hookspecs
-from unbottle.core.contract.strategies import KINDS
+from unbottle.core.contract.kinds import KINDS
 
 #: The distribution whose strategies are built in.
 BUILTIN = "unbottle"
@@ -95,7 +95,7 @@ def _signature(func: Any) -> str:
 
 def reference_markdown(registry: Any) -> str:
     """The generated reference: hooks, then each kind's built-in strategies."""
-    kind_of_hook = {hook: kind for kind, hook in KINDS.items()}
+    kind_of_hook = {spec.hook: kind for kind, spec in KINDS.items()}
     out = [BEGIN, ""]
     for func in hook_functions():
         out += [f"### {func.__name__}", "", f"```python\n@hookimpl\ndef {_signature(func)}\n```"]
