@@ -306,7 +306,7 @@ def test_the_documented_third_party_objective_installs_and_trains(tmp_path, tiny
     from unbottle.core.stages.pretrain import pretrain as run_pretrain
 
     docs = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
-    section = docs.split("### register_objectives", 1)[1].split("\n### ", 1)[0]
+    section = docs.split("### Objectives (`register_objectives`)", 1)[1].split("\n### ", 1)[0]
     code = section.split("is one module and one hook:\n\n```python\n", 1)[1].split("```", 1)[0]
     root = fake_distribution(
         tmp_path / "site", "unbottle-fim", {"unbottle_fim": code}, {"fim": "unbottle_fim"}

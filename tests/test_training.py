@@ -110,9 +110,12 @@ def padded_pairs(seed: int = 5) -> Batches:
         rows.append((prompt.tolist(), answer.tolist()))
 
     def collate(ids: list[int]) -> dict[str, torch.Tensor]:
+        from unbottle.core.stages.finetune import IGNORE
         from unbottle.core.stages.finetune import collate as qa_collate
 
-        return qa_collate([rows[i] for i in ids], pad=1)
+        # (input ids, labels): the labels IGNORE over the prompt, as encode_pairs makes them.
+        examples = [(p + a, [IGNORE] * len(p) + a) for p, a in (rows[i] for i in ids)]
+        return qa_collate(examples, pad=1)
 
     return Batches(size=len(rows), collate=collate, seed=seed)
 

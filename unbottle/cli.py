@@ -69,8 +69,9 @@ def _logging() -> None:
         handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=True)
     else:
         # Into a file or a pipe: whole lines, never wrapped at rich's default 80 columns
-        # (which mangled tables in CI logs).
-        handler = logging.StreamHandler()
+        # (which mangled tables in CI logs). On stdout, as rich's handler logs: stderr
+        # carries the one-line errors.
+        handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
     logger = logging.getLogger("unbottle")
     if not logger.handlers:

@@ -99,8 +99,8 @@ def load_model(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFas
             f"{model_dir}: the model is quantized (packed low-bit weights, quantization.json); "
             "this step needs float weights: give it the model from before the quantize step"
         )
+    refuse_encoder(model_dir)  # from config.json alone: before reading any weights
     check_safetensors(model_dir)
-    refuse_encoder(model_dir)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

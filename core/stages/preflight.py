@@ -57,7 +57,7 @@ def preflight(
             "compress.variants: no variants to build (an empty artifact would replace the "
             "last one); name at least one, e.g. magnitude50: [{prune: magnitude, sparsity: 0.5}]"
         )
-    check_data(name, params, layout)
+    check_data(name, params, layout, registry)
     if not planned:
         check_upstream(name, layout)
     from_scratch = params.pretrain.source is None
@@ -73,7 +73,7 @@ def preflight(
             check_compress(params, model, registry)
 
 
-def check_data(name: str, params: Params, layout: Layout) -> None:
+def check_data(name: str, params: Params, layout: Layout, registry: Registry) -> None:
     """The stage's data files exist, are UTF-8 and parse."""
     from unbottle.core.data.prompts import read_pairs
     from unbottle.core.models.loading import read_text
@@ -86,6 +86,12 @@ def check_data(name: str, params: Params, layout: Layout) -> None:
     if name == "evaluate":
         read_text(path(data.valid_text), "data.valid_text")
         read_pairs(path(data.qa_test), "data.qa_test")
+        if any(ref.options.get("shots") for ref in params.evaluate.metrics):
+            # Few-shot examples come from the training pairs: are there enough?
+            from unbottle.core.stages.evaluate import check_shots, create_metrics
+
+            pairs = read_pairs(path(data.qa_train), "data.qa_train")
+            check_shots(params.evaluate, create_metrics(params.evaluate, registry), len(pairs))
 
 
 def check_upstream(name: str, layout: Layout) -> None:
