@@ -131,6 +131,43 @@ def write_weight_only(
     return facts
 
 
+def write_quantized(
+    method: str,
+    config: WeightOnlyConfig,
+    model: Any,
+    quantized: dict[str, Any],
+    model_dir: Path,
+    out_dir: Path,
+    ctx: CompressContext,
+) -> dict[str, Any]:
+    """Write a weight-only variant (packed, or the edge bundle with ``runtime: onnx``) and
+    return the facts every weight-only quantizer reports: bits, group size, what was
+    written."""
+    from unbottle.compression import save_packed
+
+    facts = write_weight_only(
+        config,
+        out_dir,
+        ctx,
+        lambda packed_dir: save_packed(
+            model,
+            ctx.tokenizer,
+            quantized,
+            packed_dir,
+            method=method,
+            group_size=config.group_size,
+            symmetric=config.symmetric,
+            options=config.model_dump(mode="json"),
+            source_dir=model_dir,
+        ),
+    )
+    return {
+        "bits": config.bits,
+        "group_size": config.group_size or 0,  # 0: per output channel
+        **facts,
+    }
+
+
 def _selected_linears(model: Any, config: WeightOnlyConfig, what: str) -> list:
     """The Linears ``config.layers`` names, checked to fit the grid (a weightless copy of
     the model will do)."""
@@ -172,7 +209,7 @@ class RoundToNearest:
     def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
         import torch
 
-        from unbottle.compression import quantize_rtn, save_packed, weight_error
+        from unbottle.compression import quantize_rtn, weight_error
 
         c = self.config
         model, layers = _load_and_select(model_dir, c, ctx.where or self.name)
@@ -182,26 +219,8 @@ class RoundToNearest:
             errors = [
                 weight_error(linear.weight, quantized[name].dequantize()) for name, linear in layers
             ]
-        facts = write_weight_only(
-            c,
-            out_dir,
-            ctx,
-            lambda packed_dir: save_packed(
-                model,
-                ctx.tokenizer,
-                quantized,
-                packed_dir,
-                method=self.name,
-                group_size=c.group_size,
-                symmetric=c.symmetric,
-                options=c.model_dump(mode="json"),
-                source_dir=model_dir,
-            ),
-        )
         return {
-            "bits": c.bits,
-            "group_size": c.group_size or 0,  # 0: per output channel
-            **facts,
+            **write_quantized(self.name, c, model, quantized, model_dir, out_dir, ctx),
             "mean_weight_error": sum(errors) / len(errors),
         }
 
@@ -235,7 +254,6 @@ class Gptq:
         _check_model(model, self.config, where)
 
     def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
-        from unbottle.compression import save_packed
         from unbottle.plugins.quantization.gptq import gptq_model
 
         c = self.config
@@ -255,26 +273,8 @@ class Gptq:
             block_size=c.block_size,
             batch_size=c.batch_size,
         )
-        facts = write_weight_only(
-            c,
-            out_dir,
-            ctx,
-            lambda packed_dir: save_packed(
-                model,
-                ctx.tokenizer,
-                quantized,
-                packed_dir,
-                method=self.name,
-                group_size=c.group_size,
-                symmetric=c.symmetric,
-                options=c.model_dump(mode="json"),
-                source_dir=model_dir,
-            ),
-        )
         return {
-            "bits": c.bits,
-            "group_size": c.group_size or 0,  # 0: per output channel
-            **facts,
+            **write_quantized(self.name, c, model, quantized, model_dir, out_dir, ctx),
             **metrics,
         }
 
