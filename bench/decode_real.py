@@ -99,6 +99,9 @@ ROWS: dict[str, Row] = {
         )
         for runtime, where in (("torch", "torch packed"), ("onnx", "ONNX MatMulNBits"))
     },
+    "gptq-int4-g64-genai": Row(
+        "gptq-int4-g64", "genai", "GPTQ int4 g64, onnxruntime-genai (our codes)"
+    ),
     "genai-int4": Row(None, "genai", f"onnxruntime-genai int4 (RTN, block {GENAI_BLOCK})"),
 }
 REFERENCE = "fp32-torch"
@@ -186,11 +189,21 @@ def build_genai(dense_dir: Path, entry: Path, threads: int) -> None:
         os.replace(out, entry)
 
 
+def build_genai_bundle_of(entry: Path) -> None:
+    """The variant's own codes in onnxruntime-genai's graph (``entry/genai``)."""
+    from unbottle.plugins.quantization.genai import build_genai_bundle
+
+    shutil.rmtree(entry / "genai", ignore_errors=True)
+    real.progress(f"  build {entry.name}: the onnxruntime-genai bundle (our codes)")
+    facts = build_genai_bundle(entry / "packed", entry / "genai", work_dir=entry)
+    (entry / "genai" / "built.json").write_text(json.dumps(facts), "utf-8")
+
+
 def ensure_built(
     row: Row, dense_dir: Path, sha256: str, cache: Path, args: argparse.Namespace
 ) -> Path:
     """The model directory a row measures, built now unless the cache has it."""
-    if row.runtime == "genai":
+    if row.runtime == "genai" and row.variant is None:
         entry = cache / build_key(args, sha256, "genai-int4", {"block": GENAI_BLOCK})
         if not (entry / "built.json").is_file():
             build_genai(dense_dir, entry, args.threads)
@@ -201,6 +214,10 @@ def ensure_built(
     if not (entry / "built.json").is_file():
         shutil.rmtree(entry, ignore_errors=True)
         build_variant(row.variant, dense_dir, entry, args)
+    if row.runtime == "genai":
+        if not (entry / "genai" / "built.json").is_file():
+            build_genai_bundle_of(entry)
+        return entry / "genai"
     return entry / ("packed" if row.runtime == "torch" else "onnx")
 
 
