@@ -9,6 +9,9 @@ float32 torch row measured in the same run. Rows:
   its default kernel);
 - ``<variant>-onnx``: the same variant as the int4/int8 edge bundle, ONNX Runtime
   ``MatMulNBits`` layers carrying its codes (plugins/quantization/matmulnbits.py);
+- ``gptq-int4-g64-genai``: the GPTQ variant's own codes in onnxruntime-genai's graph, run
+  by its generator (plugins/quantization/genai.py: the ``onnx`` deploy target's
+  ``runtime: genai``, int8 output head), built from the cached packed variant;
 - ``genai-int4``: onnxruntime-genai's own int4 build of the dense model (the anchor; its
   model builder quantizes by round-to-nearest, block 64). It needs the ``genai`` extra:
   ``pip install onnxruntime-genai==0.11.4 onnx-ir``.
@@ -25,7 +28,7 @@ Each row runs in its own process on ``--threads`` threads (default 1):
 - decode: ``--batch-sizes`` rows of ``--prompt-tokens`` held-out tokens each are
   prefilled, then ``--new-tokens`` greedy steps are timed through the serving engine's
   backend for that runtime (``core/serving/engine.py``: the code that serves the bundle;
-  onnxruntime-genai's own generator for the anchor). Tokens/s = batch x steps / time.
+  onnxruntime-genai's own generator for the genai rows). Tokens/s = batch x steps / time.
 - % of roofline (batch 1): tokens/s x bytes of weights read per token (the evaluate
   stage's ``torch_bytes_per_token`` / ``onnx_bytes_per_token``) over the memory bandwidth
   measured at the start of the run (``memory_bandwidth``).

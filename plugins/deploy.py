@@ -279,7 +279,7 @@ class OnnxBundle:
     """
 
     name = "onnx"
-    accepts = ("hf", "onnx", "packed")
+    accepts = ("hf", "onnx", "packed", "genai")
 
     class Config(StrategyConfig):
         int8: bool = True
@@ -298,7 +298,7 @@ class OnnxBundle:
         self.config = config
 
     def deploy(self, model_dir: Path, out_dir: Path, ctx: DeployContext) -> dict[str, Any]:
-        if self.config.runtime == "genai":
+        if self.config.runtime == "genai" or ctx.model_format == "genai":
             return self._deploy_genai(model_dir, out_dir, ctx)
         from optimum.onnxruntime import ORTModelForCausalLM
         from transformers import AutoTokenizer
@@ -353,15 +353,24 @@ class OnnxBundle:
         """The packed variant's codes in onnxruntime-genai's graph (quantization/genai.py)."""
         from unbottle.plugins.quantization.genai import build_genai_bundle, require_genai
 
-        if ctx.model_format != "packed":
+        if ctx.model_format not in ("packed", "genai"):
             raise ConfigError(
                 f"deploy.options.runtime: genai takes a packed (rtn, gptq) variant; "
                 f"this variant is {ctx.model_format}"
             )
         require_genai("deploy.options.runtime")
-        facts = build_genai_bundle(
-            model_dir, out_dir, head=self.config.head, accuracy_level=self.config.accuracy_level
-        )
+        if ctx.model_format == "genai":  # compressed with `runtime: genai`: shipped as it is
+            facts: dict[str, Any] = {}
+            for path in model_dir.iterdir():
+                if path.is_file() and path.name != "manifest.json":
+                    shutil.copy2(path, out_dir / path.name)
+        else:
+            facts = build_genai_bundle(
+                model_dir,
+                out_dir,
+                head=self.config.head,
+                accuracy_level=self.config.accuracy_level,
+            )
         save_tokenizer(model_dir, out_dir)
         write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
         (out_dir / "README.md").write_text(

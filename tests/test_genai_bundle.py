@@ -150,3 +150,42 @@ def test_deploy_target_runtime_genai(tmp_path, gptq_packed):
     (tmp_path / "other").mkdir()
     with pytest.raises(ConfigError, match=r"^deploy.options.runtime: genai takes a packed"):
         target.deploy(tmp_path / "float", tmp_path / "other", ctx("hf"))
+
+
+def test_gptq_genai_variant_is_evaluated_and_deployed_in_its_runtime(
+    tmp_path, tmp_path_factory, tiny_data
+):
+    import copy
+    import shutil
+
+    from tests.conftest import TINY_PARAMS, make_workspace
+    from tests.serving_helpers import finetuned_model
+    from unbottle.core.config.params import Params
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
+
+    gptq = {"quantize": "gptq", "bits": 4, "group_size": 16, "runtime": "genai"}
+    params = copy.deepcopy(TINY_PARAMS)
+    params["compress"]["variants"] = {"gptq4-genai": [gptq]}
+    params["evaluate"]["metrics"] = [{"name": "perplexity", "window": 64}, "size"]
+    params["deploy"] = {"target": "onnx", "policy": "explicit", "variant": "gptq4-genai"}
+    root = make_workspace(tmp_path, tiny_data, params)
+    layout, validated = Layout(root), Params.model_validate(params)
+    trained = finetuned_model(tmp_path_factory, tiny_data).parent
+    for stage in ("pretrain", "finetune"):
+        shutil.copytree(trained / stage, layout.artifact(stage))
+    for stage in ("compress", "evaluate"):
+        run_stage(stage, validated, layout)
+
+    variant = layout.artifact("compress") / "gptq4-genai"
+    manifest = json.loads((variant / "manifest.json").read_text())
+    assert manifest["format"] == "genai" and manifest["metrics"]["step1_act_order_layers"] == 10
+    rows = json.loads((layout.artifact("evaluate") / "evaluation.json").read_text())["variants"]
+    genai, dense = rows["gptq4-genai"], rows["finetuned"]
+    assert genai["format"] == "genai"  # measured by onnxruntime-genai, where it ships
+    assert genai["perplexity"] / dense["perplexity"] < 1.5  # the demo's gate
+
+    facts = run_stage("deploy", validated, layout).metrics
+    assert facts["variant"] == "gptq4-genai" and facts["smoke_generated_tokens"] == 2
+    bundle = layout.artifact("deploy")
+    assert (bundle / "model.onnx.data").read_bytes() == (variant / "model.onnx.data").read_bytes()

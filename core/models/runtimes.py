@@ -142,26 +142,32 @@ class OnnxRunner:
         )
 
     def parameter_counts(self) -> tuple[int, int]:
-        import numpy as np
         import onnx
         from onnx import numpy_helper
 
         graph = onnx.load(str(self.path)).graph
         arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-        total = nonzero = 0
-        packed: set[str] = set()
-        for node in graph.node:
-            if node.op_type == "MatMulNBits":  # a block-quantized weight: count what it holds
-                codes, zeros = _nbits_codes(node, arrays)  # (N, blocks, block), (N, blocks, 1)
-                total += codes.size
-                nonzero += int(np.count_nonzero(codes != zeros))
-                packed.update(node.input[1:])
-        for name, array in arrays.items():
-            # Weight matrices and embeddings, not scales or shapes.
-            if array.ndim >= 2 and name not in packed:
-                total += array.size
-                nonzero += int(np.count_nonzero(array))
-        return total, nonzero
+        return _count_weights(graph, arrays)
+
+
+def _count_weights(graph: Any, arrays: dict[str, Any]) -> tuple[int, int]:
+    """(stored weight elements, of which nonzero) of an ONNX graph with these initializers."""
+    import numpy as np
+
+    total = nonzero = 0
+    packed: set[str] = set()
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":  # a block-quantized weight: count what it holds
+            codes, zeros = _nbits_codes(node, arrays)  # (N, blocks, block), (N, blocks, 1)
+            total += codes.size
+            nonzero += int(np.count_nonzero(codes != zeros))
+            packed.update(node.input[1:])
+    for name, array in arrays.items():
+        # Weight matrices and embeddings, not scales or shapes.
+        if array.ndim >= 2 and name not in packed:
+            total += array.size
+            nonzero += int(np.count_nonzero(array))
+    return total, nonzero
 
 
 def _nbits_codes(node: Any, arrays: dict[str, Any]) -> tuple[Any, Any]:
@@ -234,7 +240,8 @@ class GenaiRunner:
         import numpy as np
         import torch
 
-        generator = self._generator(input_ids, input_ids.shape[1] + 1)
+        # A full-context window generates nothing after it: max_length may not exceed it.
+        generator = self._generator(input_ids, min(input_ids.shape[1] + 1, self.context))
         return torch.from_numpy(np.array(generator.get_output("logits"))).float()  # (B, T, V)
 
     def generate(
@@ -273,7 +280,30 @@ class GenaiRunner:
         return out.long()
 
     def parameter_counts(self) -> tuple[int, int]:
-        return OnnxRunner.parameter_counts(self)  # type: ignore[arg-type]
+        import math
+
+        import numpy as np
+        import onnx
+        from onnx import helper, numpy_helper
+
+        # onnx (and onnx_ir) refuse external data with several hard links, and the stages
+        # hard-link artifacts: read the weights file's ranges directly.
+        graph = onnx.load(str(self.path), load_external_data=False).graph
+        arrays = {}
+        for init in graph.initializer:
+            if init.data_location != onnx.TensorProto.EXTERNAL:
+                arrays[init.name] = numpy_helper.to_array(init)
+                continue
+            where = {entry.key: entry.value for entry in init.external_data}
+            dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+            flat = np.fromfile(
+                self.path.parent / where["location"],
+                dtype=dtype,
+                count=math.prod(init.dims),
+                offset=int(where.get("offset", 0)),
+            )
+            arrays[init.name] = flat.reshape(tuple(init.dims))
+        return _count_weights(graph, arrays)
 
 
 def load_runner(model_dir: Path, device: str = "cpu") -> ModelRunner:

@@ -57,7 +57,7 @@ GENAI_INSTALL = f"pip install '{GENAI}' onnx-ir"
 #: The weight widths the builder packs and ONNX Runtime's CPU MatMulNBits runs.
 GENAI_BITS = (4, 8)
 #: What happens to the (unquantized) output head.
-HEADS = ("int8", "float")
+HEADS = ("int8", "int4", "float")
 WEIGHTS = "model.safetensors"
 
 
@@ -218,8 +218,10 @@ def sort_act_order_groups(model: Any) -> int:
         codes = unpack(torch.from_numpy(numpy_helper.to_array(b).reshape(n, -1).copy()), bits, k)
         sorted_codes = pack(codes.index_select(1, order), bits).reshape(n, groups, -1)
         b.CopyFrom(numpy_helper.from_array(sorted_codes.numpy(), b.name))
-        key = (inputs[0], inputs[4])
-        if key not in orders:  # q, k and v (one fused node) or gate and up share an input
+        # Layers fed the same input share GPTQ's Hessian and so its order (gate and up;
+        # q, k and v are one fused node): one Gather serves them all.
+        key = (inputs[0], order.numpy().tobytes())
+        if key not in orders:
             order_name = f"{inputs[4]}.input_order"
             graph.initializer.append(numpy_helper.from_array(order.numpy(), order_name))
             sorted_input = f"{node.name}/input_sorted"
@@ -259,8 +261,8 @@ def build_genai_bundle(
 ) -> dict[str, Any]:
     """Build the onnxruntime-genai bundle of the packed variant in ``packed_dir``.
 
-    Writes ``model.onnx`` (+ ``model.onnx.data``), ``genai_config.json`` and the tokenizer
-    into ``out_dir``, once all of it is built. ``head``
+    Writes ``model.onnx`` (+ ``model.onnx.data``), ``genai_config.json``, the tokenizer and
+    the model's ``config.json`` and ``generation_config.json`` into ``out_dir``, once all of it is built. ``head``
     is what the output head becomes (:data:`HEADS`), ``accuracy_level`` MatMulNBits'
     compute type (4: int8 activations, ONNX Runtime's fast CPU path; 0: float32, exact).
     Returns facts: ``genai_bytes``, ``nbits_layers``, ``act_order_layers``, ``bits``,
@@ -290,8 +292,12 @@ def build_genai_bundle(
         }
         if head == "int8":
             # Asymmetric: the builder's symmetric int8 head leaves out the zero points its
-            # shared int8 embedding table reads (0.11.4).
+            # shared embedding table reads (0.11.4).
             options.update(int4_algo_config="rtn_last", int4_is_symmetric=False)
+        elif head == "int4":
+            # The builder's default, as in its own int4 builds: a symmetric int4 head and a
+            # float embedding table of its own (a shared int4 table fails to build in 0.11.4).
+            options.update(shared_embeddings=False)
         else:
             # Not shared: 0.11.4 would point the embeddings at a quantized head that is
             # then not written.
@@ -325,6 +331,9 @@ def build_genai_bundle(
             location="model.onnx.data",
         )
         del graph
+        for name in ("config.json", "generation_config.json"):  # the model's, for readers
+            if (packed_dir / name).is_file():
+                shutil.copy2(packed_dir / name, built / name)
         out_dir.mkdir(parents=True, exist_ok=True)
         for path in built.iterdir():
             shutil.move(str(path), str(out_dir / path.name))
