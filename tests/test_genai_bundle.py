@@ -189,3 +189,28 @@ def test_gptq_genai_variant_is_evaluated_and_deployed_in_its_runtime(
     assert facts["variant"] == "gptq4-genai" and facts["smoke_generated_tokens"] == 2
     bundle = layout.artifact("deploy")
     assert (bundle / "model.onnx.data").read_bytes() == (variant / "model.onnx.data").read_bytes()
+
+
+def test_runtime_genai_grid_and_missing_library_fail_in_one_line(monkeypatch):
+    import importlib.util
+
+    from tests.conftest import TINY_PARAMS
+    from unbottle.core.config.params import Params, check_strategies
+    from unbottle.core.registry import get_registry
+    from unbottle.plugins.quantization.genai import require_genai
+
+    step = {"quantize": "gptq", "group_size": 48, "runtime": "genai"}
+    params = Params.model_validate({**TINY_PARAMS, "compress": {"variants": {"q": [step]}}})
+    with pytest.raises(
+        ConfigError,
+        match=r"^compress\.variants\.q\[0\].*runtime genai: group_size 48 is not a power of two",
+    ):
+        check_strategies(params, get_registry())
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnxruntime_genai" else real_find_spec(name, *a),
+    )
+    with pytest.raises(ConfigError, match=r"pip install 'onnxruntime-genai==0\.11\.4' onnx-ir"):
+        require_genai("compress.variants.q[0].runtime")

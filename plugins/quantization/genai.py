@@ -34,8 +34,11 @@ Two things the builder would do that unbottle does differently:
   same way (x W^T = x[:, p] W[:, p]^T), so the fast kernel runs.
 - The output head, not quantized in the variant (tied to the embeddings), is left to the
   builder's own int8 round-to-nearest (``head: int8``, its ``rtn_last``; the embeddings
-  then read the same int8 table) or kept float (``head: float``). An int8 head reads a
-  quarter of the float head's bytes per token; on SmolLM2 the head is 28M of 135M weights.
+  then read the same int8 table), its default symmetric int4 (``head: int4``, with a
+  float embedding table of its own, as in genai's own int4 builds) or kept float
+  (``head: float``). On SmolLM2 the head is 28M of 135M weights: int8 reads a quarter of
+  the float head's bytes per token at no measurable loss, int4 an eighth but cost
+  perplexity x1.30 of dense against x1.09 (docs/compression.md).
 """
 
 from __future__ import annotations
@@ -262,15 +265,16 @@ def build_genai_bundle(
     """Build the onnxruntime-genai bundle of the packed variant in ``packed_dir``.
 
     Writes ``model.onnx`` (+ ``model.onnx.data``), ``genai_config.json``, the tokenizer and
-    the model's ``config.json`` and ``generation_config.json`` into ``out_dir``, once all of it is built. ``head``
-    is what the output head becomes (:data:`HEADS`), ``accuracy_level`` MatMulNBits'
-    compute type (4: int8 activations, ONNX Runtime's fast CPU path; 0: float32, exact).
-    Returns facts: ``genai_bytes``, ``nbits_layers``, ``act_order_layers``, ``bits``,
-    ``block_size``, ``head``, ``accuracy_level``.
+    the model's ``config.json`` and ``generation_config.json`` into ``out_dir``, once all
+    of it is built. ``head`` is what the output head becomes (:data:`HEADS`),
+    ``accuracy_level`` MatMulNBits' compute type (4: int8 activations, ONNX Runtime's fast
+    CPU path; 0: float32, exact). Returns facts: ``genai_bytes``, ``nbits_layers``,
+    ``act_order_layers``, ``bits``, ``block_size``, ``head``, ``accuracy_level``,
+    ``desc_act``.
     """
     from unbottle.plugins.quantization.matmulnbits import ACCURACY_LEVELS
 
-    require_genai("deploy.options.runtime")
+    require_genai("onnxruntime-genai bundle")
     if head not in HEADS:
         raise ConfigError(f"head: {head!r}; one of {', '.join(HEADS)}")
     if accuracy_level not in ACCURACY_LEVELS:
