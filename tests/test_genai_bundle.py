@@ -82,12 +82,17 @@ def test_genai_bundle_carries_the_codes_and_gives_the_packed_models_logits(
     nodes, arrays = graph_arrays(tmp_path / "exact")
     # Act-order layers take the fast kernel: no g_idx input, a Gather sorts the columns.
     assert all(len(n.input) <= 4 for n in nodes if n.op_type == "MatMulNBits")
-    assert sum(n.op_type == "Gather" and n.name.endswith("/Gather") for n in nodes) >= 8
-    layer = load_packed(gptq_packed, kernel="on-the-fly")[0].get_submodule(
-        "model.layers.0.mlp.up_proj"
+    # One per distinct input and order: q/k/v (one node), o, gate and up (one order), and
+    # none for down_proj, whose input columns gate's and up's permuted rows already sort.
+    sorts = [n for n in nodes if n.op_type == "Gather" and n.name.endswith("input_sorted/Gather")]
+    assert len(sorts) == 3 * 2 and not any("down_proj" in n.name for n in sorts)
+    packed_model = load_packed(gptq_packed, kernel="on-the-fly")[0]
+    up, down = (
+        packed_model.get_submodule(f"model.layers.0.mlp.{p}") for p in ("up_proj", "down_proj")
     )
     stored = torch.from_numpy(arrays["model.layers.0.mlp.up_proj.MatMulNBits.qweight"].copy())
-    codes = unpack(layer.qweight, 4, 64)[:, torch.argsort(layer.g_idx.long(), stable=True)]
+    codes = unpack(up.qweight, 4, 64)[:, torch.argsort(up.g_idx.long(), stable=True)]
+    codes = codes[torch.argsort(down.g_idx.long(), stable=True)]  # rows in down's order
     assert torch.equal(unpack(stored.reshape(128, -1), 4, 64), codes)  # not re-quantized
 
     ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(5))

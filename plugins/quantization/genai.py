@@ -224,6 +224,8 @@ def sort_act_order_groups(model: Any) -> int:
         # Layers fed the same input share GPTQ's Hessian and so its order (gate and up;
         # q, k and v are one fused node): one Gather serves them all.
         key = (inputs[0], order.numpy().tobytes())
+        if key not in orders and _permute_producers(graph, inputs[0], order, initializers):
+            orders[key] = inputs[0]  # down_proj: gate and up already give sorted columns
         if key not in orders:
             order_name = f"{inputs[4]}.input_order"
             graph.initializer.append(numpy_helper.from_array(order.numpy(), order_name))
@@ -248,6 +250,7 @@ def sort_act_order_groups(model: Any) -> int:
     graph.ClearField("node")
     graph.node.extend(nodes)
     still_used = {i for node in graph.node for i in node.input}
+    still_used |= {o.name for o in graph.output}
     kept = [i for i in graph.initializer if i.name in still_used]
     graph.ClearField("initializer")
     graph.initializer.extend(kept)
@@ -351,3 +354,67 @@ def build_genai_bundle(
         "accuracy_level": accuracy_level,
         "desc_act": facts["desc_act"],
     }
+
+
+#: Ops that act on each element alone: permuting their inputs' last axis permutes their
+#: output's the same way.
+_ELEMENTWISE = {"Mul", "Sigmoid", "QuickGelu", "Silu", "Gelu", "FastGelu", "Relu", "Tanh"}
+
+
+def _permute_producers(graph: Any, tensor: str, order: Any, initializers: dict) -> bool:
+    """Make ``tensor``'s last axis come out in ``order`` by permuting the output rows of
+    the ``MatMulNBits`` nodes it is computed from elementwise (down_proj's input: the
+    gate and up projections through the activation and their product), so no ``Gather``
+    is needed. Returns False, changing nothing, where the graph is any other shape."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    if len(consumers.get(tensor, [])) != 1:  # only the layer that sorts its columns
+        return False
+    seen, matmuls, pending = set(), [], [tensor]
+    while pending:
+        node = producer.get(pending.pop())
+        if node is None:
+            return False  # a graph input
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "MatMulNBits":
+            matmuls.append(node)
+        elif node.op_type in _ELEMENTWISE:
+            for source in node.input:
+                if source in initializers:
+                    if np.prod(initializers[source].dims) > 1:  # a per-channel constant
+                        return False
+                else:
+                    pending.append(source)
+        else:
+            return False
+    # Nothing else may read what is being permuted.
+    for node in graph.node:
+        if id(node) not in seen or node.output[0] == tensor:
+            continue
+        if any(id(c) not in seen for out in node.output for c in consumers.get(out, [])):
+            return False
+    if not matmuls:
+        return False
+    rows = np.asarray(order)
+    n = len(rows)
+    for node in matmuls:
+        if {a.name: helper.get_attribute_value(a) for a in node.attribute}["N"] != n:
+            return False
+    for node in matmuls:
+        # B, scales, zero points, (g_idx), bias: every per-output tensor follows its row.
+        for i, name in enumerate(node.input[1:], start=1):
+            if not name or i == 4:
+                continue
+            init = initializers[name]
+            array = numpy_helper.to_array(init)
+            permuted = array.reshape(n, -1)[rows].reshape(array.shape)
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(permuted), name))
+    return True
