@@ -31,7 +31,9 @@ Two things the builder would do that unbottle does differently:
 - Act-order groups: ``MatMulNBits`` with a ``g_idx`` input takes a slow dequantizing path.
   As in the edge bundle (:mod:`unbottle.plugins.quantization.matmulnbits`), the codes are
   stored with columns sorted by group and a ``Gather`` permutes the layer's input the
-  same way (x W^T = x[:, p] W[:, p]^T), so the fast kernel runs.
+  same way (x W^T = x[:, p] W[:, p]^T), so the fast kernel runs. ``down_proj``'s input
+  is gate's and up's outputs multiplied element by element, so their output rows are
+  stored in its order instead and it needs no ``Gather``.
 - The output head, not quantized in the variant (tied to the embeddings), is left to the
   builder's own int8 round-to-nearest (``head: int8``, its ``rtn_last``; the embeddings
   then read the same int8 table), its default symmetric int4 (``head: int4``, with a
