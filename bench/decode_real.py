@@ -12,11 +12,14 @@ float32 torch row measured in the same run. Rows:
 - ``gptq-int4-g64-genai``: the GPTQ variant's own codes in onnxruntime-genai's graph, run
   by its generator (plugins/quantization/genai.py: the ``onnx`` deploy target's
   ``runtime: genai``, int8 output head), built from the cached packed variant;
+- ``gptq-int4-g64-static-genai``: the same for GPTQ with ``static_groups: true`` (groups
+  of contiguous columns, so the graph needs no ``Gather`` to sort act-order columns);
 - ``genai-int4``: onnxruntime-genai's own int4 build of the dense model (the anchor; its
   model builder quantizes by round-to-nearest, block 64). It needs the ``genai`` extra:
   ``pip install onnxruntime-genai==0.11.4 onnx-ir``.
 
-Variants: ``gptq-int4-g64`` (GPTQ, the compress stage's defaults), ``rtn-int4-g64`` and
+Variants: ``gptq-int4-g64`` (GPTQ, the compress stage's defaults), ``gptq-int4-g64-static``
+(the same with ``static_groups: true``; only its genai row is measured), ``rtn-int4-g64`` and
 ``rtn-int8-g64`` (int8 in groups of 64: MatMulNBits blocks are powers of two, so SmolLM2's
 576-wide rows cannot be one per-channel block). Each is built once, through the plugin
 registry as the compress stage calls it, and cached with its edge bundle under
@@ -79,6 +82,8 @@ GENAI_BLOCK = 64
 #: The compressed variants: (quantizer, options), built once each and cached.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq-int4-g64": ("gptq", {"bits": 4, "group_size": 64}),
+    # Groups fitted on contiguous columns (no g_idx): the genai bundle needs no Gathers.
+    "gptq-int4-g64-static": ("gptq", {"bits": 4, "group_size": 64, "static_groups": True}),
     "rtn-int4-g64": ("rtn", {"bits": 4, "group_size": 64}),
     "rtn-int8-g64": ("rtn", {"bits": 8, "group_size": 64}),
 }
@@ -104,6 +109,11 @@ ROWS: dict[str, Row] = {
     },
     "gptq-int4-g64-genai": Row(
         "gptq-int4-g64", "genai", "GPTQ int4 g64, onnxruntime-genai (our codes)"
+    ),
+    "gptq-int4-g64-static-genai": Row(
+        "gptq-int4-g64-static",
+        "genai",
+        "GPTQ int4 g64 static groups, onnxruntime-genai (our codes)",
     ),
     "genai-int4": Row(None, "genai", f"onnxruntime-genai int4 (RTN, block {GENAI_BLOCK})"),
 }
