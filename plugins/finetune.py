@@ -19,9 +19,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from unbottle import ConfigError, StrategyConfig, hookimpl
+from unbottle import ConfigError, Regex, StrategyConfig, hookimpl
 
 log = logging.getLogger("unbottle.finetune")
 
@@ -121,18 +121,8 @@ class Partial:
 
     class Config(StrategyConfig):
         # Regular expressions searched in parameter names, e.g. ["norm", "layers\\.3\\."].
-        modules: list[str] = Field(default_factory=list)
+        modules: list[Regex] = Field(default_factory=list)
         top_layers: int = Field(0, ge=0)  # the last k decoder layers train
-
-        @field_validator("modules")
-        @classmethod
-        def _compiles(cls, patterns: list[str]) -> list[str]:
-            for pattern in patterns:
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise ValueError(f"{pattern!r} is not a regular expression: {e}") from None
-            return patterns
 
         @model_validator(mode="after")
         def _something_trains(self) -> Partial.Config:

@@ -117,3 +117,19 @@ def test_bad_files(tmp_path):
         load_params(listing)
     with pytest.raises(ConfigError, match=r"not of the form key\.path=value"):
         load_params(None, ["seed"])
+
+
+@pytest.mark.parametrize(
+    ("override", "where"),
+    [
+        ("compress.variants.x=[{quantize: gptq, layers: '('}]", r"x\[0\]\.layers"),
+        ("compress.variants.x=[{prune: wanda, layers: '('}]", r"x\[0\]\.layers"),
+        ("compress.variants.x=[{prune: sparsegpt, overrides: {'(': 0.5}}]", r"x\[0\]\.overrides"),
+        ("finetune.method={name: partial, modules: ['[']}", r"method\.modules\[0\]"),
+    ],
+)
+def test_a_layer_pattern_that_is_not_a_regex_is_one_line(override, where):
+    params = load_params(None, [override])
+    with pytest.raises(ConfigError, match=rf"{where}.* is not a regular expression: ") as info:
+        check_strategies(params, get_registry())
+    assert "\n" not in str(info.value)

@@ -24,6 +24,7 @@ from unbottle.core.contract.strategies import (
     PretrainContext,
     Pruner,
     Quantizer,
+    Regex,
     ReportColumn,
     StrategyConfig,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "PretrainContext",
     "Pruner",
     "Quantizer",
+    "Regex",
     "ReportColumn",
     "StrategyConfig",
     "__version__",

@@ -11,12 +11,13 @@ this module stays cheap.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +33,19 @@ class StrategyConfig(BaseModel):
     """Base of every strategy's options: unknown keys are an error, values are frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _compiles(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{pattern!r} is not a regular expression: {e}") from None
+    return pattern
+
+
+#: An option that is a regular expression (over module or parameter names): validated to
+#: compile, so a typo is one line naming the option, e.g. ``layers: Regex = r"mlp"``.
+Regex = Annotated[str, AfterValidator(_compiles)]
 
 
 @runtime_checkable

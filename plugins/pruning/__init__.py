@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from unbottle import CompressContext, ConfigError, StrategyConfig, hookimpl
+from unbottle import CompressContext, ConfigError, Regex, StrategyConfig, hookimpl
 from unbottle.compression import DEFAULT_LAYERS, find_linears
 
 log = logging.getLogger("unbottle.prune")
@@ -110,25 +110,6 @@ class UnstructuredOptions(StrategyConfig):
         if value is not None:
             n, m = parse_pattern(str(value))
             return f"{n}:{m}"
-        return value
-
-    @field_validator("layers", check_fields=False)
-    @classmethod
-    def _valid_regex(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as e:
-            raise ValueError(f"{value!r} is not a regular expression: {e}") from None
-        return value
-
-    @field_validator("overrides", check_fields=False)
-    @classmethod
-    def _valid_overrides(cls, value: dict[str, float]) -> dict[str, float]:
-        for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"{pattern!r} is not a regular expression: {e}") from None
         return value
 
     @model_validator(mode="after")
@@ -359,9 +340,9 @@ class Magnitude:
         sparsity: float | None = Field(None, gt=0, lt=1)
         scope: Literal["layer", "global"] = "layer"
         pattern: str | None = None
-        layers: str = BLOCK_LINEARS
+        layers: Regex = BLOCK_LINEARS
         allocation: Literal["uniform", "depth", "owl"] = "uniform"
-        overrides: dict[str, Fraction] = Field(default_factory=dict)
+        overrides: dict[Regex, Fraction] = Field(default_factory=dict)
         owl_threshold: float = Field(5.0, gt=0)
         spread: float = Field(0.05, gt=0, lt=0.5)
         batch_size: int = Field(8, ge=1)
@@ -415,9 +396,9 @@ class Wanda:
     class Config(UnstructuredOptions):
         sparsity: float | None = Field(None, gt=0, lt=1)
         pattern: str | None = None
-        layers: str = BLOCK_LINEARS
+        layers: Regex = BLOCK_LINEARS
         allocation: Literal["uniform", "depth", "owl"] = "depth"
-        overrides: dict[str, Fraction] = Field(default_factory=dict)
+        overrides: dict[Regex, Fraction] = Field(default_factory=dict)
         owl_threshold: float = Field(5.0, gt=0)
         spread: float = Field(0.05, gt=0, lt=0.5)
         batch_size: int = Field(8, ge=1)
@@ -477,9 +458,9 @@ class SparseGPT:
     class Config(UnstructuredOptions):
         sparsity: float | None = Field(None, gt=0, lt=1)
         pattern: str | None = None
-        layers: str = BLOCK_LINEARS
+        layers: Regex = BLOCK_LINEARS
         allocation: Literal["uniform", "depth", "owl"] = "depth"
-        overrides: dict[str, Fraction] = Field(default_factory=dict)
+        overrides: dict[Regex, Fraction] = Field(default_factory=dict)
         owl_threshold: float = Field(5.0, gt=0)
         spread: float = Field(0.05, gt=0, lt=0.5)
         batch_size: int = Field(8, ge=1)

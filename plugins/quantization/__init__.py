@@ -21,15 +21,14 @@ Runtime ``MatMulNBits`` nodes carrying the same codes, scales and zero points
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from unbottle import CompressContext, ConfigError, StrategyConfig, hookimpl
+from unbottle import CompressContext, ConfigError, Regex, StrategyConfig, hookimpl
 from unbottle.compression import DEFAULT_LAYERS, Scheme
 
 # The instruction sets whose int8 kernels ONNX Runtime's quantizer can target.
@@ -76,7 +75,7 @@ class WeightOnlyConfig(StrategyConfig):
     clip_search: bool = False
     #: Which Linear layers to quantize (a regex over module names); the output head and
     #: the embeddings always stay float.
-    layers: str = DEFAULT_LAYERS
+    layers: Regex = DEFAULT_LAYERS
     #: Where the variant runs: ``torch`` (the packed safetensors format, unbottle's loader),
     #: ``onnx`` (an ONNX Runtime graph with MatMulNBits layers holding the same codes) or
     #: ``genai`` (onnxruntime-genai's graph and generator with the same codes, an int8
@@ -94,15 +93,6 @@ class WeightOnlyConfig(StrategyConfig):
         if self.runtime in ("onnx", "genai") and problem:
             raise ValueError(f"runtime {self.runtime}: {problem}")
         return self
-
-    @field_validator("layers")
-    @classmethod
-    def _regex(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as e:
-            raise ValueError(f"{value!r} is not a regular expression ({e})") from None
-        return value
 
     def scheme(self) -> Scheme:
         return Scheme(

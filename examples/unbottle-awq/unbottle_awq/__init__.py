@@ -9,13 +9,12 @@ round-to-nearest on group grids, and the packed format's writer. The algorithm i
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from unbottle import CompressContext, ConfigError, StrategyConfig, hookimpl
+from unbottle import CompressContext, ConfigError, Regex, StrategyConfig, hookimpl
 from unbottle.compression import DEFAULT_LAYERS, Scheme
 
 
@@ -38,18 +37,9 @@ class Awq:
         #: How many exponents alpha in [0, 1) the scale search tries (0, 1/grid, ...).
         grid: int = Field(20, ge=1)
         #: Which Linear layers to quantize (a regex over module names).
-        layers: str = DEFAULT_LAYERS
+        layers: Regex = DEFAULT_LAYERS
         #: Calibration sequences per forward pass.
         batch_size: int = Field(8, ge=1)
-
-        @field_validator("layers")
-        @classmethod
-        def _regex(cls, value: str) -> str:
-            try:
-                re.compile(value)
-            except re.error as e:
-                raise ValueError(f"{value!r} is not a regular expression ({e})") from None
-            return value
 
         def scheme(self) -> Scheme:
             return Scheme(
