@@ -70,6 +70,9 @@ def test_onnx_int8_bundle_is_measured_and_its_row_is_in_the_card(workspace):
     assert row["size_bytes"] != float_row["size_bytes"]  # (the tiny graph is the larger)
     assert row["perplexity"] != float_row["perplexity"]
     assert row["perplexity_ratio"] == pytest.approx(row["perplexity"] / float_row["perplexity"])
+    # The compress stage's int8 variant goes through the same export and quantization:
+    # the evaluate stage measured the same graph, and got the same figure.
+    assert row["perplexity"] == pytest.approx(evaluated(layout, "int8")["perplexity"])
 
     # The same figure, measured independently in ONNX Runtime with the perplexity metric.
     from unbottle.core.contract.strategies import EvalContext
@@ -131,3 +134,26 @@ def test_a_target_that_ships_the_variant_as_it_is_reuses_the_evaluated_row(pipel
     shipped = card.split("### This bundle, as shipped")[1].split("###")[0]
     assert f"{row['perplexity']:.3f}" in shipped
     assert card_library(layout.artifact("deploy")) == "transformers"
+
+
+def test_a_gguf_file_is_measured_as_its_reader_decodes_it(workspace):
+    """Q8_0 from the float variant: the file's weights, dequantized by transformers'
+    GGUF reader, are what the row measures."""
+    from tests.conftest import require_extra
+
+    require_extra("gguf")
+    params, layout = workspace
+    params = copy.deepcopy(params)
+    params["deploy"] = {"target": {"name": "gguf", "type": "Q8_0"}, "variant": "finetuned"}
+    result = run_stage("deploy", Params.model_validate(params), layout)
+    bundle = layout.artifact("deploy")
+
+    row = result.metrics["measured"]["row"]
+    assert result.metrics["measured"]["source"] == "deploy"
+    assert row["format"] == "gguf"
+    assert row["size_bytes"] == (bundle / result.metrics["gguf_file"]).stat().st_size
+    assert row["perplexity"] != evaluated(layout, "finetuned")["perplexity"]
+    card = (bundle / "README.md").read_text()
+    shipped = card.split("### This bundle, as shipped")[1].split("###")[0]
+    assert f"{row['perplexity']:.3f}" in shipped and "| gguf |" in shipped
+    assert card_library(bundle) is None

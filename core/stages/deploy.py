@@ -307,11 +307,13 @@ def deploy(
                     f"{', '.join(broken)} (the evaluated variant passed)"
                 )
             measured = {"source": "deploy", "row": row}
+            gates = decision.gates_text()
             how = (
                 f"The `{target.name}` target wrote a new model from the `{fmt}` variant "
-                f"`{variant}`; these figures are that bundle's, measured after it was written "
-                f"with the evaluate stage's metrics in the runtime it ships in "
-                f"(`{row['format']}`), and the gates ({decision.gates_text()}) passed on them."
+                f"`{variant}`: these are that bundle's figures, measured after it was written "
+                f"with the evaluate stage's metrics, in the runtime it ships in "
+                f"(`{row['format']}`). "
+                + (f"It passes the gates ({gates})." if decision.gates else "No gates are set.")
             )
             if callable(getattr(target, "write_card", None)):
                 target.write_card(
