@@ -157,3 +157,40 @@ def test_a_gguf_file_is_measured_as_its_reader_decodes_it(workspace):
     shipped = card.split("### This bundle, as shipped")[1].split("###")[0]
     assert f"{row['perplexity']:.3f}" in shipped and "| gguf |" in shipped
     assert card_library(bundle) is None
+
+
+def test_a_gptq_variants_hf_bundle_is_measured_and_loads_as_its_card_claims(workspace):
+    """GPTQ int4 through ``hf``: a compressed-tensors checkpoint, a new model the deploy
+    stage measures, and one plain transformers loads with the variant's own weights, so
+    its card may say ``library_name: transformers``. (The ``onnx`` bundle claims no
+    library, above; ``server`` ships the packed files, which plain transformers refuses,
+    and claims none: tests/test_formats.py.)"""
+    from tests.conftest import require_extra
+
+    require_extra("compressed_tensors")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from unbottle.core.models.runtimes import TorchRunner
+
+    params, layout = workspace
+    params = copy.deepcopy(params)
+    params["compress"]["variants"] = {
+        "gptq4": [{"quantize": "gptq", "bits": 4, "group_size": 16, "act_order": True}]
+    }
+    params["deploy"] = {"target": "hf", "policy": "explicit", "variant": "gptq4"}
+    for stage in ("compress", "evaluate", "deploy"):
+        result = run_stage(stage, Params.model_validate(params), layout)
+    bundle, packed = layout.artifact("deploy"), layout.artifact("compress") / "gptq4"
+    row = result.metrics["measured"]["row"]
+    assert result.metrics["measured"]["source"] == "deploy"
+    assert row["format"] == "hf"  # a standard checkpoint, measured through transformers
+    assert row["size_bytes"] == (bundle / "model.safetensors").stat().st_size
+    assert card_library(bundle) == "transformers"
+    # The claim holds: transformers loads the packed variant's own weights.
+    model = AutoModelForCausalLM.from_pretrained(bundle, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    assert torch.allclose(got, TorchRunner(packed).logits(ids), atol=1e-4)
+    assert row["perplexity"] == pytest.approx(evaluated(layout, "gptq4")["perplexity"], rel=1e-4)
