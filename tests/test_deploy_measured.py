@@ -93,6 +93,9 @@ def test_onnx_int8_bundle_is_measured_and_its_row_is_in_the_card(workspace):
     # The manifest records it, and the card shows it (not the torch float row).
     manifest = read_manifest(bundle)
     assert manifest["metrics"]["measured"]["row"]["perplexity"] == row["perplexity"]
+    assert "decode_tokens_per_s" not in manifest["metrics"]["measured"]["row"]  # a timing
+    valid_text = layout.resolve(Path(params["data"]["valid_text"]))
+    assert manifest["inputs"]["valid_text"] == tree_hash(valid_text)  # what it measured on
     card = (bundle / "README.md").read_text()
     shipped = card.split("### This bundle, as shipped")[1].split("###")[0]
     assert f"{row['perplexity']:.3f}" in shipped and "| onnx |" in shipped

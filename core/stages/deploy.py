@@ -10,6 +10,7 @@ with one line naming each variant and the limits it broke.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_manifest
 if TYPE_CHECKING:
     from unbottle.core.stages.evaluate import EvaluationInputs
 
+log = logging.getLogger("unbottle.deploy")
 REFERENCE = "pretrained"  # measured for comparison, never deployed
 
 
@@ -225,7 +227,7 @@ def deploy(
         resolve_device,
         variant_dirs,
     )
-    from unbottle.core.stages.report import plugin_columns
+    from unbottle.core.stages.report import markdown_table, plugin_columns
     from unbottle.core.store.artifacts import verify_artifact
 
     target = registry.create("deploy_target", cfg.target.name, cfg.target.options)
@@ -290,6 +292,7 @@ def deploy(
             assert measure_with is not None
             label = f"{variant} ({target.name} bundle)"
             device = resolve_device(measure_with.cfg.device)
+            log.info("deploy: %s is a new model; measuring it as the evaluate stage does", label)
             row, _ = measure_with.measure(
                 bundle_runner(target, tmp, device),
                 tmp,
@@ -307,6 +310,7 @@ def deploy(
                     f"{', '.join(broken)} (the evaluated variant passed)"
                 )
             measured = {"source": "deploy", "row": row}
+            log.info("deploy: as shipped:\n%s", markdown_table({label: row}, None, columns))
             gates = decision.gates_text()
             how = (
                 f"The `{target.name}` target wrote a new model from the `{fmt}` variant "
@@ -335,7 +339,11 @@ def deploy(
             strategies={
                 "deploy_target": strategy_record(registry.get("deploy_target", target.name))
             },
-            inputs={"model": tree_hash(model_dir), "evaluation": tree_hash(evaluation)},
+            inputs={
+                "model": tree_hash(model_dir),
+                "evaluation": tree_hash(evaluation),
+                **(measure_with.hashes() if not unchanged and measure_with else {}),
+            },
             metrics=split_timings(facts)[0],  # what the bundle is, not this machine's speed
             extra={"variant": variant, "format": fmt, "decision": decision.as_dict()},
         )

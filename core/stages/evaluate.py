@@ -178,6 +178,13 @@ class EvaluationInputs:
         task.read_pairs(self.qa_test, "data.qa_test")
         return metrics
 
+    def hashes(self) -> dict[str, str]:
+        """The content hashes of the data a measurement read, for a manifest."""
+        files = {"valid_text": self.valid_text, "qa_test": self.qa_test}
+        if self.qa_train is not None:
+            files["qa_train"] = self.qa_train
+        return {name: tree_hash(path) for name, path in files.items()}
+
     def _train_pairs(self) -> list[dict[str, str]]:
         from unbottle.core.data import prompts as task
 
