@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from unbottle import DeployContext, StrategyConfig
-from unbottle.core.models.runtimes import TorchRunner
+from unbottle.evaluation import TorchRunner
 from unbottle.plugins.deploy import (
     model_card,
     prompt_code,
