@@ -192,6 +192,35 @@ def bundle_runner(target: Any, bundle: Path, device: str) -> Any:
     return load_runner(bundle, device)
 
 
+def measure_bundle(
+    target: Any,
+    bundle: Path,
+    measure_with: EvaluationInputs,
+    metrics: list[tuple[str, Any]],
+    *,
+    label: str,
+    reference: dict[str, Any],
+    prompt_format: Any,
+) -> dict[str, Any]:
+    """The bundle's row: the evaluate stage's metrics, run on what the target wrote, in
+    the runtime it ships in, with the perplexity ratio to ``reference`` (the finetuned
+    model's row, as the evaluation computes it)."""
+    from unbottle.core.stages.evaluate import resolve_device
+
+    device = resolve_device(measure_with.cfg.device)
+    log.info("deploy: %s is a new model; measuring it as the evaluate stage does", label)
+    row, _ = measure_with.measure(
+        bundle_runner(target, bundle, device),
+        bundle,
+        metrics,
+        prompt_format=prompt_format,
+        label=label,
+    )
+    if reference.get("perplexity") and "perplexity" in row:
+        row["perplexity_ratio"] = row["perplexity"] / reference["perplexity"]
+    return row
+
+
 def shipped_markdown(label: str, row: dict[str, Any], how: str, columns: Any = ()) -> str:
     """The card's table of the bundle itself, and where its figures come from."""
     from unbottle.core.stages.report import markdown_table
@@ -224,7 +253,6 @@ def deploy(
         example_question,
         prompt_format_of,
         read_evaluation,
-        resolve_device,
         variant_dirs,
     )
     from unbottle.core.stages.report import markdown_table, plugin_columns
@@ -291,18 +319,15 @@ def deploy(
         else:
             assert measure_with is not None
             label = f"{variant} ({target.name} bundle)"
-            device = resolve_device(measure_with.cfg.device)
-            log.info("deploy: %s is a new model; measuring it as the evaluate stage does", label)
-            row, _ = measure_with.measure(
-                bundle_runner(target, tmp, device),
+            row = measure_bundle(
+                target,
                 tmp,
+                measure_with,
                 metrics,
-                prompt_format=prompt_format,
                 label=label,
+                reference=rows.get(BASELINE, {}),
+                prompt_format=prompt_format,
             )
-            base = rows.get(BASELINE, {}).get("perplexity")
-            if base and "perplexity" in row:  # the evaluation's ratio, to the same model
-                row["perplexity_ratio"] = row["perplexity"] / base
             broken = broken_limits(row, cfg.gates)
             if broken:
                 raise GateError(
