@@ -186,6 +186,8 @@ class HuggingFaceBundle:
 
     name = "hf"
     accepts = ("hf", "packed")
+    #: A float variant is copied; a packed one becomes a new checkpoint, measured.
+    ships_unchanged = ("hf",)
 
     class Config(StrategyConfig):
         max_new_tokens: int = Field(16, ge=1, le=4096)
@@ -211,11 +213,7 @@ class HuggingFaceBundle:
                     shutil.copy2(model_dir / name, out_dir / name)
         save_tokenizer(model_dir, out_dir)
         write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
-        usage = _quantized_usage(ctx, self.config.max_new_tokens) if quantized else None
-        (out_dir / "README.md").write_text(
-            model_card(ctx, self.config.max_new_tokens, usage, library="transformers"),
-            encoding="utf-8",
-        )
+        self.write_card(out_dir, ctx)
 
         # The bundle is only done if transformers can load it and generate from it.
         model = AutoModelForCausalLM.from_pretrained(
@@ -233,6 +231,15 @@ class HuggingFaceBundle:
             "weights_bytes": (out_dir / "model.safetensors").stat().st_size,
             "smoke_generated_tokens": int(out.shape[1] - ids["input_ids"].shape[1]),
         }
+
+    def write_card(self, out_dir: Path, ctx: DeployContext) -> None:
+        """The README; transformers loads both kinds of bundle this target writes."""
+        quantized = ctx.model_format == "packed"
+        usage = _quantized_usage(ctx, self.config.max_new_tokens) if quantized else None
+        (out_dir / "README.md").write_text(
+            model_card(ctx, self.config.max_new_tokens, usage, library="transformers"),
+            encoding="utf-8",
+        )
 
 
 def _logit_difference(model: Any, packed_dir: Path, ids: Any) -> float:
@@ -280,6 +287,9 @@ class OnnxBundle:
 
     name = "onnx"
     accepts = ("hf", "onnx", "packed", "genai")
+    #: An exported variant (optimum's or onnxruntime-genai's) is copied; a float or packed
+    #: one is exported or built anew, and measured.
+    ships_unchanged = ("onnx", "genai")
 
     class Config(StrategyConfig):
         int8: bool = True
@@ -327,14 +337,7 @@ class OnnxBundle:
         save_tokenizer(model_dir, out_dir)
         write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
         (model_file,) = out_dir.glob("*.onnx")
-        (out_dir / "README.md").write_text(
-            model_card(
-                ctx,
-                self.config.max_new_tokens,
-                _onnx_usage(ctx, model_file.name, self.config.max_new_tokens),
-            ),
-            encoding="utf-8",
-        )
+        self.write_card(out_dir, ctx)
 
         # The bundle is only done if optimum can load it and generate from it.
         model = ORTModelForCausalLM.from_pretrained(out_dir, file_name=model_file.name)
@@ -348,6 +351,18 @@ class OnnxBundle:
             "int8": OnnxBackend(out_dir).couples_rows,
             "smoke_generated_tokens": int(out.shape[1] - ids["input_ids"].shape[1]),
         }
+
+    def write_card(self, out_dir: Path, ctx: DeployContext) -> None:
+        """The README, with optimum's or onnxruntime-genai's usage (no ``library_name``:
+        transformers itself does not load an ONNX graph)."""
+        if (out_dir / "genai_config.json").exists():
+            usage = _genai_usage(ctx)
+        else:
+            (model_file,) = out_dir.glob("*.onnx")
+            usage = _onnx_usage(ctx, model_file.name, self.config.max_new_tokens)
+        (out_dir / "README.md").write_text(
+            model_card(ctx, self.config.max_new_tokens, usage), encoding="utf-8"
+        )
 
     def _deploy_genai(self, model_dir: Path, out_dir: Path, ctx: DeployContext) -> dict[str, Any]:
         """The packed variant's codes in onnxruntime-genai's graph (quantization/genai.py)."""
@@ -373,9 +388,7 @@ class OnnxBundle:
             )
         save_tokenizer(model_dir, out_dir)
         write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
-        (out_dir / "README.md").write_text(
-            model_card(ctx, self.config.max_new_tokens, _genai_usage(ctx)), encoding="utf-8"
-        )
+        self.write_card(out_dir, ctx)
         # The bundle is only done if onnxruntime-genai loads it and generates from it.
         import numpy as np
         import onnxruntime_genai as og
@@ -453,6 +466,8 @@ class ServerBundle:
 
     name = "server"
     accepts = ("hf", "onnx", "packed")
+    #: Each variant is served as it is (an ``hf`` one copied, not exported).
+    ships_unchanged = ("hf", "onnx", "packed")
     Config = ServeConfig
 
     def __init__(self, config: ServeConfig) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from unbottle import DeployContext, StrategyConfig
+from unbottle.evaluation import TorchRunner
 from unbottle.plugins.deploy import (
     model_card,
     prompt_code,
@@ -60,6 +61,8 @@ class GgufBundle:
 
     name = "gguf"
     accepts = ("hf", "packed")
+    #: None: every GGUF file is a new encoding of the variant, measured by the stage.
+    ships_unchanged = ()
 
     class Config(StrategyConfig):
         type: Literal["auto", "F16", "Q8_0", "Q4_0"] = "auto"
@@ -96,10 +99,7 @@ class GgufBundle:
         file_name = f"model-{gguf_type}.gguf"
         facts = write_gguf(model_dir, out_dir, out_dir / file_name, gguf_type)
         write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
-        usage = _gguf_usage(ctx, file_name, self.config.max_new_tokens)
-        (out_dir / "README.md").write_text(
-            model_card(ctx, self.config.max_new_tokens, usage), encoding="utf-8"
-        )
+        self.write_card(out_dir, ctx)
 
         # The bundle is only done if a GGUF reader loads the file and generates from it.
         model = AutoModelForCausalLM.from_pretrained(
@@ -115,3 +115,37 @@ class GgufBundle:
             "gguf_file": file_name,
             "smoke_generated_tokens": int(out.shape[1] - ids["input_ids"].shape[1]),
         }
+
+    def write_card(self, out_dir: Path, ctx: DeployContext) -> None:
+        """The README, with llama.cpp's, Ollama's and transformers' usage (no
+        ``library_name``: plain transformers loads the file only with ``gguf_file=``)."""
+        (file,) = out_dir.glob("*.gguf")
+        usage = _gguf_usage(ctx, file.name, self.config.max_new_tokens)
+        (out_dir / "README.md").write_text(
+            model_card(ctx, self.config.max_new_tokens, usage), encoding="utf-8"
+        )
+
+    def runner(self, bundle_dir: Path, device: str) -> Any:
+        """The file's weights as a GGUF reader decodes them (transformers' ``gguf_file=``
+        loader dequantizes each tensor), for the deploy stage's measurement."""
+        return GgufRunner(bundle_dir, device)
+
+
+class GgufRunner(TorchRunner):
+    """A GGUF file's model in torch: its Q8_0/Q4_0/F16 weights dequantized to float32,
+    so the measured numbers are the file's, not the variant's it was written from.
+    llama.cpp's own kernels are not run (the speed figures are torch's)."""
+
+    def __init__(self, bundle_dir: Path, device: str = "cpu") -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        (file,) = Path(bundle_dir).glob("*.gguf")
+        self.format = "gguf"
+        self.model = AutoModelForCausalLM.from_pretrained(
+            bundle_dir, gguf_file=file.name, dtype=torch.float32
+        )
+        self.model.to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(bundle_dir)  # the one the file embeds
+        self.device = device
+        self.context = int(self.model.config.max_position_embeddings)

@@ -14,6 +14,8 @@
   long loops (quiet when the output is not a terminal).
 
 A metric receives the model as a :class:`unbottle.ModelRunner`, whatever its runtime.
+:class:`TorchRunner` is the one for a model in torch; a deploy target whose bundle
+unbottle's runners do not load builds its ``runner`` on it (the ``gguf`` target does).
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from unbottle.core.data.prompts import (
     read_pairs,
 )
 from unbottle.core.models.loading import documents, encode_stream
+from unbottle.core.models.runtimes import TorchRunner
 from unbottle.core.progress import progress_bar, track
 from unbottle.core.store.artifacts import MANIFEST
 
 __all__ = [
     "MANIFEST",
     "PromptFormat",
+    "TorchRunner",
     "choose_shots",
     "documents",
     "encode_stream",

@@ -312,8 +312,23 @@ class DeployContext:
 
 
 class DeployTarget(Strategy, Protocol):
+    """Writes the chosen variant as something people run.
+
+    What ships is what was measured: from a format in ``ships_unchanged`` the bundle holds
+    the evaluated variant as it is (the same weights, run by the same runtime), and the
+    evaluate stage's row stands for it. From any other format the bundle is a new model
+    (re-exported, re-quantized, re-encoded): the deploy stage measures it with the
+    evaluate stage's metrics through ``runner(bundle_dir, device)`` (when the target has
+    that method; else unbottle's runner for an ``hf``, ``packed`` or ``onnx`` directory),
+    applies ``deploy.gates`` to that row, and calls ``write_card(bundle_dir, ctx)`` (when
+    the target has it) again with that row, so the card shows what ships.
+    """
+
     #: The model formats this target can ship.
     accepts: ClassVar[tuple[str, ...]]
+    #: The formats it ships unchanged (optional; absent means none: every bundle is
+    #: measured).
+    ships_unchanged: ClassVar[tuple[str, ...]]
 
     def deploy(self, model_dir: Path, out_dir: Path, ctx: DeployContext) -> dict[str, Any]:
         """Write the deployable bundle under out_dir; return facts about it."""

@@ -10,17 +10,28 @@ with one line naming each variant and the limits it broke.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from unbottle.core.config.params import DERIVED_METRICS, POLICY_METRICS, DeployParams, GateLimit
+from unbottle.core.config.params import (
+    BASELINE,
+    DERIVED_METRICS,
+    POLICY_METRICS,
+    DeployParams,
+    GateLimit,
+)
 from unbottle.core.contract.errors import ConfigError, GateError
 from unbottle.core.contract.strategies import DeployContext
 from unbottle.core.registry import Registry
-from unbottle.core.stages.layout import StageResult, strategy_record
+from unbottle.core.stages.layout import StageResult, split_timings, strategy_record
 from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_manifest
 
+if TYPE_CHECKING:
+    from unbottle.core.stages.evaluate import EvaluationInputs
+
+log = logging.getLogger("unbottle.deploy")
 REFERENCE = "pretrained"  # measured for comparison, never deployed
 
 
@@ -164,6 +175,59 @@ def decide(cfg: DeployParams, evaluation: Path, registry: Registry) -> Decision:
     return choose_variant(cfg, rows, metric_directions(registry), tuple(accepts))
 
 
+def ships_unchanged(target: Any, model_format: str) -> bool:
+    """Whether ``target`` ships a ``model_format`` variant as it was evaluated (see
+    :class:`unbottle.core.contract.strategies.DeployTarget`); a target that does not say
+    has every bundle measured."""
+    return model_format in tuple(getattr(target, "ships_unchanged", ()))
+
+
+def bundle_runner(target: Any, bundle: Path, device: str) -> Any:
+    """The runtime the bundle ships in: the target's own runner, or unbottle's for an
+    ``hf``, ``packed`` or ``onnx`` directory."""
+    if callable(getattr(target, "runner", None)):
+        return target.runner(bundle, device)
+    from unbottle.core.models.runtimes import load_runner
+
+    return load_runner(bundle, device)
+
+
+def measure_bundle(
+    target: Any,
+    bundle: Path,
+    measure_with: EvaluationInputs,
+    metrics: list[tuple[str, Any]],
+    *,
+    label: str,
+    reference: dict[str, Any],
+    prompt_format: Any,
+) -> dict[str, Any]:
+    """The bundle's row: the evaluate stage's metrics, run on what the target wrote, in
+    the runtime it ships in, with the perplexity ratio to ``reference`` (the finetuned
+    model's row, as the evaluation computes it)."""
+    from unbottle.core.stages.evaluate import resolve_device
+
+    device = resolve_device(measure_with.cfg.device)
+    log.info("deploy: %s is a new model; measuring it as the evaluate stage does", label)
+    row, _ = measure_with.measure(
+        bundle_runner(target, bundle, device),
+        bundle,
+        metrics,
+        prompt_format=prompt_format,
+        label=label,
+    )
+    if reference.get("perplexity") and "perplexity" in row:
+        row["perplexity_ratio"] = row["perplexity"] / reference["perplexity"]
+    return row
+
+
+def shipped_markdown(label: str, row: dict[str, Any], how: str, columns: Any = ()) -> str:
+    """The card's table of the bundle itself, and where its figures come from."""
+    from unbottle.core.stages.report import markdown_table
+
+    return f"### This bundle, as shipped\n\n{how}\n\n{markdown_table({label: row}, None, columns)}"
+
+
 def deploy(
     cfg: DeployParams,
     *,
@@ -172,7 +236,18 @@ def deploy(
     evaluation: Path,
     out_dir: Path,
     registry: Registry,
+    measure_with: EvaluationInputs | None = None,
 ) -> StageResult:
+    """Ship the variant the gates and policy choose with ``deploy.target``.
+
+    A target that writes a new model from the variant (see :func:`ships_unchanged`) has
+    its bundle measured with ``measure_with`` (the evaluate stage's metrics and data), in
+    the runtime the bundle ships in; the gates apply to that row, which the card, the
+    manifest and the stage's metrics record. A gate it breaks stops the stage, and
+    nothing is written.
+    """
+    from dataclasses import replace
+
     from unbottle.core.models.runtimes import model_format
     from unbottle.core.stages.evaluate import (
         example_question,
@@ -180,6 +255,7 @@ def deploy(
         read_evaluation,
         variant_dirs,
     )
+    from unbottle.core.stages.report import markdown_table, plugin_columns
     from unbottle.core.store.artifacts import verify_artifact
 
     target = registry.create("deploy_target", cfg.target.name, cfg.target.options)
@@ -200,17 +276,87 @@ def deploy(
             f"deploy.target: {target.name!r} ships {', '.join(target.accepts)} models, but "
             f"variant {variant!r} is {fmt}; choose another variant or target"
         )
+    unchanged = ships_unchanged(target, fmt)
+    metrics: list[tuple[str, Any]] = []
+    columns: Any = ()
+    if measure_with is not None:
+        columns = plugin_columns(
+            registry.get("metric", r.name).cls for r in measure_with.cfg.metrics
+        )
+    if not unchanged:
+        if measure_with is None:
+            raise ConfigError(
+                f"deploy.target: {target.name!r} writes a new model from a {fmt} variant, "
+                "which must be measured, but no evaluation inputs were given"
+            )
+        metrics = measure_with.setup(registry)  # checked before any work
+    decision_md = decision.markdown()
+    evaluated = f"### Candidates, as the evaluate stage measured them\n\n{table}"
+    prompt_format = prompt_format_of(baseline)
     ctx = DeployContext(
         variant=variant,
         model_format=fmt,
         metrics=rows[variant],
-        report_markdown=f"{table}\n\n{decision.markdown()}",
+        report_markdown=(
+            shipped_markdown(
+                variant,
+                rows[variant],
+                f"The variant `{variant}` as it was evaluated: this bundle ships it unchanged.",
+                columns,
+            )
+            + f"\n\n{evaluated}\n\n{decision_md}"
+            if unchanged
+            else f"{evaluated}\n\n{decision_md}"
+        ),
         manifest=manifest,
         example_question=example_question(evaluation),
-        prompt_format=prompt_format_of(baseline),
+        prompt_format=prompt_format,
     )
     with atomic_dir(out_dir) as tmp:
         facts = target.deploy(model_dir, tmp, ctx)
+        if unchanged:
+            measured = {"source": "evaluate", "row": rows[variant]}
+        else:
+            assert measure_with is not None
+            label = f"{variant} ({target.name} bundle)"
+            row = measure_bundle(
+                target,
+                tmp,
+                measure_with,
+                metrics,
+                label=label,
+                reference=rows.get(BASELINE, {}),
+                prompt_format=prompt_format,
+            )
+            broken = broken_limits(row, cfg.gates)
+            if broken:
+                raise GateError(
+                    f"deploy.gates: the {target.name} bundle of {variant!r} fails: "
+                    f"{', '.join(broken)} (the evaluated variant passed)"
+                )
+            measured = {"source": "deploy", "row": row}
+            log.info("deploy: as shipped:\n%s", markdown_table({label: row}, None, columns))
+            gates = decision.gates_text()
+            how = (
+                f"The `{target.name}` target wrote a new model from the `{fmt}` variant "
+                f"`{variant}`: these are that bundle's figures, measured after it was written "
+                f"with the evaluate stage's metrics, in the runtime it ships in "
+                f"(`{row['format']}`). "
+                + (f"It passes the gates ({gates})." if decision.gates else "No gates are set.")
+            )
+            if callable(getattr(target, "write_card", None)):
+                target.write_card(
+                    tmp,
+                    replace(
+                        ctx,
+                        metrics=row,
+                        report_markdown=(
+                            f"{shipped_markdown(label, row, how, columns)}\n\n"
+                            f"{evaluated}\n\n{decision_md}"
+                        ),
+                    ),
+                )
+        facts = {**facts, "measured": measured}
         write_manifest(
             tmp,
             stage="deploy",
@@ -218,8 +364,12 @@ def deploy(
             strategies={
                 "deploy_target": strategy_record(registry.get("deploy_target", target.name))
             },
-            inputs={"model": tree_hash(model_dir), "evaluation": tree_hash(evaluation)},
-            metrics=facts,
+            inputs={
+                "model": tree_hash(model_dir),
+                "evaluation": tree_hash(evaluation),
+                **(measure_with.hashes() if not unchanged and measure_with else {}),
+            },
+            metrics=split_timings(facts)[0],  # what the bundle is, not this machine's speed
             extra={"variant": variant, "format": fmt, "decision": decision.as_dict()},
         )
     return StageResult(out_dir, {"variant": variant, "policy": cfg.policy, **facts})

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +103,42 @@ def measure_variant(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every metric on one model, in order: (row, samples). Refuses a damaged artifact.
     ``prompt_format``: how finetuning rendered prompts (see :func:`prompt_format_of`)."""
-    from unbottle.core.contract.strategies import EvalContext
     from unbottle.core.models.runtimes import load_runner
     from unbottle.core.store.artifacts import verify_artifact
 
     manifest = verify_artifact(model_dir)
     runner = load_runner(model_dir, device)
+    return measure_runner(
+        runner,
+        model_dir,
+        metrics,
+        fmt=manifest.get("format", runner.format),
+        valid_text=valid_text,
+        questions=questions,
+        seed=seed,
+        label=label,
+        prompt_format=prompt_format,
+        train_pairs=train_pairs,
+    )
+
+
+def measure_runner(
+    runner: Any,
+    model_dir: Path,
+    metrics: Sequence[tuple[str, Any]],
+    *,
+    fmt: str,
+    valid_text: str,
+    questions: list[dict[str, str]],
+    seed: int,
+    label: str = "",
+    prompt_format: Any = None,
+    train_pairs: list[dict[str, str]] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every metric on a loaded model (``runner``, whose files are in ``model_dir``), in
+    order: (row, samples). The deploy stage measures a bundle it wrote this way."""
+    from unbottle.core.contract.strategies import EvalContext
+
     ctx = EvalContext(
         tokenizer=runner.tokenizer,
         valid_text=valid_text,
@@ -117,13 +148,75 @@ def measure_variant(
         prompt_format=prompt_format,
         train_pairs=list(train_pairs or []),
     )
-    row: dict[str, Any] = {"format": manifest.get("format", runner.format)}
+    row: dict[str, Any] = {"format": fmt}
     for metric_name, metric in metrics:
         log.info("evaluate %s: %s", label or model_dir.name, metric_name)
         values = metric.measure(runner, ctx)
         row.update(values)
         ctx.measured.update(values)
     return row, ctx.samples
+
+
+@dataclass(frozen=True)
+class EvaluationInputs:
+    """What the evaluate stage measures with (its params, held-out data, training pairs
+    and seed), so the deploy stage measures a bundle it writes exactly the same way."""
+
+    cfg: EvaluateParams
+    valid_text: Path
+    qa_test: Path
+    qa_train: Path | None
+    seed: int
+
+    def setup(self, registry: Registry) -> list[tuple[str, Any]]:
+        """The configured metrics, checked as the evaluate stage checks them, before any
+        work."""
+        from unbottle.core.data import prompts as task
+
+        metrics = create_metrics(self.cfg, registry)
+        check_shots(self.cfg, metrics, len(self._train_pairs()))
+        task.read_pairs(self.qa_test, "data.qa_test")
+        return metrics
+
+    def hashes(self) -> dict[str, str]:
+        """The content hashes of the data a measurement read, for a manifest."""
+        files = {"valid_text": self.valid_text, "qa_test": self.qa_test}
+        if self.qa_train is not None:
+            files["qa_train"] = self.qa_train
+        return {name: tree_hash(path) for name, path in files.items()}
+
+    def _train_pairs(self) -> list[dict[str, str]]:
+        from unbottle.core.data import prompts as task
+
+        if self.qa_train is None:
+            return []
+        return task.read_pairs(self.qa_train, "data.qa_train")
+
+    def measure(
+        self,
+        runner: Any,
+        model_dir: Path,
+        metrics: Sequence[tuple[str, Any]],
+        *,
+        prompt_format: Any,
+        label: str,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(row, samples) of a loaded model, measured as the evaluate stage measures."""
+        from unbottle.core.data import prompts as task
+        from unbottle.core.models.loading import read_text
+
+        return measure_runner(
+            runner,
+            model_dir,
+            metrics,
+            fmt=runner.format,
+            valid_text=read_text(self.valid_text, "data.valid_text"),
+            questions=task.read_pairs(self.qa_test, "data.qa_test")[: self.cfg.max_questions],
+            seed=self.seed,
+            label=label,
+            prompt_format=prompt_format,
+            train_pairs=self._train_pairs(),
+        )
 
 
 def prompt_format_of(finetuned: Path) -> Any:

@@ -173,6 +173,7 @@ def _run(name: str, params: Params, layout: Layout, registry: Registry) -> Stage
         )
     else:
         from unbottle.core.stages.deploy import deploy
+        from unbottle.core.stages.evaluate import EvaluationInputs
 
         result = deploy(
             params.deploy,
@@ -181,6 +182,14 @@ def _run(name: str, params: Params, layout: Layout, registry: Registry) -> Stage
             evaluation=layout.artifact("evaluate"),
             out_dir=layout.artifact("deploy"),
             registry=registry,
+            # A target that writes a new model measures it as the evaluate stage would.
+            measure_with=EvaluationInputs(
+                params.evaluate,
+                valid_text=path(data.valid_text),
+                qa_test=path(data.qa_test),
+                qa_train=path(data.qa_train),
+                seed=params.seed,
+            ),
         )
     return result
 

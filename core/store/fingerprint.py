@@ -33,7 +33,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "finetune": ("seed", "data.qa_train", "finetune"),
     "compress": ("seed", "data.train_text", "compress"),
     "evaluate": ("seed", "data.valid_text", "data.qa_test", "data.qa_train", "evaluate"),
-    "deploy": ("deploy",),
+    # A target that writes a new model measures it as the evaluate stage does.
+    "deploy": ("seed", "data.valid_text", "data.qa_test", "data.qa_train", "evaluate", "deploy"),
 }
 
 #: The core code each stage runs besides its strategies' own (which the plugin locks
@@ -130,6 +131,9 @@ def stage_inputs(
             "finetune": art("finetune"),
             "compress": art("compress"),
             "evaluate": art("evaluate"),
+            "valid_text": layout.resolve(data.valid_text),
+            "qa_test": layout.resolve(data.qa_test),
+            "qa_train": layout.resolve(data.qa_train),
         },
     }[stage]()
 
@@ -223,6 +227,8 @@ def fingerprint(stage: str, params: Params, layout: Layout, registry: Registry) 
         "inputs": inputs,
         "code": code,
         "strategies": strategy_lock(stage, params, registry),
+        # The deploy stage measures a new bundle with the evaluate stage's metrics.
+        **({"metrics": strategy_lock("evaluate", params, registry)} if stage == "deploy" else {}),
         "unbottle": package_version("unbottle"),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

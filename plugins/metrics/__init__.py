@@ -256,7 +256,9 @@ class Size:
         weights = [
             p
             for p in ctx.model_dir.iterdir()
-            if p.is_file() and p.suffix in (".safetensors", ".onnx", ".data") and p.name != MANIFEST
+            if p.is_file()
+            and p.suffix in (".safetensors", ".onnx", ".data", ".gguf")
+            and p.name != MANIFEST
         ]
         total, nonzero = model.parameter_counts()
         return {
