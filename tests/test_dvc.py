@@ -156,7 +156,9 @@ def test_flow_run_then_repro_experiments_and_a_remote_round_trip(dvc_repo, tmp_p
     held_out.write_text(held_out.read_text(encoding="utf-8") + "\nOne more paragraph.\n")
     assert "evaluate" in dvc("status", cwd=root)
     assert stages_run(dvc("repro", cwd=root)) in (["evaluate"], ["evaluate", "deploy"])
-    assert min(seconds) < 3, f"a no-op dvc repro took {seconds} s"
+    # Loose enough for a busy machine (3.2 s was seen there), tight enough to catch a
+    # no-op that rehashes the outputs.
+    assert min(seconds) < 5, f"a no-op dvc repro took {seconds} s"
 
 
 def test_push_without_a_remote_fails_before_any_work(dvc_repo):
