@@ -72,6 +72,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sections import rewrite_section
+
 REPO = Path(__file__).resolve().parents[1]
 BEGIN = "<!-- compress_real:begin -->"
 END = "<!-- compress_real:end -->"
@@ -623,20 +626,6 @@ def demo_section(demo: dict[str, Any]) -> list[str]:
     ]
 
 
-def rewrite_section(path: Path, section: str) -> None:
-    """Replace the marked section of ``path`` (or append it under its heading), atomically."""
-    from unbottle.core.store.artifacts import write_text_atomic
-
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{section}\n"
-    write_text_atomic(path, text)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -811,7 +800,7 @@ def main(argv: list[str]) -> int:
     from unbottle.core.store.artifacts import write_json_atomic
 
     write_json_atomic(args.out, report)
-    rewrite_section(args.markdown, markdown(report))
+    rewrite_section(args.markdown, markdown(report), begin=BEGIN, end=END, heading=SECTION)
     progress(f"compress_real: wrote {args.out} and the section of {args.markdown}")
     failed = [r["name"] for r in rows if not r["ok"]] + (
         [DEMO] if demo_record and not demo_record["ok"] else []

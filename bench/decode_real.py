@@ -71,6 +71,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compress_real as real
+from sections import rewrite_section
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN = "<!-- decode_real:begin -->"
@@ -508,19 +509,6 @@ def markdown(report: dict[str, Any]) -> str:
     )
 
 
-def rewrite_section(path: Path, section: str) -> None:
-    from unbottle.core.store.artifacts import write_text_atomic
-
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{section}\n"
-    write_text_atomic(path, text)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated rows: " + ", ".join(ROWS))
@@ -650,7 +638,7 @@ def main(argv: list[str]) -> int:
     add_ratios(report["rows"], args.batch_sizes, bandwidth)
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     write_json_atomic(args.out, report)
-    rewrite_section(args.markdown, markdown(report))
+    rewrite_section(args.markdown, markdown(report), begin=BEGIN, end=END, heading=SECTION)
     real.progress(f"decode_real: wrote {args.out} and the section of {args.markdown}")
     failed = [r["name"] for r in report["rows"] if not r["ok"]]
     if failed:

@@ -61,6 +61,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compress_real as real
+from sections import rewrite_section
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN = "<!-- pipeline_real:begin -->"
@@ -343,20 +344,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def rewrite_section(path: Path, section: str) -> None:
-    """Replace the marked section of ``path`` (or append it under its heading), atomically."""
-    from unbottle.core.store.artifacts import write_text_atomic
-
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{section}\n"
-    write_text_atomic(path, text)
-
-
 # ------------------------------------------------------------------------------- main
 
 
@@ -498,7 +485,7 @@ def main(argv: list[str]) -> int:
             report["deploy"] = json.loads(deploy_metrics.read_text(encoding="utf-8"))
         report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         write_json_atomic(args.out, report)
-        rewrite_section(args.markdown, markdown(report))
+        rewrite_section(args.markdown, markdown(report), begin=BEGIN, end=END, heading=SECTION)
         real.progress(f"pipeline_real: wrote {args.out} and the section of {args.markdown}")
     failed = [s["stage"] for s in report["stages"] if not s["ok"]]
     if failed:
