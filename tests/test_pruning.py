@@ -18,7 +18,9 @@ from unbottle.core.compression.sparsity import (
     row_prune_mask,
     wanda_scores,
 )
-from unbottle.core.config.params import Params, check_strategies, load_params
+from unbottle.core.config.loading import load_params
+from unbottle.core.config.schema import Params
+from unbottle.core.config.strategy_checks import check_strategies
 from unbottle.core.contract.errors import ConfigError
 from unbottle.core.contract.strategies import CompressContext
 from unbottle.core.registry import get_registry

@@ -414,7 +414,8 @@ def test_gptq_without_calibration_samples_fails_before_loading(tmp_path, tokeniz
     ],
 )
 def test_invalid_options_fail_with_one_line_naming_the_key(options, message):
-    from unbottle.core.config.params import Params, check_strategies
+    from unbottle.core.config.schema import Params
+    from unbottle.core.config.strategy_checks import check_strategies
     from unbottle.core.registry import get_registry
 
     params = Params.model_validate(
@@ -431,7 +432,7 @@ def test_compress_evaluate_and_deploy_a_gptq_int4_variant(tmp_path, tmp_path_fac
     import shutil
 
     from tests.serving_helpers import finetuned_model
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from unbottle.core.config.params import BASELINE, EvaluateParams
+from unbottle.core.config.schema import BASELINE, EvaluateParams
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult, strategy_record
 from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_json_atomic, write_manifest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from unbottle.core.config.params import FinetuneParams
+from unbottle.core.config.schema import FinetuneParams
 from unbottle.core.data.prompts import PromptFormat
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult, split_timings, strategy_record

@@ -12,7 +12,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from unbottle.core.config.params import PretrainParams, SourceParams
+from unbottle.core.config.schema import PretrainParams, SourceParams
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult, split_timings, strategy_record
 from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_manifest

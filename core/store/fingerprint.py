@@ -17,7 +17,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from unbottle.core.config.params import Params, dump_params, strategy_refs
+from unbottle.core.config.loading import dump_params
+from unbottle.core.config.schema import Params
+from unbottle.core.config.strategy_checks import strategy_refs
 from unbottle.core.contract.errors import DataError
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import Layout

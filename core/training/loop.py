@@ -43,7 +43,7 @@ from unbottle.core.contract.strategies import DataSplit
 if TYPE_CHECKING:
     import torch
 
-    from unbottle.core.config.params import TrainParams
+    from unbottle.core.config.schema import TrainParams
     from unbottle.core.registry import Registry
     from unbottle.core.training.checkpoint import CheckpointStore
     from unbottle.core.training.memory import MemoryEstimate
