@@ -47,12 +47,14 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "pretrain": (
         "core.stages.pretrain",
+        "core.stages.model_artifact",
         "core.compression",
         "core.models",
         "core.training",
     ),
     "finetune": (
         "core.stages.finetune",
+        "core.stages.model_artifact",
         "core.compression",
         "core.data",
         "core.models",
