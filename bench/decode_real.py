@@ -9,11 +9,17 @@ float32 torch row measured in the same run. Rows:
   its default kernel);
 - ``<variant>-onnx``: the same variant as the int4/int8 edge bundle, ONNX Runtime
   ``MatMulNBits`` layers carrying its codes (plugins/quantization/matmulnbits.py);
+- ``gptq-int4-g64-genai``: the GPTQ variant's own codes in onnxruntime-genai's graph, run
+  by its generator (plugins/quantization/genai.py: the ``onnx`` deploy target's
+  ``runtime: genai``, int8 output head), built from the cached packed variant;
+- ``gptq-int4-g64-static-genai``: the same for GPTQ with ``static_groups: true`` (groups
+  of contiguous columns, so the graph needs no ``Gather`` to sort act-order columns);
 - ``genai-int4``: onnxruntime-genai's own int4 build of the dense model (the anchor; its
   model builder quantizes by round-to-nearest, block 64). It needs the ``genai`` extra:
   ``pip install onnxruntime-genai==0.11.4 onnx-ir``.
 
-Variants: ``gptq-int4-g64`` (GPTQ, the compress stage's defaults), ``rtn-int4-g64`` and
+Variants: ``gptq-int4-g64`` (GPTQ, the compress stage's defaults), ``gptq-int4-g64-static``
+(the same with ``static_groups: true``; only its genai row is measured), ``rtn-int4-g64`` and
 ``rtn-int8-g64`` (int8 in groups of 64: MatMulNBits blocks are powers of two, so SmolLM2's
 576-wide rows cannot be one per-channel block). Each is built once, through the plugin
 registry as the compress stage calls it, and cached with its edge bundle under
@@ -25,7 +31,7 @@ Each row runs in its own process on ``--threads`` threads (default 1):
 - decode: ``--batch-sizes`` rows of ``--prompt-tokens`` held-out tokens each are
   prefilled, then ``--new-tokens`` greedy steps are timed through the serving engine's
   backend for that runtime (``core/serving/engine.py``: the code that serves the bundle;
-  onnxruntime-genai's own generator for the anchor). Tokens/s = batch x steps / time.
+  onnxruntime-genai's own generator for the genai rows). Tokens/s = batch x steps / time.
 - % of roofline (batch 1): tokens/s x bytes of weights read per token (the evaluate
   stage's ``torch_bytes_per_token`` / ``onnx_bytes_per_token``) over the memory bandwidth
   measured at the start of the run (``memory_bandwidth``).
@@ -76,6 +82,8 @@ GENAI_BLOCK = 64
 #: The compressed variants: (quantizer, options), built once each and cached.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq-int4-g64": ("gptq", {"bits": 4, "group_size": 64}),
+    # Groups fitted on contiguous columns (no g_idx): the genai bundle needs no Gathers.
+    "gptq-int4-g64-static": ("gptq", {"bits": 4, "group_size": 64, "static_groups": True}),
     "rtn-int4-g64": ("rtn", {"bits": 4, "group_size": 64}),
     "rtn-int8-g64": ("rtn", {"bits": 8, "group_size": 64}),
 }
@@ -99,6 +107,14 @@ ROWS: dict[str, Row] = {
         )
         for runtime, where in (("torch", "torch packed"), ("onnx", "ONNX MatMulNBits"))
     },
+    "gptq-int4-g64-genai": Row(
+        "gptq-int4-g64", "genai", "GPTQ int4 g64, onnxruntime-genai (our codes)"
+    ),
+    "gptq-int4-g64-static-genai": Row(
+        "gptq-int4-g64-static",
+        "genai",
+        "GPTQ int4 g64 static groups, onnxruntime-genai (our codes)",
+    ),
     "genai-int4": Row(None, "genai", f"onnxruntime-genai int4 (RTN, block {GENAI_BLOCK})"),
 }
 REFERENCE = "fp32-torch"
@@ -186,11 +202,21 @@ def build_genai(dense_dir: Path, entry: Path, threads: int) -> None:
         os.replace(out, entry)
 
 
+def build_genai_bundle_of(entry: Path) -> None:
+    """The variant's own codes in onnxruntime-genai's graph (``entry/genai``)."""
+    from unbottle.plugins.quantization.genai import build_genai_bundle
+
+    shutil.rmtree(entry / "genai", ignore_errors=True)
+    real.progress(f"  build {entry.name}: the onnxruntime-genai bundle (our codes)")
+    facts = build_genai_bundle(entry / "packed", entry / "genai", work_dir=entry)
+    (entry / "genai" / "built.json").write_text(json.dumps(facts), "utf-8")
+
+
 def ensure_built(
     row: Row, dense_dir: Path, sha256: str, cache: Path, args: argparse.Namespace
 ) -> Path:
     """The model directory a row measures, built now unless the cache has it."""
-    if row.runtime == "genai":
+    if row.runtime == "genai" and row.variant is None:
         entry = cache / build_key(args, sha256, "genai-int4", {"block": GENAI_BLOCK})
         if not (entry / "built.json").is_file():
             build_genai(dense_dir, entry, args.threads)
@@ -201,6 +227,10 @@ def ensure_built(
     if not (entry / "built.json").is_file():
         shutil.rmtree(entry, ignore_errors=True)
         build_variant(row.variant, dense_dir, entry, args)
+    if row.runtime == "genai":
+        if not (entry / "genai" / "built.json").is_file():
+            build_genai_bundle_of(entry)
+        return entry / "genai"
     return entry / ("packed" if row.runtime == "torch" else "onnx")
 
 

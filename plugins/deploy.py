@@ -26,11 +26,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
-from unbottle import DeployContext, StrategyConfig, hookimpl
+from unbottle import ConfigError, DeployContext, StrategyConfig, hookimpl
 from unbottle.export import COMPRESSED_TENSORS
 from unbottle.plugins.quantization import ISA, export_onnx
 from unbottle.serving import CHAT_TEMPLATE, SERVE_CONFIG, ServeConfig
@@ -279,7 +279,7 @@ class OnnxBundle:
     """
 
     name = "onnx"
-    accepts = ("hf", "onnx", "packed")
+    accepts = ("hf", "onnx", "packed", "genai")
 
     class Config(StrategyConfig):
         int8: bool = True
@@ -288,11 +288,18 @@ class OnnxBundle:
         #: For packed variants: MatMulNBits' compute type, 0 (float32) to 4 (int8 activations).
         accuracy_level: int = Field(4, ge=0, le=4)
         max_new_tokens: int = Field(16, ge=1, le=4096)
+        #: For packed variants: ``optimum`` (optimum's export, served by unbottle's engine)
+        #: or ``genai`` (onnxruntime-genai's graph and generator, the faster decoder).
+        runtime: Literal["optimum", "genai"] = "optimum"
+        #: With ``runtime: genai``: the output head as int8 (round to nearest) or float.
+        head: Literal["int8", "float"] = "int8"
 
     def __init__(self, config: Config) -> None:
         self.config = config
 
     def deploy(self, model_dir: Path, out_dir: Path, ctx: DeployContext) -> dict[str, Any]:
+        if self.config.runtime == "genai" or ctx.model_format == "genai":
+            return self._deploy_genai(model_dir, out_dir, ctx)
         from optimum.onnxruntime import ORTModelForCausalLM
         from transformers import AutoTokenizer
 
@@ -341,6 +348,65 @@ class OnnxBundle:
             "int8": OnnxBackend(out_dir).couples_rows,
             "smoke_generated_tokens": int(out.shape[1] - ids["input_ids"].shape[1]),
         }
+
+    def _deploy_genai(self, model_dir: Path, out_dir: Path, ctx: DeployContext) -> dict[str, Any]:
+        """The packed variant's codes in onnxruntime-genai's graph (quantization/genai.py)."""
+        from unbottle.plugins.quantization.genai import build_genai_bundle, require_genai
+
+        if ctx.model_format not in ("packed", "genai"):
+            raise ConfigError(
+                f"deploy.options.runtime: genai takes a packed (rtn, gptq) variant; "
+                f"this variant is {ctx.model_format}"
+            )
+        require_genai("deploy.options.runtime")
+        if ctx.model_format == "genai":  # compressed with `runtime: genai`: shipped as it is
+            facts: dict[str, Any] = {}
+            for path in model_dir.iterdir():
+                if path.is_file() and path.name != "manifest.json":
+                    shutil.copy2(path, out_dir / path.name)
+        else:
+            facts = build_genai_bundle(
+                model_dir,
+                out_dir,
+                head=self.config.head,
+                accuracy_level=self.config.accuracy_level,
+            )
+        save_tokenizer(model_dir, out_dir)
+        write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
+        (out_dir / "README.md").write_text(
+            model_card(ctx, self.config.max_new_tokens, _genai_usage(ctx)), encoding="utf-8"
+        )
+        # The bundle is only done if onnxruntime-genai loads it and generates from it.
+        import numpy as np
+        import onnxruntime_genai as og
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(out_dir)("Question:")["input_ids"]
+        model = og.Model(og.Config(str(out_dir)))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 2, min_length=len(ids) + 2)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.array([ids], dtype=np.int32))
+        while not generator.is_done():
+            generator.generate_next_token()
+        generated = len(generator.get_sequence(0)) - len(ids)
+        return {**facts, "smoke_generated_tokens": generated}
+
+
+def _genai_usage(ctx: DeployContext) -> str:
+    return """```python
+import onnxruntime_genai as og  # pip install 'onnxruntime-genai==0.11.4'
+
+model = og.Model("path/to/this/bundle")
+tokenizer = og.Tokenizer(model)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=64)
+generator = og.Generator(model, params)
+generator.append_tokens(tokenizer.encode("Question: What is unbottle?"))
+while not generator.is_done():
+    generator.generate_next_token()
+print(tokenizer.decode(generator.get_sequence(0)))
+```"""
 
 
 def _serve_usage(ctx: DeployContext, config: ServeConfig) -> str:

@@ -150,3 +150,41 @@ def test_inverse_cholesky_factor_is_the_upper_factor_of_the_inverse(width):
     torch.testing.assert_close(upper.T @ upper @ h, torch.eye(width, dtype=torch.float64))
     h[0, 0] = -1.0  # not positive definite
     assert inverse_cholesky_factor(h) is None
+
+
+# What a child process runs: the pass over 64 x 256 tokens of a 2-block Llama, its RSS growth
+# against the activations its paused forwards must hold.
+_MEMORY_PROBE = """
+import resource, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from unbottle.compression import calibrate_sequentially
+hidden, ffn, samples, tokens = 256, 1024, 64, 256
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(
+    hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=512, max_position_embeddings=tokens)).eval()
+calibration = [torch.randint(0, 512, (1, tokens)) for _ in range(samples)]
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak()
+calibrate_sequentially(model, calibration, process_together=lambda group, stats: None,
+                       select=lambda name: True, hessian=True, batch_size=4)
+# Paused at down_proj, a batch holds the residual, the attention output, the MLP's input
+# (hidden each) and act(gate) * up (ffn); the pass also keeps each block's inputs and
+# outputs (hidden each): float32.
+held = samples * tokens * (6 * hidden + ffn) * 4
+print(peak() - before, held)
+"""
+
+
+def test_the_pass_holds_little_more_than_the_paused_activations() -> None:
+    """Each batch's forward allocates on its own thread: with glibc's default (dynamic)
+    mmap threshold, the freed activations stayed in 16 per-thread arenas, and SmolLM2's
+    GPTQ peaked at 5.2 GB against 3.2 GB before the pass became generic."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE], capture_output=True, text=True, check=True
+    ).stdout
+    grew, held = map(int, out.split()[-2:])
+    assert grew < 2 * held, f"the pass grew RSS by {grew / 2**20:.0f} MB for {held / 2**20:.0f} MB"

@@ -40,8 +40,11 @@ class ModelRunner(Protocol):
 
 def model_format(model_dir: Path) -> str:
     """The format of a model directory: ``hf`` (float safetensors), ``packed`` (low-bit
-    weights with ``quantization.json``, see core/models/lowbit.py) or ``onnx``."""
+    weights with ``quantization.json``, see core/models/lowbit.py), ``genai`` (an
+    onnxruntime-genai bundle: ``genai_config.json`` next to its ONNX graph) or ``onnx``."""
     model_dir = Path(model_dir)
+    if (model_dir / "genai_config.json").is_file():
+        return "genai"
     if (model_dir / "model.safetensors").is_file():
         return "packed" if (model_dir / "quantization.json").is_file() else "hf"
     if list(model_dir.glob("*.onnx")):
@@ -139,26 +142,32 @@ class OnnxRunner:
         )
 
     def parameter_counts(self) -> tuple[int, int]:
-        import numpy as np
         import onnx
         from onnx import numpy_helper
 
         graph = onnx.load(str(self.path)).graph
         arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-        total = nonzero = 0
-        packed: set[str] = set()
-        for node in graph.node:
-            if node.op_type == "MatMulNBits":  # a block-quantized weight: count what it holds
-                codes, zeros = _nbits_codes(node, arrays)  # (N, blocks, block), (N, blocks, 1)
-                total += codes.size
-                nonzero += int(np.count_nonzero(codes != zeros))
-                packed.update(node.input[1:])
-        for name, array in arrays.items():
-            # Weight matrices and embeddings, not scales or shapes.
-            if array.ndim >= 2 and name not in packed:
-                total += array.size
-                nonzero += int(np.count_nonzero(array))
-        return total, nonzero
+        return _count_weights(graph, arrays)
+
+
+def _count_weights(graph: Any, arrays: dict[str, Any]) -> tuple[int, int]:
+    """(stored weight elements, of which nonzero) of an ONNX graph with these initializers."""
+    import numpy as np
+
+    total = nonzero = 0
+    packed: set[str] = set()
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":  # a block-quantized weight: count what it holds
+            codes, zeros = _nbits_codes(node, arrays)  # (N, blocks, block), (N, blocks, 1)
+            total += codes.size
+            nonzero += int(np.count_nonzero(codes != zeros))
+            packed.update(node.input[1:])
+    for name, array in arrays.items():
+        # Weight matrices and embeddings, not scales or shapes.
+        if array.ndim >= 2 and name not in packed:
+            total += array.size
+            nonzero += int(np.count_nonzero(array))
+    return total, nonzero
 
 
 def _nbits_codes(node: Any, arrays: dict[str, Any]) -> tuple[Any, Any]:
@@ -184,7 +193,122 @@ def _nbits_codes(node: Any, arrays: dict[str, Any]) -> tuple[Any, Any]:
     return codes, zeros
 
 
+class GenaiRunner:
+    """An onnxruntime-genai bundle, run by its own generator (its C++ decoding loop).
+
+    ``parameter_counts`` reads the same graph as :class:`OnnxRunner`'s; ``path`` is the
+    graph, for the bytes-per-token count of the roofline metric.
+    """
+
+    format = "genai"
+    device = "cpu"
+
+    def __init__(self, model_dir: Path) -> None:
+        import json
+
+        try:
+            import onnxruntime_genai as og
+        except ImportError:
+            from unbottle.core.contract.errors import ConfigError
+
+            raise ConfigError(
+                f"{model_dir}: an onnxruntime-genai bundle needs onnxruntime-genai: "
+                "`pip install 'onnxruntime-genai==0.11.4' onnx-ir`"
+            ) from None
+        from transformers import AutoTokenizer
+
+        self._og = og
+        self.path = Path(model_dir) / "model.onnx"
+        self.model = og.Model(og.Config(str(model_dir)))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        config = json.loads((Path(model_dir) / "genai_config.json").read_text(encoding="utf-8"))
+        self.context = int(config["model"]["context_length"])
+        self.pad_token_id = int(config["model"].get("pad_token_id", 0))
+
+    def _generator(self, ids: Any, max_length: int, min_length: int = 0) -> Any:
+        import numpy as np
+
+        params = self._og.GeneratorParams(self.model)
+        params.set_search_options(
+            max_length=max_length, min_length=min_length, batch_size=ids.shape[0], do_sample=False
+        )
+        generator = self._og.Generator(self.model, params)
+        generator.append_tokens(ids.numpy().astype(np.int32))  # (B, T): the prefill
+        return generator
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+        import torch
+
+        # A full-context window generates nothing after it: max_length may not exceed it.
+        generator = self._generator(input_ids, min(input_ids.shape[1] + 1, self.context))
+        return torch.from_numpy(np.array(generator.get_output("logits"))).float()  # (B, T, V)
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, **kw: Any
+    ) -> torch.Tensor:
+        """Greedy decoding by genai's generator. Prompts must be unpadded (an all-ones
+        mask): genai pads by itself; ``eos_token_id=None`` or ``min_new_tokens`` force
+        that many tokens, ``streamer`` gets the prompt, then each step's tokens."""
+        import torch
+
+        if not bool(attention_mask.all()):
+            rows = [
+                self.generate(ids[mask.bool()][None], mask[mask.bool()][None], max_new_tokens, **kw)
+                for ids, mask in zip(input_ids, attention_mask, strict=True)
+            ]
+            width = max(r.shape[1] for r in rows)
+            out = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+            for i, r in enumerate(rows):
+                out[i, : r.shape[1]] = r[0]
+            return out
+        length = input_ids.shape[1] + max_new_tokens
+        forced = max_new_tokens if kw.get("eos_token_id", 0) is None else 0
+        forced = max(forced, int(kw.get("min_new_tokens") or 0))
+        generator = self._generator(input_ids, length, input_ids.shape[1] + forced)
+        streamer = kw.get("streamer")
+        if streamer is not None:
+            streamer.put(input_ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+            if streamer is not None:
+                streamer.put(torch.from_numpy(generator.get_next_tokens().copy()))
+        rows = [torch.from_numpy(generator.get_sequence(i).copy()) for i in range(len(input_ids))]
+        out = torch.full((len(rows), max(len(r) for r in rows)), self.pad_token_id)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return out.long()
+
+    def parameter_counts(self) -> tuple[int, int]:
+        import math
+
+        import numpy as np
+        import onnx
+        from onnx import helper, numpy_helper
+
+        # onnx (and onnx_ir) refuse external data with several hard links, and the stages
+        # hard-link artifacts: read the weights file's ranges directly.
+        graph = onnx.load(str(self.path), load_external_data=False).graph
+        arrays = {}
+        for init in graph.initializer:
+            if init.data_location != onnx.TensorProto.EXTERNAL:
+                arrays[init.name] = numpy_helper.to_array(init)
+                continue
+            where = {entry.key: entry.value for entry in init.external_data}
+            dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+            flat = np.fromfile(
+                self.path.parent / where["location"],
+                dtype=dtype,
+                count=math.prod(init.dims),
+                offset=int(where.get("offset", 0)),
+            )
+            arrays[init.name] = flat.reshape(tuple(init.dims))
+        return _count_weights(graph, arrays)
+
+
 def load_runner(model_dir: Path, device: str = "cpu") -> ModelRunner:
     """The runner for a model directory; torch models go to ``device``, ONNX runs on CPU."""
     fmt = model_format(model_dir)
+    if fmt == "genai":
+        return GenaiRunner(model_dir)
     return OnnxRunner(model_dir) if fmt == "onnx" else TorchRunner(model_dir, device)

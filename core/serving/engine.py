@@ -345,8 +345,16 @@ def load_backend(bundle: Path, threads: int | None = None) -> Backend:
     # Process-wide: the engine is the only torch user (the model, or for ONNX the cache
     # bookkeeping, whose copies stalled for milliseconds with an idle OpenMP thread to wake).
     torch.set_num_threads(threads)
-    if model_format(bundle) in ("hf", "packed"):
+    fmt = model_format(bundle)
+    if fmt in ("hf", "packed"):
         return TorchBackend(bundle)
+    if fmt == "genai":
+        # onnxruntime-genai's Generator owns its KV cache and takes no rows mid-flight
+        # (0.11.4), so it cannot be one of the engine's backends.
+        raise ConfigError(
+            f"{bundle}: an onnxruntime-genai bundle is run by its own generator, not "
+            "served by unbottle's engine; serve the packed variant or its `onnx` bundle"
+        )
     return OnnxBackend(bundle, threads)
 
 

@@ -625,7 +625,7 @@ class Roofline:
             )
         device = str(getattr(model, "device", "cpu"))
         bandwidth = memory_bandwidth(device, self.config.bandwidth_megabytes)
-        if model.format == "onnx":
+        if model.format in ("onnx", "genai"):
             per_token = onnx_bytes_per_token(model.path)
         else:
             per_token = torch_bytes_per_token(model.model)

@@ -77,11 +77,13 @@ class WeightOnlyConfig(StrategyConfig):
     #: Which Linear layers to quantize (a regex over module names); the output head and
     #: the embeddings always stay float.
     layers: str = DEFAULT_LAYERS
-    #: Where the variant runs: ``torch`` (the packed safetensors format, unbottle's loader)
-    #: or ``onnx`` (an ONNX Runtime graph with MatMulNBits layers holding the same codes).
-    runtime: Literal["torch", "onnx"] = "torch"
-    #: With runtime onnx: MatMulNBits' compute type, 0 (float32, exact) to 4 (int8
-    #: activations, ONNX Runtime's fast CPU path).
+    #: Where the variant runs: ``torch`` (the packed safetensors format, unbottle's loader),
+    #: ``onnx`` (an ONNX Runtime graph with MatMulNBits layers holding the same codes) or
+    #: ``genai`` (onnxruntime-genai's graph and generator with the same codes, an int8
+    #: output head; the ``genai`` extra, plugins/quantization/genai.py).
+    runtime: Literal["torch", "onnx", "genai"] = "torch"
+    #: With runtime onnx or genai: MatMulNBits' compute type, 0 (float32, exact) to 4
+    #: (int8 activations, ONNX Runtime's fast CPU path).
     accuracy_level: int = Field(4, ge=0, le=4)
 
     @model_validator(mode="after")
@@ -89,8 +91,8 @@ class WeightOnlyConfig(StrategyConfig):
         from unbottle.plugins.quantization.matmulnbits import block_size_problem
 
         problem = self.group_size and block_size_problem(self.group_size)
-        if self.runtime == "onnx" and problem:
-            raise ValueError(f"runtime onnx: {problem}")
+        if self.runtime in ("onnx", "genai") and problem:
+            raise ValueError(f"runtime {self.runtime}: {problem}")
         return self
 
     @field_validator("layers")
@@ -118,14 +120,16 @@ def write_weight_only(
     ``runtime: onnx`` it goes to a temporary directory and ``out_dir`` gets the edge bundle."""
     if config.runtime == "torch":
         return write_packed(out_dir)
+    from unbottle.plugins.quantization.genai import build_genai_bundle, require_genai
     from unbottle.plugins.quantization.matmulnbits import export_matmulnbits
 
+    if config.runtime == "genai":
+        require_genai(f"{ctx.where or 'compress'}.runtime")  # before the quantizing
+    export = build_genai_bundle if config.runtime == "genai" else export_matmulnbits
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
         facts = write_packed(Path(tmp))
         facts.update(
-            export_matmulnbits(
-                Path(tmp), out_dir, accuracy_level=config.accuracy_level, work_dir=ctx.work_dir
-            )
+            export(Path(tmp), out_dir, accuracy_level=config.accuracy_level, work_dir=ctx.work_dir)
         )
     ctx.tokenizer.save_pretrained(out_dir)
     return facts
@@ -201,7 +205,7 @@ class RoundToNearest:
 
     def __init__(self, config: WeightOnlyConfig) -> None:
         self.config = config
-        self.output_format = "onnx" if config.runtime == "onnx" else "packed"
+        self.output_format = {"torch": "packed"}.get(config.runtime, config.runtime)
 
     def check_model(self, model: Any, where: str) -> None:
         _check_model(model, self.config, where)
@@ -248,7 +252,7 @@ class Gptq:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.output_format = "onnx" if config.runtime == "onnx" else "packed"
+        self.output_format = {"torch": "packed"}.get(config.runtime, config.runtime)
 
     def check_model(self, model: Any, where: str) -> None:
         _check_model(model, self.config, where)

@@ -1,0 +1,221 @@
+"""The onnxruntime-genai bundle (plugins/quantization/genai.py): a packed variant written as
+the GPTQ checkpoint genai's model builder reads, built into genai's graph with the
+variant's own codes, run by genai's generator (evaluation) and written by the ``onnx``
+deploy target's ``runtime: genai``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import require_extra
+from tests.test_edge_bundle import packed_variant
+from unbottle.core.compression.grids import Scheme, unpack
+from unbottle.core.contract.errors import ConfigError
+from unbottle.core.models.lowbit import load_packed
+
+require_extra("onnxruntime_genai")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from unbottle.core.models.loading import train_tokenizer
+
+    return train_tokenizer(["the quick brown fox jumps over the lazy dog " * 8], 300)
+
+
+@pytest.fixture(scope="module")
+def gptq_packed(tmp_path_factory, tokenizer) -> Path:
+    """A GPTQ int4 g32 variant with act order: g_idx and zero points."""
+    return packed_variant(
+        tokenizer, tmp_path_factory.mktemp("gptq") / "packed", "gptq", Scheme(bits=4, group_size=32)
+    )
+
+
+def graph_arrays(bundle: Path) -> tuple[list, dict]:
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(bundle / "model.onnx")).graph
+    return list(graph.node), {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+
+def test_gptq_checkpoint_is_the_layout_genai_reads(tmp_path, gptq_packed):
+    from safetensors.torch import load_file
+
+    from unbottle.plugins.quantization.genai import write_gptq_checkpoint
+
+    facts = write_gptq_checkpoint(gptq_packed, tmp_path / "gptq")
+    assert facts == {"desc_act": True, "quantized_layers": 14}
+    config = json.loads((tmp_path / "gptq/config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "gptq" and config["bits"] == 4
+    assert config["group_size"] == 32 and config["desc_act"] is True
+    state = load_file(str(tmp_path / "gptq/model.safetensors"))
+    layer = load_packed(gptq_packed, kernel="on-the-fly")[0].get_submodule(
+        "model.layers.1.mlp.down_proj"
+    )
+    name = "model.layers.1.mlp.down_proj"
+    qweight, qzeros = state[f"{name}.qweight"], state[f"{name}.qzeros"]
+    assert qweight.dtype == torch.int32 and qweight.shape == (128 // 8, 64)  # (in / 8, out)
+    assert qzeros.shape == (4, 64 // 8) and state[f"{name}.scales"].shape == (4, 64)
+    # Unpacked the way the builder does (quantized_model.py): low bits first, along `in`
+    # for codes and along `out` for zero points, which are stored minus one.
+    shifts = torch.arange(0, 32, 4)
+    codes = ((qweight.t()[..., None] >> shifts) & 15).reshape(64, 128)  # (out, in)
+    zeros = (((qzeros[..., None] >> shifts) & 15).reshape(4, 64) + 1) & 15  # (G, out)
+    assert torch.equal(codes, unpack(layer.qweight, 4, 128).long())
+    assert torch.equal(zeros.t(), layer.zero_points().long())
+    assert torch.equal(state[f"{name}.g_idx"], layer.g_idx)
+
+
+def test_genai_bundle_carries_the_codes_and_gives_the_packed_models_logits(
+    tmp_path, gptq_packed, tokenizer
+):
+    from unbottle.core.models.runtimes import GenaiRunner, TorchRunner, load_runner
+    from unbottle.plugins.quantization.genai import build_genai_bundle
+
+    exact = build_genai_bundle(gptq_packed, tmp_path / "exact", head="float", accuracy_level=0)
+    assert exact["act_order_layers"] == exact["nbits_layers"] == 10  # q/k/v fused in one
+    nodes, arrays = graph_arrays(tmp_path / "exact")
+    # Act-order layers take the fast kernel: no g_idx input, a Gather sorts the columns.
+    assert all(len(n.input) <= 4 for n in nodes if n.op_type == "MatMulNBits")
+    # One per distinct input and order: q/k/v (one node), o, gate and up (one order), and
+    # none for down_proj, whose input columns gate's and up's permuted rows already sort.
+    sorts = [n for n in nodes if n.op_type == "Gather" and n.name.endswith("input_sorted/Gather")]
+    assert len(sorts) == 3 * 2 and not any("down_proj" in n.name for n in sorts)
+    packed_model = load_packed(gptq_packed, kernel="on-the-fly")[0]
+    up, down = (
+        packed_model.get_submodule(f"model.layers.0.mlp.{p}") for p in ("up_proj", "down_proj")
+    )
+    stored = torch.from_numpy(arrays["model.layers.0.mlp.up_proj.MatMulNBits.qweight"].copy())
+    codes = unpack(up.qweight, 4, 64)[:, torch.argsort(up.g_idx.long(), stable=True)]
+    codes = codes[torch.argsort(down.g_idx.long(), stable=True)]  # rows in down's order
+    assert torch.equal(unpack(stored.reshape(128, -1), 4, 64), codes)  # not re-quantized
+
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(5))
+    reference = TorchRunner(gptq_packed)
+    expected = reference.logits(ids)
+    runner = load_runner(tmp_path / "exact")
+    assert isinstance(runner, GenaiRunner) and runner.format == "genai"
+    assert torch.allclose(runner.logits(ids), expected, atol=1e-5, rtol=1e-5)
+    mask = torch.ones_like(ids[:, :8])
+    greedy = reference.generate(ids[:, :8], mask, 6, eos_token_id=None)
+    assert torch.equal(runner.generate(ids[:, :8], mask, 6, eos_token_id=None), greedy)
+
+    # The shipped default: int8 activations and an int8 head: close, not equal.
+    fast = build_genai_bundle(gptq_packed, tmp_path / "fast")
+    assert fast["head"] == "int8" and fast["nbits_layers"] == 11
+    got = GenaiRunner(tmp_path / "fast").logits(ids)
+    assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_rtn_int8_per_channel_bundle(tmp_path, tokenizer):
+    from unbottle.core.models.runtimes import GenaiRunner, TorchRunner
+    from unbottle.plugins.quantization.genai import build_genai_bundle
+
+    packed = packed_variant(tokenizer, tmp_path / "packed", "rtn", Scheme(bits=8, symmetric=True))
+    facts = build_genai_bundle(packed, tmp_path / "exact", head="float", accuracy_level=0)
+    assert facts["bits"] == 8 and facts["act_order_layers"] == 0
+    ids = torch.randint(0, len(tokenizer), (1, 16), generator=torch.Generator().manual_seed(2))
+    expected = TorchRunner(packed).logits(ids)
+    assert torch.allclose(GenaiRunner(tmp_path / "exact").logits(ids), expected, atol=1e-5)
+
+
+def test_a_grid_genai_cannot_take_is_refused_in_one_line(tmp_path, tokenizer):
+    from unbottle.plugins.quantization.genai import build_genai_bundle
+
+    packed = packed_variant(tokenizer, tmp_path / "packed", "rtn", Scheme(bits=4, group_size=8))
+    with pytest.raises(ConfigError) as caught:
+        build_genai_bundle(packed, tmp_path / "out")
+    message = str(caught.value)
+    assert "group_size 8 is not a power of two of at least 16" in message
+    assert "\n" not in message and not (tmp_path / "out").exists()
+
+
+def test_deploy_target_runtime_genai(tmp_path, gptq_packed):
+    from unbottle.core.contract.strategies import DeployContext
+    from unbottle.core.registry import get_registry
+    from unbottle.core.serving.engine import load_backend
+
+    def ctx(fmt: str) -> DeployContext:
+        return DeployContext("gptq", fmt, {}, "| variant |\n|---|\n| gptq |", {})
+
+    target = get_registry().create("deploy_target", "onnx", {"runtime": "genai"})
+    (tmp_path / "bundle").mkdir()
+    facts = target.deploy(gptq_packed, tmp_path / "bundle", ctx("packed"))
+    assert facts["smoke_generated_tokens"] == 2 and facts["nbits_layers"] == 11
+    assert "onnxruntime_genai" in (tmp_path / "bundle/README.md").read_text()
+    # Not one of the engine's backends: one line, not a wrong model.
+    with pytest.raises(ConfigError, match="onnxruntime-genai bundle is run by its own generator"):
+        load_backend(tmp_path / "bundle", threads=1)
+    # Only packed variants: a float one has no codes to carry.
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ConfigError, match=r"^deploy.options.runtime: genai takes a packed"):
+        target.deploy(tmp_path / "float", tmp_path / "other", ctx("hf"))
+
+
+def test_gptq_genai_variant_is_evaluated_and_deployed_in_its_runtime(
+    tmp_path, tmp_path_factory, tiny_data
+):
+    import copy
+    import shutil
+
+    from tests.conftest import TINY_PARAMS, make_workspace
+    from tests.serving_helpers import finetuned_model
+    from unbottle.core.config.params import Params
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
+
+    gptq = {"quantize": "gptq", "bits": 4, "group_size": 16, "runtime": "genai"}
+    params = copy.deepcopy(TINY_PARAMS)
+    params["compress"]["variants"] = {"gptq4-genai": [gptq]}
+    params["evaluate"]["metrics"] = [{"name": "perplexity", "window": 64}, "size"]
+    params["deploy"] = {"target": "onnx", "policy": "explicit", "variant": "gptq4-genai"}
+    root = make_workspace(tmp_path, tiny_data, params)
+    layout, validated = Layout(root), Params.model_validate(params)
+    trained = finetuned_model(tmp_path_factory, tiny_data).parent
+    for stage in ("pretrain", "finetune"):
+        shutil.copytree(trained / stage, layout.artifact(stage))
+    for stage in ("compress", "evaluate"):
+        run_stage(stage, validated, layout)
+
+    variant = layout.artifact("compress") / "gptq4-genai"
+    manifest = json.loads((variant / "manifest.json").read_text())
+    assert manifest["format"] == "genai" and manifest["metrics"]["step1_act_order_layers"] == 10
+    rows = json.loads((layout.artifact("evaluate") / "evaluation.json").read_text())["variants"]
+    genai, dense = rows["gptq4-genai"], rows["finetuned"]
+    assert genai["format"] == "genai"  # measured by onnxruntime-genai, where it ships
+    assert genai["perplexity"] / dense["perplexity"] < 1.5  # the demo's gate
+
+    facts = run_stage("deploy", validated, layout).metrics
+    assert facts["variant"] == "gptq4-genai" and facts["smoke_generated_tokens"] == 2
+    bundle = layout.artifact("deploy")
+    assert (bundle / "model.onnx.data").read_bytes() == (variant / "model.onnx.data").read_bytes()
+
+
+def test_runtime_genai_grid_and_missing_library_fail_in_one_line(monkeypatch):
+    import importlib.util
+
+    from tests.conftest import TINY_PARAMS
+    from unbottle.core.config.params import Params, check_strategies
+    from unbottle.core.registry import get_registry
+    from unbottle.plugins.quantization.genai import require_genai
+
+    step = {"quantize": "gptq", "group_size": 48, "runtime": "genai"}
+    params = Params.model_validate({**TINY_PARAMS, "compress": {"variants": {"q": [step]}}})
+    with pytest.raises(
+        ConfigError,
+        match=r"^compress\.variants\.q\[0\].*runtime genai: group_size 48 is not a power of two",
+    ):
+        check_strategies(params, get_registry())
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnxruntime_genai" else real_find_spec(name, *a),
+    )
+    with pytest.raises(ConfigError, match=r"pip install 'onnxruntime-genai==0\.11\.4' onnx-ir"):
+        require_genai("compress.variants.q[0].runtime")
