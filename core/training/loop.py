@@ -438,7 +438,9 @@ def _setup(
     plan = memory_estimate or estimate_memory(
         model, cfg, registry=registry, key=key, device=accelerator.device, processes=processes
     )
-    prepared, optimizer = _prepare(model, cfg, registry, parallel, accelerator, key=key)
+    prepared, forward, optimizer, inner_optimizer, scheduler = _prepare(
+        model, cfg, registry, parallel, accelerator, key=key
+    )
     run = _Run(
         cfg=cfg,
         data=data,
@@ -452,7 +454,11 @@ def _setup(
         micro=micro,
         sharding=sharding,
         fsdp=fsdp,
-        **_forward_and_schedule(prepared, optimizer, cfg, accelerator, sharding),
+        prepared=prepared,
+        forward=forward,
+        optimizer=optimizer,
+        inner_optimizer=inner_optimizer,
+        scheduler=scheduler,
         report=TrainReport(
             precision=mixed_precision if mixed_precision != "no" else "fp32",
             precision_reason=reason,
@@ -480,8 +486,11 @@ def _check_model(
 
 def _prepare(
     model: Any, cfg: TrainParams, registry: Registry, parallel: Any, accelerator: Any, *, key: str
-) -> tuple[Any, Any]:
-    """The model and its optimizer, sharded or wrapped for the run's processes."""
+) -> tuple[Any, Any, Any, Any, Any]:
+    """The model sharded or wrapped for the run's processes, what a micro-batch goes
+    through, the optimizer (accelerate's wrapper and the strategy's own) and the schedule."""
+    import torch
+
     if cfg.grad_checkpointing:
         _enable_grad_checkpointing(model, key)
     optimizer_strategy = registry.create("optimizer", cfg.optimizer.name, cfg.optimizer.options)
@@ -492,15 +501,9 @@ def _prepare(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
     if sharding:
-        return model, accelerator.prepare(optimizer)
-    return accelerator.prepare(model, optimizer)
-
-
-def _forward_and_schedule(
-    prepared: Any, optimizer: Any, cfg: TrainParams, accelerator: Any, sharding: bool
-) -> dict[str, Any]:
-    import torch
-
+        prepared, optimizer = model, accelerator.prepare(optimizer)
+    else:
+        prepared, optimizer = accelerator.prepare(model, optimizer)
     inner_optimizer = getattr(optimizer, "optimizer", optimizer)
     # Stepped here, not through accelerate: accelerate steps a prepared scheduler once per
     # process, as if each process's data loader were shorter; our batch is global already.
@@ -508,13 +511,7 @@ def _forward_and_schedule(
     forward = torch.compile(prepared) if cfg.compile else prepared
     if sharding:  # not wrapped by accelerate, so its autocast is applied here
         forward = accelerator.autocast()(forward)
-    return {
-        "prepared": prepared,
-        "forward": forward,
-        "optimizer": optimizer,
-        "inner_optimizer": inner_optimizer,
-        "scheduler": scheduler,
-    }
+    return prepared, forward, optimizer, inner_optimizer, scheduler
 
 
 def _data_generator(data: Any) -> torch.Generator | None:
