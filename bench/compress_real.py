@@ -310,7 +310,8 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
 def run_demo(spec: dict[str, Any]) -> dict[str, Any]:
     """Structured pruning then distillation on the demo model, through the compress stage,
     with the evaluate stage's perplexity on the demo's held-out text."""
-    from unbottle.core.config.params import CompressParams, load_params
+    from unbottle.core.config.loading import load_params
+    from unbottle.core.config.schema import CompressParams
     from unbottle.core.contract.strategies import EvalContext
     from unbottle.core.models.loading import read_text
     from unbottle.core.models.runtimes import load_runner
@@ -431,7 +432,8 @@ def check_rows(names: list[str], demo_recipe: list[dict[str, Any]] | None) -> No
 
     from pydantic import ValidationError
 
-    from unbottle.core.config.params import CompressParams, one_line
+    from unbottle.core.config.schema import CompressParams
+    from unbottle.core.config.validation_errors import one_line
     from unbottle.core.contract.errors import UnbottleError
     from unbottle.core.registry import get_registry
 
@@ -680,7 +682,8 @@ def source_dir(spec: str) -> tuple[Path, str, str]:
     """(float Hugging Face directory, model description, source sha256) for ``--source``."""
     from pydantic import ValidationError
 
-    from unbottle.core.config.params import SourceParams, one_line
+    from unbottle.core.config.schema import SourceParams
+    from unbottle.core.config.validation_errors import one_line
     from unbottle.core.contract.errors import UnbottleError
     from unbottle.core.models import sources as sources
 

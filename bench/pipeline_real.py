@@ -376,7 +376,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def settings(args: argparse.Namespace, params: dict[str, Any], project: Path) -> dict[str, Any]:
-    from unbottle.core.config.params import load_params
+    from unbottle.core.config.loading import load_params
 
     loaded = load_params(project / "params.yaml", [])  # validated as the stages read it
     train, method = loaded.finetune.train, loaded.finetune.method

@@ -108,7 +108,7 @@ class Data:
 
 
 def train_params(args: argparse.Namespace, steps: int, *, compile_: bool = False) -> Any:
-    from unbottle.core.config.params import TrainParams
+    from unbottle.core.config.schema import TrainParams
 
     return TrainParams(
         steps=steps,
@@ -247,7 +247,7 @@ def parallel_worker(args: argparse.Namespace) -> None:
     """One process of a strategy's run (under torchrun): train, then gather the figures."""
     import torch.distributed as dist
 
-    from unbottle.core.config.params import TrainParams
+    from unbottle.core.config.schema import TrainParams
     from unbottle.core.registry import get_registry
     from unbottle.core.training.loop import Batches, train
 

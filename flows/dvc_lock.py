@@ -59,7 +59,7 @@ def under_dvc() -> bool:
 def record_stages(root: Path, stages: Iterable[str]) -> None:
     """Write the plugin locks for the workspace's params.yaml and record the ``plugins``
     stage and ``stages`` in dvc.lock as they are on disk."""
-    from unbottle.core.config.params import load_params
+    from unbottle.core.config.loading import load_params
     from unbottle.core.registry import get_registry
     from unbottle.core.stages.layout import Layout
     from unbottle.core.store.fingerprint import write_plugin_locks

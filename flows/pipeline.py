@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
-from unbottle.core.config.params import load_params
+from unbottle.core.config.loading import load_params
 from unbottle.core.stages.layout import STAGES, Layout
 from unbottle.core.stages.runner import run_stage, setup
 from unbottle.flows.dvc_lock import DvcError, dvc, is_dvc_project, record_stages

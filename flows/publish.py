@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from unbottle.core.config.params import Params
+from unbottle.core.config.schema import Params
 from unbottle.core.stages.deploy import Decision
 
 

@@ -29,7 +29,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from unbottle.core.config.params import load_params
+from unbottle.core.config.loading import load_params
 from unbottle.core.contract.errors import ConfigError
 from unbottle.core.stages.layout import Layout
 
@@ -143,7 +143,7 @@ def sweep(
     params_file: str | None = None, overrides: list[str] | None = None, root: str = "."
 ) -> dict[str, Any]:
     """pretrain -> finetune -> compress each variant -> evaluate each -> one report."""
-    from unbottle.core.config.params import BASELINE
+    from unbottle.core.config.schema import BASELINE
     from unbottle.core.contract.errors import GateError
     from unbottle.core.stages.compress import build_order, plan_prefixes, write_index
     from unbottle.core.stages.evaluate import PRETRAINED, write_evaluation

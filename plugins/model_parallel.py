@@ -84,13 +84,16 @@ def _check_tp(model: Any, tp: int, key: str) -> None:
 
 
 def _decoder_layers(model: Any, key: str) -> Any:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
+    from unbottle.compression import find_decoder_blocks
+
+    found = find_decoder_blocks(model)
+    # The sharding plans below address the stack by that name.
+    if found is None or found[0] != "model.layers":
         raise ConfigError(
             f"{key}.parallelism: this model has no `model.layers` of decoder layers to "
             "shard (a Llama-style causal LM is expected); use ddp"
         )
-    return layers
+    return found[1]
 
 
 def _accelerator(name: str, cpu: bool, mixed_precision: str) -> Any:

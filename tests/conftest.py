@@ -111,7 +111,7 @@ PIPELINE_PARAMS["compress"]["variants"]["kd1"] = [
 
 def run_pipeline(root: Path, params: dict) -> dict:
     """Run the five stages in-process, in order."""
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.stages.layout import STAGES, Layout
     from unbottle.core.stages.runner import run_stage
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import TINY_PARAMS, make_workspace
-from unbottle.core.config.params import Params
+from unbottle.core.config.schema import Params
 from unbottle.core.stages.layout import Layout
 from unbottle.core.stages.runner import run_stage
 

@@ -70,7 +70,7 @@ def test_compress_runs_an_awq_variant(awq_installed, tmp_path, tmp_path_factory,
 
     from tests.serving_helpers import finetuned_model
     from unbottle.compression import load_model, load_packed
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage
 

@@ -229,7 +229,7 @@ def test_a_step_after_a_shape_change_names_its_full_key_path_when_it_runs(upstre
     size is checked when it runs; its message still names the whole key path."""
     import copy
 
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.contract.errors import ConfigError
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage
@@ -439,7 +439,7 @@ def test_fuzzed_params_files_fail_in_one_line_and_touch_nothing(upstream, capsys
     and leaves the artifacts as they were."""
     from hypothesis import HealthCheck, Phase, given, settings
 
-    from unbottle.core.config.params import load_params
+    from unbottle.core.config.loading import load_params
     from unbottle.core.contract.errors import UnbottleError
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.preflight import preflight

@@ -30,7 +30,7 @@ PARAMS["evaluate"]["max_questions"] = 4
 
 
 def run(root: Path, params: dict, *stages: str, force: bool = False) -> dict:
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage
 
@@ -130,7 +130,7 @@ def test_changing_one_variant_recomputes_only_that_variant(ws, caplog):
     assert rows["variants"]["m50"]["ttft_s"] == old_speed["variants"]["m50"]["ttft_s"]
 
     fresh = ws / "fresh"
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.registry import get_registry
     from unbottle.core.stages.evaluate import evaluate
 

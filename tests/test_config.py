@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from unbottle.core.config.params import check_strategies, load_params
+from unbottle.core.config.loading import load_params
+from unbottle.core.config.strategy_checks import check_strategies
 from unbottle.core.contract.errors import ConfigError
 from unbottle.core.registry import get_registry
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from unbottle.core.config.params import Params
+from unbottle.core.config.schema import Params
 from unbottle.core.stages.layout import Layout
 from unbottle.core.stages.runner import run_stage
 from unbottle.core.store.artifacts import read_manifest, tree_hash

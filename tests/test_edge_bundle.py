@@ -131,7 +131,8 @@ def test_edge_bundle_carries_the_variants_codes_and_gives_its_logits(
 
 
 def test_grids_matmulnbits_cannot_hold_fail_in_one_line_before_work(tmp_path, tokenizer):
-    from unbottle.core.config.params import Params, check_strategies
+    from unbottle.core.config.schema import Params
+    from unbottle.core.config.strategy_checks import check_strategies
     from unbottle.core.registry import get_registry
 
     step = {"quantize": "gptq", "group_size": 48, "runtime": "onnx"}
@@ -158,7 +159,7 @@ def test_gptq_edge_variant_is_evaluated_deployed_and_served_in_onnx_runtime(
     tmp_path, tmp_path_factory, tiny_data
 ):
     from tests.serving_helpers import finetuned_model
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.serving.engine import SamplingParams, Sequence, load_bundle
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage

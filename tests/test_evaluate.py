@@ -18,13 +18,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import TINY_PARAMS, make_workspace, run_cli
-from unbottle.core.config.params import (
-    DeployParams,
-    EvaluateParams,
-    Params,
-    check_strategies,
-    load_params,
-)
+from unbottle.core.config.loading import load_params
+from unbottle.core.config.schema import DeployParams, EvaluateParams, Params
+from unbottle.core.config.strategy_checks import check_strategies
 from unbottle.core.contract.errors import ConfigError, DataError, GateError
 from unbottle.core.contract.strategies import EvalContext
 from unbottle.core.registry import get_registry
@@ -497,7 +493,7 @@ def test_report_renders_table_plots_and_csv_that_match_the_json(tmp_path):
 
 
 def save_random_model(out: Path, tokenizer, stage: str, seed: int) -> None:
-    from unbottle.core.config.params import ModelParams
+    from unbottle.core.config.schema import ModelParams
     from unbottle.core.models.loading import build_model, save_model
 
     model = build_model(

@@ -165,7 +165,7 @@ def test_gptq_genai_variant_is_evaluated_and_deployed_in_its_runtime(
 
     from tests.conftest import TINY_PARAMS, make_workspace
     from tests.serving_helpers import finetuned_model
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage
 
@@ -200,7 +200,8 @@ def test_runtime_genai_grid_and_missing_library_fail_in_one_line(monkeypatch):
     import importlib.util
 
     from tests.conftest import TINY_PARAMS
-    from unbottle.core.config.params import Params, check_strategies
+    from unbottle.core.config.schema import Params
+    from unbottle.core.config.strategy_checks import check_strategies
     from unbottle.core.registry import get_registry
     from unbottle.plugins.quantization.genai import require_genai
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 
-from unbottle.core.config.params import Params, strategy_refs
+from unbottle.core.config.schema import Params
+from unbottle.core.config.strategy_checks import strategy_refs
 from unbottle.core.contract import hookspecs
 from unbottle.core.contract.kinds import KINDS, STEP_KINDS
 

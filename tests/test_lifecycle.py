@@ -235,7 +235,7 @@ def test_mlflow_tracks_a_run_and_report_shows_a_plugin_column(
     require_extra("mlflow")
     from mlflow import MlflowClient
 
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.registry import load_registry
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage
@@ -416,7 +416,7 @@ def test_stage_code_covers_every_core_module_a_stage_imports() -> None:
 
 
 def test_plugin_locks_change_only_when_a_plugin_does(tmp_path) -> None:
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.registry import get_registry
     from unbottle.core.stages.layout import STAGES, Layout
     from unbottle.core.store.fingerprint import write_plugin_locks

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_extra
-from unbottle.core.config.params import check_strategies, load_params
+from unbottle.core.config.loading import load_params
+from unbottle.core.config.strategy_checks import check_strategies
 from unbottle.core.contract.errors import ConfigError
 from unbottle.core.contract.strategies import EvalContext
 from unbottle.core.registry import get_registry

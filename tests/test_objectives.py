@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY_PARAMS, make_workspace, run_cli
-from unbottle.core.config.params import Params, check_strategies, load_params
+from unbottle.core.config.loading import load_params
+from unbottle.core.config.schema import Params
+from unbottle.core.config.strategy_checks import check_strategies
 from unbottle.core.contract.errors import ConfigError
 from unbottle.core.registry import get_registry
 

@@ -51,7 +51,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory, tiny_data) -> Path:
     """The same run in one process: the reference."""
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage
 
@@ -156,7 +156,7 @@ def llama(**overrides):
 
 
 def train_cfg(**overrides):
-    from unbottle.core.config.params import TrainParams
+    from unbottle.core.config.schema import TrainParams
 
     return TrainParams(**{"batch_size": 4, "seq_len": 16, **overrides})
 

@@ -12,18 +12,20 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import TINY_PARAMS, make_workspace
+from unbottle.core.compression.hessian import damped_hessian_factor
 from unbottle.core.compression.sparsity import (
     exact_counts,
     nm_prune_mask,
     row_prune_mask,
     wanda_scores,
 )
-from unbottle.core.config.params import Params, check_strategies, load_params
+from unbottle.core.config.loading import load_params
+from unbottle.core.config.schema import Params
+from unbottle.core.config.strategy_checks import check_strategies
 from unbottle.core.contract.errors import ConfigError
 from unbottle.core.contract.strategies import CompressContext
 from unbottle.core.registry import get_registry
 from unbottle.plugins.pruning.sparsegpt import (
-    inverse_hessian_factor,
     reconstruction_error,
     sparsegpt_prune,
     sparsegpt_prune_together,
@@ -198,7 +200,7 @@ def test_sparsegpt_reconstructs_the_layer_output_better_than_magnitude_and_wanda
     wanda = masked(wanda_scores(weight, x.pow(2).sum(0)))
     sparse = sparsegpt_prune(
         weight,
-        inverse_hessian_factor(hessian),
+        damped_hessian_factor(hessian).hinv_chol,
         zeros=None if pattern else zeros,
         pattern=pattern,
         blocksize=32,
@@ -218,7 +220,7 @@ def test_sparsegpt_reconstructs_the_layer_output_better_than_magnitude_and_wanda
 def test_sparsegpt_gives_the_same_result_whatever_torchs_thread_count(pattern):
     _, x = correlated_layer(1)
     weight = torch.randn(300, 128, generator=torch.Generator().manual_seed(7))
-    hinv = inverse_hessian_factor(x.T @ x)
+    hinv = damped_hessian_factor(x.T @ x).hinv_chol
     zeros = None if pattern else weight.numel() // 2
     threads = torch.get_num_threads()
     try:
@@ -238,7 +240,7 @@ def test_sparsegpt_on_stacked_layers_gives_each_layer_its_own_result(pattern):
     _, x = correlated_layer(1)
     generator = torch.Generator().manual_seed(3)
     weights = [torch.randn(rows, 128, generator=generator) for rows in (96, 32, 160)]
-    hinv = inverse_hessian_factor(x.T @ x)
+    hinv = damped_hessian_factor(x.T @ x).hinv_chol
     budgets = [w.numel() * share // 8 for w, share in zip(weights, (4, 2, 5), strict=True)]
     alone = [
         sparsegpt_prune(w, hinv, zeros=None if pattern else zeros, pattern=pattern, blocksize=32)

@@ -15,10 +15,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import TINY_PARAMS, make_workspace
 from unbottle.core.compression.grids import Scheme, fit_grid, pack, quantize_rtn, unpack
+from unbottle.core.compression.hessian import damped_hessian_factor
 from unbottle.core.contract.errors import ConfigError, DataError
 from unbottle.core.contract.strategies import CompressContext
 from unbottle.core.models.lowbit import QUANT_CONFIG, load_packed, save_packed
-from unbottle.plugins.quantization.gptq import gptq_layer, gptq_model, prepare_hessian
+from unbottle.plugins.quantization.gptq import gptq_layer, gptq_model
 
 # ------------------------------------------------------------------------ helpers
 
@@ -175,7 +176,7 @@ def test_gptq_reconstructs_layer_outputs_better_than_rtn(group_size, act_order, 
     x = correlated_inputs(128)
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(2))
     rtn = quantize_rtn(w, Scheme(bits=4, group_size=group_size)).dequantize()
-    hessian = prepare_hessian(x.T @ x, damp=0.01, act_order=act_order)
+    hessian = damped_hessian_factor(x.T @ x, 0.01, act_order=act_order)
     scheme = Scheme(bits=4, group_size=group_size, clip_search=clip_search)
     gptq = gptq_layer(w, hessian, scheme, block_size=64)
     assert torch.equal(gptq.weight, gptq.quantized.dequantize())
@@ -217,7 +218,7 @@ def test_blocked_gptq_gives_the_column_by_column_result(group_size, act_order, c
     updates must reach every column before it is quantized or its group's grid fitted."""
     x = correlated_inputs(480)
     w = torch.randn(24, 480, generator=torch.Generator().manual_seed(6))
-    prepared = prepare_hessian(x.T @ x, damp=0.01, act_order=act_order)
+    prepared = damped_hessian_factor(x.T @ x, 0.01, act_order=act_order)
     scheme = Scheme(bits=4, group_size=group_size, clip_search=clip_search)
     blocked = gptq_layer(w, prepared, scheme, block_size=96)
     expected = column_by_column_gptq(w, prepared, scheme)
@@ -237,7 +238,7 @@ def test_gptq_accounts_exactly_for_the_output_error_it_leaves():
     x[:, 7] = 0.0  # an input never active: its column gets weight 0
     w = torch.randn(32, 96, generator=torch.Generator().manual_seed(4))
     h = x.T @ x
-    prepared = prepare_hessian(h, damp=0.01, act_order=True)
+    prepared = damped_hessian_factor(h, 0.01, act_order=True)
     result = gptq_layer(w, prepared, Scheme(bits=4, group_size=32))
     # OBQ's bookkeeping: each column's scaled rounding error is the rise of the layer's
     # objective for the damped Hessian H + aI, so they add up to tr(D (H + aI) D^T).
@@ -256,7 +257,7 @@ def test_gptq_on_stacked_layers_equals_gptq_on_each(clip_search):
     x = correlated_inputs(128)
     g = torch.Generator().manual_seed(5)
     layers = [torch.randn(rows, 128, generator=g) for rows in (32, 16, 16)]
-    prepared = prepare_hessian(x.T @ x, damp=0.01, act_order=True)
+    prepared = damped_hessian_factor(x.T @ x, 0.01, act_order=True)
     scheme = Scheme(bits=4, group_size=32, clip_search=clip_search)
     stacked = gptq_layer(torch.cat(layers), prepared, scheme, block_size=64)
     start = 0
@@ -277,7 +278,7 @@ def test_act_order_groups_follow_the_activation_order_and_are_stored_per_column(
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(3))
     h = x.T @ x
     scheme = Scheme(bits=4, group_size=32)
-    result = gptq_layer(w, prepare_hessian(h, damp=0.01, act_order=True), scheme)
+    result = gptq_layer(w, damped_hessian_factor(h, 0.01, act_order=True), scheme)
     g_idx = result.quantized.g_idx
     assert g_idx is not None and g_idx.dtype == torch.int32 and g_idx.shape == (128,)
     # Group k holds the k-th run of 32 columns in order of decreasing H_jj.
@@ -293,7 +294,7 @@ def test_act_order_groups_follow_the_activation_order_and_are_stored_per_column(
     assert torch.allclose(on_grid, on_grid.round(), atol=1e-3)
     # Static groups: grids of contiguous columns, fitted up front; no g_idx needed.
     static = gptq_layer(
-        w, prepare_hessian(h, damp=0.01, act_order=True), scheme, static_groups=True
+        w, damped_hessian_factor(h, 0.01, act_order=True), scheme, static_groups=True
     )
     assert static.quantized.g_idx is None
     assert torch.equal(static.weight, static.quantized.dequantize())
@@ -414,7 +415,8 @@ def test_gptq_without_calibration_samples_fails_before_loading(tmp_path, tokeniz
     ],
 )
 def test_invalid_options_fail_with_one_line_naming_the_key(options, message):
-    from unbottle.core.config.params import Params, check_strategies
+    from unbottle.core.config.schema import Params
+    from unbottle.core.config.strategy_checks import check_strategies
     from unbottle.core.registry import get_registry
 
     params = Params.model_validate(
@@ -431,7 +433,7 @@ def test_compress_evaluate_and_deploy_a_gptq_int4_variant(tmp_path, tmp_path_fac
     import shutil
 
     from tests.serving_helpers import finetuned_model
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage
 

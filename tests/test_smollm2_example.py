@@ -34,13 +34,13 @@ def smollm2_package(tmp_path, monkeypatch) -> None:
 
 
 def load_example():
-    from unbottle.core.config.params import load_params
+    from unbottle.core.config.loading import load_params
 
     return load_params(EXAMPLE, [])
 
 
 def test_the_example_validates_and_is_the_released_model_flow(smollm2_package):
-    from unbottle.core.config.params import EvaluateParams
+    from unbottle.core.config.schema import EvaluateParams
     from unbottle.core.stages.runner import setup
 
     params = load_example()

@@ -151,7 +151,7 @@ def test_hf_directory_source_is_the_pretrain_artifact_and_finetune_runs_on_it(
 ):
     import shutil
 
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.models.loading import load_model
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage
@@ -196,7 +196,7 @@ def test_hf_directory_source_is_the_pretrain_artifact_and_finetune_runs_on_it(
 def test_gguf_file_converts_once_is_cached_and_rebuilt_when_damaged(
     gguf_source, tiny_pretrained, tmp_path, monkeypatch
 ):
-    from unbottle.core.config.params import SourceParams
+    from unbottle.core.config.schema import SourceParams
     from unbottle.core.models import sources as source
     from unbottle.core.models.loading import load_model
 
@@ -242,7 +242,7 @@ def test_gguf_file_converts_once_is_cached_and_rebuilt_when_damaged(
 def test_gguf_source_runs_the_pretrain_stage(
     workspace, gguf_source, tiny_pretrained, tmp_path, monkeypatch
 ):
-    from unbottle.core.config.params import load_params
+    from unbottle.core.config.loading import load_params
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage
 

@@ -26,7 +26,7 @@ def prefect_server(tmp_path_factory):
 def stamped_workspace(tmp_path, tiny_data):
     """A sweep workspace whose pretrain and finetune outputs are random-weight models,
     stamped as current so the flow's stage tasks skip them (no training in these tests)."""
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.models.loading import documents, read_text, train_tokenizer
     from unbottle.core.registry import get_registry
     from unbottle.core.stages.layout import Layout

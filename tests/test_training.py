@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from tests.conftest import TINY_PARAMS, cli_env, make_workspace, run_cli
-from unbottle.core.config.params import Params, TrainParams
+from unbottle.core.config.schema import Params, TrainParams
 from unbottle.core.contract.errors import ConfigError
 from unbottle.core.registry import get_registry
 from unbottle.core.training.loop import (

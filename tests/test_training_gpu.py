@@ -111,7 +111,7 @@ def _torchrun(workspace, processes: int, strategy: str):
 
 @pytest.mark.skipif(GPUS < 2, reason="NCCL DDP needs two GPUs")
 def test_ddp_over_nccl_matches_one_gpu(tmp_path, tiny_data):
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage
 
@@ -145,7 +145,7 @@ def test_fsdp_trains_and_writes_a_whole_model(tmp_path, tiny_data):
 @pytest.mark.parametrize("strategy", ["tp", "pp", "fsdp"])
 def test_model_parallelism_over_nccl_matches_one_gpu(tmp_path, tiny_data, strategy):
     """The CPU tests' comparison (tests/test_parallel.py), on GPUs with NCCL."""
-    from unbottle.core.config.params import Params
+    from unbottle.core.config.schema import Params
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage
 

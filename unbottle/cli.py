@@ -89,7 +89,7 @@ def _params_path(params: Path | None) -> Path | None:
 
 
 def _load(params: Path | None, overrides: list[str] | None):
-    from unbottle.core.config.params import load_params
+    from unbottle.core.config.loading import load_params
 
     return load_params(_params_path(params), overrides or [])
 

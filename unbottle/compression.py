@@ -7,8 +7,9 @@ a third-party pruner or quantizer needs (``examples/unbottle-awq`` is built on i
   input channel, on request the input Hessian X^T X and mean |x| per channel, and the
   module that feeds the group) once they are complete, and later layers see the
   compressed earlier ones. :func:`calibrated_linears` names the Linears it reaches;
-  :func:`inverse_cholesky_factor` and :func:`one_thread` are what GPTQ and SparseGPT
-  factor Hessians with.
+  :func:`damped_hessian_factor` (dead inputs fixed, damped, retried with more damping,
+  factored: a :class:`DampedHessian`), :func:`inverse_cholesky_factor` and
+  :func:`one_thread` are what GPTQ and SparseGPT factor Hessians with.
 - **Architecture mappings** (:data:`ARCHITECTURES`): per ``config.model_type``, where the
   decoder blocks are and which Linears share an input, in data-flow order, with the norm
   or projection that feeds each group (:class:`Architecture`, :class:`LayerGroup`,
@@ -62,6 +63,7 @@ from unbottle.core.compression.grids import (
     unpack,
     weight_error,
 )
+from unbottle.core.compression.hessian import DampedHessian, damped_hessian_factor
 from unbottle.core.compression.mappings import (
     ARCHITECTURES,
     DEFAULT_LAYERS,
@@ -115,6 +117,7 @@ __all__ = [
     "QUANT_CONFIG",
     "Architecture",
     "ConfigError",
+    "DampedHessian",
     "DataError",
     "InputStats",
     "LayerGroup",
@@ -127,6 +130,7 @@ __all__ = [
     "calibrated_linears",
     "check_group_size",
     "clamp_codes",
+    "damped_hessian_factor",
     "decoder_blocks",
     "dequantize_codes",
     "dequantize_groups",

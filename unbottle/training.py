@@ -19,7 +19,7 @@ describes (what ``clm`` trains).
 
 from __future__ import annotations
 
-from unbottle.core.config.params import TrainParams
+from unbottle.core.config.schema import TrainParams
 from unbottle.core.models.loading import build_model
 from unbottle.core.registry import get_registry
 from unbottle.core.training.loop import IGNORE_INDEX, rng, train

@@ -1,1 +1,2 @@
-"""params.yaml: the schema, overrides and strategy references."""
+"""params.yaml, validated: schema (sections per stage), sweep expansion, loading with
+``-S`` overrides, one-line error messages, strategy checks and the evaluation plan."""

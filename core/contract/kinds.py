@@ -5,7 +5,7 @@ entry says how plugins register one (its hook), what one must implement (its pro
 :mod:`unbottle.core.contract.strategies`), how messages name one, and where params.yaml
 chooses one. The hook specifications (:mod:`unbottle.core.contract.hookspecs`), the
 registry's checks and messages (:mod:`unbottle.core.registry`) and the params resolution
-(:func:`unbottle.core.config.params.strategy_refs`) are derived from this table, so a new
+(:func:`unbottle.core.config.strategy_checks.strategy_refs`) are derived from this table, so a new
 kind is one protocol and one entry here.
 """
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from unbottle.core.config.params import ModelParams
+    from unbottle.core.config.schema import ModelParams
     from unbottle.core.models.runtimes import ModelRunner
     from unbottle.core.training.loop import Batches
 

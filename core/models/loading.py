@@ -15,7 +15,7 @@ from unbottle.core.store.artifacts import read_utf8
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-    from unbottle.core.config.params import ModelParams
+    from unbottle.core.config.schema import ModelParams
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

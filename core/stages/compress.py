@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unbottle.core.config.params import CompressParams, CompressStep
+from unbottle.core.config.schema import CompressParams, CompressStep
 from unbottle.core.contract.strategies import CompressContext
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult, strategy_record

@@ -15,13 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unbottle.core.config.params import (
-    BASELINE,
-    DERIVED_METRICS,
-    POLICY_METRICS,
-    DeployParams,
-    GateLimit,
-)
+from unbottle.core.config.evaluation_plan import DERIVED_METRICS, POLICY_METRICS
+from unbottle.core.config.schema import BASELINE, DeployParams, GateLimit
 from unbottle.core.contract.errors import ConfigError, GateError
 from unbottle.core.contract.strategies import DeployContext
 from unbottle.core.registry import Registry

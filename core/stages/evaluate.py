@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unbottle.core.config.params import BASELINE, EvaluateParams
+from unbottle.core.config.schema import BASELINE, EvaluateParams
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult, strategy_record
 from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_json_atomic, write_manifest

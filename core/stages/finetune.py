@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from unbottle.core.config.params import FinetuneParams
+from unbottle.core.config.schema import FinetuneParams
 from unbottle.core.data.prompts import PromptFormat
 from unbottle.core.registry import Registry
-from unbottle.core.stages.layout import StageResult, split_timings, strategy_record
-from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_manifest
+from unbottle.core.stages.layout import StageResult
+from unbottle.core.stages.model_artifact import save_trained_model
+from unbottle.core.store.artifacts import tree_hash
 
 log = logging.getLogger("unbottle.finetune")
 IGNORE = -100  # label value that cross-entropy skips (training.IGNORE_INDEX)
@@ -28,11 +29,10 @@ def finetune(
 
     from unbottle.core.contract.errors import ConfigError
     from unbottle.core.data import prompts as task
-    from unbottle.core.models.loading import load_model, save_model
+    from unbottle.core.models.loading import load_model
     from unbottle.core.store.artifacts import verify_artifact
     from unbottle.core.training.loop import (
         Batches,
-        barrier,
         checkpoint_store,
         is_main_process,
         train,
@@ -89,33 +89,22 @@ def finetune(
         "train_pairs": len(examples),
         "trainable_parameters": trainable_parameters,
     }
-    if is_main_process():  # under DDP every process trained; one writes
-        with atomic_dir(out_dir) as tmp:
-            model = method.finalize(trained, tmp)
-            save_model(model, tokenizer, tmp)
-            write_manifest(
-                tmp,
-                stage="finetune",
-                config=cfg.model_dump(mode="json"),
-                strategies={
-                    "finetune_method": strategy_record(
-                        registry.get("finetune_method", cfg.method.name)
-                    ),
-                    "optimizer": strategy_record(
-                        registry.get("optimizer", cfg.train.optimizer.name)
-                    ),
-                    "parallelism": strategy_record(
-                        registry.get("parallelism", cfg.train.parallelism.name)
-                    ),
-                },
-                inputs=inputs,
-                metrics=split_timings(metrics)[0],
-                # How prompts were rendered: evaluate asks its questions the same way.
-                extra={"prompt_format": prompt_format.record()},
-            )
-        if store is not None:
-            store.clear()  # the artifact is whole: the run's checkpoints are not needed
-    barrier()
+    save_trained_model(
+        out_dir,
+        trained,
+        tokenizer,
+        stage="finetune",
+        config=cfg.model_dump(mode="json"),
+        strategy=("finetune_method", cfg.method.name),
+        train=cfg.train,
+        registry=registry,
+        inputs=inputs,
+        metrics=metrics,
+        checkpoints=store,
+        # How prompts were rendered: evaluate asks its questions the same way.
+        extra={"prompt_format": prompt_format.record()},
+        finalize=method.finalize,
+    )
     return StageResult(out_dir, metrics, plots={"finetune_loss": report.curve()})
 
 

@@ -29,7 +29,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from unbottle.core.config.params import Params, TrainParams
+from unbottle.core.config.schema import Params, TrainParams
 from unbottle.core.contract.errors import ConfigError, DataError, shorten
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import Layout

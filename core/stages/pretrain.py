@@ -12,10 +12,11 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from unbottle.core.config.params import PretrainParams, SourceParams
+from unbottle.core.config.schema import PretrainParams, SourceParams
 from unbottle.core.registry import Registry
-from unbottle.core.stages.layout import StageResult, split_timings, strategy_record
-from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_manifest
+from unbottle.core.stages.layout import StageResult
+from unbottle.core.stages.model_artifact import save_model_artifact, save_trained_model
+from unbottle.core.store.artifacts import tree_hash
 
 log = logging.getLogger("unbottle.pretrain")
 
@@ -42,9 +43,8 @@ def pretrain(
     import torch
 
     from unbottle.core.contract.strategies import PretrainContext
-    from unbottle.core.models.loading import documents, read_text, save_model
+    from unbottle.core.models.loading import documents, read_text
     from unbottle.core.training.loop import (
-        barrier,
         checkpoint_store,
         estimate_memory,
         is_main_process,
@@ -106,28 +106,19 @@ def pretrain(
     }
     if held_out is not None:
         metrics.update(objective.evaluate(model, replace(ctx, text=held_out)))
-    if is_main_process():  # under DDP every process trained; one writes
-        with atomic_dir(out_dir) as tmp:
-            save_model(model, tokenizer, tmp)
-            write_manifest(
-                tmp,
-                stage="pretrain",
-                config=cfg.model_dump(mode="json"),
-                strategies={
-                    "objective": strategy_record(registry.get("objective", objective.name)),
-                    "optimizer": strategy_record(
-                        registry.get("optimizer", cfg.train.optimizer.name)
-                    ),
-                    "parallelism": strategy_record(
-                        registry.get("parallelism", cfg.train.parallelism.name)
-                    ),
-                },
-                inputs=inputs,
-                metrics=split_timings(metrics)[0],
-            )
-        if store is not None:
-            store.clear()  # the artifact is whole: the run's checkpoints are not needed
-    barrier()
+    save_trained_model(
+        out_dir,
+        model,
+        tokenizer,
+        stage="pretrain",
+        config=cfg.model_dump(mode="json"),
+        strategy=("objective", objective.name),
+        train=cfg.train,
+        registry=registry,
+        inputs=inputs,
+        metrics=metrics,
+        checkpoints=store,
+    )
     return StageResult(out_dir, metrics, plots={"pretrain_loss": report.curve()})
 
 
@@ -136,7 +127,6 @@ def from_source(cfg: PretrainParams, *, out_dir: Path, root: Path) -> StageResul
     safetensors and its own tokenizer. The manifest records the source, its sha256 and,
     for a GGUF file, the conversion."""
     from unbottle.core.models import sources as sources
-    from unbottle.core.models.loading import save_model
     from unbottle.core.training.loop import barrier, is_main_process
 
     assert cfg.source is not None
@@ -154,25 +144,25 @@ def from_source(cfg: PretrainParams, *, out_dir: Path, root: Path) -> StageResul
             src.path,
             metrics["parameters"],
         )
-        with atomic_dir(out_dir) as tmp:
-            save_model(model, tokenizer, tmp)
-            write_manifest(
-                tmp,
-                stage="pretrain",
-                config={"source": cfg.source.model_dump(mode="json")},
-                strategies={},
-                inputs={"source": src.sha256},
-                metrics=metrics,
-                extra={
-                    "source": {
-                        "kind": src.kind,
-                        "path": str(src.path),
-                        "sha256": src.sha256,
-                        **hub_record(cfg.source, src.path),
-                        **done,
-                    }
-                },
-            )
+        save_model_artifact(
+            out_dir,
+            model,
+            tokenizer,
+            stage="pretrain",
+            config={"source": cfg.source.model_dump(mode="json")},
+            strategies={},
+            inputs={"source": src.sha256},
+            metrics=metrics,
+            extra={
+                "source": {
+                    "kind": src.kind,
+                    "path": str(src.path),
+                    "sha256": src.sha256,
+                    **hub_record(cfg.source, src.path),
+                    **done,
+                }
+            },
+        )
     barrier()
     # No steps trained: the loss curve dvc.yaml declares is written with its header only.
     return StageResult(out_dir, metrics, plots={"pretrain_loss": []})

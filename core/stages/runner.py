@@ -11,7 +11,8 @@ import logging
 import time
 from pathlib import Path
 
-from unbottle.core.config.params import Params, check_stages_fit, check_strategies
+from unbottle.core.config.schema import Params
+from unbottle.core.config.strategy_checks import check_stages_fit, check_strategies
 from unbottle.core.contract.errors import echo
 from unbottle.core.registry import Registry, get_registry
 from unbottle.core.stages.layout import STAGES, Layout, StageResult, split_timings

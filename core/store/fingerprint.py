@@ -17,7 +17,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from unbottle.core.config.params import Params, dump_params, strategy_refs
+from unbottle.core.config.loading import dump_params
+from unbottle.core.config.schema import Params
+from unbottle.core.config.strategy_checks import strategy_refs
 from unbottle.core.contract.errors import DataError
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import Layout
@@ -46,12 +48,14 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "pretrain": (
         "core.stages.pretrain",
+        "core.stages.model_artifact",
         "core.compression",
         "core.models",
         "core.training",
     ),
     "finetune": (
         "core.stages.finetune",
+        "core.stages.model_artifact",
         "core.compression",
         "core.data",
         "core.models",

@@ -43,7 +43,7 @@ from unbottle.core.contract.strategies import DataSplit
 if TYPE_CHECKING:
     import torch
 
-    from unbottle.core.config.params import TrainParams
+    from unbottle.core.config.schema import TrainParams
     from unbottle.core.registry import Registry
     from unbottle.core.training.checkpoint import CheckpointStore
     from unbottle.core.training.memory import MemoryEstimate
@@ -337,17 +337,87 @@ def train(
     ``key`` names the params section in error messages (default ``<desc>.train``).
     Returns the trained, unwrapped model (on every process) and the report.
     """
-    import torch
-
     from unbottle.core.progress import progress_bar
-    from unbottle.core.training.checkpoint import restore_rng
     from unbottle.core.training.memory import PeakMemory
 
     key = key or f"{desc}.train"
     if checkpoints is not None and not isinstance(data, Batches):
         raise ValueError("checkpoints need Batches: a sampling function's order cannot be saved")
+    run = _setup(
+        model,
+        data,
+        cfg,
+        registry=registry,
+        desc=desc,
+        key=key,
+        loss_fn=loss_fn,
+        checkpoints=checkpoints,
+        memory_estimate=memory_estimate,
+    )
+    start_step = _resume_run(run)
+    run.prepared.train()
+    peak = PeakMemory(run.accelerator.device)
+    peak.start()
+    run.clock = (time.perf_counter(), time.process_time())
+    title = desc if start_step == 0 else f"{desc} (from step {start_step})"
+    bar = progress_bar(title, total=cfg.steps - start_step) if run.rank == 0 else _no_bar()
+    with bar as advance:
+        for step in range(start_step, cfg.steps):
+            value, tokens = _train_step(run, step)
+            _log_step(run, step + 1, value, tokens, advance)
+            if checkpoints is not None and checkpoints.due(step + 1, cfg.steps):
+                _save_checkpoint(run, step + 1)
+    run.report.peak_memory_bytes = peak.read()
+    return _finish(run), run.report
 
-    # ---- checks and setup, all before the first step
+
+@dataclass
+class _Run:
+    """What a training run holds between its steps (built by :func:`_setup`)."""
+
+    cfg: TrainParams
+    data: Batches | Callable[[int], dict[str, torch.Tensor]]
+    desc: str
+    registry: Registry
+    loss_fn: LossFn | None
+    checkpoints: CheckpointStore | None
+    parallel: Any  # the parallelism strategy
+    accelerator: Any
+    data_split: DataSplit  # the data-parallel groups the global batch splits over
+    micro: int  # rows per micro-batch in this process
+    sharding: bool  # a model-parallel strategy sharded the model itself
+    fsdp: bool
+    prepared: Any  # the model as accelerate (or the sharding strategy) prepared it
+    forward: Any  # what a micro-batch goes through: the prepared model, maybe compiled
+    optimizer: Any  # accelerate's wrapper (it steps the gradient scaler)
+    inner_optimizer: Any  # the strategy's own optimizer
+    scheduler: Any
+    report: TrainReport
+    generator: torch.Generator | None  # draws the data order of a Batches run
+    clock: tuple[float, float] = (0.0, 0.0)  # wall and CPU time when the steps began
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    def say(self, *args: Any) -> None:
+        """One voice for the whole run: the main process logs, the others only debug."""
+        (log.info if self.rank == 0 else log.debug)(*args)
+
+
+def _setup(
+    model: Any,
+    data: Batches | Callable[[int], dict[str, torch.Tensor]],
+    cfg: TrainParams,
+    *,
+    registry: Registry,
+    desc: str,
+    key: str,
+    loss_fn: LossFn | None,
+    checkpoints: CheckpointStore | None,
+    memory_estimate: MemoryEstimate | None,
+) -> _Run:
+    """Check everything that can be wrong with the run, then build accelerator and optimizer."""
     mixed_precision, reason = resolve_precision(cfg.precision, key)
     parallel = registry.create("parallelism", cfg.parallelism.name, cfg.parallelism.options)
     # A model-parallel strategy (ModelParallelStrategy) shards the model itself.
@@ -361,25 +431,70 @@ def train(
             )
     accelerator = parallel.accelerator(mixed_precision=mixed_precision)
     processes, this_rank = accelerator.num_processes, accelerator.process_index
-    # The data-parallel groups the global batch splits over (all processes for DDP).
     data_split = parallel.data_split() if sharding else DataSplit(processes, this_rank)
-    say = log.info if this_rank == 0 else log.debug  # one voice for the whole run
     micro = micro_batch_size(cfg, data_split.size, key)
-    check_context(model, cfg.seq_len, key)
     fsdp = accelerator.distributed_type.value == "FSDP"
-    if (fsdp or sharding) and hasattr(model, "peft_config"):
+    _check_model(model, cfg, parallel.name, sharded=fsdp or sharding, key=key, desc=desc)
+    plan = memory_estimate or estimate_memory(
+        model, cfg, registry=registry, key=key, device=accelerator.device, processes=processes
+    )
+    prepared, forward, optimizer, inner_optimizer, scheduler = _prepare(
+        model, cfg, registry, parallel, accelerator, key=key
+    )
+    run = _Run(
+        cfg=cfg,
+        data=data,
+        desc=desc,
+        registry=registry,
+        loss_fn=loss_fn,
+        checkpoints=checkpoints,
+        parallel=parallel,
+        accelerator=accelerator,
+        data_split=data_split,
+        micro=micro,
+        sharding=sharding,
+        fsdp=fsdp,
+        prepared=prepared,
+        forward=forward,
+        optimizer=optimizer,
+        inner_optimizer=inner_optimizer,
+        scheduler=scheduler,
+        report=TrainReport(
+            precision=mixed_precision if mixed_precision != "no" else "fp32",
+            precision_reason=reason,
+            world_size=processes,
+            memory=plan,
+        ),
+        generator=_data_generator(data),
+    )
+    run.say("%s: precision %s (%s), %d process(es)", desc, run.report.precision, reason, processes)
+    return run
+
+
+def _check_model(
+    model: Any, cfg: TrainParams, parallelism: str, *, sharded: bool, key: str, desc: str
+) -> None:
+    check_context(model, cfg.seq_len, key)
+    if sharded and hasattr(model, "peft_config"):
         raise ConfigError(
-            f"{key}.parallelism: {parallel.name} cannot merge a peft adapter at the end of "
+            f"{key}.parallelism: {parallelism} cannot merge a peft adapter at the end of "
             "training; use ddp or single with finetune.method lora"
         )
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"{desc}: no parameter is trainable")
-    plan = memory_estimate or estimate_memory(
-        model, cfg, registry=registry, key=key, device=accelerator.device, processes=processes
-    )
+
+
+def _prepare(
+    model: Any, cfg: TrainParams, registry: Registry, parallel: Any, accelerator: Any, *, key: str
+) -> tuple[Any, Any, Any, Any, Any]:
+    """The model sharded or wrapped for the run's processes, what a micro-batch goes
+    through, the optimizer (accelerate's wrapper and the strategy's own) and the schedule."""
+    import torch
+
     if cfg.grad_checkpointing:
         _enable_grad_checkpointing(model, key)
     optimizer_strategy = registry.create("optimizer", cfg.optimizer.name, cfg.optimizer.options)
+    sharding = hasattr(parallel, "parallelize")
     if sharding:  # the optimizer is built over the shards
         model = parallel.parallelize(model, accelerator.device)
     optimizer = optimizer_strategy.build(
@@ -396,199 +511,224 @@ def train(
     forward = torch.compile(prepared) if cfg.compile else prepared
     if sharding:  # not wrapped by accelerate, so its autocast is applied here
         forward = accelerator.autocast()(forward)
+    return prepared, forward, optimizer, inner_optimizer, scheduler
 
-    report = TrainReport(
-        precision=mixed_precision if mixed_precision != "no" else "fp32",
-        precision_reason=reason,
-        world_size=processes,
-        memory=plan,
+
+def _data_generator(data: Any) -> torch.Generator | None:
+    import torch
+
+    return torch.Generator().manual_seed(data.seed) if isinstance(data, Batches) else None
+
+
+def _resume_run(run: _Run) -> int:
+    """Continue from the run's newest whole checkpoint, if any: the step to start from."""
+    from unbottle.core.training.checkpoint import restore_rng
+
+    if run.checkpoints is None:
+        return 0
+    restored = _load_checkpoint(
+        run.checkpoints, run.prepared, run.inner_optimizer, run.rank, run.parallel
     )
-    say("%s: precision %s (%s), %d process(es)", desc, report.precision, reason, processes)
+    if restored is None:
+        return 0
+    state = restored.trainer
+    run.scheduler.load_state_dict(state["scheduler"])
+    scaler = run.accelerator.scaler
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    restore_rng(restored, run.generator)
+    run.report.resumed_from = restored.step
+    run.report.losses = list(state["losses"])
+    run.report.tokens = int(state["tokens"])
+    run.say("%s: resuming from %s", run.desc, restored.path)
+    return restored.step
 
-    generator = torch.Generator().manual_seed(data.seed) if isinstance(data, Batches) else None
-    start_step = 0
-    if checkpoints is not None:
-        restored = _resume(checkpoints, prepared, inner_optimizer, this_rank, parallel)
-        if restored is not None:
-            state = restored.trainer
-            scheduler.load_state_dict(state["scheduler"])
-            if accelerator.scaler is not None and state.get("scaler"):
-                accelerator.scaler.load_state_dict(state["scaler"])
-            restore_rng(restored, generator)
-            start_step = report.resumed_from = restored.step
-            report.losses = list(state["losses"])
-            report.tokens = int(state["tokens"])
-            say("%s: resuming from %s", desc, restored.path)
 
-    per_process = cfg.batch_size // data_split.size
-    group_rank = data_split.rank  # which rows of the global batch are this process's
+def _micro_batches(run: _Run, step: int) -> list[dict[str, torch.Tensor]]:
+    """This process's micro-batches of the global batch of ``step``."""
+    import torch
 
-    def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        """This process's micro-batches of the global batch of ``step``."""
-        if isinstance(data, Batches):
-            ids = torch.randint(0, data.size, (cfg.batch_size,), generator=generator).tolist()
-            mine = ids[group_rank * per_process : (group_rank + 1) * per_process]
-            return [
-                data.collate(mine[j * micro : (j + 1) * micro]) for j in range(cfg.grad_accum_steps)
-            ]
-        batch = data(step)
-        rows = next(iter(batch.values())).shape[0]
-        if rows != cfg.batch_size:
-            raise ValueError(f"{desc}: the batch function gave {rows} rows, not {cfg.batch_size}")
-        first = group_rank * per_process
+    cfg, data, micro = run.cfg, run.data, run.micro
+    per_process = cfg.batch_size // run.data_split.size
+    group_rank = run.data_split.rank  # which rows of the global batch are this process's
+    if isinstance(data, Batches):
+        ids = torch.randint(0, data.size, (cfg.batch_size,), generator=run.generator).tolist()
+        mine = ids[group_rank * per_process : (group_rank + 1) * per_process]
         return [
-            {k: v[first + j * micro : first + (j + 1) * micro] for k, v in batch.items()}
-            for j in range(cfg.grad_accum_steps)
+            data.collate(mine[j * micro : (j + 1) * micro]) for j in range(cfg.grad_accum_steps)
         ]
+    batch = data(step)
+    rows = next(iter(batch.values())).shape[0]
+    if rows != cfg.batch_size:
+        raise ValueError(f"{run.desc}: the batch function gave {rows} rows, not {cfg.batch_size}")
+    first = group_rank * per_process
+    return [
+        {k: v[first + j * micro : first + (j + 1) * micro] for k, v in batch.items()}
+        for j in range(cfg.grad_accum_steps)
+    ]
 
-    def all_sum(values: list[float]) -> list[float]:
-        """Sum over the data-parallel groups (one small all-reduce)."""
-        if data_split.size == 1:
-            return values
-        import torch.distributed as dist
 
-        tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-        dist.all_reduce(tensor, group=data_split.group)
-        return tensor.tolist()
+def _all_sum(run: _Run, values: list[float]) -> list[float]:
+    """Sum over the data-parallel groups (one small all-reduce)."""
+    if run.data_split.size == 1:
+        return values
+    import torch
+    import torch.distributed as dist
 
-    # The names the checkpoint's weights go by (wrappers' prefixes stripped, as
-    # torch.distributed.checkpoint names them); a tied weight answers to each of its names.
-    trainable_names = {
-        name
-        for name, p in accelerator.unwrap_model(prepared).named_parameters(remove_duplicate=False)
-        if p.requires_grad
-    }
+    tensor = torch.tensor(values, dtype=torch.float64, device=run.accelerator.device)
+    dist.all_reduce(tensor, group=run.data_split.group)
+    return tensor.tolist()
 
-    def save_checkpoint(step: int) -> None:
-        assert checkpoints is not None
-        _save(
-            checkpoints,
-            step=step,
-            model=prepared,
-            trainable_names=trainable_names,
-            optimizer=inner_optimizer,
-            generator=generator,
-            trainer={
-                "losses": report.losses,
-                "tokens": report.tokens,
-                "scheduler": scheduler.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
-            },
-            rank=this_rank,
-            processes=processes,
-            parallel=parallel,
-        )
 
-    params = [p for p in prepared.parameters() if p.requires_grad]
+def _train_step(run: _Run, step: int) -> tuple[float, int]:
+    """One optimizer step on the global batch of ``step`` (from 0): its loss and tokens."""
+    import torch
 
-    def clip_gradients() -> None:
-        if sharding:  # over every shard, on any mesh
-            parallel.clip_grad_norm(prepared, cfg.grad_clip)
-            return
-        if fsdp:  # sharded gradients: accelerate computes the global norm across shards
-            accelerator.clip_grad_norm_(prepared.parameters(), cfg.grad_clip)
-            return
-        if accelerator.scaler is not None:
-            accelerator.unscale_gradients()  # clip the true gradients, not the scaled ones
-        # torch's own, as accelerate does for plain tensors (without its per-step checks).
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    device = run.accelerator.device
+    parts = [{k: v.to(device) for k, v in b.items()} for b in _micro_batches(run, step)]
+    local_tokens = sum(_token_count(b) for b in parts)
+    label_tokens = 0
+    if run.loss_fn is None:
+        # Label tokens of the global batch: every micro-batch's loss is a share of one mean
+        # over them.
+        (label_tokens,) = _all_sum(run, [sum(_label_count(b) for b in parts)])
+        label_tokens = max(int(label_tokens), 1)
+    loss_sum = torch.zeros((), device=device)
+    if hasattr(run.parallel, "forward_backward"):  # the strategy runs the step (pipeline)
+        loss_sum += run.parallel.forward_backward(run.prepared, parts, label_tokens)
+        parts = []
+    for j, batch in enumerate(parts):
+        last = j == len(parts) - 1
+        sync = contextlib.nullcontext() if last else run.accelerator.no_sync(run.prepared)
+        with sync:
+            loss, scaled = _micro_batch_loss(run, batch, label_tokens, len(parts))
+            run.accelerator.backward(scaled)
+        loss_sum += loss.detach()
+    _optimizer_step(run)
+    loss_total, tokens = _all_sum(run, [float(loss_sum), float(local_tokens)])
+    value = loss_total if run.loss_fn is None else loss_total / run.data_split.size
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{run.desc}: loss became {value} at step {step + 1}")
+    return value, int(tokens)
 
+
+def _micro_batch_loss(
+    run: _Run, batch: dict[str, torch.Tensor], label_tokens: int, parts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch's share of the step's loss, and what to backpropagate."""
+    if run.loss_fn is not None:
+        loss = run.loss_fn(run.forward, batch) / parts
+        return loss, loss
     # use_cache=False only where it is needed (checkpointing warns otherwise): without a
     # cache object transformers builds the causal mask with vmap instead of letting SDPA
     # apply it, a few percent of a small model's step.
-    extra = {"use_cache": False} if cfg.grad_checkpointing else {}
-    prepared.train()
-    peak = PeakMemory(accelerator.device)
-    peak.start()
-    start, cpu_start = time.perf_counter(), time.process_time()
-    title = desc if start_step == 0 else f"{desc} (from step {start_step})"
-    bar = progress_bar(title, total=cfg.steps - start_step) if this_rank == 0 else _no_bar()
-    with bar as advance:
-        for step in range(start_step, cfg.steps):
-            parts = [
-                {k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches(step)
-            ]
-            local_tokens = sum(_token_count(b) for b in parts)
-            if loss_fn is None:
-                # Label tokens of the global batch: every micro-batch's loss is a share of
-                # one mean over them.
-                (label_tokens,) = all_sum([sum(_label_count(b) for b in parts)])
-                label_tokens = max(int(label_tokens), 1)
-            loss_sum = torch.zeros((), device=accelerator.device)
-            if hasattr(parallel, "forward_backward"):  # the strategy runs the step (pipeline)
-                loss_sum += parallel.forward_backward(prepared, parts, label_tokens)
-                parts = []
-            for j, batch in enumerate(parts):
-                last = j == len(parts) - 1
-                sync = contextlib.nullcontext() if last else accelerator.no_sync(prepared)
-                with sync:
-                    if loss_fn is None:
-                        loss = forward(**batch, num_items_in_batch=label_tokens, **extra).loss
-                        # DDP and FSDP average gradients over the data-parallel groups;
-                        # the shares must add up.
-                        groups = data_split.size
-                        scaled = loss * groups if groups > 1 else loss
-                    else:
-                        loss = loss_fn(forward, batch) / len(parts)
-                        scaled = loss
-                    accelerator.backward(scaled)
-                loss_sum += loss.detach()
-            if cfg.grad_clip > 0:
-                clip_gradients()
-            if accelerator.scaler is None:
-                # Straight to the optimizer: accelerate's wrapper looks for an optional
-                # package on every step (a millisecond or so), and there is nothing to scale.
-                inner_optimizer.step()
-                scheduler.step()
-            else:
-                optimizer.step()  # the scaler unscales, skips a step with inf/nan, rescales
-                if not optimizer.step_was_skipped:
-                    scheduler.step()
-            inner_optimizer.zero_grad(set_to_none=True)
+    extra = {"use_cache": False} if run.cfg.grad_checkpointing else {}
+    loss = run.forward(**batch, num_items_in_batch=label_tokens, **extra).loss
+    # DDP and FSDP average gradients over the data-parallel groups; the shares must add up.
+    groups = run.data_split.size
+    return loss, (loss * groups if groups > 1 else loss)
 
-            loss_total, tokens = all_sum([float(loss_sum), float(local_tokens)])
-            value = loss_total if loss_fn is None else loss_total / data_split.size
-            if not math.isfinite(value):
-                raise FloatingPointError(f"{desc}: loss became {value} at step {step + 1}")
-            report.losses.append(value)
-            report.tokens += int(tokens)
-            report.session_tokens += int(tokens)
-            report.seconds = time.perf_counter() - start
-            report.cpu_seconds = time.process_time() - cpu_start
-            advance(loss=value, tokens_per_s=report.tokens_per_second)
-            if this_rank == 0:
-                registry.hook.on_train_log(
-                    stage=desc,
-                    step=step + 1,
-                    metrics={
-                        "loss": value,
-                        "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_s": report.tokens_per_second,
-                    },
-                )
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                say(
-                    "%s step %d/%d loss %.4f lr %.2e %.0f tokens/s",
-                    desc,
-                    step + 1,
-                    cfg.steps,
-                    value,
-                    scheduler.get_last_lr()[0],
-                    report.tokens_per_second,
-                )
-            if checkpoints is not None and checkpoints.due(step + 1, cfg.steps):
-                save_checkpoint(step + 1)
-    report.peak_memory_bytes = peak.read()
 
-    if sharding:
-        trained = parallel.final_model(prepared)
+def _optimizer_step(run: _Run) -> None:
+    """Clip, step optimizer and schedule, and clear the gradients."""
+    if run.cfg.grad_clip > 0:
+        _clip_gradients(run)
+    if run.accelerator.scaler is None:
+        # Straight to the optimizer: accelerate's wrapper looks for an optional package on
+        # every step (a millisecond or so), and there is nothing to scale.
+        run.inner_optimizer.step()
+        run.scheduler.step()
     else:
-        trained = _final_model(accelerator, prepared, fsdp)
-    if cfg.grad_checkpointing:
+        run.optimizer.step()  # the scaler unscales, skips a step with inf/nan, rescales
+        if not run.optimizer.step_was_skipped:
+            run.scheduler.step()
+    run.inner_optimizer.zero_grad(set_to_none=True)
+
+
+def _clip_gradients(run: _Run) -> None:
+    import torch
+
+    if run.sharding:  # over every shard, on any mesh
+        run.parallel.clip_grad_norm(run.prepared, run.cfg.grad_clip)
+        return
+    if run.fsdp:  # sharded gradients: accelerate computes the global norm across shards
+        run.accelerator.clip_grad_norm_(run.prepared.parameters(), run.cfg.grad_clip)
+        return
+    if run.accelerator.scaler is not None:
+        run.accelerator.unscale_gradients()  # clip the true gradients, not the scaled ones
+    # torch's own, as accelerate does for plain tensors (without its per-step checks).
+    params = [p for p in run.prepared.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
+
+
+def _log_step(run: _Run, step: int, value: float, tokens: int, advance: Any) -> None:
+    """Record step ``step`` (from 1) in the report, the progress bar, the hooks and the log."""
+    report, cfg = run.report, run.cfg
+    report.losses.append(value)
+    report.tokens += tokens
+    report.session_tokens += tokens
+    report.seconds = time.perf_counter() - run.clock[0]
+    report.cpu_seconds = time.process_time() - run.clock[1]
+    advance(loss=value, tokens_per_s=report.tokens_per_second)
+    lr = run.scheduler.get_last_lr()[0]
+    if run.rank == 0:
+        run.registry.hook.on_train_log(
+            stage=run.desc,
+            step=step,
+            metrics={"loss": value, "lr": lr, "tokens_per_s": report.tokens_per_second},
+        )
+    if step % cfg.log_every == 0 or step == cfg.steps:
+        run.say(
+            "%s step %d/%d loss %.4f lr %.2e %.0f tokens/s",
+            run.desc,
+            step,
+            cfg.steps,
+            value,
+            lr,
+            report.tokens_per_second,
+        )
+
+
+def _save_checkpoint(run: _Run, step: int) -> None:
+    """Checkpoint the run after ``step`` steps: weights, optimizer, schedule, data order."""
+    assert run.checkpoints is not None
+    scaler = run.accelerator.scaler
+    # The names the checkpoint's weights go by (wrappers' prefixes stripped, as
+    # torch.distributed.checkpoint names them); a tied weight answers to each of its names.
+    unwrapped = run.accelerator.unwrap_model(run.prepared)
+    trainable_names = {
+        name for name, p in unwrapped.named_parameters(remove_duplicate=False) if p.requires_grad
+    }
+    _write_checkpoint(
+        run.checkpoints,
+        step=step,
+        model=run.prepared,
+        trainable_names=trainable_names,
+        optimizer=run.inner_optimizer,
+        generator=run.generator,
+        trainer={
+            "losses": run.report.losses,
+            "tokens": run.report.tokens,
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None,
+        },
+        rank=run.rank,
+        processes=run.accelerator.num_processes,
+        parallel=run.parallel,
+    )
+
+
+def _finish(run: _Run) -> Any:
+    """The trained model, unwrapped, in eval mode; the accelerator's memory freed."""
+    if run.sharding:
+        trained = run.parallel.final_model(run.prepared)
+    else:
+        trained = _final_model(run.accelerator, run.prepared, run.fsdp)
+    if run.cfg.grad_checkpointing:
         trained.gradient_checkpointing_disable()
     trained.eval()
-    accelerator.free_memory()
-    return trained, report
+    run.accelerator.free_memory()
+    return trained
 
 
 @contextlib.contextmanager
@@ -608,7 +748,7 @@ def _label_count(batch: dict[str, torch.Tensor]) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())  # causal LM: each token predicts the next
 
 
-def _save(
+def _write_checkpoint(
     store: CheckpointStore,
     *,
     step: int,
@@ -660,7 +800,7 @@ def _save(
     barrier()
 
 
-def _resume(
+def _load_checkpoint(
     store: CheckpointStore, model: Any, optimizer: Any, rank: int, parallel: Any = None
 ) -> Any:
     """Load the newest whole checkpoint of this run into model and optimizer, if any."""

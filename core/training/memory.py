@@ -49,7 +49,7 @@ from unbottle.core.contract.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-    from unbottle.core.config.params import TrainParams
+    from unbottle.core.config.schema import TrainParams
 
 log = logging.getLogger("unbottle.memory")
 

@@ -482,11 +482,8 @@ class SparseGPT:
     def prune(self, model: Any, ctx: CompressContext) -> dict[str, float]:
         import torch
 
-        from unbottle.compression import calibrate_sequentially
-        from unbottle.plugins.pruning.sparsegpt import (
-            inverse_hessian_factor,
-            sparsegpt_prune_together,
-        )
+        from unbottle.compression import calibrate_sequentially, damped_hessian_factor
+        from unbottle.plugins.pruning.sparsegpt import sparsegpt_prune_together
 
         opts = self.config
         layers = prunable_linears(model, opts.layers)
@@ -504,7 +501,7 @@ class SparseGPT:
             # pruned as one stacked matrix, each layer with its own budget.
             pruned = sparsegpt_prune_together(
                 [linear.weight for _, linear in group],
-                inverse_hessian_factor(stats.hessian, opts.damping),
+                damped_hessian_factor(stats.hessian, opts.damping).hinv_chol,
                 zeros=None if opts.nm is not None else [budgets[name] for name, _ in group],
                 pattern=opts.nm,
                 blocksize=opts.blocksize,

@@ -28,34 +28,10 @@ import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from unbottle.compression import inverse_cholesky_factor, one_thread
+from unbottle.compression import one_thread
 
 if TYPE_CHECKING:
     import torch
-
-
-def inverse_hessian_factor(hessian: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
-    """The upper Cholesky factor U of (H + lambda I)^-1, with lambda = ``damping`` times
-    the mean diagonal of H (the paper's dampening; 1% by default).
-
-    ``hessian`` is sum x x^T over the calibration tokens (any positive scale: the update
-    only uses ratios of H^-1's entries). Inputs that were always zero get H_jj = 1, which
-    makes them independent of the rest. ``hessian`` itself is not modified.
-    """
-    import torch
-
-    h = hessian.to(torch.float32).clone()  # (in, in); float32, as the reference code
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    damp = damping * torch.diagonal(h).mean()
-    h.diagonal().add_(damp)
-    # A near-singular H (few tokens, correlated inputs) may need more damping.
-    for _ in range(6):
-        upper = inverse_cholesky_factor(h)
-        if upper is not None:
-            return upper  # (in, in)
-        h.diagonal().add_(damp)
-    raise ValueError("the Hessian is not positive definite even with extra damping")
 
 
 def sparsegpt_prune(
@@ -68,7 +44,8 @@ def sparsegpt_prune(
 ) -> torch.Tensor:
     """The pruned and updated copy of ``weight`` (out, in).
 
-    ``hinv`` is :func:`inverse_hessian_factor` of the layer's input Hessian. Give either
+    ``hinv`` is the upper Cholesky factor of the layer's damped inverse Hessian
+    (:func:`unbottle.compression.damped_hessian_factor`'s ``hinv_chol``). Give either
     ``zeros``, the exact number of weights to zero (unstructured), or ``pattern`` (N, M):
     at most N nonzeros in every M consecutive input weights of each row.
     """

@@ -55,11 +55,12 @@ from typing import TYPE_CHECKING, Any
 
 from unbottle import ConfigError
 from unbottle.compression import (
+    DampedHessian,
     QuantizedWeight,
     Scheme,
     clamp_codes,
+    damped_hessian_factor,
     fit_grid,
-    inverse_cholesky_factor,
     one_thread,
     weight_error,
 )
@@ -68,41 +69,6 @@ if TYPE_CHECKING:
     import torch
 
     from unbottle.compression import InputStats
-
-
-@dataclass
-class PreparedHessian:
-    """What GPTQ needs from a layer's input Hessian; layers sharing inputs share it."""
-
-    dead: torch.Tensor  # (in,) bool: inputs never active in the calibration data
-    diag: torch.Tensor  # (in,) diag H after the dead fix, permuted like the columns
-    perm: torch.Tensor | None  # (in,) processing order of the columns (act_order)
-    hinv_chol: torch.Tensor  # (in, in) upper Cholesky factor of (damped H)^-1, permuted
-    damp: float  # the relative damping that made H positive definite
-    damp_added: float  # what was added to H's diagonal: damp * mean(diag H)
-
-
-def prepare_hessian(hessian: torch.Tensor, *, damp: float, act_order: bool) -> PreparedHessian:
-    """Damp, permute and factor H = sum x x^T (any positive multiple of it works)."""
-    import torch
-
-    H = hessian.detach().float().clone()  # (in, in)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
-    if perm is not None:
-        H = H.index_select(0, perm).index_select(1, perm)
-    diag = torch.diag(H).clone()
-    mean_diag = float(diag.mean())
-    used = damp
-    for _ in range(4):
-        damped = H.clone()
-        damped.diagonal().add_(used * mean_diag)
-        upper = inverse_cholesky_factor(damped)
-        if upper is not None:
-            return PreparedHessian(dead, diag, perm, upper, used, used * mean_diag)
-        used *= 10
-    raise ValueError(f"the input Hessian is not positive definite even with damping {used:g}")
 
 
 @dataclass
@@ -139,7 +105,7 @@ class LayerResult:
 
 def gptq_layer(
     weight: torch.Tensor,
-    hessian: PreparedHessian,
+    hessian: DampedHessian,
     scheme: Scheme,
     *,
     static_groups: bool = False,
@@ -267,7 +233,7 @@ def _sub_block(length: int, most: int = 16) -> int:
 
 
 def output_error(
-    original: torch.Tensor, result: LayerResult, hessian: PreparedHessian, raw: torch.Tensor
+    original: torch.Tensor, result: LayerResult, hessian: DampedHessian, raw: torch.Tensor
 ) -> float:
     """||W X - Q X||^2 / ||W X||^2, the layer's relative output error on its inputs.
 
@@ -314,7 +280,7 @@ def gptq_model(
     def process(group: Sequence[tuple[str, Any]], stats: InputStats) -> None:
         import torch
 
-        prepared = prepare_hessian(stats.hessian, damp=damp, act_order=act_order)
+        prepared = damped_hessian_factor(stats.hessian, damp, act_order=act_order)
         # Layers fed the same input (q/k/v, gate/up) share H, and GPTQ quantizes each
         # output row on its own: one pass over the stacked weights gives each layer the
         # same result as its own pass, in fewer, larger ops.
