@@ -100,7 +100,21 @@ def project_params(args: argparse.Namespace) -> dict[str, Any]:
         params["compress"]["calibration"]["samples"] = args.calibration
     if args.max_questions is not None:
         params.setdefault("evaluate", {})["max_questions"] = args.max_questions
+    for name, steps in args.variant:
+        params["compress"]["variants"][name] = steps
     return params
+
+
+def variant_arg(text: str) -> tuple[str, list[Any]]:
+    """``NAME=STEPS``, the steps in YAML, e.g. ``rtn4=[{quantize: rtn, bits: 4}]``."""
+    name, sep, steps = text.partition("=")
+    parsed = yaml.safe_load(steps) if sep else None
+    if not name or not isinstance(parsed, list):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give NAME=STEPS, the steps a YAML list, e.g. "
+            "'rtn4=[{quantize: rtn, bits: 4, group_size: 64}]'"
+        )
+    return name, parsed
 
 
 def demo_out(params: dict[str, Any]) -> str:
@@ -334,6 +348,12 @@ def markdown(report: dict[str, Any]) -> str:
             "ask about facts stated only in the prose, which a released model never trains "
             "on, so finetuning can teach the answers' form and frequencies, not the facts."
         )
+    if s.get("added_variants"):
+        lines.append(
+            "- Variants added to the example's on the command line (`--variant`): "
+            + ", ".join(s["added_variants"])
+            + "; the variants column of the settings above names their steps."
+        )
     if s["reduced"]:
         lines.append(
             "- Reduced settings (a check that the script runs, not a result): "
@@ -360,6 +380,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--cache-dir",
         type=Path,
         help="UNBOTTLE_CACHE_DIR, the GGUF conversion cache (default: fresh, in the project)",
+    )
+    parser.add_argument(
+        "--variant",
+        type=variant_arg,
+        action="append",
+        default=[],
+        help="NAME=STEPS: a compress variant added to the example's (repeatable), e.g. "
+        "'rtn4=[{quantize: rtn, bits: 4, group_size: 64}]' for issue #15's two variants",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/pipeline_real.json")
     parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
@@ -411,6 +439,7 @@ def settings(args: argparse.Namespace, params: dict[str, Any], project: Path) ->
         "max_questions": loaded.evaluate.max_questions,
         "deploy_target": loaded.deploy.target.name,
         "reduced": reduced,
+        "added_variants": [name for name, _ in args.variant],
         "params": params,
     }
 
