@@ -352,7 +352,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             "- Variants added to the example's on the command line (`--variant`): "
             + ", ".join(s["added_variants"])
-            + "; the variants column of the settings above names their steps."
+            + "; the Flow line above names their steps."
         )
     if s["reduced"]:
         lines.append(
