@@ -346,6 +346,8 @@ def show(
     facts.add_row("git commit", commit + (" (dirty)" if git.get("dirty") else ""))
     facts.add_row("dvc data", str(env.get("dvc_data")))
     facts.add_row("device", str(env.get("device")))
+    if env.get("cpu_kernels"):
+        facts.add_row("cpu kernels", env["cpu_kernels"])
     packages = env.get("packages", {})
     facts.add_row("packages", ", ".join(f"{k} {v}" for k, v in packages.items()))
     for role, info in manifest.get("strategies", {}).items():

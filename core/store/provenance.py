@@ -95,12 +95,22 @@ def dvc_data_hash(where: Path) -> str | None:
 
 
 @cache
+def cpu_kernels() -> str:
+    """Which vectorised kernels torch runs on this CPU ("AVX2", "AVX512", ...), as
+    detected or as ``ATEN_CPU_CAPABILITY`` pins it: float sums round differently from one
+    to another, so results made with different ones differ (docs/operations.md)."""
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
 def environment() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "packages": {name: package_version(name) for name in _PACKAGES},
         "machine": platform.machine(),
         "device": device(),
+        "cpu_kernels": cpu_kernels(),
     }
 
 
