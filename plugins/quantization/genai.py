@@ -2,7 +2,7 @@
 
 onnxruntime-genai's model builder (``onnxruntime_genai.models.builder``, Microsoft) writes
 a decoder with fused ``GroupQueryAttention``, rotary embeddings and ``MatMulNBits``
-layers, and its C++ generation loop runs it; on SmolLM2 its int4 build decoded about 3x
+layers, and its C++ generation loop runs it; on SmolLM2 its int4 build decoded 2x to 3x
 faster than unbottle's optimum-exported edge bundle (BENCHMARKS.md). Given a quantized
 checkpoint instead of a float one, the builder takes the codes as they are
 (``quantized_model.py``), so GPTQ's quality survives at genai's speed.
