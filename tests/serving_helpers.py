@@ -32,6 +32,33 @@ def finetuned_model(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -
     return _FINETUNED[key]
 
 
+def variant_through_evaluate(
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_data: Path,
+    name: str,
+    step: dict[str, Any],
+) -> tuple[Params, Layout]:
+    """A workspace whose one compress variant ``name`` (one ``step``) is compressed and
+    evaluated (perplexity and size) from the session's tiny finetuned model, with the
+    ``onnx`` deploy target set to ship it; deploy is left to the caller."""
+    import copy
+    import shutil
+
+    params = copy.deepcopy(TINY_PARAMS)
+    params["compress"]["variants"] = {name: [step]}
+    params["evaluate"]["metrics"] = [{"name": "perplexity", "window": 64}, "size"]
+    params["deploy"] = {"target": "onnx", "policy": "explicit", "variant": name}
+    root = make_workspace(tmp_path, tiny_data, params)
+    layout, validated = Layout(root), Params.model_validate(params)
+    trained = finetuned_model(tmp_path_factory, tiny_data).parent
+    for stage in ("pretrain", "finetune"):
+        shutil.copytree(trained / stage, layout.artifact(stage))
+    for stage in ("compress", "evaluate"):
+        run_stage(stage, validated, layout)
+    return validated, layout
+
+
 def deploy_target(name: str, options: dict[str, Any], model_dir: Path, out_dir: Path) -> dict:
     """Run a deploy target on a variant, as the deploy stage does (without its evaluation)."""
     from unbottle.core.contract.strategies import DeployContext

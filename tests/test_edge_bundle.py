@@ -4,7 +4,6 @@ torch model's, through compress (``runtime: onnx``), evaluate, deploy and the se
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import threading
@@ -14,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.conftest import TINY_PARAMS, make_workspace
+from tests.conftest import TINY_PARAMS
 from unbottle.core.compression.grids import Scheme, quantize_rtn, unpack
 from unbottle.core.contract.errors import ConfigError
 from unbottle.core.models.lowbit import load_packed, save_packed
@@ -158,24 +157,14 @@ def test_grids_matmulnbits_cannot_hold_fail_in_one_line_before_work(tmp_path, to
 def test_gptq_edge_variant_is_evaluated_deployed_and_served_in_onnx_runtime(
     tmp_path, tmp_path_factory, tiny_data
 ):
-    from tests.serving_helpers import finetuned_model
-    from unbottle.core.config.schema import Params
+    from tests.serving_helpers import variant_through_evaluate
     from unbottle.core.serving.engine import SamplingParams, Sequence, load_bundle
-    from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage
 
     gptq = {"quantize": "gptq", "bits": 4, "group_size": 16, "act_order": True}
-    params = copy.deepcopy(TINY_PARAMS)
-    params["compress"]["variants"] = {"gptq4-edge": [{**gptq, "runtime": "onnx"}]}
-    params["evaluate"]["metrics"] = [{"name": "perplexity", "window": 64}, "size"]
-    params["deploy"] = {"target": "onnx", "policy": "explicit", "variant": "gptq4-edge"}
-    root = make_workspace(tmp_path, tiny_data, params)
-    layout, validated = Layout(root), Params.model_validate(params)
-    trained = finetuned_model(tmp_path_factory, tiny_data).parent
-    for stage in ("pretrain", "finetune"):
-        shutil.copytree(trained / stage, layout.artifact(stage))
-    for stage in ("compress", "evaluate"):
-        run_stage(stage, validated, layout)
+    validated, layout = variant_through_evaluate(
+        tmp_path, tmp_path_factory, tiny_data, "gptq4-edge", {**gptq, "runtime": "onnx"}
+    )
 
     variant = layout.artifact("compress") / "gptq4-edge"
     manifest = json.loads((variant / "manifest.json").read_text())

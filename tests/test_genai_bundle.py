@@ -160,27 +160,13 @@ def test_deploy_target_runtime_genai(tmp_path, gptq_packed):
 def test_gptq_genai_variant_is_evaluated_and_deployed_in_its_runtime(
     tmp_path, tmp_path_factory, tiny_data
 ):
-    import copy
-    import shutil
-
-    from tests.conftest import TINY_PARAMS, make_workspace
-    from tests.serving_helpers import finetuned_model
-    from unbottle.core.config.schema import Params
-    from unbottle.core.stages.layout import Layout
+    from tests.serving_helpers import variant_through_evaluate
     from unbottle.core.stages.runner import run_stage
 
     gptq = {"quantize": "gptq", "bits": 4, "group_size": 16, "runtime": "genai"}
-    params = copy.deepcopy(TINY_PARAMS)
-    params["compress"]["variants"] = {"gptq4-genai": [gptq]}
-    params["evaluate"]["metrics"] = [{"name": "perplexity", "window": 64}, "size"]
-    params["deploy"] = {"target": "onnx", "policy": "explicit", "variant": "gptq4-genai"}
-    root = make_workspace(tmp_path, tiny_data, params)
-    layout, validated = Layout(root), Params.model_validate(params)
-    trained = finetuned_model(tmp_path_factory, tiny_data).parent
-    for stage in ("pretrain", "finetune"):
-        shutil.copytree(trained / stage, layout.artifact(stage))
-    for stage in ("compress", "evaluate"):
-        run_stage(stage, validated, layout)
+    validated, layout = variant_through_evaluate(
+        tmp_path, tmp_path_factory, tiny_data, "gptq4-genai", gptq
+    )
 
     variant = layout.artifact("compress") / "gptq4-genai"
     manifest = json.loads((variant / "manifest.json").read_text())
