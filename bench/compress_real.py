@@ -397,14 +397,15 @@ class Outcome:
     wall_s: float = 0.0
 
 
-def run_child(name: str, spec: dict[str, Any], work: Path) -> Outcome:
-    """Run one row in a fresh Python process; its stderr streams through as progress."""
+def run_child(name: str, spec: dict[str, Any], work: Path, script: str = __file__) -> Outcome:
+    """Run one row in a fresh Python process (``script --child SPEC RESULT``), so that its
+    memory is its own; its stderr streams through as progress."""
     spec_file, result_file = work / "spec.json", work / "result.json"
     spec_file.write_text(json.dumps(spec), encoding="utf-8")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     began = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", str(spec_file), str(result_file)],
+        [sys.executable, script, "--child", str(spec_file), str(result_file)],
         env=env,
         stderr=subprocess.PIPE,
         text=True,

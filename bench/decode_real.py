@@ -389,33 +389,6 @@ def child_main(spec_file: Path, result_file: Path) -> None:
 # ------------------------------------------------------------------ parent: the run
 
 
-def run_child(spec: dict[str, Any], work: Path) -> real.Outcome:
-    """One row in a fresh Python process (its memory is its own); stderr streams through."""
-    spec_file, result_file = work / "spec.json", work / "result.json"
-    spec_file.write_text(json.dumps(spec), encoding="utf-8")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    began = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", str(spec_file), str(result_file)],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    tail: list[str] = []
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        sys.stderr.write(line)
-        tail = [*tail[-20:], line.rstrip()]
-    proc.wait()
-    wall = time.perf_counter() - began
-    if proc.returncode != 0 or not result_file.is_file():
-        lines = [line for line in tail if line.strip()]
-        error = lines[-1] if lines else f"exit code {proc.returncode}"
-        return real.Outcome(spec["row"]["runtime"], False, error=error, wall_s=wall)
-    result = json.loads(result_file.read_text(encoding="utf-8"))
-    return real.Outcome(spec["row"]["runtime"], True, result=result, wall_s=wall)
-
-
 def settings(args: argparse.Namespace, sha256: str) -> dict[str, Any]:
     """What a row's figures depend on: rows kept by --resume must match all of it."""
     return {
@@ -623,7 +596,7 @@ def main(argv: list[str]) -> int:
                 "model_dir": str(model_dir),
                 "dense_dir": str(dense_dir),
             }
-            outcome = run_child(spec, work)
+            outcome = real.run_child(spec["row"]["runtime"], spec, work, script=__file__)
             record.update(ok=outcome.ok, error=outcome.error, **outcome.result)
             report["rows"].append(record)
             status = (
