@@ -301,7 +301,8 @@ class OnnxBundle:
         #: For packed variants: ``optimum`` (optimum's export, served by unbottle's engine)
         #: or ``genai`` (onnxruntime-genai's graph and generator, the faster decoder).
         runtime: Literal["optimum", "genai"] = "optimum"
-        #: With ``runtime: genai``: the output head as int8 (round to nearest) or float.
+        #: With ``runtime: genai``: the output head as int8 (round to nearest) or float,
+        #: when the variant left it float (a ``quantize_head`` variant ships its own codes).
         head: Literal["int8", "float"] = "int8"
 
     def __init__(self, config: Config) -> None:

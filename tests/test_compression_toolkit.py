@@ -21,6 +21,7 @@ from unbottle.compression import (
     calibrated_linears,
     find_decoder_blocks,
     find_linears,
+    output_head,
 )
 from unbottle.core.contract.strategies import CompressContext
 
@@ -82,6 +83,46 @@ def test_the_pass_reports_mean_abs_and_each_group_s_feeder(kv_heads, o_feeder):
     assert got[block + "mlp.down_proj"][1] == block + "mlp.up_proj"
     # v_proj feeds o_proj channel for channel only without grouped-query attention.
     assert got[block + "self_attn.o_proj"][1] == (block + "self_attn.v_proj" if o_feeder else None)
+
+
+def test_the_head_comes_last_fed_the_final_norm_of_the_compressed_stack():
+    """With ``head=True`` the output head is compressed after every block, from the final
+    norm of what the already-compressed blocks output, like any layer from its input."""
+    model = tiny_llama()
+    ids = calibration()
+    seen: list[str] = []
+    head_stats = []
+
+    def halve(group, stats):  # a "compression" that changes every block's output
+        for name, linear in group:
+            seen.append(name)
+            if name == "lm_head":
+                head_stats.append(stats)
+            else:
+                linear.weight.mul_(0.5)
+
+    untied = output_head(model, untie=True)[1]
+    assert untied.weight is not model.get_input_embeddings().weight
+    assert model.config.tie_word_embeddings is False
+    calibrate_sequentially(
+        model, ids, process_together=halve, select=lambda n: True, hessian=True, head=True
+    )
+    assert seen == [*calibrated_linears(model), "lm_head"]
+    # What a plain forward of the halved model feeds its head: the final norm's output.
+    grabbed = []
+    hook = model.lm_head.register_forward_pre_hook(lambda _m, a: grabbed.append(a[0]))
+    with torch.no_grad():
+        for x in ids:
+            model(input_ids=x)
+    hook.remove()
+    expected = torch.cat([t.reshape(-1, t.shape[-1]) for t in grabbed])
+    (stats,) = head_stats
+    assert stats.tokens == expected.shape[0] and stats.feeder[0] == "model.norm"
+    torch.testing.assert_close(stats.hessian, expected.T @ expected, rtol=1e-4, atol=1e-4)
+    # Without head=True (the default), the pass never reaches the head.
+    seen.clear()
+    calibrate_sequentially(model, ids, process_together=halve, select=lambda n: True, hessian=False)
+    assert "lm_head" not in seen
 
 
 def test_a_new_architecture_is_one_table_entry():

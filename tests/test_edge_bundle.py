@@ -14,6 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import TINY_PARAMS
+from unbottle.compression import output_head
 from unbottle.core.compression.grids import Scheme, quantize_rtn, unpack
 from unbottle.core.contract.errors import ConfigError
 from unbottle.core.models.lowbit import load_packed, save_packed
@@ -28,10 +29,15 @@ def tokenizer():
     return train_tokenizer(["the quick brown fox jumps over the lazy dog " * 8], 300)
 
 
-def packed_variant(tokenizer, out: Path, method: str, scheme: Scheme, width: int = 64) -> Path:
+def packed_variant(
+    tokenizer, out: Path, method: str, scheme: Scheme, width: int = 64, *, head: bool = False
+) -> Path:
+    """A tiny Llama quantized by ``method``; with ``head``, the output head too (untied,
+    as ``quantize_head`` does, and its vocabulary padded to a multiple of 8, which the GPTQ
+    checkpoint's int32 packing of zero points needs)."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=-(-len(tokenizer) // 8) * 8 if head else len(tokenizer),
         hidden_size=width,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -42,6 +48,8 @@ def packed_variant(tokenizer, out: Path, method: str, scheme: Scheme, width: int
     )
     model = LlamaForCausalLM(config).eval()
     layers = [(n, m) for n, m in model.named_modules() if n.endswith("proj")]
+    if head:
+        layers.append(output_head(model, untie=True))
     if method == "gptq":
         g = torch.Generator().manual_seed(1)
         calibration = [torch.randint(0, len(tokenizer), (1, 32), generator=g) for _ in range(4)]
@@ -68,24 +76,26 @@ def edge_bundle(packed: Path, out: Path, tokenizer, accuracy_level: int) -> dict
 
 
 @pytest.mark.parametrize(
-    ("method", "scheme"),
+    ("method", "scheme", "head"),
     [
-        ("gptq", Scheme(bits=4, group_size=32)),  # act order: g_idx, zero points
-        ("rtn", Scheme(bits=8, symmetric=True)),  # per channel: one block per row
+        ("gptq", Scheme(bits=4, group_size=32), False),  # act order: g_idx, zero points
+        ("rtn", Scheme(bits=8, symmetric=True), False),  # per channel: one block per row
+        ("gptq", Scheme(bits=4, group_size=32), True),  # quantize_head: lm_head too
     ],
-    ids=["gptq-int4-g32", "rtn-int8-channel"],
+    ids=["gptq-int4-g32", "rtn-int8-channel", "gptq-int4-g32-head"],
 )
 def test_edge_bundle_carries_the_variants_codes_and_gives_its_logits(
-    tmp_path, tokenizer, method, scheme
+    tmp_path, tokenizer, method, scheme, head
 ):
     import onnx
     from onnx import numpy_helper
 
     from unbottle.core.models.runtimes import OnnxRunner, TorchRunner
 
-    packed = packed_variant(tokenizer, tmp_path / "packed", method, scheme)
+    packed = packed_variant(tokenizer, tmp_path / "packed", method, scheme, head=head)
+    layers = 14 + head
     facts = edge_bundle(packed, tmp_path / "fast", tokenizer, accuracy_level=4)
-    assert facts["nbits_layers"] == 14 and facts["bits"] == scheme.bits
+    assert facts["nbits_layers"] == layers and facts["bits"] == scheme.bits
     # The same graph with float32 compute (accuracy_level 0) instead of int8 activations.
     shutil.copytree(tmp_path / "fast", tmp_path / "exact")
     exact_graph = onnx.load(str(tmp_path / "fast/model.onnx"))
@@ -99,9 +109,10 @@ def test_edge_bundle_carries_the_variants_codes_and_gives_its_logits(
     torch_model, _ = load_packed(packed, kernel="on-the-fly")
     graph = onnx.load(str(tmp_path / "exact/model.onnx")).graph
     ops = [node.op_type for node in graph.node]
-    assert ops.count("MatMulNBits") == 14
+    assert ops.count("MatMulNBits") == layers
     stored = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    for name in names + ["lm_head"] * head:
         layer = torch_model.get_submodule(name)
         codes = unpack(layer.qweight, scheme.bits, layer.in_features)  # (N, K)
         if layer.g_idx is not None:

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import require_extra
 from tests.test_quantization import calibration, tiny_llama
+from unbottle.compression import output_head
 from unbottle.core.compression.grids import Scheme, unpack
 from unbottle.core.contract.errors import ConfigError
 from unbottle.core.contract.strategies import DeployContext
@@ -44,11 +45,14 @@ def float_dir(tmp_path_factory, tokenizer) -> Path:
 def packed_variant(root: Path, tokenizer, *, bits: int, group_size: int | None, **grid) -> Path:
     """A GPTQ variant of the tiny model in unbottle's packed format."""
     symmetric = grid.pop("symmetric", False)
+    head = grid.pop("head", False)  # quantize the output head too (untied), as quantize_head
     model = tiny_llama(len(tokenizer), seed=3)
     layers = [(n, m) for n, m in model.named_modules() if n.endswith("proj")]
+    if head:
+        layers.append(output_head(model, untie=True))
     scheme = Scheme(bits=bits, group_size=group_size, symmetric=symmetric)
     quantized, _ = gptq_model(model, calibration(len(tokenizer)), layers, scheme, **grid)
-    out = root / f"gptq{bits}-g{group_size}-{'sym' if symmetric else 'asym'}"
+    out = root / f"gptq{bits}-g{group_size}-{'sym' if symmetric else 'asym'}{'-head' * head}"
     save_packed(
         model, tokenizer, quantized, out, method="gptq", group_size=group_size,
         symmetric=symmetric, options={},
@@ -111,13 +115,16 @@ def card_library(bundle: Path) -> str | None:
         # GPTQ's default: asymmetric int4 in groups, act order (a g_idx per column).
         {"bits": 4, "group_size": 16, "act_order": True},
         {"bits": 8, "group_size": None, "symmetric": True, "act_order": False},
+        # quantize_head: the output head packed too, the embeddings float and untied.
+        {"bits": 4, "group_size": 16, "act_order": True, "head": True},
     ],
-    ids=["int4-g16-asym-actorder", "int8-channel-sym"],
+    ids=["int4-g16-asym-actorder", "int8-channel-sym", "int4-g16-head"],
 )
 def test_hf_target_writes_a_quantized_checkpoint_transformers_loads_to_the_same_logits(
     tmp_path, tokenizer, grid
 ):
     require_extra("compressed_tensors")
+    head = grid.get("head", False)
     variant = packed_variant(tmp_path, tokenizer, **grid)
     bundle = tmp_path / "bundle"
     facts = deploy("hf", {}, variant, bundle)
@@ -128,13 +135,13 @@ def test_hf_target_writes_a_quantized_checkpoint_transformers_loads_to_the_same_
     weights = config["config_groups"]["group_0"]["weights"]
     assert (weights["num_bits"], weights["group_size"]) == (grid["bits"], grid["group_size"])
     assert weights["actorder"] == ("group" if grid["act_order"] else None)
-    assert config["ignore"] == ["lm_head"]
+    assert config["ignore"] == ([] if head else ["lm_head"])
     with safe_open(str(bundle / "model.safetensors"), "pt") as f:
         dtypes = {k.rsplit(".", 1)[1]: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
         assert "model.layers.0.self_attn.q_proj.weight" not in f.keys()  # noqa: SIM118
     assert dtypes["weight_packed"] == "I32" and dtypes["weight_scale"] == "F16"
     assert ("weight_g_idx" in dtypes) == grid["act_order"]
-    assert facts["quantized_layers"] == 14 and facts["smoke_generated_tokens"] == 2
+    assert facts["quantized_layers"] == 14 + head and facts["smoke_generated_tokens"] == 2
     assert card_library(bundle) == "transformers"
 
     # Plain transformers, as a user would call it: the packed variant's logits.
@@ -215,6 +222,31 @@ def test_gguf_q4_0_holds_a_symmetric_group32_gptq_variant_code_for_code(tmp_path
 
     template = GGUFReader(path).fields["tokenizer.chat_template"].contents()
     assert template == AutoTokenizer.from_pretrained(bundle).chat_template
+
+
+def test_gguf_q4_0_holds_a_quantized_output_head_code_for_code(tmp_path, tokenizer):
+    require_extra("gguf")
+    from unbottle.core.models.gguf_writer import decode_blocks
+
+    variant = packed_variant(
+        tmp_path, tokenizer, bits=4, group_size=32, symmetric=True, act_order=True,
+        static_groups=True, head=True,
+    )  # fmt: skip
+    bundle = tmp_path / "bundle"
+    facts = deploy("gguf", {}, variant, bundle)
+    assert facts["gguf_type"] == "Q4_0" and facts["gguf_exact_tensors"] == 15
+    path = bundle / "model-Q4_0.gguf"
+    with safe_open(str(variant / "model.safetensors"), "pt") as f:
+        codes = unpack(f.get_tensor("lm_head.qweight"), 4, 64).numpy()
+        scales = f.get_tensor("lm_head.scales").numpy()
+    output = gguf_tensor(path, "output.weight")
+    assert output.tensor_type.name == "Q4_0"
+    got_codes, got_scales = decode_blocks(output.data, "Q4_0", 64)
+    assert (got_codes == codes).all() and (got_scales == scales).all()
+    assert gguf_tensor(path, "token_embd.weight").tensor_type.name == "F16"
+    model = AutoModelForCausalLM.from_pretrained(bundle, gguf_file=path.name, dtype=torch.float32)
+    reference, _ = load_packed(variant)
+    assert torch.allclose(logits(model), logits(reference), rtol=0, atol=2e-3)
 
 
 @pytest.mark.parametrize(("gguf_type", "atol"), [("F16", 2e-3), ("Q8_0", 3e-2)])

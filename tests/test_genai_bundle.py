@@ -112,6 +112,27 @@ def test_genai_bundle_carries_the_codes_and_gives_the_packed_models_logits(
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
+def test_a_quantized_head_is_built_from_the_variants_codes(tmp_path, tokenizer):
+    from unbottle.core.models.runtimes import GenaiRunner, TorchRunner
+    from unbottle.plugins.quantization.genai import build_genai_bundle
+
+    packed = packed_variant(
+        tokenizer, tmp_path / "packed", "gptq", Scheme(bits=4, group_size=32), head=True
+    )
+    facts = build_genai_bundle(packed, tmp_path / "exact", accuracy_level=0)
+    assert facts["head"] == "variant" and facts["nbits_layers"] == 11
+    nodes, _ = graph_arrays(tmp_path / "exact")
+    (head,) = [n for n in nodes if n.op_type == "MatMulNBits" and "lm_head" in n.name]
+    assert {a.name: a.i for a in head.attribute}["bits"] == 4
+    # The embeddings read their own float table, not a quantized copy of the head.
+    assert not any(n.op_type == "GatherBlockQuantized" for n in nodes)
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(5))
+    expected = TorchRunner(packed).logits(ids)
+    # Float compute on the variant's codes: the packed model's logits (a head the builder
+    # re-quantized would not give them).
+    assert torch.allclose(GenaiRunner(tmp_path / "exact").logits(ids), expected, atol=1e-5)
+
+
 def test_rtn_int8_per_channel_bundle(tmp_path, tokenizer):
     from unbottle.core.models.runtimes import GenaiRunner, TorchRunner
     from unbottle.plugins.quantization.genai import build_genai_bundle

@@ -397,6 +397,49 @@ def test_layers_that_match_nothing_are_an_error(tmp_path, float_dir, tokenizer):
         quantizer("rtn", {"layers": "attention"}).quantize(float_dir, tmp_path, context(tokenizer))
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantize_head_packs_the_head_and_leaves_the_embeddings_float(
+    tmp_path, float_dir, tokenizer, method
+):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "variant"
+    options = {"bits": 4, "group_size": 32, "quantize_head": True}
+    facts = quantizer(method, options).quantize(float_dir, out, context(tokenizer))
+    assert facts["quantized_layers"] == 15
+    assert "lm_head" in json.loads((out / QUANT_CONFIG).read_text())["modules"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.qweight" in keys and "lm_head.weight" not in keys
+
+    dense = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
+    assert dense.lm_head.weight is dense.model.embed_tokens.weight  # the source is tied
+    loaded, _ = load_packed(out)
+    assert loaded.config.tie_word_embeddings is False
+    assert type(loaded.lm_head).__name__ == "QuantizedLinear"
+    # The embedding table is the source's, untouched by the head's rounding.
+    assert torch.equal(loaded.model.embed_tokens.weight, dense.model.embed_tokens.weight)
+
+    float_head = dense.lm_head.weight.detach()
+    rtn_head = quantize_rtn(float_head, Scheme(bits=4, group_size=32)).dequantize()
+    head = loaded.lm_head.dequantized_weight()
+    if method == "rtn":
+        assert torch.equal(head, rtn_head)
+        return
+    # GPTQ's head keeps its outputs on the calibration data closer than rounding does: its
+    # inputs are the final norm of the quantized stack's outputs.
+    inputs = []
+    hook = loaded.lm_head.register_forward_pre_hook(lambda _m, a: inputs.append(a[0]))
+    with torch.no_grad():
+        for ids in context(tokenizer).calibration:
+            loaded(input_ids=ids)
+    hook.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
+    gptq_error = (x @ (head - float_head).T).pow(2).sum()
+    rtn_error = (x @ (rtn_head - float_head).T).pow(2).sum()
+    assert gptq_error < 0.8 * rtn_error
+
+
 def test_gptq_without_calibration_samples_fails_before_loading(tmp_path, tokenizer):
     ctx = CompressContext(tokenizer=tokenizer, calibration=[], train_ids=torch.arange(4))
     with pytest.raises(

@@ -15,7 +15,8 @@ a third-party pruner or quantizer needs (``examples/unbottle-awq`` is built on i
   or projection that feeds each group (:class:`Architecture`, :class:`LayerGroup`,
   :func:`architecture_of`, :func:`feeder_of`). A new architecture is one entry there.
 - **Finding layers**: :func:`find_linears` (by regex, never the output head;
-  :data:`DEFAULT_LAYERS` selects a Llama block's seven projections),
+  :data:`DEFAULT_LAYERS` selects a Llama block's seven projections), :func:`output_head`
+  (the head, untied from the embeddings on request),
   :func:`decoder_blocks` (from the table) and :func:`find_decoder_blocks` (any model).
 - **Grids and rounding**: :class:`Scheme`, :func:`fit_grid`, :func:`quantize_codes`,
   :func:`dequantize_codes`, :func:`clamp_codes`, :func:`quantize_rtn`,
@@ -74,6 +75,7 @@ from unbottle.core.compression.mappings import (
     feeder_of,
     find_decoder_blocks,
     find_linears,
+    output_head,
 )
 from unbottle.core.compression.sparsity import (
     PATTERN_HELP,
@@ -146,6 +148,7 @@ __all__ = [
     "nm_prune_mask",
     "one_thread",
     "outlier_ratio",
+    "output_head",
     "pack",
     "packed_length",
     "parse_pattern",

@@ -23,6 +23,10 @@ pass per batch (not one per group, as restarting the block for each group would)
 is what keeps 128 x 512 calibration tokens on a 135M model within minutes on two CPU
 cores.
 
+With ``head=True`` (the quantizers' ``quantize_head``) the output head comes last:
+its input is the final norm of the last block's outputs, computed with every block
+already compressed, so the head compensates for the errors of the whole stack.
+
 A method sees each Linear once, through a callback ``process(name, linear, stats)``: it
 may rewrite ``linear.weight`` in place (prune or fake-quantize it) and keep whatever it
 needs (masks, integer codes); the pass then carries on with the rewritten weights. A
@@ -403,6 +407,7 @@ def calibrate_sequentially(
     select: Callable[[str], bool],
     hessian: bool,
     mean_abs: bool = False,
+    head: bool = False,
     batch_size: int = 8,
     desc: str = "calibrate",
 ) -> None:
@@ -416,7 +421,8 @@ def calibrate_sequentially(
     ``hessian`` and ``mean_abs`` ask for those statistics in :class:`InputStats`; the
     summed squares and the feeder are always there. Only the Linears of the groups in the
     model's :data:`~unbottle.core.compression.mappings.ARCHITECTURES` entry are reached
-    (:func:`calibrated_linears` names them).
+    (:func:`calibrated_linears` names them), and with ``head`` the output head after them
+    (untie it from the embeddings first if it is to be rewritten: :func:`output_head`).
     """
     import torch
 
@@ -439,10 +445,10 @@ def calibrate_sequentially(
     _return_large_frees_to_the_os()
     was_training = model.training
     model.eval()
-    with torch.no_grad(), progress_bar(desc, len(blocks)) as advance:
+    with torch.no_grad(), progress_bar(desc, len(blocks) + head) as advance:
         batches = _block_inputs(model, blocks, calibration, batch_size)
         for index, block in enumerate(blocks):
-            last = index == len(blocks) - 1
+            last = index == len(blocks) - 1 and not head
             outputs = _compress_block(
                 block,
                 f"{arch.blocks}.{index}",
@@ -456,11 +462,32 @@ def calibrate_sequentially(
             if not last:
                 batches = [(h, kw) for h, (_, kw) in zip(outputs, batches, strict=True)]
             advance()
+        if head:
+            _compress_head(model, arch, [h for h, _ in batches], process_together, statistics)
+            advance()
     model.train(was_training)
 
 
+def _compress_head(
+    model: Any,
+    arch: Architecture,
+    last_outputs: list[torch.Tensor],
+    process: ProcessTogether,
+    statistics: dict[str, bool],
+) -> None:
+    """Compress the output head from the final norm of the last block's outputs."""
+    norm = model.get_submodule(arch.final_norm)
+    acc = _Accumulator(**statistics)
+    for hidden in last_outputs:
+        acc.add(norm(hidden))
+    stats = acc.stats()
+    stats.feeder = (arch.final_norm, norm)
+    process([(arch.head, model.get_submodule(arch.head))], stats)
+
+
 def calibrated_linears(model: Any) -> list[str]:
-    """The full names of the Linears the pass reaches, in the order it reaches them."""
+    """The full names of the blocks' Linears the pass reaches, in the order it reaches
+    them (the output head, reached with ``head=True``, comes after them)."""
     arch = architecture_of(model)
     blocks = model.get_submodule(arch.blocks)
     return [f"{arch.blocks}.{i}.{name}" for i in range(len(blocks)) for name in arch.linears]

@@ -55,6 +55,10 @@ class Architecture:
     blocks: str
     #: The block's Linear groups in the order a forward pass reaches them.
     groups: tuple[LayerGroup, ...]
+    #: The norm after the last block, whose output is the output head's input.
+    final_norm: str = "model.norm"
+    #: The output head (the Linear from hidden states to vocabulary logits).
+    head: str = "lm_head"
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -134,9 +138,9 @@ def find_linears(model: Any, pattern: str) -> list[tuple[str, Any]]:
     """The Linear layers whose full names match the regex ``pattern``, in model order.
 
     The output head is never one: it shares its matrix with the embedding in tied
-    models, and both stay float (a small share of the weights, and the most sensitive to
-    pruning and rounding). An empty list when nothing matches: the caller says which
-    option was wrong.
+    models and is the layer most sensitive to pruning and rounding, so it is compressed
+    only when asked for by name (the quantizers' ``quantize_head``, :func:`output_head`).
+    An empty list when nothing matches: the caller says which option was wrong.
     """
     import torch
 
@@ -146,6 +150,27 @@ def find_linears(model: Any, pattern: str) -> list[tuple[str, Any]]:
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and name != "lm_head" and regex.search(name)
     ]
+
+
+def output_head(model: Any, *, untie: bool = False) -> tuple[str, Any]:
+    """(full name, Linear) of the model's output head.
+
+    With ``untie``, a head that shares its matrix with the input embeddings gets a copy of
+    its own and the config records ``tie_word_embeddings: false``, so the head can be
+    rewritten (quantized) while the embedding table keeps its float values, and a model
+    saved from here loads back untied.
+    """
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if not isinstance(head, torch.nn.Linear) or name is None:
+        raise ConfigError(f"{type(model).__name__} has no Linear output head to quantize")
+    embeddings = model.get_input_embeddings()
+    if untie and embeddings is not None and head.weight is embeddings.weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    return name, head
 
 
 def feeder_of(block: Any, group: LayerGroup) -> Any | None:

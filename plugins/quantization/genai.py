@@ -34,6 +34,10 @@ Two things the builder would do that unbottle does differently:
   same way (x W^T = x[:, p] W[:, p]^T), so the fast kernel runs. ``down_proj``'s input
   is gate's and up's outputs multiplied element by element, so their output rows are
   stored in its order instead and it needs no ``Gather``.
+- The output head, when the variant quantized it (``quantize_head``), is written like
+  any layer and the builder takes its codes, with the untied embedding table in float
+  (one row read per token). On SmolLM2 a GPTQ int4 head reads half the int8 head's bytes
+  per token for x1.016 perplexity (docs/compression.md).
 - The output head, not quantized in the variant (tied to the embeddings), is left to the
   builder's own int8 round-to-nearest (``head: int8``, its ``rtn_last``; the embeddings
   then read the same int8 table), its default symmetric int4 (``head: int4``, with a
@@ -113,8 +117,8 @@ def write_gptq_checkpoint(packed_dir: Path, out_dir: Path) -> dict[str, Any]:
     reads (the layout in the module docstring), code for code.
 
     Writes ``model.safetensors`` and ``config.json`` into ``out_dir``; the tokenizer is
-    the caller's. Returns ``desc_act`` (whether any layer has act-order groups) and
-    ``quantized_layers``.
+    the caller's. Returns ``desc_act`` (whether any layer has act-order groups),
+    ``quantized_layers`` and ``quantized_head`` (whether the output head is one of them).
     """
     import torch
     from safetensors.torch import load_file, save_file
@@ -189,7 +193,11 @@ def write_gptq_checkpoint(packed_dir: Path, out_dir: Path) -> dict[str, Any]:
         "checkpoint_format": "gptq",
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return {"desc_act": desc_act, "quantized_layers": len(shapes)}
+    return {
+        "desc_act": desc_act,
+        "quantized_layers": len(shapes),
+        "quantized_head": "lm_head" in shapes,
+    }
 
 
 def sort_act_order_groups(model: Any) -> int:
@@ -271,7 +279,8 @@ def build_genai_bundle(
 
     Writes ``model.onnx`` (+ ``model.onnx.data``), ``genai_config.json``, the tokenizer and
     the model's ``config.json`` and ``generation_config.json`` into ``out_dir``, once all
-    of it is built. ``head`` is what the output head becomes (:data:`HEADS`),
+    of it is built. ``head`` is what the output head becomes (:data:`HEADS`) when the
+    variant left it float (one quantized with ``quantize_head`` keeps its codes: "variant"),
     ``accuracy_level`` MatMulNBits' compute type (4: int8 activations, ONNX Runtime's fast
     CPU path; 0: float32, exact). Returns facts: ``genai_bytes``, ``nbits_layers``,
     ``act_order_layers``, ``bits``, ``block_size``, ``head``, ``accuracy_level``,
@@ -299,7 +308,12 @@ def build_genai_bundle(
             "int4_accuracy_level": accuracy_level,
             "int4_block_size": meta["quantization_config"]["group_size"],
         }
-        if head == "int8":
+        if facts["quantized_head"]:
+            # The variant's own head codes (quantize_head): the builder reads lm_head.qweight
+            # like any layer's; the untied embedding table stays float.
+            head = "variant"
+            options.update(shared_embeddings=False)
+        elif head == "int8":
             # Asymmetric: the builder's symmetric int8 head leaves out the zero points its
             # shared embedding table reads (0.11.4).
             options.update(int4_algo_config="rtn_last", int4_is_symmetric=False)

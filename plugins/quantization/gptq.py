@@ -267,9 +267,10 @@ def gptq_model(
     layers are calibrated on the quantized earlier ones. Returns the quantized weights
     by module name and metrics: the mean and max relative output error of the layers on
     the calibration inputs they saw, their mean relative weight error and the largest
-    damping used.
+    damping used. ``layers`` may include the output head (last, from the final norm of the
+    quantized stack's outputs); untie it from the embeddings first (``output_head``).
     """
-    from unbottle.compression import calibrate_sequentially
+    from unbottle.compression import architecture_of, calibrate_sequentially
 
     selected = {name for name, _ in layers}
     results: dict[str, QuantizedWeight] = {}
@@ -305,6 +306,7 @@ def gptq_model(
         process_together=process,
         select=selected.__contains__,
         hessian=True,
+        head=architecture_of(model).head in selected,
         batch_size=batch_size,
         desc="gptq",
     )
@@ -312,7 +314,8 @@ def gptq_model(
     if missed:  # a Linear outside the q/k/v/o and gate/up/down projections of a block
         raise ConfigError(
             f"gptq.layers: selects {missed[0]}, which the block-by-block pass does not reach; "
-            "gptq quantizes the attention and MLP projections of Llama-family blocks"
+            "gptq quantizes the attention and MLP projections of Llama-family blocks (and "
+            "the output head, with quantize_head)"
         )
     return results, {
         "mean_layer_output_error": sum(errors) / len(errors),
