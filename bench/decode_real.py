@@ -491,7 +491,7 @@ def table(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
     fmt = real.fmt
     for r in rows:
         if not r["ok"]:
-            error = r["error"].replace("|", "\\|")
+            error = " ".join(r["error"].split()).replace("|", "\\|")  # one table line
             lines.append(f"| {r['label']} | failed: {error} |" + " |" * (width - 1))
             continue
         cells = [r["label"]]
