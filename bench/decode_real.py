@@ -14,12 +14,15 @@ float32 torch row measured in the same round of the same run. Rows:
   ``runtime: genai``, int8 output head), built from the cached packed variant;
 - ``gptq-int4-g64-static-genai``: the same for GPTQ with ``static_groups: true`` (groups
   of contiguous columns, so the graph needs no ``Gather`` to sort act-order columns);
+- ``gptq-int4-g64-static-head-genai``: the same with the output head GPTQ int4 as well
+  (``quantize_head: true``; the embedding untied and left float);
 - ``genai-int4``: onnxruntime-genai's own int4 build of the dense model (the anchor; its
   model builder quantizes by round-to-nearest, block 64). It needs the ``genai`` extra:
   ``pip install onnxruntime-genai==0.11.4 onnx-ir``.
 
 Variants: ``gptq-int4-g64`` (GPTQ, the compress stage's defaults), ``gptq-int4-g64-static``
-(the same with ``static_groups: true``; only its genai row is measured), ``rtn-int4-g64`` and
+(the same with ``static_groups: true``) and ``gptq-int4-g64-static-head`` (and
+``quantize_head: true``), of which only the genai rows are measured, ``rtn-int4-g64`` and
 ``rtn-int8-g64`` (int8 in groups of 64: MatMulNBits blocks are powers of two, so SmolLM2's
 576-wide rows cannot be one per-channel block). Each is built once, through the plugin
 registry as the compress stage calls it, and cached with its edge bundle under
@@ -98,6 +101,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq-int4-g64": ("gptq", {"bits": 4, "group_size": 64}),
     # Groups fitted on contiguous columns (no g_idx): the genai bundle needs no Gathers.
     "gptq-int4-g64-static": ("gptq", {"bits": 4, "group_size": 64, "static_groups": True}),
+    # The same with the output head GPTQ int4 too (the embedding untied, left float).
+    "gptq-int4-g64-static-head": (
+        "gptq",
+        {"bits": 4, "group_size": 64, "static_groups": True, "quantize_head": True},
+    ),
     "rtn-int4-g64": ("rtn", {"bits": 4, "group_size": 64}),
     "rtn-int8-g64": ("rtn", {"bits": 8, "group_size": 64}),
 }
@@ -128,6 +136,11 @@ ROWS: dict[str, Row] = {
         "gptq-int4-g64-static",
         "genai",
         "GPTQ int4 g64 static groups, onnxruntime-genai (our codes)",
+    ),
+    "gptq-int4-g64-static-head-genai": Row(
+        "gptq-int4-g64-static-head",
+        "genai",
+        "GPTQ int4 g64 static groups + int4 GPTQ head, onnxruntime-genai (our codes)",
     ),
     "genai-int4": Row(None, "genai", f"onnxruntime-genai int4 (RTN, block {GENAI_BLOCK})"),
 }
