@@ -1,8 +1,8 @@
 """Decode speed of compressed variants in the runtimes they ship in (issue #14, item 5).
 
 On SmolLM2-135M-Instruct (the same source, calibration and held-out text as
-``bench/compress_real.py``), at batch 1 and batch 8, every figure a ratio to the dense
-float32 torch row measured in the same run. Rows:
+``bench/compress_real.py``), at batch 1 and batch 8, every speed a ratio to the dense
+float32 torch row measured in the same round of the same run. Rows:
 
 - ``fp32-torch``: the dense model in torch;
 - ``<variant>-torch``: a packed variant through unbottle's loader (core/models/lowbit.py,
@@ -14,42 +14,57 @@ float32 torch row measured in the same run. Rows:
   ``runtime: genai``, int8 output head), built from the cached packed variant;
 - ``gptq-int4-g64-static-genai``: the same for GPTQ with ``static_groups: true`` (groups
   of contiguous columns, so the graph needs no ``Gather`` to sort act-order columns);
+- ``gptq-int4-g64-static-head-genai``: the same with the output head GPTQ int4 as well
+  (``quantize_head: true``; the embedding untied and left float);
 - ``genai-int4``: onnxruntime-genai's own int4 build of the dense model (the anchor; its
   model builder quantizes by round-to-nearest, block 64). It needs the ``genai`` extra:
   ``pip install onnxruntime-genai==0.11.4 onnx-ir``.
 
 Variants: ``gptq-int4-g64`` (GPTQ, the compress stage's defaults), ``gptq-int4-g64-static``
-(the same with ``static_groups: true``; only its genai row is measured), ``rtn-int4-g64`` and
+(the same with ``static_groups: true``) and ``gptq-int4-g64-static-head`` (and
+``quantize_head: true``), of which only the genai rows are measured, ``rtn-int4-g64`` and
 ``rtn-int8-g64`` (int8 in groups of 64: MatMulNBits blocks are powers of two, so SmolLM2's
 576-wide rows cannot be one per-channel block). Each is built once, through the plugin
 registry as the compress stage calls it, and cached with its edge bundle under
 ``$UNBOTTLE_CACHE_DIR/decode_real/`` (``--cache-dir``), keyed by the source's sha256 and
 every setting that shapes it.
 
-Each row runs in its own process on ``--threads`` threads (default 1):
+A row's tokens/s moves by about 20% from one run to the next, so one pass cannot tell a
+10% difference. Every row is built first (or found in the cache); then the decode timing is
+repeated in ``--rounds`` rounds (default 5). In each round every row runs once, each in a
+fresh process on ``--threads`` threads (default 1), one after another, the order rotated
+by one row per round (round r starts at the r-th row), so no row always runs first or last:
 
 - decode: ``--batch-sizes`` rows of ``--prompt-tokens`` held-out tokens each are
   prefilled, then ``--new-tokens`` greedy steps are timed through the serving engine's
   backend for that runtime (``core/serving/engine.py``: the code that serves the bundle;
   onnxruntime-genai's own generator for the genai rows). Tokens/s = batch x steps / time.
-- % of roofline (batch 1): tokens/s x bytes of weights read per token (the evaluate
-  stage's ``torch_bytes_per_token`` / ``onnx_bytes_per_token``) over the memory bandwidth
-  measured at the start of the run (``memory_bandwidth``).
-- resident memory: the row process's RSS after decoding (weights, runtime, caches).
-- perplexity: non-overlapping ``--window``-token windows of the held-out text (at most
+- ratios, paired within a round: a row's tokens/s over ``fp32-torch``'s of the same round
+  and batch size, and at the first batch size over the anchor's (``genai-int4``) of the
+  same round. The table gives the median tokens/s over rounds and the median of the
+  per-round ratios with their min-max; the JSON keeps every round's figures.
+- % of roofline (first batch size): median tokens/s x bytes of weights read per token (the
+  evaluate stage's ``torch_bytes_per_token`` / ``onnx_bytes_per_token``) over the memory
+  bandwidth measured at the start of the run (``memory_bandwidth``) on ``--threads``
+  threads, the rows' own count.
+- resident memory: the row process's RSS after decoding (weights, runtime, caches),
+  median over rounds.
+- perplexity, once per row (in the first round; it does not change from round to round):
+  non-overlapping ``--window``-token windows of the held-out text (at most
   ``--eval-windows``), through ``load_runner`` (torch or ONNX Runtime) or the anchor's
   generator; the ratio is to ``fp32-torch``'s.
 
-Results are written to ``--out`` after every row. ``--resume`` keeps the rows of an earlier
-``--out`` measured with the same settings on the same machine (each row records its own
-time; the table marks rows not measured in this run), ``--only`` runs some rows. The table,
-the command and the machine replace the marked section of BENCHMARKS.md.
+A row whose process fails is reported failed with its error and not run again. ``--out``
+is rewritten after every round (``rounds_done``), so an interrupted run leaves what it
+measured; there is no resuming: the builds are cached, and a rerun measures every round
+anew, so one median never mixes rounds of different runs. ``--only`` runs some rows. The
+table, the command and the machine replace the marked section of BENCHMARKS.md.
 
     .venv/bin/python bench/decode_real.py                       # every row (the lead runs it)
-    .venv/bin/python bench/decode_real.py --only fp32-torch,gptq-int4-g64-onnx --resume
+    .venv/bin/python bench/decode_real.py --only fp32-torch,gptq-int4-g64-genai,genai-int4
     .venv/bin/python bench/decode_real.py --source DIR_OF_A_TINY_HF_MODEL --samples 2 \\
-        --seq-len 32 --window 32 --prompt-tokens 8 --new-tokens 8 --eval-windows 2 \\
-        --out /tmp/d.json --markdown /tmp/B.md        # an end-to-end check on a tiny model
+        --seq-len 32 --window 32 --prompt-tokens 8 --new-tokens 8 --eval-windows 1 \\
+        --rounds 2 --out /tmp/d.json --markdown /tmp/B.md  # an end-to-end check, tiny model
 """
 
 from __future__ import annotations
@@ -61,6 +76,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,6 +101,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq-int4-g64": ("gptq", {"bits": 4, "group_size": 64}),
     # Groups fitted on contiguous columns (no g_idx): the genai bundle needs no Gathers.
     "gptq-int4-g64-static": ("gptq", {"bits": 4, "group_size": 64, "static_groups": True}),
+    # The same with the output head GPTQ int4 too (the embedding untied, left float).
+    "gptq-int4-g64-static-head": (
+        "gptq",
+        {"bits": 4, "group_size": 64, "static_groups": True, "quantize_head": True},
+    ),
     "rtn-int4-g64": ("rtn", {"bits": 4, "group_size": 64}),
     "rtn-int8-g64": ("rtn", {"bits": 8, "group_size": 64}),
 }
@@ -116,9 +137,15 @@ ROWS: dict[str, Row] = {
         "genai",
         "GPTQ int4 g64 static groups, onnxruntime-genai (our codes)",
     ),
+    "gptq-int4-g64-static-head-genai": Row(
+        "gptq-int4-g64-static-head",
+        "genai",
+        "GPTQ int4 g64 static groups + int4 GPTQ head, onnxruntime-genai (our codes)",
+    ),
     "genai-int4": Row(None, "genai", f"onnxruntime-genai int4 (RTN, block {GENAI_BLOCK})"),
 }
 REFERENCE = "fp32-torch"
+ANCHOR = "genai-int4"
 
 
 # ---------------------------------------------------------------- building (cached)
@@ -363,7 +390,13 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         real.progress(f"  decode: batch {batch}, {spec['new_tokens']} steps")
         seconds = decode(prompts_of(stream, batch, spec["prompt_tokens"]))
         out[f"tokens_per_s_b{batch}"] = batch * spec["new_tokens"] / seconds
-    out.update(rss_mb=round(rss_mb(), 1), bytes_per_token=per_token)
+    out.update(
+        rss_mb=round(rss_mb(), 1),
+        bytes_per_token=per_token,
+        measured_at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    if not spec["perplexity"]:  # later rounds: decode only
+        return out
     if row.runtime != "genai":
         del backend
     runner = GenaiRunner(model) if row.runtime == "genai" else load_runner(model_dir)
@@ -375,7 +408,6 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         eval_windows=windows,
         weights_bytes=real.weights_bytes(model_dir),
         built=json.loads(built.read_text()) if row.variant or row.runtime == "genai" else {},
-        measured_at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
     return out
 
@@ -390,9 +422,10 @@ def child_main(spec_file: Path, result_file: Path) -> None:
 
 
 def settings(args: argparse.Namespace, sha256: str) -> dict[str, Any]:
-    """What a row's figures depend on: rows kept by --resume must match all of it."""
+    """What the figures depend on, recorded with them."""
     return {
         "source_sha256": sha256,
+        "rounds": args.rounds,
         "threads": args.threads,
         "batch_sizes": args.batch_sizes,
         "prompt_tokens": args.prompt_tokens,
@@ -405,41 +438,82 @@ def settings(args: argparse.Namespace, sha256: str) -> dict[str, Any]:
     }
 
 
-def add_ratios(rows: list[dict[str, Any]], batch_sizes: list[int], bandwidth: float) -> None:
-    reference = next((r for r in rows if r["name"] == REFERENCE and r["ok"]), None)
+def spread(values: list[float]) -> dict[str, float] | None:
+    """Median, min and max of per-round figures; None when there are none."""
+    if not values:
+        return None
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "rounds": len(values),
+    }
+
+
+def summarize(rows: list[dict[str, Any]], batch_sizes: list[int], bandwidth: float) -> None:
+    """Per round, each row's tokens/s over the reference's and the anchor's of the same
+    round; per row, the median tokens/s and the median, min and max of those ratios."""
+    first = batch_sizes[0]
+    by_name = {r["name"]: r for r in rows}
+
+    def same_round(name: str, k: int) -> dict[str, Any] | None:
+        rounds = by_name[name]["rounds"] if name in by_name else []
+        return next((e for e in rounds if e["round"] == k and e["ok"]), None)
+
     for r in rows:
-        if not r["ok"]:
+        done = [e for e in r["rounds"] if e["ok"]]
+        for e in done:
+            reference, anchor = same_round(REFERENCE, e["round"]), same_round(ANCHOR, e["round"])
+            for b in batch_sizes:
+                tps = e[f"tokens_per_s_b{b}"]
+                e[f"speedup_b{b}"] = tps / reference[f"tokens_per_s_b{b}"] if reference else None
+            tps = e[f"tokens_per_s_b{first}"]
+            e[f"anchor_ratio_b{first}"] = tps / anchor[f"tokens_per_s_b{first}"] if anchor else None
+        if not done:
             continue
-        first = batch_sizes[0]
-        r["roofline_pct"] = (
-            100 * r[f"tokens_per_s_b{first}"] / first * r["bytes_per_token"] / bandwidth
-        )
-        if reference is None:
-            continue
-        r["perplexity_ratio"] = r["perplexity"] / reference["perplexity"]
         for b in batch_sizes:
-            r[f"speedup_b{b}"] = r[f"tokens_per_s_b{b}"] / reference[f"tokens_per_s_b{b}"]
+            r[f"tokens_per_s_b{b}"] = statistics.median(e[f"tokens_per_s_b{b}"] for e in done)
+            ratios = [e[f"speedup_b{b}"] for e in done]
+            r[f"speedup_b{b}"] = spread([x for x in ratios if x is not None])
+        key = f"anchor_ratio_b{first}"
+        r[key] = spread([e[key] for e in done if e[key] is not None])
+        r["rss_mb"] = statistics.median(e["rss_mb"] for e in done)
+        if "bytes_per_token" in r:
+            per_s = r[f"tokens_per_s_b{first}"] / first  # decode steps per second
+            r["roofline_pct"] = 100 * per_s * r["bytes_per_token"] / bandwidth
+        reference = by_name.get(REFERENCE, {})
+        if "perplexity" in r and "perplexity" in reference:
+            r["perplexity_ratio"] = r["perplexity"] / reference["perplexity"]
 
 
-def table(rows: list[dict[str, Any]], batch_sizes: list[int], run_date: str) -> str:
-    speed = "".join(f" tokens/s b{b} | × fp32 b{b} |" for b in batch_sizes)
-    head = (
-        f"| row |{speed} % roofline b{batch_sizes[0]} | RSS (MB) | weights (MB) "
-        "| perplexity | × fp32 |"
-    )
-    lines = [head, "|---|" + "---:|" * (2 * len(batch_sizes) + 5)]
+def fmt_spread(value: dict[str, float] | None) -> str:
+    """``median (min–max)`` of per-round ratios."""
+    if value is None:
+        return "–"
+    return f"{value['median']:.2f} ({value['min']:.2f}–{value['max']:.2f})"
+
+
+def table(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
+    first = batch_sizes[0]
+    anchor = any(r["name"] == ANCHOR and r["ok"] for r in rows)
+    head = "| row |" + "".join(f" tokens/s b{b} | × fp32 b{b} |" for b in batch_sizes)
+    head += f" × anchor b{first} |" if anchor else ""
+    head += f" % roofline b{first} | RSS (MB) | weights (MB) | perplexity | × fp32 ppl |"
+    width = 2 * len(batch_sizes) + anchor + 5
+    lines = [head, "|---|" + "---:|" * width]
     fmt = real.fmt
     for r in rows:
-        label = r["label"] + ("" if r.get("run") == run_date else " *")
         if not r["ok"]:
-            error = r["error"].replace("|", "\\|")
-            lines.append(f"| {label} | failed: {error} |" + " |" * (2 * len(batch_sizes) + 4))
+            error = " ".join(r["error"].split()).replace("|", "\\|")  # one table line
+            lines.append(f"| {r['label']} | failed: {error} |" + " |" * (width - 1))
             continue
-        cells = [label]
+        cells = [r["label"]]
         for b in batch_sizes:
-            cells += [fmt(r[f"tokens_per_s_b{b}"], 1), fmt(r.get(f"speedup_b{b}"), 2)]
+            cells += [fmt(r[f"tokens_per_s_b{b}"], 1), fmt_spread(r[f"speedup_b{b}"])]
+        if anchor:
+            cells.append(fmt_spread(r[f"anchor_ratio_b{first}"]))
         cells += [
-            fmt(r["roofline_pct"], 0),
+            fmt(r.get("roofline_pct"), 0),
             fmt(r["rss_mb"], 0),
             fmt(r["weights_bytes"] / 1e6, 1),
             fmt(r["perplexity"]),
@@ -451,7 +525,7 @@ def table(rows: list[dict[str, Any]], batch_sizes: list[int], run_date: str) -> 
 
 def markdown(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
-    resumed = any(r.get("run") != report["date"] for r in report["rows"])
+    first = s["batch_sizes"][0]
     return "\n".join(
         [
             BEGIN,
@@ -459,23 +533,29 @@ def markdown(report: dict[str, Any]) -> str:
             f"Measured {report['date']} by `{report['command']}`.",
             "",
             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; load average at "
-            f"start {', '.join(map(str, m['load_average_at_start']))}; memory bandwidth "
-            f"{report['bandwidth_gb_per_s']:.1f} GB/s (a 256 MB copy, this run); torch "
-            f"{m['torch']}, onnxruntime {m['onnxruntime']}.",
+            f"start {', '.join(map(str, m['load_average_at_start']))}, at the end "
+            f"{', '.join(map(str, report['load_average_at_end']))}; memory bandwidth "
+            f"{report['bandwidth_gb_per_s']:.1f} GB/s (a 256 MB copy on {s['threads']} "
+            f"thread(s), as many as each row decodes on, this run); torch {m['torch']}, "
+            f"onnxruntime {m['onnxruntime']}.",
             "",
-            f"Model: {report['model']}. {s['threads']} thread(s) per row, each row in its own "
-            f"process; decode: prompts of {s['prompt_tokens']} held-out tokens, "
-            f"{s['new_tokens']} greedy steps timed after prefill, through the serving "
-            "engine's backend of the row's runtime (the anchor: its own generator). "
-            "× fp32: ratio to the dense fp32 torch row of the same batch size; % roofline: "
+            f"Model: {report['model']}. {s['rounds']} rounds; in each, every row decodes once "
+            f"in a fresh process on {s['threads']} thread(s), one row after another, the "
+            "order rotated by one row per round so that no row always runs first or last. "
+            f"Decode: prompts of {s['prompt_tokens']} held-out tokens, {s['new_tokens']} "
+            "greedy steps timed after prefill, through the serving engine's backend of the "
+            "row's runtime (the genai rows: onnxruntime-genai's own generator). tokens/s: the "
+            "median over rounds; × fp32 bN: each round's ratio to the dense fp32 torch row's "
+            f"tokens/s in the same round, median (min–max over rounds); × anchor b{first}: "
+            "the same against onnxruntime-genai's own int4 build. % roofline: median "
             "tokens/s × bytes of weights read per token / the bandwidth; RSS: the row "
-            "process's resident memory after decoding; perplexity over "
-            f"{s['eval_windows'] or 'all'} window(s) of {s['window']} held-out tokens, × fp32 "
-            "its ratio to the dense row's. Variants calibrated on "
-            f"{s['samples']} windows of {s['seq_len']} tokens."
-            + (" Rows marked * were kept from an earlier run (`--resume`)." if resumed else ""),
+            "process's resident memory after decoding, median; perplexity (measured once, in "
+            f"the first round) over {s['eval_windows'] or 'all'} window(s) of {s['window']} "
+            "held-out tokens, × fp32 ppl its ratio to the dense row's. Variants calibrated on "
+            f"{s['samples']} windows of {s['seq_len']} tokens. Every round's figures are in "
+            "the JSON.",
             "",
-            table(report["rows"], s["batch_sizes"], report["date"]),
+            table(report["rows"], s["batch_sizes"]),
             "",
             END,
         ]
@@ -485,7 +565,7 @@ def markdown(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated rows: " + ", ".join(ROWS))
-    parser.add_argument("--resume", action="store_true", help="keep matching rows of --out")
+    parser.add_argument("--rounds", type=int, default=5, help="decode rounds, every row in each")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-sizes", default="1,8", help="comma-separated, e.g. 1,8")
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -510,12 +590,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         real.fail(f"--batch-sizes: {args.batch_sizes!r} is not a comma-separated list of integers")
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         real.fail("--batch-sizes: each batch size must be at least 1")
-    for flag in ("threads", "prompt_tokens", "new_tokens", "window", "samples", "seq_len"):
+    for flag in (
+        "rounds",
+        "threads",
+        "prompt_tokens",
+        "new_tokens",
+        "window",
+        "samples",
+        "seq_len",
+    ):
         if getattr(args, flag) < 1:
             real.fail(f"--{flag.replace('_', '-')}: must be at least 1")
     if args.eval_windows is not None and args.eval_windows < 1:
         real.fail("--eval-windows: must be at least 1")
     wanted = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else list(ROWS)
+    if not wanted:
+        real.fail(f"--only: {args.only!r} names no row; rows: {', '.join(ROWS)}")
     unknown = [n for n in wanted if n not in ROWS]
     if unknown:
         real.fail(f"--only: unknown row {unknown[0]!r}; rows: {', '.join(ROWS)}")
@@ -523,92 +613,99 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def previous_rows(args: argparse.Namespace, setup: dict[str, Any], cpu: str) -> dict[str, Any]:
-    """Rows of an earlier --out that --resume may keep: same settings, same CPU, ok."""
-    if not (args.resume and args.out.is_file()):
-        return {}
-    old = json.loads(args.out.read_text(encoding="utf-8"))
-    if old.get("settings") != setup or old.get("machine", {}).get("cpu") != cpu:
-        real.progress("decode_real: --resume: the earlier results differ in settings; rerunning")
-        return {}
-    return {r["name"]: r for r in old.get("rows", []) if r.get("ok")}
+#: What a row measures once (in the first round); the rest of a result is per round.
+ONCE = ("perplexity", "scored_tokens", "eval_windows", "weights_bytes", "built", "bytes_per_token")
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--child"]:
         child_main(Path(argv[1]), Path(argv[2]))
         return 0
+    import torch
+
     from unbottle.core.models.sources import cache_root
     from unbottle.core.store.artifacts import write_json_atomic
     from unbottle.plugins.metrics import memory_bandwidth
 
     args = parse_args(argv)
     started = datetime.datetime.now(datetime.timezone.utc)
-    run_date = started.strftime("%Y-%m-%d %H:%M UTC")
     host = real.machine()
     dense_dir, model, sha256 = real.source_dir(args.source)
     setup = settings(args, sha256)
     cache = (args.cache_dir or cache_root() / "decode_real") / sha256[:16]
     cache.mkdir(parents=True, exist_ok=True)
-    kept = previous_rows(args, setup, host["cpu"])
+    torch.set_num_threads(args.threads)  # the bandwidth the rows' thread count can draw
     bandwidth = memory_bandwidth()
-    real.progress(f"decode_real: {dense_dir}; bandwidth {bandwidth / 1e9:.1f} GB/s")
+    real.progress(
+        f"decode_real: {dense_dir}; bandwidth {bandwidth / 1e9:.1f} GB/s on {args.threads} "
+        "thread(s)"
+    )
     command = "python bench/decode_real.py" + "".join(f" {shlex.quote(a)}" for a in argv)
     report: dict[str, Any] = {
-        "date": run_date,
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "command": command,
         "machine": host,
         "model": model,
         "settings": setup,
         "bandwidth_gb_per_s": bandwidth / 1e9,
+        "rounds_done": 0,
         "rows": [],
     }
-    # The reference runs first when it runs: every ratio is to it.
-    order = sorted(args.rows, key=lambda n: n != REFERENCE)
+    order = sorted(args.rows, key=lambda n: n != REFERENCE)  # the table's order
+    records: dict[str, dict[str, Any]] = {}
+    model_dirs: dict[str, Path] = {}
+    for i, name in enumerate(order):  # every build before any timing
+        row = ROWS[name]
+        record = {"name": name, "label": row.label, **asdict(row), "ok": True, "error": ""}
+        record["rounds"] = []  # one entry per round it ran in
+        records[name] = record
+        report["rows"].append(record)
+        real.progress(f"[build {i + 1}/{len(order)}] {name}: {row.label}")
+        missing = genai_available() if row.runtime == "genai" else None
+        if missing:
+            record.update(ok=False, error=missing)
+            continue
+        try:
+            model_dirs[name] = ensure_built(row, dense_dir, sha256, cache, args)
+        except Exception as e:  # a failed build is that row's failure, reported
+            record.update(ok=False, error=f"build: {e}")
     with tempfile.TemporaryDirectory(prefix="decode_real.") as tmp:
-        for i, name in enumerate(order):
-            row = ROWS[name]
-            record: dict[str, Any] = {
-                "name": name,
-                "label": row.label,
-                **asdict(row),
-                "run": run_date,  # which run measured it: rows kept by --resume keep theirs
-            }
-            if name in kept:
-                report["rows"].append(kept[name])
-                real.progress(f"[{i + 1}/{len(order)}] {name}: kept from {kept[name]['run']}")
-                continue
-            real.progress(f"[{i + 1}/{len(order)}] {name}: {row.label}")
-            missing = genai_available() if row.runtime == "genai" else None
-            if missing:
-                report["rows"].append({**record, "ok": False, "error": missing})
-                continue
-            try:
-                model_dir = ensure_built(row, dense_dir, sha256, cache, args)
-            except Exception as e:  # a failed build is that row's failure, reported
-                report["rows"].append({**record, "ok": False, "error": f"build: {e}"})
-                continue
-            work = Path(tmp) / name
-            work.mkdir()
-            spec = {
-                **setup,
-                "row": asdict(row),
-                "model_dir": str(model_dir),
-                "dense_dir": str(dense_dir),
-            }
-            outcome = real.run_child(spec["row"]["runtime"], spec, work, script=__file__)
-            record.update(ok=outcome.ok, error=outcome.error, **outcome.result)
-            report["rows"].append(record)
-            status = (
-                f"{record['tokens_per_s_b' + str(args.batch_sizes[0])]:.1f} tokens/s, "
-                f"perplexity {record['perplexity']:.3f}"
-                if outcome.ok
-                else outcome.error
-            )
-            real.progress(f"[{i + 1}/{len(order)}] {name}: {status}")
-            add_ratios(report["rows"], args.batch_sizes, bandwidth)
-            write_json_atomic(args.out, report)  # after every row: --resume picks up here
-    add_ratios(report["rows"], args.batch_sizes, bandwidth)
+        for k in range(args.rounds):
+            shift = k % len(order)
+            for i, name in enumerate(order[shift:] + order[:shift]):
+                record = records[name]
+                if not record["ok"]:
+                    continue
+                where = f"[round {k + 1}/{args.rounds}, {i + 1}/{len(order)}] {name}"
+                work = Path(tmp) / f"round{k}-{name}"
+                work.mkdir()
+                spec = {
+                    **setup,
+                    "row": asdict(ROWS[name]),
+                    "model_dir": str(model_dirs[name]),
+                    "dense_dir": str(dense_dir),
+                    "perplexity": k == 0,
+                }
+                outcome = real.run_child(name, spec, work, script=__file__)
+                entry: dict[str, Any] = {"round": k, "position": i, "ok": outcome.ok}
+                if not outcome.ok:  # not run again: its figures would lack this round
+                    entry["error"] = outcome.error
+                    record.update(ok=False, error=f"round {k + 1}: {outcome.error}")
+                    record["rounds"].append(entry)
+                    real.progress(f"{where}: failed: {outcome.error}")
+                    continue
+                result = dict(outcome.result)
+                record.update({key: result.pop(key) for key in ONCE if key in result})
+                entry.update(result, wall_s=outcome.wall_s, child_peak_mb=outcome.child_peak_mb)
+                record["rounds"].append(entry)
+                speeds = ", ".join(
+                    f"b{b} {entry[f'tokens_per_s_b{b}']:.1f}" for b in args.batch_sizes
+                )
+                ppl = f", perplexity {record['perplexity']:.3f}" if k == 0 else ""
+                real.progress(f"{where}: tokens/s {speeds}{ppl}")
+            report["rounds_done"] = k + 1
+            summarize(report["rows"], args.batch_sizes, bandwidth)
+            write_json_atomic(args.out, report)  # after every round, for a look mid-run
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     write_json_atomic(args.out, report)
     rewrite_section(args.markdown, markdown(report), begin=BEGIN, end=END, heading=SECTION)
