@@ -113,6 +113,18 @@ ROWS: dict[str, Row] = {
     "gptq-int4-g64": Row(
         "quantization", "gptq", {"bits": 4, "group_size": 64}, "GPTQ int4 g64", 1.25, 1.38
     ),
+    "rtn-int4-g64-head": Row(
+        "quantization",
+        "rtn",
+        {"bits": 4, "group_size": 64, "quantize_head": True},
+        "RTN int4 g64, output head too",
+    ),
+    "gptq-int4-g64-head": Row(
+        "quantization",
+        "gptq",
+        {"bits": 4, "group_size": 64, "quantize_head": True},
+        "GPTQ int4 g64, output head too",
+    ),
     "awq-int4-g64": Row(
         "quantization",
         "awq",

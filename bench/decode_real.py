@@ -16,6 +16,9 @@ float32 torch row measured in the same round of the same run. Rows:
   of contiguous columns, so the graph needs no ``Gather`` to sort act-order columns);
 - ``gptq-int4-g64-static-head-genai``: the same with the output head GPTQ int4 as well
   (``quantize_head: true``; the embedding untied and left float);
+- ``gptq-int4-g64-static-head-served``: that bundle decoded by unbottle's serving engine
+  (``core/serving/engine.py``, ONNX Runtime on genai's graph with the engine's own cache:
+  what ``unbottle serve`` runs) instead of genai's generator;
 - ``genai-int4``: onnxruntime-genai's own int4 build of the dense model (the anchor; its
   model builder quantizes by round-to-nearest, block 64). It needs the ``genai`` extra:
   ``pip install onnxruntime-genai==0.11.4 onnx-ir``.
@@ -116,6 +119,9 @@ class Row:
     variant: str | None  # a key of VARIANTS, or None for the dense model
     runtime: str  # "torch", "onnx" (the edge bundle) or "genai" (the anchor)
     label: str
+    #: A genai bundle decoded by unbottle's serving backend (what `unbottle serve` runs)
+    #: instead of onnxruntime-genai's own generator.
+    served: bool = False
 
 
 ROWS: dict[str, Row] = {
@@ -141,6 +147,12 @@ ROWS: dict[str, Row] = {
         "gptq-int4-g64-static-head",
         "genai",
         "GPTQ int4 g64 static groups + int4 GPTQ head, onnxruntime-genai (our codes)",
+    ),
+    "gptq-int4-g64-static-head-served": Row(
+        "gptq-int4-g64-static-head",
+        "genai",
+        "the same genai bundle, decoded by unbottle's serving engine",
+        served=True,
     ),
     "genai-int4": Row(None, "genai", f"onnxruntime-genai int4 (RTN, block {GENAI_BLOCK})"),
 }
@@ -373,7 +385,8 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     _, held_out = real.split_topics()
     stream = real.token_stream(tokenizer, held_out)
     out: dict[str, Any] = {"rss_before_mb": round(rss_mb(), 1)}
-    if row.runtime == "genai":
+    generator = row.runtime == "genai" and not row.served
+    if generator:
         model = genai_model(model_dir, threads)
         decode = lambda prompts: genai_decode(model, prompts, spec["new_tokens"])  # noqa: E731
         per_token = onnx_bytes_per_token(model_dir / "model.onnx")
@@ -397,9 +410,9 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     )
     if not spec["perplexity"]:  # later rounds: decode only
         return out
-    if row.runtime != "genai":
+    if not generator:
         del backend
-    runner = GenaiRunner(model) if row.runtime == "genai" else load_runner(model_dir)
+    runner = GenaiRunner(model) if generator else load_runner(model_dir)
     ppl, scored, windows = real.perplexity(runner, stream, spec["window"], spec["eval_windows"])
     built = model_dir / "built.json" if row.runtime == "genai" else model_dir.parent / "built.json"
     out.update(

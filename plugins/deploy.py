@@ -458,17 +458,17 @@ def packed_bundle(model_dir: Path, out_dir: Path, max_new_tokens: int) -> dict[s
 
 
 class ServerBundle:
-    """What ``unbottle serve`` runs: the variant's ``hf``, ``onnx`` or ``packed`` model plus
-    serve.json.
+    """What ``unbottle serve`` runs: the variant's ``hf``, ``onnx``, ``packed`` or ``genai``
+    model plus serve.json.
 
     The options are the server's (:class:`unbottle.serving.ServeConfig`): they are
     validated here, at deploy time, and written to ``serve.json``.
     """
 
     name = "server"
-    accepts = ("hf", "onnx", "packed")
+    accepts = ("hf", "onnx", "packed", "genai")
     #: Each variant is served as it is (an ``hf`` one copied, not exported).
-    ships_unchanged = ("hf", "onnx", "packed")
+    ships_unchanged = ("hf", "onnx", "packed", "genai")
     Config = ServeConfig
 
     def __init__(self, config: ServeConfig) -> None:
@@ -483,6 +483,7 @@ class ServerBundle:
         if ctx.model_format == "packed":
             facts = packed_bundle(model_dir, out_dir, config.default_max_tokens)
         else:
+            # An onnx or genai variant is copied as it is by the onnx target.
             inner = HuggingFaceBundle if ctx.model_format == "hf" else OnnxBundle
             facts = inner(inner.Config(max_new_tokens=config.default_max_tokens)).deploy(
                 model_dir, out_dir, ctx

@@ -1,7 +1,7 @@
 """The onnxruntime-genai bundle (plugins/quantization/genai.py): a packed variant written as
 the GPTQ checkpoint genai's model builder reads, built into genai's graph with the
 variant's own codes, run by genai's generator (evaluation) and written by the ``onnx``
-deploy target's ``runtime: genai``."""
+deploy target's ``runtime: genai``, and served by unbottle's engine on the same graph."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_gptq_checkpoint_is_the_layout_genai_reads(tmp_path, gptq_packed):
     from unbottle.plugins.quantization.genai import write_gptq_checkpoint
 
     facts = write_gptq_checkpoint(gptq_packed, tmp_path / "gptq")
-    assert facts == {"desc_act": True, "quantized_layers": 14}
+    assert facts == {"desc_act": True, "quantized_layers": 14, "quantized_head": False}
     config = json.loads((tmp_path / "gptq/config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["bits"] == 4
     assert config["group_size"] == 32 and config["desc_act"] is True
@@ -169,13 +169,75 @@ def test_deploy_target_runtime_genai(tmp_path, gptq_packed):
     facts = target.deploy(gptq_packed, tmp_path / "bundle", ctx("packed"))
     assert facts["smoke_generated_tokens"] == 2 and facts["nbits_layers"] == 11
     assert "onnxruntime_genai" in (tmp_path / "bundle/README.md").read_text()
-    # Not one of the engine's backends: one line, not a wrong model.
-    with pytest.raises(ConfigError, match="onnxruntime-genai bundle is run by its own generator"):
-        load_backend(tmp_path / "bundle", threads=1)
+    # The serving engine runs it too (test_the_engine_serves_a_genai_bundle below).
+    backend = load_backend(tmp_path / "bundle", threads=1)
+    assert backend.format == "genai" and backend.rows_alone
     # Only packed variants: a float one has no codes to carry.
     (tmp_path / "other").mkdir()
     with pytest.raises(ConfigError, match=r"^deploy.options.runtime: genai takes a packed"):
         target.deploy(tmp_path / "float", tmp_path / "other", ctx("hf"))
+
+
+def test_the_engine_serves_a_genai_bundle_with_continuous_batching(tmp_path, gptq_packed):
+    """genai's graph run by ONNX Runtime with the engine's own cache: requests of different
+    lengths join one running batch and each gets the packed model's greedy tokens."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from unbottle.core.models.runtimes import TorchRunner
+    from unbottle.core.serving.engine import Engine, SamplingParams, Sequence, load_backend
+    from unbottle.plugins.quantization.genai import build_genai_bundle
+
+    bundle = tmp_path / "exact"
+    build_genai_bundle(gptq_packed, bundle, head="float", accuracy_level=0)
+    backend = load_backend(bundle, threads=1)
+    assert backend.format == "genai" and backend.rows_alone
+    tokenizer = AutoTokenizer.from_pretrained(bundle)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, len(tokenizer), (n,), generator=g).tolist() for n in (9, 4, 13)]
+    reference = TorchRunner(gptq_packed)
+    solo = []
+    for ids in prompts:
+        row = torch.tensor([ids])
+        out = reference.generate(row, torch.ones_like(row), 6, eos_token_id=None)
+        solo.append(out[0, len(ids) :].tolist())
+
+    engine = Engine(backend, tokenizer, max_batch=4)
+    engine.start()
+    try:
+        sampling = SamplingParams(max_tokens=6, ignore_eos=True)
+        done = threading.Semaphore(0)
+        seqs = [Sequence(ids, sampling, lambda s, t, f: f and done.release()) for ids in prompts]
+        engine.submit(seqs[:1])  # the first runs alone, then the others join mid-flight
+        engine.submit(seqs[1:])
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    assert [s.generated for s in seqs] == solo
+
+    # Why: the fused attention counts a row's cache columns from the left, so a row that is
+    # left-padded in a batch gets other logits than alone; decoded alone over its own
+    # columns (the engine's row-by-row step), it gets its solo logits.
+    from unbottle.core.serving.engine import _Batch
+
+    batch, alone = _Batch(), []
+    for ids in prompts[:2]:
+        _, cache = backend.prefill(ids)
+        batch.add(Sequence(ids, sampling, None), cache, capacity=32)
+        n = len(ids)
+        own = [tuple(torch.nn.functional.pad(t, (0, 0, 0, 32 - n)) for t in kv) for kv in cache]
+        one = torch.ones(1, n + 1, dtype=torch.long)
+        alone.append(backend.decode(torch.tensor([3]), torch.tensor([n]), one, own, n)[0])
+    tokens, positions = torch.tensor([3, 3]), torch.tensor([len(p) for p in prompts[:2]])
+    mask = torch.cat([batch.mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    assert not bool(batch.mask.all())  # the shorter prompt is left-padded
+    engine._batch = batch
+    by_rows = engine._decode_rows(tokens, positions, mask)
+    assert torch.allclose(by_rows, torch.stack(alone), atol=1e-5)
+    batched = backend.decode(tokens, positions, mask, batch.buffers, batch.width)
+    assert not torch.allclose(batched[1], alone[1], atol=1e-3)
 
 
 def test_gptq_genai_variant_is_evaluated_and_deployed_in_its_runtime(
@@ -201,6 +263,29 @@ def test_gptq_genai_variant_is_evaluated_and_deployed_in_its_runtime(
     assert facts["variant"] == "gptq4-genai" and facts["smoke_generated_tokens"] == 2
     bundle = layout.artifact("deploy")
     assert (bundle / "model.onnx.data").read_bytes() == (variant / "model.onnx.data").read_bytes()
+
+    # The server target ships it as it is; the real server answers the openai client with
+    # the tokens onnxruntime-genai's own generator gives.
+    import openai
+    from transformers import AutoTokenizer
+
+    from tests.serving_helpers import deploy_target, live_server
+    from unbottle.core.models.runtimes import GenaiRunner
+
+    served = tmp_path / "served"
+    facts = deploy_target("server", {"model_name": "genai"}, variant, served)
+    assert facts["backend"] == "genai" and facts["serve_smoke_generated_tokens"] == 2
+    tokenizer = AutoTokenizer.from_pretrained(variant)
+    prompt = "Question: Where does"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = GenaiRunner(variant).generate(ids, torch.ones_like(ids), 5, eos_token_id=None)
+    expected = tokenizer.decode(out[0, ids.shape[1] :])
+    with live_server(served, {"engine_process": False}) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = client.completions.create(
+            model="genai", prompt=prompt, max_tokens=5, extra_body={"ignore_eos": True}
+        )
+    assert reply.choices[0].text == expected and reply.usage.completion_tokens == 5
 
 
 def test_runtime_genai_grid_and_missing_library_fail_in_one_line(monkeypatch):

@@ -22,6 +22,14 @@ so the rows of a batch share one scale and a row's logits depend on its neighbou
 on its own (``batch_invariant=True``, the default), still interleaved step by step with
 the others; ``batch_invariant=False`` batches them anyway, for throughput.
 
+The onnxruntime-genai bundle (plugins/quantization/genai.py) is served the same way, by
+ONNX Runtime on its graph with the engine's cache (genai's own ``Generator`` owns its
+cache and takes no rows mid-flight). Its fused attention (``GroupQueryAttention``) takes
+no position ids: it reads each row's length off the attention mask and counts a row's
+real columns from the left, so it cannot read a left-padded batch: while the running
+rows differ in length, each decodes on its own, over its own columns, interleaved step by
+step as above, and rows of one length decode as one batch.
+
 :class:`EngineProcess` runs the same engine in a child process, so that the model's
 Python work and a server's event loop do not share one interpreter lock. Nothing here
 imports a web framework; :mod:`unbottle.core.serving.http` puts HTTP in front.
@@ -147,6 +155,8 @@ class Backend(Protocol):
     context: int
     #: True when a row's output depends on the other rows of its batch.
     couples_rows: bool
+    #: True when the model cannot take a left-padded batch: each row decodes on its own.
+    rows_alone: bool
 
     def prefill(self, ids: list[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
         """A prompt alone: (V,) logits of its last position, and its (1, h, n, d) cache."""
@@ -172,6 +182,7 @@ class TorchBackend:
 
     format = "hf"
     couples_rows = False
+    rows_alone = False
 
     def __init__(self, bundle: Path) -> None:
         import torch
@@ -255,11 +266,12 @@ _DYNAMIC_QUANT_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantize
 
 
 class OnnxBackend:
-    """An ONNX graph exported by optimum with a KV cache, run by ONNX Runtime directly.
+    """An ONNX graph with a KV cache, run by ONNX Runtime directly: optimum's export, or
+    onnxruntime-genai's graph (a ``genai`` bundle, whose rows decode alone).
 
     The session is driven with the engine's own stitched cache, so ONNX bundles get
     continuous batching too; ``ORTModelForCausalLM`` (which the bundle also loads in)
-    would hide the cache.
+    and genai's ``Generator`` would hide the cache.
     """
 
     format = "onnx"
@@ -272,8 +284,15 @@ class OnnxBackend:
         files = sorted(Path(bundle).glob("*.onnx"))
         if len(files) != 1:
             raise DataError(f"{bundle}: expected one .onnx model, found {len(files)}")
-        config = json.loads((Path(bundle) / "config.json").read_text(encoding="utf-8"))
-        self.context = int(config["max_position_embeddings"])
+        genai_config = Path(bundle) / "genai_config.json"
+        self.format = "genai" if genai_config.is_file() else "onnx"
+        self.rows_alone = self.format == "genai"
+        if (Path(bundle) / "config.json").is_file():
+            config = json.loads((Path(bundle) / "config.json").read_text(encoding="utf-8"))
+            self.context = int(config["max_position_embeddings"])
+        else:  # a bundle of genai's own builder
+            config = json.loads(genai_config.read_text(encoding="utf-8"))
+            self.context = int(config["model"]["context_length"])
         graph = onnx.load(str(files[0]), load_external_data=False).graph
         self.couples_rows = any(node.op_type in _DYNAMIC_QUANT_OPS for node in graph.node)
         options = ort.SessionOptions()
@@ -285,7 +304,8 @@ class OnnxBackend:
         self.layers = sum(
             1 for n in names if n.startswith("past_key_values.") and n.endswith(".key")
         )
-        if not self.layers or "position_ids" not in names:
+        self.positions = "position_ids" in names
+        if not self.layers or not (self.positions or self.rows_alone):
             raise DataError(
                 f"{files[0]}: the graph has no KV-cache or position_ids inputs; export it with "
                 "the onnx deploy target (optimum, use_cache=True)"
@@ -296,7 +316,8 @@ class OnnxBackend:
 
     def _run(self, ids, mask, positions, cache):
         feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-        feed["position_ids"] = positions.numpy()
+        if self.positions:  # genai's graph derives them from the mask
+            feed["position_ids"] = positions.numpy()
         for i, (k, v) in enumerate(cache):
             feed[f"past_key_values.{i}.key"] = k.contiguous().numpy()
             feed[f"past_key_values.{i}.value"] = v.contiguous().numpy()
@@ -348,14 +369,7 @@ def load_backend(bundle: Path, threads: int | None = None) -> Backend:
     fmt = model_format(bundle)
     if fmt in ("hf", "packed"):
         return TorchBackend(bundle)
-    if fmt == "genai":
-        # onnxruntime-genai's Generator owns its KV cache and takes no rows mid-flight
-        # (0.11.4), so it cannot be one of the engine's backends.
-        raise ConfigError(
-            f"{bundle}: an onnxruntime-genai bundle is run by its own generator, not "
-            "served by unbottle's engine; serve the packed variant or its `onnx` bundle"
-        )
-    return OnnxBackend(bundle, threads)
+    return OnnxBackend(bundle, threads)  # optimum's export or genai's graph
 
 
 # --------------------------------------------------------------------------- requests
@@ -596,7 +610,9 @@ class Engine:
         tokens = torch.tensor([s.generated[-1] for s in batch.rows])  # (B,)
         positions = torch.tensor([s.position for s in batch.rows])  # (B,)
         mask = torch.cat([batch.mask, torch.ones(len(batch.rows), 1, dtype=torch.long)], 1)
-        if self.row_by_row:
+        # A backend that cannot read left padding (rows_alone) batches only unpadded rows.
+        padded = self.backend.rows_alone and not bool(batch.mask.all())
+        if self.row_by_row or padded:
             logits = self._decode_rows(tokens, positions, mask)
         else:
             logits = self.backend.decode(tokens, positions, mask, batch.buffers, batch.width)
