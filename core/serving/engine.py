@@ -312,6 +312,7 @@ class OnnxBackend:
             )
         shape = names["past_key_values.0.key"].shape  # [batch, heads, past, head_dim]
         self.heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.vocab = self.session.get_outputs()[0].shape[-1]  # logits: [batch, seq, vocab]
         self._torch = torch
 
     def _run(self, ids, mask, positions, cache):
@@ -342,12 +343,35 @@ class OnnxBackend:
         return logits[0, -1].float(), cache
 
     def decode(self, tokens, positions, mask, buffers, width):
+        if self.rows_alone and all(t.is_contiguous() for kv in buffers for t in kv):
+            return self._decode_in_place(tokens, mask, buffers)
         in_use = [(k[:, :, :width], v[:, :, :width]) for k, v in buffers]
         logits, present = self._run(tokens[:, None], mask, positions[:, None], in_use)
         for (keys, values), (new_keys, new_values) in zip(buffers, present, strict=True):
             keys[:, :, width] = new_keys[:, :, width]  # the new column, (B, h, d)
             values[:, :, width] = new_values[:, :, width]
         return logits[:, -1].float()
+
+    def _decode_in_place(self, tokens, mask, buffers):
+        """genai's graph with each layer's past and present bound to the engine's buffer,
+        as onnxruntime-genai's own generator runs it: the fused attention writes the new
+        column (at each row's length, read off the mask) into the buffer itself, so a step
+        copies no cache in or out."""
+        import numpy as np
+
+        torch = self._torch
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", tokens[:, None].numpy())
+        binding.bind_cpu_input("attention_mask", mask.numpy())
+        for i, layer in enumerate(buffers):
+            for kind, buffer in zip(("key", "value"), layer, strict=True):
+                shape, at = list(buffer.shape), buffer.data_ptr()
+                binding.bind_input(f"past_key_values.{i}.{kind}", "cpu", 0, np.float32, shape, at)
+                binding.bind_output(f"present.{i}.{kind}", "cpu", 0, np.float32, shape, at)
+        logits = torch.empty(len(tokens), 1, self.vocab)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return logits[:, -1]
 
 
 def default_threads() -> int:
