@@ -16,6 +16,8 @@ float32 torch row measured in the same round of the same run. Rows:
   of contiguous columns, so the graph needs no ``Gather`` to sort act-order columns);
 - ``gptq-int4-g64-static-head-genai``: the same with the output head GPTQ int4 as well
   (``quantize_head: true``; the embedding untied and left float);
+- ``gptq-int4-g64-static-head-sym-genai``: the same on symmetric grids (no zero points,
+  as in the anchor's build);
 - ``gptq-int4-g64-static-head-served``: that bundle decoded by unbottle's serving engine
   (``core/serving/engine.py``, ONNX Runtime on genai's graph with the engine's own cache:
   what ``unbottle serve`` runs) instead of genai's generator;
@@ -109,6 +111,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "gptq",
         {"bits": 4, "group_size": 64, "static_groups": True, "quantize_head": True},
     ),
+    # The same on symmetric grids (no zero points), the anchor's grid.
+    "gptq-int4-g64-static-head-sym": (
+        "gptq",
+        {
+            "bits": 4,
+            "group_size": 64,
+            "static_groups": True,
+            "quantize_head": True,
+            "symmetric": True,
+        },
+    ),
     "rtn-int4-g64": ("rtn", {"bits": 4, "group_size": 64}),
     "rtn-int8-g64": ("rtn", {"bits": 8, "group_size": 64}),
 }
@@ -147,6 +160,11 @@ ROWS: dict[str, Row] = {
         "gptq-int4-g64-static-head",
         "genai",
         "GPTQ int4 g64 static groups + int4 GPTQ head, onnxruntime-genai (our codes)",
+    ),
+    "gptq-int4-g64-static-head-sym-genai": Row(
+        "gptq-int4-g64-static-head-sym",
+        "genai",
+        "the same, symmetric grids (no zero points), onnxruntime-genai (our codes)",
     ),
     "gptq-int4-g64-static-head-served": Row(
         "gptq-int4-g64-static-head",

@@ -84,7 +84,7 @@ class WeightOnlyConfig(StrategyConfig):
     #: Where the variant runs: ``torch`` (the packed safetensors format, unbottle's loader),
     #: ``onnx`` (an ONNX Runtime graph with MatMulNBits layers holding the same codes) or
     #: ``genai`` (onnxruntime-genai's graph and generator with the same codes, an int8
-    #: output head; the ``genai`` extra, plugins/quantization/genai.py).
+    #: output head unless quantize_head; the ``genai`` extra, plugins/quantization/genai.py).
     runtime: Literal["torch", "onnx", "genai"] = "torch"
     #: With runtime onnx or genai: MatMulNBits' compute type, 0 (float32, exact) to 4
     #: (int8 activations, ONNX Runtime's fast CPU path).
