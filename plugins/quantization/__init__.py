@@ -78,8 +78,8 @@ class WeightOnlyConfig(StrategyConfig):
     layers: Regex = DEFAULT_LAYERS
     #: Quantize the output head too, by the same method and grid. A head tied to the
     #: embeddings is untied: the embedding table stays float (a step reads one row of it).
-    #: On SmolLM2 the head is a fifth of the weights: GPTQ quantizes it at x1.016
-    #: perplexity where round-to-nearest costs x1.13 (docs/compression.md).
+    #: On SmolLM2 the head is a fifth of the weights: GPTQ quantizes it for x1.009
+    #: perplexity where round-to-nearest costs x1.16 (BENCHMARKS.md).
     quantize_head: bool = False
     #: Where the variant runs: ``torch`` (the packed safetensors format, unbottle's loader),
     #: ``onnx`` (an ONNX Runtime graph with MatMulNBits layers holding the same codes) or

@@ -37,7 +37,7 @@ Two things the builder would do that unbottle does differently:
 - The output head, when the variant quantized it (``quantize_head``), is written like
   any layer and the builder takes its codes, with the untied embedding table in float
   (one row read per token). On SmolLM2 a GPTQ int4 head reads half the int8 head's bytes
-  per token for x1.016 perplexity (docs/compression.md).
+  per token for x1.009 perplexity (BENCHMARKS.md).
 - The output head, not quantized in the variant (tied to the embeddings), is left to the
   builder's own int8 round-to-nearest (``head: int8``, its ``rtn_last``; the embeddings
   then read the same int8 table), its default symmetric int4 (``head: int4``, with a
