@@ -27,9 +27,9 @@ in place of each quantized Linear. How that layer multiplies is its ``kernel``
   repacked at load, for int4 grids with groups of 32 to 256 (act-order groups are
   handled by permuting the input columns).
 
-Measured by ``bench/lowbit_kernels.py`` (docs/compression.md has the figures): on an
-AVX2 CPU neither of torch's low-bit kernels beat the float32 matmul at batch 1 or 8, so
-the default is the cached float weight. The fast low-bit route is the ONNX Runtime edge
+Measured by ``bench/lowbit_kernels.py`` (docs/compression.md has the figures): on AVX2
+and AVX-512 CPUs neither of torch's low-bit kernels beat the float32 matmul at batch 1 or
+8, so the default is the cached float weight. The fast low-bit route is the ONNX Runtime edge
 bundle (``MatMulNBits``, plugins/quantization/matmulnbits.py). Plain ``transformers``
 cannot load this format; unbottle's evaluation, serving and the ``server`` deploy target
 load it through here.
