@@ -288,6 +288,35 @@ def test_gptq_genai_variant_is_evaluated_and_deployed_in_its_runtime(
     assert reply.choices[0].text == expected and reply.usage.completion_tokens == 5
 
 
+def test_a_layer_genai_cannot_pack_is_refused_by_the_preflight_check(tokenizer):
+    """Before any quantizing: a head whose vocabulary is not a multiple of 8 cannot be
+    packed in the GPTQ checkpoint genai reads (zero points in int32 words along the
+    outputs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unbottle.core.registry import get_registry
+
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    options = {"group_size": 32, "runtime": "genai", "quantize_head": True}
+    gptq = get_registry().create("quantization", "gptq", options)
+    with pytest.raises(ConfigError) as info:
+        gptq.check_model(model, "compress.variants.q[0]")
+    assert str(info.value) == (
+        "compress.variants.q[0].runtime: genai: lm_head: 300x64 is not a multiple of 8 "
+        "(GPTQ int32 packing)"
+    )
+    # The model is only looked at: still tied, as the compress step will find it.
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    get_registry().create("quantization", "gptq", {**options, "quantize_head": False}).check_model(
+        model, "compress.variants.q[0]"
+    )
+
+
 def test_runtime_genai_grid_and_missing_library_fail_in_one_line(monkeypatch):
     import importlib.util
 

@@ -185,7 +185,16 @@ def _selected_linears(
 
 
 def _check_model(model: Any, config: WeightOnlyConfig, where: str) -> None:
-    _selected_linears(model, config, where)
+    """Refuse, before any work, a selection the grid or the runtime's format cannot hold."""
+    layers = _selected_linears(model, config, where)
+    if config.runtime == "genai":
+        from unbottle.plugins.quantization.genai import genai_problem
+
+        meta = {"bits": config.bits, "group_size": config.group_size}
+        shapes = {name: (m.out_features, m.in_features) for name, m in layers}
+        problem = genai_problem(meta, shapes)
+        if problem:
+            raise ConfigError(f"{where}.runtime: genai: {problem}")
 
 
 def _load_and_select(model_dir: Path, config: WeightOnlyConfig, what: str) -> tuple[Any, list]:
