@@ -49,7 +49,17 @@ def test_the_example_validates_and_is_the_released_model_flow(smollm2_package):
     assert params.finetune.method.name == "lora" and params.finetune.format == "chat"
     [(name, steps)] = params.compress.variants.items()
     assert [(s.action, s.strategy, s.options) for s in steps] == [
-        ("quantize", "gptq", {"bits": 4, "group_size": 64})
+        (
+            "quantize",
+            "gptq",
+            {
+                "bits": 4,
+                "group_size": 64,
+                "static_groups": True,
+                "quantize_head": True,
+                "runtime": "genai",
+            },
+        )
     ]
     assert params.evaluate.metrics == EvaluateParams().metrics  # the default metrics
     assert (params.deploy.target.name, params.deploy.variant) == ("server", name)
