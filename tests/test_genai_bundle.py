@@ -133,6 +133,25 @@ def test_a_quantized_head_is_built_from_the_variants_codes(tmp_path, tokenizer):
     assert torch.allclose(GenaiRunner(tmp_path / "exact").logits(ids), expected, atol=1e-5)
 
 
+def test_genai_generate_on_a_left_padded_batch_keeps_the_prompt_columns(tmp_path, gptq_packed):
+    """The runners' convention (transformers'): a (B, T) left-padded batch comes back as
+    (B, T + new), the new tokens of every row from column T on. The accuracy metric cuts
+    there; genai's rows, generated one by one unpadded, must be put back in place."""
+    from unbottle.core.models.runtimes import GenaiRunner, TorchRunner
+    from unbottle.plugins.quantization.genai import build_genai_bundle
+
+    build_genai_bundle(gptq_packed, tmp_path / "exact", head="float", accuracy_level=0)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 300, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4], mask[2, :7] = 0, 0  # left padding: rows of 10, 6 and 3 tokens
+    ids = ids.masked_fill(mask == 0, 0)
+    expected = TorchRunner(gptq_packed).generate(ids, mask, 5, eos_token_id=None)
+    got = GenaiRunner(tmp_path / "exact").generate(ids, mask, 5, eos_token_id=None)
+    assert got.shape == expected.shape == (3, 15)
+    assert torch.equal(got[:, 10:], expected[:, 10:])
+
+
 def test_rtn_int8_per_channel_bundle(tmp_path, tokenizer):
     from unbottle.core.models.runtimes import GenaiRunner, TorchRunner
     from unbottle.plugins.quantization.genai import build_genai_bundle

@@ -247,21 +247,25 @@ class GenaiRunner:
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, **kw: Any
     ) -> torch.Tensor:
-        """Greedy decoding by genai's generator. Prompts must be unpadded (an all-ones
-        mask): genai pads by itself; ``eos_token_id=None`` or ``min_new_tokens`` force
-        that many tokens, ``streamer`` gets the prompt, then each step's tokens."""
+        """Greedy decoding by genai's generator; ``eos_token_id=None`` or
+        ``min_new_tokens`` force that many tokens, ``streamer`` gets the prompt, then each
+        step's tokens. A left-padded batch is generated row by row without its padding
+        (genai reads no padding mask) and comes back as the other runners return it: the
+        (B, T) prompt as given, then each row's new tokens from column T on."""
         import torch
 
         if not bool(attention_mask.all()):
-            rows = [
-                self.generate(ids[mask.bool()][None], mask[mask.bool()][None], max_new_tokens, **kw)
-                for ids, mask in zip(input_ids, attention_mask, strict=True)
-            ]
-            width = max(r.shape[1] for r in rows)
-            out = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-            for i, r in enumerate(rows):
-                out[i, : r.shape[1]] = r[0]
-            return out
+            width = input_ids.shape[1]
+            new = []
+            for ids, mask in zip(input_ids, attention_mask, strict=True):
+                own = ids[mask.bool()][None]  # (1, n): the row without its padding
+                row = self.generate(own, torch.ones_like(own), max_new_tokens, **kw)
+                new.append(row[0, own.shape[1] :])
+            out = torch.full((len(new), width + max(len(n) for n in new)), self.pad_token_id)
+            out[:, :width] = input_ids
+            for i, tokens in enumerate(new):
+                out[i, width : width + len(tokens)] = tokens
+            return out.long()
         length = input_ids.shape[1] + max_new_tokens
         forced = max_new_tokens if kw.get("eos_token_id", 0) is None else 0
         forced = max(forced, int(kw.get("min_new_tokens") or 0))
