@@ -187,9 +187,22 @@ def gguf_tensor(path: Path, name: str):
     return tensor
 
 
+def q4_0_codes_stored_and_written(variant: Path, module: str, path: Path, gguf_name: str):
+    """(codes, scales) of ``module`` in the packed variant, and (codes, scales) of its
+    Q4_0 tensor ``gguf_name`` in the GGUF file, decoded (64 input columns)."""
+    from unbottle.core.models.gguf_writer import decode_blocks
+
+    with safe_open(str(variant / "model.safetensors"), "pt") as f:
+        codes = unpack(f.get_tensor(f"{module}.qweight"), 4, 64).numpy()
+        scales = f.get_tensor(f"{module}.scales").numpy()
+    tensor = gguf_tensor(path, gguf_name)
+    assert tensor.tensor_type.name == "Q4_0"
+    return (codes, scales), decode_blocks(tensor.data, "Q4_0", 64)
+
+
 def test_gguf_q4_0_holds_a_symmetric_group32_gptq_variant_code_for_code(tmp_path, tokenizer, sym32):
     require_extra("gguf")
-    from unbottle.core.models.gguf_writer import decode_blocks, rotary_permute
+    from unbottle.core.models.gguf_writer import rotary_permute
 
     variant = sym32
     bundle = tmp_path / "bundle"
@@ -200,12 +213,9 @@ def test_gguf_q4_0_holds_a_symmetric_group32_gptq_variant_code_for_code(tmp_path
 
     # Bit-exact: Q4_0's 4-bit codes and float16 d are the variant's codes and scales
     # (the query rows in llama.cpp's rotary order).
-    with safe_open(str(variant / "model.safetensors"), "pt") as f:
-        codes = unpack(f.get_tensor("model.layers.0.self_attn.q_proj.qweight"), 4, 64).numpy()
-        scales = f.get_tensor("model.layers.0.self_attn.q_proj.scales").numpy()
-    tensor = gguf_tensor(path, "blk.0.attn_q.weight")
-    assert tensor.tensor_type.name == "Q4_0"
-    got_codes, got_scales = decode_blocks(tensor.data, "Q4_0", 64)
+    (codes, scales), (got_codes, got_scales) = q4_0_codes_stored_and_written(
+        variant, "model.layers.0.self_attn.q_proj", path, "blk.0.attn_q.weight"
+    )
     assert (got_codes == rotary_permute(codes, 4)).all()
     assert (got_scales == rotary_permute(scales, 4)).all()
 
@@ -226,7 +236,6 @@ def test_gguf_q4_0_holds_a_symmetric_group32_gptq_variant_code_for_code(tmp_path
 
 def test_gguf_q4_0_holds_a_quantized_output_head_code_for_code(tmp_path, tokenizer):
     require_extra("gguf")
-    from unbottle.core.models.gguf_writer import decode_blocks
 
     variant = packed_variant(
         tmp_path, tokenizer, bits=4, group_size=32, symmetric=True, act_order=True,
@@ -236,12 +245,9 @@ def test_gguf_q4_0_holds_a_quantized_output_head_code_for_code(tmp_path, tokeniz
     facts = deploy("gguf", {}, variant, bundle)
     assert facts["gguf_type"] == "Q4_0" and facts["gguf_exact_tensors"] == 15
     path = bundle / "model-Q4_0.gguf"
-    with safe_open(str(variant / "model.safetensors"), "pt") as f:
-        codes = unpack(f.get_tensor("lm_head.qweight"), 4, 64).numpy()
-        scales = f.get_tensor("lm_head.scales").numpy()
-    output = gguf_tensor(path, "output.weight")
-    assert output.tensor_type.name == "Q4_0"
-    got_codes, got_scales = decode_blocks(output.data, "Q4_0", 64)
+    (codes, scales), (got_codes, got_scales) = q4_0_codes_stored_and_written(
+        variant, "lm_head", path, "output.weight"
+    )
     assert (got_codes == codes).all() and (got_scales == scales).all()
     assert gguf_tensor(path, "token_embd.weight").tensor_type.name == "F16"
     model = AutoModelForCausalLM.from_pretrained(bundle, gguf_file=path.name, dtype=torch.float32)
