@@ -8,12 +8,16 @@ ONNX Runtime's own profiler, while unbottle's serving backend decodes (the code 
 step over their time per step. When that is below half the machine's bandwidth, no change
 outside the kernel can reach the target.
 
+``--against OTHER`` (repeatable) times other bundles' ``MatMulNBits`` nodes alone in the
+same rounds, interleaved, each a ratio to BUNDLE's in the same round: two bundles' kernels
+timed in separate runs differed by 30% on this machine where interleaved they were equal.
+
 ``--accuracy-levels`` also times the step with ``MatMulNBits``' other compute types (a copy
 of the graph with the attribute rewritten; 1: float32, 2: float16, 3: bfloat16, 4: int8
 activations), each level's tokens/s the median of ``--rounds`` interleaved runs.
 
-    .venv/bin/python bench/decode_profile.py BUNDLE [--steps 128] [--threads 1] \\
-        [--accuracy-levels 1,4] [--rounds 4] [--json out.json]
+    .venv/bin/python bench/decode_profile.py BUNDLE [--against OTHER] [--steps 128] \
+        [--threads 2] [--accuracy-levels 1,4] [--rounds 5] [--json out.json]
 
 BUNDLE is a ``genai`` or ``onnx`` bundle directory (``bench/decode_real.py`` caches its
 builds under ``$UNBOTTLE_CACHE_DIR/decode_real/``).
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import shutil
 import statistics
@@ -106,11 +111,11 @@ def profile(bundle: Path, steps: int, threads: int) -> dict[str, Any]:
     }
 
 
-def kernel_alone(bundle: Path, threads: int, repeats: int = 20) -> dict[str, float]:
-    """The bundle's MatMulNBits nodes alone, unprofiled: one graph holding every one of them
+def kernels_alone(bundle: Path, threads: int) -> tuple[Any, dict[str, Any], int]:
+    """A session of the bundle's MatMulNBits nodes alone: one graph holding every one of them
     (its weights, scales and zero points), each fed a row of its own width, run as one
     decode step would run them. Their bytes exceed the caches, so each run streams them from
-    memory: bytes over the best run's time is the bandwidth the kernel draws."""
+    memory. Returns the session, its feed and the bytes one run reads."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -150,10 +155,37 @@ def kernel_alone(bundle: Path, threads: int, repeats: int = 20) -> dict[str, flo
             str(Path(tmp) / "alone.onnx"), options, providers=["CPUExecutionProvider"]
         )
     feed = {f"x{k}": np.random.default_rng(0).standard_normal((1, k), np.float32) for k in inputs}
-    session.run(None, feed)
-    best = min(_timed(lambda: session.run(None, feed)) for _ in range(repeats))
+    session.run(None, feed)  # first-run costs (prepacking) are not bandwidth
     weights = sum(int(np.prod(i.dims)) * _itemsize(i) for i in kept.values())
-    return {"kernel_alone_ms": 1e3 * best, "kernel_alone_gb_per_s": weights / best / 1e9}
+    return session, feed, weights
+
+
+def kernels_compared(
+    bundles: list[Path], threads: int, rounds: int, repeats: int = 10
+) -> dict[str, dict[str, float]]:
+    """Each bundle's MatMulNBits nodes alone (``kernels_alone``), timed interleaved: in every
+    round each bundle's best of ``repeats`` runs, one bundle after the other, so that the
+    machine's drift falls on all alike. Per bundle: the median over rounds of that time and
+    of the bandwidth it draws, and its ratio to the first bundle's time in the same round
+    (median, min and max)."""
+    built = [kernels_alone(bundle, threads) for bundle in bundles]
+    times: list[list[float]] = [[] for _ in bundles]
+    for _ in range(rounds):
+        for i, (session, feed, _) in enumerate(built):
+            run = functools.partial(session.run, None, feed)
+            times[i].append(min(_timed(run) for _ in range(repeats)))
+    out = {}
+    for bundle, (_, _, weights), mine in zip(bundles, built, times, strict=True):
+        ratios = [first / t for first, t in zip(times[0], mine, strict=True)]  # > 1: faster
+        out[str(bundle)] = {
+            "kernel_alone_ms": 1e3 * statistics.median(mine),
+            "kernel_alone_gb_per_s": weights / statistics.median(mine) / 1e9,
+            "kernel_bytes": weights,
+            "speed_vs_first": statistics.median(ratios),
+            "speed_vs_first_min": min(ratios),
+            "speed_vs_first_max": max(ratios),
+        }
+    return out
 
 
 def _timed(call: Any) -> float:
@@ -202,14 +234,22 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--steps", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="as decode_real: 2 cores")
     parser.add_argument("--accuracy-levels", default="", help="e.g. 1,3,4")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--against",
+        type=Path,
+        action="append",
+        default=[],
+        help="another bundle whose MatMulNBits kernels are timed in the same rounds",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if not list(args.bundle.glob("*.onnx")):
-        print(f"error: {args.bundle}: no .onnx model there", file=sys.stderr)
-        return 2
+    for bundle in (args.bundle, *args.against):
+        if not list(bundle.glob("*.onnx")):
+            print(f"error: {bundle}: no .onnx model there", file=sys.stderr)
+            return 2
     import torch
 
     from unbottle.plugins.metrics import memory_bandwidth
@@ -237,13 +277,23 @@ def main(argv: list[str]) -> int:
             f"MatMulNBits: {report['matmulnbits_bytes'] / 1e6:.1f} MB per step at {gbps:.1f} "
             f"GB/s, {100 * gbps / report['bandwidth_gb_per_s']:.0f}% of the bandwidth"
         )
-    report.update(kernel_alone(args.bundle, args.threads))
+    bundles = [args.bundle, *args.against]
+    kernels = kernels_compared(bundles, args.threads, args.rounds)
+    report["kernels_alone"] = kernels
     print(
-        f"MatMulNBits alone, unprofiled: {report['kernel_alone_ms']:.2f} ms per step (best of "
-        f"20), {report['kernel_alone_gb_per_s']:.1f} GB/s, "
-        f"{100 * report['kernel_alone_gb_per_s'] / report['bandwidth_gb_per_s']:.0f}% of "
-        "the bandwidth"
+        f"MatMulNBits alone, unprofiled ({args.rounds} interleaved rounds, each a bundle's best "
+        "of 10 runs; medians):\n"
+        "| bundle | ms per step | GB/s | % of the bandwidth | speed × the first |\n"
+        "|---|---:|---:|---:|---:|"
     )
+    for bundle, k in kernels.items():
+        print(
+            f"| {Path(bundle).name} | {k['kernel_alone_ms']:.2f} | "
+            f"{k['kernel_alone_gb_per_s']:.1f} | "
+            f"{100 * k['kernel_alone_gb_per_s'] / report['bandwidth_gb_per_s']:.0f}% | "
+            f"{k['speed_vs_first']:.2f} ({k['speed_vs_first_min']:.2f}–"
+            f"{k['speed_vs_first_max']:.2f}) |"
+        )
     levels = [int(x) for x in args.accuracy_levels.split(",") if x.strip()]
     if levels:
         speeds = accuracy_levels(args.bundle, levels, args.steps, args.threads, args.rounds)

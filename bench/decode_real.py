@@ -49,10 +49,12 @@ row per round (round r starts at the r-th row), so no row always runs first or l
   and batch size, and at the first batch size over the anchor's (``genai-int4``) of the
   same round. The table gives the median tokens/s over rounds and the median of the
   per-round ratios with their min-max; the JSON keeps every round's figures.
-- % of roofline (first batch size): median tokens/s x bytes of weights read per token (the
-  evaluate stage's ``torch_bytes_per_token`` / ``onnx_bytes_per_token``) over the memory
-  bandwidth measured at the start of the run (``memory_bandwidth``) on ``--threads``
-  threads, the rows' own count.
+- % of roofline (first batch size): each round's tokens/s x bytes of weights read per
+  token (the evaluate stage's ``torch_bytes_per_token`` / ``onnx_bytes_per_token``) over
+  the memory bandwidth that row's process measured just before decoding
+  (``memory_bandwidth``, on the row's ``--threads``), median over rounds. The bandwidth
+  moves with the machine like the speeds do; one probe per run once read 76 GB/s where
+  others read 40 to 44.
 - resident memory: the row process's RSS after decoding (weights, runtime, caches),
   median over rounds.
 - perplexity, once per row (in the first round; it does not change from round to round):
@@ -396,14 +398,22 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
 
     from unbottle.core.models.runtimes import load_runner
     from unbottle.core.serving.engine import load_backend
-    from unbottle.plugins.metrics import onnx_bytes_per_token, torch_bytes_per_token
+    from unbottle.plugins.metrics import (
+        memory_bandwidth,
+        onnx_bytes_per_token,
+        torch_bytes_per_token,
+    )
 
     row, model_dir, threads = Row(**spec["row"]), Path(spec["model_dir"]), spec["threads"]
     torch.set_num_threads(threads)
+    # The bandwidth this process can draw on the row's thread count, just before it
+    # decodes: one probe at the start of a run read 76 GB/s where every other read 40 to
+    # 44, so each round's roofline share is paired with its own probe.
+    bandwidth = memory_bandwidth()
     tokenizer = AutoTokenizer.from_pretrained(spec["dense_dir"])
     _, held_out = real.split_topics()
     stream = real.token_stream(tokenizer, held_out)
-    out: dict[str, Any] = {"rss_before_mb": round(rss_mb(), 1)}
+    out: dict[str, Any] = {"rss_before_mb": round(rss_mb(), 1), "bandwidth": bandwidth}
     generator = row.runtime == "genai" and not row.served
     if generator:
         model = genai_model(model_dir, threads)
@@ -482,9 +492,11 @@ def spread(values: list[float]) -> dict[str, float] | None:
     }
 
 
-def summarize(rows: list[dict[str, Any]], batch_sizes: list[int], bandwidth: float) -> None:
+def summarize(rows: list[dict[str, Any]], batch_sizes: list[int]) -> None:
     """Per round, each row's tokens/s over the reference's and the anchor's of the same
-    round; per row, the median tokens/s and the median, min and max of those ratios."""
+    round, and its share of the roofline on the bandwidth its own process measured; per
+    row, the median tokens/s and roofline share, and the median, min and max of the
+    ratios."""
     first = batch_sizes[0]
     by_name = {r["name"]: r for r in rows}
 
@@ -501,6 +513,8 @@ def summarize(rows: list[dict[str, Any]], batch_sizes: list[int], bandwidth: flo
                 e[f"speedup_b{b}"] = tps / reference[f"tokens_per_s_b{b}"] if reference else None
             tps = e[f"tokens_per_s_b{first}"]
             e[f"anchor_ratio_b{first}"] = tps / anchor[f"tokens_per_s_b{first}"] if anchor else None
+            if "bytes_per_token" in r:  # decode steps per second x bytes / bandwidth
+                e["roofline_pct"] = 100 * tps / first * r["bytes_per_token"] / e["bandwidth"]
         if not done:
             continue
         for b in batch_sizes:
@@ -510,9 +524,8 @@ def summarize(rows: list[dict[str, Any]], batch_sizes: list[int], bandwidth: flo
         key = f"anchor_ratio_b{first}"
         r[key] = spread([e[key] for e in done if e[key] is not None])
         r["rss_mb"] = statistics.median(e["rss_mb"] for e in done)
-        if "bytes_per_token" in r:
-            per_s = r[f"tokens_per_s_b{first}"] / first  # decode steps per second
-            r["roofline_pct"] = 100 * per_s * r["bytes_per_token"] / bandwidth
+        if all("roofline_pct" in e for e in done):
+            r["roofline_pct"] = statistics.median(e["roofline_pct"] for e in done)
         reference = by_name.get(REFERENCE, {})
         if "perplexity" in r and "perplexity" in reference:
             r["perplexity_ratio"] = r["perplexity"] / reference["perplexity"]
@@ -567,8 +580,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; load average at "
             f"start {', '.join(map(str, m['load_average_at_start']))}, at the end "
             f"{', '.join(map(str, report['load_average_at_end']))}; memory bandwidth "
-            f"{report['bandwidth_gb_per_s']:.1f} GB/s (a 256 MB copy on {s['threads']} "
-            f"thread(s), as many as each row decodes on, this run); torch {m['torch']}, "
+            f"{fmt_spread(report['bandwidth_gb_per_s'])} GB/s, median (min–max) of the row "
+            f"processes' probes (a 256 MB copy on {s['threads']} thread(s), as many as each "
+            f"row decodes on, just before it decodes); torch {m['torch']}, "
             f"onnxruntime {m['onnxruntime']}.",
             "",
             f"Model: {report['model']}. {s['rounds']} rounds; in each, every row decodes once "
@@ -579,8 +593,9 @@ def markdown(report: dict[str, Any]) -> str:
             "row's runtime (the genai rows: onnxruntime-genai's own generator). tokens/s: the "
             "median over rounds; × fp32 bN: each round's ratio to the dense fp32 torch row's "
             f"tokens/s in the same round, median (min–max over rounds); × anchor b{first}: "
-            "the same against onnxruntime-genai's own int4 build. % roofline: median "
-            "tokens/s × bytes of weights read per token / the bandwidth; RSS: the row "
+            "the same against onnxruntime-genai's own int4 build. % roofline: tokens/s × "
+            "bytes of weights read per token / the bandwidth its process probed, median over "
+            "rounds; RSS: the row "
             "process's resident memory after decoding, median; perplexity (measured once, in "
             f"the first round) over {s['eval_windows'] or 'all'} window(s) of {s['window']} "
             "held-out tokens, × fp32 ppl its ratio to the dense row's. Variants calibrated on "
@@ -653,11 +668,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--child"]:
         child_main(Path(argv[1]), Path(argv[2]))
         return 0
-    import torch
 
     from unbottle.core.models.sources import cache_root
     from unbottle.core.store.artifacts import write_json_atomic
-    from unbottle.plugins.metrics import memory_bandwidth
 
     args = parse_args(argv)
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -666,12 +679,7 @@ def main(argv: list[str]) -> int:
     setup = settings(args, sha256)
     cache = (args.cache_dir or cache_root() / "decode_real") / sha256[:16]
     cache.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)  # the bandwidth the rows' thread count can draw
-    bandwidth = memory_bandwidth()
-    real.progress(
-        f"decode_real: {dense_dir}; bandwidth {bandwidth / 1e9:.1f} GB/s on {args.threads} "
-        "thread(s)"
-    )
+    real.progress(f"decode_real: {dense_dir}; {args.threads} thread(s) per row")
     command = "python bench/decode_real.py" + "".join(f" {shlex.quote(a)}" for a in argv)
     report: dict[str, Any] = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
@@ -679,7 +687,6 @@ def main(argv: list[str]) -> int:
         "machine": host,
         "model": model,
         "settings": setup,
-        "bandwidth_gb_per_s": bandwidth / 1e9,
         "rounds_done": 0,
         "rows": [],
     }
@@ -736,7 +743,9 @@ def main(argv: list[str]) -> int:
                 ppl = f", perplexity {record['perplexity']:.3f}" if k == 0 else ""
                 real.progress(f"{where}: tokens/s {speeds}{ppl}")
             report["rounds_done"] = k + 1
-            summarize(report["rows"], args.batch_sizes, bandwidth)
+            summarize(report["rows"], args.batch_sizes)
+            probes = [e["bandwidth"] for r in report["rows"] for e in r["rounds"] if e["ok"]]
+            report["bandwidth_gb_per_s"] = spread([p / 1e9 for p in probes])
             write_json_atomic(args.out, report)  # after every round, for a look mid-run
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     write_json_atomic(args.out, report)
