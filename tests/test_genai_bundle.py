@@ -133,6 +133,26 @@ def test_a_quantized_head_is_built_from_the_variants_codes(tmp_path, tokenizer):
     assert torch.allclose(GenaiRunner(tmp_path / "exact").logits(ids), expected, atol=1e-5)
 
 
+def test_a_symmetric_variant_is_built_without_zero_points(tmp_path, tokenizer):
+    """The builder stores zero points for every grid; a symmetric one's are all the
+    midpoint, which MatMulNBits assumes when it has none. Dropped, the bundle has the
+    format and bytes of genai's own symmetric int4 builds and the same logits."""
+    from unbottle.core.models.runtimes import GenaiRunner, TorchRunner
+    from unbottle.plugins.quantization.genai import build_genai_bundle
+
+    scheme = Scheme(bits=4, group_size=32, symmetric=True)
+    packed = packed_variant(tokenizer, tmp_path / "packed", "gptq", scheme, head=True)
+    facts = build_genai_bundle(packed, tmp_path / "sym", accuracy_level=0)
+    nodes, arrays = graph_arrays(tmp_path / "sym")
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert len(nbits) == facts["nbits_layers"] == 11
+    assert all(len(n.input) == 3 for n in nbits)  # A, codes, scales
+    assert not any(name.endswith("qzeros") for name in arrays)
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(5))
+    expected = TorchRunner(packed).logits(ids)
+    assert torch.allclose(GenaiRunner(tmp_path / "sym").logits(ids), expected, atol=1e-5)
+
+
 def test_genai_generate_on_a_left_padded_batch_keeps_the_prompt_columns(tmp_path, gptq_packed):
     """The runners' convention (transformers'): a (B, T) left-padded batch comes back as
     (B, T + new), the new tokens of every row from column T on. The accuracy metric cuts

@@ -26,7 +26,7 @@ Every other tensor (embeddings, norms) is read as it is. The builder dequantizes
 rounds back with the same scales and zero points before packing for ``MatMulNBits``,
 which gives the same codes (checked here after the build).
 
-Two things the builder would do that unbottle does differently:
+Three things the builder would do that unbottle does differently:
 
 - Act-order groups: ``MatMulNBits`` with a ``g_idx`` input takes a slow dequantizing path.
   As in the edge bundle (:mod:`unbottle.plugins.quantization.matmulnbits`), the codes are
@@ -34,6 +34,9 @@ Two things the builder would do that unbottle does differently:
   same way (x W^T = x[:, p] W[:, p]^T), so the fast kernel runs. ``down_proj``'s input
   is gate's and up's outputs multiplied element by element, so their output rows are
   stored in its order instead and it needs no ``Gather``.
+- Symmetric grids: the builder stores zero points for them too, all the grid's midpoint,
+  which ``MatMulNBits`` assumes when it has none; they are dropped, so the bundle has the
+  format and bytes of genai's own symmetric int4 builds.
 - The output head, when the variant quantized it (``quantize_head``), is written like
   any layer and the builder takes its codes, with the untied embedding table in float
   (one row read per token). On SmolLM2 a GPTQ int4 head reads half the int8 head's bytes
@@ -343,6 +346,7 @@ def build_genai_bundle(
             raise DataError(f"{packed_dir}: the onnxruntime-genai builder failed: {e}") from e
         graph = onnx.load(str(built / "model.onnx"))
         act_order = sort_act_order_groups(graph)
+        drop_midpoint_zero_points(graph)
         nbits = sum(node.op_type == "MatMulNBits" for node in graph.graph.node)
         (built / "model.onnx").unlink()
         (built / "model.onnx.data").unlink()
@@ -370,6 +374,42 @@ def build_genai_bundle(
         "accuracy_level": accuracy_level,
         "desc_act": facts["desc_act"],
     }
+
+
+def drop_midpoint_zero_points(model: Any) -> int:
+    """Remove the zero-point input of every ``MatMulNBits`` node whose zero points are all
+    the midpoint of its grid (8 for int4, 128 for int8), which the operator assumes when
+    it has none: the same products, without reading the zero points. Returns how many."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    dropped = 0
+    for node in graph.node:
+        if (
+            node.op_type != "MatMulNBits"
+            or len(node.input) < 4
+            or node.input[3] not in initializers
+        ):
+            continue
+        attributes = {a.name: a.i for a in node.attribute}
+        bits, n = attributes["bits"], attributes["N"]
+        blocks = -(-attributes["K"] // attributes["block_size"])
+        stored = numpy_helper.to_array(initializers[node.input[3]]).reshape(n, -1)  # uint8
+        per_byte = 8 // bits
+        values = np.stack([(stored >> (bits * i)) & ((1 << bits) - 1) for i in range(per_byte)], -1)
+        if not (values.reshape(n, -1)[:, :blocks] == 1 << (bits - 1)).all():  # padding aside
+            continue
+        zero_points = node.input[3]
+        if len(node.input) == 4:
+            node.input.pop()
+        else:
+            node.input[3] = ""  # an absent optional input: g_idx and bias keep their places
+        dropped += 1
+        if not any(zero_points in other.input for other in graph.node):
+            graph.initializer.remove(initializers.pop(zero_points))
+    return dropped
 
 
 #: Ops that act on each element alone: permuting their inputs' last axis permutes their
