@@ -288,7 +288,7 @@ def main(argv: list[str]) -> int:
     )
     for bundle, k in kernels.items():
         print(
-            f"| {Path(bundle).name} | {k['kernel_alone_ms']:.2f} | "
+            f"| {'/'.join(Path(bundle).parts[-2:])} | {k['kernel_alone_ms']:.2f} | "
             f"{k['kernel_alone_gb_per_s']:.1f} | "
             f"{100 * k['kernel_alone_gb_per_s'] / report['bandwidth_gb_per_s']:.0f}% | "
             f"{k['speed_vs_first']:.2f} ({k['speed_vs_first_min']:.2f}–"
