@@ -49,12 +49,11 @@ row per round (round r starts at the r-th row), so no row always runs first or l
   and batch size, and at the first batch size over the anchor's (``genai-int4``) of the
   same round. The table gives the median tokens/s over rounds and the median of the
   per-round ratios with their min-max; the JSON keeps every round's figures.
-- % of roofline (first batch size): each round's tokens/s x bytes of weights read per
-  token (the evaluate stage's ``torch_bytes_per_token`` / ``onnx_bytes_per_token``) over
-  the memory bandwidth that row's process measured just before decoding
-  (``memory_bandwidth``, on the row's ``--threads``), median over rounds. The bandwidth
-  moves with the machine like the speeds do; one probe per run once read 76 GB/s where
-  others read 40 to 44.
+- % of roofline (first batch size): median tokens/s x bytes of weights read per token (the
+  evaluate stage's ``torch_bytes_per_token`` / ``onnx_bytes_per_token``) over the median
+  of the run's bandwidth probes: every row process measures ``memory_bandwidth`` on the
+  row's ``--threads`` just before it decodes (a single probe per run once read 76 GB/s
+  where most read 40 to 46; see ``summarize``).
 - resident memory: the row process's RSS after decoding (weights, runtime, caches),
   median over rounds.
 - perplexity, once per row (in the first round; it does not change from round to round):
@@ -406,9 +405,9 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
 
     row, model_dir, threads = Row(**spec["row"]), Path(spec["model_dir"]), spec["threads"]
     torch.set_num_threads(threads)
-    # The bandwidth this process can draw on the row's thread count, just before it
-    # decodes: one probe at the start of a run read 76 GB/s where every other read 40 to
-    # 44, so each round's roofline share is paired with its own probe.
+    # The bandwidth a process draws on the row's thread count, probed by each row's process
+    # just before it decodes; the roofline takes the median of a run's probes (see
+    # ``summarize``).
     bandwidth = memory_bandwidth()
     tokenizer = AutoTokenizer.from_pretrained(spec["dense_dir"])
     _, held_out = real.split_topics()
@@ -492,11 +491,21 @@ def spread(values: list[float]) -> dict[str, float] | None:
     }
 
 
-def summarize(rows: list[dict[str, Any]], batch_sizes: list[int]) -> None:
+def summarize(report: dict[str, Any]) -> None:
     """Per round, each row's tokens/s over the reference's and the anchor's of the same
-    round, and its share of the roofline on the bandwidth its own process measured; per
-    row, the median tokens/s and roofline share, and the median, min and max of the
-    ratios."""
+    round; per row, the median tokens/s and the median, min and max of those ratios, and
+    the share of the roofline at the median tokens/s.
+
+    The bandwidth is the median of the run's probes, one per row process. A probe read
+    either about 44 or about 80 GB/s on two threads, stable within a process (where the
+    host placed that process's pages), and the weights did not follow it: the int4
+    kernels streamed at 31 GB/s in a process whose probe read 72 and at 28 in one whose
+    probe read 44. So a share paired with its own process's probe is noise; the median
+    probe is the machine's bandwidth."""
+    rows, batch_sizes = report["rows"], report["settings"]["batch_sizes"]
+    probes = [e["bandwidth"] for r in rows for e in r["rounds"] if e["ok"] and "bandwidth" in e]
+    report["bandwidth_gb_per_s"] = spread([p / 1e9 for p in probes])
+    bandwidth = statistics.median(probes) if probes else None
     first = batch_sizes[0]
     by_name = {r["name"]: r for r in rows}
 
@@ -507,14 +516,13 @@ def summarize(rows: list[dict[str, Any]], batch_sizes: list[int]) -> None:
     for r in rows:
         done = [e for e in r["rounds"] if e["ok"]]
         for e in done:
+            e.pop("roofline_pct", None)  # per round in runs summarized before the median probe
             reference, anchor = same_round(REFERENCE, e["round"]), same_round(ANCHOR, e["round"])
             for b in batch_sizes:
                 tps = e[f"tokens_per_s_b{b}"]
                 e[f"speedup_b{b}"] = tps / reference[f"tokens_per_s_b{b}"] if reference else None
             tps = e[f"tokens_per_s_b{first}"]
             e[f"anchor_ratio_b{first}"] = tps / anchor[f"tokens_per_s_b{first}"] if anchor else None
-            if "bytes_per_token" in r:  # decode steps per second x bytes / bandwidth
-                e["roofline_pct"] = 100 * tps / first * r["bytes_per_token"] / e["bandwidth"]
         if not done:
             continue
         for b in batch_sizes:
@@ -524,8 +532,9 @@ def summarize(rows: list[dict[str, Any]], batch_sizes: list[int]) -> None:
         key = f"anchor_ratio_b{first}"
         r[key] = spread([e[key] for e in done if e[key] is not None])
         r["rss_mb"] = statistics.median(e["rss_mb"] for e in done)
-        if all("roofline_pct" in e for e in done):
-            r["roofline_pct"] = statistics.median(e["roofline_pct"] for e in done)
+        if "bytes_per_token" in r and bandwidth:
+            per_s = r[f"tokens_per_s_b{first}"] / first  # decode steps per second
+            r["roofline_pct"] = 100 * per_s * r["bytes_per_token"] / bandwidth
         reference = by_name.get(REFERENCE, {})
         if "perplexity" in r and "perplexity" in reference:
             r["perplexity_ratio"] = r["perplexity"] / reference["perplexity"]
@@ -582,7 +591,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{', '.join(map(str, report['load_average_at_end']))}; memory bandwidth "
             f"{fmt_spread(report['bandwidth_gb_per_s'])} GB/s, median (min–max) of the row "
             f"processes' probes (a 256 MB copy on {s['threads']} thread(s), as many as each "
-            f"row decodes on, just before it decodes); torch {m['torch']}, "
+            f"row decodes on, just before it decodes; the median is the roofline's); torch "
+            f"{m['torch']}, "
             f"onnxruntime {m['onnxruntime']}.",
             "",
             f"Model: {report['model']}. {s['rounds']} rounds; in each, every row decodes once "
@@ -593,9 +603,8 @@ def markdown(report: dict[str, Any]) -> str:
             "row's runtime (the genai rows: onnxruntime-genai's own generator). tokens/s: the "
             "median over rounds; × fp32 bN: each round's ratio to the dense fp32 torch row's "
             f"tokens/s in the same round, median (min–max over rounds); × anchor b{first}: "
-            "the same against onnxruntime-genai's own int4 build. % roofline: tokens/s × "
-            "bytes of weights read per token / the bandwidth its process probed, median over "
-            "rounds; RSS: the row "
+            "the same against onnxruntime-genai's own int4 build. % roofline: median "
+            "tokens/s × bytes of weights read per token / the median bandwidth; RSS: the row "
             "process's resident memory after decoding, median; perplexity (measured once, in "
             f"the first round) over {s['eval_windows'] or 'all'} window(s) of {s['window']} "
             "held-out tokens, × fp32 ppl its ratio to the dense row's. Variants calibrated on "
@@ -630,6 +639,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, help="default: $UNBOTTLE_CACHE_DIR/decode_real")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/decode_real.json")
     parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        help="measure nothing: summarize a saved run's JSON again and rewrite its section",
+    )
     args = parser.parse_args(argv)
     try:
         args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
@@ -673,6 +687,13 @@ def main(argv: list[str]) -> int:
     from unbottle.core.store.artifacts import write_json_atomic
 
     args = parse_args(argv)
+    if args.from_json:  # the same rounds, summarized by this version of the script
+        report = json.loads(args.from_json.read_text(encoding="utf-8"))
+        summarize(report)
+        write_json_atomic(args.from_json, report)
+        rewrite_section(args.markdown, markdown(report), begin=BEGIN, end=END, heading=SECTION)
+        real.progress(f"decode_real: summarized {args.from_json} again into {args.markdown}")
+        return 0
     started = datetime.datetime.now(datetime.timezone.utc)
     host = real.machine()
     dense_dir, model, sha256 = real.source_dir(args.source)
@@ -743,9 +764,7 @@ def main(argv: list[str]) -> int:
                 ppl = f", perplexity {record['perplexity']:.3f}" if k == 0 else ""
                 real.progress(f"{where}: tokens/s {speeds}{ppl}")
             report["rounds_done"] = k + 1
-            summarize(report["rows"], args.batch_sizes)
-            probes = [e["bandwidth"] for r in report["rows"] for e in r["rounds"] if e["ok"]]
-            report["bandwidth_gb_per_s"] = spread([p / 1e9 for p in probes])
+            summarize(report)
             write_json_atomic(args.out, report)  # after every round, for a look mid-run
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     write_json_atomic(args.out, report)
