@@ -210,7 +210,7 @@ def test_deploy_target_runtime_genai(tmp_path, gptq_packed):
     assert "onnxruntime_genai" in (tmp_path / "bundle/README.md").read_text()
     # The serving engine runs it too (test_the_engine_serves_a_genai_bundle below).
     backend = load_backend(tmp_path / "bundle", threads=1)
-    assert backend.format == "genai" and backend.rows_alone
+    assert backend.format == "genai" and backend.right_padded
     # Only packed variants: a float one has no codes to carry.
     (tmp_path / "other").mkdir()
     with pytest.raises(ConfigError, match=r"^deploy.options.runtime: genai takes a packed"):
@@ -231,7 +231,7 @@ def test_the_engine_serves_a_genai_bundle_with_continuous_batching(tmp_path, gpt
     bundle = tmp_path / "exact"
     build_genai_bundle(gptq_packed, bundle, head="float", accuracy_level=0)
     backend = load_backend(bundle, threads=1)
-    assert backend.format == "genai" and backend.rows_alone
+    assert backend.format == "genai" and backend.right_padded
     tokenizer = AutoTokenizer.from_pretrained(bundle)
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, len(tokenizer), (n,), generator=g).tolist() for n in (9, 4, 13)]
@@ -256,27 +256,31 @@ def test_the_engine_serves_a_genai_bundle_with_continuous_batching(tmp_path, gpt
         engine.stop()
     assert [s.generated for s in seqs] == solo
 
-    # Why: the fused attention counts a row's cache columns from the left, so a row that is
-    # left-padded in a batch gets other logits than alone; decoded alone over its own
-    # columns (the engine's row-by-row step), it gets its solo logits.
+    # Why the batch is padded on the right for this graph: the fused attention counts a
+    # row's cache columns from the left and writes its new column at the row's length, so
+    # rows of different lengths, each from column 0, decode in one call with the logits
+    # each gets alone; the left-padded layout of the other backends would not give them.
     from unbottle.core.serving.engine import _Batch
 
-    batch, alone = _Batch(), []
-    for ids in prompts[:2]:
+    alone, batches = [], {True: _Batch(right_padded=True), False: _Batch(right_padded=False)}
+    for ids in prompts:
         _, cache = backend.prefill(ids)
-        batch.add(Sequence(ids, sampling, None), cache, capacity=32)
+        for batch in batches.values():
+            batch.add(Sequence(ids, sampling, None), cache, context=1000)
         n = len(ids)
         own = [tuple(torch.nn.functional.pad(t, (0, 0, 0, 32 - n)) for t in kv) for kv in cache]
         one = torch.ones(1, n + 1, dtype=torch.long)
         alone.append(backend.decode(torch.tensor([3]), torch.tensor([n]), one, own, n)[0])
-    tokens, positions = torch.tensor([3, 3]), torch.tensor([len(p) for p in prompts[:2]])
-    mask = torch.cat([batch.mask, torch.ones(2, 1, dtype=torch.long)], 1)
-    assert not bool(batch.mask.all())  # the shorter prompt is left-padded
-    engine._batch = batch
-    by_rows = engine._decode_rows(tokens, positions, mask)
-    assert torch.allclose(by_rows, torch.stack(alone), atol=1e-5)
-    batched = backend.decode(tokens, positions, mask, batch.buffers, batch.width)
-    assert not torch.allclose(batched[1], alone[1], atol=1e-3)
+    tokens, positions = torch.tensor([3] * len(prompts)), torch.tensor(list(map(len, prompts)))
+    right = batches[True]
+    assert right.capacity == _Batch.MIN_CAPACITY and right.width == max(map(len, prompts))
+    mask = right.next_mask()
+    assert mask.sum(1).tolist() == [n + 1 for n in map(len, prompts)]
+    batched = backend.decode(tokens, positions, mask, right.buffers, right.width)
+    assert torch.allclose(batched, torch.stack(alone), atol=1e-5)
+    left = batches[False]
+    wrong = backend.decode(tokens, positions, left.next_mask(), left.buffers, left.width)
+    assert not torch.allclose(wrong[1], alone[1], atol=1e-3)  # the 4-token row, padded left
 
 
 def test_gptq_genai_variant_is_evaluated_and_deployed_in_its_runtime(

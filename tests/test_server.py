@@ -268,6 +268,37 @@ def test_batched_greedy_tokens_equal_solo_tokens(bundle, greedy):
     assert steps != sorted(steps)  # ...and the batch grew and shrank between steps
 
 
+def test_the_batch_cache_grows_by_doubling_and_keeps_its_columns():
+    """A batch allocates room for its longest row (at least 256 columns), not the whole
+    context (SmolLM2's 8,192 would be 377 MB a row), and a step that needs a column it
+    lacks doubles it, up to the context, keeping every row's columns where they were."""
+    import torch
+
+    from unbottle.core.serving.engine import SamplingParams, Sequence, _Batch
+
+    g = torch.Generator().manual_seed(0)
+    long_kv = tuple(torch.randn(1, 2, 300, 4, generator=g) for _ in range(2))
+    short_kv = tuple(torch.randn(1, 2, 5, 4, generator=g) for _ in range(2))
+    for right_padded in (False, True):
+        batch = _Batch(right_padded)
+        for kv in (long_kv, short_kv):
+            batch.add(
+                Sequence([1] * kv[0].shape[2], SamplingParams(max_tokens=1), None), [kv], 1000
+            )
+        assert (batch.capacity, batch.width) == (512, 300)
+        while batch.width < batch.capacity:  # steps, as the engine takes them
+            batch.make_room(1000)
+            batch.mask, batch.width = batch.next_mask(), batch.width + 1
+        assert batch.capacity == 512
+        batch.make_room(1000)
+        assert batch.capacity == 1000  # the context caps the doubling
+        short_at = slice(0, 5) if right_padded else slice(295, 300)
+        keys, values = batch.buffers[0]
+        assert torch.equal(keys[0, :, :300], long_kv[0][0])
+        assert torch.equal(values[1, :, short_at], short_kv[1][0])
+        assert batch.mask.sum(1).tolist() == [300 + 212, 5 + 212]
+
+
 def test_load_400_requests_at_concurrency_16_lose_nothing(server, greedy, tokenizer):
     headers = {"Authorization": f"Bearer {KEY}"}
     jobs = [(PROMPTS[i % len(PROMPTS)], 4 + i % 9) for i in range(400)]

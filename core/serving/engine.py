@@ -7,7 +7,9 @@ every step instead of waiting for a whole batch to drain (the scheduling of Orca
 al., OSDI 2022, "iteration-level scheduling"; vLLM and TGI serve the same way).
 
 The batch's cache is one preallocated tensor per layer and kind,
-``(B, heads, capacity, head_dim)``, of which ``T`` columns are in use: each row's real
+``(B, heads, capacity, head_dim)``, of which ``T`` columns are in use (the capacity grows
+by doubling, up to the model's context, so a long context costs memory only when used):
+each row's real
 positions are a contiguous suffix of them (rows are left-padded with zeros), a ``(B, T)``
 attention mask hides the padding, and a decode step writes one new column in place.
 Each row is fed its own position ids, so rotary embeddings see the positions the row
@@ -26,9 +28,9 @@ The onnxruntime-genai bundle (plugins/quantization/genai.py) is served the same 
 ONNX Runtime on its graph with the engine's cache (genai's own ``Generator`` owns its
 cache and takes no rows mid-flight). Its fused attention (``GroupQueryAttention``) takes
 no position ids: it reads each row's length off the attention mask and counts a row's
-real columns from the left, so it cannot read a left-padded batch: while the running
-rows differ in length, each decodes on its own, over its own columns, interleaved step by
-step as above, and rows of one length decode as one batch.
+real columns from the left, writing its new column right after them. So for such a
+backend (``right_padded``) the batch keeps every row's cache from column 0, padded on the
+right, and rows of any lengths decode as one batch.
 
 :class:`EngineProcess` runs the same engine in a child process, so that the model's
 Python work and a server's event loop do not share one interpreter lock. Nothing here
@@ -155,8 +157,9 @@ class Backend(Protocol):
     context: int
     #: True when a row's output depends on the other rows of its batch.
     couples_rows: bool
-    #: True when the model cannot take a left-padded batch: each row decodes on its own.
-    rows_alone: bool
+    #: True when the model reads each row's cache from column 0 and writes its new column at
+    #: the row's length (the mask's row sum): the batch is then padded on the right.
+    right_padded: bool
 
     def prefill(self, ids: list[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
         """A prompt alone: (V,) logits of its last position, and its (1, h, n, d) cache."""
@@ -172,7 +175,9 @@ class Backend(Protocol):
     ) -> torch.Tensor:
         """One token per row: (B,) tokens at (B,) positions, a (B, width+1) mask over the
         cache's first ``width`` columns plus the new one -> (B, V) logits; the new keys and
-        values are written into column ``width`` of the (B, h, capacity, d) ``buffers``.
+        values are written into column ``width`` of the (B, h, capacity, d) ``buffers``
+        (with ``right_padded``, into each row's column at its length: its mask row's sum
+        less one).
         """
         ...
 
@@ -182,7 +187,7 @@ class TorchBackend:
 
     format = "hf"
     couples_rows = False
-    rows_alone = False
+    right_padded = False
 
     def __init__(self, bundle: Path) -> None:
         import torch
@@ -286,7 +291,7 @@ class OnnxBackend:
             raise DataError(f"{bundle}: expected one .onnx model, found {len(files)}")
         genai_config = Path(bundle) / "genai_config.json"
         self.format = "genai" if genai_config.is_file() else "onnx"
-        self.rows_alone = self.format == "genai"
+        self.right_padded = self.format == "genai"
         if (Path(bundle) / "config.json").is_file():
             config = json.loads((Path(bundle) / "config.json").read_text(encoding="utf-8"))
             self.context = int(config["max_position_embeddings"])
@@ -305,7 +310,7 @@ class OnnxBackend:
             1 for n in names if n.startswith("past_key_values.") and n.endswith(".key")
         )
         self.positions = "position_ids" in names
-        if not self.layers or not (self.positions or self.rows_alone):
+        if not self.layers or not (self.positions or self.right_padded):
             raise DataError(
                 f"{files[0]}: the graph has no KV-cache or position_ids inputs; export it with "
                 "the onnx deploy target (optimum, use_cache=True)"
@@ -344,7 +349,7 @@ class OnnxBackend:
         return logits[0, -1].float(), cache
 
     def decode(self, tokens, positions, mask, buffers, width):
-        if self.rows_alone and all(t.is_contiguous() for kv in buffers for t in kv):
+        if self.right_padded:
             return self._decode_in_place(tokens, mask, buffers)
         in_use = [(k[:, :, :width], v[:, :, :width]) for k, v in buffers]
         logits, present = self._run(tokens[:, None], mask, positions[:, None], in_use)
@@ -361,6 +366,8 @@ class OnnxBackend:
         import numpy as np
 
         torch = self._torch
+        if not all(t.is_contiguous() for layer in buffers for t in layer):
+            raise ValueError("genai graphs decode in place: the cache buffers must be contiguous")
         # Binding 60 cache tensors took 0.3 ms, 7% of a SmolLM2 step at two threads; a
         # binding refers to memory by address, so one is kept per cache placement and a
         # step rebinds only the token, the mask and the logits.
@@ -510,7 +517,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._batch = _Batch()
+        self._batch = _Batch(self.backend.right_padded)
         self._progress_at = time.monotonic()  # the end of the engine's last iteration
         self._reported: tuple[int, int, float] = (0, 0, 0.0)  # queue, running, when
 
@@ -618,7 +625,7 @@ class Engine:
                     log.exception("decode step failed; aborting %d sequences", self.running)
                     for seq in self._batch.rows:
                         self._finish(seq, "error")
-                    self._batch = _Batch()
+                    self._batch = _Batch(self.backend.right_padded)
             self._progress_at = time.monotonic()
             self._flush()
         with self._cond:
@@ -627,7 +634,7 @@ class Engine:
         for seq in leftovers:
             if not seq.cancelled and seq.finish_reason is None:
                 self._finish(seq, "abort")
-        self._batch = _Batch()
+        self._batch = _Batch(self.backend.right_padded)
         self._flush(force=True)
 
     def _admit(self, seq: Sequence) -> None:
@@ -651,12 +658,11 @@ class Engine:
         import torch
 
         batch = self._batch
+        batch.make_room(self.backend.context)
         tokens = torch.tensor([s.generated[-1] for s in batch.rows])  # (B,)
         positions = torch.tensor([s.position for s in batch.rows])  # (B,)
-        mask = torch.cat([batch.mask, torch.ones(len(batch.rows), 1, dtype=torch.long)], 1)
-        # A backend that cannot read left padding (rows_alone) batches only unpadded rows.
-        padded = self.backend.rows_alone and not bool(batch.mask.all())
-        if self.row_by_row or padded:
+        mask = batch.next_mask()  # (B, width + 1)
+        if self.row_by_row:
             logits = self._decode_rows(tokens, positions, mask)
         else:
             logits = self.backend.decode(tokens, positions, mask, batch.buffers, batch.width)
@@ -677,14 +683,16 @@ class Engine:
 
         batch, rows = self._batch, []
         for r in range(len(batch.rows)):
-            start = int((mask[r] == 0).sum())  # padding is a prefix
-            own = [(k[r : r + 1, :, start:], v[r : r + 1, :, start:]) for k, v in batch.buffers]
+            if batch.right_padded:  # its columns come first; the buffer row stays whole
+                end = int(mask[r].sum())
+                own = [(k[r : r + 1], v[r : r + 1]) for k, v in batch.buffers]
+                row_mask, width = mask[r : r + 1, :end], end - 1
+            else:
+                start = int((mask[r] == 0).sum())  # padding is a prefix
+                own = [(k[r : r + 1, :, start:], v[r : r + 1, :, start:]) for k, v in batch.buffers]
+                row_mask, width = mask[r : r + 1, start:], batch.width - start
             logits = self.backend.decode(
-                tokens[r : r + 1],
-                positions[r : r + 1],
-                mask[r : r + 1, start:],
-                own,
-                batch.width - start,
+                tokens[r : r + 1], positions[r : r + 1], row_mask, own, width
             )
             rows.append(logits[0])
         return torch.stack(rows)  # (B, V)
@@ -806,42 +814,92 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generator: Any) -> int
 
 
 class _Batch:
-    """The running sequences and their stitched, left-padded KV cache.
+    """The running sequences and their stitched KV cache.
 
     ``buffers`` hold ``(B, h, capacity, d)`` per layer and kind, of which the first
-    ``width`` columns are in use; each row's real columns are a suffix of those, and
-    ``mask`` (B, width) is 0 on the padding before them. Joining and leaving copy the
-    cache (rare); a decode step only writes one column.
+    ``width`` columns are in use, and ``mask`` (B, width) is 0 on each row's padding. Rows
+    are left-padded (each row's real columns a suffix: a decode step writes column
+    ``width`` of every row), or with ``right_padded`` padded on the right (its real
+    columns a prefix: a step writes each row's column at its length). Joining and leaving
+    copy the cache (rare); the capacity doubles when a step needs room, up to the model's
+    context; a decode step only writes one column per row.
     """
 
-    def __init__(self) -> None:
+    #: The least capacity a batch allocates, in columns.
+    MIN_CAPACITY = 256
+
+    def __init__(self, right_padded: bool = False) -> None:
+        self.right_padded = right_padded
         self.rows: list[Sequence] = []
         self.buffers: list[tuple[torch.Tensor, ...]] = []
         self.width = 0
         self.mask: Any = None  # (B, width) long
 
-    def add(self, seq: Sequence, cache: list[tuple[torch.Tensor, ...]], capacity: int) -> None:
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0][0].shape[2] if self.buffers else 0
+
+    def _room(self, columns: int, context: int) -> int:
+        """A capacity for ``columns`` columns: the next power of two, capped by the context."""
+        return min(context, max(self.MIN_CAPACITY, self.capacity, 1 << (columns - 1).bit_length()))
+
+    def add(self, seq: Sequence, cache: list[tuple[torch.Tensor, ...]], context: int) -> None:
         """Stitch in a prefilled sequence's (1, h, n, d) cache."""
         import torch
 
         n = cache[0][0].shape[2]
         width = max(n, self.width)
-        shift = width - self.width  # the running rows move right to make room
+        capacity = self._room(width + 1, context)
+        # Left-padded, the running rows move right to make room for a longer one.
+        shift = 0 if self.right_padded else width - self.width
+        new_at = slice(0, n) if self.right_padded else slice(width - n, width)
         rows = []
         for i, (keys, values) in enumerate(cache):
             for j, new in enumerate((keys, values)):
                 buffer = torch.zeros(len(self.rows) + 1, new.shape[1], capacity, new.shape[3])
                 if self.rows:
-                    buffer[:-1, :, shift:width] = self.buffers[i][j][:, :, : self.width]
-                buffer[-1, :, width - n : width] = new[0]
+                    old = self.buffers[i][j][:, :, : self.width]
+                    buffer[:-1, :, shift : shift + self.width] = old
+                buffer[-1, :, new_at] = new[0]
                 rows.append(buffer)
         self.buffers = [tuple(rows[i : i + 2]) for i in range(0, len(rows), 2)]
         mask = torch.zeros(len(self.rows) + 1, width, dtype=torch.long)
         if self.rows:
-            mask[:-1, shift:] = self.mask
-        mask[-1, width - n :] = 1
+            mask[:-1, shift : shift + self.width] = self.mask
+        mask[-1, new_at] = 1
         self.mask, self.width = mask, width
         self.rows.append(seq)
+
+    def make_room(self, context: int) -> None:
+        """Grow the buffers when the next step's column would not fit."""
+        import torch
+
+        if self.width < self.capacity:
+            return
+        capacity = self._room(self.width + 1, context)
+        if capacity <= self.capacity:
+            return  # at the context: the engine ends sequences before they pass it
+        grown = []
+        for layer in self.buffers:
+            bigger = []
+            for buffer in layer:
+                b, h, _, d = buffer.shape
+                room = torch.zeros(b, h, capacity, d)
+                room[:, :, : self.width] = buffer[:, :, : self.width]
+                bigger.append(room)
+            grown.append(tuple(bigger))
+        self.buffers = grown
+
+    def next_mask(self) -> torch.Tensor:
+        """The (B, width + 1) mask of the next step: every row's new column added."""
+        import torch
+
+        rows = len(self.rows)
+        if not self.right_padded:
+            return torch.cat([self.mask, torch.ones(rows, 1, dtype=torch.long)], 1)
+        mask = torch.cat([self.mask, torch.zeros(rows, 1, dtype=torch.long)], 1)
+        mask[torch.arange(rows), self.mask.sum(1)] = 1  # right after each row's columns
+        return mask
 
     def remove(self, rows: list[int]) -> None:
         import torch
@@ -855,8 +913,12 @@ class _Batch:
         index = torch.tensor(keep)
         mask = self.mask.index_select(0, index)  # (B', width)
         # Columns that are padding in every remaining row are dead weight: drop them.
-        start = int(mask.any(0).long().argmax())
-        width = self.width - start
+        used = mask.any(0).long()
+        if self.right_padded:
+            start, width = 0, int(mask.sum(1).max())
+        else:
+            start = int(used.argmax())
+            width = self.width - start
         buffers = []
         for layer in self.buffers:
             kept = []
@@ -867,7 +929,7 @@ class _Batch:
                 kept.append(rows_kept)
             buffers.append(tuple(kept))
         self.buffers, self.width = buffers, width
-        self.mask = mask[:, start:].contiguous()
+        self.mask = mask[:, start : start + width].contiguous()
 
 
 # --------------------------------------------------------------------------- bundles
