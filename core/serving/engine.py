@@ -392,8 +392,8 @@ class OnnxBackend:
         return logits[:, -1]
 
 
-#: IO bindings kept per backend, one per cache placement: the rows a batch decodes alone
-#: each have their own; more than this means the placements moved, and all are dropped.
+#: IO bindings kept per backend, one per cache placement (the batch's, or each row's when
+#: rows decode one by one); more than this means the placements moved: all are dropped.
 _BINDINGS_KEPT = 64
 
 
@@ -913,11 +913,10 @@ class _Batch:
         index = torch.tensor(keep)
         mask = self.mask.index_select(0, index)  # (B', width)
         # Columns that are padding in every remaining row are dead weight: drop them.
-        used = mask.any(0).long()
         if self.right_padded:
             start, width = 0, int(mask.sum(1).max())
         else:
-            start = int(used.argmax())
+            start = int(mask.any(0).long().argmax())
             width = self.width - start
         buffers = []
         for layer in self.buffers:
