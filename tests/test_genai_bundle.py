@@ -278,6 +278,8 @@ def test_the_engine_serves_a_genai_bundle_with_continuous_batching(tmp_path, gpt
     assert mask.sum(1).tolist() == [n + 1 for n in map(len, prompts)]
     batched = backend.decode(tokens, positions, mask, right.buffers, right.width)
     assert torch.allclose(batched, torch.stack(alone), atol=1e-5)
+    engine._batch = right  # row by row (batch_invariant graphs), each over its own columns
+    assert torch.allclose(engine._decode_rows(tokens, positions, mask), batched, atol=1e-5)
     left = batches[False]
     wrong = backend.decode(tokens, positions, left.next_mask(), left.buffers, left.width)
     assert not torch.allclose(wrong[1], alone[1], atol=1e-3)  # the 4-token row, padded left
