@@ -105,26 +105,35 @@ def test_edge_bundle_carries_the_variants_codes_and_gives_its_logits(
                 attribute.i = 0
     onnx.save(exact_graph, str(tmp_path / "exact/model.onnx"))
 
-    # The graph's weights are the variant's codes, not a re-quantization.
+    # The graph's weights are the variant's codes, not a re-quantization. Layers reading
+    # the same input share a node (q, k and v; gate and up): 4 nodes a layer.
     torch_model, _ = load_packed(packed, kernel="on-the-fly")
     graph = onnx.load(str(tmp_path / "exact/model.onnx")).graph
     ops = [node.op_type for node in graph.node]
-    assert ops.count("MatMulNBits") == layers
+    assert facts["fused_layers"] == 2 * 3 and ops.count("MatMulNBits") == 2 * 4 + head
     stored = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
-    for name in names + ["lm_head"] * head:
+    qkv = "/model/layers.0/self_attn/q_proj+k_proj+v_proj/MatMulNBits"
+    where = {  # a layer's tensors: their name's stem and its first row there
+        "model.layers.0.self_attn.q_proj": (qkv, ".codes", ".scales", 0),
+        "model.layers.0.self_attn.v_proj": (qkv, ".codes", ".scales", 64 + 32),
+        "model.layers.1.mlp.down_proj": ("model.layers.1.mlp.down_proj", ".qweight", ".scales", 0),
+        "lm_head": ("lm_head", ".qweight", ".scales", 0),
+    }
+    for name in list(where)[: 3 + head]:
+        stem, codes_name, scales_name, first = where[name]
         layer = torch_model.get_submodule(name)
         codes = unpack(layer.qweight, scheme.bits, layer.in_features)  # (N, K)
         if layer.g_idx is not None:
             codes = codes[:, torch.argsort(layer.g_idx.long(), stable=True)]
-            assert ops.count("Gather") >= 14  # each act-order layer permutes its input
-        bundle_codes = torch.from_numpy(stored[f"{name}.qweight"].copy()).reshape(
-            codes.shape[0], -1
-        )
+            # One Gather per distinct input and order: q/k/v, o, gate/up, down per layer.
+            assert ops.count("Gather") >= 2 * 4
+        n, blocks = codes.shape[0], layer.scales.numel() // codes.shape[0]
+        bundle_codes = torch.from_numpy(stored[stem + codes_name].copy()).reshape(
+            -1, stored[stem + codes_name][0].size
+        )[first : first + n]
         assert torch.equal(unpack(bundle_codes, scheme.bits, layer.in_features), codes)
-        assert torch.equal(
-            torch.from_numpy(stored[f"{name}.scales"].copy()), layer.scales.float().reshape(-1)
-        )
+        scales = stored[stem + scales_name].reshape(-1)[first * blocks : (first + n) * blocks]
+        assert torch.equal(torch.from_numpy(scales.copy()), layer.scales.float().reshape(-1))
 
     ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(5))
     reference = TorchRunner(packed)
@@ -179,7 +188,9 @@ def test_gptq_edge_variant_is_evaluated_deployed_and_served_in_onnx_runtime(
 
     variant = layout.artifact("compress") / "gptq4-edge"
     manifest = json.loads((variant / "manifest.json").read_text())
-    assert manifest["format"] == "onnx" and manifest["metrics"]["step1_nbits_layers"] == 14
+    metrics = manifest["metrics"]
+    assert manifest["format"] == "onnx" and metrics["step1_nbits_layers"] == 14
+    assert metrics["step1_fused_layers"] == 6  # q/k/v and gate/up share nodes
     rows = json.loads((layout.artifact("evaluate") / "evaluation.json").read_text())["variants"]
     edge, dense = rows["gptq4-edge"], rows["finetuned"]
     assert edge["format"] == "onnx"  # measured in ONNX Runtime, the runtime it ships in
@@ -211,3 +222,73 @@ def test_gptq_edge_variant_is_evaluated_deployed_and_served_in_onnx_runtime(
         assert [s.generated for s in seqs] == solo
     finally:
         engine.stop()
+
+
+def test_layers_reading_one_input_share_a_node_and_give_the_same_outputs_to_the_bit():
+    """fuse_matmuls_sharing_input: rows stacked, one kernel, a Split; nodes that differ
+    in anything but N (here a block size) or read another input keep their own."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from unbottle.plugins.quantization.matmulnbits import fuse_matmuls_sharing_input
+
+    rng, k = np.random.default_rng(0), 64
+    initializers, nodes, outputs = [], [], []
+
+    def layer(name: str, source: str, n: int, block: int) -> None:
+        blocks = k // block
+        tensors = {
+            f"{name}.qweight": rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8),
+            f"{name}.scales": rng.uniform(0.01, 0.1, n * blocks).astype(np.float32),
+            f"{name}.qzeros": rng.integers(0, 256, n * -(-blocks // 2), dtype=np.uint8),
+        }
+        initializers.extend(numpy_helper.from_array(v, key) for key, v in tensors.items())
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                [source, *tensors],
+                [f"{name}.out"],
+                name=f"/block/{name}/MatMulNBits",
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=4,
+                block_size=block,
+                accuracy_level=4,
+            )
+        )
+        outputs.append(helper.make_tensor_value_info(f"{name}.out", TensorProto.FLOAT, None))
+
+    nodes.append(helper.make_node("Relu", ["x"], ["y"], name="/block/relu"))
+    layer("gate", "x", 48, 32)
+    layer("up", "x", 48, 32)
+    layer("wide_blocks", "x", 16, 64)  # another block size: not stackable with the others
+    layer("other_input", "y", 16, 32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], outputs, initializers),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+    )
+
+    def run(graph) -> list:
+        session = ort.InferenceSession(
+            graph.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        return session.run(None, {"x": rng_x})
+
+    rng_x = rng.standard_normal((3, k)).astype(np.float32)
+    before = run(model)
+    assert fuse_matmuls_sharing_input(model) == 1
+    fused = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert [n.name for n in fused] == [
+        "/block/gate+up/MatMulNBits",
+        "/block/wide_blocks/MatMulNBits",
+        "/block/other_input/MatMulNBits",
+    ]
+    assert {a.name: a.i for a in fused[0].attribute}["N"] == 96
+    names = {init.name for init in model.graph.initializer}
+    assert not names & {"gate.qweight", "up.qweight", "gate.scales", "up.qzeros"}
+    after = run(model)
+    for got, expected in zip(after, before, strict=True):
+        assert np.array_equal(got, expected)

@@ -78,8 +78,12 @@ def test_genai_bundle_carries_the_codes_and_gives_the_packed_models_logits(
     from unbottle.plugins.quantization.genai import build_genai_bundle
 
     exact = build_genai_bundle(gptq_packed, tmp_path / "exact", head="float", accuracy_level=0)
-    assert exact["act_order_layers"] == exact["nbits_layers"] == 10  # q/k/v fused in one
+    # q/k/v are one node from the builder; gate and up become one here: 4 nodes a layer.
+    assert exact["act_order_layers"] == 10 and exact["fused_layers"] == 2
+    assert exact["nbits_layers"] == 8
     nodes, arrays = graph_arrays(tmp_path / "exact")
+    (gate_up,) = [n for n in nodes if n.name == "/model/layers.0/mlp/gate_proj+up_proj/MatMulNBits"]
+    assert {a.name: a.i for a in gate_up.attribute}["N"] == 2 * 128
     # Act-order layers take the fast kernel: no g_idx input, a Gather sorts the columns.
     assert all(len(n.input) <= 4 for n in nodes if n.op_type == "MatMulNBits")
     # One per distinct input and order: q/k/v (one node), o, gate and up (one order), and
@@ -90,7 +94,7 @@ def test_genai_bundle_carries_the_codes_and_gives_the_packed_models_logits(
     up, down = (
         packed_model.get_submodule(f"model.layers.0.mlp.{p}") for p in ("up_proj", "down_proj")
     )
-    stored = torch.from_numpy(arrays["model.layers.0.mlp.up_proj.MatMulNBits.qweight"].copy())
+    stored = torch.from_numpy(arrays[f"{gate_up.name}.codes"][128:].copy())  # up's rows
     codes = unpack(up.qweight, 4, 64)[:, torch.argsort(up.g_idx.long(), stable=True)]
     codes = codes[torch.argsort(down.g_idx.long(), stable=True)]  # rows in down's order
     assert torch.equal(unpack(stored.reshape(128, -1), 4, 64), codes)  # not re-quantized
@@ -107,7 +111,7 @@ def test_genai_bundle_carries_the_codes_and_gives_the_packed_models_logits(
 
     # The shipped default: int8 activations and an int8 head: close, not equal.
     fast = build_genai_bundle(gptq_packed, tmp_path / "fast")
-    assert fast["head"] == "int8" and fast["nbits_layers"] == 11
+    assert fast["head"] == "int8" and fast["nbits_layers"] == 9
     got = GenaiRunner(tmp_path / "fast").logits(ids)
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
 
@@ -120,7 +124,7 @@ def test_a_quantized_head_is_built_from_the_variants_codes(tmp_path, tokenizer):
         tokenizer, tmp_path / "packed", "gptq", Scheme(bits=4, group_size=32), head=True
     )
     facts = build_genai_bundle(packed, tmp_path / "exact", accuracy_level=0)
-    assert facts["head"] == "variant" and facts["nbits_layers"] == 11
+    assert facts["head"] == "variant" and facts["nbits_layers"] == 9
     nodes, _ = graph_arrays(tmp_path / "exact")
     (head,) = [n for n in nodes if n.op_type == "MatMulNBits" and "lm_head" in n.name]
     assert {a.name: a.i for a in head.attribute}["bits"] == 4
@@ -145,7 +149,7 @@ def test_a_symmetric_variant_is_built_without_zero_points(tmp_path, tokenizer):
     facts = build_genai_bundle(packed, tmp_path / "sym", accuracy_level=0)
     nodes, arrays = graph_arrays(tmp_path / "sym")
     nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
-    assert len(nbits) == facts["nbits_layers"] == 11
+    assert len(nbits) == facts["nbits_layers"] == 9
     assert all(len(n.input) == 3 for n in nbits)  # A, codes, scales
     assert not any(name.endswith("qzeros") for name in arrays)
     ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(5))
@@ -206,7 +210,7 @@ def test_deploy_target_runtime_genai(tmp_path, gptq_packed):
     target = get_registry().create("deploy_target", "onnx", {"runtime": "genai"})
     (tmp_path / "bundle").mkdir()
     facts = target.deploy(gptq_packed, tmp_path / "bundle", ctx("packed"))
-    assert facts["smoke_generated_tokens"] == 2 and facts["nbits_layers"] == 11
+    assert facts["smoke_generated_tokens"] == 2 and facts["nbits_layers"] == 9
     assert "onnxruntime_genai" in (tmp_path / "bundle/README.md").read_text()
     # The serving engine runs it too (test_the_engine_serves_a_genai_bundle below).
     backend = load_backend(tmp_path / "bundle", threads=1)

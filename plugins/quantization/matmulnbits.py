@@ -23,6 +23,12 @@ to hold exactly the dequantized weight) is replaced by a ``MatMulNBits`` node fe
 packed codes. The embeddings and the output head stay float, as in onnxruntime-genai's
 own int4 builds.
 
+Layers that read the same input (q, k and v; gate and up) become one ``MatMulNBits`` node
+whose codes, scales and zero points are theirs stacked along the output axis, followed by
+a ``Split`` (:func:`fuse_matmuls_sharing_input`): each output column is computed from its
+own row alone, so the outputs are the same to the bit, with one kernel launch and one
+activation quantization where there were several.
+
 ``accuracy_level`` is the op's compute type: 0 dequantizes to float32 (the torch packed
 model's logits to float rounding), 4 quantizes each row's activations to int8 per block
 and runs integer dot products (ONNX Runtime's fast CPU path; about 3x a float32 MatMul at
@@ -70,7 +76,8 @@ def export_matmulnbits(
     ``generation_config.json`` for the packed variant in ``packed_dir`` into ``out_dir``.
 
     The tokenizer is the caller's to save. Returns facts: ``onnx_nbits_bytes``,
-    ``nbits_layers``, ``bits``, ``block_size``, ``accuracy_level``.
+    ``nbits_layers``, ``fused_layers`` (how many share a node with others),
+    ``bits``, ``block_size``, ``accuracy_level``.
     """
     import onnx
     import torch
@@ -115,6 +122,7 @@ def export_matmulnbits(
         export_onnx(float_dir, export_dir, int8=False, work_dir=Path(tmp))
         graph_model = onnx.load(str(export_dir / "model.onnx"))
         _replace_matmuls(graph_model, layers, weights, accuracy_level)
+        fused = fuse_matmuls_sharing_input(graph_model)
         graph_model.metadata_props.add(key="unbottle.quantization", value=str(meta["method"]))
         out_dir.mkdir(parents=True, exist_ok=True)
         onnx.save(graph_model, str(out_dir / "model.onnx"))
@@ -124,6 +132,7 @@ def export_matmulnbits(
     return {
         "onnx_nbits_bytes": (out_dir / "model.onnx").stat().st_size,
         "nbits_layers": len(layers),
+        "fused_layers": fused,
         "bits": bits,
         "block_size": group_size or 0,
         "accuracy_level": accuracy_level,
@@ -149,6 +158,7 @@ def _replace_matmuls(
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     nodes, replaced, dropped = [], set(), set()
+    sorted_inputs: dict[tuple[str, bytes], str] = {}  # (input, column order): its Gather
     for node in graph.node:
         name = _module_of(node)
         if name not in layers:
@@ -170,15 +180,20 @@ def _replace_matmuls(
                 raise DataError(f"{name}: its g_idx groups are not {block} columns each")
             order = torch.argsort(g_idx, stable=True)  # (K,): columns sorted by group
             codes = codes.index_select(1, order)
-            order_name = f"{name}.input_order"
-            graph.initializer.append(numpy_helper.from_array(order.numpy(), order_name))
-            x_sorted = f"{node.name[: -len('MatMul')]}input_sorted"
-            nodes.append(
-                helper.make_node(
-                    "Gather", [x, order_name], [x_sorted], name=f"{x_sorted}/Gather", axis=-1
+            # Layers fed the same input share GPTQ's Hessian and so its order (q, k and v;
+            # gate and up): one Gather serves them, and they can then share one node.
+            key = (x, order.numpy().tobytes())
+            if key not in sorted_inputs:
+                order_name = f"{name}.input_order"
+                graph.initializer.append(numpy_helper.from_array(order.numpy(), order_name))
+                x_sorted = f"{node.name[: -len('MatMul')]}input_sorted"
+                nodes.append(
+                    helper.make_node(
+                        "Gather", [x, order_name], [x_sorted], name=f"{x_sorted}/Gather", axis=-1
+                    )
                 )
-            )
-            x = x_sorted
+                sorted_inputs[key] = x_sorted
+            x = sorted_inputs[key]
         blocks = k // block
         tensors = {
             f"{name}.qweight": pack(codes, bits).reshape(n, blocks, block * bits // 8),
@@ -215,3 +230,98 @@ def _replace_matmuls(
     graph.initializer.extend(kept)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def fuse_matmuls_sharing_input(model: Any) -> int:
+    """Merge the ``MatMulNBits`` nodes that read the same input with the same ``K``, bits,
+    block size, compute type and inputs present into one node over their stacked rows,
+    whose output a ``Split`` gives back as the original outputs (see the module
+    docstring). Nodes with ``g_idx`` or a bias are left alone.
+
+    Edits the ONNX ``model`` in place; returns how many nodes were merged into others.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    all_nodes = list(graph.node)  # one wrapper per node, so ids stay stable below
+
+    def signature(node: Any) -> tuple | None:
+        inputs = list(node.input)
+        if node.op_type != "MatMulNBits" or len(inputs) > 4:  # g_idx or bias: not here
+            return None
+        if not all(name in initializers for name in inputs[1:] if name):
+            return None
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        kept = tuple(sorted((k, v) for k, v in attributes.items() if k != "N"))
+        return inputs[0], kept, tuple(bool(name) for name in inputs[1:])
+
+    groups: dict[tuple, list[Any]] = {}
+    for node in all_nodes:
+        key = signature(node)
+        if key is not None:
+            groups.setdefault(key, []).append(node)
+    replacement: dict[int, list[Any]] = {}  # the first member's id: the nodes in its place
+    merged: set[int] = set()
+    unstacked: set[str] = set()  # the members' own tensors, dropped once stacked
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        sizes = [
+            {a.name: helper.get_attribute_value(a) for a in node.attribute}["N"] for node in members
+        ]
+        names = [node.name.rsplit("/", 2) for node in members]  # [parent, layer, op]
+        parent = names[0][0] if all(len(n) == 3 and n[0] == names[0][0] for n in names) else ""
+        fused = f"{parent}/{'+'.join(n[-2] for n in names)}/MatMulNBits"
+        inputs = [members[0].input[0]]
+        for slot, role in enumerate(("codes", "scales", "zero_points"), start=1):
+            if slot >= len(members[0].input) or not members[0].input[slot]:
+                inputs.append("")
+                continue
+            stacked = np.concatenate(
+                [numpy_helper.to_array(initializers[node.input[slot]]) for node in members]
+            )  # every per-output tensor is row-major in N: stacking stacks the rows
+            inputs.append(f"{fused}.{role}")
+            graph.initializer.append(numpy_helper.from_array(stacked, inputs[-1]))
+        while not inputs[-1]:
+            inputs.pop()
+        attributes = {a.name: helper.get_attribute_value(a) for a in members[0].attribute}
+        attributes["N"] = sum(sizes)
+        split_sizes = f"{fused}.split_sizes"
+        graph.initializer.append(
+            numpy_helper.from_array(np.array(sizes, dtype=np.int64), split_sizes)
+        )
+        replacement[id(members[0])] = [
+            helper.make_node(
+                "MatMulNBits",
+                inputs,
+                [f"{fused}/output_0"],
+                name=fused,
+                domain="com.microsoft",
+                **attributes,
+            ),
+            helper.make_node(
+                "Split",
+                [f"{fused}/output_0", split_sizes],
+                [node.output[0] for node in members],
+                name=f"{fused}/Split",
+                axis=-1,
+            ),
+        ]
+        merged |= {id(node) for node in members[1:]}
+        unstacked |= {name for node in members for name in node.input[1:] if name}
+    if not replacement:
+        return 0
+    nodes = []
+    for node in all_nodes:
+        if id(node) in merged:
+            continue
+        nodes.extend(replacement.get(id(node), [node]))
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    still_used = {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.initializer if i.name not in unstacked or i.name in still_used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    return len(merged)
