@@ -21,18 +21,23 @@ float32 torch row measured in the same round of the same run. Rows:
 - ``gptq-int4-g64-static-head-served``: that bundle decoded by unbottle's serving engine
   (``core/serving/engine.py``, ONNX Runtime on genai's graph with the engine's own cache:
   what ``unbottle serve`` runs) instead of genai's generator;
-- ``genai-int4``: onnxruntime-genai's own int4 build of the dense model (the anchor; its
-  model builder quantizes by round-to-nearest, block 64). It needs the ``genai`` extra:
-  ``pip install onnxruntime-genai==0.11.4 onnx-ir``.
+- ``genai-int4``: onnxruntime-genai's own int4 build of the dense model, as issue #14's
+  command makes it (``-p int4 -e cpu``, the builder's defaults: round-to-nearest, block
+  32): the anchor. It needs the ``genai`` extra:
+  ``pip install onnxruntime-genai==0.11.4 onnx-ir``;
+- ``genai-int4-g64``: the same builder at block 64, our variants' group size: fewer bytes
+  per token than its default, the harder comparison.
 
 Variants: ``gptq-int4-g64`` (GPTQ, the compress stage's defaults), ``gptq-int4-g64-static``
 (the same with ``static_groups: true``) and ``gptq-int4-g64-static-head`` (and
 ``quantize_head: true``), of which only the genai rows are measured, ``rtn-int4-g64`` and
 ``rtn-int8-g64`` (int8 in groups of 64: MatMulNBits blocks are powers of two, so SmolLM2's
 576-wide rows cannot be one per-channel block). Each is built once, through the plugin
-registry as the compress stage calls it, and cached with its edge bundle under
+registry as the compress stage calls it, and cached under
 ``$UNBOTTLE_CACHE_DIR/decode_real/`` (``--cache-dir``), keyed by the source's sha256 and
-every setting that shapes it.
+every setting that shapes it. Its edge and genai bundles are built from the cached packed
+variant and built again whenever the code that builds them changed (a hash of
+plugins/quantization/matmulnbits.py, genai.py and __init__.py in their ``built.json``).
 
 A row's tokens/s moves by about 20% from one run to the next, so one pass cannot tell a
 10% difference. Every row is built first (or found in the cache); then the decode timing is
@@ -46,9 +51,10 @@ row per round (round r starts at the r-th row), so no row always runs first or l
   backend for that runtime (``core/serving/engine.py``: the code that serves the bundle;
   onnxruntime-genai's own generator for the genai rows). Tokens/s = batch x steps / time.
 - ratios, paired within a round: a row's tokens/s over ``fp32-torch``'s of the same round
-  and batch size, and at the first batch size over the anchor's (``genai-int4``) of the
-  same round. The table gives the median tokens/s over rounds and the median of the
-  per-round ratios with their min-max; the JSON keeps every round's figures.
+  and batch size, and at the first batch size over the anchor's (``genai-int4``) and the
+  block-64 build's (``genai-int4-g64``) of the same round. The table gives the median
+  tokens/s over rounds and the median of the per-round ratios with their min-max; the
+  JSON keeps every round's figures.
 - % of roofline (first batch size): median tokens/s x bytes of weights read per token (the
   evaluate stage's ``torch_bytes_per_token`` / ``onnx_bytes_per_token``) over the median
   of the run's bandwidth probes: every row process measures ``memory_bandwidth`` on the
@@ -77,6 +83,7 @@ table, the command and the machine replace the marked section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -101,7 +108,11 @@ BEGIN = "<!-- decode_real:begin -->"
 END = "<!-- decode_real:end -->"
 SECTION = "## Decode speed in the shipped runtimes: SmolLM2-135M (`bench/decode_real.py`)"
 GENAI_INSTALL = "pip install onnxruntime-genai==0.11.4 onnx-ir"
-GENAI_BLOCK = 64
+#: The builder's block sizes: the anchor's (its default, as issue #14's command runs it)
+#: and our variants' group size.
+GENAI_DEFAULT_BLOCK, GENAI_BLOCK = 32, 64
+#: The code the edge and genai bundles are built by: a bundle built by other code is stale.
+BUNDLE_CODE = ("matmulnbits.py", "genai.py", "__init__.py")
 
 #: The compressed variants: (quantizer, options), built once each and cached.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -137,6 +148,8 @@ class Row:
     #: A genai bundle decoded by unbottle's serving backend (what `unbottle serve` runs)
     #: instead of onnxruntime-genai's own generator.
     served: bool = False
+    #: onnxruntime-genai's own build (no variant): its int4 block size; None, its default.
+    block: int | None = None
 
 
 ROWS: dict[str, Row] = {
@@ -174,10 +187,19 @@ ROWS: dict[str, Row] = {
         "the same genai bundle, decoded by unbottle's serving engine",
         served=True,
     ),
-    "genai-int4": Row(None, "genai", f"onnxruntime-genai int4 (RTN, block {GENAI_BLOCK})"),
+    "genai-int4-g64": Row(
+        None, "genai", f"onnxruntime-genai int4 at block {GENAI_BLOCK} (RTN)", block=GENAI_BLOCK
+    ),
+    "genai-int4": Row(
+        None,
+        "genai",
+        f"onnxruntime-genai int4, its default build (RTN, block {GENAI_DEFAULT_BLOCK})",
+    ),
 }
 REFERENCE = "fp32-torch"
 ANCHOR = "genai-int4"
+#: The rows every row's batch-1 tokens/s is compared with, round by round: column title.
+COMPARED = {ANCHOR: "× anchor", "genai-int4-g64": f"× genai g{GENAI_BLOCK}"}
 
 
 # ---------------------------------------------------------------- building (cached)
@@ -198,15 +220,24 @@ def build_key(args: argparse.Namespace, sha256: str, what: str, options: Any) ->
     return f"{what}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
+def bundle_code() -> str:
+    """A hash of the code that builds the edge and genai bundles (:data:`BUNDLE_CODE`)."""
+    import unbottle.plugins.quantization as quantization
+
+    digest = hashlib.sha256()
+    for name in BUNDLE_CODE:
+        digest.update((Path(quantization.__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def build_variant(name: str, dense_dir: Path, entry: Path, args: argparse.Namespace) -> None:
-    """The packed variant (``entry/packed``) and its edge bundle (``entry/onnx``)."""
+    """The packed variant (``entry/packed``), its facts in ``entry/built.json``."""
     import torch
     from transformers import AutoTokenizer
 
     from unbottle.core.contract.strategies import CompressContext
     from unbottle.core.registry import get_registry
     from unbottle.core.stages.compress import calibration_batches
-    from unbottle.plugins.quantization.matmulnbits import export_matmulnbits
 
     strategy_name, options = VARIANTS[name]
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
@@ -221,21 +252,19 @@ def build_variant(name: str, dense_dir: Path, entry: Path, args: argparse.Namesp
     )
     strategy = get_registry().create("quantization", strategy_name, options)
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}.") as tmp:
-        packed, onnx_dir = Path(tmp) / "packed", Path(tmp) / "onnx"
+        packed = Path(tmp) / "packed"
         packed.mkdir()
         torch.manual_seed(args.seed)
         real.progress(f"  build {name}: {strategy_name} {options}")
         facts = strategy.quantize(dense_dir, packed, ctx)
-        real.progress(f"  build {name}: the edge bundle (MatMulNBits)")
-        facts.update(export_matmulnbits(packed, onnx_dir, work_dir=Path(tmp)))
-        tokenizer.save_pretrained(onnx_dir)
         (Path(tmp) / "built.json").write_text(json.dumps(facts, default=float), "utf-8")
         os.replace(tmp, entry)  # whole or not at all
         Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
 
 
-def build_genai(dense_dir: Path, entry: Path, threads: int) -> None:
-    """onnxruntime-genai's model builder: int4, CPU, block 64, in its own process."""
+def build_genai(dense_dir: Path, entry: Path, block: int | None) -> None:
+    """onnxruntime-genai's model builder: int4, CPU, at ``block`` (None: its default), in
+    its own process."""
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}.") as tmp:
         out = Path(tmp) / "genai"
         command = [
@@ -250,9 +279,9 @@ def build_genai(dense_dir: Path, entry: Path, threads: int) -> None:
             "int4",
             "-e",
             "cpu",
-            "--extra_options",
-            f"int4_block_size={GENAI_BLOCK}",
         ]
+        if block is not None:
+            command += ["--extra_options", f"int4_block_size={block}"]
         real.progress("  build genai-int4: " + " ".join(command[1:]))
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -262,14 +291,32 @@ def build_genai(dense_dir: Path, entry: Path, threads: int) -> None:
         os.replace(out, entry)
 
 
-def build_genai_bundle_of(entry: Path) -> None:
-    """The variant's own codes in onnxruntime-genai's graph (``entry/genai``)."""
-    from unbottle.plugins.quantization.genai import build_genai_bundle
+def build_bundle_of(entry: Path, runtime: str, code: str) -> Path:
+    """The packed variant's edge bundle (``entry/onnx``: MatMulNBits layers in optimum's
+    export) or its own codes in onnxruntime-genai's graph (``entry/genai``), built unless
+    one built by the same ``code`` is there."""
+    from transformers import AutoTokenizer
 
-    shutil.rmtree(entry / "genai", ignore_errors=True)
-    real.progress(f"  build {entry.name}: the onnxruntime-genai bundle (our codes)")
-    facts = build_genai_bundle(entry / "packed", entry / "genai", work_dir=entry)
-    (entry / "genai" / "built.json").write_text(json.dumps(facts), "utf-8")
+    from unbottle.plugins.quantization.genai import build_genai_bundle
+    from unbottle.plugins.quantization.matmulnbits import export_matmulnbits
+
+    out = entry / runtime
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+        if json.loads((out / "built.json").read_text("utf-8")).get("code") == code:
+            return out
+    what = "the edge bundle (MatMulNBits)" if runtime == "onnx" else "the genai bundle"
+    real.progress(f"  build {entry.name}: {what}, code {code}")
+    with tempfile.TemporaryDirectory(dir=entry, prefix=f".{runtime}.") as tmp:
+        built = Path(tmp) / runtime
+        if runtime == "onnx":
+            facts = export_matmulnbits(entry / "packed", built, work_dir=Path(tmp))
+            AutoTokenizer.from_pretrained(entry / "packed").save_pretrained(built)
+        else:
+            facts = build_genai_bundle(entry / "packed", built, work_dir=Path(tmp))
+        (built / "built.json").write_text(json.dumps({**facts, "code": code}), "utf-8")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(built, out)
+    return out
 
 
 def ensure_built(
@@ -277,9 +324,10 @@ def ensure_built(
 ) -> Path:
     """The model directory a row measures, built now unless the cache has it."""
     if row.runtime == "genai" and row.variant is None:
-        entry = cache / build_key(args, sha256, "genai-int4", {"block": GENAI_BLOCK})
+        block = "default" if row.block is None else row.block
+        entry = cache / build_key(args, sha256, "genai-int4", {"block": block})
         if not (entry / "built.json").is_file():
-            build_genai(dense_dir, entry, args.threads)
+            build_genai(dense_dir, entry, row.block)
         return entry
     if row.variant is None:
         return dense_dir
@@ -287,11 +335,9 @@ def ensure_built(
     if not (entry / "built.json").is_file():
         shutil.rmtree(entry, ignore_errors=True)
         build_variant(row.variant, dense_dir, entry, args)
-    if row.runtime == "genai":
-        if not (entry / "genai" / "built.json").is_file():
-            build_genai_bundle_of(entry)
-        return entry / "genai"
-    return entry / ("packed" if row.runtime == "torch" else "onnx")
+    if row.runtime == "torch":
+        return entry / "packed"
+    return build_bundle_of(entry, row.runtime, bundle_code())
 
 
 def genai_available() -> str | None:
@@ -442,13 +488,16 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         del backend
     runner = GenaiRunner(model) if generator else load_runner(model_dir)
     ppl, scored, windows = real.perplexity(runner, stream, spec["window"], spec["eval_windows"])
-    built = model_dir / "built.json" if row.runtime == "genai" else model_dir.parent / "built.json"
+    built: dict[str, Any] = {}  # the packed variant's facts, then its bundle's own
+    for facts in (model_dir.parent / "built.json", model_dir / "built.json"):
+        if (row.variant or facts.parent == model_dir) and facts.is_file():
+            built.update(json.loads(facts.read_text(encoding="utf-8")))
     out.update(
         perplexity=ppl,
         scored_tokens=scored,
         eval_windows=windows,
         weights_bytes=real.weights_bytes(model_dir),
-        built=json.loads(built.read_text()) if row.variant or row.runtime == "genai" else {},
+        built=built,
     )
     return out
 
@@ -491,6 +540,11 @@ def spread(values: list[float]) -> dict[str, float] | None:
     }
 
 
+def ratio_key(name: str, batch: int) -> str:
+    """Where a row's tokens/s over the row ``name``'s (of :data:`COMPARED`) is kept."""
+    return f"ratio_to_{name}_b{batch}"
+
+
 def summarize(report: dict[str, Any]) -> None:
     """Per round, each row's tokens/s over the reference's and the anchor's of the same
     round; per row, the median tokens/s and the median, min and max of those ratios, and
@@ -517,20 +571,25 @@ def summarize(report: dict[str, Any]) -> None:
         done = [e for e in r["rounds"] if e["ok"]]
         for e in done:
             e.pop("roofline_pct", None)  # per round in runs summarized before the median probe
-            reference, anchor = same_round(REFERENCE, e["round"]), same_round(ANCHOR, e["round"])
+            e.pop(f"anchor_ratio_b{first}", None)  # the name before the block-64 comparison
+            reference = same_round(REFERENCE, e["round"])
             for b in batch_sizes:
                 tps = e[f"tokens_per_s_b{b}"]
                 e[f"speedup_b{b}"] = tps / reference[f"tokens_per_s_b{b}"] if reference else None
             tps = e[f"tokens_per_s_b{first}"]
-            e[f"anchor_ratio_b{first}"] = tps / anchor[f"tokens_per_s_b{first}"] if anchor else None
+            for name in COMPARED:
+                other = same_round(name, e["round"])
+                e[ratio_key(name, first)] = tps / other[f"tokens_per_s_b{first}"] if other else None
         if not done:
             continue
         for b in batch_sizes:
             r[f"tokens_per_s_b{b}"] = statistics.median(e[f"tokens_per_s_b{b}"] for e in done)
             ratios = [e[f"speedup_b{b}"] for e in done]
             r[f"speedup_b{b}"] = spread([x for x in ratios if x is not None])
-        key = f"anchor_ratio_b{first}"
-        r[key] = spread([e[key] for e in done if e[key] is not None])
+        r.pop(f"anchor_ratio_b{first}", None)
+        for name in COMPARED:
+            key = ratio_key(name, first)
+            r[key] = spread([e[key] for e in done if e[key] is not None])
         r["rss_mb"] = statistics.median(e["rss_mb"] for e in done)
         if "bytes_per_token" in r and bandwidth:
             per_s = r[f"tokens_per_s_b{first}"] / first  # decode steps per second
@@ -549,11 +608,11 @@ def fmt_spread(value: dict[str, float] | None) -> str:
 
 def table(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
     first = batch_sizes[0]
-    anchor = any(r["name"] == ANCHOR and r["ok"] for r in rows)
+    compared = [n for n in COMPARED if any(r["name"] == n and r["ok"] for r in rows)]
     head = "| row |" + "".join(f" tokens/s b{b} | × fp32 b{b} |" for b in batch_sizes)
-    head += f" × anchor b{first} |" if anchor else ""
+    head += "".join(f" {COMPARED[n]} b{first} |" for n in compared)
     head += f" % roofline b{first} | RSS (MB) | weights (MB) | perplexity | × fp32 ppl |"
-    width = 2 * len(batch_sizes) + anchor + 5
+    width = 2 * len(batch_sizes) + len(compared) + 5
     lines = [head, "|---|" + "---:|" * width]
     fmt = real.fmt
     for r in rows:
@@ -564,8 +623,7 @@ def table(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
         cells = [r["label"]]
         for b in batch_sizes:
             cells += [fmt(r[f"tokens_per_s_b{b}"], 1), fmt_spread(r[f"speedup_b{b}"])]
-        if anchor:
-            cells.append(fmt_spread(r[f"anchor_ratio_b{first}"]))
+        cells += [fmt_spread(r.get(ratio_key(n, first))) for n in compared]
         cells += [
             fmt(r.get("roofline_pct"), 0),
             fmt(r["rss_mb"], 0),
@@ -603,7 +661,9 @@ def markdown(report: dict[str, Any]) -> str:
             "row's runtime (the genai rows: onnxruntime-genai's own generator). tokens/s: the "
             "median over rounds; × fp32 bN: each round's ratio to the dense fp32 torch row's "
             f"tokens/s in the same round, median (min–max over rounds); × anchor b{first}: "
-            "the same against onnxruntime-genai's own int4 build. % roofline: median "
+            "the same against onnxruntime-genai's own int4 build (its builder's defaults, "
+            f"block {GENAI_DEFAULT_BLOCK}); × genai g{GENAI_BLOCK} b{first}: against the same "
+            f"builder at block {GENAI_BLOCK}. % roofline: median "
             "tokens/s × bytes of weights read per token / the median bandwidth; RSS: the row "
             "process's resident memory after decoding, median; perplexity (measured once, in "
             f"the first round) over {s['eval_windows'] or 'all'} window(s) of {s['window']} "
