@@ -177,6 +177,14 @@ def _quantized_linear_class() -> type:
             return self.dequantized if self.kernel == "dequantized" else self._dequantize()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if (
+                self.kernel == "dequantized"
+                and x.dtype == self.dequantized.dtype
+                and (self.bias is None or self.bias.dtype == x.dtype)
+            ):
+                # nn.Linear's own call on the cached weight, nothing else: at decode this
+                # path must not be slower than the float model (issue #14).
+                return torch.nn.functional.linear(x, self.dequantized, self.bias)
             bias = None if self.bias is None else self.bias.to(x.dtype)
             if self.kernel != "int4pack":
                 weight = self.dequantized_weight().to(x.dtype)  # (out, in)
