@@ -40,7 +40,8 @@ variant and built again whenever the code that builds them changed (a hash of
 plugins/quantization/matmulnbits.py, genai.py and __init__.py in their ``built.json``).
 
 A row's tokens/s moves by about 20% from one run to the next, so one pass cannot tell a
-10% difference. Every row is built first (or found in the cache); then the decode timing is
+10% difference (``bench/decode_ab.py`` pairs bundles in one process, over many rounds, for
+differences that small). Every row is built first (or found in the cache); then the decode timing is
 repeated in ``--rounds`` rounds (default 5). In each round every row runs once, each in a
 fresh process on ``--threads`` threads (default 2: the two cores issue #14 measures on;
 ``--threads 1`` gives the one-core figures), one after another, the order rotated by one

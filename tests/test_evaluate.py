@@ -235,6 +235,48 @@ def test_bytes_per_token_count_an_embedding_lookup_as_one_row(tmp_path):
     assert onnx_bytes_per_token(path) == 4 * 4 + 16 * 1 + 4
 
 
+def test_bytes_per_token_count_the_rotary_tables_of_fused_attention_as_one_row(tmp_path):
+    """onnxruntime-genai's GroupQueryAttention takes the whole cos and sin tables
+    (positions x head_size / 2) and reads the row of each token's position."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from unbottle.plugins.metrics import onnx_bytes_per_token
+
+    cos = numpy_helper.from_array(np.zeros((256, 8), np.float32), "cos_cache")
+    sin = numpy_helper.from_array(np.zeros((256, 8), np.float32), "sin_cache")
+    attention = helper.make_node(
+        "GroupQueryAttention",
+        [
+            "qkv",
+            "",
+            "",
+            "past_key",
+            "past_value",
+            "seqlens_k",
+            "total_len",
+            "cos_cache",
+            "sin_cache",
+        ],
+        ["y", "present_key", "present_value"],
+        domain="com.microsoft",
+        num_heads=2,
+        kv_num_heads=1,
+        do_rotary=1,
+    )
+    graph = helper.make_graph(
+        [attention],
+        "g",
+        [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, 1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 32])],
+        initializer=[cos, sin],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert onnx_bytes_per_token(path) == 2 * 8 * 4  # a row of each, not 2 x 256 rows
+
+
 # ---------------------------------------------------------------------- Pareto frontier
 
 

@@ -568,27 +568,42 @@ def torch_bytes_per_token(model: Any) -> int:
     return total + sum(m.read_bytes() for m in model.modules() if hasattr(m, "read_bytes"))
 
 
+#: (op domain, op, input index) of the inputs an op reads one row of per token.
+_ROW_READS = {
+    ("", "Gather", 0),
+    ("com.microsoft", "GroupQueryAttention", 7),  # cos_cache
+    ("com.microsoft", "GroupQueryAttention", 8),  # sin_cache
+    ("com.microsoft", "RotaryEmbedding", 2),  # cos_cache
+    ("com.microsoft", "RotaryEmbedding", 3),  # sin_cache
+    ("", "RotaryEmbedding", 1),  # ONNX's own (opset 23): cos_cache
+    ("", "RotaryEmbedding", 2),  # sin_cache
+}
+
+
 def onnx_bytes_per_token(path: Path) -> int:
     """Bytes of initializers one decoding step reads from an ONNX graph.
 
-    A tensor that only feeds ``Gather`` as its data input (an embedding lookup) costs one
-    row per token; every other weight, scale and zero point is read whole.
+    A tensor read one row per token costs one row: one that only feeds ``Gather`` as its
+    data input (an embedding lookup) or a fused attention's rotary tables (the cos and sin
+    caches of ``GroupQueryAttention`` and ``RotaryEmbedding``, read at the token's
+    position). Every other weight, scale and zero point is read whole.
     """
     import numpy as np
     import onnx
     from onnx import helper
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    consumers: dict[str, list[tuple[str, int]]] = {}
+    consumers: dict[str, list[tuple[str, str, int]]] = {}
     for node in graph.node:
+        domain = "" if node.domain == "ai.onnx" else node.domain
         for i, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node.op_type, i))
+            consumers.setdefault(name, []).append((domain, node.op_type, i))
     total = 0
     for init in graph.initializer:
         itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
         count = math.prod(init.dims)
         uses = consumers.get(init.name, [])
-        if uses and all(op == "Gather" and i == 0 for op, i in uses) and len(init.dims) >= 2:
+        if uses and all(use in _ROW_READS for use in uses) and len(init.dims) >= 2:
             count //= init.dims[0]  # one row of the table
         total += count * itemsize
     return total

@@ -236,7 +236,8 @@ def fuse_matmuls_sharing_input(model: Any) -> int:
     """Merge the ``MatMulNBits`` nodes that read the same input with the same ``K``, bits,
     block size, compute type and inputs present into one node over their stacked rows,
     whose output a ``Split`` gives back as the original outputs (see the module
-    docstring). Nodes with ``g_idx`` or a bias are left alone.
+    docstring). Nodes with ``g_idx`` or a bias are left alone, and so is a graph of an
+    opset before 13.
 
     Edits the ONNX ``model`` in place; returns how many nodes were merged into others.
     """
@@ -244,6 +245,9 @@ def fuse_matmuls_sharing_input(model: Any) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
+    opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 0)
+    if opset < 13:  # Split takes its sizes as an input from opset 13 on
+        return 0
     initializers = {init.name: init for init in graph.initializer}
     all_nodes = list(graph.node)  # one wrapper per node, so ids stay stable below
 
