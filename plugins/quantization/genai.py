@@ -37,7 +37,7 @@ Where unbottle departs from what the builder would do:
 - Gate and up, which read the same input, become one ``MatMulNBits`` node and a
   ``Split`` (:func:`~unbottle.plugins.quantization.matmulnbits.fuse_matmuls_sharing_input`;
   the builder already fuses q, k and v): the same outputs to the bit with one kernel
-  launch fewer per layer, about 5% more tokens/s at batch 1 on SmolLM2 (BENCHMARKS.md).
+  launch fewer per layer, 3 to 5% more tokens/s at batch 1 on SmolLM2 (BENCHMARKS.md).
 - Symmetric grids: the builder stores zero points for them too, all the grid's midpoint,
   which ``MatMulNBits`` assumes when it has none; they are dropped, so the bundle has the
   format and bytes of genai's own symmetric int4 builds.
