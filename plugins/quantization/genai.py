@@ -218,6 +218,7 @@ def sort_act_order_groups(model: Any) -> int:
     from onnx import helper, numpy_helper
 
     from unbottle.compression import pack, unpack
+    from unbottle.plugins.quantization.matmulnbits import set_nodes, sorted_input
 
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
@@ -243,34 +244,23 @@ def sort_act_order_groups(model: Any) -> int:
         key = (inputs[0], order.numpy().tobytes())
         if key not in orders and _permute_producers(graph, inputs[0], order, initializers):
             orders[key] = inputs[0]  # down_proj: gate and up already give sorted columns
-        if key not in orders:
-            order_name = f"{inputs[4]}.input_order"
-            graph.initializer.append(numpy_helper.from_array(order.numpy(), order_name))
-            sorted_input = f"{node.name}/input_sorted"
-            nodes.append(
-                helper.make_node(
-                    "Gather",
-                    [inputs[0], order_name],
-                    [sorted_input],
-                    f"{sorted_input}/Gather",
-                    axis=-1,
-                )
-            )
-            orders[key] = sorted_input
-        inputs[0], inputs[4] = orders[key], ""
+        inputs[0] = sorted_input(
+            graph,
+            nodes,
+            orders,
+            inputs[0],
+            order.numpy(),
+            order_name=f"{inputs[4]}.input_order",
+            name=f"{node.name}/input_sorted",
+        )
+        inputs[4] = ""
         while inputs and not inputs[-1]:
             inputs.pop()
         del node.input[:]
         node.input.extend(inputs)
         nodes.append(node)
         changed += 1
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-    still_used = {i for node in graph.node for i in node.input}
-    still_used |= {o.name for o in graph.output}
-    kept = [i for i in graph.initializer if i.name in still_used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
+    set_nodes(graph, nodes)
     return changed
 
 

@@ -158,7 +158,7 @@ def _replace_matmuls(
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     nodes, replaced, dropped = [], set(), set()
-    sorted_inputs: dict[tuple[str, bytes], str] = {}  # (input, column order): its Gather
+    sorted_inputs: dict[tuple[str, bytes], str] = {}  # (input, column order): its Gather's
     for node in graph.node:
         name = _module_of(node)
         if name not in layers:
@@ -182,18 +182,15 @@ def _replace_matmuls(
             codes = codes.index_select(1, order)
             # Layers fed the same input share GPTQ's Hessian and so its order (q, k and v;
             # gate and up): one Gather serves them, and they can then share one node.
-            key = (x, order.numpy().tobytes())
-            if key not in sorted_inputs:
-                order_name = f"{name}.input_order"
-                graph.initializer.append(numpy_helper.from_array(order.numpy(), order_name))
-                x_sorted = f"{node.name[: -len('MatMul')]}input_sorted"
-                nodes.append(
-                    helper.make_node(
-                        "Gather", [x, order_name], [x_sorted], name=f"{x_sorted}/Gather", axis=-1
-                    )
-                )
-                sorted_inputs[key] = x_sorted
-            x = sorted_inputs[key]
+            x = sorted_input(
+                graph,
+                nodes,
+                sorted_inputs,
+                x,
+                order.numpy(),
+                order_name=f"{name}.input_order",
+                name=f"{node.name[: -len('MatMul')]}input_sorted",
+            )
         blocks = k // block
         tensors = {
             f"{name}.qweight": pack(codes, bits).reshape(n, blocks, block * bits // 8),
@@ -222,12 +219,7 @@ def _replace_matmuls(
     missing = sorted(set(layers) - replaced)
     if missing:
         raise DataError(f"ONNX export: no MatMul node found for {', '.join(missing)}")
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-    still_used = {i for node in graph.node for i in node.input}
-    kept = [i for i in graph.initializer if i.name not in dropped or i.name in still_used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
+    set_nodes(graph, nodes, dropped)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
@@ -322,10 +314,46 @@ def fuse_matmuls_sharing_input(model: Any) -> int:
         if id(node) in merged:
             continue
         nodes.extend(replacement.get(id(node), [node]))
+    set_nodes(graph, nodes, unstacked)
+    return len(merged)
+
+
+def sorted_input(
+    graph: Any,
+    nodes: list[Any],
+    sorted_inputs: dict[tuple[str, bytes], str],
+    source: str,
+    order: Any,
+    *,
+    order_name: str,
+    name: str,
+) -> str:
+    """``source`` with its last axis in ``order`` (an int64 (K,) array): a ``Gather``
+    named ``name`` appended to ``nodes`` the first time a source and order are asked for,
+    its output's name from ``sorted_inputs`` after that."""
+    from onnx import helper, numpy_helper
+
+    key = (source, order.tobytes())
+    if key not in sorted_inputs:
+        graph.initializer.append(numpy_helper.from_array(order, order_name))
+        nodes.append(
+            helper.make_node("Gather", [source, order_name], [name], f"{name}/Gather", axis=-1)
+        )
+        sorted_inputs[key] = name
+    return sorted_inputs[key]
+
+
+def set_nodes(graph: Any, nodes: list[Any], dropped: set[str] | None = None) -> None:
+    """Make ``nodes`` the graph's nodes, and drop the initializers named in ``dropped``
+    (every one, when None) that no node and no graph output reads any more."""
     graph.ClearField("node")
     graph.node.extend(nodes)
     still_used = {name for node in graph.node for name in node.input}
-    kept = [i for i in graph.initializer if i.name not in unstacked or i.name in still_used]
+    still_used |= {output.name for output in graph.output}
+    kept = [
+        init
+        for init in graph.initializer
+        if init.name in still_used or (dropped is not None and init.name not in dropped)
+    ]
     graph.ClearField("initializer")
     graph.initializer.extend(kept)
-    return len(merged)
