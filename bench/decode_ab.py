@@ -34,12 +34,13 @@ import datetime
 import functools
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
 
 import compress_real as real
-from decode_real import engine_decode, genai_decode, genai_model, prompts_of
+from decode_real import decoding_environment, engine_decode, genai_decode, genai_model, prompts_of
 
 
 def parse_bundles(values: list[str]) -> dict[str, Path]:
@@ -72,7 +73,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--no-huge-pages",
+        action="store_true",
+        help="decode on 4 KiB pages (default: malloc on huge pages, as `unbottle serve` has it)",
+    )
     args = parser.parse_args(argv)
+    environ = decoding_environment(huge_pages=not args.no_huge_pages)
+    if environ != os.environ:  # glibc reads it at start-up: run again with it
+        os.execve(sys.executable, sys.orig_argv, environ)
     for flag in ("rounds", "threads", "prompt_tokens", "new_tokens"):
         if getattr(args, flag) < 1:
             real.fail(f"--{flag.replace('_', '-')}: must be at least 1")
@@ -81,6 +90,7 @@ def main(argv: list[str]) -> int:
     import torch
     from transformers import AutoTokenizer
 
+    from unbottle.core.huge_pages import huge_page_bytes
     from unbottle.core.serving.engine import TorchBackend, load_backend
     from unbottle.plugins.metrics import (
         memory_bandwidth,
@@ -147,6 +157,7 @@ def main(argv: list[str]) -> int:
             }
         )
     bandwidth = memory_bandwidth()  # this process's placement, for the record
+    huge_page_mb = huge_page_bytes() / 2**20
     lines = [
         f"| bundle | tokens/s b1 | × {reference} (min–max) | rounds faster | p if equal "
         "| MB read per token |",
@@ -170,7 +181,10 @@ def main(argv: list[str]) -> int:
             cells.append("–" if a == b else f"{ratio:.3f} ({faster}/{args.rounds})")
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
-    print(f"\nthis process's two-thread copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    print(
+        f"\nthis process's two-thread copy bandwidth: {bandwidth / 1e9:.1f} GB/s; "
+        f"{huge_page_mb:,.0f} MB of its memory on huge pages"
+    )
     if args.json:
         report = {
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -178,6 +192,8 @@ def main(argv: list[str]) -> int:
             "machine": real.machine(),
             "settings": {k: v for k, v in vars(args).items() if k not in ("bundles", "json")},
             "bandwidth_gb_per_s": bandwidth / 1e9,
+            "huge_page_mb": huge_page_mb,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "rows": rows,
         }
         args.json.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")

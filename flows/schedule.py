@@ -6,6 +6,7 @@ process worker with unbottle installed runs it without building an image or copy
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from unbottle.core.contract.errors import UnbottleError
@@ -83,13 +84,18 @@ def schedule(
     ensure_process_pool(pool)
     from prefect.deployments.runner import EntrypointType
 
+    from unbottle.core.huge_pages import SWITCH, TUNABLE
     from unbottle.flows.pipeline import pipeline
 
+    # The worker starts the flow's process: this is how its weights get huge pages, as the
+    # command line's do (unbottle/core/huge_pages.py). Machines that cannot ignore it.
+    env = {} if os.environ.get(SWITCH) == "0" else {"GLIBC_TUNABLES": TUNABLE}
     pipeline.deploy(
         name=name,
         work_pool_name=pool,
         cron=cron,
         parameters={"params_file": params_file, "overrides": overrides, "root": str(root)},
+        job_variables={"env": env},
         entrypoint_type=EntrypointType.MODULE_PATH,
         build=False,
         push=False,

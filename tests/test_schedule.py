@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, cli_env, run_cli
+from unbottle.core.huge_pages import TUNABLE
 
 PREFECT = [sys.executable, "-m", "prefect"]
 
@@ -100,6 +101,8 @@ def test_scheduled_deployment_runs_on_a_worker(prefect_server, workspace):
     deployment = httpx.get(f"{api}/deployments/name/unbottle-pipeline/nightly", timeout=10).json()
     assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
     assert deployment["work_pool_name"] == pool
+    # The flow's process gets its weights on huge pages, as `unbottle run` does.
+    assert deployment["job_variables"]["env"] == {"GLIBC_TUNABLES": TUNABLE}
 
     worker = start(
         [*PREFECT, "worker", "start", "--pool", pool], env, prefect_server["home"] / "worker.log"
@@ -141,6 +144,7 @@ def test_scheduled_deployment_runs_on_a_worker(prefect_server, workspace):
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     nightly = httpx.get(f"{api}/deployments/name/unbottle-pipeline/nightly", timeout=10).json()
     assert nightly["entrypoint"] == "flows/pipeline.py:pipeline"
+    assert nightly["job_variables"]["env"] == {"GLIBC_TUNABLES": TUNABLE}
 
     found = httpx.post(
         f"{api}/artifacts/filter",

@@ -26,6 +26,7 @@ import pytest
 from tests.conftest import cli_env
 from tests.serving_helpers import deploy_target, finetuned_model, free_port, live_server
 from unbottle.core.data import prompts as task
+from unbottle.core.huge_pages import TUNABLE, huge_page_environment
 
 KEY = "test-key-123"
 MODEL = "unbottle-finetuned"
@@ -570,6 +571,14 @@ def test_unbottle_serve_binds_loopback_reads_the_key_file_drains_on_sigterm_and_
                     break
             time.sleep(0.2)
         assert httpx.get(url + "/v1/models").status_code == 401
+        if huge_page_environment({}) is not None:  # the machine can: weights on huge pages
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            assert children, "no engine process"
+            for pid in [proc.pid, *map(int, children)]:  # the server, its engine process
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                tunables = [e[15:] for e in environ if e.startswith(b"GLIBC_TUNABLES=")]
+                assert tunables, f"process {pid} runs without GLIBC_TUNABLES"
+                assert TUNABLE.encode() in tunables[0].split(b":")
         headers = {"Authorization": "Bearer file-key"}
         assert httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"] == MODEL
         # CORS for the origin named, and for no other.
