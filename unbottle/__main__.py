@@ -1,3 +1,3 @@
-from unbottle.cli import main
+from unbottle.cli import console
 
-main()
+console()

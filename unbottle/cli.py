@@ -506,16 +506,21 @@ def data_demo(
         typer.echo(f"{out / rel}  sha256:{digest[:12]}")
 
 
+def console() -> None:
+    """The ``unbottle`` command (and ``python -m unbottle``): :func:`main`, with weights on
+    huge pages. They decode faster (unbottle/core/huge_pages.py); glibc reads the switch
+    only at start-up, so this runs the command again with it, once, before any work."""
+    from unbottle.core.huge_pages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+    main()
+
+
 def main(argv: list[str] | None = None) -> None:
-    """The console script; ``argv`` (default: the command line) lets tests call it in-process."""
+    """The command line's work; ``argv`` (default: the command line) lets tests call it
+    in-process, where it never runs the process again."""
     from unbottle.core.contract.errors import UnbottleError
 
-    if argv is None:  # the command line itself, not a test calling in
-        # Weights on 2 MiB pages decode faster (unbottle/core/huge_pages.py); glibc reads
-        # the switch only at start-up, so this runs the command again with it, once.
-        from unbottle.core.huge_pages import reexec_with_huge_pages
-
-        reexec_with_huge_pages()
     # Known before typer parses the line: plugins load (and may fail) first.
     _state["debug"] = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
