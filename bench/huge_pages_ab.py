@@ -1,7 +1,7 @@
 """Decode speed with and without huge pages, in pairs of processes.
 
 Whether malloc hands out transparent huge pages is fixed when a process starts
-(``glibc.malloc.hugetlb``, unbottle/core/huge_pages.py), so the two cannot be interleaved
+(``glibc.malloc.hugetlb``, core/huge_pages.py), so the two cannot be interleaved
 in one process as ``bench/decode_ab.py`` interleaves bundles. Here each pair runs
 decode_ab twice on the same bundles, once on huge pages and once on 4 KiB pages (which
 first alternates from pair to pair), and compares each bundle's median tokens/s between

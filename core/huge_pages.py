@@ -4,8 +4,8 @@ At batch 1 a decode step reads every weight once. With 4 KiB pages, SmolLM2-135M
 of int4 weights span about 19,000 pages, six times what the data TLB covers (an AMD EPYC's
 3,072 second-level entries reach 12 MB), so a step also pays a page-table walk for
 almost every page it reads. Backed by 2 MiB pages the same weights are 40 TLB entries.
-Measured on that model's genai bundle, two threads: 1.13x the tokens/s with huge pages,
-faster in every pair of processes (BENCHMARKS.md, "Huge pages").
+On that model's genai bundle, two threads, huge pages gave 1.11x the tokens/s, faster in
+8 of 8 pairs of processes (BENCHMARKS.md, "Huge pages").
 
 glibc's malloc asks the kernel for transparent huge pages (``madvise(MADV_HUGEPAGE)`` on
 the memory it maps) when the tunable ``glibc.malloc.hugetlb=1`` is set: glibc 2.35 or

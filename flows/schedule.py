@@ -88,7 +88,7 @@ def schedule(
     from unbottle.flows.pipeline import pipeline
 
     # The worker starts the flow's process: this is how its weights get huge pages, as the
-    # command line's do (unbottle/core/huge_pages.py). Machines that cannot ignore it.
+    # command line's do (core/huge_pages.py). On a machine without them it changes nothing.
     env = {} if os.environ.get(SWITCH) == "0" else {"GLIBC_TUNABLES": TUNABLE}
     pipeline.deploy(
         name=name,

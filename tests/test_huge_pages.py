@@ -1,5 +1,5 @@
 """Huge pages for the decoding process: when the command line asks glibc for them, and
-that memory is then backed by them (unbottle/core/huge_pages.py)."""
+that memory is then backed by them (core/huge_pages.py)."""
 
 from __future__ import annotations
 

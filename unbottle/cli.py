@@ -508,7 +508,7 @@ def data_demo(
 
 def console() -> None:
     """The ``unbottle`` command (and ``python -m unbottle``): :func:`main`, with weights on
-    huge pages. They decode faster (unbottle/core/huge_pages.py); glibc reads the switch
+    huge pages. They decode faster (core/huge_pages.py); glibc reads the switch
     only at start-up, so this runs the command again with it, once, before any work."""
     from unbottle.core.huge_pages import reexec_with_huge_pages
 
