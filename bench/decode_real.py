@@ -62,7 +62,10 @@ row per round (round r starts at the r-th row), so no row always runs first or l
   row's ``--threads`` just before it decodes (a single probe per run once read 76 GB/s
   where most read 40 to 46; see ``summarize``).
 - resident memory: the row process's RSS after decoding (weights, runtime, caches),
-  median over rounds.
+  median over rounds, and how much of it huge pages held.
+- pages: the row processes run with malloc on transparent huge pages
+  (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, as ``unbottle serve`` and ``unbottle run``
+  run; core/huge_pages.py), or on 4 KiB pages with ``--no-huge-pages``.
 - perplexity, once per row (in the first round; it does not change from round to round):
   non-overlapping ``--window``-token windows of the held-out text (at most
   ``--eval-windows``), through ``load_runner`` (torch or ONNX Runtime) or the anchor's
@@ -395,8 +398,9 @@ def engine_decode(backend: Any, prompts: list[list[int]], steps: int) -> float:
 
 def decoding_environment(huge_pages: bool) -> dict[str, str]:
     """This process's environment as the processes that decode should have it: malloc on
-    huge pages, as ``unbottle serve`` and ``unbottle run`` give it (unbottle/core/
-    huge_pages.py), or with the tunable taken out (``--no-huge-pages``)."""
+    huge pages, as ``unbottle serve`` and ``unbottle run`` give it (core/huge_pages.py;
+    nothing changes where the machine cannot), or with the tunable taken out
+    (``--no-huge-pages``)."""
     from unbottle.core.huge_pages import SWITCH, TUNABLE, huge_page_environment
 
     if huge_pages:
@@ -531,6 +535,8 @@ def child_main(spec_file: Path, result_file: Path) -> None:
 
 def settings(args: argparse.Namespace, sha256: str) -> dict[str, Any]:
     """What the figures depend on, recorded with them."""
+    from unbottle.core.huge_pages import TUNABLE
+
     return {
         "source_sha256": sha256,
         "rounds": args.rounds,
@@ -543,7 +549,8 @@ def settings(args: argparse.Namespace, sha256: str) -> dict[str, Any]:
         "samples": args.samples,
         "seq_len": args.seq_len,
         "seed": args.seed,
-        "huge_pages": not args.no_huge_pages,
+        # What the row processes get (the environment is set before this is called).
+        "huge_pages": TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
@@ -663,7 +670,7 @@ def pages(report: dict[str, Any]) -> str:
     if on is None:
         return ""
     if not on:
-        return " Pages: 4 KiB (`--no-huge-pages`)."
+        return " Pages: 4 KiB (`--no-huge-pages`, or a machine without huge pages for malloc)."
     held = [r["huge_page_mb"] for r in report["rows"] if "huge_page_mb" in r]
     span = f"{min(held):,.0f} to {max(held):,.0f} MB" if held else "none measured"
     return (
