@@ -81,7 +81,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     environ = decoding_environment(huge_pages=not args.no_huge_pages)
     if environ != os.environ:  # glibc reads it at start-up: run again with it
-        os.execve(sys.executable, sys.orig_argv, environ)
+        from unbottle.core.huge_pages import run_again_with
+
+        run_again_with(environ)
     for flag in ("rounds", "threads", "prompt_tokens", "new_tokens"):
         if getattr(args, flag) < 1:
             real.fail(f"--{flag.replace('_', '-')}: must be at least 1")

@@ -401,15 +401,11 @@ def decoding_environment(huge_pages: bool) -> dict[str, str]:
     huge pages, as ``unbottle serve`` and ``unbottle run`` give it (core/huge_pages.py;
     nothing changes where the machine cannot), or with the tunable taken out
     (``--no-huge-pages``)."""
-    from unbottle.core.huge_pages import SWITCH, TUNABLE, huge_page_environment
+    from unbottle.core.huge_pages import huge_page_environment, small_page_environment
 
     if huge_pages:
         return huge_page_environment(os.environ) or dict(os.environ)
-    key = TUNABLE.split("=")[0]
-    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
-    kept = ":".join(t for t in tunables if t.split("=")[0] != key)
-    environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    return {**environ, **({"GLIBC_TUNABLES": kept} if kept else {}), SWITCH: "0"}
+    return small_page_environment(os.environ)
 
 
 def genai_model(model_dir: Path, threads: int) -> Any:

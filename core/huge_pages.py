@@ -54,37 +54,60 @@ def glibc_version() -> tuple[int, int] | None:
     return major, minor
 
 
+def _other_tunables(environ: Mapping[str, str]) -> tuple[list[str], bool]:
+    """``GLIBC_TUNABLES``' entries other than ``glibc.malloc.hugetlb``, and whether it
+    had one."""
+    name = TUNABLE.split("=")[0]
+    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    others = [t for t in tunables if t.split("=")[0] != name]
+    return others, len(others) < len(tunables)
+
+
 def huge_page_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
     """``environ`` with the tunable added to ``GLIBC_TUNABLES``, or None when there is
     nothing to change: the tunable (or another ``glibc.malloc.hugetlb``) is already set,
     ``UNBOTTLE_HUGE_PAGES=0``, or this machine cannot give malloc huge pages."""
     if environ.get(SWITCH, "1") == "0":
         return None
-    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
-    if any(t.split("=")[0] == TUNABLE.split("=")[0] for t in tunables):
+    others, chosen = _other_tunables(environ)
+    if chosen:
         return None  # the user chose a value: theirs stands
     if (glibc_version() or (0, 0)) < (2, 35):
         return None
     if transparent_huge_pages_mode() not in ("always", "madvise"):
         return None
-    return {**environ, "GLIBC_TUNABLES": ":".join([*tunables, TUNABLE])}
+    return {**environ, "GLIBC_TUNABLES": ":".join([*others, TUNABLE])}
+
+
+def small_page_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with ``glibc.malloc.hugetlb`` taken out of ``GLIBC_TUNABLES`` and
+    ``UNBOTTLE_HUGE_PAGES=0``: a process started with it runs on 4 KiB pages (what the
+    benchmarks compare against)."""
+    others, _ = _other_tunables(environ)
+    kept = {k: v for k, v in environ.items() if k != "GLIBC_TUNABLES"}
+    return {**kept, **({"GLIBC_TUNABLES": ":".join(others)} if others else {}), SWITCH: "0"}
+
+
+def run_again_with(environ: Mapping[str, str]) -> None:
+    """Run this process again, same PID, arguments and open files, with ``environ``.
+    Whatever the process did so far is done again, so call it before any work."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # sys.orig_argv is the interpreter's own command line (its options, `-m module` or the
+    # script); exec'ing it with the new environment starts the same program again.
+    os.execve(sys.executable, sys.orig_argv, dict(environ))
 
 
 def reexec_with_huge_pages() -> None:
     """Run this process again with malloc on huge pages (see the module docstring), or
     return at once when :func:`huge_page_environment` has nothing to change.
 
-    Call it before any work: whatever the process did so far is done again. ``exec``
-    keeps the PID and the open files, so a service manager and pipes see one process.
+    ``exec`` keeps the PID and the open files, so a service manager and pipes see one
+    process.
     """
     environ = huge_page_environment(os.environ)
-    if environ is None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # sys.orig_argv is the interpreter's own command line (its options, `-m module` or the
-    # script); exec'ing it with the new environment starts the same program again.
-    os.execve(sys.executable, sys.orig_argv, environ)
+    if environ is not None:
+        run_again_with(environ)
 
 
 def huge_page_bytes() -> int:
