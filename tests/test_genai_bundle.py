@@ -390,3 +390,29 @@ def test_runtime_genai_grid_and_missing_library_fail_in_one_line(monkeypatch):
     )
     with pytest.raises(ConfigError, match=r"pip install 'onnxruntime-genai==0\.11\.4' onnx-ir"):
         require_genai("compress.variants.q[0].runtime")
+
+
+def test_the_builder_neither_floods_the_log_nor_reconfigures_logging(tmp_path, gptq_packed):
+    """onnxruntime's quantizer, which the builder imports, calls ``logging.basicConfig`` at
+    INFO when imported and logs a line per graph node it leaves alone (thousands on a real
+    model). A fresh process, as a stage is, builds a bundle: its stderr stays free of those
+    lines and its root logger is as it was."""
+    import subprocess
+    import sys
+
+    script = f"""
+import logging
+from pathlib import Path
+from unbottle.plugins.quantization.genai import build_genai_bundle
+root = logging.getLogger()
+before = (list(root.handlers), root.level)
+build_genai_bundle(Path({str(gptq_packed)!r}), Path({str(tmp_path / "bundle")!r}))
+assert (list(root.handlers), root.level) == before, (root.handlers, root.level)
+print("built")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "built"
+    assert "[INFO]" not in done.stderr, done.stderr[:2000]

@@ -37,8 +37,6 @@ input together instead, through ``process_together``, and stack them.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import itertools
 import queue
 import threading
@@ -48,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from unbottle.core.compression.mappings import Architecture, architecture_of
 from unbottle.core.contract.errors import ConfigError
+from unbottle.core.heap import return_large_frees_to_the_os
 
 if TYPE_CHECKING:
     import torch
@@ -137,30 +136,6 @@ def inverse_cholesky_factor(h: torch.Tensor) -> torch.Tensor | None:
             return None
         upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
     return upper if int(info) == 0 else None
-
-
-#: Allocations at least this large are mapped from, and unmapped back to, the OS.
-LARGE_ALLOCATION_BYTES = 1 << 20
-
-
-def _return_large_frees_to_the_os() -> None:
-    """Fix glibc's mmap threshold, so that freed activations go back to the OS.
-
-    The pass allocates each batch's activations on that batch's own thread. glibc gives
-    threads arenas of their own and, by default, raises its mmap threshold to the size of
-    each large block freed, so later activations of that size come from the arenas, and
-    what one thread frees the others cannot reuse. SmolLM2's GPTQ then peaked at 5.2 GB
-    where the activations need under 1 GB (tests/test_layerwise.py measures the growth).
-    Setting the threshold turns that adjustment off for the process: blocks of 1 MiB and
-    more are mapped and unmapped whole, at the cost of the kernel zeroing their pages.
-    Elsewhere than glibc (macOS, musl) there is nothing to set.
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return
-    m_mmap_threshold = -3  # from glibc's malloc.h
-    mallopt(m_mmap_threshold, LARGE_ALLOCATION_BYTES)
 
 
 class _Accumulator:
@@ -442,7 +417,7 @@ def calibrate_sequentially(
     arch = architecture_of(model)
     blocks = model.get_submodule(arch.blocks)
     statistics = {"hessian": hessian, "mean_abs": mean_abs}
-    _return_large_frees_to_the_os()
+    return_large_frees_to_the_os()
     was_training = model.training
     model.eval()
     with torch.no_grad(), progress_bar(desc, len(blocks) + head) as advance:

@@ -308,9 +308,6 @@ def build_variant(
             start = k
             log.info("compress %s: steps 1-%d reused from the prefix cache", name, k)
             break
-    if current is None:
-        current = copy.deepcopy(bench.base)
-
     variant_dir.mkdir(parents=True, exist_ok=True)
     fmt = "hf"  # until a quantize step (always the last) writes its own format
     quantized = False
@@ -330,16 +327,24 @@ def build_variant(
             where=f"compress.variants.{name}[{i}]",
         )
         began = time.perf_counter()
-        if step.action == "prune":
-            step_metrics = strategy.prune(current, ctx)
-        elif step.action == "distill":
-            current, step_metrics = strategy.distill(current, ctx)
-        else:
+        if step.action == "quantize":  # always the last step
             with tempfile.TemporaryDirectory(dir=variant_dir.parent) as float_dir:
-                save_model(current, bench.tokenizer, Path(float_dir))
+                save_model(
+                    bench.base if current is None else current, bench.tokenizer, Path(float_dir)
+                )
+                # The quantizer loads its own copy from float_dir: not holding this one
+                # beside it is a model's worth less at the stage's peak.
+                current = None
                 step_metrics = strategy.quantize(Path(float_dir), variant_dir, ctx)
             fmt = strategy.output_format
             quantized = True
+        else:
+            if current is None:  # the working copy, made when a step first changes it
+                current = copy.deepcopy(bench.base)
+            if step.action == "prune":
+                step_metrics = strategy.prune(current, ctx)
+            else:
+                current, step_metrics = strategy.distill(current, ctx)
         records.append(
             {
                 "step": i + 1,
@@ -353,7 +358,7 @@ def build_variant(
         if cache is not None and i < len(keys) and (keep is None or keys[i] in keep):
             cache.put(keys[i], current, bench.tokenizer, records)
     if not quantized:
-        save_model(current, bench.tokenizer, variant_dir)
+        save_model(bench.base if current is None else current, bench.tokenizer, variant_dir)
     write_manifest(
         variant_dir,
         stage="compress",

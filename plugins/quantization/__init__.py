@@ -111,10 +111,18 @@ class WeightOnlyConfig(StrategyConfig):
 def write_weight_only(
     config: WeightOnlyConfig, out_dir: Path, ctx: CompressContext, write_packed: Any
 ) -> dict[str, Any]:
-    """``write_packed(dir)`` writes the packed variant and returns its facts; with
-    ``runtime: onnx`` it goes to a temporary directory and ``out_dir`` gets the edge bundle."""
+    """``write_packed(dir)`` quantizes and writes the packed variant and returns its facts;
+    with ``runtime: onnx`` or ``genai`` it goes to a temporary directory and ``out_dir``
+    gets the bundle exported from it.
+
+    ``write_packed`` loads the float model itself, so that it and the codes are freed when
+    it returns, before the export, which reads the packed files only. On SmolLM2 the
+    compress stage peaked at 4.7 GB when they stayed alive through onnxruntime-genai's
+    build.
+    """
     if config.runtime == "torch":
         return write_packed(out_dir)
+    from unbottle.core.heap import trim_heap
     from unbottle.plugins.quantization.genai import build_genai_bundle, require_genai
     from unbottle.plugins.quantization.matmulnbits import export_matmulnbits
 
@@ -123,6 +131,7 @@ def write_weight_only(
     export = build_genai_bundle if config.runtime == "genai" else export_matmulnbits
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
         facts = write_packed(Path(tmp))
+        trim_heap()  # hand what the quantizing freed back to the OS before the export grows
         facts.update(
             export(Path(tmp), out_dir, accuracy_level=config.accuracy_level, work_dir=ctx.work_dir)
         )
@@ -130,7 +139,7 @@ def write_weight_only(
     return facts
 
 
-def write_quantized(
+def save_quantized(
     method: str,
     config: WeightOnlyConfig,
     model: Any,
@@ -139,26 +148,20 @@ def write_quantized(
     out_dir: Path,
     ctx: CompressContext,
 ) -> dict[str, Any]:
-    """Write a weight-only variant (packed, or the edge bundle with ``runtime: onnx``) and
-    return the facts every weight-only quantizer reports: bits, group size, what was
-    written."""
+    """Write a weight-only variant in the packed format and return the facts every
+    weight-only quantizer reports: bits, group size, what was written."""
     from unbottle.compression import save_packed
 
-    facts = write_weight_only(
-        config,
+    facts = save_packed(
+        model,
+        ctx.tokenizer,
+        quantized,
         out_dir,
-        ctx,
-        lambda packed_dir: save_packed(
-            model,
-            ctx.tokenizer,
-            quantized,
-            packed_dir,
-            method=method,
-            group_size=config.group_size,
-            symmetric=config.symmetric,
-            options=config.model_dump(mode="json"),
-            source_dir=model_dir,
-        ),
+        method=method,
+        group_size=config.group_size,
+        symmetric=config.symmetric,
+        options=config.model_dump(mode="json"),
+        source_dir=model_dir,
     )
     return {
         "bits": config.bits,
@@ -220,6 +223,11 @@ class RoundToNearest:
         _check_model(model, self.config, where)
 
     def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
+        return write_weight_only(
+            self.config, out_dir, ctx, lambda packed_dir: self._write(model_dir, packed_dir, ctx)
+        )
+
+    def _write(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, Any]:
         import torch
 
         from unbottle.compression import quantize_rtn, weight_error
@@ -233,7 +241,7 @@ class RoundToNearest:
                 weight_error(linear.weight, quantized[name].dequantize()) for name, linear in layers
             ]
         return {
-            **write_quantized(self.name, c, model, quantized, model_dir, out_dir, ctx),
+            **save_quantized(self.name, c, model, quantized, model_dir, out_dir, ctx),
             "mean_weight_error": sum(errors) / len(errors),
         }
 
@@ -267,13 +275,18 @@ class Gptq:
         _check_model(model, self.config, where)
 
     def quantize(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, float]:
-        from unbottle.plugins.quantization.gptq import gptq_model
-
-        c = self.config
         if not ctx.calibration:
             raise ConfigError(
                 "compress.calibration.samples: 0 calibration samples; gptq needs at least 1"
             )
+        return write_weight_only(
+            self.config, out_dir, ctx, lambda packed_dir: self._write(model_dir, packed_dir, ctx)
+        )
+
+    def _write(self, model_dir: Path, out_dir: Path, ctx: CompressContext) -> dict[str, Any]:
+        from unbottle.plugins.quantization.gptq import gptq_model
+
+        c = self.config
         model, layers = _load_and_select(model_dir, c, ctx.where or self.name)
         quantized, metrics = gptq_model(
             model,
@@ -287,7 +300,7 @@ class Gptq:
             batch_size=c.batch_size,
         )
         return {
-            **write_quantized(self.name, c, model, quantized, model_dir, out_dir, ctx),
+            **save_quantized(self.name, c, model, quantized, model_dir, out_dir, ctx),
             **metrics,
         }
 

@@ -60,8 +60,10 @@ import contextlib
 import importlib.util
 import io
 import json
+import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -294,7 +296,6 @@ def build_genai_bundle(
     if accuracy_level not in ACCURACY_LEVELS:
         raise ConfigError(f"accuracy_level: {accuracy_level}; one of {ACCURACY_LEVELS}")
     import onnx
-    from onnxruntime_genai.models.builder import create_model
 
     packed_dir, out_dir = Path(packed_dir), Path(out_dir)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
@@ -327,9 +328,11 @@ def build_genai_bundle(
             options.update(int4_nodes_to_exclude=["/lm_head/MatMul"], shared_embeddings=False)
         if options["int4_block_size"] == -1:
             options["int4_block_size"] = 32
-        log = io.StringIO()  # the builder prints each step; keep it for a failure's message
+        log = io.StringIO()  # the builder prints and logs each step
         try:
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            with logs_into(log), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                from onnxruntime_genai.models.builder import create_model
+
                 create_model(
                     None,
                     str(checkpoint),
@@ -373,6 +376,23 @@ def build_genai_bundle(
         "accuracy_level": accuracy_level,
         "desc_act": facts["desc_act"],
     }
+
+
+@contextlib.contextmanager
+def logs_into(stream: io.StringIO) -> Iterator[None]:
+    """Within the block, the root logger writes INFO and above into ``stream`` alone; after
+    it, the root logger is as it was. onnxruntime's quantizer, which the builder imports,
+    calls ``logging.basicConfig`` at INFO on import (a handler on stderr for the whole
+    process) and logs a line per graph node it leaves alone: thousands on a real model."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers = [logging.StreamHandler(stream)]  # basicConfig then adds none
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.handlers = handlers
+        root.setLevel(level)
 
 
 def drop_midpoint_zero_points(model: Any) -> int:
