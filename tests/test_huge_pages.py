@@ -76,3 +76,28 @@ def test_a_reexecuted_process_gets_its_malloc_memory_on_huge_pages():
     assert huge >= 32 << 20  # most of the 64 MiB block
     if huge_pages.transparent_huge_pages_mode() == "madvise":  # "always" backs it anyway
         assert child("0") == ("None", 0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "again"),
+    [
+        (["serve", "artifacts/deploy"], True),
+        (["--debug", "stage", "evaluate"], True),
+        (["run"], True),
+        (["my-plugin-command"], True),  # a third party's command may decode
+        (["plugins"], False),
+        (["show", "evaluate"], False),
+        (["--debug", "data", "demo"], False),
+        (["serve", "--help"], False),
+        ([], False),
+    ],
+)
+def test_the_command_runs_again_on_huge_pages_only_where_it_may_decode(monkeypatch, argv, again):
+    from unbottle import cli
+
+    ran: list[str] = []
+    monkeypatch.setattr(huge_pages, "reexec_with_huge_pages", lambda: ran.append("again"))
+    monkeypatch.setattr(cli, "main", lambda: ran.append("main"))
+    monkeypatch.setattr(sys, "argv", ["unbottle", *argv])
+    cli.console()
+    assert ran == (["again", "main"] if again else ["main"])

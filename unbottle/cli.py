@@ -506,13 +506,28 @@ def data_demo(
         typer.echo(f"{out / rel}  sha256:{digest[:12]}")
 
 
+#: Commands that load no model for decoding: no reason to start them twice.
+LIGHT_COMMANDS = frozenset({"plugins", "show", "schedule", "data"})
+
+
+def decodes(argv: list[str]) -> bool:
+    """Whether the command line ``argv`` (without the program) may load a model to decode:
+    any command but :data:`LIGHT_COMMANDS` and help. A plugin's command may, so it counts."""
+    if {"--help", "-h"} & set(argv):
+        return False
+    words = [a for a in argv if not a.startswith("-")]  # the one main option is a flag
+    return bool(words) and words[0] not in LIGHT_COMMANDS
+
+
 def console() -> None:
     """The ``unbottle`` command (and ``python -m unbottle``): :func:`main`, with weights on
-    huge pages. They decode faster (core/huge_pages.py); glibc reads the switch
-    only at start-up, so this runs the command again with it, once, before any work."""
+    huge pages where the command may decode. They decode faster (core/huge_pages.py);
+    glibc reads the switch only at start-up, so this runs the command again with it, once,
+    before any work (0.2 s, which the commands in :data:`LIGHT_COMMANDS` skip)."""
     from unbottle.core.huge_pages import reexec_with_huge_pages
 
-    reexec_with_huge_pages()
+    if decodes(sys.argv[1:]):
+        reexec_with_huge_pages()
     main()
 
 
