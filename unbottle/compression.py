@@ -29,6 +29,8 @@ a third-party pruner or quantizer needs (``examples/unbottle-awq`` is built on i
 - **Sparsity masks and budgets**: :func:`parse_pattern`, :func:`nm_prune_mask`,
   :func:`row_prune_mask`, :func:`wanda_scores`, :func:`exact_counts`,
   :func:`spread_sparsities`, :func:`outlier_ratio`, :func:`smallest`.
+- :func:`trim_heap`: hand what the process freed back to the OS (glibc keeps it), between
+  a quantizer's own work and an export that allocates on top of it.
 - :func:`load_model`, the float model and tokenizer a quantizer's ``model_dir`` holds,
   and the errors to raise: :class:`ConfigError` (bad options for this model: one line,
   the CLI exits 2) and :class:`DataError`.
@@ -90,6 +92,7 @@ from unbottle.core.compression.sparsity import (
     wanda_scores,
 )
 from unbottle.core.contract.errors import ConfigError, DataError
+from unbottle.core.heap import trim_heap
 from unbottle.core.models.loading import load_model, save_model
 from unbottle.core.models.lowbit import (
     FORMAT,
@@ -160,6 +163,7 @@ __all__ = [
     "save_packed",
     "smallest",
     "spread_sparsities",
+    "trim_heap",
     "unpack",
     "wanda_scores",
     "weight_error",

@@ -122,7 +122,7 @@ def write_weight_only(
     """
     if config.runtime == "torch":
         return write_packed(out_dir)
-    from unbottle.core.heap import trim_heap
+    from unbottle.compression import trim_heap
     from unbottle.plugins.quantization.genai import build_genai_bundle, require_genai
     from unbottle.plugins.quantization.matmulnbits import export_matmulnbits
 
