@@ -488,6 +488,14 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def require_at_least_one(args: argparse.Namespace, *flags: str) -> None:
+    """One line and exit 2 when an integer option given is below 1 (None: not given)."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            fail(f"--{flag.replace('_', '-')}: must be at least 1")
+
+
 def machine() -> dict[str, Any]:
     from unbottle.core.store.provenance import _cpu_name, package_version
 
@@ -664,11 +672,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--work-dir", type=Path, default=None, help="for the variants")
     args = parser.parse_args(argv)
-    for flag in ("samples", "seq_len", "window"):
-        if getattr(args, flag) < 1:
-            fail(f"--{flag.replace('_', '-')}: must be at least 1")
-    if args.eval_windows is not None and args.eval_windows < 1:
-        fail("--eval-windows: must be at least 1")
+    require_at_least_one(args, "samples", "seq_len", "window", "eval_windows")
     return args
 
 

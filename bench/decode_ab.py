@@ -40,7 +40,14 @@ import sys
 from pathlib import Path
 
 import compress_real as real
-from decode_real import decoding_environment, engine_decode, genai_decode, genai_model, prompts_of
+from decode_real import (
+    add_pages_option,
+    decode_on_chosen_pages,
+    engine_decode,
+    genai_decode,
+    genai_model,
+    prompts_of,
+)
 
 
 def parse_bundles(values: list[str]) -> dict[str, Path]:
@@ -73,20 +80,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--json", type=Path)
-    parser.add_argument(
-        "--no-huge-pages",
-        action="store_true",
-        help="decode on 4 KiB pages (default: malloc on huge pages, as `unbottle serve` has it)",
-    )
+    add_pages_option(parser)
     args = parser.parse_args(argv)
-    environ = decoding_environment(huge_pages=not args.no_huge_pages)
-    if environ != os.environ:  # glibc reads it at start-up: run again with it
-        from unbottle.core.huge_pages import run_again_with
-
-        run_again_with(environ)
-    for flag in ("rounds", "threads", "prompt_tokens", "new_tokens"):
-        if getattr(args, flag) < 1:
-            real.fail(f"--{flag.replace('_', '-')}: must be at least 1")
+    decode_on_chosen_pages(args)
+    real.require_at_least_one(args, "rounds", "threads", "prompt_tokens", "new_tokens")
     bundles = parse_bundles(args.bundles)
 
     import torch

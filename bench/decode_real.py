@@ -408,6 +408,24 @@ def decoding_environment(huge_pages: bool) -> dict[str, str]:
     return small_page_environment(os.environ)
 
 
+def add_pages_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-huge-pages",
+        action="store_true",
+        help="decode on 4 KiB pages (default: malloc on huge pages, as `unbottle serve` has it)",
+    )
+
+
+def decode_on_chosen_pages(args: argparse.Namespace) -> None:
+    """Run this process again with the pages ``--no-huge-pages`` chose, unless it has them
+    already: glibc reads the tunable only at start-up."""
+    environ = decoding_environment(huge_pages=not args.no_huge_pages)
+    if environ != os.environ:
+        from unbottle.core.huge_pages import run_again_with
+
+        run_again_with(environ)
+
+
 def genai_model(model_dir: Path, threads: int) -> Any:
     import onnxruntime_genai as og
 
@@ -757,7 +775,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         real.fail(f"--batch-sizes: {args.batch_sizes!r} is not a comma-separated list of integers")
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         real.fail("--batch-sizes: each batch size must be at least 1")
-    for flag in (
+    real.require_at_least_one(
+        args,
         "rounds",
         "threads",
         "prompt_tokens",
@@ -765,11 +784,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "window",
         "samples",
         "seq_len",
-    ):
-        if getattr(args, flag) < 1:
-            real.fail(f"--{flag.replace('_', '-')}: must be at least 1")
-    if args.eval_windows is not None and args.eval_windows < 1:
-        real.fail("--eval-windows: must be at least 1")
+        "eval_windows",
+    )
     wanted = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else list(ROWS)
     if not wanted:
         real.fail(f"--only: {args.only!r} names no row; rows: {', '.join(ROWS)}")

