@@ -409,9 +409,17 @@ class OnnxBundle:
 
 def _genai_usage(ctx: DeployContext) -> str:
     return """```python
+import json
+import os
+
 import onnxruntime_genai as og  # pip install 'onnxruntime-genai==0.11.4'
 
-model = og.Model("path/to/this/bundle")
+config = og.Config("path/to/this/bundle")
+# Name the cores to decode on: ONNX Runtime's default is half the logical CPUs (one
+# thread on a 2-core machine without SMT, 0.73x to 0.82x the tokens/s of two).
+threads = {"intra_op_num_threads": os.cpu_count()}
+config.overlay(json.dumps({"model": {"decoder": {"session_options": threads}}}))
+model = og.Model(config)
 tokenizer = og.Tokenizer(model)
 params = og.GeneratorParams(model)
 params.set_search_options(max_length=64)

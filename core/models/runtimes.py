@@ -114,7 +114,7 @@ def onnx_threads() -> int:
     runs on in this process, so that every runtime in one evaluation table decodes on the
     same cores. ONNX Runtime's default (half the logical CPUs; for onnxruntime-genai a pool
     shared by the process) decoded SmolLM2's genai bundle at one thread's speed on a
-    2-core VM, 0.74x of two, while the float model ran on torch's two."""
+    2-core VM, 0.73x to 0.82x of two, while the float model ran on torch's two."""
     import torch
 
     return torch.get_num_threads()
