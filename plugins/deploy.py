@@ -261,10 +261,18 @@ def _logit_difference(model: Any, packed_dir: Path, ids: Any) -> float:
 
 def _onnx_usage(ctx: DeployContext, file_name: str, max_new_tokens: int) -> str:
     return f"""```python
+import os
+
+import onnxruntime as ort
 from optimum.onnxruntime import ORTModelForCausalLM
 from transformers import AutoTokenizer
 
-model = ORTModelForCausalLM.from_pretrained("path/to/this/bundle", file_name="{file_name}")
+# Name the cores to decode on: ONNX Runtime's default is half the logical CPUs.
+options = ort.SessionOptions()
+options.intra_op_num_threads = os.cpu_count()
+model = ORTModelForCausalLM.from_pretrained(
+    "path/to/this/bundle", file_name="{file_name}", session_options=options
+)
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/bundle")
 {prompt_code(ctx)}
 print(tokenizer.decode(model.generate(**ids, max_new_tokens={max_new_tokens})[0]))

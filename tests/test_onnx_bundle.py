@@ -189,3 +189,9 @@ def test_the_onnx_runner_decodes_on_as_many_threads_as_torch(int8_bundle, thread
         assert worker_threads_added(lambda: OnnxRunner(int8_bundle)) == threads - 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_model_cards_code_runs_on_named_threads(int8_bundle):
+    from tests.test_stages import run_card_code
+
+    assert "intra_op_num_threads" in run_card_code(int8_bundle)
