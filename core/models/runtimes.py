@@ -112,9 +112,10 @@ class TorchRunner:
 def onnx_threads() -> int:
     """Intra-op threads for an ONNX Runtime session that evaluation runs: as many as torch
     runs on in this process, so that every runtime in one evaluation table decodes on the
-    same cores. ONNX Runtime's default (half the logical CPUs; for onnxruntime-genai a pool
-    shared by the process) decoded SmolLM2's genai bundle at one thread's speed on a
-    2-core VM, 0.73x to 0.82x of two, while the float model ran on torch's two."""
+    same cores. Left to their defaults (ONNX Runtime: half the logical CPUs; onnxruntime-
+    genai started one worker that outlived the model), both decoded SmolLM2's genai bundle
+    at one thread's speed on a 2-core VM, 0.73x to 0.82x of two, while the float model
+    ran on torch's two."""
     import torch
 
     return torch.get_num_threads()
