@@ -178,17 +178,10 @@ def test_the_server_serves_an_onnx_bundle_as_optimum_generates(int8_bundle, prom
 @pytest.mark.parametrize("threads", [1, 3])
 def test_the_onnx_runner_decodes_on_as_many_threads_as_torch(int8_bundle, threads):
     """As the genai runner (tests/test_genai_bundle.py): the same cores as torch."""
-    import torch
-
     from tests.test_genai_bundle import worker_threads_added
     from unbottle.core.models.runtimes import OnnxRunner
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        assert worker_threads_added(lambda: OnnxRunner(int8_bundle)) == threads - 1
-    finally:
-        torch.set_num_threads(before)
+    assert worker_threads_added(lambda: OnnxRunner(int8_bundle), threads) == threads - 1
 
 
 def test_the_model_cards_code_runs_on_named_threads(int8_bundle):
