@@ -18,6 +18,9 @@ from importlib.metadata import PackageNotFoundError, version
 import pytest
 from conftest import REPO, TINY_PARAMS, cli_env, make_workspace
 
+# The plugin is installed into the venv, where every test would see it: run alone.
+pytestmark = pytest.mark.serial
+
 EXAMPLE = REPO / "examples" / "unbottle-awq"
 DIST = "unbottle-awq"
 

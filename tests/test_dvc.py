@@ -7,10 +7,10 @@ import copy
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +49,12 @@ def stages_run(output: str) -> list[str]:
     """The stages a `dvc repro` ran, besides the always-changed ``plugins`` stage (which
     only rewrites the plugin locks, changing them only when a plugin changed)."""
     return [s for s in re.findall(r"Running stage '([a-z]+)'", output) if s != "plugins"]
+
+
+def children_cpu_seconds() -> float:
+    """User and system CPU time of this process's finished children (and theirs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def status_is_current(root: Path) -> bool:
@@ -104,13 +110,14 @@ def test_flow_run_then_repro_experiments_and_a_remote_round_trip(dvc_repo, tmp_p
     assert (root / ".prefect").is_dir()  # PREFECT_HOME defaults into the workspace
     assert any(remote.rglob("*")), "dvc push wrote nothing to the remote"
 
-    # The flow recorded its outputs: nothing to reproduce, and quickly so (best of two:
+    # The flow recorded its outputs: nothing to reproduce, and cheaply so (best of two:
     # the first call also warms DVC's hash cache after the flow's own `dvc commit`).
+    # CPU seconds, not wall time: the suite shares the cores with other tests.
     seconds = []
     for _ in range(2):
-        start = time.perf_counter()
+        before = children_cpu_seconds()
         assert stages_run(dvc("repro", cwd=root)) == []
-        seconds.append(time.perf_counter() - start)
+        seconds.append(children_cpu_seconds() - before)
     assert status_is_current(root)
 
     # Provenance: the commit the run was made from, and the data version.
@@ -156,9 +163,9 @@ def test_flow_run_then_repro_experiments_and_a_remote_round_trip(dvc_repo, tmp_p
     held_out.write_text(held_out.read_text(encoding="utf-8") + "\nOne more paragraph.\n")
     assert "evaluate" in dvc("status", cwd=root)
     assert stages_run(dvc("repro", cwd=root)) in (["evaluate"], ["evaluate", "deploy"])
-    # Loose enough for a busy machine (3.2 s was seen there), tight enough to catch a
-    # no-op that rehashes the outputs.
-    assert min(seconds) < 5, f"a no-op dvc repro took {seconds} s"
+    # Loose enough for a slow machine (3.2 s of wall time was seen on a busy one), tight
+    # enough to catch a no-op that rehashes the outputs.
+    assert min(seconds) < 5, f"a no-op dvc repro took {seconds} CPU seconds"
 
 
 def test_push_without_a_remote_fails_before_any_work(dvc_repo):

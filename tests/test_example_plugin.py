@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, cli_env, run_cli
 
+# The plugin is installed into the venv, where every test would see it: run alone.
+pytestmark = pytest.mark.serial
+
 EXAMPLE = REPO / "examples" / "unbottle-lion"
 DIST = "unbottle-lion"
 LION = {"kind": "optimizer", "name": "lion", "distribution": DIST, "version": "0.1.0"}

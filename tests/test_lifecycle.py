@@ -24,6 +24,9 @@ import yaml
 from tests.conftest import TINY_PARAMS, make_workspace, require_extra, run_cli
 from tests.test_dvc import dvc, dvc_repo, sh, stages_run  # noqa: F401 (dvc_repo: a fixture)
 
+# The plugin is installed into the venv, where every test would see it: run alone.
+pytestmark = pytest.mark.serial
+
 DIST = "unbottle-probe"
 PROBE_INIT = '''
 """A probe plugin for unbottle's tests: every strategy calls into helpers.py."""

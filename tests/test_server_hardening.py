@@ -416,6 +416,7 @@ async def health_latency_under_load(url: str, bodies: list[dict]) -> tuple[float
         return slowest, elapsed, [p.result() for p in posts]
 
 
+@pytest.mark.serial  # times the event loop: other tests on the cores would skew it
 def test_a_huge_prompt_is_refused_by_its_length_without_tokenizing(server):
     prompt = "Alice lives in Paris. " * 47_000  # just under 1 MiB
     body = {"model": MODEL, "prompt": prompt}
@@ -428,6 +429,7 @@ def test_a_huge_prompt_is_refused_by_its_length_without_tokenizing(server):
     assert elapsed < 2.0 and slowest < 1.0, (elapsed, slowest)
 
 
+@pytest.mark.serial  # times the event loop: other tests on the cores would skew it
 def test_tokenizing_runs_off_the_event_loop(server):
     prompts = ["Alice lives in Paris. " * 36] * 700  # each under the length bound; 0.55 MB
     body = {"model": MODEL, "prompt": prompts}
