@@ -267,6 +267,24 @@ def test_huge_values_and_keys_are_cut_in_the_error_line(upstream, capsys):
     assert len(assert_one_line(result, r"xxx…: unknown key; allowed: seed, data")) < 400
 
 
+def test_a_missing_file_deep_in_the_tree_is_named_in_full(upstream, capsys):
+    # A file's name is at the end of its path: an error line must not cut it off.
+    deep = upstream / ("a-long-folder-name-" * 4) / "data" / "my-own-training-text.txt"
+    for stage, key in (("pretrain", "data.train_text"), ("finetune", "data.qa_train")):
+        result = cli(["stage", stage, "-S", f"{key}={deep}"], upstream, capsys)
+        assert f"{key}: {deep} does not exist" in assert_one_line(result, "does not exist")
+    # A path longer than a line should be keeps its end.
+    huge = upstream / ("x" * 200) / ("y" * 200) / "nope.txt"
+    result = cli(["stage", "pretrain", "-S", f"data.train_text={huge}"], upstream, capsys)
+    assert len(assert_one_line(result, r": …x*/?y+/nope\.txt does not exist \(run")) < 400
+    # A name the file system refuses, or a folder, is one line too.
+    refused = upstream / ("z" * 300) / "nope.txt"
+    result = cli(["stage", "pretrain", "-S", f"data.train_text={refused}"], upstream, capsys)
+    assert_one_line(result, r"data\.train_text: …z+/nope\.txt: File name too long$")
+    result = cli(["stage", "finetune", "-S", "data.qa_train=data"], upstream, capsys)
+    assert_one_line(result, rf"data\.qa_train: {upstream / 'data'} is a directory; name a file$")
+
+
 # ------------------------------------------------------------------ 12: locks, leftovers
 
 

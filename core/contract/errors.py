@@ -42,10 +42,29 @@ def shorten(text: object, limit: int = ECHO_LIMIT) -> str:
     ``splitlines`` also breaks at) must not split the error into two lines."""
     text = str(text)
     if not text[: limit + 1].isprintable():
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit * 4])
+        text = escaped(text[: limit * 4])
     if len(text) <= limit:
         return text
     return text[: limit - 1] + "…"
+
+
+def escaped(text: str) -> str:
+    """``text`` with its control characters written as escapes (``\\n``, ``\\x1e``)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+#: The most characters of a path an error line shows: more than most real paths.
+PATH_LIMIT = 240
+
+
+def shorten_path(path: object, limit: int = PATH_LIMIT) -> str:
+    """A path for an error line: whole if it fits, else its end, where the file's name is."""
+    text = str(path)
+    if not text[-(limit + 1) :].isprintable():
+        text = escaped(text[-limit * 4 :])
+    if len(text) <= limit:
+        return text
+    return "…" + text[-(limit - 1) :]
 
 
 def echo(value: object, limit: int = ECHO_LIMIT) -> str:

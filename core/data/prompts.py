@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unbottle.core.contract.errors import DataError, shorten
-from unbottle.core.store.artifacts import read_utf8
+from unbottle.core.contract.errors import DataError
+from unbottle.core.store.artifacts import MISSING_DATA, read_utf8
 
 CHAT, COMPLETION = "chat", "completion"
 ROLES = ("system", "user", "assistant")
@@ -120,13 +120,8 @@ def _pair(obj: Any, where: str) -> dict[str, Any]:
 
 def read_pairs(path: Path, what: str) -> list[dict[str, Any]]:
     """Read records in any of the three shapes as pairs (see the module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(
-            f"{what}: {shorten(path)} does not exist (run `unbottle data demo` or fix params)"
-        )
     pairs: list[dict[str, Any]] = []
-    for lineno, line in enumerate(read_utf8(path, what).splitlines(), 1):
+    for lineno, line in enumerate(read_utf8(path, what, if_missing=MISSING_DATA).splitlines(), 1):
         if not line.strip():
             continue
         try:

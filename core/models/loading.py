@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unbottle.core.contract.errors import DataError, shorten
-from unbottle.core.store.artifacts import read_utf8
+from unbottle.core.store.artifacts import MISSING_DATA, read_utf8
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -149,11 +149,7 @@ def refuse_encoder(model_dir: Path) -> None:
 
 def read_text(path: Path, what: str) -> str:
     path = Path(path)
-    if not path.is_file():
-        raise DataError(
-            f"{what}: {shorten(path)} does not exist (run `unbottle data demo` or fix params)"
-        )
-    text = read_utf8(path, what)
+    text = read_utf8(path, what, if_missing=MISSING_DATA)
     if not text.strip():
         raise DataError(f"{what}: {path} is empty")
     return text

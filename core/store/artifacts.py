@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unbottle.core.contract.errors import DataError
+from unbottle.core.contract.errors import DataError, shorten_path
 
 MANIFEST = "manifest.json"
 
@@ -56,10 +56,24 @@ def tree_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_utf8(path: Path, what: str, error: type[Exception] = DataError) -> str:
-    """A text file's content; bytes that are not UTF-8 become one line naming the file,
-    the line and the byte, raised as ``error``."""
-    data = Path(path).read_bytes()
+#: What a missing data file's error line tells the user to do.
+MISSING_DATA = " (run `unbottle data demo` or fix params)"
+
+
+def read_utf8(
+    path: Path, what: str, error: type[Exception] = DataError, if_missing: str = ""
+) -> str:
+    """A text file's content. A file that is missing (``if_missing`` says what to do then),
+    a directory, a name or file the system refuses, and bytes that are not UTF-8 become one
+    line naming the file, raised as ``error``."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise error(f"{what}: {shorten_path(path)} does not exist{if_missing}") from None
+    except IsADirectoryError:
+        raise error(f"{what}: {shorten_path(path)} is a directory; name a file") from None
+    except OSError as e:  # a name too long, a file not readable by this user
+        raise error(f"{what}: {shorten_path(path)}: {e.strerror}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
