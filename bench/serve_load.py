@@ -14,8 +14,14 @@ time to first token (TTFT) p50/p99, and the ratio of the two throughputs (target
 at 8 streams on the demo model). The client runs on the same machine, so its CPU time
 is part of what is measured.
 
+``--threads 1 2`` compares the server's ``threads`` settings in the same run: each round
+starts one server per setting in turn (the order rotated by one each round), runs both
+phases on it and stops it, and the report adds each setting's tokens/s over the first
+setting's, round by round.
+
     python bench/serve_load.py artifacts/deploy
     python bench/serve_load.py artifacts/deploy --concurrency 8 --max-tokens 64 --json out.json
+    python bench/serve_load.py artifacts/deploy --threads 1 2 --rounds 5
 """
 
 from __future__ import annotations
@@ -124,21 +130,15 @@ def summarize(runs: list[dict], streams: int) -> dict:
     }
 
 
-def start_server(bundle: Path, port: int, max_batch: int) -> subprocess.Popen:
+def start_server(bundle: Path, port: int, max_batch: int, threads: int | None) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("UNBOTTLE_API_KEY", None)
+    command = [sys.executable, "-m", "unbottle", "serve", str(bundle), "--port", str(port)]
+    command += ["--max-batch", str(max_batch)]
+    if threads is not None:
+        command += ["--threads", str(threads)]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "unbottle",
-            "serve",
-            str(bundle),
-            "--port",
-            str(port),
-            "--max-batch",
-            str(max_batch),
-        ],
+        command,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -157,6 +157,35 @@ def start_server(bundle: Path, port: int, max_batch: int) -> subprocess.Popen:
     raise SystemExit("unbottle serve did not start in 180 s")
 
 
+def measure(args: argparse.Namespace, threads: int | None) -> tuple[dict, dict]:
+    """One server with ``threads``: a warm-up, then one single-stream and one concurrent
+    phase; the server is stopped before this returns."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(args.bundle, port, args.concurrency, threads)
+    try:
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        asyncio.run(phase(url, model, 8, args.concurrency, args.max_tokens))  # warm-up
+        single = asyncio.run(phase(url, model, args.single_requests, 1, args.max_tokens))
+        many = asyncio.run(
+            phase(url, model, args.concurrent_requests, args.concurrency, args.max_tokens)
+        )
+        return single, many
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def print_table(label: str, single: dict, many: dict) -> None:
+    print(label)
+    print(f"{'streams':>8} {'tok/s':>9} {'p50 s':>8} {'p99 s':>8} {'TTFT p50':>9} {'TTFT p99':>9}")
+    for row in (single, many):
+        print(
+            f"{row['streams']:>8} {row['tokens_per_s']:>9.1f} {row['latency_p50_s']:>8.3f} "
+            f"{row['latency_p99_s']:>8.3f} {row['ttft_p50_s']:>9.4f} {row['ttft_p99_s']:>9.4f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path, nargs="?", default=Path("artifacts/deploy"))
@@ -165,55 +194,83 @@ def main() -> None:
     parser.add_argument("--single-requests", type=int, default=16)
     parser.add_argument("--concurrent-requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="Alternations of the two phases.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        help="The server's threads settings to compare (default: the bundle's own).",
+    )
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
     if not args.bundle.is_dir():
         raise SystemExit(f"{args.bundle}: no bundle (run `make demo` or pass a bundle path)")
+    if args.rounds < 1 or (args.threads and min(args.threads) < 1):
+        raise SystemExit("--rounds and --threads must be at least 1")
 
+    settings: list[int | None] = args.threads or [None]
     load_before = os.getloadavg()[0]  # other work on the machine skews every figure
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(args.bundle, port, max_batch=args.concurrency)
-    try:
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        asyncio.run(phase(url, model, 8, args.concurrency, args.max_tokens))  # warm-up
-        singles, concurrents = [], []
-        # The phases alternate, so a change in the machine's other load hits both alike.
-        for _ in range(args.rounds):
-            singles.append(asyncio.run(phase(url, model, args.single_requests, 1, args.max_tokens)))
-            concurrents.append(
-                asyncio.run(
-                    phase(url, model, args.concurrent_requests, args.concurrency, args.max_tokens)
-                )
-            )
+    runs: dict[int | None, tuple[list[dict], list[dict]]] = {t: ([], []) for t in settings}
+    for round_index in range(args.rounds):
+        # Each setting goes first in turn, so that a drift in the machine's load hits all.
+        shift = round_index % len(settings)
+        for threads in settings[shift:] + settings[:shift]:
+            single, many = measure(args, threads)
+            runs[threads][0].append(single)
+            runs[threads][1].append(many)
+
+    results = []
+    for threads in settings:
+        singles, concurrents = runs[threads]
         single, many = summarize(singles, 1), summarize(concurrents, args.concurrency)
-    finally:
-        proc.terminate()
-        proc.wait(60)
+        results.append(
+            {
+                "threads": threads,
+                "single": single,
+                "concurrent": many,
+                "speedup": many["tokens_per_s"] / single["tokens_per_s"],
+                "speedup_by_round": [
+                    m / s
+                    for m, s in zip(
+                        many["tokens_per_s_by_round"], single["tokens_per_s_by_round"], strict=True
+                    )
+                ],
+            }
+        )
+    first = results[0]
+    for row in results:
+        for phase_name in ("single", "concurrent"):
+            row[f"{phase_name}_over_first_by_round"] = [
+                mine / theirs
+                for mine, theirs in zip(
+                    row[phase_name]["tokens_per_s_by_round"],
+                    first[phase_name]["tokens_per_s_by_round"],
+                    strict=True,
+                )
+            ]
     result = {
         "bundle": str(args.bundle),
         "max_tokens": args.max_tokens,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-        "single": single,
-        "concurrent": many,
         "rounds": args.rounds,
-        "speedup": many["tokens_per_s"] / single["tokens_per_s"],
-        "speedup_by_round": [
-            m / s
-            for m, s in zip(
-                many["tokens_per_s_by_round"], single["tokens_per_s_by_round"], strict=True
-            )
-        ],
+        "settings": results,
         "load_average_before_after": [load_before, os.getloadavg()[0]],
     }
-    print(f"{'streams':>8} {'tok/s':>9} {'p50 s':>8} {'p99 s':>8} {'TTFT p50':>9} {'TTFT p99':>9}")
-    for row in (single, many):
-        print(
-            f"{row['streams']:>8} {row['tokens_per_s']:>9.1f} {row['latency_p50_s']:>8.3f} "
-            f"{row['latency_p99_s']:>8.3f} {row['ttft_p50_s']:>9.4f} {row['ttft_p99_s']:>9.4f}"
+    for row in results:
+        label = (
+            "threads: the bundle's default"
+            if row["threads"] is None
+            else f"threads: {row['threads']}"
         )
-    rounds = ", ".join(f"{x:.2f}x" for x in result["speedup_by_round"])
-    print(f"aggregate speedup at {args.concurrency} streams: {result['speedup']:.2f}x ({rounds})")
+        print_table(label, row["single"], row["concurrent"])
+        rounds = ", ".join(f"{x:.2f}x" for x in row["speedup_by_round"])
+        print(f"aggregate speedup at {args.concurrency} streams: {row['speedup']:.2f}x ({rounds})")
+        if row is not first:
+            for phase_name in ("single", "concurrent"):
+                ratios = row[f"{phase_name}_over_first_by_round"]
+                print(
+                    f"{phase_name} tokens/s over threads {first['threads']}: median "
+                    f"{statistics.median(ratios):.3f}x ({', '.join(f'{r:.2f}' for r in ratios)})"
+                )
     print(
         "1-minute load average before/after: {:.2f} / {:.2f}".format(
             *result["load_average_before_after"]

@@ -554,6 +554,8 @@ def test_unbottle_serve_binds_loopback_reads_the_key_file_drains_on_sigterm_and_
             str(key_file),
             "--cors-origin",
             "http://app.example",
+            "--threads",
+            "3",  # not the default (cores - 1) on the 2-core machines this runs on
         ],
         env=cli_env({"COLUMNS": "200"}),
         stdout=log,
@@ -635,6 +637,7 @@ def test_unbottle_serve_binds_loopback_reads_the_key_file_drains_on_sigterm_and_
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     output = Path(log.name).read_text()
     assert f"Uvicorn running on http://127.0.0.1:{port}" in output
+    assert f"serving {MODEL} (hf) with max_batch=1 on 3 thread(s)" in output
     assert "Application shutdown complete." in output
     with pytest.raises(httpx.TransportError):  # and then it stopped listening
         httpx.get(url + "/health")
@@ -660,6 +663,11 @@ def test_serve_rejects_a_bad_bundle_or_flag_in_one_line(bundle, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip() == (
         "error: serve: max_batch: Input should be greater than or equal to 1 (got 0)"
+    )
+    no_threads = run_cli("serve", str(bundle), "--threads", "0", cwd=tmp_path)
+    assert no_threads.returncode == 2
+    assert no_threads.stderr.strip() == (
+        "error: serve: threads: Input should be greater than or equal to 1 (got 0)"
     )
 
 

@@ -445,6 +445,10 @@ def serve(
     model_name: Annotated[
         str | None, typer.Option(help="The model id clients name (default unbottle-VARIANT).")
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Threads that run the model (default: every core but one)."),
+    ] = None,
 ) -> None:
     """Serve a bundle with an OpenAI-compatible API (completions, chat, streaming, metrics)."""
     _environment(Path.cwd().resolve())
@@ -468,6 +472,7 @@ def serve(
         "max_batch": max_batch,
         "max_queue": max_queue,
         "model_name": model_name,
+        "threads": threads,
         "cors_origins": tuple(cors_origin) if cors_origin else None,
     }
     if bundle.is_dir():  # refuse an exposed host before the model loads

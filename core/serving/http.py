@@ -57,6 +57,7 @@ from unbottle.core.serving.engine import (
     QueueFull,
     SamplingParams,
     Sequence,
+    default_threads,
 )
 
 log = logging.getLogger("unbottle.server")
@@ -263,10 +264,11 @@ def create_app(bundle: LoadedBundle, *, api_key: str | None = None) -> FastAPI:
         engine.start()
         engine_ref["engine"] = engine
         log.info(
-            "serving %s (%s) with max_batch=%d",
+            "serving %s (%s) with max_batch=%d on %d thread(s)",
             bundle.model_name,
             bundle.format,
             config.max_batch,
+            config.threads or default_threads(),
         )
         yield
         # uvicorn has already waited for (or cancelled) in-flight requests.
