@@ -39,9 +39,9 @@ define pytest_phase
 endef
 
 # The suite spends about half its time waiting on subprocesses and servers, so most of it
-# runs on two workers (pytest-xdist: 6 min against 9 on 2 cores). The tests marked
-# `serial` run after, alone: they pip-install a plugin into the venv, which every other
-# test would see, or time the server's event loop.
+# runs on two workers (pytest-xdist; 7 min of pytest in all against 9 on 2 cores). The
+# tests marked `serial` run after, alone: they pip-install a plugin into the venv, which
+# every other test would see, or time the server's event loop.
 PYTEST_WORKERS ?= 2
 
 test: lint
