@@ -555,7 +555,7 @@ def test_unbottle_serve_binds_loopback_reads_the_key_file_drains_on_sigterm_and_
             "--cors-origin",
             "http://app.example",
             "--threads",
-            "3",  # not the default (cores - 1) on the 2-core machines this runs on
+            "3",  # a torch bundle's default is cores - 1: not 3 but on 4 cores
         ],
         env=cli_env({"COLUMNS": "200"}),
         stdout=log,
@@ -641,6 +641,15 @@ def test_unbottle_serve_binds_loopback_reads_the_key_file_drains_on_sigterm_and_
     assert "Application shutdown complete." in output
     with pytest.raises(httpx.TransportError):  # and then it stopped listening
         httpx.get(url + "/health")
+
+
+def test_onnx_bundles_are_served_on_every_core_torch_on_all_but_one(monkeypatch):
+    from unbottle.core.serving import engine
+
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 2)
+    assert [engine.default_threads(f) for f in ("genai", "onnx", "hf", "packed")] == [2, 2, 1, 1]
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 1)
+    assert [engine.default_threads(f) for f in ("genai", "hf")] == [1, 1]
 
 
 def test_server_target_writes_the_serve_config_and_card(bundle):

@@ -447,7 +447,9 @@ def serve(
     ] = None,
     threads: Annotated[
         int | None,
-        typer.Option(help="Threads that run the model (default: every core but one)."),
+        typer.Option(
+            help="Threads that run the model (default: every core for ONNX, all but one for torch)."
+        ),
     ] = None,
 ) -> None:
     """Serve a bundle with an OpenAI-compatible API (completions, chat, streaming, metrics)."""

@@ -103,9 +103,7 @@ class ServeConfig(StrategyConfig):
     shutdown_timeout_s: float = Field(30.0, ge=0, le=3600)
     #: Decode row by row when batching would change a row's numbers (dynamic int8).
     batch_invariant: bool = True
-    #: Intra-op threads of torch / ONNX Runtime; default: every core but one, which the
-    #: HTTP event loop needs. (Two threads on a 2-core machine that is also serving HTTP
-    #: made decode steps several times slower: the threads wait on each other.)
+    #: Intra-op threads of torch / ONNX Runtime; default: :func:`default_threads`.
     threads: int | None = Field(None, ge=1, le=4096)
     #: Run the engine in a child process, with its own interpreter lock, so the model's
     #: Python work and the HTTP event loop do not take turns; false: a thread.
@@ -301,7 +299,7 @@ class OnnxBackend:
         graph = onnx.load(str(files[0]), load_external_data=False).graph
         self.couples_rows = any(node.op_type in _DYNAMIC_QUANT_OPS for node in graph.node)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or default_threads()
+        options.intra_op_num_threads = threads or default_threads(self.format)
         self.session = ort.InferenceSession(
             str(files[0]), options, providers=["CPUExecutionProvider"]
         )
@@ -397,8 +395,18 @@ class OnnxBackend:
 _BINDINGS_KEPT = 64
 
 
-def default_threads() -> int:
-    return max(1, (os.cpu_count() or 2) - 1)
+def default_threads(fmt: str) -> int:
+    """The threads a bundle of format ``fmt`` is served on unless ``threads`` says.
+
+    ONNX Runtime ("onnx", "genai"): every core. Served over HTTP on 2 cores, with the
+    client on the same cores, SmolLM2's genai bundle gave 1.12x the tokens/s of one thread
+    with one stream and 1.23x with 8, better in each of 5 rounds (BENCHMARKS.md, "Serving
+    threads"). Torch ("hf", "packed"): every core but one, left to the HTTP event loop;
+    there two threads gave 0.97x with one stream (each of 3 rounds slower) and 0.95x to
+    1.27x with 8.
+    """
+    cores = os.cpu_count() or 2
+    return cores if fmt in ("onnx", "genai") else max(1, cores - 1)
 
 
 def load_backend(bundle: Path, threads: int | None = None) -> Backend:
@@ -409,8 +417,8 @@ def load_backend(bundle: Path, threads: int | None = None) -> Backend:
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise DataError(f"{bundle}: no such bundle directory")
-    threads = threads or default_threads()
     fmt = model_format(bundle)
+    threads = threads or default_threads(fmt)
     # Process-wide: the engine is the only torch user.
     if fmt in ("hf", "packed"):
         torch.set_num_threads(threads)  # the model runs in torch

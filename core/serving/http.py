@@ -268,7 +268,7 @@ def create_app(bundle: LoadedBundle, *, api_key: str | None = None) -> FastAPI:
             bundle.model_name,
             bundle.format,
             config.max_batch,
-            config.threads or default_threads(),
+            config.threads or default_threads(bundle.format),
         )
         yield
         # uvicorn has already waited for (or cancelled) in-flight requests.
