@@ -33,11 +33,10 @@ def packed_variant(
     tokenizer, out: Path, method: str, scheme: Scheme, width: int = 64, *, head: bool = False
 ) -> Path:
     """A tiny Llama quantized by ``method``; with ``head``, the output head too (untied,
-    as ``quantize_head`` does, and its vocabulary padded to a multiple of 8, which the GPTQ
-    checkpoint's int32 packing of zero points needs)."""
+    as ``quantize_head`` does)."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=-(-len(tokenizer) // 8) * 8 if head else len(tokenizer),
+        vocab_size=len(tokenizer),
         hidden_size=width,
         intermediate_size=128,
         num_hidden_layers=2,

@@ -41,10 +41,15 @@ Where unbottle departs from what the builder would do:
 - Symmetric grids: the builder stores zero points for them too, all the grid's midpoint,
   which ``MatMulNBits`` assumes when it has none; they are dropped, so the bundle has the
   format and bytes of genai's own symmetric int4 builds.
-- The output head, when the variant quantized it (``quantize_head``), is written like
-  any layer and the builder takes its codes, with the untied embedding table in float
-  (one row read per token). On SmolLM2 a GPTQ int4 head reads half the int8 head's bytes
-  per token for x1.009 perplexity (BENCHMARKS.md).
+- The output head, when the variant quantized it (``quantize_head``), goes into the
+  checkpoint dequantized, the builder keeps it float, and its ``MatMul`` is then replaced
+  by a ``MatMulNBits`` node holding the variant's codes
+  (:func:`~unbottle.plugins.quantization.matmulnbits.replace_matmuls`), with the untied
+  embedding table in float (one row read per token). The builder repacks a quantized
+  layer through int64 bit planes, 64 bytes per weight at once: for SmolLM2's head (28M
+  weights, 1.8 GB at once) that was the whole build's peak, 2.6 GB against 1.7 GB now
+  (``bench/genai_build_memory.py``). On SmolLM2 a GPTQ int4 head reads half the int8
+  head's bytes per token for x1.009 perplexity (BENCHMARKS.md).
 - The output head, not quantized in the variant (tied to the embeddings), is left to the
   builder's own int8 round-to-nearest (``head: int8``, its ``rtn_last``; the embeddings
   then read the same int8 table), its default symmetric int4 (``head: int4``, with a
@@ -77,6 +82,8 @@ GENAI_BITS = (4, 8)
 #: What happens to the (unquantized) output head.
 HEADS = ("int8", "int4", "float")
 WEIGHTS = "model.safetensors"
+#: The output head's module name, and the builder's name for its MatMul node.
+HEAD, HEAD_NODE = "lm_head", "/lm_head/MatMul"
 
 
 def require_genai(what: str) -> None:
@@ -104,7 +111,7 @@ def genai_problem(meta: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> s
         problem = block_size_problem(group_size, n)
         if problem:
             return f"{name}: {problem}"
-        if n % per_word or out % per_word:
+        if name != HEAD and (n % per_word or out % per_word):  # the head is not packed so
             return f"{name}: {out}x{n} is not a multiple of {per_word} (GPTQ int32 packing)"
     return None
 
@@ -126,13 +133,15 @@ def write_gptq_checkpoint(packed_dir: Path, out_dir: Path) -> dict[str, Any]:
     reads (the layout in the module docstring), code for code.
 
     Writes ``model.safetensors`` and ``config.json`` into ``out_dir``; the tokenizer is
-    the caller's. Returns ``desc_act`` (whether any layer has act-order groups),
-    ``quantized_layers`` and ``quantized_head`` (whether the output head is one of them).
+    the caller's. A quantized output head is written dequantized, as ``lm_head.weight``
+    (its codes go into the graph after the build: the module docstring). Returns
+    ``desc_act`` (whether any layer has act-order groups), ``quantized_layers`` and
+    ``quantized_head`` (whether the output head is one of them).
     """
     import torch
     from safetensors.torch import load_file, save_file
 
-    from unbottle.compression import read_quantization_config, unpack
+    from unbottle.compression import dequantize_groups, read_quantization_config, unpack
 
     packed_dir, out_dir = Path(packed_dir), Path(out_dir)
     meta = read_quantization_config(packed_dir)
@@ -142,11 +151,7 @@ def write_gptq_checkpoint(packed_dir: Path, out_dir: Path) -> dict[str, Any]:
     for name in meta["modules"]:
         if f"{name}.qweight" not in state or f"{name}.scales" not in state:
             raise DataError(f"{packed_dir}: quantized module {name} is missing from its weights")
-        out, groups = state[f"{name}.scales"].shape
-        in_features = (group_size or 0) * groups if group_size else None
-        if in_features is None:  # per channel: the width is the packed row's
-            in_features = state[f"{name}.qweight"].shape[1] * 8 // bits
-        shapes[name] = (out, in_features)
+        shapes[name] = packed_shape(state[f"{name}.qweight"], state[f"{name}.scales"], meta)
     problem = genai_problem(meta, shapes)
     if problem:
         raise ConfigError(f"{packed_dir}: {problem}")
@@ -163,6 +168,13 @@ def write_gptq_checkpoint(packed_dir: Path, out_dir: Path) -> dict[str, Any]:
         else:
             zeros = unpack(qzeros, bits, groups).to(torch.int64)  # (out, G)
         g_idx = state.pop(f"{name}.g_idx", None)
+        bias = state.pop(f"{name}.bias", None)
+        if name == HEAD:
+            weight = dequantize_groups(codes, scales, zeros.to(torch.uint8), g_idx)
+            tensors[f"{name}.weight"] = weight.contiguous()  # (out, in) float32
+            if bias is not None:
+                tensors[f"{name}.bias"] = bias.contiguous()
+            continue
         contiguous = torch.arange(n, dtype=torch.int32) // (n // groups)
         if g_idx is None:
             g_idx = contiguous
@@ -175,7 +187,6 @@ def write_gptq_checkpoint(packed_dir: Path, out_dir: Path) -> dict[str, Any]:
         )  # (G, out * bits / 32)
         tensors[f"{name}.scales"] = scales.t().contiguous().to(torch.float16)  # (G, out)
         tensors[f"{name}.g_idx"] = g_idx.to(torch.int32).contiguous()
-        bias = state.pop(f"{name}.bias", None)
         if bias is not None:
             tensors[f"{name}.bias"] = bias.contiguous()
     tensors.update({k: v.contiguous() for k, v in state.items()})  # embeddings, norms
@@ -205,8 +216,40 @@ def write_gptq_checkpoint(packed_dir: Path, out_dir: Path) -> dict[str, Any]:
     return {
         "desc_act": desc_act,
         "quantized_layers": len(shapes),
-        "quantized_head": "lm_head" in shapes,
+        "quantized_head": HEAD in shapes,
     }
+
+
+def packed_head(packed_dir: Path) -> Any:
+    """The packed variant's output head as a ``QuantizedLinear``, read alone from its file."""
+    from safetensors import safe_open
+
+    from unbottle.compression import QuantizedLinear, read_quantization_config
+
+    meta = read_quantization_config(packed_dir)
+    with safe_open(str(Path(packed_dir) / WEIGHTS), framework="pt") as weights:
+        names = set(weights.keys())
+        tensors = {
+            part: weights.get_tensor(f"{HEAD}.{part}") if f"{HEAD}.{part}" in names else None
+            for part in ("qweight", "scales", "qzeros", "g_idx", "bias")
+        }
+    out, in_features = packed_shape(tensors["qweight"], tensors["scales"], meta)
+    return QuantizedLinear(
+        in_features,
+        out,
+        bits=int(meta["bits"]),
+        group_size=meta["group_size"],
+        kernel="on-the-fly",
+        **tensors,
+    )
+
+
+def packed_shape(qweight: Any, scales: Any, meta: dict[str, Any]) -> tuple[int, int]:
+    """A packed Linear's (out_features, in_features), from its codes and scales."""
+    out, groups = scales.shape
+    if meta["group_size"]:
+        return out, meta["group_size"] * groups
+    return out, qweight.shape[1] * 8 // int(meta["bits"])  # per channel: the packed row's
 
 
 def sort_act_order_groups(model: Any) -> int:
@@ -285,9 +328,11 @@ def build_genai_bundle(
     ``fused_layers`` (merged into another's node), ``act_order_layers``, ``bits``,
     ``block_size``, ``head``, ``accuracy_level``, ``desc_act``.
     """
+    from unbottle.compression import trim_heap
     from unbottle.plugins.quantization.matmulnbits import (
         ACCURACY_LEVELS,
         fuse_matmuls_sharing_input,
+        replace_matmuls,
     )
 
     require_genai("onnxruntime-genai bundle")
@@ -310,10 +355,10 @@ def build_genai_bundle(
             "int4_block_size": meta["quantization_config"]["group_size"],
         }
         if facts["quantized_head"]:
-            # The variant's own head codes (quantize_head): the builder reads lm_head.qweight
-            # like any layer's; the untied embedding table stays float.
+            # The variant's own head codes (quantize_head), put in after the build; the
+            # builder keeps the head float and the untied embedding table float.
             head = "variant"
-            options.update(shared_embeddings=False)
+            options.update(int4_nodes_to_exclude=[HEAD_NODE], shared_embeddings=False)
         elif head == "int8":
             # Asymmetric: the builder's symmetric int8 head leaves out the zero points its
             # shared embedding table reads (0.11.4).
@@ -325,7 +370,7 @@ def build_genai_bundle(
         else:
             # Not shared: 0.11.4 would point the embeddings at a quantized head that is
             # then not written.
-            options.update(int4_nodes_to_exclude=["/lm_head/MatMul"], shared_embeddings=False)
+            options.update(int4_nodes_to_exclude=[HEAD_NODE], shared_embeddings=False)
         if options["int4_block_size"] == -1:
             options["int4_block_size"] = 32
         log = io.StringIO()  # the builder prints and logs each step
@@ -344,8 +389,15 @@ def build_genai_bundle(
                 )
         except Exception as e:
             raise DataError(f"{packed_dir}: the onnxruntime-genai builder failed: {e}") from e
+        trim_heap()  # the builder's model, freed: not under the graph loaded next
         graph = onnx.load(str(built / "model.onnx"))
         act_order = sort_act_order_groups(graph)
+        if facts["quantized_head"]:
+            head_layer = packed_head(packed_dir)
+            weight = head_layer.dequantized_weight()
+            replace_matmuls(graph, {HEAD: head_layer}, {HEAD: weight}, accuracy_level)
+            del head_layer, weight
+            trim_heap()  # the float head and its copies, before the graph is written
         drop_midpoint_zero_points(graph)
         fused = fuse_matmuls_sharing_input(graph)
         nbits = sum(node.op_type == "MatMulNBits" for node in graph.graph.node)

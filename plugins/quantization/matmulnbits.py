@@ -121,7 +121,7 @@ def export_matmulnbits(
         export_dir.mkdir()
         export_onnx(float_dir, export_dir, int8=False, work_dir=Path(tmp))
         graph_model = onnx.load(str(export_dir / "model.onnx"))
-        _replace_matmuls(graph_model, layers, weights, accuracy_level)
+        replace_matmuls(graph_model, layers, weights, accuracy_level)
         fused = fuse_matmuls_sharing_input(graph_model)
         graph_model.metadata_props.add(key="unbottle.quantization", value=str(meta["method"]))
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,9 +146,12 @@ def _module_of(node: Any) -> str | None:
     return node.name[1 : -len("/MatMul")].replace("/", ".")
 
 
-def _replace_matmuls(
+def replace_matmuls(
     model: Any, layers: dict[str, Any], weights: dict[str, Any], accuracy_level: int
 ) -> None:
+    """Replace the ``MatMul`` of each of ``layers`` (packed Linears by module name) in
+    ``model`` by a ``MatMulNBits`` node holding its codes; each ``MatMul`` must multiply
+    by exactly ``weights[name]`` (its dequantized (out, in) weight)."""
     import numpy as np
     import torch
     from onnx import helper, numpy_helper
