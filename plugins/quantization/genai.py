@@ -111,7 +111,8 @@ def genai_problem(meta: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> s
         problem = block_size_problem(group_size, n)
         if problem:
             return f"{name}: {problem}"
-        if name != HEAD and (n % per_word or out % per_word):  # the head is not packed so
+        # The head's codes go into the graph directly, not through the checkpoint's words.
+        if name != HEAD and (n % per_word or out % per_word):
             return f"{name}: {out}x{n} is not a multiple of {per_word} (GPTQ int32 packing)"
     return None
 
