@@ -7,11 +7,16 @@ running then. Reports the peak, the peak of each phase (the builder's pass over 
 quantized layers, the builder writing its graph, unbottle's pass over the graph) and the
 frames at the five highest samples.
 
+``--shape`` builds instead a random-weight Llama at the width of a larger SmolLM2 (a few
+layers: the output head, 49,152 rows, is what the shape changes most), quantized with RTN
+int4 in groups of 64, the head too, and packed in a temporary folder first.
+
 By default glibc's mmap threshold is fixed first, as the compress stage's calibration pass
 leaves it (``unbottle.core.heap.return_large_frees_to_the_os``); ``--default-malloc``
 leaves glibc's own adjusting threshold, as a fresh process calling the builder has it.
 
     python bench/genai_build_memory.py PACKED_DIR [--json out.json]
+    python bench/genai_build_memory.py --shape smollm2-1.7b --layers 2
 """
 
 from __future__ import annotations
@@ -56,14 +61,73 @@ def phase_of(frames: list[str]) -> str:
     return "the rest"
 
 
+#: Llama shapes of SmolLM2's larger sizes (their config.json), all but the layer count.
+SHAPES = {
+    "smollm2-360m": dict(
+        hidden_size=960, intermediate_size=2560, num_attention_heads=15, num_key_value_heads=5
+    ),
+    "smollm2-1.7b": dict(
+        hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=32
+    ),
+}
+
+
+def random_packed_variant(shape: str, layers: int, out: Path) -> Path:
+    """A random-weight Llama of ``shape`` with ``layers`` layers, RTN int4 g64 with its
+    head, written as a packed variant into ``out``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unbottle.compression import Scheme, output_head, quantize_rtn, save_packed
+    from unbottle.core.models.loading import train_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49_152,
+        num_hidden_layers=layers,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        **SHAPES[shape],
+    )
+    model = LlamaForCausalLM(config).eval()
+    linears = [(n, m) for n, m in model.named_modules() if n.endswith("proj")]
+    linears.append(output_head(model, untie=True))
+    scheme = Scheme(bits=4, group_size=64)
+    codes = {name: quantize_rtn(module.weight.detach(), scheme) for name, module in linears}
+    tokenizer = train_tokenizer(["the quick brown fox jumps over the lazy dog " * 8], 300)
+    save_packed(
+        model, tokenizer, codes, out, method="rtn", group_size=64, symmetric=False, options={}
+    )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("packed", type=Path, help="A packed variant (quantization.json).")
+    parser.add_argument(
+        "packed", type=Path, nargs="?", help="A packed variant (quantization.json)."
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="A random model instead.")
+    parser.add_argument("--layers", type=int, default=2, help="With --shape (default 2).")
     parser.add_argument("--default-malloc", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if not (args.packed / "quantization.json").is_file():
+    if (args.packed is None) == (args.shape is None):
+        raise SystemExit("give a packed variant or --shape, not both")
+    if args.shape and args.layers < 1:
+        raise SystemExit("--layers must be at least 1")
+    if args.packed and not (args.packed / "quantization.json").is_file():
         raise SystemExit(f"{args.packed}: not a packed variant (no quantization.json)")
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.shape:
+            from unbottle.compression import trim_heap
+
+            args.packed = random_packed_variant(args.shape, args.layers, Path(scratch) / "packed")
+            trim_heap()  # the float model made it: not part of the build's memory
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Build ``args.packed``'s genai bundle and report its memory."""
 
     from unbottle.core.heap import return_large_frees_to_the_os
     from unbottle.plugins.quantization.genai import build_genai_bundle
@@ -97,6 +161,7 @@ def main() -> None:
     highest = sorted(samples, key=lambda s: -s[1])[:5]
     result = {
         "packed": str(args.packed),
+        "shape": args.shape and f"{args.shape}, {args.layers} layers, random weights",
         "malloc": "glibc default" if args.default_malloc else "mmap threshold fixed at 1 MiB",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "rss_before_mb": before,

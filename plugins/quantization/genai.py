@@ -47,9 +47,10 @@ Where unbottle departs from what the builder would do:
   (:func:`~unbottle.plugins.quantization.matmulnbits.replace_matmuls`), with the untied
   embedding table in float (one row read per token). The builder repacks a quantized
   layer through int64 bit planes, 64 bytes per weight at once: for SmolLM2's head (28M
-  weights, 1.8 GB at once) that was the whole build's peak, 2.6 GB against 1.7 GB now
-  (``bench/genai_build_memory.py``). On SmolLM2 a GPTQ int4 head reads half the int8
-  head's bytes per token for x1.009 perplexity (BENCHMARKS.md).
+  weights, 1.8 GB at once) that was the whole build's peak, 2.6 GB against 1.7 GB now,
+  and at 1.7B's width 7.7 against 3.7 GB (``bench/genai_build_memory.py``). On SmolLM2 a
+  GPTQ int4 head reads half the int8 head's bytes per token for x1.009 perplexity
+  (BENCHMARKS.md).
 - The output head, not quantized in the variant (tied to the embeddings), is left to the
   builder's own int8 round-to-nearest (``head: int8``, its ``rtn_last``; the embeddings
   then read the same int8 table), its default symmetric int4 (``head: int4``, with a
