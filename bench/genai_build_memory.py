@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if (args.packed is None) == (args.shape is None):
-        raise SystemExit("give a packed variant or --shape, not both")
+        raise SystemExit("give one of a packed variant and --shape")
     if args.shape and args.layers < 1:
         raise SystemExit("--layers must be at least 1")
     if args.packed and not (args.packed / "quantization.json").is_file():
