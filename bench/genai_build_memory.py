@@ -48,7 +48,7 @@ def frames_of_interest(frame) -> list[str]:
 def phase_of(frames: list[str]) -> str:
     """The step of ``build_genai_bundle`` a sample's stack is in."""
     names = " ".join(frames)
-    if frames and frames[-1].endswith(":<module>:" + frames[-1].rsplit(":", 1)[-1]):
+    if frames and ":<module>:" in frames[-1]:  # a module's top level, being imported
         return "imports"
     if "write_gptq_checkpoint" in names:
         return "unbottle writing the GPTQ checkpoint"
