@@ -285,6 +285,31 @@ def test_a_missing_file_deep_in_the_tree_is_named_in_full(upstream, capsys):
     assert_one_line(result, rf"data\.qa_train: {upstream / 'data'} is a directory; name a file$")
 
 
+def test_every_path_argument_turns_a_name_the_system_refuses_into_one_line(
+    upstream, tmp_path, capsys
+):
+    # Path.is_file() and .exists() raise on a name too long (ENAMETOOLONG) and say False
+    # for a link that loops: each command that looks at a user's path first must still
+    # answer in one line, and name what the system said.
+    refused = tmp_path / ("z" * 300) / "x"
+    refusal = r": …z+/x: File name too long$"
+    for args, named in (
+        (["stage", "pretrain", "--params", str(refused)], "params file"),
+        (["run", "--params", str(refused)], "params file"),
+        (["stage", "pretrain", "-S", f"pretrain.source.path={refused}"], "pretrain.source.path"),
+        (["serve", str(refused)], "bundle"),
+        (["show", str(refused)], "artifact"),
+        (["data", "demo", "--out", str(refused)], "--out"),
+    ):
+        assert_one_line(cli(args, upstream, capsys), re.escape(named) + refusal)
+    # A symbolic link that loops: refused too, not "does not exist".
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    for args, named in ((["serve", str(loop / "b")], "bundle"), (["show", str(loop)], "artifact")):
+        pattern = rf"{named}: {re.escape(str(loop))}(/b)?: Too many levels of symbolic links$"
+        assert_one_line(cli(args, upstream, capsys), pattern)
+
+
 # ------------------------------------------------------------------ 12: locks, leftovers
 
 

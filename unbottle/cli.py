@@ -459,6 +459,7 @@ def serve(
     from unbottle.core.serving.engine import load_bundle, read_serve_config
     from unbottle.core.serving.http import check_exposure
     from unbottle.core.serving.http import serve as run_server
+    from unbottle.core.store.artifacts import path_kind
 
     if api_key and api_key_file:
         raise ConfigError("serve: give --api-key or --api-key-file, not both")
@@ -477,7 +478,7 @@ def serve(
         "threads": threads,
         "cors_origins": tuple(cors_origin) if cors_origin else None,
     }
-    if bundle.is_dir():  # refuse an exposed host before the model loads
+    if path_kind(bundle, "bundle") == "directory":  # refuse an exposed host before loading
         check_exposure(read_serve_config(bundle, overrides).host, key, insecure_no_auth)
     run_server(load_bundle(bundle, overrides), api_key=key, insecure_no_auth=insecure_no_auth)
 
@@ -505,10 +506,14 @@ def data_demo(
     out: Annotated[Path, typer.Option(help="Where to write the demo data.")] = Path("data"),
 ) -> None:
     """Write the demo world: deterministic prose and question/answer pairs."""
+    from unbottle.core.contract.errors import DataError, shorten_path
     from unbottle.core.data.demo import DemoDataConfig, write_demo_data
 
     demo = _load(params, overrides).data.demo
-    hashes = write_demo_data(out, DemoDataConfig(**demo.model_dump()))
+    try:
+        hashes = write_demo_data(out, DemoDataConfig(**demo.model_dump()))
+    except OSError as e:  # a name too long, a folder not writable, a full disk
+        raise DataError(f"--out: {shorten_path(out)}: {e.strerror}") from None
     for rel, digest in hashes.items():
         typer.echo(f"{out / rel}  sha256:{digest[:12]}")
 

@@ -25,7 +25,7 @@ from unbottle.core.config.overrides import apply_override
 from unbottle.core.config.schema import Params
 from unbottle.core.config.validation_errors import one_line
 from unbottle.core.contract.errors import ConfigError, echo
-from unbottle.core.store.artifacts import read_utf8
+from unbottle.core.store.artifacts import path_kind, read_utf8
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def load_params(path: Path | None = None, overrides: Sequence[str] = ()) -> Para
     """Read params.yaml (or the defaults when ``path`` is None), apply overrides, validate."""
     tree: dict[str, Any] = {}
     if path is not None:
-        if not Path(path).is_file():
+        if path_kind(path, "params file", ConfigError) is None:
             raise ConfigError(f"params file {echo(str(path))} does not exist")
         try:
             loaded = yaml.safe_load(read_utf8(Path(path), "params file", ConfigError))

@@ -33,8 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unbottle.core.contract.errors import ConfigError
-from unbottle.core.store.artifacts import atomic_dir, file_hashes, tree_hash, write_json_atomic
+from unbottle.core.contract.errors import ConfigError, shorten_path
+from unbottle.core.store.artifacts import (
+    atomic_dir,
+    file_hashes,
+    path_kind,
+    tree_hash,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -107,6 +113,14 @@ def is_gguf(path: Path) -> bool:
         return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
 
 
+def _is_gguf(path: Path, key: str) -> bool:
+    """is_gguf of a user's file, where a file this user may not read is one line."""
+    try:
+        return is_gguf(path)
+    except OSError as e:
+        raise ConfigError(f"{key}: {shorten_path(path)}: {e.strerror}") from None
+
+
 def locate(cfg: SourceParams, root: Path) -> tuple[str, Path]:
     """(kind, path) of a source, with relative paths taken from the workspace ``root``.
 
@@ -134,11 +148,12 @@ def locate(cfg: SourceParams, root: Path) -> tuple[str, Path]:
         assert cfg.path is not None  # SourceParams checks that one of the two is given
         path = cfg.path if cfg.path.is_absolute() else Path(root) / cfg.path
         key = f"{WHERE}.path"
-        if not path.exists():
+        kind = path_kind(path, key, ConfigError)
+        if kind is None:
             raise ConfigError(f"{key}: {path} does not exist")
-        if path.is_dir():
+        if kind == "directory":
             return "hf", _hf_directory(path, key)
-    if not path.is_file() or not is_gguf(path):
+    if not path.is_file() or not _is_gguf(path, key):
         raise ConfigError(
             f"{key}: {path} is not a GGUF file (it does not begin with the bytes 'GGUF') "
             "nor a Hugging Face model directory"

@@ -56,6 +56,7 @@ from pydantic import Field, ValidationError
 
 from unbottle.core.contract.errors import ConfigError, DataError
 from unbottle.core.contract.strategies import StrategyConfig
+from unbottle.core.store.artifacts import path_kind
 
 if TYPE_CHECKING:
     import torch
@@ -996,7 +997,8 @@ def load_bundle(bundle: Path, overrides: dict[str, Any] | None = None) -> Loaded
     from unbottle.core.models.runtimes import model_format
 
     bundle = Path(bundle)
-    if not bundle.is_dir():  # before the heavy imports: a typo should fail fast
+    # Before the heavy imports: a typo should fail fast.
+    if path_kind(bundle, "bundle") != "directory":
         raise DataError(f"{bundle}: no such bundle directory")
     config = read_serve_config(bundle, overrides)
     fmt = model_format(bundle)

@@ -14,11 +14,12 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from unbottle.core.contract.errors import DataError, shorten_path
 
@@ -58,6 +59,24 @@ def tree_hash(path: Path) -> str:
 
 #: What a missing data file's error line tells the user to do.
 MISSING_DATA = " (run `unbottle data demo` or fix params)"
+
+
+def path_kind(
+    path: Path, what: str, error: type[Exception] = DataError
+) -> Literal["file", "directory", "other"] | None:
+    """What is at a path a user named: None when nothing is. ``Path.is_file()`` and
+    ``exists()`` raise on a name the system refuses (too long) and call a looping link
+    missing; here either is one line naming the path and the system's reason, raised as
+    ``error``."""
+    try:
+        mode = Path(path).stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:  # a name too long, a folder not searchable, a link that loops
+        raise error(f"{what}: {shorten_path(path)}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "file" if stat.S_ISREG(mode) else "other"
 
 
 def read_utf8(
@@ -231,7 +250,7 @@ def write_manifest(
 
 def read_manifest(artifact: Path) -> dict[str, Any]:
     path = Path(artifact) / MANIFEST
-    if not path.is_file():
+    if path_kind(artifact, "artifact") is None or path_kind(path, "artifact") != "file":
         raise DataError(
             f"{artifact}: not an unbottle artifact (no {MANIFEST}); run the stage that makes it"
         )
