@@ -51,6 +51,14 @@ def test_the_three_common_record_shapes_are_read_as_pairs(tmp_path):
     assert chat["messages"] == CONVERSATION["messages"]
 
 
+def test_a_line_separator_inside_a_json_string_does_not_split_the_record(tmp_path):
+    # JSON lets U+2028 and U+0085 stand unescaped in a string; str.splitlines() cuts there.
+    pair = {"question": "Line one\u2028line two?", "answer": "yes\u0085no"}
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps(pair, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert read_pairs(path, "data.qa_train") == [pair]
+
+
 @pytest.mark.parametrize(
     ("record", "pattern"),
     [

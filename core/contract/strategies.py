@@ -146,7 +146,7 @@ class PretrainContext:
     seed: int = 0
 
     def documents(self) -> list[str]:
-        """The text's documents (blocks between blank lines)."""
+        """The text's documents (see :func:`unbottle.core.models.loading.documents`)."""
         from unbottle.core.models.loading import documents
 
         return documents(self.text)

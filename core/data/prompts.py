@@ -23,13 +23,12 @@ A :class:`PromptFormat` turns a pair into tokens in one of two formats:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from unbottle.core.contract.errors import DataError
-from unbottle.core.store.artifacts import MISSING_DATA, read_utf8
+from unbottle.core.store.artifacts import read_jsonl
 
 CHAT, COMPLETION = "chat", "completion"
 ROLES = ("system", "user", "assistant")
@@ -120,15 +119,7 @@ def _pair(obj: Any, where: str) -> dict[str, Any]:
 
 def read_pairs(path: Path, what: str) -> list[dict[str, Any]]:
     """Read records in any of the three shapes as pairs (see the module docstring)."""
-    pairs: list[dict[str, Any]] = []
-    for lineno, line in enumerate(read_utf8(path, what, if_missing=MISSING_DATA).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            raise DataError(f"{what}: {path}:{lineno} is not valid JSON") from None
-        pairs.append(_pair(obj, f"{what}: {path}:{lineno}"))
+    pairs = [_pair(obj, f"{what}: {path}:{lineno}") for lineno, obj in read_jsonl(path, what)]
     if not pairs:
         raise DataError(f"{what}: {path} has no question/answer pairs")
     return pairs

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unbottle.core.contract.errors import DataError, shorten
-from unbottle.core.store.artifacts import MISSING_DATA, read_utf8
+from unbottle.core.store.artifacts import MISSING_DATA, read_jsonl, read_utf8
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -147,17 +147,50 @@ def refuse_encoder(model_dir: Path) -> None:
         )
 
 
+#: Separates documents that hold blank lines: a page break (form feed). A plain-text
+#: corpus may use it for documents with paragraphs; a JSONL corpus is read as its records
+#: joined by it.
+DOCUMENT_BREAK = "\f"
+
+
 def read_text(path: Path, what: str) -> str:
+    """A corpus: plain text, or JSONL (a ``.jsonl`` file) with one ``{"text": ...}``
+    record per document, the layout of most pretraining dumps. :func:`documents` splits
+    what this returns into its documents."""
     path = Path(path)
-    text = read_utf8(path, what, if_missing=MISSING_DATA)
+    if path.suffix.lower() == ".json":  # as text, the model would learn the JSON syntax
+        raise DataError(
+            f'{what}: {path} is a .json file; give plain text, or JSONL: one {{"text": ...}} '
+            "object per line, in a file named *.jsonl"
+        )
+    if path.suffix.lower() == ".jsonl":
+        text = DOCUMENT_BREAK.join(_jsonl_texts(path, what))
+    else:
+        text = read_utf8(path, what, if_missing=MISSING_DATA)
     if not text.strip():
         raise DataError(f"{what}: {path} is empty")
     return text
 
 
+def _jsonl_texts(path: Path, what: str) -> list[str]:
+    layout = '; a .jsonl corpus holds one {"text": ...} object per line'
+    texts = []
+    for lineno, record in read_jsonl(path, what, hint=layout):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(
+                f'{what}: {path}:{lineno} is not an object with a string field "text" '
+                f"(found {shorten(str(found), 80)}){layout}"
+            )
+        texts.append(record["text"])
+    return texts
+
+
 def documents(text: str) -> list[str]:
-    """Split a corpus into documents at blank lines."""
-    return [block.strip() for block in text.split("\n\n") if block.strip()]
+    """A corpus's documents: the blocks between page breaks (:data:`DOCUMENT_BREAK`) where
+    it has any, else the blocks between blank lines."""
+    blocks = text.split(DOCUMENT_BREAK) if DOCUMENT_BREAK in text else text.split("\n\n")
+    return [block.strip() for block in blocks if block.strip()]
 
 
 def encode_stream(tokenizer: PreTrainedTokenizerFast, text: str):

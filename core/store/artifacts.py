@@ -103,6 +103,24 @@ def read_utf8(
         ) from None
 
 
+def read_jsonl(
+    path: Path, what: str, hint: str = "", if_missing: str = MISSING_DATA
+) -> list[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSONL file; a line that is not
+    JSON is one line naming the file and line (``hint`` says what the file should hold)."""
+    records = []
+    # Lines end at "\n" only: splitlines() would also cut at U+2028 and U+0085, which a
+    # JSON string may hold unescaped.
+    for lineno, line in enumerate(read_utf8(path, what, if_missing=if_missing).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((lineno, json.loads(line)))
+        except (json.JSONDecodeError, RecursionError):
+            raise DataError(f"{what}: {path}:{lineno} is not valid JSON{hint}") from None
+    return records
+
+
 def dir_size(path: Path) -> int:
     path = Path(path)
     if path.is_file():

@@ -1,0 +1,121 @@
+"""A user's own prose: plain text or JSONL records (`data.train_text`, `data.valid_text`).
+
+Pretraining dumps usually come as JSONL, one ``{"text": ...}`` per document, and their
+documents have paragraphs. Read as plain text, such a file would train the model on the
+JSON syntax, and splitting at blank lines would cut each document into paragraphs with
+an end-of-text token between them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_PARAMS, make_workspace
+from tests.test_bad_input import artifacts_state, assert_one_line, cli
+from unbottle.core.contract.errors import DataError
+from unbottle.core.models.loading import DOCUMENT_BREAK, documents, read_text
+from unbottle.core.store.artifacts import sha256_file
+
+ARTICLE = "A title\n\nIts first paragraph.\n\nIts second paragraph."
+
+
+def write_jsonl(path: Path, records: list[object]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_blank_lines_separate_documents_unless_the_text_has_page_breaks():
+    assert documents("one\n\ntwo\n\n\n\nthree\n") == ["one", "two", "three"]
+    # A page break (form feed) separates documents that hold blank lines.
+    text = f"{ARTICLE}\n{DOCUMENT_BREAK}\nAnother\n\ndocument.\n{DOCUMENT_BREAK}"
+    assert documents(text) == [ARTICLE, "Another\n\ndocument."]
+
+
+def test_a_jsonl_corpus_is_a_document_per_record_paragraphs_kept(tmp_path):
+    from unbottle.core.models.loading import encode_stream, train_tokenizer
+
+    # JSON lets U+2028 stand unescaped in a string: it must not end the line.
+    records = [{"text": ARTICLE, "url": "https://example.org/1"}, {"text": "Short\u2028one."}]
+    path = tmp_path / "corpus.jsonl"
+    lines = [json.dumps(records[0]), "", json.dumps(records[1], ensure_ascii=False)]
+    path.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")  # blank lines skipped
+    text = read_text(path, "data.train_text")
+    assert documents(text) == [ARTICLE, "Short\u2028one."]
+    # One end-of-text token per record, none between a record's paragraphs.
+    tokenizer = train_tokenizer(documents(text), 300)
+    stream = encode_stream(tokenizer, text).tolist()
+    assert stream.count(tokenizer.eos_token_id) == 2
+    assert "{" not in tokenizer.decode(stream) and "url" not in tokenizer.decode(stream)
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"text": "fine"', "is not valid JSON"),
+        ('["a list"]', 'is not an object with a string field "text"'),
+        ('{"content": "elsewhere"}', 'is not an object with a string field "text"'),
+        ('{"text": 42}', 'is not an object with a string field "text"'),
+    ],
+)
+def test_a_bad_jsonl_record_is_named_by_its_line(tmp_path, line, problem):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "a good first record"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        read_text(path, "data.train_text")
+    assert str(error.value).startswith(f"data.train_text: {path}:2 {problem}")
+    assert "\n" not in str(error.value)
+
+
+def test_a_json_file_is_refused_not_read_as_prose(tmp_path):
+    path = tmp_path / "corpus.json"
+    path.write_text(json.dumps([{"text": "one"}, {"text": "two"}]), encoding="utf-8")
+    with pytest.raises(DataError, match=r"corpus\.json is a \.json file; give plain text, or "):
+        read_text(path, "data.train_text")
+
+
+def test_a_jsonl_corpus_without_text_is_empty(tmp_path):
+    path = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "  "}, {"text": ""}])
+    with pytest.raises(DataError, match=r"data\.valid_text: .*corpus\.jsonl is empty$"):
+        read_text(path, "data.valid_text")
+
+
+def test_pretraining_on_the_corpus_as_jsonl_gives_the_same_model(tmp_path, tiny_data):
+    """The tiny corpus rewritten as JSONL, one record per document: the pretrain stage
+    trains the same tokenizer and the same weights, bit for bit."""
+    from unbottle.core.config.schema import Params
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
+
+    weights = {}
+    for form in ("txt", "jsonl"):
+        root = make_workspace(tmp_path / form, tiny_data)
+        if form == "jsonl":
+            for name in ("train", "valid"):
+                plain = root / "data" / "corpus" / f"{name}.txt"
+                docs = documents(read_text(plain, name))
+                write_jsonl(plain.with_suffix(".jsonl"), [{"text": d} for d in docs])
+        params = {**TINY_PARAMS, "data": dict(TINY_PARAMS["data"])}
+        params["data"]["train_text"] = f"data/corpus/train.{form}"
+        params["data"]["valid_text"] = f"data/corpus/valid.{form}"
+        layout = Layout(root)
+        run_stage("pretrain", Params.model_validate(params), layout)
+        out = layout.artifact("pretrain")
+        weights[form] = {
+            name: sha256_file(out / name) for name in ("model.safetensors", "tokenizer.json")
+        }
+    assert weights["jsonl"] == weights["txt"]
+
+
+def test_the_cli_refuses_a_bad_jsonl_corpus_in_one_line_before_any_work(
+    tmp_path, tiny_data, capsys
+):
+    root = make_workspace(tmp_path, tiny_data)
+    corpus = root / "data" / "corpus" / "train.jsonl"
+    corpus.write_text('{"text": "fine"}\n{"body": "not text"}\n', encoding="utf-8")
+    before = artifacts_state(root)
+    result = cli(["stage", "pretrain", "-S", f"data.train_text={corpus}"], root, capsys)
+    assert_one_line(result, rf"data\.train_text: {corpus}:2 is not an object with")
+    assert artifacts_state(root) == before
