@@ -8,6 +8,7 @@ an end-of-text token between them.
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -82,21 +83,64 @@ def test_a_jsonl_corpus_without_text_is_empty(tmp_path):
         read_text(path, "data.valid_text")
 
 
-def test_pretraining_on_the_corpus_as_jsonl_gives_the_same_model(tmp_path, tiny_data):
-    """The tiny corpus rewritten as JSONL, one record per document: the pretrain stage
-    trains the same tokenizer and the same weights, bit for bit."""
+def test_a_folder_is_its_corpus_files_in_order_and_gzip_is_read_through(tmp_path):
+    shards = tmp_path / "shards"
+    (shards / "b").mkdir(parents=True)
+    (shards / "a.txt").write_text("First.\n\nSecond.\n", encoding="utf-8")
+    with gzip.open(shards / "b" / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": ARTICLE}) + "\n" + json.dumps({"text": "Last."}) + "\n")
+    (shards / "b" / "d.txt.gz").write_bytes(gzip.compress(b"Plain, compressed.\n"))
+    (shards / ".hidden.txt").write_text("an editor's swap file", encoding="utf-8")
+    (shards / "README.md").write_text("# what these shards are", encoding="utf-8")
+    text = read_text(shards, "data.train_text")
+    assert documents(text) == ["First.", "Second.", ARTICLE, "Last.", "Plain, compressed."]
+    assert documents(read_text(shards / "b" / "c.jsonl.gz", "x")) == [ARTICLE, "Last."]
+
+
+@pytest.mark.parametrize(
+    ("setup", "pattern"),
+    [
+        (lambda d: d.mkdir(), r"shards is a folder with no corpus files \(\*\.txt, \*\.jsonl"),
+        (
+            lambda d: (d.mkdir(), (d / "x.txt.gz").write_bytes(b"not gzip")),
+            r"shards/x\.txt\.gz is not a gzip file",
+        ),
+        (
+            lambda d: (d.mkdir(), (d / "x.jsonl.gz").write_bytes(gzip.compress(b"[1]\n"))),
+            r'shards/x\.jsonl\.gz:1 is not an object with a string field "text"',
+        ),
+    ],
+    ids=["no corpus files", "not gzip", "gzipped JSONL of lists"],
+)
+def test_a_bad_folder_or_compressed_file_is_one_line(tmp_path, setup, pattern):
+    setup(tmp_path / "shards")
+    with pytest.raises(DataError, match=pattern) as error:
+        read_text(tmp_path / "shards", "data.train_text")
+    assert str(error.value).startswith("data.train_text: ") and "\n" not in str(error.value)
+
+
+def test_pretraining_on_the_corpus_as_jsonl_or_shards_gives_the_same_model(tmp_path, tiny_data):
+    """The tiny corpus rewritten as JSONL, one record per document, and cut into a folder
+    of shards (plain text, then gzipped JSONL): the pretrain stage trains the same
+    tokenizer and the same weights, bit for bit."""
     from unbottle.core.config.schema import Params
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage
 
     weights = {}
-    for form in ("txt", "jsonl"):
+    for form in ("txt", "jsonl", "shards"):
         root = make_workspace(tmp_path / form, tiny_data)
-        if form == "jsonl":
-            for name in ("train", "valid"):
-                plain = root / "data" / "corpus" / f"{name}.txt"
-                docs = documents(read_text(plain, name))
+        for name in ("train", "valid"):
+            plain = root / "data" / "corpus" / f"{name}.txt"
+            docs = documents(read_text(plain, name))
+            if form == "jsonl":
                 write_jsonl(plain.with_suffix(".jsonl"), [{"text": d} for d in docs])
+            elif form == "shards":
+                shards, half = plain.with_suffix(".shards"), len(docs) // 2
+                shards.mkdir()
+                (shards / "0.txt").write_text("\n\n".join(docs[:half]), encoding="utf-8")
+                with gzip.open(shards / "1.jsonl.gz", "wt", encoding="utf-8") as f:
+                    f.writelines(json.dumps({"text": d}) + "\n" for d in docs[half:])
         params = {**TINY_PARAMS, "data": dict(TINY_PARAMS["data"])}
         params["data"]["train_text"] = f"data/corpus/train.{form}"
         params["data"]["valid_text"] = f"data/corpus/valid.{form}"
@@ -106,7 +150,7 @@ def test_pretraining_on_the_corpus_as_jsonl_gives_the_same_model(tmp_path, tiny_
         weights[form] = {
             name: sha256_file(out / name) for name in ("model.safetensors", "tokenizer.json")
         }
-    assert weights["jsonl"] == weights["txt"]
+    assert weights["jsonl"] == weights["txt"] == weights["shards"]
 
 
 def test_the_cli_refuses_a_bad_jsonl_corpus_in_one_line_before_any_work(

@@ -4,6 +4,7 @@ covers, and prompts that are exactly what the server's chat endpoint renders."""
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 from pathlib import Path
 
@@ -57,6 +58,13 @@ def test_a_line_separator_inside_a_json_string_does_not_split_the_record(tmp_pat
     path = tmp_path / "qa.jsonl"
     path.write_text(json.dumps(pair, ensure_ascii=False) + "\r\n", encoding="utf-8")
     assert read_pairs(path, "data.qa_train") == [pair]
+
+
+def test_gzipped_records_are_read_through(tmp_path):
+    pair = {"question": "Q?", "answer": "A"}
+    path = tmp_path / "qa.jsonl.gz"
+    path.write_bytes(gzip.compress(json.dumps(pair).encode() + b"\n"))
+    assert read_pairs(path, "data.qa_test") == [pair]
 
 
 @pytest.mark.parametrize(

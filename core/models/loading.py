@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unbottle.core.contract.errors import DataError, shorten
-from unbottle.core.store.artifacts import MISSING_DATA, read_jsonl, read_utf8
+from unbottle.core.store.artifacts import MISSING_DATA, path_kind, read_jsonl, read_utf8
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -153,23 +153,57 @@ def refuse_encoder(model_dir: Path) -> None:
 DOCUMENT_BREAK = "\f"
 
 
+#: The files a corpus folder is read from (each may also be gzipped: ``*.txt.gz``).
+CORPUS_SUFFIXES = (".txt", ".jsonl")
+
+
 def read_text(path: Path, what: str) -> str:
     """A corpus: plain text, or JSONL (a ``.jsonl`` file) with one ``{"text": ...}``
-    record per document, the layout of most pretraining dumps. :func:`documents` splits
-    what this returns into its documents."""
+    record per document, the layout of most pretraining dumps; either may be gzipped
+    (``*.gz``). A folder is the corpus of its ``*.txt`` and ``*.jsonl`` files, in the
+    order of their paths (shards), hidden files aside. :func:`documents` splits what this
+    returns into its documents."""
     path = Path(path)
-    if path.suffix.lower() == ".json":  # as text, the model would learn the JSON syntax
+    if path_kind(path, what) == "directory":
+        files = corpus_files(path)
+        if not files:
+            kinds = ", ".join(f"*{suffix}" for suffix in CORPUS_SUFFIXES)
+            raise DataError(
+                f"{what}: {path} is a folder with no corpus files ({kinds}, gzipped or not)"
+            )
+        # Documents never run on from one file into the next.
+        text = DOCUMENT_BREAK.join(
+            doc for file in files for doc in documents(_read_corpus_file(file, what))
+        )
+    else:
+        text = _read_corpus_file(path, what)
+    if not text.strip():
+        raise DataError(f"{what}: {path} is empty")
+    return text
+
+
+def corpus_files(folder: Path) -> list[Path]:
+    """The corpus files under ``folder``, by path: ``*.txt`` and ``*.jsonl``, gzipped or
+    not, none hidden or inside a hidden folder."""
+    return sorted(
+        p
+        for p in Path(folder).rglob("*")
+        if p.name.lower().removesuffix(".gz").endswith(CORPUS_SUFFIXES)
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.is_file()
+    )
+
+
+def _read_corpus_file(path: Path, what: str) -> str:
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(".json"):  # as text, the model would learn the JSON syntax
         raise DataError(
             f'{what}: {path} is a .json file; give plain text, or JSONL: one {{"text": ...}} '
             "object per line, in a file named *.jsonl"
         )
-    if path.suffix.lower() == ".jsonl":
-        text = DOCUMENT_BREAK.join(_jsonl_texts(path, what))
-    else:
-        text = read_utf8(path, what, if_missing=MISSING_DATA)
-    if not text.strip():
-        raise DataError(f"{what}: {path} is empty")
-    return text
+    if name.endswith(".jsonl"):
+        return DOCUMENT_BREAK.join(_jsonl_texts(path, what))
+    return read_utf8(path, what, if_missing=MISSING_DATA)
 
 
 def _jsonl_texts(path: Path, what: str) -> list[str]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import gzip
 import hashlib
 import json
 import os
 import shutil
 import stat
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +84,10 @@ def path_kind(
 def read_utf8(
     path: Path, what: str, error: type[Exception] = DataError, if_missing: str = ""
 ) -> str:
-    """A text file's content. A file that is missing (``if_missing`` says what to do then),
-    a directory, a name or file the system refuses, and bytes that are not UTF-8 become one
-    line naming the file, raised as ``error``."""
+    """A text file's content; a file named ``*.gz`` is decompressed first. A file that is
+    missing (``if_missing`` says what to do then), a directory, a name or file the system
+    refuses, a damaged gzip file and bytes that are not UTF-8 become one line naming the
+    file, raised as ``error``."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -93,6 +96,12 @@ def read_utf8(
         raise error(f"{what}: {shorten_path(path)} is a directory; name a file") from None
     except OSError as e:  # a name too long, a file not readable by this user
         raise error(f"{what}: {shorten_path(path)}: {e.strerror}") from None
+    if Path(path).suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+            reason = "is not a gzip file" if isinstance(e, gzip.BadGzipFile) else "is damaged"
+            raise error(f"{what}: {shorten_path(path)} {reason} ({e})") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
