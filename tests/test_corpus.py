@@ -52,6 +52,22 @@ def test_a_jsonl_corpus_is_a_document_per_record_paragraphs_kept(tmp_path):
     assert "{" not in tokenizer.decode(stream) and "url" not in tokenizer.decode(stream)
 
 
+def test_the_token_stream_is_each_document_then_end_of_text_across_batches(monkeypatch):
+    import torch
+
+    from unbottle.core.models import loading
+
+    docs = [f"Document {i} says {'more ' * i}." for i in range(11)]
+    tokenizer = loading.train_tokenizer(docs, 300)
+    expected = []
+    for doc in docs:
+        expected += tokenizer(doc, add_special_tokens=False)["input_ids"]
+        expected.append(tokenizer.eos_token_id)
+    monkeypatch.setattr(loading, "ENCODE_BATCH", 4)  # 11 documents: batches of 4, 4 and 3
+    stream = loading.encode_stream(tokenizer, "\n\n".join(docs))
+    assert stream.dtype == torch.long and stream.tolist() == expected
+
+
 @pytest.mark.parametrize(
     ("line", "problem"),
     [

@@ -227,12 +227,24 @@ def documents(text: str) -> list[str]:
     return [block.strip() for block in blocks if block.strip()]
 
 
+#: Documents tokenized per call of :func:`encode_stream`: a fast tokenizer spreads a batch
+#: over the cores, and one batch's ids are all that is ever held as Python ints.
+ENCODE_BATCH = 1024
+
+
 def encode_stream(tokenizer: PreTrainedTokenizerFast, text: str):
-    """The corpus as one 1-D LongTensor of token ids, documents separated by EOS."""
+    """The corpus as one 1-D LongTensor of token ids, each document followed by EOS."""
+    import itertools
+
+    import numpy as np
     import torch
 
-    ids: list[int] = []
-    for doc in documents(text):
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
+    docs, eos = documents(text), [tokenizer.eos_token_id]
+    # A list of every id would cost about 36 bytes a token (an int and its pointer); the
+    # stream is built from int64 arrays, 8 bytes a token, one batch of documents at a time.
+    pieces = [np.empty(0, dtype=np.int64)]
+    for start in range(0, len(docs), ENCODE_BATCH):
+        encoded = tokenizer(docs[start : start + ENCODE_BATCH], add_special_tokens=False)
+        ids = itertools.chain.from_iterable(doc + eos for doc in encoded["input_ids"])
+        pieces.append(np.fromiter(ids, dtype=np.int64))
+    return torch.from_numpy(np.concatenate(pieces))
