@@ -1,12 +1,20 @@
-"""Tokenizing a corpus into the token stream: time and memory of ``encode_stream``.
+"""Reading and tokenizing a corpus: time and memory of ``read_text`` and ``encode_stream``.
 
-Pretraining, calibration and perplexity read a corpus as one stream of token ids
-(``unbottle.core.models.loading.encode_stream``). This compares it with the way it was
-written before (a tokenizer call per document, every id appended to one Python list,
-then ``torch.tensor``), each in a fresh process, alternating, on a corpus of
-``--megabytes`` of the demo world's prose (repeated to reach the size). It reports the
-seconds, the peak resident memory above the process's baseline (the corpus text loaded,
-the tokenizer ready) and checks that both give the same ids.
+Pretraining, calibration and perplexity read a corpus file (``read_text``) and turn it
+into one stream of token ids (``encode_stream``), both in
+``unbottle.core.models.loading``. Each is compared with the way it was written before, in
+fresh processes, alternating, on ``--megabytes`` of the demo world's prose (repeated to
+reach the size):
+
+- tokenizing: before, a tokenizer call per document, every id appended to one Python
+  list, then ``torch.tensor``;
+- reading the corpus as JSONL (one ``{"text": ..., "meta": {...}}`` per document): before,
+  the whole file read and decoded, split into lines, every record parsed and kept, then
+  the texts joined.
+
+It reports the seconds, the peak resident memory above the process's baseline (for
+tokenizing: the corpus text loaded, the tokenizer ready) and checks that both ways give
+the same result.
 
     .venv/bin/python bench/encode_corpus.py [--megabytes 64] [--rounds 3] \\
         [--tokenizer DIR] [--json out.json]
@@ -45,39 +53,73 @@ def naive_stream(tokenizer, text: str):
     return torch.tensor(ids, dtype=torch.long)
 
 
+def whole_file_jsonl(path: Path) -> str:
+    """The earlier JSONL read: the file decoded whole, split, every record kept."""
+    from unbottle.core.models.loading import DOCUMENT_BREAK
+
+    content = path.read_bytes().decode("utf-8")
+    records = [json.loads(line) for line in content.split("\n") if line.strip()]
+    return DOCUMENT_BREAK.join(record["text"] for record in records)
+
+
+#: What each child process measures, by name: (task, the way).
+METHODS = {
+    "encode_stream": ("encode", "now"),
+    "per-document list": ("encode", "before"),
+    "read_text, streamed": ("read", "now"),
+    "whole file, every record": ("read", "before"),
+}
+
+
 def child(method: str, corpus: Path, tokenizer_dir: Path) -> None:
-    from transformers import AutoTokenizer
+    from unbottle.core.models.loading import encode_stream, read_text
 
-    from unbottle.core.models.loading import encode_stream
+    task, way = METHODS[method]
+    if task == "encode":
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    text = corpus.read_text(encoding="utf-8")
-    encode = encode_stream if method == "encode_stream" else naive_stream
-    encode(tokenizer, text[:10_000])  # first calls: imports and lazy set-up, not the work
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    stream = encode(tokenizer, text)
-    seconds = time.perf_counter() - start
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        text = corpus.read_text(encoding="utf-8")
+        encode = encode_stream if way == "now" else naive_stream
+        encode(tokenizer, text[:10_000])  # first calls: imports and lazy set-up
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.perf_counter()
+        stream = encode(tokenizer, text)
+        seconds = time.perf_counter() - start
+        result, count = stream.numpy().tobytes(), stream.numel()
+    else:
+        jsonl = corpus.with_suffix(".jsonl")
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.perf_counter()
+        text = read_text(jsonl, "corpus") if way == "now" else whole_file_jsonl(jsonl)
+        seconds = time.perf_counter() - start
+        result, count = text.encode(), len(text)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    digest = hashlib.sha256(stream.numpy().tobytes()).hexdigest()
     print(
         json.dumps(
             {
                 "seconds": seconds,
                 "peak_above_baseline_mb": (peak - baseline) / 1024,  # ru_maxrss is in KiB
-                "tokens": stream.numel(),
-                "sha256": digest,
+                "count": count,  # tokens, or characters read
+                "sha256": hashlib.sha256(result).hexdigest(),
             }
         )
     )
 
 
 def make_corpus(path: Path, megabytes: int) -> None:
+    """``path`` (plain text) and the same documents as JSONL beside it."""
     from unbottle.core.data.demo import DemoDataConfig, generate_demo_data
+    from unbottle.core.models.loading import documents
 
     prose = generate_demo_data(DemoDataConfig(seed=0, people=5000, renderings=3))
     block = prose["corpus/train.txt"].strip() + "\n\n"
-    path.write_text(block * max(1, round(megabytes * 1e6 / len(block))), encoding="utf-8")
+    repeats = max(1, round(megabytes * 1e6 / len(block)))
+    path.write_text(block * repeats, encoding="utf-8")
+    with open(path.with_suffix(".jsonl"), "w", encoding="utf-8") as f:
+        for r in range(repeats):
+            for i, doc in enumerate(documents(block)):
+                f.write(json.dumps({"text": doc, "meta": {"shard": r, "index": i}}) + "\n")
 
 
 def make_tokenizer(out: Path, corpus: Path) -> None:
@@ -99,7 +141,7 @@ def main(argv: list[str]) -> int:
         child(args.child[0], Path(args.child[1]), Path(args.child[2]))
         return 0
 
-    methods = ("encode_stream", "per-document list")
+    methods = tuple(METHODS)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
@@ -114,9 +156,11 @@ def main(argv: list[str]) -> int:
                 runs[method].append(json.loads(out.strip().splitlines()[-1]))
                 print(f"round {r + 1} {method}: {runs[method][-1]}", file=sys.stderr)
         size_mb = corpus.stat().st_size / 1e6
-    digests = {run["sha256"] for m in methods for run in runs[m]}
-    if len(digests) != 1:
-        raise SystemExit("the two ways gave different token streams")
+        jsonl_mb = corpus.with_suffix(".jsonl").stat().st_size / 1e6
+    for task in ("encode", "read"):
+        digests = {run["sha256"] for m in methods if METHODS[m][0] == task for run in runs[m]}
+        if len(digests) != 1:
+            raise SystemExit(f"{task}: the two ways gave different results")
     rows = {
         m: {
             "seconds": statistics.median(run["seconds"] for run in runs[m]),
@@ -126,16 +170,18 @@ def main(argv: list[str]) -> int:
         }
         for m in methods
     }
-    tokens = runs[methods[0]][0]["tokens"]
+    tokens = runs["encode_stream"][0]["count"]
+    text_mb = runs["read_text, streamed"][0]["count"] / 1e6  # characters: ASCII prose
     print(f"\n{size_mb:.1f} MB of text, {tokens:,} tokens, {args.rounds} rounds (medians)\n")
-    print("| method | seconds | tokens/s | peak memory above baseline (MB) | bytes per token |")
-    print("|---|---:|---:|---:|---:|")
+    print("| task | method | seconds | peak memory above baseline (MB) | per unit |")
+    print("|---|---|---:|---:|---:|")
     for m, row in rows.items():
-        print(
-            f"| {m} | {row['seconds']:.1f} | {tokens / row['seconds']:,.0f} | "
-            f"{row['peak_above_baseline_mb']:,.0f} | "
-            f"{row['peak_above_baseline_mb'] * 2**20 / tokens:.1f} |"
-        )
+        peak = row["peak_above_baseline_mb"]
+        if METHODS[m][0] == "encode":
+            task, unit = "tokenize", f"{peak * 2**20 / tokens:.1f} bytes a token"
+        else:
+            task, unit = "read the JSONL", f"{peak / text_mb:.1f} x the text"
+        print(f"| {task} | {m} | {row['seconds']:.1f} | {peak:,.0f} | {unit} |")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -143,6 +189,7 @@ def main(argv: list[str]) -> int:
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                     "megabytes": size_mb,
+                    "jsonl_megabytes": jsonl_mb,
                     "tokens": tokens,
                     "tokenizer": str(args.tokenizer or "bpe-4096 trained on the first MB"),
                     "medians": rows,

@@ -125,8 +125,15 @@ def test_a_folder_is_its_corpus_files_in_order_and_gzip_is_read_through(tmp_path
             lambda d: (d.mkdir(), (d / "x.jsonl.gz").write_bytes(gzip.compress(b"[1]\n"))),
             r'shards/x\.jsonl\.gz:1 is not an object with a string field "text"',
         ),
+        (
+            lambda d: (
+                d.mkdir(),
+                (d / "x.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n{"text": "\xe9"}')),
+            ),
+            r"shards/x\.jsonl\.gz:2 is not UTF-8 text \(byte 0xe9 at offset 24\)",
+        ),
     ],
-    ids=["no corpus files", "not gzip", "gzipped JSONL of lists"],
+    ids=["no corpus files", "not gzip", "gzipped JSONL of lists", "gzipped Latin-1"],
 )
 def test_a_bad_folder_or_compressed_file_is_one_line(tmp_path, setup, pattern):
     setup(tmp_path / "shards")

@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from unbottle.core.contract.errors import DataError, shorten_path
 
@@ -81,53 +81,75 @@ def path_kind(
     return "file" if stat.S_ISREG(mode) else "other"
 
 
-def read_utf8(
+@contextlib.contextmanager
+def open_user_file(
     path: Path, what: str, error: type[Exception] = DataError, if_missing: str = ""
-) -> str:
-    """A text file's content; a file named ``*.gz`` is decompressed first. A file that is
-    missing (``if_missing`` says what to do then), a directory, a name or file the system
-    refuses, a damaged gzip file and bytes that are not UTF-8 become one line naming the
+) -> Iterator[BinaryIO]:
+    """A user's file, open for reading bytes; a file named ``*.gz`` is decompressed as it
+    is read. A file that is missing (``if_missing`` says what to do then), a directory, a
+    name or file the system refuses and a damaged gzip file become one line naming the
     file, raised as ``error``."""
     try:
-        data = Path(path).read_bytes()
+        raw = open(path, "rb")  # noqa: SIM115 (closed below, after the caller's reads)
     except FileNotFoundError:
         raise error(f"{what}: {shorten_path(path)} does not exist{if_missing}") from None
     except IsADirectoryError:
         raise error(f"{what}: {shorten_path(path)} is a directory; name a file") from None
     except OSError as e:  # a name too long, a file not readable by this user
         raise error(f"{what}: {shorten_path(path)}: {e.strerror}") from None
-    if Path(path).suffix == ".gz":
+    with raw:
         try:
-            data = gzip.decompress(data)
+            yield gzip.GzipFile(fileobj=raw) if Path(path).suffix == ".gz" else raw
         except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
             reason = "is not a gzip file" if isinstance(e, gzip.BadGzipFile) else "is damaged"
             raise error(f"{what}: {shorten_path(path)} {reason} ({e})") from None
+
+
+def _not_utf8(what: str, path: Path, line: int, byte: int, offset: int) -> str:
+    return (
+        f"{what}: {path}:{line} is not UTF-8 text (byte 0x{byte:02x} at offset {offset}); "
+        "save the file as UTF-8"
+    )
+
+
+def read_utf8(
+    path: Path, what: str, error: type[Exception] = DataError, if_missing: str = ""
+) -> str:
+    """A text file's content (see :func:`open_user_file`); bytes that are not UTF-8 are
+    one line naming the file, line and byte too."""
+    with open_user_file(path, what, error, if_missing) as f:
+        data = f.read()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise error(
-            f"{what}: {path}:{line} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
-            f"{e.start}); save the file as UTF-8"
-        ) from None
+        raise error(_not_utf8(what, path, line, data[e.start], e.start)) from None
 
 
 def read_jsonl(
     path: Path, what: str, hint: str = "", if_missing: str = MISSING_DATA
-) -> list[tuple[int, Any]]:
-    """(line number, value) of each non-blank line of a JSONL file; a line that is not
-    JSON is one line naming the file and line (``hint`` says what the file should hold)."""
-    records = []
-    # Lines end at "\n" only: splitlines() would also cut at U+2028 and U+0085, which a
-    # JSON string may hold unescaped.
-    for lineno, line in enumerate(read_utf8(path, what, if_missing=if_missing).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append((lineno, json.loads(line)))
-        except (json.JSONDecodeError, RecursionError):
-            raise DataError(f"{what}: {path}:{lineno} is not valid JSON{hint}") from None
-    return records
+) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSONL file, read as it goes, so
+    that only the values are ever held; a line that is not UTF-8 or not JSON is one line
+    naming the file and line (``hint`` says what the file should hold)."""
+    offset = 0
+    with open_user_file(path, what, DataError, if_missing) as f:
+        # Lines end at b"\n" only, as JSONL's do (str.splitlines() would also cut at
+        # U+2028 and U+0085, which a JSON string may hold unescaped).
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                byte, at = raw[e.start], offset + e.start
+                raise DataError(_not_utf8(what, path, lineno, byte, at)) from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                raise DataError(f"{what}: {path}:{lineno} is not valid JSON{hint}") from None
+            yield lineno, value
 
 
 def dir_size(path: Path) -> int:
