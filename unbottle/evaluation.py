@@ -1,7 +1,8 @@
 """What evaluation metrics share: the held-out text as tokens, and the QA task's format.
 
-- :func:`encode_stream`: a text as one (N,) stream of token ids with an EOS between
-  documents; :func:`documents`: a text split into its documents.
+- :func:`encode_stream`: a text as one (N,) stream of token ids, an EOS after each
+  document; :func:`documents`: a text split into its documents (at page breaks where it
+  has any, else at blank lines).
 - The question-answering task: :class:`PromptFormat` renders a question as the finetuned
   model saw it and as the server's chat endpoint renders it (``ctx.prompt_format``, the
   format the finetune stage recorded: chat template or completion); :func:`prompt` is the
