@@ -1,4 +1,5 @@
-"""A user's own prose: plain text or JSONL records (`data.train_text`, `data.valid_text`).
+"""A user's own prose (`data.train_text`, `data.valid_text`): plain text or JSONL records,
+gzipped or not, or a folder of such shards; and the token stream made of it.
 
 Pretraining dumps usually come as JSONL, one ``{"text": ...}`` per document, and their
 documents have paragraphs. Read as plain text, such a file would train the model on the
