@@ -58,6 +58,14 @@ def test_an_uninstalled_harness_or_missing_tasks_fail_before_any_work(tmp_path):
         check_strategies(load_params(None, [override]), get_registry())
 
 
+def test_a_path_the_system_refuses_is_a_config_error_not_a_plugin_failure(tmp_path):
+    require_extra("lm_eval")
+    refused = tmp_path / ("z" * 300) / "tasks"
+    override = f"evaluate.metrics=[{{name: lm-eval, tasks: [x], include_path: {refused}}}]"
+    with pytest.raises(ConfigError, match=r"include_path: .*: File name too long"):
+        check_strategies(load_params(None, [override]), get_registry())
+
+
 class KnownAnswers:
     """A runner with a fixed next-token table: after each prompt, its answer, greedily.
 

@@ -149,7 +149,11 @@ class LmEvalTasks:
                 raise ValueError(
                     "lm-evaluation-harness is not installed; pip install 'unbottle[lm-eval]'"
                 )
-            if not path.exists():
+            try:
+                exists = path.exists()
+            except OSError as e:  # a name the system refuses (too long): one line too
+                raise ValueError(f"cannot read {str(path)!r}: {e.strerror}") from None
+            if not exists:
                 raise ValueError(f"{str(path)!r} does not exist")
             return path
 
