@@ -513,7 +513,7 @@ def data_demo(
     try:
         hashes = write_demo_data(out, DemoDataConfig(**demo.model_dump()))
     except OSError as e:  # a name too long, a folder not writable, a full disk
-        raise DataError(f"--out: {shorten_path(out)}: {e.strerror}") from None
+        raise DataError(f"--out: {shorten_path(out)}: {e.strerror or e}") from None
     for rel, digest in hashes.items():
         typer.echo(f"{out / rel}  sha256:{digest[:12]}")
 
