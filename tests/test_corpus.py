@@ -53,6 +53,11 @@ def test_a_jsonl_corpus_is_a_document_per_record_paragraphs_kept(tmp_path):
     assert "{" not in tokenizer.decode(stream) and "url" not in tokenizer.decode(stream)
 
 
+def test_a_page_break_inside_a_jsonl_record_does_not_split_it(tmp_path):
+    path = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "Page one.\fPage two."}, {"text": "B"}])
+    assert documents(read_text(path, "data.train_text")) == ["Page one.\nPage two.", "B"]
+
+
 def test_the_token_stream_is_each_document_then_end_of_text_across_batches(monkeypatch):
     import torch
 

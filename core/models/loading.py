@@ -216,7 +216,8 @@ def _jsonl_texts(path: Path, what: str) -> list[str]:
                 f'{what}: {path}:{lineno} is not an object with a string field "text" '
                 f"(found {shorten(str(found), 80)}){layout}"
             )
-        texts.append(record["text"])
+        # Page breaks separate the documents joined here: one inside a record is a line.
+        texts.append(record["text"].replace(DOCUMENT_BREAK, "\n"))
     return texts
 
 
