@@ -10,14 +10,14 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install demo data test lint format clean
 
+# pip byte-compiles what it installs on one core (60 of the install's 100 s here);
+# compileall does it on every core (`.ci/run` 8 min 53 s against 9 min 35 s). Skipping
+# it is no option where PYTHONDONTWRITEBYTECODE=1 (these machines): no import would
+# ever write what it compiles (15 min). Two files of torch and whenever are Python 3.12
+# syntax and fail to compile, as they do under pip: not an error.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# pip byte-compiles what it installs on one core (60 of the install's 100 s here);
-	# compileall does it on every core (`.ci/run` 8 min 53 s against 9 min 35 s). Skipping
-	# it is no option where PYTHONDONTWRITEBYTECODE=1 (these machines): no import would
-	# ever write what it compiles (15 min). Two files of torch and whenever are Python 3.12
-	# syntax and fail to compile, as they do under pip: not an error.
 	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[$(EXTRAS)]'
 	$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $(STAMP)
