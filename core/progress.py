@@ -10,8 +10,9 @@ T = TypeVar("T")
 
 
 @contextlib.contextmanager
-def progress_bar(desc: str, total: int) -> Iterator[Callable[..., None]]:
-    """Yield ``advance(**figures)``; figures (loss, tokens/s) are shown beside the bar."""
+def progress_bar(desc: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(**figures)``; figures (loss, tokens/s) are shown beside the bar.
+    ``total`` None: the work's size is not known beforehand (the bar pulses)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,

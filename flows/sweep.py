@@ -94,6 +94,7 @@ def compress_variant(
         train_text=layout.resolve(params.data.train_text),
         seed=params.seed,
         registry=get_registry(),
+        token_cache=cache_root(layout.root) / "tokens",
     )
     cache = PrefixCache(layout.root / PREFIX_CACHE)
     variants = VariantCache(cache_root(layout.root) / "variants")

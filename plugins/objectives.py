@@ -65,12 +65,12 @@ class CausalLM:
     def batches(self, ctx: PretrainContext) -> Batches:
         import torch
 
-        stream = ctx.stream()  # (N,)
+        stream = ctx.token_ids()  # (N,), memory-mapped, uint16 or uint32
         seq_len = ctx.seq_len
         _stream_long_enough(stream, seq_len)
 
         def windows(starts: list[int]) -> dict[str, torch.Tensor]:
-            input_ids = torch.stack([stream[s : s + seq_len] for s in starts])  # (B, T)
+            input_ids = torch.stack([stream[s : s + seq_len] for s in starts]).long()  # (B, T)
             return {"input_ids": input_ids, "labels": input_ids}
 
         return Batches(size=stream.numel() - seq_len, collate=windows, seed=ctx.seed)
@@ -126,14 +126,14 @@ class MaskedLM:
     def batches(self, ctx: PretrainContext) -> Batches:
         import torch
 
-        stream = ctx.stream()  # (N,)
+        stream = ctx.token_ids()  # (N,), memory-mapped, uint16 or uint32
         seq_len = ctx.seq_len
         _stream_long_enough(stream, seq_len)
         collator = self.collator(ctx.tokenizer)
         special = torch.tensor(ctx.tokenizer.all_special_ids)
 
         def windows(starts: list[int]) -> dict[str, torch.Tensor]:
-            ids = torch.stack([stream[s : s + seq_len] for s in starts])  # (B, T)
+            ids = torch.stack([stream[s : s + seq_len] for s in starts]).long()  # (B, T)
             inputs, labels = collator.torch_mask_tokens(ids.clone(), torch.isin(ids, special))
             return {"input_ids": inputs, "labels": labels}
 
@@ -149,10 +149,10 @@ class MaskedLM:
     def evaluate(self, model: Any, ctx: PretrainContext) -> dict[str, float]:
         import torch
 
-        stream = ctx.stream()
+        stream = ctx.token_ids()
         seq_len = min(ctx.seq_len, stream.numel())
         count = min(self.config.eval_windows, stream.numel() // seq_len)
-        windows = stream[: count * seq_len].view(count, seq_len)  # (W, T)
+        windows = stream[: count * seq_len].view(count, seq_len).long()  # (W, T)
         special = torch.tensor(ctx.tokenizer.all_special_ids)
         model.eval()
         with torch.no_grad():

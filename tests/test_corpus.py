@@ -192,3 +192,149 @@ def test_the_cli_refuses_a_bad_jsonl_corpus_in_one_line_before_any_work(
     result = cli(["stage", "pretrain", "-S", f"data.train_text={corpus}"], root, capsys)
     assert_one_line(result, rf"data\.train_text: {corpus}:2 is not an object with")
     assert artifacts_state(root) == before
+
+
+# ---------------------------------------------------------------- read as it comes
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_text_file_read_line_by_line_has_the_documents_of_the_whole_text(tmp_path, seed):
+    """iter_documents reads a plain-text file a line at a time: its documents must be
+    exactly what documents() finds in the whole text, blank-line runs, page breaks in
+    mid-line, carriage returns and a missing final newline included."""
+    import random
+
+    from unbottle.core.models.loading import iter_documents
+
+    pick = random.Random(seed)
+    pieces = ["word", " ", "\n", "\n", "\n\n", "\n\n\n", "\r\n", "  \n", "é"]
+    if seed % 2:
+        pieces.append(DOCUMENT_BREAK)
+    text = "".join(pick.choice(pieces) for _ in range(400)) + "end"
+    path = tmp_path / ("corpus.txt.gz" if seed % 3 == 0 else "corpus.txt")
+    data = text.encode()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    assert list(iter_documents(path, "t")) == documents(text)
+
+
+def test_a_single_record_keeps_its_paragraphs(tmp_path):
+    """One JSONL record, or a folder whose whole corpus is one document, is one document
+    even though it has blank lines (joined into one string, it used to be split at them)."""
+    path = write_jsonl(tmp_path / "one.jsonl", [{"text": ARTICLE}])
+    assert documents(read_text(path, "t")) == [ARTICLE]
+    (tmp_path / "folder").mkdir()
+    write_jsonl(tmp_path / "folder" / "a.jsonl", [{"text": ARTICLE}])
+    assert documents(read_text(tmp_path / "folder", "t")) == [ARTICLE]
+
+
+def test_errors_surface_while_reading_as_they_did_when_read_whole(tmp_path):
+    from unbottle.core.models.loading import iter_documents
+
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"fine\n\nfine again\nbad \xff here\n")
+    with pytest.raises(
+        DataError, match=r"corpus\.txt:4 is not UTF-8 text \(byte 0xff at offset 21\)"
+    ):
+        list(iter_documents(path, "data.train_text"))
+    with pytest.raises(DataError, match=r"missing\.txt does not exist \(run `unbottle data demo`"):
+        list(iter_documents(tmp_path / "missing.txt", "data.train_text"))
+    (tmp_path / "blank.txt").write_text(" \n\n\f\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"blank\.txt is empty$"):
+        list(iter_documents(tmp_path / "blank.txt", "data.train_text"))
+
+
+# ---------------------------------------------------------------- the token file
+
+
+@pytest.fixture(scope="module")
+def prose_tokenizer():
+    from unbottle.core.models.loading import train_tokenizer
+
+    return train_tokenizer([ARTICLE, "Another document, with other words."] * 4, 300)
+
+
+def test_token_ids_are_the_stream_in_a_narrow_type_mapped_from_a_cached_file(
+    tmp_path, prose_tokenizer, monkeypatch
+):
+    import numpy as np
+    import torch
+
+    from unbottle.core.data import corpus as corpus_module
+    from unbottle.core.data.corpus import Corpus
+    from unbottle.core.models import loading
+
+    docs = [f"Document {i}.\n\n{'More words. ' * i}" for i in range(9)]
+    path = write_jsonl(tmp_path / "corpus.jsonl", [{"text": d} for d in docs])
+    expected = loading.encode_stream(prose_tokenizer, read_text(path, "t"))
+    cache = tmp_path / "tokens"
+
+    monkeypatch.setattr(loading, "ENCODE_BATCH", 4)  # several batches written
+    first = Corpus(path, "t", token_cache=cache)
+    ids = first.token_ids(prose_tokenizer)
+    assert ids.dtype == torch.uint16 and torch.equal(ids.long(), expected)
+    assert first.document_count == len(docs)
+    (token_file,) = cache.glob("*.tokens")
+    assert token_file.stat().st_size == 2 * expected.numel()
+    assert np.array_equal(np.fromfile(token_file, np.uint16), expected.numpy())
+
+    # A second run maps the cached file: nothing is tokenized again.
+    def no_tokenizing(*args):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(loading, "encode_documents", no_tokenizing)
+    again = Corpus(path, "t", token_cache=cache)
+    assert torch.equal(again.token_ids(prose_tokenizer).long(), expected)
+    assert again.document_count == len(docs)
+
+    # A damaged entry (a run killed while copying the cache, say) is never reused.
+    monkeypatch.undo()
+    with open(token_file, "r+b") as f:
+        f.truncate(10)
+    assert torch.equal(
+        Corpus(path, "t", token_cache=cache).token_ids(prose_tokenizer).long(), expected
+    )
+    assert token_file.stat().st_size == 2 * expected.numel()
+
+    # Another corpus or tokenizer is another file.
+    path.write_text(json.dumps({"text": "Changed."}) + "\n", encoding="utf-8")
+    Corpus(path, "t", token_cache=cache).token_ids(prose_tokenizer)
+    assert len(list(cache.glob("*.tokens"))) == 2
+    assert corpus_module.token_dtype(len(prose_tokenizer)) == np.uint16
+
+
+def test_without_a_cache_the_token_file_is_unnamed_and_the_ids_the_same(tmp_path, prose_tokenizer):
+    import torch
+
+    from unbottle.core.data.corpus import Corpus
+    from unbottle.core.models.loading import encode_stream
+
+    path = tmp_path / "corpus.txt"
+    path.write_text(f"{ARTICLE}\f\nAnother document, with other words.\n", encoding="utf-8")
+    ids = Corpus(path, "t").token_ids(prose_tokenizer)
+    assert torch.equal(ids.long(), encode_stream(prose_tokenizer, path.read_text()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]
+
+
+def test_the_token_type_is_the_narrowest_that_holds_the_vocabulary():
+    import numpy as np
+
+    from unbottle.core.data.corpus import token_dtype
+
+    assert token_dtype(49_152) == np.uint16 and token_dtype(65_536) == np.uint16
+    assert token_dtype(65_537) == np.uint32 and token_dtype(128_256) == np.uint32
+
+
+def test_the_pipeline_keeps_the_token_file_in_the_workspace_cache(tmp_path, tiny_data):
+    """The pretrain stage writes the corpus's token file under .cache/unbottle/tokens/,
+    and the compress stage, whose tokenizer is the same, maps that file."""
+    from unbottle.core.config.schema import Params
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
+
+    root = make_workspace(tmp_path, tiny_data)
+    layout, params = Layout(root), Params.model_validate(TINY_PARAMS)
+    run_stage("pretrain", params, layout)
+    (token_file,) = (root / ".cache" / "unbottle" / "tokens").glob("*.tokens")
+    record = json.loads(token_file.with_suffix(".json").read_text(encoding="utf-8"))
+    assert record["dtype"] == "uint16" and token_file.stat().st_size == 2 * record["tokens"]
+    assert record["documents"] == len(documents(read_text(root / params.data.train_text, "t")))

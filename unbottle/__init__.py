@@ -28,6 +28,7 @@ from unbottle.core.contract.strategies import (
     ReportColumn,
     StrategyConfig,
 )
+from unbottle.core.data.corpus import Corpus
 from unbottle.core.models.runtimes import ModelRunner
 from unbottle.core.training.loop import Batches
 
@@ -37,6 +38,7 @@ __all__ = [
     "Batches",
     "CompressContext",
     "ConfigError",
+    "Corpus",
     "DataError",
     "DataSplit",
     "DeployContext",

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from unbottle.core.config.schema import ModelParams
+    from unbottle.core.data.corpus import Corpus
     from unbottle.core.models.runtimes import ModelRunner
     from unbottle.core.training.loop import Batches
 
@@ -135,27 +136,55 @@ class FinetuneMethod(Strategy, Protocol):
         ...
 
 
-@dataclass
 class PretrainContext:
-    """The text an objective trains on (or, in ``evaluate``, the held-out text), with the
-    tokenizer the stage trained on it and the run's sequence length and seed."""
+    """The corpus an objective trains on (or, in ``evaluate``, the held-out text), with
+    the tokenizer the stage trained on it and the run's sequence length and seed.
 
-    text: str
-    tokenizer: PreTrainedTokenizerBase
-    seq_len: int
-    seed: int = 0
+    ``text`` is a string, or a :class:`~unbottle.core.data.corpus.Corpus` of files (what
+    the pretrain stage gives): its documents are then read as they are needed and its
+    token ids mapped from a file, so the corpus need not fit in memory.
+    """
+
+    def __init__(
+        self,
+        text: str | Corpus,
+        tokenizer: PreTrainedTokenizerBase,
+        seq_len: int,
+        seed: int = 0,
+    ) -> None:
+        from unbottle.core.data.corpus import Corpus
+
+        self.corpus = text if isinstance(text, Corpus) else Corpus.of_text(text)
+        self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
+        self._token_ids: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        where = self.corpus.path or "a string"
+        return f"PretrainContext({where}, seq_len={self.seq_len}, seed={self.seed})"
+
+    @property
+    def text(self) -> str:
+        """The whole corpus as one string. It is read into memory on each use: prefer
+        :meth:`documents`, :meth:`token_ids` or :meth:`stream`."""
+        return self.corpus.text()
 
     def documents(self) -> list[str]:
-        """The text's documents (see :func:`unbottle.core.models.loading.documents`)."""
-        from unbottle.core.models.loading import documents
+        """The corpus's documents (see :func:`unbottle.core.models.loading.documents`);
+        ``self.corpus.documents()`` yields them one at a time instead."""
+        return list(self.corpus.documents())
 
-        return documents(self.text)
+    def token_ids(self) -> torch.Tensor:
+        """The corpus as one 1-D stream of token ids, documents each followed by EOS, in
+        the narrowest unsigned integer type that holds them (``uint16`` for up to 65,536
+        tokens): for a corpus of files, memory-mapped from its token file. Index it and
+        convert what you take with ``.long()``."""
+        if self._token_ids is None:
+            self._token_ids = self.corpus.token_ids(self.tokenizer)
+        return self._token_ids
 
     def stream(self) -> torch.Tensor:
-        """The text as one 1-D stream of token ids, documents separated by EOS."""
-        from unbottle.core.models.loading import encode_stream
-
-        return encode_stream(self.tokenizer, self.text)
+        """:meth:`token_ids` as a LongTensor in memory (8 bytes a token)."""
+        return self.token_ids().long()
 
 
 class Objective(Strategy, Protocol):
@@ -182,11 +211,11 @@ class Objective(Strategy, Protocol):
         ...
 
     def batches(self, ctx: PretrainContext) -> Batches:
-        """Return the training examples of ``ctx.text`` for the training loop."""
+        """Return the training examples of ``ctx``'s corpus for the training loop."""
         ...
 
     def evaluate(self, model: PreTrainedModel, ctx: PretrainContext) -> dict[str, float]:
-        """Measure the trained model on the held-out ``ctx.text``; return named numbers
+        """Measure the trained model on the held-out corpus of ``ctx``; return named numbers
         (``{}`` for a causal model: the evaluate stage measures those)."""
         ...
 

@@ -6,11 +6,18 @@ The model is a transformers Llama-architecture decoder, so everything downstream
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unbottle.core.contract.errors import DataError, shorten
-from unbottle.core.store.artifacts import MISSING_DATA, path_kind, read_jsonl, read_utf8
+from unbottle.core.store.artifacts import (
+    MISSING_DATA,
+    open_user_file,
+    path_kind,
+    read_jsonl,
+    read_lines,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -21,8 +28,9 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer (GPT-2 style) on ``texts``."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2 style) on ``texts`` (any iterable: the
+    trainer keeps word counts, not the texts)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -148,8 +156,8 @@ def refuse_encoder(model_dir: Path) -> None:
 
 
 #: Separates documents that hold blank lines: a page break (form feed). A plain-text
-#: corpus may use it for documents with paragraphs; a JSONL corpus is read as its records
-#: joined by it.
+#: corpus may use it for documents with paragraphs; :func:`read_text` ends every document
+#: with it.
 DOCUMENT_BREAK = "\f"
 
 
@@ -158,12 +166,24 @@ CORPUS_SUFFIXES = (".txt", ".jsonl")
 
 
 def read_text(path: Path, what: str) -> str:
-    """A corpus: plain text, or JSONL (a ``.jsonl`` file) with one ``{"text": ...}``
+    """A corpus as one string: each of its documents (:func:`iter_documents`) followed by
+    a page break (:data:`DOCUMENT_BREAK`), so that :func:`documents` finds them again."""
+    return "".join(doc + DOCUMENT_BREAK for doc in iter_documents(path, what))
+
+
+def iter_documents(path: Path, what: str) -> Iterator[str]:
+    """A corpus's documents, read as they come, one held at a time.
+
+    The corpus is plain text, or JSONL (a ``.jsonl`` file) with one ``{"text": ...}``
     record per document, the layout of most pretraining dumps; either may be gzipped
-    (``*.gz``). A folder is the corpus of its ``*.txt`` and ``*.jsonl`` files, in the
-    order of their paths (shards), hidden files aside. :func:`documents` splits what this
-    returns into its documents."""
+    (``*.gz``). A plain-text file's documents are what :func:`documents` finds in it; a
+    JSONL file's are its records. A folder is the corpus of its ``*.txt`` and ``*.jsonl``
+    files, in the order of their paths (shards), hidden files aside; no document runs on
+    from one file into the next. Every fault (a missing file, bytes that are not UTF-8, a
+    bad record, a corpus with no text) is a :class:`DataError` of one line.
+    """
     path = Path(path)
+    files = [path]
     if path_kind(path, what) == "directory":
         files = corpus_files(path)
         if not files:
@@ -171,15 +191,13 @@ def read_text(path: Path, what: str) -> str:
             raise DataError(
                 f"{what}: {path} is a folder with no corpus files ({kinds}, gzipped or not)"
             )
-        # Documents never run on from one file into the next.
-        text = DOCUMENT_BREAK.join(
-            doc for file in files for doc in documents(_read_corpus_file(file, what))
-        )
-    else:
-        text = _read_corpus_file(path, what)
-    if not text.strip():
+    empty = True
+    for file in files:
+        for doc in _file_documents(file, what):
+            empty = False
+            yield doc
+    if empty:
         raise DataError(f"{what}: {path} is empty")
-    return text
 
 
 def corpus_files(folder: Path) -> list[Path]:
@@ -194,21 +212,21 @@ def corpus_files(folder: Path) -> list[Path]:
     )
 
 
-def _read_corpus_file(path: Path, what: str) -> str:
+def _file_documents(path: Path, what: str) -> Iterator[str]:
     name = path.name.lower().removesuffix(".gz")
     if name.endswith(".json"):  # as text, the model would learn the JSON syntax
         raise DataError(
             f'{what}: {path} is a .json file; give plain text, or JSONL: one {{"text": ...}} '
             "object per line, in a file named *.jsonl"
         )
-    if name.endswith(".jsonl"):
-        return DOCUMENT_BREAK.join(_jsonl_texts(path, what))
-    return read_utf8(path, what, if_missing=MISSING_DATA)
+    texts = _jsonl_texts(path, what) if name.endswith(".jsonl") else _text_blocks(path, what)
+    for text in texts:
+        if doc := text.strip():
+            yield doc
 
 
-def _jsonl_texts(path: Path, what: str) -> list[str]:
+def _jsonl_texts(path: Path, what: str) -> Iterator[str]:
     layout = '; a .jsonl corpus holds one {"text": ...} object per line'
-    texts = []
     for lineno, record in read_jsonl(path, what, hint=layout):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             found = sorted(record) if isinstance(record, dict) else type(record).__name__
@@ -216,9 +234,31 @@ def _jsonl_texts(path: Path, what: str) -> list[str]:
                 f'{what}: {path}:{lineno} is not an object with a string field "text" '
                 f"(found {shorten(str(found), 80)}){layout}"
             )
-        # Page breaks separate the documents joined here: one inside a record is a line.
-        texts.append(record["text"].replace(DOCUMENT_BREAK, "\n"))
-    return texts
+        # Page breaks separate documents in read_text's string: one inside a record is a
+        # line break.
+        yield record["text"].replace(DOCUMENT_BREAK, "\n")
+
+
+def _text_blocks(path: Path, what: str) -> Iterator[str]:
+    """A plain-text file's blocks as :func:`documents` splits them (between page breaks
+    if the file has any, else between blank lines), read line by line."""
+    with open_user_file(path, what, if_missing=MISSING_DATA) as f:
+        # A page break is one byte in UTF-8 and never inside another character's bytes.
+        paged = any(b"\f" in chunk for chunk in iter(lambda: f.read(1 << 20), b""))
+    block: list[str] = []
+    for line in read_lines(path, what, if_missing=MISSING_DATA):
+        if paged:
+            first, *rest = line.split(DOCUMENT_BREAK)
+            block.append(first)
+            for part in rest:
+                yield "".join(block)
+                block = [part]
+        elif line == "\n":  # with the previous line's end, the "\n\n" of a blank line
+            yield "".join(block)
+            block = []
+        else:
+            block.append(line)
+    yield "".join(block)
 
 
 def documents(text: str) -> list[str]:
@@ -235,17 +275,24 @@ ENCODE_BATCH = 1024
 
 def encode_stream(tokenizer: PreTrainedTokenizerFast, text: str):
     """The corpus as one 1-D LongTensor of token ids, each document followed by EOS."""
-    import itertools
-
     import numpy as np
     import torch
 
-    docs, eos = documents(text), [tokenizer.eos_token_id]
     # A list of every id would cost about 36 bytes a token (an int and its pointer); the
     # stream is built from int64 arrays, 8 bytes a token, one batch of documents at a time.
-    pieces = [np.empty(0, dtype=np.int64)]
-    for start in range(0, len(docs), ENCODE_BATCH):
-        encoded = tokenizer(docs[start : start + ENCODE_BATCH], add_special_tokens=False)
-        ids = itertools.chain.from_iterable(doc + eos for doc in encoded["input_ids"])
-        pieces.append(np.fromiter(ids, dtype=np.int64))
+    pieces = [np.empty(0, dtype=np.int64), *encode_documents(tokenizer, documents(text))]
     return torch.from_numpy(np.concatenate(pieces))
+
+
+def encode_documents(tokenizer: PreTrainedTokenizerFast, docs: Iterable[str]):
+    """The token ids of ``docs``, each document followed by EOS, as int64 arrays of
+    :data:`ENCODE_BATCH` documents each (a generator: it holds one batch)."""
+    import itertools
+
+    import numpy as np
+
+    eos = [tokenizer.eos_token_id]
+    docs = iter(docs)
+    while batch := list(itertools.islice(docs, ENCODE_BATCH)):
+        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        yield np.fromiter(itertools.chain.from_iterable(d + eos for d in encoded), np.int64)

@@ -248,10 +248,19 @@ def build_order(keys: dict[str, list[str]]) -> list[list[str]]:
 
 
 def prepare(
-    cfg: CompressParams, *, model: Path, train_text: Path, seed: int, registry: Registry
+    cfg: CompressParams,
+    *,
+    model: Path,
+    train_text: Path,
+    seed: int,
+    registry: Registry,
+    token_cache: Path | None = None,
 ) -> Workbench:
-    """Check the input, resolve every step's strategy and load the model and data once."""
-    from unbottle.core.models.loading import encode_stream, load_model, read_text
+    """Check the input, resolve every step's strategy and load the model and data once.
+    The training text's token ids come from (or go to) ``token_cache`` (see
+    core/data/corpus.py)."""
+    from unbottle.core.data.corpus import Corpus
+    from unbottle.core.models.loading import load_model
     from unbottle.core.store.artifacts import verify_artifact
 
     verify_artifact(model)
@@ -261,7 +270,8 @@ def prepare(
         for name, steps in cfg.variants.items()
     }
     base, tokenizer = load_model(model)
-    stream = encode_stream(tokenizer, read_text(train_text, "data.train_text"))
+    corpus = Corpus(train_text, "data.train_text", token_cache=token_cache)
+    stream = corpus.token_ids(tokenizer).long()  # the text itself is never held
     calibration = calibration_batches(
         stream, cfg.calibration.samples, cfg.calibration.seq_len, seed
     )
@@ -276,7 +286,7 @@ def prepare(
         stream=stream,
         calibration=calibration,
         plans=plans,
-        inputs={"model": tree_hash(model), "train_text": tree_hash(train_text)},
+        inputs={"model": tree_hash(model), "train_text": corpus.sha256},
     )
 
 
@@ -420,18 +430,27 @@ def compress(
     registry: Registry,
     cache_dir: Path | None = None,
     variant_cache: Path | None = None,
+    token_cache: Path | None = None,
 ) -> StageResult:
     """Build every variant into ``out_dir``.
 
     Shared recipe prefixes are computed once: in a cache that lasts this run, or in
     ``cache_dir``, which keeps every float prefix for later runs (sweeps) too. With
     ``variant_cache``, a variant whose key (:func:`variant_key`) is found there is linked
-    from it unchanged instead of rebuilt, and every variant built is stored there.
+    from it unchanged instead of rebuilt, and every variant built is stored there. The
+    training text's token ids are kept in ``token_cache`` (see core/data/corpus.py).
     """
     from unbottle.core.progress import progress_bar
     from unbottle.core.store.cache import VariantCache
 
-    bench = prepare(cfg, model=model, train_text=train_text, seed=seed, registry=registry)
+    bench = prepare(
+        cfg,
+        model=model,
+        train_text=train_text,
+        seed=seed,
+        registry=registry,
+        token_cache=token_cache,
+    )
     keep = None if cache_dir is not None else bench.shared_prefixes()
     variants = VariantCache(variant_cache) if variant_cache is not None else None
     metrics: dict[str, Any] = {}

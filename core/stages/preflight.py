@@ -74,17 +74,18 @@ def preflight(
 
 
 def check_data(name: str, params: Params, layout: Layout, registry: Registry) -> None:
-    """The stage's data files exist, are UTF-8 and parse."""
+    """The stage's data files exist, are UTF-8 and parse (a corpus is read through once,
+    a document at a time)."""
+    from unbottle.core.data.corpus import Corpus
     from unbottle.core.data.prompts import read_pairs
-    from unbottle.core.models.loading import read_text
 
     data, path = params.data, layout.resolve
     if (name == "pretrain" and params.pretrain.source is None) or name == "compress":
-        read_text(path(data.train_text), "data.train_text")
+        Corpus(path(data.train_text), "data.train_text").check()
     if name == "finetune":
         read_pairs(path(data.qa_train), "data.qa_train")
     if name == "evaluate":
-        read_text(path(data.valid_text), "data.valid_text")
+        Corpus(path(data.valid_text), "data.valid_text").check()
         read_pairs(path(data.qa_test), "data.qa_test")
         if any(ref.options.get("shots") for ref in params.evaluate.metrics):
             # Few-shot examples come from the training pairs: are there enough?

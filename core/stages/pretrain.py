@@ -9,14 +9,12 @@ model (a Hugging Face directory or a converted GGUF file, see core/models/source
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 from unbottle.core.config.schema import PretrainParams, SourceParams
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult
 from unbottle.core.stages.model_artifact import save_model_artifact, save_trained_model
-from unbottle.core.store.artifacts import tree_hash
 
 log = logging.getLogger("unbottle.pretrain")
 
@@ -30,12 +28,15 @@ def pretrain(
     registry: Registry,
     root: Path | None = None,
     valid_text: Path | None = None,
+    token_cache: Path | None = None,
 ) -> StageResult:
     """Train tokenizer and model on ``train_text``; write them to ``out_dir``.
 
     An encoder objective is measured on ``valid_text`` (held out) after training. With
     ``cfg.source`` set, write that pretrained model instead (a relative source path is
-    taken from the workspace ``root``, by default the working directory).
+    taken from the workspace ``root``, by default the working directory). The corpus is
+    read from disk as it is needed and its token ids kept in a file under
+    ``token_cache`` (a temporary file without one; see core/data/corpus.py).
     """
     if cfg.source is not None:
         return from_source(cfg, out_dir=out_dir, root=root or Path.cwd())
@@ -43,7 +44,8 @@ def pretrain(
     import torch
 
     from unbottle.core.contract.strategies import PretrainContext
-    from unbottle.core.models.loading import documents, read_text
+    from unbottle.core.data.corpus import Corpus
+    from unbottle.core.models.loading import train_tokenizer
     from unbottle.core.training.loop import (
         checkpoint_store,
         estimate_memory,
@@ -52,21 +54,23 @@ def pretrain(
     )
 
     objective = registry.create("objective", cfg.objective.name, cfg.objective.options)
-    text = read_text(train_text, "data.train_text")
+    corpus = Corpus(train_text, "data.train_text", token_cache=token_cache)
     held_out = None
     if objective.model_kind != "causal":  # the evaluate stage measures causal models
         if valid_text is None:
             raise ValueError(f"pretrain: objective {objective.name} needs the held-out text")
-        held_out = read_text(valid_text, "data.valid_text")
-    tokenizer = train_tokenizer_for(text, cfg.tokenizer.vocab_size)
+        held_out = Corpus(valid_text, "data.valid_text", token_cache=token_cache)
+    # The trainer keeps word counts, not the documents it is fed.
+    tokenizer = train_tokenizer(corpus.documents(), cfg.tokenizer.vocab_size)
     # Check the memory on a weightless (meta) copy first: refuse before allocating.
     with torch.device("meta"):
         skeleton = objective.build_model(cfg.model, tokenizer, seed)
-    ctx = PretrainContext(text=text, tokenizer=tokenizer, seq_len=cfg.train.seq_len, seed=seed)
+    ctx = PretrainContext(corpus, tokenizer, cfg.train.seq_len, seed)
     data = objective.batches(ctx)
+    documents = "" if corpus.document_count is None else f"{corpus.document_count} documents, "
     (log.info if is_main_process() else log.debug)(
-        "pretrain: %d documents, %d examples, vocabulary %d, objective %s",
-        len(documents(text)),
+        "pretrain: %s%d examples, vocabulary %d, objective %s",
+        documents,
         data.size,
         len(tokenizer),
         objective.name,
@@ -74,9 +78,9 @@ def pretrain(
     plan = estimate_memory(skeleton, cfg.train, registry=registry, key="pretrain.train")
     model = objective.build_model(cfg.model, tokenizer, seed)
 
-    inputs = {"train_text": tree_hash(train_text)}
+    inputs = {"train_text": corpus.sha256}
     if held_out is not None:
-        inputs["valid_text"] = tree_hash(valid_text)
+        inputs["valid_text"] = held_out.sha256
     store = checkpoint_store(
         cfg.train,
         stage="pretrain",
@@ -105,7 +109,8 @@ def pretrain(
         "vocab_size": len(tokenizer),
     }
     if held_out is not None:
-        metrics.update(objective.evaluate(model, replace(ctx, text=held_out)))
+        held_out_ctx = PretrainContext(held_out, tokenizer, ctx.seq_len, seed)
+        metrics.update(objective.evaluate(model, held_out_ctx))
     save_trained_model(
         out_dir,
         model,
@@ -175,9 +180,3 @@ def hub_record(source: SourceParams, path: Path) -> dict[str, str | None]:
     from unbottle.core.models.sources import hub_commit
 
     return {"hub": source.hub, "revision": source.revision or "main", "commit": hub_commit(path)}
-
-
-def train_tokenizer_for(text: str, vocab_size: int):
-    from unbottle.core.models.loading import documents, train_tokenizer
-
-    return train_tokenizer(documents(text), vocab_size)

@@ -131,6 +131,7 @@ def _run(name: str, params: Params, layout: Layout, registry: Registry) -> Stage
             registry=registry,
             root=layout.root,
             valid_text=path(data.valid_text),
+            token_cache=cache_root(layout.root) / "tokens",
         )
     elif name == "finetune":
         from unbottle.core.stages.finetune import finetune
@@ -154,6 +155,7 @@ def _run(name: str, params: Params, layout: Layout, registry: Registry) -> Stage
             seed=params.seed,
             registry=registry,
             variant_cache=cache_root(layout.root) / "variants",
+            token_cache=cache_root(layout.root) / "tokens",
         )
     elif name == "evaluate":
         from unbottle.core.stages.evaluate import evaluate

@@ -126,30 +126,37 @@ def read_utf8(
         raise error(_not_utf8(what, path, line, data[e.start], e.start)) from None
 
 
+def read_lines(
+    path: Path, what: str, error: type[Exception] = DataError, if_missing: str = ""
+) -> Iterator[str]:
+    """A text file's lines, each with its end, read as they come (see
+    :func:`open_user_file`). Lines end at b"\\n" only (``str.splitlines()`` would also cut
+    at U+2028 and U+0085, which a JSON string may hold unescaped); bytes that are not UTF-8
+    are one line naming the file, line and byte."""
+    offset = 0
+    with open_user_file(path, what, error, if_missing) as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(_not_utf8(what, path, lineno, raw[e.start], offset + e.start)) from None
+            offset += len(raw)
+
+
 def read_jsonl(
     path: Path, what: str, hint: str = "", if_missing: str = MISSING_DATA
 ) -> Iterator[tuple[int, Any]]:
     """(line number, value) of each non-blank line of a JSONL file, read as it goes, so
     that only the values are ever held; a line that is not UTF-8 or not JSON is one line
     naming the file and line (``hint`` says what the file should hold)."""
-    offset = 0
-    with open_user_file(path, what, DataError, if_missing) as f:
-        # Lines end at b"\n" only, as JSONL's do (str.splitlines() would also cut at
-        # U+2028 and U+0085, which a JSON string may hold unescaped).
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                byte, at = raw[e.start], offset + e.start
-                raise DataError(_not_utf8(what, path, lineno, byte, at)) from None
-            offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                raise DataError(f"{what}: {path}:{lineno} is not valid JSON{hint}") from None
-            yield lineno, value
+    for lineno, line in enumerate(read_lines(path, what, DataError, if_missing), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise DataError(f"{what}: {path}:{lineno} is not valid JSON{hint}") from None
+        yield lineno, value
 
 
 def dir_size(path: Path) -> int:

@@ -50,6 +50,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
         "core.stages.pretrain",
         "core.stages.model_artifact",
         "core.compression",
+        "core.data",
         "core.models",
         "core.training",
     ),
@@ -64,6 +65,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "compress": (
         "core.stages.compress",
         "core.compression",
+        "core.data",
         "core.models",
         "core.training",  # the kd distiller trains through the pipeline's loop
     ),

@@ -1,0 +1,207 @@
+"""A training corpus read from disk as it is needed, and its token ids in a file.
+
+Held in memory, a corpus costs per token its text (about 4 bytes), the documents' copy
+of it and the ids as int64 arrays with their concatenation: above 25 bytes a token
+while it is tokenized (BENCHMARKS, "Pretraining's data, from disk"). Here the documents
+are read from the files as they are needed
+(:func:`~unbottle.core.models.loading.iter_documents`), and the ids are written once to a
+flat file of ``uint16`` (``uint32`` for a vocabulary beyond 65,536 tokens) that training
+reads through a memory map, as nanoGPT's ``train.bin``: the ids live in the page cache,
+2 bytes a token, and the process holds one batch of documents at a time.
+
+With a cache folder, the token file is kept there under the sha256 of the corpus, the
+tokenizer and the code that reads and encodes them, so a rerun or a resumed run maps it
+instead of tokenizing again; without one it is an unnamed temporary file, gone once
+unmapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger("unbottle.corpus")
+
+#: What a token file's sidecar record is named after: ``<key>.tokens`` and ``<key>.json``.
+TOKENS_SUFFIX = ".tokens"
+
+
+def token_dtype(vocabulary: int) -> np.dtype:
+    """The narrowest unsigned type that holds every id of a ``vocabulary``-token
+    tokenizer: ``uint16`` up to 65,536 tokens, else ``uint32``."""
+    import numpy as np
+
+    return np.dtype(np.uint16 if vocabulary <= 1 << 16 else np.uint32)
+
+
+class Corpus:
+    """A corpus: the files at ``path`` (``what`` names it in error lines, as
+    ``data.train_text``), or a string (:meth:`of_text`).
+
+    ``token_cache`` is the folder token files are kept in (see the module docstring).
+    """
+
+    def __init__(self, path: Path, what: str, *, token_cache: Path | None = None) -> None:
+        self.path: Path | None = Path(path)
+        self.what, self.token_cache = what, token_cache
+        self._text: str | None = None
+        self.document_count: int | None = None  # known once tokenized
+
+    @classmethod
+    def of_text(cls, text: str, what: str = "text") -> Corpus:
+        """A corpus held as a string: its documents are what
+        :func:`~unbottle.core.models.loading.documents` finds in it."""
+        corpus = cls(Path(), what)
+        corpus.path, corpus._text = None, text
+        return corpus
+
+    def documents(self) -> Iterator[str]:
+        """The documents, in order, read as they are iterated."""
+        from unbottle.core.models.loading import documents, iter_documents
+
+        if self.path is None:
+            return iter(documents(self._text or ""))
+        return iter_documents(self.path, self.what)
+
+    def text(self) -> str:
+        """The whole corpus as one string (each document then a page break): it is held
+        in memory, which :meth:`documents` and :meth:`token_ids` avoid."""
+        from unbottle.core.models.loading import DOCUMENT_BREAK
+
+        if self.path is None:
+            return self._text or ""
+        return "".join(doc + DOCUMENT_BREAK for doc in self.documents())
+
+    def check(self) -> None:
+        """Read the whole corpus once, holding one document at a time: every fault it has
+        is raised here, as a one-line :class:`DataError`."""
+        for _ in self.documents():
+            pass
+
+    @cached_property
+    def sha256(self) -> str:
+        """The sha256 of the corpus's file, or of its folder's files."""
+        import hashlib
+
+        from unbottle.core.store.artifacts import tree_hash
+
+        if self.path is None:
+            return hashlib.sha256((self._text or "").encode()).hexdigest()
+        return tree_hash(self.path)
+
+    def token_ids(self, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+        """The corpus as one 1-D tensor of token ids, each document followed by EOS, of
+        :func:`token_dtype` (convert windows with ``.long()``). For a corpus on disk it
+        is memory-mapped from its token file, written here when the cache lacks it."""
+        import numpy as np
+        import torch
+
+        from unbottle.core.models.loading import encode_documents
+
+        dtype = token_dtype(len(tokenizer))
+        if self.path is None:
+            pieces = [np.empty(0, dtype), *encode_documents(tokenizer, self.documents())]
+            return torch.from_numpy(np.concatenate(pieces).astype(dtype, copy=False))
+        if self.token_cache is None:
+            with tempfile.TemporaryFile(prefix="unbottle-tokens-") as f:
+                count, self.document_count = self._write_tokens(f, tokenizer, dtype)
+                return _map(f, dtype, count)  # the mapping keeps the unnamed file alive
+        path, record = self._cached(tokenizer, dtype)
+        self.document_count = record["documents"]
+        with open(path, "rb") as f:
+            return _map(f, dtype, record["tokens"])
+
+    def _cached(self, tokenizer: PreTrainedTokenizerBase, dtype: np.dtype) -> tuple[Path, dict]:
+        """The cache's token file for ``tokenizer`` and its record, written if missing or
+        damaged."""
+        import json
+
+        from unbottle.core.store.artifacts import write_json_atomic
+        from unbottle.core.store.cache import code_hashes, digest
+
+        assert self.token_cache is not None
+        key = digest(
+            {
+                "corpus": self.sha256,
+                "tokenizer": tokenizer.backend_tokenizer.to_str(),
+                "eos": tokenizer.eos_token_id,
+                "dtype": dtype.name,
+                "code": code_hashes(("core.models.loading", "core.data.corpus")),
+            }
+        )
+        path = Path(self.token_cache) / f"{key}{TOKENS_SUFFIX}"
+        record_file = path.with_suffix(".json")
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            record = json.loads(record_file.read_text(encoding="utf-8"))
+            if path.stat().st_size == record["tokens"] * dtype.itemsize:
+                log.info("tokens: %s (%d tokens), from the cache", path, record["tokens"])
+                return path, record
+            log.warning("tokens: %s is not the size its record says; tokenizing again", path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written under a temporary name and renamed: a run killed midway leaves no file
+        # that a later run would take for whole.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                count, documents = self._write_tokens(f, tokenizer, dtype)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        record = {"tokens": count, "documents": documents, "dtype": dtype.name}
+        write_json_atomic(record_file, record)
+        return path, record
+
+    def _write_tokens(
+        self, f: BinaryIO, tokenizer: PreTrainedTokenizerBase, dtype: np.dtype
+    ) -> tuple[int, int]:
+        """Write the ids to ``f``, one batch of documents at a time; return the counts of
+        tokens and documents."""
+        from unbottle.core.models.loading import encode_documents
+        from unbottle.core.progress import progress_bar
+
+        tokens = documents = 0
+        start = time.perf_counter()
+        docs = self.documents()
+
+        def counted() -> Iterator[str]:
+            nonlocal documents
+            for doc in docs:
+                documents += 1
+                yield doc
+
+        with progress_bar(f"tokenizing {self.what}", total=None) as advance:
+            for ids in encode_documents(tokenizer, counted()):
+                f.write(ids.astype(dtype).tobytes())
+                tokens += ids.size
+                advance(documents=documents, tokens=tokens)
+        f.flush()
+        log.info(
+            "tokens: %s, %d documents, %d tokens in %.1f s",
+            self.what,
+            documents,
+            tokens,
+            time.perf_counter() - start,
+        )
+        return tokens, documents
+
+
+def _map(f: BinaryIO, dtype: np.dtype, count: int) -> torch.Tensor:
+    import numpy as np
+    import torch
+
+    # Copy-on-write: torch wants a writable array, and nothing is written back.
+    return torch.from_numpy(np.memmap(f, dtype=dtype, mode="c", shape=(count,)))
