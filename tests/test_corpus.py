@@ -324,17 +324,50 @@ def test_the_token_type_is_the_narrowest_that_holds_the_vocabulary():
     assert token_dtype(65_537) == np.uint32 and token_dtype(128_256) == np.uint32
 
 
-def test_the_pipeline_keeps_the_token_file_in_the_workspace_cache(tmp_path, tiny_data):
-    """The pretrain stage writes the corpus's token file under .cache/unbottle/tokens/,
-    and the compress stage, whose tokenizer is the same, maps that file."""
+def test_the_pipeline_keeps_tokenizer_and_token_file_in_the_workspace_cache(
+    tmp_path, tiny_data, monkeypatch
+):
+    """The pretrain stage writes the trained tokenizer and the corpus's token file under
+    .cache/unbottle/tokens/; run again, it trains the same model from them without
+    training a tokenizer or tokenizing anything."""
     from unbottle.core.config.schema import Params
-    from unbottle.core.stages.layout import Layout
-    from unbottle.core.stages.runner import run_stage
+    from unbottle.core.models import loading
+    from unbottle.core.registry import get_registry
+    from unbottle.core.stages.pretrain import pretrain
+    from unbottle.core.store.cache import cache_root
 
     root = make_workspace(tmp_path, tiny_data)
-    layout, params = Layout(root), Params.model_validate(TINY_PARAMS)
-    run_stage("pretrain", params, layout)
-    (token_file,) = (root / ".cache" / "unbottle" / "tokens").glob("*.tokens")
+    params = Params.model_validate(TINY_PARAMS)
+    cache = cache_root(root) / "tokens"
+
+    def run(out: str):
+        pretrain(
+            params.pretrain,
+            train_text=root / params.data.train_text,
+            out_dir=tmp_path / out,
+            seed=0,
+            registry=get_registry(),
+            token_cache=cache,
+        )
+        return {n: sha256_file(tmp_path / out / n) for n in ("model.safetensors", "tokenizer.json")}
+
+    first = run("first")
+    (token_file,) = cache.glob("*.tokens")
     record = json.loads(token_file.with_suffix(".json").read_text(encoding="utf-8"))
     assert record["dtype"] == "uint16" and token_file.stat().st_size == 2 * record["tokens"]
     assert record["documents"] == len(documents(read_text(root / params.data.train_text, "t")))
+    assert len(list(cache.glob("*.tokenizer.json"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("done again")
+
+    monkeypatch.setattr(loading, "train_tokenizer", refuse)
+    monkeypatch.setattr(loading, "encode_documents", refuse)
+    assert run("again") == first
+
+    # A damaged tokenizer entry is trained again, never half-loaded.
+    monkeypatch.undo()
+    (tokenizer_file,) = cache.glob("*.tokenizer.json")
+    tokenizer_file.write_text('{"model": ', encoding="utf-8")
+    assert run("third") == first
+    assert json.loads(tokenizer_file.read_text(encoding="utf-8"))["model"]["type"] == "BPE"

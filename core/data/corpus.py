@@ -12,7 +12,8 @@ reads through a memory map, as nanoGPT's ``train.bin``: the ids live in the page
 With a cache folder, the token file is kept there under the sha256 of the corpus, the
 tokenizer and the code that reads and encodes them, so a rerun or a resumed run maps it
 instead of tokenizing again; without one it is an unnamed temporary file, gone once
-unmapped.
+unmapped. The tokenizer the pretrain stage trains on the corpus is kept beside it, under
+the sha256 of the corpus, the vocabulary size and the code.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, BinaryIO
 if TYPE_CHECKING:
     import numpy as np
     import torch
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 log = logging.getLogger("unbottle.corpus")
 
@@ -101,6 +102,30 @@ class Corpus:
             return hashlib.sha256((self._text or "").encode()).hexdigest()
         return tree_hash(self.path)
 
+    def train_tokenizer(self, vocab_size: int) -> PreTrainedTokenizerFast:
+        """A byte-level BPE tokenizer of ``vocab_size`` tokens trained on the documents as
+        they are read (:func:`~unbottle.core.models.loading.train_tokenizer`). With a
+        cache folder it is kept there, so a rerun loads it instead of training again."""
+        from tokenizers import Tokenizer
+
+        from unbottle.core.models.loading import train_tokenizer, wrap_tokenizer
+        from unbottle.core.store.artifacts import write_text_atomic
+
+        if self.token_cache is None:
+            return train_tokenizer(self.documents(), vocab_size)
+        path = Path(self.token_cache) / f"{self._key(vocab_size=vocab_size)}.tokenizer.json"
+        if path.is_file():
+            try:
+                tokenizer = wrap_tokenizer(Tokenizer.from_file(str(path)))
+            except Exception as e:  # any damage, whatever tokenizers raises: train again
+                log.warning("tokenizer: %s does not load (%s); training again", path, e)
+            else:
+                log.info("tokenizer: %s, from the cache", path)
+                return tokenizer
+        tokenizer = train_tokenizer(self.documents(), vocab_size)
+        write_text_atomic(path, tokenizer.backend_tokenizer.to_str())
+        return tokenizer
+
     def token_ids(self, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
         """The corpus as one 1-D tensor of token ids, each document followed by EOS, of
         :func:`token_dtype` (convert windows with ``.long()``). For a corpus on disk it
@@ -129,17 +154,12 @@ class Corpus:
         import json
 
         from unbottle.core.store.artifacts import write_json_atomic
-        from unbottle.core.store.cache import code_hashes, digest
 
         assert self.token_cache is not None
-        key = digest(
-            {
-                "corpus": self.sha256,
-                "tokenizer": tokenizer.backend_tokenizer.to_str(),
-                "eos": tokenizer.eos_token_id,
-                "dtype": dtype.name,
-                "code": code_hashes(("core.models.loading", "core.data.corpus")),
-            }
+        key = self._key(
+            tokenizer=tokenizer.backend_tokenizer.to_str(),
+            eos=tokenizer.eos_token_id,
+            dtype=dtype.name,
         )
         path = Path(self.token_cache) / f"{key}{TOKENS_SUFFIX}"
         record_file = path.with_suffix(".json")
@@ -164,6 +184,13 @@ class Corpus:
         record = {"tokens": count, "documents": documents, "dtype": dtype.name}
         write_json_atomic(record_file, record)
         return path, record
+
+    def _key(self, **parts: object) -> str:
+        """A cache key: the sha256 of ``parts``, the corpus and the code that reads it."""
+        from unbottle.core.store.cache import code_hashes, digest
+
+        code = code_hashes(("core.models.loading", "core.data.corpus"))
+        return digest({"corpus": self.sha256, "code": code, **parts})
 
     def _write_tokens(
         self, f: BinaryIO, tokenizer: PreTrainedTokenizerBase, dtype: np.dtype

@@ -45,7 +45,6 @@ def pretrain(
 
     from unbottle.core.contract.strategies import PretrainContext
     from unbottle.core.data.corpus import Corpus
-    from unbottle.core.models.loading import train_tokenizer
     from unbottle.core.training.loop import (
         checkpoint_store,
         estimate_memory,
@@ -60,8 +59,7 @@ def pretrain(
         if valid_text is None:
             raise ValueError(f"pretrain: objective {objective.name} needs the held-out text")
         held_out = Corpus(valid_text, "data.valid_text", token_cache=token_cache)
-    # The trainer keeps word counts, not the documents it is fed.
-    tokenizer = train_tokenizer(corpus.documents(), cfg.tokenizer.vocab_size)
+    tokenizer = corpus.train_tokenizer(cfg.tokenizer.vocab_size)
     # Check the memory on a weightless (meta) copy first: refuse before allocating.
     with torch.device("meta"):
         skeleton = objective.build_model(cfg.model, tokenizer, seed)
