@@ -86,7 +86,7 @@ METHODS = {
 
 
 def child(method: str, corpus: Path, tokenizer_dir: Path) -> None:
-    from unbottle.core.models.loading import encode_stream, read_text
+    from unbottle.core.models.loading import documents, encode_stream, read_text
 
     task, way = METHODS[method]
     if task == "encode":
@@ -107,7 +107,9 @@ def child(method: str, corpus: Path, tokenizer_dir: Path) -> None:
         start = time.perf_counter()
         text = read_text(jsonl, "corpus") if way == "now" else whole_file_jsonl(jsonl)
         seconds = time.perf_counter() - start
-        result, count = text.encode(), len(text)
+        # The same documents: read_text ends each with a page break, the old way joined
+        # them with one.
+        result, count = "\0".join(documents(text)).encode(), len(text)
     peak = _status_mb("VmHWM")
     print(
         json.dumps(

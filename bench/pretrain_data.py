@@ -1,0 +1,161 @@
+"""Pretraining's data, from disk: time and memory of the pretrain stage's data preparation.
+
+Before training, the pretrain stage reads the corpus, trains its tokenizer on it and
+turns it into the token ids the batches are cut from. Three ways, each in fresh
+processes, alternating, on ``--megabytes`` of the demo world's prose as JSONL (the layout
+of most pretraining dumps):
+
+- ``in memory`` (before): the corpus read into one string, the tokenizer trained on the
+  list of its documents, the ids an int64 tensor in memory (``read_text``,
+  ``documents``, ``encode_stream``: what the stage did until this script was written);
+- ``from disk`` (now): the documents read from the file as they are needed, the
+  tokenizer trained on them as they come, the ids written to a uint16 token file and
+  memory-mapped (``unbottle.core.data.corpus.Corpus``, as the stage calls it);
+- ``from disk, cached``: the same with the tokenizer and the token file already in the
+  cache, as a rerun or a resumed run finds them.
+
+Each reports the seconds, the peak resident memory above the process's baseline (the
+high-water mark, reset after the imports), the anonymous memory still held once the ids
+are ready (what the training that follows keeps: a mapped token file is page cache, not
+counted there), and checks that all three give the same tokenizer and the same ids.
+
+    .venv/bin/python bench/pretrain_data.py [--megabytes 64] [--rounds 3] [--vocab 8192] \\
+        [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from encode_corpus import _status_mb, make_corpus, reset_peak_rss
+
+WAYS = ("in memory", "from disk", "from disk, cached")
+
+
+def child(way: str, corpus: Path, cache: Path, vocab: int) -> None:
+    import numpy as np
+
+    from unbottle.core.data.corpus import Corpus
+    from unbottle.core.models.loading import (
+        documents,
+        encode_stream,
+        read_text,
+        train_tokenizer,
+    )
+
+    train_tokenizer(["warm up the imports"] * 4, 300)
+    baseline, anonymous = reset_peak_rss(), _status_mb("RssAnon")
+    start = time.perf_counter()
+    if way == "in memory":
+        text = read_text(corpus, "corpus")
+        tokenizer = train_tokenizer(documents(text), vocab)
+        ids = encode_stream(tokenizer, text)
+    else:
+        source = Corpus(corpus, "corpus", token_cache=cache)
+        tokenizer = source.train_tokenizer(vocab)
+        ids = source.token_ids(tokenizer)
+    seconds = time.perf_counter() - start
+    peak, held = _status_mb("VmHWM") - baseline, _status_mb("RssAnon") - anonymous
+    digest = hashlib.sha256()
+    for block in range(0, ids.numel(), 1 << 24):  # hashed as int64, a block at a time
+        digest.update(ids[block : block + (1 << 24)].numpy().astype(np.int64).tobytes())
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "peak_above_baseline_mb": peak,
+                "anonymous_held_mb": held,
+                "tokens": ids.numel(),
+                "ids_sha256": digest.hexdigest(),
+                "tokenizer_sha256": hashlib.sha256(
+                    tokenizer.backend_tokenizer.to_str().encode()
+                ).hexdigest(),
+            }
+        )
+    )
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--megabytes", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        way, corpus, cache, vocab = args.child
+        child(way, Path(corpus), Path(cache), int(vocab))
+        return 0
+
+    runs: dict[str, list[dict]] = {way: [] for way in WAYS}
+    with tempfile.TemporaryDirectory(dir=Path.home() / ".cache") as tmp:
+        text = Path(tmp) / "corpus.txt"
+        make_corpus(text, args.megabytes)  # and corpus.jsonl beside it
+        corpus = text.with_suffix(".jsonl")
+        text.unlink()
+        for r in range(args.rounds):
+            cache = Path(tmp) / f"tokens-{r}"  # empty for "from disk", then filled by it
+            order = ("in memory", "from disk") if r % 2 == 0 else ("from disk", "in memory")
+            for way in (*order, "from disk, cached"):
+                cmd = [sys.executable, __file__, "--child", way, str(corpus), str(cache)]
+                out = subprocess.run(
+                    [*cmd, str(args.vocab)], check=True, capture_output=True, text=True
+                ).stdout
+                runs[way].append(json.loads(out.strip().splitlines()[-1]))
+                print(f"round {r + 1} {way}: {runs[way][-1]}", file=sys.stderr)
+        jsonl_mb = corpus.stat().st_size / 1e6
+    for key in ("ids_sha256", "tokenizer_sha256"):
+        if len({run[key] for way in WAYS for run in runs[way]}) != 1:
+            raise SystemExit(f"the ways gave different results ({key})")
+    figures = ("seconds", "peak_above_baseline_mb", "anonymous_held_mb")
+    rows = {
+        way: {figure: statistics.median(run[figure] for run in runs[way]) for figure in figures}
+        for way in WAYS
+    }
+    tokens = runs[WAYS[0]][0]["tokens"]
+    print(
+        f"\n{jsonl_mb:.1f} MB of JSONL, {tokens:,} tokens, a {args.vocab:,}-token tokenizer, "
+        f"{args.rounds} rounds (medians)\n"
+    )
+    print("| way | seconds | peak above baseline (MB) | per token | anonymous memory held (MB) |")
+    print("|---|---:|---:|---:|---:|")
+    for way, row in rows.items():
+        peak = row["peak_above_baseline_mb"]
+        print(
+            f"| {way} | {row['seconds']:.1f} | {peak:,.0f} | "
+            f"{peak * 2**20 / tokens:.1f} bytes | {row['anonymous_held_mb']:,.0f} |"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                    "jsonl_megabytes": jsonl_mb,
+                    "tokens": tokens,
+                    "vocab": args.vocab,
+                    "medians": rows,
+                    "runs": runs,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
