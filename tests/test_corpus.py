@@ -302,6 +302,53 @@ def test_token_ids_are_the_stream_in_a_narrow_type_mapped_from_a_cached_file(
     assert corpus_module.token_dtype(len(prose_tokenizer)) == np.uint16
 
 
+def test_processes_sharing_the_cache_build_each_entry_once(tmp_path, monkeypatch):
+    """Two workers (as the ranks of a torchrun) that reach the same cache entry together:
+    one trains the tokenizer and tokenizes, the other waits for it and loads the entry."""
+    import threading
+    import time
+
+    import torch
+    from tokenizers import Tokenizer
+
+    from unbottle.core.data.corpus import Corpus
+    from unbottle.core.models import loading
+
+    path = write_jsonl(
+        tmp_path / "corpus.jsonl", [{"text": f"Doc {i}. {ARTICLE}"} for i in range(9)]
+    )
+    cache, calls = tmp_path / "tokens", []
+    train, encode = loading.train_tokenizer, loading.encode_documents
+
+    def slow_train(docs, vocab_size):
+        calls.append("train")
+        time.sleep(0.5)  # long enough for the other worker to arrive
+        return train(docs, vocab_size)
+
+    def slow_encode(tokenizer, docs):
+        calls.append("encode")
+        time.sleep(0.5)
+        yield from encode(tokenizer, docs)
+
+    monkeypatch.setattr(loading, "train_tokenizer", slow_train)
+    monkeypatch.setattr(loading, "encode_documents", slow_encode)
+    ids: list[torch.Tensor] = []
+
+    def worker() -> None:
+        corpus = Corpus(path, "t", token_cache=cache)
+        tokenizer = corpus.train_tokenizer(300)
+        # Each worker its own tokenizer object, as each process has.
+        tokenizer = loading.wrap_tokenizer(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()))
+        ids.append(corpus.token_ids(tokenizer))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == ["train", "encode"] and len(ids) == 2 and torch.equal(ids[0], ids[1])
+
+
 def test_without_a_cache_the_token_file_is_unnamed_and_the_ids_the_same(tmp_path, prose_tokenizer):
     import torch
 

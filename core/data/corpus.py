@@ -28,6 +28,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from unbottle.core.store.locking import one_at_a_time
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -113,18 +115,20 @@ class Corpus:
 
         if self.token_cache is None:
             return train_tokenizer(self.documents(), vocab_size)
-        path = Path(self.token_cache) / f"{self._key(vocab_size=vocab_size)}.tokenizer.json"
-        if path.is_file():
-            try:
-                tokenizer = wrap_tokenizer(Tokenizer.from_file(str(path)))
-            except Exception as e:  # any damage, whatever tokenizers raises: train again
-                log.warning("tokenizer: %s does not load (%s); training again", path, e)
-            else:
-                log.info("tokenizer: %s, from the cache", path)
-                return tokenizer
-        tokenizer = train_tokenizer(self.documents(), vocab_size)
-        write_text_atomic(path, tokenizer.backend_tokenizer.to_str())
-        return tokenizer
+        key = self._key(vocab_size=vocab_size)
+        path = Path(self.token_cache) / f"{key}.tokenizer.json"
+        with one_at_a_time(path.with_suffix(".lock")):
+            if path.is_file():
+                try:
+                    tokenizer = wrap_tokenizer(Tokenizer.from_file(str(path)))
+                except Exception as e:  # any damage, whatever tokenizers raises: train again
+                    log.warning("tokenizer: %s does not load (%s); training again", path, e)
+                else:
+                    log.info("tokenizer: %s, from the cache", path)
+                    return tokenizer
+            tokenizer = train_tokenizer(self.documents(), vocab_size)
+            write_text_atomic(path, tokenizer.backend_tokenizer.to_str())
+            return tokenizer
 
     def token_ids(self, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
         """The corpus as one 1-D tensor of token ids, each document followed by EOS, of
@@ -151,10 +155,6 @@ class Corpus:
     def _cached(self, tokenizer: PreTrainedTokenizerBase, dtype: np.dtype) -> tuple[Path, dict]:
         """The cache's token file for ``tokenizer`` and its record, written if missing or
         damaged."""
-        import json
-
-        from unbottle.core.store.artifacts import write_json_atomic
-
         assert self.token_cache is not None
         key = self._key(
             tokenizer=tokenizer.backend_tokenizer.to_str(),
@@ -162,12 +162,22 @@ class Corpus:
             dtype=dtype.name,
         )
         path = Path(self.token_cache) / f"{key}{TOKENS_SUFFIX}"
+        with one_at_a_time(path.with_suffix(".lock")):
+            return path, self._load_or_write(path, tokenizer, dtype)
+
+    def _load_or_write(
+        self, path: Path, tokenizer: PreTrainedTokenizerBase, dtype: np.dtype
+    ) -> dict:
+        import json
+
+        from unbottle.core.store.artifacts import write_json_atomic
+
         record_file = path.with_suffix(".json")
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             record = json.loads(record_file.read_text(encoding="utf-8"))
             if path.stat().st_size == record["tokens"] * dtype.itemsize:
                 log.info("tokens: %s (%d tokens), from the cache", path, record["tokens"])
-                return path, record
+                return record
             log.warning("tokens: %s is not the size its record says; tokenizing again", path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Written under a temporary name and renamed: a run killed midway leaves no file
@@ -183,7 +193,7 @@ class Corpus:
             raise
         record = {"tokens": count, "documents": documents, "dtype": dtype.name}
         write_json_atomic(record_file, record)
-        return path, record
+        return record
 
     def _key(self, **parts: object) -> str:
         """A cache key: the sha256 of ``parts``, the corpus and the code that reads it."""

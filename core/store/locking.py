@@ -69,6 +69,26 @@ def stage_lock(artifacts: Path, stage: str) -> Iterator[Path]:
         os.close(fd)  # closing drops the flock; the file stays, holding the last pid
 
 
+@contextlib.contextmanager
+def one_at_a_time(path: Path) -> Iterator[None]:
+    """Hold an advisory lock on ``path`` for the block, waiting for whoever holds it.
+
+    Processes that share a cache (the ranks of a torchrun, the parallel tasks of a sweep)
+    build one entry at a time: the first builds it, the others wait here and then find it
+    in the cache instead of doing the same work at the same time. The kernel drops the
+    lock when its holder dies.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 # The names writers give their temporary files, each with the writer's pid:
 # atomic_dir's `.<name>.<pid>-<random>.tmp` and `.<name>.old-<pid>`, the compress prefix
 # cache's `.<name>.prefixes.<pid>-<random>`.
