@@ -286,14 +286,17 @@ def test_token_ids_are_the_stream_in_a_narrow_type_mapped_from_a_cached_file(
     assert torch.equal(again.token_ids(prose_tokenizer).long(), expected)
     assert again.document_count == len(docs)
 
-    # A damaged entry (a run killed while copying the cache, say) is never reused.
+    # A damaged entry (a run killed while copying the cache, say) is never reused, and
+    # what a writer killed while tokenizing left is removed.
     monkeypatch.undo()
+    leftover = cache / f".{token_file.name}.12345-abcd.tmp"
+    leftover.write_bytes(b"\0" * 64)
     with open(token_file, "r+b") as f:
         f.truncate(10)
     assert torch.equal(
         Corpus(path, "t", token_cache=cache).token_ids(prose_tokenizer).long(), expected
     )
-    assert token_file.stat().st_size == 2 * expected.numel()
+    assert token_file.stat().st_size == 2 * expected.numel() and not leftover.exists()
 
     # Another corpus or tokenizer is another file.
     path.write_text(json.dumps({"text": "Changed."}) + "\n", encoding="utf-8")

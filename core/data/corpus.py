@@ -118,6 +118,7 @@ class Corpus:
         key = self._key(vocab_size=vocab_size)
         path = Path(self.token_cache) / f"{key}.tokenizer.json"
         with one_at_a_time(path.with_suffix(".lock")):
+            _remove_dead_writes(path)
             if path.is_file():
                 try:
                     tokenizer = wrap_tokenizer(Tokenizer.from_file(str(path)))
@@ -163,6 +164,7 @@ class Corpus:
         )
         path = Path(self.token_cache) / f"{key}{TOKENS_SUFFIX}"
         with one_at_a_time(path.with_suffix(".lock")):
+            _remove_dead_writes(path)
             return path, self._load_or_write(path, tokenizer, dtype)
 
     def _load_or_write(
@@ -234,6 +236,15 @@ class Corpus:
             time.perf_counter() - start,
         )
         return tokens, documents
+
+
+def _remove_dead_writes(path: Path) -> None:
+    """Remove the temporary files of ``path`` that a writer killed midway left (a token
+    file's can be gigabytes). Called with the entry's lock held, so no live writer owns
+    one."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        log.info("cache: removing %s, left by a writer that died", leftover)
+        leftover.unlink(missing_ok=True)
 
 
 def _map(f: BinaryIO, dtype: np.dtype, count: int) -> torch.Tensor:
