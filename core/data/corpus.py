@@ -146,7 +146,9 @@ class Corpus:
             return torch.from_numpy(np.concatenate(pieces).astype(dtype, copy=False))
         if self.token_cache is None:
             with tempfile.TemporaryFile(prefix="unbottle-tokens-") as f:
-                count, self.document_count = self._write_tokens(f, tokenizer, dtype)
+                count, self.document_count = self._write_tokens(
+                    f, tokenizer, dtype, "a temporary file"
+                )
                 return _map(f, dtype, count)  # the mapping keeps the unnamed file alive
         path, record = self._cached(tokenizer, dtype)
         self.document_count = record["documents"]
@@ -187,7 +189,7 @@ class Corpus:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                count, documents = self._write_tokens(f, tokenizer, dtype)
+                count, documents = self._write_tokens(f, tokenizer, dtype, str(path))
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -205,10 +207,10 @@ class Corpus:
         return digest({"corpus": self.sha256, "code": code, **parts})
 
     def _write_tokens(
-        self, f: BinaryIO, tokenizer: PreTrainedTokenizerBase, dtype: np.dtype
+        self, f: BinaryIO, tokenizer: PreTrainedTokenizerBase, dtype: np.dtype, where: str
     ) -> tuple[int, int]:
-        """Write the ids to ``f``, one batch of documents at a time; return the counts of
-        tokens and documents."""
+        """Write the ids to ``f`` (``where`` names it in the log), one batch of documents
+        at a time; return the counts of tokens and documents."""
         from unbottle.core.models.loading import encode_documents
         from unbottle.core.progress import progress_bar
 
@@ -229,11 +231,12 @@ class Corpus:
                 advance(documents=documents, tokens=tokens)
         f.flush()
         log.info(
-            "tokens: %s, %d documents, %d tokens in %.1f s",
+            "tokens: %s, %d documents, %d tokens in %.1f s, to %s",
             self.what,
             documents,
             tokens,
             time.perf_counter() - start,
+            where,
         )
         return tokens, documents
 
