@@ -276,6 +276,7 @@ class EvalContext:
     """The held-out material every metric may draw on."""
 
     tokenizer: PreTrainedTokenizerBase
+    #: The held-out corpus, each document followed by a page break (``read_text``).
     valid_text: str
     questions: list[dict[str, str]]
     model_dir: Path
