@@ -14,13 +14,18 @@ of most pretraining dumps):
 - ``from disk, cached``: the same with the tokenizer and the token file already in the
   cache, as a rerun or a resumed run finds them.
 
+The demo world's prose repeats a small vocabulary of words, and a tokenizer trainer's
+memory grows with the distinct words it counts. ``--words N`` writes instead documents
+of 300 words drawn from N random letter strings by a Zipf law (exponent 1.1), as real
+text has many distinct words and a long tail of rare ones.
+
 Each reports the seconds, the peak resident memory above the process's baseline (the
 high-water mark, reset after the imports), the anonymous memory still held once the ids
 are ready (what the training that follows keeps: a mapped token file is page cache, not
 counted there), and checks that all three give the same tokenizer and the same ids.
 
     .venv/bin/python bench/pretrain_data.py [--megabytes 64] [--rounds 3] [--vocab 8192] \\
-        [--json out.json]
+        [--words N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -88,11 +93,34 @@ def child(way: str, corpus: Path, cache: Path, vocab: int) -> None:
     )
 
 
+def make_zipf_corpus(path: Path, megabytes: int, words: int) -> None:
+    """``megabytes`` of JSONL documents of 300 words, each drawn from ``words`` random
+    lowercase strings of 3 to 12 letters with a Zipf law (exponent 1.1), seeded."""
+    import random
+    import string
+
+    import numpy as np
+
+    pick = random.Random(0)
+    lexicon = [
+        "".join(pick.choices(string.ascii_lowercase, k=pick.randint(3, 12))) for _ in range(words)
+    ]
+    draw = np.random.default_rng(0)
+    written = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < megabytes * 1e6:
+            ranks = np.minimum(draw.zipf(1.1, 300), words) - 1
+            line = json.dumps({"text": " ".join(lexicon[r] for r in ranks) + "."}) + "\n"
+            f.write(line)
+            written += len(line)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--megabytes", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--words", type=int, default=0, help="a Zipf draw over N words")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -103,10 +131,13 @@ def main(argv: list[str]) -> int:
 
     runs: dict[str, list[dict]] = {way: [] for way in WAYS}
     with tempfile.TemporaryDirectory(dir=Path.home() / ".cache") as tmp:
-        text = Path(tmp) / "corpus.txt"
-        make_corpus(text, args.megabytes)  # and corpus.jsonl beside it
-        corpus = text.with_suffix(".jsonl")
-        text.unlink()
+        corpus = Path(tmp) / "corpus.jsonl"
+        if args.words:
+            make_zipf_corpus(corpus, args.megabytes, args.words)
+        else:
+            text = corpus.with_suffix(".txt")
+            make_corpus(text, args.megabytes)  # and corpus.jsonl beside it
+            text.unlink()
         for r in range(args.rounds):
             cache = Path(tmp) / f"tokens-{r}"  # empty for "from disk", then filled by it
             order = ("in memory", "from disk") if r % 2 == 0 else ("from disk", "in memory")
@@ -127,9 +158,10 @@ def main(argv: list[str]) -> int:
         for way in WAYS
     }
     tokens = runs[WAYS[0]][0]["tokens"]
+    prose = f"a Zipf draw over {args.words:,} words" if args.words else "the demo's prose"
     print(
-        f"\n{jsonl_mb:.1f} MB of JSONL, {tokens:,} tokens, a {args.vocab:,}-token tokenizer, "
-        f"{args.rounds} rounds (medians)\n"
+        f"\n{jsonl_mb:.1f} MB of JSONL ({prose}), {tokens:,} tokens, a {args.vocab:,}-token "
+        f"tokenizer, {args.rounds} rounds (medians)\n"
     )
     print("| way | seconds | peak above baseline (MB) | per token | anonymous memory held (MB) |")
     print("|---|---:|---:|---:|---:|")
@@ -148,6 +180,7 @@ def main(argv: list[str]) -> int:
                     "jsonl_megabytes": jsonl_mb,
                     "tokens": tokens,
                     "vocab": args.vocab,
+                    "words": args.words or None,
                     "medians": rows,
                     "runs": runs,
                 },
