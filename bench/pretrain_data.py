@@ -12,7 +12,10 @@ of most pretraining dumps):
   tokenizer trained on them as they come, the ids written to a uint16 token file and
   memory-mapped (``unbottle.core.data.corpus.Corpus``, as the stage calls it);
 - ``from disk, cached``: the same with the tokenizer and the token file already in the
-  cache, as a rerun or a resumed run finds them.
+  cache, as a rerun or a resumed run finds them;
+- with ``--sample-documents K``, ``from disk, tokenizer on a sample``: from disk, the
+  tokenizer trained on K documents drawn at random (``pretrain.tokenizer.sample_documents``),
+  so its tokenizer and ids differ from the others'.
 
 The demo world's prose repeats a small vocabulary of words, and a tokenizer trainer's
 memory grows with the distinct words it counts. ``--words N`` writes instead documents
@@ -22,10 +25,10 @@ text has many distinct words and a long tail of rare ones.
 Each reports the seconds, the peak resident memory above the process's baseline (the
 high-water mark, reset after the imports), the anonymous memory still held once the ids
 are ready (what the training that follows keeps: a mapped token file is page cache, not
-counted there), and checks that all three give the same tokenizer and the same ids.
+counted there), and checks that the first three give the same tokenizer and the same ids.
 
     .venv/bin/python bench/pretrain_data.py [--megabytes 64] [--rounds 3] [--vocab 8192] \\
-        [--words N] [--json out.json]
+        [--words N] [--sample-documents K] [--json out.json]
 """
 
 from __future__ import annotations
@@ -48,9 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encode_corpus import _status_mb, make_corpus, reset_peak_rss
 
 WAYS = ("in memory", "from disk", "from disk, cached")
+SAMPLED = "from disk, tokenizer on a sample"
 
 
-def child(way: str, corpus: Path, cache: Path, vocab: int) -> None:
+def child(way: str, corpus: Path, cache: Path, vocab: int, sample: int | None) -> None:
     import numpy as np
 
     from unbottle.core.data.corpus import Corpus
@@ -70,7 +74,7 @@ def child(way: str, corpus: Path, cache: Path, vocab: int) -> None:
         ids = encode_stream(tokenizer, text)
     else:
         source = Corpus(corpus, "corpus", token_cache=cache)
-        tokenizer = source.train_tokenizer(vocab)
+        tokenizer = source.train_tokenizer(vocab, sample=sample if way == SAMPLED else None)
         ids = source.token_ids(tokenizer)
     seconds = time.perf_counter() - start
     peak, held = _status_mb("VmHWM") - baseline, _status_mb("RssAnon") - anonymous
@@ -121,15 +125,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--words", type=int, default=0, help="a Zipf draw over N words")
+    parser.add_argument("--sample-documents", type=int, help="a row training on K documents")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        way, corpus, cache, vocab = args.child
-        child(way, Path(corpus), Path(cache), int(vocab))
+        way, corpus, cache, vocab, sample = args.child
+        child(way, Path(corpus), Path(cache), int(vocab), int(sample) or None)
         return 0
 
-    runs: dict[str, list[dict]] = {way: [] for way in WAYS}
+    ways = (*WAYS, SAMPLED) if args.sample_documents else WAYS
+    runs: dict[str, list[dict]] = {way: [] for way in ways}
     with tempfile.TemporaryDirectory(dir=Path.home() / ".cache") as tmp:
         corpus = Path(tmp) / "corpus.jsonl"
         if args.words:
@@ -141,11 +147,11 @@ def main(argv: list[str]) -> int:
         for r in range(args.rounds):
             cache = Path(tmp) / f"tokens-{r}"  # empty for "from disk", then filled by it
             order = ("in memory", "from disk") if r % 2 == 0 else ("from disk", "in memory")
-            for way in (*order, "from disk, cached"):
-                cmd = [sys.executable, __file__, "--child", way, str(corpus), str(cache)]
-                out = subprocess.run(
-                    [*cmd, str(args.vocab)], check=True, capture_output=True, text=True
-                ).stdout
+            for way in (*order, "from disk, cached", *ways[len(WAYS) :]):
+                where = cache if way != SAMPLED else Path(tmp) / f"sampled-{r}"
+                cmd = [sys.executable, __file__, "--child", way, str(corpus), str(where)]
+                cmd += [str(args.vocab), str(args.sample_documents or 0)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 runs[way].append(json.loads(out.strip().splitlines()[-1]))
                 print(f"round {r + 1} {way}: {runs[way][-1]}", file=sys.stderr)
         jsonl_mb = corpus.stat().st_size / 1e6
@@ -155,7 +161,7 @@ def main(argv: list[str]) -> int:
     figures = ("seconds", "peak_above_baseline_mb", "anonymous_held_mb")
     rows = {
         way: {figure: statistics.median(run[figure] for run in runs[way]) for figure in figures}
-        for way in WAYS
+        for way in ways
     }
     tokens = runs[WAYS[0]][0]["tokens"]
     prose = f"a Zipf draw over {args.words:,} words" if args.words else "the demo's prose"
@@ -181,6 +187,7 @@ def main(argv: list[str]) -> int:
                     "tokens": tokens,
                     "vocab": args.vocab,
                     "words": args.words or None,
+                    "sample_documents": args.sample_documents,
                     "medians": rows,
                     "runs": runs,
                 },

@@ -421,3 +421,48 @@ def test_the_pipeline_keeps_tokenizer_and_token_file_in_the_workspace_cache(
     tokenizer_file.write_text('{"model": ', encoding="utf-8")
     assert run("third") == first
     assert json.loads(tokenizer_file.read_text(encoding="utf-8"))["model"]["type"] == "BPE"
+
+
+def test_a_tokenizer_sample_is_uniform_seeded_and_in_corpus_order(tmp_path):
+    """Reservoir sampling (Algorithm R): each of n documents is in a sample of k with
+    probability k/n, the same seed draws the same sample, and the sample keeps the
+    corpus's order."""
+    from collections import Counter
+
+    from unbottle.core.data.corpus import Corpus
+
+    docs = [f"Document {i}." for i in range(10)]
+    corpus = Corpus(write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in docs]), "t")
+    assert corpus.sample(3, seed=7) == corpus.sample(3, seed=7)
+    assert corpus.sample(20, seed=0) == docs  # asked for more than there are: all of them
+    counts: Counter[str] = Counter()
+    for seed in range(2000):
+        drawn = corpus.sample(3, seed)
+        assert len(drawn) == 3 and drawn == sorted(drawn, key=docs.index)
+        counts.update(drawn)
+    # 600 expected per document; a binomial's standard deviation here is about 20.
+    assert all(abs(counts[d] - 600) < 100 for d in docs), counts
+
+
+def test_pretrain_trains_the_tokenizer_on_a_sample_when_asked(tmp_path, tiny_data, monkeypatch):
+    from unbottle.core.config.schema import Params
+    from unbottle.core.models import loading
+    from unbottle.core.registry import get_registry
+    from unbottle.core.stages.pretrain import pretrain
+
+    params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"]}}
+    params["pretrain"]["tokenizer"] = {"vocab_size": 300, "sample_documents": 5}
+    cfg = Params.model_validate(params)
+    train, seen = loading.train_tokenizer, []
+
+    def spy(texts, vocab_size):
+        seen.append(list(texts))
+        return train(seen[-1], vocab_size)
+
+    monkeypatch.setattr(loading, "train_tokenizer", spy)
+    corpus = tiny_data / "corpus" / "train.txt"
+    pretrain(
+        cfg.pretrain, train_text=corpus, out_dir=tmp_path / "out", seed=3, registry=get_registry()
+    )
+    all_docs = documents(corpus.read_text(encoding="utf-8"))
+    assert len(seen) == 1 and len(seen[0]) == 5 and set(seen[0]) <= set(all_docs)

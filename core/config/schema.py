@@ -101,6 +101,9 @@ class DataParams(Section):
 
 class TokenizerParams(Section):
     vocab_size: int = Field(1024, ge=300, le=262144)
+    # Train on this many documents drawn at random from the corpus (None: on all): the
+    # trainer's memory grows with the distinct words it counts.
+    sample_documents: int | None = Field(None, ge=1)
 
 
 class ModelParams(Section):

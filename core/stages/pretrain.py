@@ -59,7 +59,9 @@ def pretrain(
         if valid_text is None:
             raise ValueError(f"pretrain: objective {objective.name} needs the held-out text")
         held_out = Corpus(valid_text, "data.valid_text", token_cache=token_cache)
-    tokenizer = corpus.train_tokenizer(cfg.tokenizer.vocab_size)
+    tokenizer = corpus.train_tokenizer(
+        cfg.tokenizer.vocab_size, sample=cfg.tokenizer.sample_documents, seed=seed
+    )
     # Check the memory on a weightless (meta) copy first: refuse before allocating.
     with torch.device("meta"):
         skeleton = objective.build_model(cfg.model, tokenizer, seed)
