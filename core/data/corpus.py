@@ -1,19 +1,21 @@
 """A training corpus read from disk as it is needed, and its token ids in a file.
 
 Held in memory, a corpus costs per token its text (about 4 bytes), the documents' copy
-of it and the ids as int64 arrays with their concatenation: above 25 bytes a token
-while it is tokenized (BENCHMARKS, "Pretraining's data, from disk"). Here the documents
-are read from the files as they are needed
+of it and the ids as int64 arrays with their concatenation: over 20 bytes a token while
+it is tokenized (BENCHMARKS, "Pretraining's data, from disk"). Here the documents are
+read from the files as they are needed
 (:func:`~unbottle.core.models.loading.iter_documents`), and the ids are written once to a
 flat file of ``uint16`` (``uint32`` for a vocabulary beyond 65,536 tokens) that training
 reads through a memory map, as nanoGPT's ``train.bin``: the ids live in the page cache,
-2 bytes a token, and the process holds one batch of documents at a time.
+2 bytes a token, and the process holds one batch of documents at a time, besides the
+tokenizer trainer's count of each distinct word (:meth:`Corpus.sample` bounds that).
 
 With a cache folder, the token file is kept there under the sha256 of the corpus, the
-tokenizer and the code that reads and encodes them, so a rerun or a resumed run maps it
-instead of tokenizing again; without one it is an unnamed temporary file, gone once
-unmapped. The tokenizer the pretrain stage trains on the corpus is kept beside it, under
-the sha256 of the corpus, the vocabulary size and the code.
+tokenizer, the code that reads and encodes them and the tokenizers version, so a rerun
+or a resumed run maps it instead of tokenizing again; without one it is an unnamed
+temporary file, gone once unmapped. The tokenizer the pretrain stage trains on the
+corpus is kept beside it, under the sha256 of the corpus, the vocabulary size, the
+sample, the code and the tokenizers version.
 """
 
 from __future__ import annotations
@@ -113,12 +115,14 @@ class Corpus:
 
         pick = random.Random(seed)
         reservoir: list[tuple[int, str]] = []
+        seen = 0
         for i, doc in enumerate(self.documents()):
+            seen = i + 1
             if i < count:
                 reservoir.append((i, doc))
-            elif (j := pick.randrange(i + 1)) < count:
+            elif (j := pick.randrange(seen)) < count:
                 reservoir[j] = (i, doc)
-        log.info("tokenizer: a sample of %d of %d documents", len(reservoir), i + 1)
+        log.info("tokenizer: a sample of %d of %d documents", len(reservoir), seen)
         return [doc for _, doc in sorted(reservoir)]
 
     def train_tokenizer(
@@ -232,11 +236,16 @@ class Corpus:
         return record
 
     def _key(self, **parts: object) -> str:
-        """A cache key: the sha256 of ``parts``, the corpus and the code that reads it."""
+        """A cache key: the sha256 of ``parts``, the corpus, the code that reads it and the
+        tokenizers library that trains and runs the tokenizer."""
+        import tokenizers
+
         from unbottle.core.store.cache import code_hashes, digest
 
         code = code_hashes(("core.models.loading", "core.data.corpus"))
-        return digest({"corpus": self.sha256, "code": code, **parts})
+        return digest(
+            {"corpus": self.sha256, "code": code, "tokenizers": tokenizers.__version__, **parts}
+        )
 
     def _write_tokens(
         self, f: BinaryIO, tokenizer: PreTrainedTokenizerBase, dtype: np.dtype, where: str
