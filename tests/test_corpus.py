@@ -391,7 +391,7 @@ def test_the_pipeline_keeps_tokenizer_and_token_file_in_the_workspace_cache(
     cache = cache_root(root) / "tokens"
 
     def run(out: str):
-        pretrain(
+        result = pretrain(
             params.pretrain,
             train_text=root / params.data.train_text,
             out_dir=tmp_path / out,
@@ -399,12 +399,17 @@ def test_the_pipeline_keeps_tokenizer_and_token_file_in_the_workspace_cache(
             registry=get_registry(),
             token_cache=cache,
         )
+        metrics.append(result.metrics)
         return {n: sha256_file(tmp_path / out / n) for n in ("model.safetensors", "tokenizer.json")}
 
+    metrics: list[dict] = []
     first = run("first")
     (token_file,) = cache.glob("*.tokens")
     record = json.loads(token_file.with_suffix(".json").read_text(encoding="utf-8"))
     assert record["dtype"] == "uint16" and token_file.stat().st_size == 2 * record["tokens"]
+    # The metrics say how much of the corpus training went over.
+    assert metrics[0]["corpus_tokens"] == record["tokens"]
+    assert metrics[0]["epochs"] == metrics[0]["train_tokens"] / record["tokens"]
     assert record["documents"] == len(documents(read_text(root / params.data.train_text, "t")))
     assert len(list(cache.glob("*.tokenizer.json"))) == 1
 

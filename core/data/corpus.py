@@ -62,7 +62,9 @@ class Corpus:
         self.path: Path | None = Path(path)
         self.what, self.token_cache = what, token_cache
         self._text: str | None = None
-        self.document_count: int | None = None  # known once tokenized
+        # Known once tokenized (or the token file found):
+        self.document_count: int | None = None
+        self.token_count: int | None = None
 
     @classmethod
     def of_text(cls, text: str, what: str = "text") -> Corpus:
@@ -179,17 +181,20 @@ class Corpus:
         dtype = token_dtype(len(tokenizer))
         if self.path is None:
             pieces = [np.empty(0, dtype), *encode_documents(tokenizer, self.documents())]
-            return torch.from_numpy(np.concatenate(pieces).astype(dtype, copy=False))
-        if self.token_cache is None:
+            ids = torch.from_numpy(np.concatenate(pieces).astype(dtype, copy=False))
+        elif self.token_cache is None:
             with tempfile.TemporaryFile(prefix="unbottle-tokens-") as f:
                 count, self.document_count = self._write_tokens(
                     f, tokenizer, dtype, "a temporary file"
                 )
-                return _map(f, dtype, count)  # the mapping keeps the unnamed file alive
-        path, record = self._cached(tokenizer, dtype)
-        self.document_count = record["documents"]
-        with open(path, "rb") as f:
-            return _map(f, dtype, record["tokens"])
+                ids = _map(f, dtype, count)  # the mapping keeps the unnamed file alive
+        else:
+            path, record = self._cached(tokenizer, dtype)
+            self.document_count = record["documents"]
+            with open(path, "rb") as f:
+                ids = _map(f, dtype, record["tokens"])
+        self.token_count = ids.numel()
+        return ids
 
     def _cached(self, tokenizer: PreTrainedTokenizerBase, dtype: np.dtype) -> tuple[Path, dict]:
         """The cache's token file for ``tokenizer`` and its record, written if missing or

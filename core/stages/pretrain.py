@@ -67,7 +67,11 @@ def pretrain(
         skeleton = objective.build_model(cfg.model, tokenizer, seed)
     ctx = PretrainContext(corpus, tokenizer, cfg.train.seq_len, seed)
     data = objective.batches(ctx)
-    documents = "" if corpus.document_count is None else f"{corpus.document_count} documents, "
+    documents = (
+        ""
+        if corpus.document_count is None
+        else f"{corpus.document_count} documents, {corpus.token_count} tokens, "
+    )
     (log.info if is_main_process() else log.debug)(
         "pretrain: %s%d examples, vocabulary %d, objective %s",
         documents,
@@ -108,6 +112,10 @@ def pretrain(
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
     }
+    if corpus.token_count:  # the objective took the token ids (clm, mlm)
+        # How many times training went over the corpus: below 1, it saw part of it.
+        metrics["corpus_tokens"] = corpus.token_count
+        metrics["epochs"] = metrics["train_tokens"] / corpus.token_count
     if held_out is not None:
         held_out_ctx = PretrainContext(held_out, tokenizer, ctx.seq_len, seed)
         metrics.update(objective.evaluate(model, held_out_ctx))
