@@ -85,11 +85,11 @@ class Corpus:
     def text(self) -> str:
         """The whole corpus as one string (each document then a page break): it is held
         in memory, which :meth:`documents` and :meth:`token_ids` avoid."""
-        from unbottle.core.models.loading import DOCUMENT_BREAK
+        from unbottle.core.models.loading import read_text
 
         if self.path is None:
             return self._text or ""
-        return "".join(doc + DOCUMENT_BREAK for doc in self.documents())
+        return read_text(self.path, self.what)
 
     def check(self) -> None:
         """Read the whole corpus once, holding one document at a time: every fault it has
