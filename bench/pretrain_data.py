@@ -29,6 +29,8 @@ counted there), and checks that the first three give the same tokenizer and the 
 
     .venv/bin/python bench/pretrain_data.py [--megabytes 64] [--rounds 3] [--vocab 8192] \\
         [--words N] [--sample-documents K] [--json out.json]
+
+``--write-corpus PATH`` only writes the corpus (for a run of the stage itself).
 """
 
 from __future__ import annotations
@@ -119,6 +121,19 @@ def make_zipf_corpus(path: Path, megabytes: int, words: int) -> None:
             written += len(line)
 
 
+def write_jsonl_corpus(path: Path, megabytes: int, words: int) -> None:
+    """The corpus the ways run on: the demo's prose, or a Zipf draw over ``words``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if words:
+        make_zipf_corpus(path, megabytes, words)
+        return
+    text = path.with_suffix(".txt")
+    make_corpus(text, megabytes)  # and the same documents as JSONL beside it
+    text.unlink()
+    if path != text.with_suffix(".jsonl"):
+        text.with_suffix(".jsonl").replace(path)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--megabytes", type=int, default=64)
@@ -127,6 +142,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--words", type=int, default=0, help="a Zipf draw over N words")
     parser.add_argument("--sample-documents", type=int, help="a row training on K documents")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--write-corpus", type=Path, help="only write the JSONL corpus there")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -134,16 +150,14 @@ def main(argv: list[str]) -> int:
         child(way, Path(corpus), Path(cache), int(vocab), int(sample) or None)
         return 0
 
+    if args.write_corpus:  # the corpus alone, for a run of the stage itself
+        write_jsonl_corpus(args.write_corpus, args.megabytes, args.words)
+        return 0
     ways = (*WAYS, SAMPLED) if args.sample_documents else WAYS
     runs: dict[str, list[dict]] = {way: [] for way in ways}
     with tempfile.TemporaryDirectory(dir=Path.home() / ".cache") as tmp:
         corpus = Path(tmp) / "corpus.jsonl"
-        if args.words:
-            make_zipf_corpus(corpus, args.megabytes, args.words)
-        else:
-            text = corpus.with_suffix(".txt")
-            make_corpus(text, args.megabytes)  # and corpus.jsonl beside it
-            text.unlink()
+        write_jsonl_corpus(corpus, args.megabytes, args.words)
         for r in range(args.rounds):
             cache = Path(tmp) / f"tokens-{r}"  # empty for "from disk", then filled by it
             order = ("in memory", "from disk") if r % 2 == 0 else ("from disk", "in memory")
