@@ -139,7 +139,8 @@ class KnowledgeDistillation:
             starts = torch.randint(
                 0, stream.numel() - c.seq_len, (c.batch_size,), generator=generator
             )
-            ids = torch.stack([stream[s : s + c.seq_len] for s in starts.tolist()])  # (B, T)
+            # The stream may be mapped in a narrow type: widen only the windows drawn.
+            ids = torch.stack([stream[s : s + c.seq_len].long() for s in starts.tolist()])
             return {"input_ids": ids, "labels": ids}
 
         def loss_fn(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -471,3 +471,43 @@ def test_pretrain_trains_the_tokenizer_on_a_sample_when_asked(tmp_path, tiny_dat
     )
     all_docs = documents(corpus.read_text(encoding="utf-8"))
     assert len(seen) == 1 and len(seen[0]) == 5 and set(seen[0]) <= set(all_docs)
+
+
+def test_compress_maps_the_training_ids_and_holds_only_its_calibration_windows(
+    tmp_path, pipeline_run
+):
+    """The compress stage draws calibration windows (and kd its batches) from the training
+    text's token file mapped in its narrow type, as pretraining does, not from a LongTensor
+    copy of 8 bytes a token: a user's pretraining corpus is often the calibration text."""
+    import torch
+
+    from unbottle.core.registry import get_registry
+    from unbottle.core.stages.compress import prepare
+
+    layout, params = pipeline_run["layout"], pipeline_run["params"]
+    cache = tmp_path / "tokens"
+    bench = prepare(
+        params.compress,
+        model=layout.artifact("finetune"),
+        train_text=layout.root / params.data.train_text,
+        seed=0,
+        registry=get_registry(),
+        token_cache=cache,
+    )
+    (token_file,) = cache.glob("*.tokens")
+    assert bench.stream.dtype == torch.uint16
+    assert bench.stream.numel() * 2 == token_file.stat().st_size
+    mapped = Path("/proc/self/maps").read_text(encoding="utf-8")
+    assert str(token_file.resolve()) in mapped, "the ids are not the token file, mapped"
+    # The windows a quantizer feeds the model are LongTensors of the stream's ids.
+    seq_len = params.compress.calibration.seq_len
+    assert len(bench.calibration) == params.compress.calibration.samples
+    for window in bench.calibration:
+        assert window.dtype == torch.long and window.shape == (1, seq_len)
+    stream = bench.stream.long()
+    starts = [
+        s
+        for s in range(stream.numel() - seq_len)
+        if torch.equal(stream[s : s + seq_len], bench.calibration[0][0])
+    ]
+    assert starts, "a calibration window is not a window of the training ids"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -79,3 +80,18 @@ def test_the_teacher_itself_is_no_student() -> None:
     teacher, ctx = teacher_and_context()
     with pytest.raises(ConfigError, match=r"^distill kd: the student would be the teacher itself"):
         kd().distill(copy.deepcopy(teacher), ctx)
+
+
+def test_the_student_is_the_same_from_the_stages_narrow_mapped_stream() -> None:
+    """The compress stage hands ``train_ids`` in the token file's narrow type (uint16 up
+    to 65,536 tokens); kd widens only the windows it draws, and trains the same student."""
+    teacher, ctx = teacher_and_context()
+    narrow = dataclasses.replace(ctx, train_ids=ctx.train_ids.to(torch.uint16))
+
+    students = []
+    for context in (ctx, narrow):
+        torch.manual_seed(0)
+        student, _ = kd(layers=1, steps=4).distill(copy.deepcopy(teacher), context)
+        students.append(student.state_dict())
+    for name, weight in students[0].items():
+        assert torch.equal(weight, students[1][name]), name

@@ -48,7 +48,8 @@ CACHE_RECORD = "prefix.json"
 
 
 def calibration_batches(stream: Any, samples: int, seq_len: int, seed: int) -> list[Any]:
-    """``samples`` windows of ``seq_len`` tokens, each (1, T), drawn reproducibly."""
+    """``samples`` windows of ``seq_len`` tokens, each a (1, T) LongTensor, drawn
+    reproducibly from the 1-D ``stream`` of any integer type."""
     import torch
 
     from unbottle.core.contract.errors import DataError
@@ -60,7 +61,7 @@ def calibration_batches(stream: Any, samples: int, seq_len: int, seed: int) -> l
             f"than one window of {seq_len}; lower compress.calibration.seq_len"
         )
     starts = torch.randint(0, stream.numel() - seq_len, (samples,), generator=rng(seed + 1))
-    return [stream[s : s + seq_len].unsqueeze(0) for s in starts.tolist()]
+    return [stream[s : s + seq_len].long().unsqueeze(0) for s in starts.tolist()]
 
 
 # ------------------------------------------------------------------------ prefix cache
@@ -118,7 +119,7 @@ class Workbench:
     registry: Registry
     base: Any
     tokenizer: Any
-    stream: Any
+    stream: Any  # the training text's token ids, 1-D, mapped in their narrow type
     calibration: list[Any]
     plans: dict[str, list[tuple[CompressStep, Any]]]
     inputs: dict[str, str]
@@ -271,7 +272,9 @@ def prepare(
     }
     base, tokenizer = load_model(model)
     corpus = Corpus(train_text, "data.train_text", token_cache=token_cache)
-    stream = corpus.token_ids(tokenizer).long()  # the text itself is never held
+    # The ids stay mapped from the token file in their narrow type: only the windows
+    # drawn from them are held, so a pretraining corpus can be the calibration text.
+    stream = corpus.token_ids(tokenizer)
     calibration = calibration_batches(
         stream, cfg.calibration.samples, cfg.calibration.seq_len, seed
     )
