@@ -85,20 +85,22 @@ def compress_variant(
     from unbottle.core.registry import get_registry
     from unbottle.core.stages.compress import PrefixCache, prepare, reuse_or_build
     from unbottle.core.store.cache import VariantCache, cache_root
+    from unbottle.core.store.cache_pruning import using_cache
 
     params = _params(params_file, overrides)
     layout = Layout(Path(root))
-    bench = prepare(
-        params.compress,
-        model=layout.artifact("finetune"),
-        train_text=layout.resolve(params.data.train_text),
-        seed=params.seed,
-        registry=get_registry(),
-        token_cache=cache_root(layout.root) / "tokens",
-    )
-    cache = PrefixCache(layout.root / PREFIX_CACHE)
-    variants = VariantCache(cache_root(layout.root) / "variants")
-    return reuse_or_build(bench, name, Path(staging) / name, variants, cache, None)
+    with using_cache(cache_root(layout.root)):
+        bench = prepare(
+            params.compress,
+            model=layout.artifact("finetune"),
+            train_text=layout.resolve(params.data.train_text),
+            seed=params.seed,
+            registry=get_registry(),
+            token_cache=cache_root(layout.root) / "tokens",
+        )
+        cache = PrefixCache(layout.root / PREFIX_CACHE)
+        variants = VariantCache(cache_root(layout.root) / "variants")
+        return reuse_or_build(bench, name, Path(staging) / name, variants, cache, None)
 
 
 @task(task_run_name="evaluate {name}", cache_policy=NO_CACHE)
@@ -117,25 +119,27 @@ def evaluate_model(
         resolve_device,
     )
     from unbottle.core.store.cache import cache_root
+    from unbottle.core.store.cache_pruning import using_cache
 
     params = _params(params_file, overrides)
     layout = Layout(Path(root))
     cfg = params.evaluate
     registry = get_registry()
-    results, _ = measure_all(
-        {name: Path(model_dir)},
-        create_metrics(cfg, registry),
-        valid_text=read_text(layout.resolve(params.data.valid_text), "data.valid_text"),
-        questions=qa.read_pairs(layout.resolve(params.data.qa_test), "data.qa_test")[
-            : cfg.max_questions
-        ],
-        seed=params.seed,
-        device=resolve_device(cfg.device),
-        prompt_format=prompt_format_of(layout.artifact("finetune")),
-        train_pairs=qa.read_pairs(layout.resolve(params.data.qa_train), "data.qa_train"),
-        registry=registry,
-        row_cache=cache_root(layout.root) / "evaluations",
-    )
+    with using_cache(cache_root(layout.root)):
+        results, _ = measure_all(
+            {name: Path(model_dir)},
+            create_metrics(cfg, registry),
+            valid_text=read_text(layout.resolve(params.data.valid_text), "data.valid_text"),
+            questions=qa.read_pairs(layout.resolve(params.data.qa_test), "data.qa_test")[
+                : cfg.max_questions
+            ],
+            seed=params.seed,
+            device=resolve_device(cfg.device),
+            prompt_format=prompt_format_of(layout.artifact("finetune")),
+            train_pairs=qa.read_pairs(layout.resolve(params.data.qa_train), "data.qa_train"),
+            registry=registry,
+            row_cache=cache_root(layout.root) / "evaluations",
+        )
     return results[name]
 
 

@@ -24,6 +24,11 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Write input data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+cache_app = typer.Typer(
+    help="What the workspace cache (.cache/unbottle/) holds, and pruning it.",
+    invoke_without_command=True,
+)
+app.add_typer(cache_app, name="cache")
 
 ParamsOption = Annotated[
     Path | None,
@@ -518,8 +523,118 @@ def data_demo(
         typer.echo(f"{out / rel}  sha256:{digest[:12]}")
 
 
+@cache_app.callback()
+def cache_usage(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Every entry, as JSON.")] = False,
+) -> None:
+    """Each kind of entry in the workspace cache: how many, their size, what removing them
+    would free, and when they were last used."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from unbottle.core.store.cache import cache_root
+    from unbottle.core.store.cache_pruning import KINDS, cache_entries
+
+    cache = cache_root(Path.cwd())
+    entries = cache_entries(cache)
+    if as_json:
+        typer.echo(json.dumps([_entry_json(e) for e in entries], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{cache}")
+    for column in ("kind", "entries", "size", "frees", "last used", "oldest use"):
+        table.add_column(column, justify="left" if column == "kind" else "right")
+    for kind in KINDS:
+        mine = [e for e in entries if e.kind == kind]
+        if not mine:
+            table.add_row(kind, "0", "-", "-", "-", "-")
+            continue
+        table.add_row(
+            kind,
+            str(len(mine)),
+            _bytes(sum(e.size for e in mine)),
+            _bytes(sum(e.frees for e in mine)),
+            _ago(max(e.last_used for e in mine)),
+            _ago(min(e.last_used for e in mine)),
+        )
+    Console().print(table)
+    typer.echo(
+        "frees: what removing the entries gives back; the rest is hard-linked from "
+        "artifacts. `unbottle cache prune --older-than 30d` or `--max-size 20GB` prunes."
+    )
+
+
+@cache_app.command("prune")
+def cache_prune(
+    older_than: Annotated[
+        str | None,
+        typer.Option(help="Remove entries unused for longer than this: 30d, 12h, 2w."),
+    ] = None,
+    max_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Then remove the least recently used until the cache's own bytes are at "
+            "most this: 20GB, 500MiB (0 empties it)."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")
+    ] = False,
+) -> None:
+    """Remove cache entries by last use or total size. Refused while a stage or sweep of
+    the workspace runs; every entry is only saved work, rebuilt when next needed."""
+    from unbottle.core.store.cache import cache_root
+    from unbottle.core.store.cache_pruning import parse_age, parse_size, prune_cache
+
+    removed = prune_cache(
+        cache_root(Path.cwd()),
+        older_than=None if older_than is None else parse_age(older_than),
+        max_size=None if max_size is None else parse_size(max_size),
+        dry_run=dry_run,
+    )
+    verb = "would remove" if dry_run else "removed"
+    for entry in removed:
+        typer.echo(
+            f"{verb} {entry.what} {entry.key[:16]}  {_bytes(entry.size)}, "
+            f"last used {_ago(entry.last_used)}"
+        )
+    typer.echo(f"{verb} {len(removed)} entries, freeing {_bytes(sum(e.frees for e in removed))}")
+
+
+def _entry_json(entry) -> dict:
+    return {
+        "kind": entry.kind,
+        "what": entry.what,
+        "key": entry.key,
+        "paths": [str(p) for p in entry.paths],
+        "bytes": entry.size,
+        "frees": entry.frees,
+        "last_used": entry.last_used,
+    }
+
+
+def _bytes(count: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1000
+    raise AssertionError
+
+
+def _ago(when: float) -> str:
+    import time
+
+    seconds = max(0.0, time.time() - when)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return "just now"
+
+
 #: Commands that load no model for decoding: no reason to start them twice.
-LIGHT_COMMANDS = frozenset({"plugins", "show", "schedule", "data"})
+LIGHT_COMMANDS = frozenset({"plugins", "show", "schedule", "data", "cache"})
 
 
 def decodes(argv: list[str]) -> bool:

@@ -30,6 +30,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from unbottle.core.store.cache_pruning import mark_used
 from unbottle.core.store.locking import one_at_a_time
 
 if TYPE_CHECKING:
@@ -164,6 +165,7 @@ class Corpus:
                     log.warning("tokenizer: %s does not load (%s); training again", path, e)
                 else:
                     log.info("tokenizer: %s, from the cache", path)
+                    mark_used(path)
                     return tokenizer
             tokenizer = trained()
             write_text_atomic(path, tokenizer.backend_tokenizer.to_str())
@@ -222,6 +224,7 @@ class Corpus:
             record = json.loads(record_file.read_text(encoding="utf-8"))
             if path.stat().st_size == record["tokens"] * dtype.itemsize:
                 log.info("tokens: %s (%d tokens), from the cache", path, record["tokens"])
+                mark_used(record_file)
                 return record
             log.warning("tokens: %s is not the size its record says; tokenizing again", path)
         path.parent.mkdir(parents=True, exist_ok=True)

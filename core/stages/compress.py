@@ -40,6 +40,7 @@ from unbottle.core.store.artifacts import (
     write_json_atomic,
     write_manifest,
 )
+from unbottle.core.store.cache_pruning import mark_used
 from unbottle.core.store.code import strategy_code_hash
 
 log = logging.getLogger("unbottle.compress")
@@ -92,6 +93,7 @@ class PrefixCache:
             log.warning("compress: cached prefix %s is damaged; recomputing it", key[:12])
             return None
         model, _ = load_model(entry)
+        mark_used(record_file)
         return model, record["steps"]
 
     def put(self, key: str, model: Any, tokenizer: Any, steps: list[dict[str, Any]]) -> None:

@@ -25,6 +25,7 @@ from unbottle.core.store.artifacts import (
     write_text_atomic,
 )
 from unbottle.core.store.cache import cache_root
+from unbottle.core.store.cache_pruning import using_cache
 from unbottle.core.store.locking import stage_lock, sweep_leftovers
 
 log = logging.getLogger("unbottle.pipeline")
@@ -67,7 +68,10 @@ def run_stage(
 
     # Under torchrun every rank runs the stage and rank 0 alone writes: it alone locks.
     main = is_main_process()
-    with stage_lock(layout.artifacts, name) if main else contextlib.nullcontext():
+    with (
+        stage_lock(layout.artifacts, name) if main else contextlib.nullcontext(),
+        using_cache(cache_root(layout.root)),  # `unbottle cache prune` waits for the stage
+    ):
         if main:
             sweep_leftovers(layout.artifacts, name)
         stamp = fingerprint.fingerprint(name, params, layout, registry)

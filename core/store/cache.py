@@ -36,6 +36,7 @@ from unbottle.core.store.artifacts import (
     file_hashes,
     write_json_atomic,
 )
+from unbottle.core.store.cache_pruning import mark_used
 
 log = logging.getLogger("unbottle.cache")
 
@@ -113,6 +114,7 @@ class VariantCache:
         ):
             log.warning("cache: variant entry %s is damaged; not reusing it", key[:12])
             return None
+        mark_used(record_file)
         return record
 
     def restore(self, key: str, dst: Path) -> None:
@@ -159,6 +161,7 @@ class RowCache:
         if not intact:
             log.warning("cache: evaluation row %s is damaged; measuring again", key[:12])
             return None
+        mark_used(path)
         return record["row"], record["samples"]
 
     def put(self, key: str, row: dict[str, Any], samples: dict[str, Any]) -> None:

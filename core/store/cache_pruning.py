@@ -1,0 +1,230 @@
+"""What the workspace cache holds, and pruning it by last use or size.
+
+``.cache/unbottle/`` grows with every corpus, tokenizer, variant and evaluated model: a
+token file is 2 bytes a token, a variant as large as the model. Nothing in it is needed,
+only work saved, so it may be pruned at any time but while a stage or sweep is using it.
+
+Each kind of entry is one thing a cache lookup takes or leaves whole:
+
+- ``tokens``: a trained tokenizer (``<key>.tokenizer.json``) or a corpus's token ids
+  (``<key>.tokens`` and its record ``<key>.json``), each with its lock file;
+- ``variants``: a compressed variant's directory;
+- ``evaluations``: one model's evaluation row;
+- ``prefixes``: a float model after the first steps of a sweep's recipe.
+
+An entry's last use is the newest modification time of its files: a lookup that reuses
+an entry touches its record (:func:`mark_used`), so pruning by age removes what no run
+has used lately. A variant's files are hard links to the compress artifact's where the
+file system allows, so removing the entry frees only what no artifact also holds:
+:class:`CacheEntry` counts those bytes apart (``shared``).
+
+Every stage and sweep task holds a shared lock on ``.cache/unbottle/.in-use`` while it
+runs (:func:`using_cache`); pruning takes it exclusively, so it never removes an entry
+under a run that is reading it, and is refused in one line while one runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from unbottle.core.contract.errors import ConfigError, LockedError
+
+#: The kinds of entry, each a folder of the workspace cache.
+KINDS = ("tokens", "variants", "evaluations", "prefixes")
+IN_USE = ".in-use"
+_KEY = re.compile(r"\.?([0-9a-f]{64})")
+_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    kind: str
+    key: str
+    paths: tuple[Path, ...]
+    size: int  # bytes of its files
+    shared: int  # of those, bytes also linked from outside the entry (an artifact's)
+    last_used: float  # seconds since the epoch
+
+    @property
+    def what(self) -> str:
+        """The entry in words: a tokens entry is a tokenizer or a corpus's token ids."""
+        if self.kind == "tokens":
+            names = [p.name for p in self.paths]
+            return "tokenizer" if any(n.endswith(".tokenizer.json") for n in names) else "token ids"
+        return {"variants": "variant", "evaluations": "evaluation row"}.get(self.kind, "prefix")
+
+    @property
+    def frees(self) -> int:
+        """Bytes that removing the entry gives back to the disk."""
+        return self.size - self.shared
+
+    def remove(self) -> None:
+        for path in self.paths:
+            if path.is_dir() and not path.is_symlink():
+                # Renamed first, so that the entry disappears at once and whole.
+                doomed = path.with_name(f".{path.name}.pruned-{os.getpid()}")
+                os.replace(path, doomed)
+                shutil.rmtree(doomed)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def mark_used(record: Path) -> None:
+    """Record a reuse of the entry whose record file is ``record`` (its last use)."""
+    with contextlib.suppress(OSError):  # a read-only cache still serves
+        os.utime(record)
+
+
+@contextlib.contextmanager
+def using_cache(cache: Path) -> Iterator[None]:
+    """Hold a shared lock on the cache for the block: pruning waits for no one and is
+    refused while any holder runs. Many runs may hold it at once."""
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _alone(cache: Path) -> Iterator[None]:
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise LockedError(
+                f"cache: a stage or sweep of this workspace is using {cache}; prune it "
+                "when the run has finished"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def cache_entries(cache: Path) -> list[CacheEntry]:
+    """Every entry of the workspace cache ``cache``, by kind, then oldest use first."""
+    entries: list[CacheEntry] = []
+    for kind in KINDS:
+        folder = cache / kind
+        if not folder.is_dir():
+            continue
+        groups: dict[str, list[Path]] = {}
+        for path in folder.iterdir():
+            # An entry's files and folders are named by its key (a tokens entry has
+            # several: the ids, their record, the lock, a dead writer's leftover).
+            match = _KEY.match(path.name)
+            key = match.group(1) if match else path.name
+            groups.setdefault(key, []).append(path)
+        entries += sorted(
+            (_entry(kind, key, paths) for key, paths in groups.items()),
+            key=lambda e: e.last_used,
+        )
+    return entries
+
+
+def _entry(kind: str, key: str, paths: list[Path]) -> CacheEntry:
+    size = shared = 0
+    last_used = 0.0
+    for path in paths:
+        for file in _files(path):
+            try:
+                stat = file.stat()
+            except FileNotFoundError:  # removed meanwhile (a lookup replacing a damaged one)
+                continue
+            size += stat.st_size
+            if stat.st_nlink > 1:
+                shared += stat.st_size
+            if not file.name.endswith(".lock"):  # opening a lock is no use of the entry
+                last_used = max(last_used, stat.st_mtime)
+    return CacheEntry(kind, key, tuple(sorted(paths)), size, shared, last_used)
+
+
+def _files(path: Path) -> Iterable[Path]:
+    if path.is_dir() and not path.is_symlink():
+        return (p for p in path.rglob("*") if not p.is_dir())
+    return (path,)
+
+
+def parse_age(text: str) -> float:
+    """``30d``, ``12h``, ``2w``, ``90m``, ``45s`` in seconds."""
+    match = _AGE.fullmatch(text.strip().lower())
+    if match is None:
+        raise ConfigError(
+            f"--older-than: {text!r} is not an age; give a number and a unit, s, m, h, d "
+            "or w (e.g. 30d)"
+        )
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """``20GB``, ``500MiB``, ``0`` in bytes (pydantic's ``ByteSize``)."""
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        raise ConfigError(
+            f"--max-size: {text!r} is not a size; give bytes or a number and a unit, "
+            "e.g. 20GB, 500MiB"
+        ) from None
+
+
+def to_prune(
+    entries: list[CacheEntry],
+    *,
+    older_than: float | None = None,
+    max_size: int | None = None,
+    now: float | None = None,
+) -> list[CacheEntry]:
+    """The entries to remove: those unused for more than ``older_than`` seconds, then the
+    least recently used of the rest until what remains holds at most ``max_size`` bytes
+    of its own (bytes shared with artifacts are not the cache's to give back)."""
+    now = time.time() if now is None else now
+    doomed = [e for e in entries if older_than is not None and now - e.last_used > older_than]
+    if max_size is not None:
+        kept = sorted((e for e in entries if e not in doomed), key=lambda e: e.last_used)
+        held = sum(e.frees for e in kept)
+        for entry in kept:
+            if held <= max_size:
+                break
+            doomed.append(entry)
+            held -= entry.frees
+    return doomed
+
+
+def prune_cache(
+    cache: Path,
+    *,
+    older_than: float | None = None,
+    max_size: int | None = None,
+    dry_run: bool = False,
+) -> list[CacheEntry]:
+    """Remove the entries :func:`to_prune` picks, unless ``dry_run``; return them. Refused
+    (:class:`LockedError`) while a run of the workspace uses the cache."""
+    if older_than is None and max_size is None:
+        raise ConfigError("cache prune: give --older-than AGE, --max-size SIZE or both")
+    with _alone(cache):
+        doomed = to_prune(cache_entries(cache), older_than=older_than, max_size=max_size)
+        if not dry_run:
+            for entry in doomed:
+                entry.remove()
+    return doomed

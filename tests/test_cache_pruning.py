@@ -1,0 +1,185 @@
+"""`unbottle cache` and `unbottle cache prune`: what the workspace cache holds, and
+removing entries by last use or by size, never under a run that uses them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_bad_input import assert_one_line, cli
+from unbottle.core.store.cache import RowCache, VariantCache, cache_root
+from unbottle.core.store.cache_pruning import (
+    CacheEntry,
+    cache_entries,
+    prune_cache,
+    to_prune,
+    using_cache,
+)
+
+DAY = 86400.0
+
+
+def key(n: int) -> str:
+    return f"{n:064x}"
+
+
+def age(paths: list[Path], days: float) -> None:
+    """Make the files look last used ``days`` ago."""
+    when = time.time() - days * DAY
+    for path in paths:
+        for file in [path, *path.rglob("*")] if path.is_dir() else [path]:
+            os.utime(file, (when, when))
+
+
+@pytest.fixture
+def filled(tmp_path: Path) -> Path:
+    """A workspace whose cache holds, written by the caches themselves: a token entry of
+    1,000 bytes, two evaluation rows, and a variant whose weights are hard-linked from an
+    artifact (as the compress stage leaves them)."""
+    cache = cache_root(tmp_path)
+    tokens = cache / "tokens"
+    tokens.mkdir(parents=True)
+    (tokens / f"{key(1)}.tokens").write_bytes(b"\0" * 1000)
+    (tokens / f"{key(1)}.json").write_text('{"tokens": 500}', encoding="utf-8")
+    (tokens / f"{key(1)}.lock").touch()
+    rows = RowCache(cache / "evaluations")
+    rows.put(key(2), {"perplexity": 3.0}, {})
+    rows.put(key(3), {"perplexity": 4.0}, {})
+    variant = tmp_path / "artifacts" / "compress" / "int4"
+    variant.mkdir(parents=True)
+    (variant / "model.safetensors").write_bytes(b"w" * 5000)
+    VariantCache(cache / "variants").put(key(4), variant, {"size_mb": 0.005})
+    return tmp_path
+
+
+def by_key(entries: list[CacheEntry]) -> dict[str, CacheEntry]:
+    return {e.key: e for e in entries}
+
+
+def test_entries_group_an_entrys_files_and_count_linked_bytes_apart(filled):
+    entries = by_key(cache_entries(cache_root(filled)))
+    assert set(entries) == {key(1), key(2), key(3), key(4)}
+    tokens = entries[key(1)]
+    assert tokens.kind == "tokens" and tokens.what == "token ids" and len(tokens.paths) == 3
+    assert tokens.size == 1000 + len('{"tokens": 500}') and tokens.frees == tokens.size
+    assert {entries[key(2)].kind, entries[key(3)].kind} == {"evaluations"}
+    variant = entries[key(4)]
+    assert variant.kind == "variants"
+    # The weights are the artifact's file too: removing the entry frees only its record.
+    assert variant.shared == 5000 and 0 < variant.frees < 1000
+
+
+def test_prune_by_age_removes_what_no_run_used_lately(filled):
+    cache = cache_root(filled)
+    age([cache / "tokens" / f"{key(1)}.{suffix}" for suffix in ("tokens", "json", "lock")], 40)
+    age([cache / "evaluations" / f"{key(2)}.json", cache / "evaluations" / f"{key(3)}.json"], 40)
+    age([cache / "variants" / key(4)], 40)
+    # A run reuses one row: the lookup marks it used, so it is no longer old.
+    assert RowCache(cache / "evaluations").get(key(3)) is not None
+
+    dry = prune_cache(cache, older_than=30 * DAY, dry_run=True)
+    assert {e.key for e in dry} == {key(1), key(2), key(4)}
+    assert len(cache_entries(cache)) == 4  # a dry run removes nothing
+
+    removed = prune_cache(cache, older_than=30 * DAY)
+    assert {e.key for e in removed} == {key(1), key(2), key(4)}
+    assert list(by_key(cache_entries(cache))) == [key(3)]
+    assert list((cache / "tokens").iterdir()) == []
+    # The artifact that shared the variant's weights is untouched.
+    variant = filled / "artifacts" / "compress" / "int4" / "model.safetensors"
+    assert variant.read_bytes() == b"w" * 5000
+
+
+def test_prune_by_size_removes_the_least_recently_used_first():
+    def entry(name: str, size: int, used: float, shared: int = 0) -> CacheEntry:
+        return CacheEntry("tokens", name, (), size, shared, used)
+
+    entries = [entry("a", 100, 1.0), entry("b", 100, 3.0), entry("c", 100, 2.0)]
+    assert [e.key for e in to_prune(entries, max_size=150, now=10.0)] == ["a", "c"]
+    assert [e.key for e in to_prune(entries, max_size=300, now=10.0)] == []
+    assert [e.key for e in to_prune(entries, max_size=0, now=10.0)] == ["a", "c", "b"]
+    # Bytes linked from artifacts are not the cache's: they do not count toward the size.
+    linked = [entry("a", 100, 1.0, shared=100), entry("b", 100, 2.0)]
+    assert to_prune(linked, max_size=100, now=10.0) == []
+    # Age first, then size over what is left.
+    assert [e.key for e in to_prune(entries, older_than=8.5, max_size=100, now=10.0)] == [
+        "a",
+        "c",
+    ]
+
+
+def test_the_cli_lists_the_cache_and_prunes_it(filled, capsys):
+    code, out, err = cli(["cache"], filled, capsys)
+    assert code == 0, err
+    lines = {line.split()[1]: line for line in out.splitlines() if line.count("│") > 2}
+    assert lines["tokens"].split("│")[2].strip() == "1"
+    assert lines["evaluations"].split("│")[2].strip() == "2"
+    assert lines["variants"].split("│")[2].strip() == "1"
+
+    code, out, err = cli(["cache", "--json"], filled, capsys)
+    assert code == 0, err
+    listed = json.loads(out)
+    assert sorted(e["key"] for e in listed) == [key(1), key(2), key(3), key(4)]
+    assert sum(e["bytes"] for e in listed) == sum(e.size for e in cache_entries(cache_root(filled)))
+
+    code, out, err = cli(["cache", "prune", "--max-size", "0"], filled, capsys)
+    assert code == 0, err
+    assert out.splitlines()[-1].startswith("removed 4 entries, freeing ")
+    assert cache_entries(cache_root(filled)) == []
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--older-than", "soon"], r"--older-than: 'soon' is not an age; .*30d"),
+        (["--older-than", "-3d"], r"--older-than: '-3d' is not an age"),
+        (["--max-size", "lots"], r"--max-size: 'lots' is not a size; .*20GB"),
+        ([], r"cache prune: give --older-than AGE, --max-size SIZE or both"),
+    ],
+)
+def test_bad_prune_options_are_one_line_and_remove_nothing(filled, capsys, args, pattern):
+    before = cache_entries(cache_root(filled))
+    assert_one_line(cli(["cache", "prune", *args], filled, capsys), pattern)
+    assert cache_entries(cache_root(filled)) == before
+
+
+def test_prune_is_refused_while_a_run_uses_the_cache(filled, capsys):
+    """A stage or sweep task holds the cache shared while it runs: pruning would remove
+    what it is about to read, so it is refused in one line, and nothing is removed."""
+    cache = cache_root(filled)
+    before = cache_entries(cache)
+    with using_cache(cache), using_cache(cache):  # two runs at once may share it
+        assert_one_line(
+            cli(["cache", "prune", "--max-size", "0"], filled, capsys),
+            r"cache: a stage or sweep of this workspace is using .*; prune it when",
+        )
+    assert cache_entries(cache) == before
+    assert len(prune_cache(cache, max_size=0)) == 4  # after the run: allowed
+
+
+def test_a_stage_holds_the_cache_while_it_runs(workspace, monkeypatch):
+    """run_stage takes the cache's shared lock: a prune attempted from inside a stage
+    (where a concurrent `unbottle cache prune` would land) is refused."""
+    from unbottle.core.config.loading import load_params
+    from unbottle.core.contract.errors import LockedError
+    from unbottle.core.stages import runner
+    from unbottle.core.stages.layout import Layout
+
+    seen: list[str] = []
+
+    def attempt(name, params, layout, registry):
+        try:
+            prune_cache(cache_root(layout.root), max_size=0)
+        except LockedError as e:
+            seen.append(str(e))
+        raise KeyboardInterrupt  # stop the stage here; nothing else to see
+
+    monkeypatch.setattr(runner, "_run", attempt)
+    params = load_params(workspace / "params.yaml", [])
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_stage("pretrain", params, Layout(workspace))
+    assert seen and "is using" in seen[0]
