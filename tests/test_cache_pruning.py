@@ -183,3 +183,32 @@ def test_a_stage_holds_the_cache_while_it_runs(workspace, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         runner.run_stage("pretrain", params, Layout(workspace))
     assert seen and "is using" in seen[0]
+
+
+def test_every_lookup_that_reuses_an_entry_marks_it_used(filled):
+    """Pruning by age goes by last use: the variant cache, the row cache and the token
+    cache (tokenizer and token ids) each touch the entry they hand back."""
+    from unbottle.core.data.corpus import Corpus
+
+    cache = cache_root(filled)
+    corpus = filled / "corpus.txt"
+    corpus.write_text("One document.\n\nAnother one, with words.\n", encoding="utf-8")
+    tokens = cache / "tokens"
+    tokenizer = Corpus(corpus, "t", token_cache=tokens).train_tokenizer(300)
+    Corpus(corpus, "t", token_cache=tokens).token_ids(tokenizer)
+    age([cache], 40)
+    assert len(prune_cache(cache, older_than=30 * DAY, dry_run=True)) == 6  # all old
+
+    assert VariantCache(cache / "variants").get(key(4)) is not None
+    assert RowCache(cache / "evaluations").get(key(2)) is not None
+    Corpus(corpus, "t", token_cache=tokens).train_tokenizer(300)
+    Corpus(corpus, "t", token_cache=tokens).token_ids(tokenizer)
+
+    old = {e.key for e in prune_cache(cache, older_than=30 * DAY, dry_run=True)}
+    fresh = {e.key for e in cache_entries(cache)} - old
+    assert {key(4), key(2)} <= fresh
+    assert {e.what for e in cache_entries(cache) if e.key in fresh and e.kind == "tokens"} == {
+        "tokenizer",
+        "token ids",
+    }
+    assert old == {key(1), key(3)}
