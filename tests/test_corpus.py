@@ -36,6 +36,22 @@ def test_blank_lines_separate_documents_unless_the_text_has_page_breaks():
     assert documents(text) == [ARTICLE, "Another\n\ndocument."]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_documents_come_one_at_a_time_as_the_whole_text_splits(seed):
+    """iter_text_documents (what evaluate's metrics read a held-out text through) gives
+    the blocks that splitting the whole text gives, on texts of random breaks."""
+    import random
+
+    from unbottle.core.models.loading import iter_text_documents
+
+    pick = random.Random(seed)
+    pieces = ["a", "bc", " ", "\n", "\n\n", "\n\n\n", DOCUMENT_BREAK, "\t", "word."]
+    for _ in range(300):
+        text = "".join(pick.choices(pieces, k=pick.randrange(0, 30)))
+        blocks = text.split(DOCUMENT_BREAK) if DOCUMENT_BREAK in text else text.split("\n\n")
+        assert list(iter_text_documents(text)) == [b.strip() for b in blocks if b.strip()]
+
+
 def test_a_jsonl_corpus_is_a_document_per_record_paragraphs_kept(tmp_path):
     from unbottle.core.models.loading import encode_stream, train_tokenizer
 

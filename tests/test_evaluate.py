@@ -98,6 +98,66 @@ def test_perplexity_refuses_a_held_out_text_shorter_than_the_window(tokenizer):
         metric.measure(KnownLogits(len(tokenizer)), context_for(tokenizer, "Short text."))
 
 
+def long_held_out(valid_text: str, copies: int = 200) -> str:
+    """The tiny held-out text many times over, each document ended by a page break."""
+    from unbottle.core.models.loading import DOCUMENT_BREAK, documents
+
+    return "".join(doc + DOCUMENT_BREAK for doc in documents(valid_text) * copies)
+
+
+@pytest.mark.parametrize("limit", [1, 7, 100, 1000, None])
+def test_the_held_out_token_ids_are_the_stream_cut_at_the_limit(tokenizer, valid_text, limit):
+    import torch
+
+    from unbottle.core.models.loading import documents, encode_stream
+
+    ctx = context_for(tokenizer, valid_text)
+    expected = encode_stream(tokenizer, valid_text)
+    ids = ctx.token_ids(limit)
+    assert ids.dtype == torch.long and torch.equal(ids, expected[:limit])
+    assert torch.equal(ctx.token_ids(), expected)  # asked again, for more: the whole text
+    assert list(ctx.documents()) == documents(valid_text)
+
+
+class CountingTokenizer:
+    """The tokenizer, counting the documents it is asked to encode."""
+
+    def __init__(self, tokenizer) -> None:
+        self.inner, self.documents = tokenizer, 0
+
+    def __call__(self, texts, **kw):
+        self.documents += len(texts) if isinstance(texts, list) else 1
+        return self.inner(texts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def test_perplexity_and_speed_tokenize_only_the_held_out_text_they_use(tokenizer, valid_text):
+    """A held-out file of any size costs a metric with a token budget the documents that
+    fill the budget, not a pass of the tokenizer over the whole file per model."""
+    from unbottle.core.models.loading import documents
+    from unbottle.plugins.metrics import Perplexity, prompt_batch
+
+    text = long_held_out(valid_text)
+    total = len(documents(text))
+    counting = CountingTokenizer(tokenizer)
+    ctx = context_for(counting, text)
+    result = Perplexity(Perplexity.Config(window=32, max_tokens=64)).measure(
+        KnownLogits(len(tokenizer)), ctx
+    )
+    assert result["perplexity_tokens"] == 64
+    assert counting.documents < total / 20, (counting.documents, total)
+
+    counting.documents = 0
+    prompts = prompt_batch(context_for(counting, text), 4, 16, "speed")
+    assert prompts.shape == (4, 16)
+    assert counting.documents < total / 20, (counting.documents, total)
+
+
 class Answering:
     """A model that answers each known question with a fixed text (greedy, batched)."""
 

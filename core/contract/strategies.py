@@ -12,7 +12,7 @@ this module stays cheap.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -294,6 +294,44 @@ class EvalContext:
     prompt_format: Any = None
     #: The solved training pairs (data.qa_train) that few-shot prompts draw examples from.
     train_pairs: list[dict[str, str]] = field(default_factory=list)
+    # token_ids' memo: the ids of the held-out text's opening documents, and whether
+    # they are all of it.
+    _ids: Any = field(default=None, init=False, repr=False, compare=False)
+    _ids_whole: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def documents(self) -> Iterator[str]:
+        """The held-out documents, one at a time, in order."""
+        from unbottle.core.models.loading import iter_text_documents
+
+        return iter_text_documents(self.valid_text)
+
+    def token_ids(self, limit: int | None = None) -> torch.Tensor:
+        """The held-out text's first ``limit`` token ids (None: all), a 1-D LongTensor with
+        each document followed by EOS, as the pretrain stage tokenizes a corpus. Only the
+        documents that fill ``limit`` are tokenized, so a metric with a token budget costs
+        the same on a held-out file of any size; the ids are kept for the next metric."""
+        import itertools
+
+        import numpy as np
+        import torch
+
+        from unbottle.core.models.loading import ENCODE_BATCH, encode_documents
+
+        have = self._ids
+        if have is not None and (self._ids_whole or (limit is not None and len(have) >= limit)):
+            return have[:limit]
+        docs, pieces, count, batch, whole = self.documents(), [np.empty(0, np.int64)], 0, 8, False
+        while limit is None or count < limit:
+            # A few documents first, more each round: a small budget tokenizes little.
+            encoded = list(encode_documents(self.tokenizer, itertools.islice(docs, batch)))
+            if not encoded:
+                whole = True
+                break
+            pieces += encoded
+            count += sum(len(ids) for ids in encoded)
+            batch = min(2 * batch, ENCODE_BATCH)
+        self._ids, self._ids_whole = torch.from_numpy(np.concatenate(pieces)), whole
+        return self._ids[:limit]
 
 
 @dataclass(frozen=True)

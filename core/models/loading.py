@@ -271,8 +271,22 @@ def _text_blocks(path: Path, what: str) -> Iterator[str]:
 def documents(text: str) -> list[str]:
     """A corpus's documents: the blocks between page breaks (:data:`DOCUMENT_BREAK`) where
     it has any, else the blocks between blank lines."""
-    blocks = text.split(DOCUMENT_BREAK) if DOCUMENT_BREAK in text else text.split("\n\n")
-    return [block.strip() for block in blocks if block.strip()]
+    return list(iter_text_documents(text))
+
+
+def iter_text_documents(text: str) -> Iterator[str]:
+    """:func:`documents` one at a time, so that a reader that needs the first few of a
+    large text neither splits nor copies the rest."""
+    separator = DOCUMENT_BREAK if DOCUMENT_BREAK in text else "\n\n"
+    start = 0
+    while start <= len(text):
+        end = text.find(separator, start)
+        if end < 0:
+            end = len(text)
+        block = text[start:end].strip()
+        if block:
+            yield block
+        start = end + len(separator)
 
 
 #: Documents tokenized per call of :func:`encode_stream`: a fast tokenizer spreads a batch

@@ -62,27 +62,26 @@ class Perplexity:
     def measure(self, model: Any, ctx: EvalContext) -> dict[str, float]:
         import torch
 
-        from unbottle.evaluation import encode_stream, progress_bar
+        from unbottle.evaluation import progress_bar
 
-        ids = encode_stream(ctx.tokenizer, ctx.valid_text)
         window = self.config.window or min(model.context, 512)
         window = min(window, model.context)
         # Windows overlap by at least one token: the first token of a window has no
         # prediction inside it, so the window before must score it.
         stride = min(self.config.stride or max(1, window // 2), window - 1)
+        budget = self.config.max_tokens
+        if budget is not None and budget < window:
+            raise DataError(
+                f"perplexity.max_tokens: {budget} is smaller than the window of {window}; "
+                "raise max_tokens or lower window"
+            )
+        # Only the scored tokens are tokenized; the first one is context only.
+        ids = ctx.token_ids(None if budget is None else budget + 1)
         if ids.numel() < window + 1:
             raise DataError(
                 f"perplexity: the held-out text has {ids.numel()} tokens, fewer than the "
                 f"window of {window} + 1; give more text or a smaller window"
             )
-        budget = self.config.max_tokens
-        if budget is not None:
-            if budget < window:
-                raise DataError(
-                    f"perplexity.max_tokens: {budget} is smaller than the window of {window}; "
-                    "raise max_tokens or lower window"
-                )
-            ids = ids[: budget + 1]  # the first token is context only
         # The window starts, up to the first window that reaches the end of the text.
         starts = list(range(0, ids.numel() - 1, stride))
         starts = starts[: next(i + 1 for i, s in enumerate(starts) if s + window >= ids.numel())]
@@ -211,9 +210,9 @@ class Samples:
         self.config = config
 
     def measure(self, model: Any, ctx: EvalContext) -> dict[str, float]:
-        from unbottle.evaluation import documents
+        import itertools
 
-        docs = documents(ctx.valid_text)[: self.config.count]
+        docs = list(itertools.islice(ctx.documents(), self.config.count))
         generations = []
         for doc in docs:
             prompt = " ".join(doc.split()[: self.config.prompt_words])
@@ -276,9 +275,9 @@ def prompt_batch(ctx: EvalContext, batch: int, tokens: int, what: str) -> Any:
     """``batch`` windows of ``tokens`` held-out tokens, each from a different place: (B, P)."""
     import torch
 
-    from unbottle.evaluation import encode_stream
-
-    ids = encode_stream(ctx.tokenizer, ctx.valid_text)
+    # The windows are the opening batch * tokens ids, one after another: only those are
+    # tokenized. A shorter text has its windows wrap around it.
+    ids = ctx.token_ids(batch * tokens)
     if ids.numel() < tokens:
         raise DataError(
             f"{what}: the held-out text has {ids.numel()} tokens, fewer than prompt_tokens "
