@@ -110,7 +110,7 @@ def evaluate_model(
     """Every configured metric on one model: (row, samples); a row cached for the same
     model, metrics and data is reused as it was measured."""
     from unbottle.core.data import prompts as qa
-    from unbottle.core.models.loading import read_text
+    from unbottle.core.data.corpus import Corpus
     from unbottle.core.registry import get_registry
     from unbottle.core.stages.evaluate import (
         create_metrics,
@@ -129,7 +129,7 @@ def evaluate_model(
         results, _ = measure_all(
             {name: Path(model_dir)},
             create_metrics(cfg, registry),
-            valid_text=read_text(layout.resolve(params.data.valid_text), "data.valid_text"),
+            valid_text=Corpus(layout.resolve(params.data.valid_text), "data.valid_text"),
             questions=qa.read_pairs(layout.resolve(params.data.qa_test), "data.qa_test")[
                 : cfg.max_questions
             ],

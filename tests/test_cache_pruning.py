@@ -212,3 +212,10 @@ def test_every_lookup_that_reuses_an_entry_marks_it_used(filled):
         "token ids",
     }
     assert old == {key(1), key(3)}
+
+
+def test_pruning_where_nothing_is_cached_removes_nothing_and_makes_no_folder(tmp_path, capsys):
+    code, out, err = cli(["cache", "prune", "--max-size", "0"], tmp_path, capsys)
+    assert code == 0, err
+    assert out.strip() == "removed 0 entries, freeing 0 B"
+    assert not (tmp_path / ".cache").exists()

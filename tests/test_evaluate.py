@@ -113,10 +113,10 @@ def test_the_held_out_token_ids_are_the_stream_cut_at_the_limit(tokenizer, valid
 
     ctx = context_for(tokenizer, valid_text)
     expected = encode_stream(tokenizer, valid_text)
-    ids = ctx.token_ids(limit)
+    ids = ctx.held_out_ids(limit)
     assert ids.dtype == torch.long and torch.equal(ids, expected[:limit])
-    assert torch.equal(ctx.token_ids(), expected)  # asked again, for more: the whole text
-    assert list(ctx.documents()) == documents(valid_text)
+    assert torch.equal(ctx.held_out_ids(), expected)  # asked again, for more: the whole text
+    assert list(ctx.corpus.documents()) == documents(valid_text)
 
 
 class CountingTokenizer:

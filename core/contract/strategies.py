@@ -12,8 +12,8 @@ this module stays cheap.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -274,42 +274,75 @@ class Distiller(Strategy, Protocol):
         ...
 
 
-@dataclass
 class EvalContext:
-    """The held-out material every metric may draw on."""
+    """The held-out material every metric may draw on.
 
-    tokenizer: PreTrainedTokenizerBase
-    #: The held-out corpus, each document followed by a page break (``read_text``).
-    valid_text: str
-    questions: list[dict[str, str]]
-    model_dir: Path
-    seed: int = 0
-    samples: dict[str, Any] = field(default_factory=dict)
-    #: What the metrics before this one measured for the same variant (a metric that
-    #: builds on another's figure, like ``roofline`` on ``decode_tokens_per_s``, reads it).
-    measured: dict[str, Any] = field(default_factory=dict)
-    #: How finetuning rendered prompts (chat template or completion), so a metric asks
-    #: ``questions`` the way the served model expects: ``prompt_format.prompt_text(tokenizer,
-    #: pair)``. None: the completion format.
-    prompt_format: Any = None
-    #: The solved training pairs (data.qa_train) that few-shot prompts draw examples from.
-    train_pairs: list[dict[str, str]] = field(default_factory=list)
-    # token_ids' memo: the ids of the held-out text's opening documents, and whether
-    # they are all of it.
-    _ids: Any = field(default=None, init=False, repr=False, compare=False)
-    _ids_whole: bool = field(default=False, init=False, repr=False, compare=False)
+    ``valid_text`` is given as a string or as a :class:`~unbottle.core.data.corpus.Corpus`
+    of files (what the evaluate stage gives): the held-out documents are then read from
+    the files as a metric needs them, so a held-out file of any size costs a metric with
+    a token budget only the documents that fill it.
 
-    def documents(self) -> Iterator[str]:
-        """The held-out documents, one at a time, in order."""
-        from unbottle.core.models.loading import iter_text_documents
+    - ``questions``: the held-out question/answer pairs (data.qa_test).
+    - ``samples``: examples a metric keeps for ``evaluation.json``.
+    - ``measured``: what the metrics before this one measured for the same model (a
+      metric that builds on another's figure, like ``roofline`` on
+      ``decode_tokens_per_s``, reads it).
+    - ``prompt_format``: how finetuning rendered prompts (chat template or completion),
+      so a metric asks ``questions`` the way the served model expects:
+      ``prompt_format.prompt_text(tokenizer, pair)``. None: the completion format.
+    - ``train_pairs``: the solved training pairs (data.qa_train) few-shot prompts draw
+      examples from.
+    """
 
-        return iter_text_documents(self.valid_text)
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        valid_text: str | Corpus,
+        questions: list[dict[str, str]],
+        model_dir: Path,
+        seed: int = 0,
+        samples: dict[str, Any] | None = None,
+        measured: dict[str, Any] | None = None,
+        prompt_format: Any = None,
+        train_pairs: list[dict[str, str]] | None = None,
+    ) -> None:
+        from unbottle.core.data.corpus import Corpus
 
-    def token_ids(self, limit: int | None = None) -> torch.Tensor:
-        """The held-out text's first ``limit`` token ids (None: all), a 1-D LongTensor with
-        each document followed by EOS, as the pretrain stage tokenizes a corpus. Only the
-        documents that fill ``limit`` are tokenized, so a metric with a token budget costs
-        the same on a held-out file of any size; the ids are kept for the next metric."""
+        self.tokenizer = tokenizer
+        self.corpus = (
+            valid_text
+            if isinstance(valid_text, Corpus)
+            else Corpus.of_text(valid_text, "data.valid_text")
+        )
+        self.questions, self.model_dir, self.seed = questions, model_dir, seed
+        self.samples = {} if samples is None else samples
+        self.measured = {} if measured is None else measured
+        self.prompt_format = prompt_format
+        self.train_pairs = [] if train_pairs is None else train_pairs
+        self._text: str | None = None
+        # held_out_ids' memo: the ids of the opening documents, and whether that is all.
+        self._ids: torch.Tensor | None = None
+        self._ids_whole = False
+
+    def __repr__(self) -> str:
+        where = self.corpus.path or "a string"
+        return f"EvalContext({where}, {len(self.questions)} questions, {self.model_dir})"
+
+    @property
+    def valid_text(self) -> str:
+        """The whole held-out corpus as one string, each document followed by a page
+        break; read into memory on first use and kept. Prefer :meth:`held_out_ids` or
+        ``corpus.documents()``, which read only what they need."""
+        if self._text is None:
+            self._text = self.corpus.text()
+        return self._text
+
+    def held_out_ids(self, limit: int | None = None) -> torch.Tensor:
+        """The held-out corpus's first ``limit`` token ids (None: all), a 1-D LongTensor
+        with each document followed by EOS, as the pretrain stage tokenizes a corpus. Only
+        the documents that fill ``limit`` are read and tokenized; the ids are kept for
+        the model's next metric."""
+        import contextlib
         import itertools
 
         import numpy as np
@@ -320,16 +353,17 @@ class EvalContext:
         have = self._ids
         if have is not None and (self._ids_whole or (limit is not None and len(have) >= limit)):
             return have[:limit]
-        docs, pieces, count, batch, whole = self.documents(), [np.empty(0, np.int64)], 0, 8, False
-        while limit is None or count < limit:
-            # A few documents first, more each round: a small budget tokenizes little.
-            encoded = list(encode_documents(self.tokenizer, itertools.islice(docs, batch)))
-            if not encoded:
-                whole = True
-                break
-            pieces += encoded
-            count += sum(len(ids) for ids in encoded)
-            batch = min(2 * batch, ENCODE_BATCH)
+        pieces, count, batch, whole = [np.empty(0, np.int64)], 0, 8, False
+        with contextlib.closing(self.corpus.documents()) as docs:  # closes the file early
+            while limit is None or count < limit:
+                # A few documents first, more each round: a small budget tokenizes little.
+                encoded = list(encode_documents(self.tokenizer, itertools.islice(docs, batch)))
+                if not encoded:
+                    whole = True
+                    break
+                pieces += encoded
+                count += sum(len(ids) for ids in encoded)
+                batch = min(2 * batch, ENCODE_BATCH)
         self._ids, self._ids_whole = torch.from_numpy(np.concatenate(pieces)), whole
         return self._ids[:limit]
 

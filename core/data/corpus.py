@@ -59,10 +59,19 @@ class Corpus:
     ``token_cache`` is the folder token files are kept in (see the module docstring).
     """
 
-    def __init__(self, path: Path, what: str, *, token_cache: Path | None = None) -> None:
-        self.path: Path | None = Path(path)
+    def __init__(
+        self,
+        path: Path | None,
+        what: str,
+        *,
+        token_cache: Path | None = None,
+        text: str | None = None,
+    ) -> None:
+        if (path is None) == (text is None):
+            raise TypeError("Corpus: give a path or a text, not both")
+        self.path: Path | None = None if path is None else Path(path)
         self.what, self.token_cache = what, token_cache
-        self._text: str | None = None
+        self._text = text
         # Known once tokenized (or the token file found):
         self.document_count: int | None = None
         self.token_count: int | None = None
@@ -71,16 +80,14 @@ class Corpus:
     def of_text(cls, text: str, what: str = "text") -> Corpus:
         """A corpus held as a string: its documents are what
         :func:`~unbottle.core.models.loading.documents` finds in it."""
-        corpus = cls(Path(), what)
-        corpus.path, corpus._text = None, text
-        return corpus
+        return cls(None, what, text=text)
 
     def documents(self) -> Iterator[str]:
         """The documents, in order, read as they are iterated."""
-        from unbottle.core.models.loading import documents, iter_documents
+        from unbottle.core.models.loading import iter_documents, iter_text_documents
 
         if self.path is None:
-            return iter(documents(self._text or ""))
+            return iter_text_documents(self._text or "")
         return iter_documents(self.path, self.what)
 
     def text(self) -> str:

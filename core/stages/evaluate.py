@@ -15,12 +15,15 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unbottle.core.config.schema import BASELINE, EvaluateParams
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult, strategy_record
 from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_json_atomic, write_manifest
+
+if TYPE_CHECKING:
+    from unbottle.core.data.corpus import Corpus
 
 log = logging.getLogger("unbottle.evaluate")
 PRETRAINED = "pretrained"
@@ -93,7 +96,7 @@ def measure_variant(
     model_dir: Path,
     metrics: Sequence[tuple[str, Any]],
     *,
-    valid_text: str,
+    valid_text: str | Corpus,
     questions: list[dict[str, str]],
     seed: int,
     device: str = "cpu",
@@ -128,7 +131,7 @@ def measure_runner(
     metrics: Sequence[tuple[str, Any]],
     *,
     fmt: str,
-    valid_text: str,
+    valid_text: str | Corpus,
     questions: list[dict[str, str]],
     seed: int,
     label: str = "",
@@ -203,14 +206,14 @@ class EvaluationInputs:
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """(row, samples) of a loaded model, measured as the evaluate stage measures."""
         from unbottle.core.data import prompts as task
-        from unbottle.core.models.loading import read_text
+        from unbottle.core.data.corpus import Corpus
 
         return measure_runner(
             runner,
             model_dir,
             metrics,
             fmt=runner.format,
-            valid_text=read_text(self.valid_text, "data.valid_text"),
+            valid_text=Corpus(self.valid_text, "data.valid_text"),
             questions=task.read_pairs(self.qa_test, "data.qa_test")[: self.cfg.max_questions],
             seed=self.seed,
             label=label,
@@ -246,11 +249,12 @@ def evaluate(
     """Measure the pretrained, finetuned and every compressed model and write the report.
     With ``row_cache``, a model whose row key is found there is not measured again."""
     from unbottle.core.data import prompts as task
-    from unbottle.core.models.loading import read_text
+    from unbottle.core.data.corpus import Corpus
     from unbottle.core.store.artifacts import verify_artifact
 
     metrics = create_metrics(cfg, registry)
-    text = read_text(valid_text, "data.valid_text")
+    # Read by each metric as far as it needs, never whole (unless a metric asks).
+    held_out = Corpus(valid_text, "data.valid_text")
     questions = task.read_pairs(qa_test, "data.qa_test")[: cfg.max_questions]
     train_pairs = task.read_pairs(qa_train, "data.qa_train") if qa_train is not None else []
     check_shots(cfg, metrics, len(train_pairs))
@@ -265,7 +269,7 @@ def evaluate(
     results, reused = measure_all(
         targets,
         metrics,
-        valid_text=text,
+        valid_text=held_out,
         questions=questions,
         seed=seed,
         device=device,
@@ -283,7 +287,7 @@ def evaluate(
             "pretrained": tree_hash(pretrained),
             "baseline": tree_hash(baseline),
             "variants": tree_hash(variants_dir),
-            "valid_text": tree_hash(valid_text),
+            "valid_text": held_out.sha256,
             "qa_test": tree_hash(qa_test),
             **({"qa_train": tree_hash(qa_train)} if qa_train is not None else {}),
         },
@@ -298,7 +302,7 @@ def row_key(
     model_dir: Path,
     metrics: Sequence[tuple[str, Any]],
     *,
-    valid_text: str,
+    valid_text: str | Corpus,
     questions: list[dict[str, str]],
     seed: int,
     device: str,
@@ -310,8 +314,7 @@ def row_key(
     (name, validated options, distribution, source), the held-out data and the training
     pairs few-shot examples come from, seed, device, the prompt format and the evaluate
     stage's code."""
-    import hashlib
-
+    from unbottle.core.data.corpus import Corpus
     from unbottle.core.store.cache import code_hashes, digest, strategy_identity
     from unbottle.core.store.fingerprint import STAGE_CODE
     from unbottle.core.store.provenance import package_version
@@ -326,7 +329,9 @@ def row_key(
                 )
                 for name, metric in metrics
             ],
-            "valid_text": hashlib.sha256(valid_text.encode()).hexdigest(),
+            "valid_text": (
+                valid_text if isinstance(valid_text, Corpus) else Corpus.of_text(valid_text)
+            ).sha256,
             "questions": digest(questions),
             "train_pairs": digest(train_pairs or []),
             "seed": seed,
@@ -342,7 +347,7 @@ def measure_all(
     targets: dict[str, Path],
     metrics: Sequence[tuple[str, Any]],
     *,
-    valid_text: str,
+    valid_text: str | Corpus,
     questions: list[dict[str, str]],
     seed: int,
     device: str,

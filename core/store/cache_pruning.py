@@ -222,6 +222,8 @@ def prune_cache(
     (:class:`LockedError`) while a run of the workspace uses the cache."""
     if older_than is None and max_size is None:
         raise ConfigError("cache prune: give --older-than AGE, --max-size SIZE or both")
+    if not cache.is_dir():
+        return []  # nothing cached; and no folder made where no run made one
     with _alone(cache):
         doomed = to_prune(cache_entries(cache), older_than=older_than, max_size=max_size)
         if not dry_run:

@@ -76,7 +76,7 @@ class Perplexity:
                 "raise max_tokens or lower window"
             )
         # Only the scored tokens are tokenized; the first one is context only.
-        ids = ctx.token_ids(None if budget is None else budget + 1)
+        ids = ctx.held_out_ids(None if budget is None else budget + 1)
         if ids.numel() < window + 1:
             raise DataError(
                 f"perplexity: the held-out text has {ids.numel()} tokens, fewer than the "
@@ -212,7 +212,7 @@ class Samples:
     def measure(self, model: Any, ctx: EvalContext) -> dict[str, float]:
         import itertools
 
-        docs = list(itertools.islice(ctx.documents(), self.config.count))
+        docs = list(itertools.islice(ctx.corpus.documents(), self.config.count))
         generations = []
         for doc in docs:
             prompt = " ".join(doc.split()[: self.config.prompt_words])
@@ -277,7 +277,7 @@ def prompt_batch(ctx: EvalContext, batch: int, tokens: int, what: str) -> Any:
 
     # The windows are the opening batch * tokens ids, one after another: only those are
     # tokenized. A shorter text has its windows wrap around it.
-    ids = ctx.token_ids(batch * tokens)
+    ids = ctx.held_out_ids(batch * tokens)
     if ids.numel() < tokens:
         raise DataError(
             f"{what}: the held-out text has {ids.numel()} tokens, fewer than prompt_tokens "
