@@ -527,3 +527,28 @@ def test_compress_maps_the_training_ids_and_holds_only_its_calibration_windows(
         if torch.equal(stream[s : s + seq_len], bench.calibration[0][0])
     ]
     assert starts, "a calibration window is not a window of the training ids"
+
+
+def test_a_text_file_is_scanned_for_page_breaks_once_until_it_changes(tmp_path, monkeypatch):
+    """Whether a plain-text file has page breaks takes a pass over the whole file; the
+    evaluate stage reads the first documents of the held-out file once per metric and
+    model, so the answer is kept while the file is the same, and asked again when not."""
+    import os
+
+    from unbottle.core.models import loading
+
+    path = tmp_path / "held_out.txt"
+    path.write_text("One.\n\nTwo.\n", encoding="utf-8")
+    assert list(loading.iter_documents(path, "t")) == ["One.", "Two."]
+
+    def scan_again(f):
+        raise AssertionError("scanned again")
+
+    with monkeypatch.context() as m:
+        m.setattr(loading, "_has_page_breaks", scan_again)
+        assert list(loading.iter_documents(path, "t")) == ["One.", "Two."]
+
+    path.write_text(f"One.\n\nstill one.{DOCUMENT_BREAK}Two.\n", encoding="utf-8")
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert list(loading.iter_documents(path, "t")) == ["One.\n\nstill one.", "Two."]

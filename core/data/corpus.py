@@ -68,7 +68,7 @@ class Corpus:
         text: str | None = None,
     ) -> None:
         if (path is None) == (text is None):
-            raise TypeError("Corpus: give a path or a text, not both")
+            raise TypeError("Corpus: give either a path or a text")
         self.path: Path | None = None if path is None else Path(path)
         self.what, self.token_cache = what, token_cache
         self._text = text

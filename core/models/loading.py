@@ -6,9 +6,10 @@ The model is a transformers Llama-architecture decoder, so everything downstream
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from unbottle.core.contract.errors import DataError, shorten
 from unbottle.core.store.artifacts import (
@@ -246,12 +247,26 @@ def _jsonl_texts(path: Path, what: str) -> Iterator[str]:
         yield record["text"].replace(DOCUMENT_BREAK, "\n")
 
 
+#: Whether a plain-text file has page breaks, by the file's identity, size and mtime.
+_PAGED: dict[tuple, bool] = {}
+
+
+def _has_page_breaks(f: BinaryIO) -> bool:
+    # A page break is one byte in UTF-8 and never inside another character's bytes.
+    return any(b"\f" in chunk for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
 def _text_blocks(path: Path, what: str) -> Iterator[str]:
     """A plain-text file's blocks as :func:`documents` splits them (between page breaks
     if the file has any, else between blank lines), read line by line."""
     with open_user_file(path, what, if_missing=MISSING_DATA) as f:
-        # A page break is one byte in UTF-8 and never inside another character's bytes.
-        paged = any(b"\f" in chunk for chunk in iter(lambda: f.read(1 << 20), b""))
+        # Whether the file has page breaks takes a pass over it; a reader that wants only
+        # its first documents (evaluate's held-out ids) should not pay it at every read.
+        stat = os.fstat(f.fileno())
+        version = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        paged = _PAGED.get(version)
+        if paged is None:
+            paged = _PAGED[version] = _has_page_breaks(f)
     block: list[str] = []
     for line in read_lines(path, what, if_missing=MISSING_DATA):
         if paged:

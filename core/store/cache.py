@@ -18,7 +18,8 @@ of ten variants that changes one does not redo nine.
 
 Every entry records the hashes of what it holds, checked before use: a damaged entry is
 logged and ignored, never reused. Entries live under ``.cache/unbottle/`` in the workspace
-(beside the sweep's prefix cache); deleting that folder only costs recomputation.
+(beside the sweep's prefix cache); deleting that folder only costs recomputation, and
+`unbottle cache prune` removes entries by last use or size (:mod:`.cache_pruning`).
 """
 
 from __future__ import annotations
