@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field
 
 from unbottle import Batches, DataError, PretrainContext, StrategyConfig, hookimpl
+from unbottle.training import progress_bar
 
 if TYPE_CHECKING:
     import torch
@@ -229,37 +230,75 @@ class NextSentence(MaskedLM):
         return figures
 
 
+#: Documents whose sentences are tokenized in one call (a fast tokenizer spreads a call's
+#: texts over the cores).
+DOCUMENTS_PER_CALL = 1024
+
+
 class SentencePairs:
     """The sentences of a text, and ``[CLS] A [SEP] B [SEP]`` pairs built from them.
 
     ``firsts`` lists every sentence that has a next one in its document. A pair is real
     (B follows A; label 0, as BERT counts) or random (B from another document; label 1).
+
+    The sentences are held as arrays, not Python lists: every token id in one array of
+    ``uint16`` (``uint32`` beyond 65,536 tokens), each sentence its start there (int64)
+    and its document (int32), so a corpus of hundreds of megabytes costs a few bytes a token. The
+    documents are read one batch at a time and each batch's sentences tokenized in one
+    call.
     """
 
     _SPLIT = re.compile(r"(?<=[.!?])\s+")
 
     def __init__(self, ctx: PretrainContext) -> None:
+        import itertools
+
+        import numpy as np
+
         tok = ctx.tokenizer
         self.tokenizer, self.seq_len = tok, ctx.seq_len
-        self.sentences: list[list[int]] = []
-        self.doc_of: list[int] = []
-        self.firsts: list[int] = []
-        for d, doc in enumerate(ctx.documents()):
-            texts = [s for s in self._SPLIT.split(doc) if s.strip()]
-            ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-            for k, sentence in enumerate(ids):
-                if k + 1 < len(ids):
-                    self.firsts.append(len(self.sentences))
-                self.sentences.append(sentence)
-                self.doc_of.append(d)
-        if not self.firsts or len(set(self.doc_of)) < 2:
+        dtype = np.uint16 if len(tok) <= 1 << 16 else np.uint32
+        ids = [np.empty(0, dtype)]
+        lengths, owners = [np.empty(0, np.int32)], [np.empty(0, np.int32)]
+        documents = enumerate(ctx.corpus.documents())
+        with progress_bar(f"sentences of {ctx.corpus.what}", total=None) as advance:
+            while batch := list(itertools.islice(documents, DOCUMENTS_PER_CALL)):
+                texts, doc_of = [], []
+                for d, doc in batch:
+                    sentences = [s for s in self._SPLIT.split(doc) if s.strip()]
+                    texts += sentences
+                    doc_of += [d] * len(sentences)
+                if not texts:
+                    continue
+                encoded = tok(texts, add_special_tokens=False)["input_ids"]
+                ids.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype))
+                lengths.append(np.fromiter(map(len, encoded), np.int32, len(encoded)))
+                owners.append(np.array(doc_of, np.int32))
+                advance(documents=batch[-1][0] + 1, sentences=sum(map(len, owners)))
+        self.ids = np.concatenate(ids)
+        del ids
+        # Sentence k is ids[starts[k]:starts[k + 1]], of document doc_of[k].
+        self.starts = np.zeros(sum(map(len, lengths)) + 1, np.int64)
+        np.cumsum(np.concatenate(lengths), out=self.starts[1:])
+        del lengths
+        self.doc_of = np.concatenate(owners)
+        del owners
+        # A sentence has a next one when the sentence after it is of its document.
+        self.firsts = np.flatnonzero(self.doc_of[:-1] == self.doc_of[1:])
+        # Documents are numbered in order: two of them have sentences when the first
+        # sentence's is not the last's.
+        if not len(self.firsts) or self.doc_of[0] == self.doc_of[-1]:
             raise DataError(
-                "data.train_text: next-sentence prediction needs documents of two or more "
+                f"{ctx.corpus.what}: next-sentence prediction needs documents of two or more "
                 "sentences, and at least two documents"
             )
 
+    def sentence(self, k: int) -> list[int]:
+        return self.ids[self.starts[k] : self.starts[k + 1]].tolist()
+
     def encode(self, picks: list[tuple[int, bool, int]]) -> dict[str, torch.Tensor]:
         """Rows for (index into firsts, random B?, a random number to choose B)."""
+        import numpy as np
         import torch
 
         tok, seq_len = self.tokenizer, self.seq_len
@@ -268,15 +307,15 @@ class SentencePairs:
         mask = torch.zeros_like(rows)
         labels = torch.zeros(len(picks), dtype=torch.long)
         for r, (i, random_next, draw) in enumerate(picks):
-            a = self.firsts[i]
+            a = int(self.firsts[i])
             b = a + 1
             if random_next:
-                others = len(self.sentences)
+                others = len(self.doc_of)
                 b = draw % others
-                while self.doc_of[b] == self.doc_of[a]:  # another document's sentence
-                    b = (b + 1) % others
+                if self.doc_of[b] == self.doc_of[a]:  # then the next document's first
+                    b = int(np.searchsorted(self.doc_of, self.doc_of[a], "right")) % others
                 labels[r] = 1
-            first, second = self.sentences[a], self.sentences[b]
+            first, second = self.sentence(a), self.sentence(b)
             room = seq_len - 3  # [CLS], [SEP], [SEP]
             first = first[: max(room // 2, room - len(second))]
             second = second[: room - len(first)]
