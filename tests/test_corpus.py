@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import TINY_PARAMS, make_workspace
 from tests.test_bad_input import artifacts_state, assert_one_line, cli
 from unbottle.core.contract.errors import DataError
-from unbottle.core.models.loading import DOCUMENT_BREAK, documents, read_text
+from unbottle.core.models.loading import DOCUMENT_BREAK, EOS, PAD, documents, read_text
 from unbottle.core.store.artifacts import sha256_file
 
 ARTICLE = "A title\n\nIts first paragraph.\n\nIts second paragraph."
@@ -88,6 +88,43 @@ def test_the_token_stream_is_each_document_then_end_of_text_across_batches(monke
     monkeypatch.setattr(loading, "ENCODE_BATCH", 4)  # 11 documents: batches of 4, 4 and 3
     stream = loading.encode_stream(tokenizer, "\n\n".join(docs))
     assert stream.dtype == torch.long and stream.tolist() == expected
+
+
+TEXTS = [
+    "Plain words, then more of them.",
+    f"An end of text {EOS} in the middle, and a pad {PAD} too",
+    "",
+    "ünïcödé ✓ and 漢字, spaced   oddly\n\nover lines",
+    "long " * 400,
+]
+
+
+def test_encode_texts_gives_what_the_tokenizer_call_gives():
+    from unbottle.core.models import loading
+
+    tokenizer = loading.train_tokenizer(TEXTS, 300)
+    expected = tokenizer(TEXTS, add_special_tokens=False)["input_ids"]
+    assert loading.encode_texts(tokenizer, TEXTS) == expected
+    # A tokenizer file may set truncation and padding (some released ones do); the call
+    # turns both off when asked for neither, and so must the direct path.
+    tokenizer.backend_tokenizer.enable_truncation(8)
+    tokenizer.backend_tokenizer.enable_padding(length=600)
+    assert loading.encode_texts(tokenizer, TEXTS) == expected
+    assert tokenizer(TEXTS, add_special_tokens=False)["input_ids"] == expected
+
+
+def test_encode_texts_calls_a_slow_tokenizer_as_usual(tmp_path):
+    from transformers import GPT2Tokenizer
+
+    from unbottle.core.models import loading
+
+    fast = loading.train_tokenizer(TEXTS, 300)
+    vocab, merges = fast.backend_tokenizer.model.save(str(tmp_path))
+    slow = GPT2Tokenizer(vocab, merges, unk_token=EOS)
+    assert not slow.is_fast
+    texts = [t for t in TEXTS if EOS not in t]
+    expected = slow(texts, add_special_tokens=False)["input_ids"]
+    assert loading.encode_texts(slow, texts) == expected == fast(texts)["input_ids"]
 
 
 @pytest.mark.parametrize(

@@ -14,14 +14,15 @@ For parallelism strategies that shard the model (``unbottle.plugins.model_parall
 :class:`Split` tells the memory estimate each process's share, :func:`stage_layers` how
 decoder layers split over pipeline stages, :data:`IGNORE_INDEX` the label the loss skips.
 For pretraining objectives: :func:`build_model`, the Llama decoder ``pretrain.model``
-describes (what ``clm`` trains). :func:`progress_bar`: a rich progress bar for a long
-loop of a strategy's own (quiet when the output is not a terminal).
+describes (what ``clm`` trains); :func:`encode_texts`, the token ids of a list of texts
+(the tokenizer's call, without its overhead). :func:`progress_bar`: a rich progress bar
+for a long loop of a strategy's own (quiet when the output is not a terminal).
 """
 
 from __future__ import annotations
 
 from unbottle.core.config.schema import TrainParams
-from unbottle.core.models.loading import build_model
+from unbottle.core.models.loading import build_model, encode_texts
 from unbottle.core.progress import progress_bar
 from unbottle.core.registry import get_registry
 from unbottle.core.training.loop import IGNORE_INDEX, rng, train
@@ -32,6 +33,7 @@ __all__ = [
     "Split",
     "TrainParams",
     "build_model",
+    "encode_texts",
     "get_registry",
     "progress_bar",
     "rng",
