@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field
 
 from unbottle import Batches, DataError, PretrainContext, StrategyConfig, hookimpl
-from unbottle.training import progress_bar
+from unbottle.training import encode_texts, progress_bar
 
 if TYPE_CHECKING:
     import torch
@@ -270,7 +270,7 @@ class SentencePairs:
                     doc_of += [d] * len(sentences)
                 if not texts:
                     continue
-                encoded = tok(texts, add_special_tokens=False)["input_ids"]
+                encoded = encode_texts(tok, texts)
                 ids.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype))
                 lengths.append(np.fromiter(map(len, encoded), np.int32, len(encoded)))
                 owners.append(np.array(doc_of, np.int32))
