@@ -242,10 +242,9 @@ class SentencePairs:
     (B follows A; label 0, as BERT counts) or random (B from another document; label 1).
 
     The sentences are held as arrays, not Python lists: every token id in one array of
-    ``uint16`` (``uint32`` beyond 65,536 tokens), each sentence its start there (int64)
-    and its document (int32), so a corpus of hundreds of megabytes costs a few bytes a token. The
-    documents are read one batch at a time and each batch's sentences tokenized in one
-    call.
+    ``uint16`` (``uint32`` beyond 65,536 tokens), each sentence's start there (int64) and
+    document (int32), so a corpus of hundreds of megabytes costs a few bytes a token. The
+    documents are read a batch at a time, each batch's sentences tokenized in one call.
     """
 
     _SPLIT = re.compile(r"(?<=[.!?])\s+")
