@@ -219,3 +219,71 @@ def test_pruning_where_nothing_is_cached_removes_nothing_and_makes_no_folder(tmp
     assert code == 0, err
     assert out.strip() == "removed 0 entries, freeing 0 B"
     assert not (tmp_path / ".cache").exists()
+
+
+# ------------------------------------------------------------------------ the shared cache
+
+
+@pytest.fixture
+def shared(tmp_path: Path, monkeypatch) -> Path:
+    """The cache every workspace shares, holding two GGUF conversions laid out as the
+    source loader writes them: one last used 40 days ago, one just now."""
+    from unbottle.core.models.sources import CONVERSION_FORMAT, RECORD
+    from unbottle.core.store.artifacts import file_hashes, write_json_atomic
+
+    root = tmp_path / "shared"
+    monkeypatch.setenv("UNBOTTLE_CACHE_DIR", str(root))
+    for n, days in ((5, 40), (6, 0)):
+        entry = root / "gguf" / key(n)
+        entry.mkdir(parents=True)
+        (entry / "model.safetensors").write_bytes(b"f" * 3000)
+        files = file_hashes(entry, exclude=(RECORD,))
+        record = {"format": CONVERSION_FORMAT, "source_sha256": key(n), "files": files}
+        write_json_atomic(entry / RECORD, record)
+        age([entry], days)
+    return root
+
+
+def test_the_shared_cache_lists_and_prunes_its_gguf_conversions(shared, tmp_path, capsys):
+    code, out, err = cli(["cache", "--shared", "--json"], tmp_path, capsys)
+    assert code == 0, err
+    listed = {e["key"]: e for e in json.loads(out)}
+    assert set(listed) == {key(5), key(6)}
+    assert {e["what"] for e in listed.values()} == {"GGUF conversion"}
+    assert all(e["bytes"] > 3000 and e["frees"] == e["bytes"] for e in listed.values())
+    code, out, err = cli(["cache", "--shared"], tmp_path, capsys)
+    assert code == 0 and "gguf" in out and "prune --shared" in out
+
+    code, out, err = cli(["cache", "prune", "--shared", "--older-than", "30d"], tmp_path, capsys)
+    assert code == 0, err
+    assert f"removed GGUF conversion {key(5)[:16]}" in out
+    assert not (shared / "gguf" / key(5)).exists() and (shared / "gguf" / key(6)).is_dir()
+    assert not (tmp_path / ".cache").exists()  # the workspace's own cache: not touched
+
+
+def test_a_pretrain_reading_a_conversion_marks_it_used_and_holds_the_shared_cache(
+    shared, monkeypatch
+):
+    """Loading a GGUF source reuses its conversion (marking it used, so that pruning by
+    age keeps it) and holds the shared cache while it reads it: a prune then is refused."""
+    from unbottle.core.contract.errors import LockedError
+    from unbottle.core.models import loading, sources
+    from unbottle.core.store.cache_pruning import SHARED_KINDS
+
+    seen = []
+
+    def load_model_pruning_meanwhile(directory):
+        seen.append(directory)
+        with pytest.raises(LockedError, match=r"^cache: a pretrain stage is using "):
+            prune_cache(shared, max_size=0, kinds=SHARED_KINDS)
+        raise RuntimeError("loaded")
+
+    monkeypatch.setattr(loading, "load_model", load_model_pruning_meanwhile)
+    source = sources.Source(kind="gguf", path=Path("model.gguf"), sha256=key(5))
+    with pytest.raises(RuntimeError, match="loaded"):
+        sources.load_source(source)
+    assert seen == [shared / "gguf" / key(5)]  # reused, not converted again
+    used = {e.key: e.last_used for e in cache_entries(shared, SHARED_KINDS)}
+    assert time.time() - used[key(5)] < 60  # marked used: 40 days ago no more
+    pruned = prune_cache(shared, older_than=30 * DAY, kinds=SHARED_KINDS)
+    assert pruned == []  # and the lock is let go

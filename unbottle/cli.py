@@ -523,20 +523,39 @@ def data_demo(
         typer.echo(f"{out / rel}  sha256:{digest[:12]}")
 
 
+SharedOption = Annotated[
+    bool,
+    typer.Option(
+        "--shared",
+        help="The cache every workspace shares ($UNBOTTLE_CACHE_DIR, default "
+        "~/.cache/unbottle): GGUF sources converted to float.",
+    ),
+]
+
+
+def _which_cache(shared: bool) -> tuple[Path, tuple[str, ...]]:
+    from unbottle.core.models.sources import cache_root as shared_root
+    from unbottle.core.store.cache import cache_root
+    from unbottle.core.store.cache_pruning import KINDS, SHARED_KINDS
+
+    return (shared_root(), SHARED_KINDS) if shared else (cache_root(Path.cwd()), KINDS)
+
+
 @cache_app.callback()
 def cache_usage(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Every entry, as JSON.")] = False,
+    shared: SharedOption = False,
 ) -> None:
-    """Each kind of entry in the workspace cache: how many, their size, what removing them
-    would free, and when they were last used."""
+    """Each kind of entry in the workspace cache (or with --shared, the cache every
+    workspace shares): how many, their size, what removing them would free, and when they
+    were last used."""
     if ctx.invoked_subcommand is not None:
         return
-    from unbottle.core.store.cache import cache_root
-    from unbottle.core.store.cache_pruning import KINDS, cache_entries
+    from unbottle.core.store.cache_pruning import cache_entries
 
-    cache = cache_root(Path.cwd())
-    entries = cache_entries(cache)
+    cache, kinds = _which_cache(shared)
+    entries = cache_entries(cache, kinds)
     if as_json:
         typer.echo(json.dumps([_entry_json(e) for e in entries], indent=2))
         return
@@ -546,7 +565,7 @@ def cache_usage(
     table = Table(title=f"{cache}")
     for column in ("kind", "entries", "size", "frees", "last used", "oldest use"):
         table.add_column(column, justify="left" if column == "kind" else "right")
-    for kind in KINDS:
+    for kind in kinds:
         mine = [e for e in entries if e.kind == kind]
         if not mine:
             table.add_row(kind, "0", "-", "-", "-", "-")
@@ -560,6 +579,13 @@ def cache_usage(
             _ago(min(e.last_used for e in mine)),
         )
     Console().print(table)
+    if shared:
+        typer.echo(
+            "A GGUF source's conversion is converted again by the next pretrain stage that "
+            "needs it. `unbottle cache prune --shared --older-than 30d` or `--max-size "
+            "20GB` prunes."
+        )
+        return
     typer.echo(
         "frees: what removing the entries gives back; the rest is hard-linked from "
         "artifacts. `unbottle cache prune --older-than 30d` or `--max-size 20GB` prunes."
@@ -582,17 +608,20 @@ def cache_prune(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")
     ] = False,
+    shared: SharedOption = False,
 ) -> None:
     """Remove cache entries by last use or total size. Refused while a stage or sweep of
-    the workspace runs; every entry is only saved work, rebuilt when next needed."""
-    from unbottle.core.store.cache import cache_root
+    the workspace runs (with --shared: while a pretrain stage reads a conversion); every
+    entry is only saved work, rebuilt when next needed."""
     from unbottle.core.store.cache_pruning import parse_age, parse_size, prune_cache
 
+    cache, kinds = _which_cache(shared)
     removed = prune_cache(
-        cache_root(Path.cwd()),
+        cache,
         older_than=None if older_than is None else parse_age(older_than),
         max_size=None if max_size is None else parse_size(max_size),
         dry_run=dry_run,
+        kinds=kinds,
     )
     verb = "would remove" if dry_run else "removed"
     for entry in removed:
@@ -600,7 +629,9 @@ def cache_prune(
             f"{verb} {entry.what} {entry.key[:16]}  {_bytes(entry.size)}, "
             f"last used {_ago(entry.last_used)}"
         )
-    typer.echo(f"{verb} {len(removed)} entries, freeing {_bytes(sum(e.frees for e in removed))}")
+    entries = "entry" if len(removed) == 1 else "entries"
+    freed = _bytes(sum(e.frees for e in removed))
+    typer.echo(f"{verb} {len(removed)} {entries}, freeing {freed}")
 
 
 def _entry_json(entry) -> dict:

@@ -13,7 +13,8 @@ GGUF loader, which needs the ``gguf`` package and dequantizes every tensor to fl
 The conversion is cached under ``$UNBOTTLE_CACHE_DIR`` (default ``~/.cache/unbottle``) at
 ``gguf/<sha256 of the GGUF file>/``: written atomically, with ``conversion.json``
 holding the sha256 of every file it wrote. An entry is used only when its files still
-match those hashes; a damaged one is converted again.
+match those hashes; a damaged one is converted again. ``unbottle cache --shared`` lists the
+conversions and ``unbottle cache prune --shared`` removes them by last use or size.
 
 transformers 4.57's tokenizer converter for Llama-family GGUF files
 (``transformers/integrations/ggml.py``, ``GGUFLlamaConverter.tokenizer``) takes the
@@ -29,6 +30,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,7 @@ from unbottle.core.store.artifacts import (
     tree_hash,
     write_json_atomic,
 )
+from unbottle.core.store.cache_pruning import mark_used, using_cache
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -266,6 +269,7 @@ def converted_gguf(
     record = _read_record(entry, sha256)
     if record is not None:
         log.info("source: %s already converted, in %s", path.name, entry)
+        mark_used(entry / RECORD)  # what `unbottle cache prune --shared` goes by
         return entry, record, False
     if entry.exists():
         log.warning("source: the cached conversion in %s is damaged; converting again", entry)
@@ -377,12 +381,15 @@ def load_source(
     to get them (the conversion, and special tokens that had to be filled in)."""
     from unbottle.core.models.loading import load_model
 
-    directory, conversion = model_dir(source, cache=cache)
-    try:
-        model, tokenizer = load_model(directory)
-    except (ValueError, KeyError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{WHERE}: transformers cannot load {directory}: {first}") from None
+    # A conversion is read from the shared cache: hold it, so that pruning it waits.
+    holding = using_cache(cache or cache_root()) if source.kind == "gguf" else nullcontext()
+    with holding:
+        directory, conversion = model_dir(source, cache=cache)
+        try:
+            model, tokenizer = load_model(directory)
+        except (ValueError, KeyError, OSError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"{WHERE}: transformers cannot load {directory}: {first}") from None
     notes = complete_special_tokens(model, tokenizer)
     return model, tokenizer, {"conversion": conversion, "tokenizer_notes": notes}
 

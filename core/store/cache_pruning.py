@@ -21,6 +21,12 @@ file system allows, so removing the entry frees only what no artifact also holds
 Every stage and sweep task holds a shared lock on ``.cache/unbottle/.in-use`` while it
 runs (:func:`using_cache`); pruning takes it exclusively, so it never removes an entry
 under a run that is reading it, and is refused in one line while one runs.
+
+The cache that every workspace shares (``$UNBOTTLE_CACHE_DIR``, default
+``~/.cache/unbottle``) holds one kind, :data:`SHARED_KINDS`: ``gguf``, the float
+conversion of a GGUF ``pretrain.source`` (a folder named by the file's sha256, as large
+as the model in float32). It is listed and pruned the same way, with its own lock, which
+the pretrain stage holds while it reads a conversion.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from unbottle.core.contract.errors import ConfigError, LockedError
 
 #: The kinds of entry, each a folder of the workspace cache.
 KINDS = ("tokens", "variants", "evaluations", "prefixes")
+#: The kinds of entry of the cache every workspace shares.
+SHARED_KINDS = ("gguf",)
 IN_USE = ".in-use"
 _KEY = re.compile(r"\.?([0-9a-f]{64})")
 _AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -60,7 +68,8 @@ class CacheEntry:
         if self.kind == "tokens":
             names = [p.name for p in self.paths]
             return "tokenizer" if any(n.endswith(".tokenizer.json") for n in names) else "token ids"
-        return {"variants": "variant", "evaluations": "evaluation row"}.get(self.kind, "prefix")
+        names = {"variants": "variant", "evaluations": "evaluation row", "gguf": "GGUF conversion"}
+        return names.get(self.kind, "prefix")
 
     @property
     def frees(self) -> int:
@@ -100,7 +109,7 @@ def using_cache(cache: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _alone(cache: Path) -> Iterator[None]:
+def _alone(cache: Path, user: str) -> Iterator[None]:
     import fcntl
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -112,18 +121,18 @@ def _alone(cache: Path) -> Iterator[None]:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             raise LockedError(
-                f"cache: a stage or sweep of this workspace is using {cache}; prune it "
-                "when the run has finished"
+                f"cache: a {user} is using {cache}; prune it when the run has finished"
             ) from None
         yield
     finally:
         os.close(fd)
 
 
-def cache_entries(cache: Path) -> list[CacheEntry]:
-    """Every entry of the workspace cache ``cache``, by kind, then oldest use first."""
+def cache_entries(cache: Path, kinds: tuple[str, ...] = KINDS) -> list[CacheEntry]:
+    """Every entry of the cache ``cache`` (a workspace's, or with :data:`SHARED_KINDS` the
+    shared one), by kind, then oldest use first."""
     entries: list[CacheEntry] = []
-    for kind in KINDS:
+    for kind in kinds:
         folder = cache / kind
         if not folder.is_dir():
             continue
@@ -217,15 +226,18 @@ def prune_cache(
     older_than: float | None = None,
     max_size: int | None = None,
     dry_run: bool = False,
+    kinds: tuple[str, ...] = KINDS,
 ) -> list[CacheEntry]:
-    """Remove the entries :func:`to_prune` picks, unless ``dry_run``; return them. Refused
-    (:class:`LockedError`) while a run of the workspace uses the cache."""
+    """Remove the entries of ``kinds`` that :func:`to_prune` picks, unless ``dry_run``;
+    return them. Refused (:class:`LockedError`) while a run uses the cache."""
     if older_than is None and max_size is None:
         raise ConfigError("cache prune: give --older-than AGE, --max-size SIZE or both")
     if not cache.is_dir():
         return []  # nothing cached; and no folder made where no run made one
-    with _alone(cache):
-        doomed = to_prune(cache_entries(cache), older_than=older_than, max_size=max_size)
+    user = "pretrain stage" if kinds == SHARED_KINDS else "stage or sweep of this workspace"
+    with _alone(cache, user):
+        entries = cache_entries(cache, kinds)
+        doomed = to_prune(entries, older_than=older_than, max_size=max_size)
         if not dry_run:
             for entry in doomed:
                 entry.remove()
