@@ -32,7 +32,6 @@ the pretrain stage holds while it reads a conversion.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import shutil
@@ -42,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unbottle.core.contract.errors import ConfigError, LockedError
+from unbottle.core.store.locking import lock_alone_or_not_at_all
 
 #: The kinds of entry, each a folder of the workspace cache.
 KINDS = ("tokens", "variants", "evaluations", "prefixes")
@@ -110,19 +110,13 @@ def using_cache(cache: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _alone(cache: Path, user: str) -> Iterator[None]:
-    import fcntl
-
     cache.mkdir(parents=True, exist_ok=True)
     fd = os.open(cache / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
+        if not lock_alone_or_not_at_all(fd):
             raise LockedError(
                 f"cache: a {user} is using {cache}; prune it when the run has finished"
-            ) from None
+            )
         yield
     finally:
         os.close(fd)

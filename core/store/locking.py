@@ -43,20 +43,28 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def lock_alone_or_not_at_all(fd: int) -> bool:
+    """Take an exclusive ``flock`` on the open file ``fd`` without waiting; False when
+    another process holds it (shared or exclusive)."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def stage_lock(artifacts: Path, stage: str) -> Iterator[Path]:
     """Hold ``artifacts/.<stage>.lock`` for the block; refuse when another process holds it."""
-    import fcntl
-
     artifacts.mkdir(parents=True, exist_ok=True)
     path = artifacts / f".{stage}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
+        if not lock_alone_or_not_at_all(fd):
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             raise LockedError(
                 f"stage {stage} is already running in this workspace (pid {holder} holds "
