@@ -261,6 +261,18 @@ def test_the_shared_cache_lists_and_prunes_its_gguf_conversions(shared, tmp_path
     assert not (tmp_path / ".cache").exists()  # the workspace's own cache: not touched
 
 
+def test_shared_before_prune_prunes_the_shared_cache_too(shared, filled, capsys):
+    """`unbottle cache --shared prune` reads as `cache prune --shared`: it must not prune
+    the workspace's cache instead."""
+    age([cache_root(filled)], 40)  # both caches hold entries unused for 40 days
+    workspace = cache_entries(cache_root(filled))
+    args = ["cache", "--shared", "prune", "--older-than", "30d"]
+    code, out, err = cli(args, filled, capsys)
+    assert code == 0, err
+    assert f"removed GGUF conversion {key(5)[:16]}" in out
+    assert cache_entries(cache_root(filled)) == workspace
+
+
 def test_a_pretrain_reading_a_conversion_marks_it_used_and_holds_the_shared_cache(
     shared, monkeypatch
 ):

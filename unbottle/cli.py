@@ -551,6 +551,7 @@ def cache_usage(
     workspace shares): how many, their size, what removing them would free, and when they
     were last used."""
     if ctx.invoked_subcommand is not None:
+        ctx.obj = {"shared": shared}  # `cache --shared prune` is `cache prune --shared`
         return
     from unbottle.core.store.cache_pruning import cache_entries
 
@@ -594,6 +595,7 @@ def cache_usage(
 
 @cache_app.command("prune")
 def cache_prune(
+    ctx: typer.Context,
     older_than: Annotated[
         str | None,
         typer.Option(help="Remove entries unused for longer than this: 30d, 12h, 2w."),
@@ -615,7 +617,7 @@ def cache_prune(
     entry is only saved work, rebuilt when next needed."""
     from unbottle.core.store.cache_pruning import parse_age, parse_size, prune_cache
 
-    cache, kinds = _which_cache(shared)
+    cache, kinds = _which_cache(shared or (ctx.obj or {}).get("shared", False))
     removed = prune_cache(
         cache,
         older_than=None if older_than is None else parse_age(older_than),
