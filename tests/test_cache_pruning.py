@@ -299,3 +299,46 @@ def test_a_pretrain_reading_a_conversion_marks_it_used_and_holds_the_shared_cach
     assert time.time() - used[key(5)] < 60  # marked used: 40 days ago no more
     pruned = prune_cache(shared, older_than=30 * DAY, kinds=SHARED_KINDS)
     assert pruned == []  # and the lock is let go
+
+
+def test_a_read_only_shared_cache_still_serves_its_conversions(shared, monkeypatch):
+    """A shared cache mounted read-only (conversions made elsewhere): a pretrain reuses
+    its conversion, holding the lock file opened read-only, or none where there is none."""
+    import errno
+
+    from unbottle.core.contract.errors import LockedError
+    from unbottle.core.models import loading, sources
+    from unbottle.core.store.cache_pruning import IN_USE, SHARED_KINDS
+
+    writable_open, read_only = os.open, [True]
+
+    def open_as_on_a_read_only_mount(path, flags, *args, **kwargs):
+        if read_only[0] and flags & (os.O_CREAT | os.O_RDWR | os.O_WRONLY):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return writable_open(path, flags, *args, **kwargs)
+
+    held = []
+
+    def load_model(directory):
+        read_only[0] = False  # another host, which can write, tries to prune meanwhile
+        try:
+            prune_cache(shared, max_size=0, kinds=SHARED_KINDS)
+            held.append(False)
+        except LockedError:
+            held.append(True)
+        read_only[0] = True
+        raise RuntimeError("loaded")
+
+    with using_cache(shared):  # the lock file, made where the cache was written
+        pass
+    monkeypatch.setattr(os, "open", open_as_on_a_read_only_mount)
+    monkeypatch.setattr(loading, "load_model", load_model)
+    source = sources.Source(kind="gguf", path=Path("model.gguf"), sha256=key(6))
+    with pytest.raises(RuntimeError, match="loaded"):
+        sources.load_source(source)
+    assert held == [True]  # the read-only lock kept the prune away
+
+    (shared / IN_USE).unlink()
+    source = sources.Source(kind="gguf", path=Path("model.gguf"), sha256=key(5))
+    with pytest.raises(RuntimeError, match="loaded"):
+        sources.load_source(source)  # no lock file: served all the same

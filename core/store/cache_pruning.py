@@ -96,11 +96,22 @@ def mark_used(record: Path) -> None:
 @contextlib.contextmanager
 def using_cache(cache: Path) -> Iterator[None]:
     """Hold a shared lock on the cache for the block: pruning waits for no one and is
-    refused while any holder runs. Many runs may hold it at once."""
+    refused while any holder runs. Many runs may hold it at once.
+
+    A cache this process cannot write (a read-only mount of conversions made elsewhere)
+    still serves: the lock is then taken on the lock file opened read-only, or not at all
+    where there is no lock file."""
     import fcntl
 
-    cache.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cache / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        try:
+            fd = os.open(cache / IN_USE, os.O_RDONLY)
+        except OSError:
+            yield
+            return
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         yield
