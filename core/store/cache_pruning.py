@@ -103,20 +103,29 @@ def using_cache(cache: Path) -> Iterator[None]:
     where there is no lock file."""
     import fcntl
 
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        fd = os.open(cache / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        try:
-            fd = os.open(cache / IN_USE, os.O_RDONLY)
-        except OSError:
-            yield
-            return
+    fd = _open_lock_file(cache)
+    if fd is None:
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         yield
     finally:
         os.close(fd)
+
+
+def _open_lock_file(cache: Path) -> int | None:
+    """The cache's lock file, made if need be; opened read-only where the cache cannot be
+    written; None where it can neither be made nor found."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        return os.open(cache / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        pass
+    try:
+        return os.open(cache / IN_USE, os.O_RDONLY)
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
