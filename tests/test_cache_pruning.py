@@ -261,6 +261,13 @@ def test_the_shared_cache_lists_and_prunes_its_gguf_conversions(shared, tmp_path
     assert not (tmp_path / ".cache").exists()  # the workspace's own cache: not touched
 
 
+def test_the_workspace_listing_points_at_the_shared_conversions(shared, filled, capsys):
+    code, out, err = cli(["cache"], filled, capsys)
+    assert code == 0, err
+    assert out.splitlines()[-1].startswith(f"Outside the workspace, {shared} holds 2 GGUF ")
+    assert out.splitlines()[-1].endswith("`unbottle cache --shared`.")
+
+
 def test_shared_before_prune_prunes_the_shared_cache_too(shared, filled, capsys):
     """`unbottle cache --shared prune` reads as `cache prune --shared`: it must not prune
     the workspace's cache instead."""

@@ -553,7 +553,7 @@ def cache_usage(
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"shared": shared}  # `cache --shared prune` is `cache prune --shared`
         return
-    from unbottle.core.store.cache_pruning import cache_entries
+    from unbottle.core.store.cache_pruning import SHARED_KINDS, cache_entries
 
     cache, kinds = _which_cache(shared)
     entries = cache_entries(cache, kinds)
@@ -591,6 +591,13 @@ def cache_usage(
         "frees: what removing the entries gives back; the rest is hard-linked from "
         "artifacts. `unbottle cache prune --older-than 30d` or `--max-size 20GB` prunes."
     )
+    elsewhere, _ = _which_cache(shared=True)
+    if conversions := cache_entries(elsewhere, SHARED_KINDS):
+        count = f"{len(conversions)} GGUF conversion{'s' * (len(conversions) > 1)}"
+        typer.echo(
+            f"Outside the workspace, {elsewhere} holds {count} of "
+            f"{_bytes(sum(e.size for e in conversions))}: `unbottle cache --shared`."
+        )
 
 
 @cache_app.command("prune")
