@@ -255,9 +255,10 @@ def test_a_sentence_pair_is_the_next_sentence_or_one_of_another_document():
 
 def test_sentence_pairs_hold_a_corpus_in_a_few_bytes_a_token(tmp_path):
     """A corpus of files is read a batch of documents at a time and its sentences kept as
-    arrays. Held as Python lists of ints, with every document read first, this corpus
-    peaked at 44 bytes a token; as arrays, at 13 (3.5 kept: the ids, each sentence's
-    start and document; the rest one batch's tokenizer output and the joining copy)."""
+    arrays. Held as Python lists of ints, with every document read first (the class of
+    8975591), this corpus peaked at 44 bytes a token; as arrays, at 13 (3.5 kept: the ids,
+    each sentence's start and document; the rest one batch's tokenizer output and the
+    joining copy)."""
     import random
     import tracemalloc
 
