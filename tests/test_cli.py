@@ -83,6 +83,20 @@ def test_data_demo_writes_the_deterministic_world(tmp_path):
     assert_one_line_error(bad, r"data\.demo\.people: 1 is invalid")
 
 
+def test_data_demo_never_deletes_a_users_data(tmp_path):
+    """`unbottle data demo` replaces its folder: one holding the user's own files is refused
+    in one line, and stays as it was."""
+    mine = tmp_path / "data" / "qa_train.jsonl"
+    mine.parent.mkdir()
+    mine.write_text('{"question": "2 km in m?", "answer": "2000"}\n')
+    result = run_cli("data", "demo", "-S", "data.demo.people=8", cwd=tmp_path)
+    assert_one_line_error(
+        result, r"--out: data holds files the demo does not write \(qa_train\.jsonl\)"
+    )
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["qa_train.jsonl"]
+    assert mine.read_text() == '{"question": "2 km in m?", "answer": "2000"}\n'
+
+
 def test_atomic_dir_keeps_the_old_output_when_the_work_fails(tmp_path):
     final = tmp_path / "artifact"
     with atomic_dir(final) as tmp:

@@ -289,7 +289,7 @@ def test_errors_surface_while_reading_as_they_did_when_read_whole(tmp_path):
         DataError, match=r"corpus\.txt:4 is not UTF-8 text \(byte 0xff at offset 21\)"
     ):
         list(iter_documents(path, "data.train_text"))
-    with pytest.raises(DataError, match=r"missing\.txt does not exist \(run `unbottle data demo`"):
+    with pytest.raises(DataError, match=r"missing\.txt does not exist$"):
         list(iter_documents(tmp_path / "missing.txt", "data.train_text"))
     (tmp_path / "blank.txt").write_text(" \n\n\f\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"blank\.txt is empty$"):
@@ -589,3 +589,24 @@ def test_a_text_file_is_scanned_for_page_breaks_once_until_it_changes(tmp_path, 
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert list(loading.iter_documents(path, "t")) == ["One.\n\nstill one.", "Two."]
+
+
+def test_a_missing_data_file_says_what_would_fix_it(tmp_path):
+    """Only a path the demo writes points at `unbottle data demo` (which replaces the
+    demo's folder); a user's own path misspelt names the file beside it."""
+    from unbottle.core.data.prompts import read_pairs
+    from unbottle.core.models.loading import iter_documents
+
+    demo_path = tmp_path / "data" / "corpus" / "train.txt"
+    with pytest.raises(DataError, match=r"train\.txt does not exist \(run `unbottle data demo`"):
+        list(iter_documents(demo_path, "data.train_text"))
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "qa_train.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    with pytest.raises(
+        DataError, match=r"qa_trian\.jsonl does not exist \(did you mean qa_train\.jsonl\?\)$"
+    ):
+        read_pairs(mine / "qa_trian.jsonl", "data.qa_train")
+    with pytest.raises(DataError, match=r"elsewhere\.jsonl does not exist$"):
+        read_pairs(mine / "elsewhere.jsonl", "data.qa_train")

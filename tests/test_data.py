@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from unbottle.core.contract.errors import DataError
 from unbottle.core.data.demo import (
     ATTRIBUTES,
+    DEMO_FILES,
     DemoDataConfig,
     SplitMix64,
     build_world,
@@ -253,25 +255,47 @@ def test_write_demo_data_writes_files_and_hashes(tmp_path: Path) -> None:
     out = tmp_path / "data"
     hashes = write_demo_data(out, config)
     expected = generate_demo_data(config)
-    assert sorted(hashes) == sorted(EXPECTED_FILES)
+    assert sorted(hashes) == sorted(EXPECTED_FILES) == sorted(DEMO_FILES)
     for path, text in expected.items():
         raw = (out / path).read_bytes()
         assert raw == text.encode("utf-8")
         assert hashes[path] == hashlib.sha256(raw).hexdigest()
 
 
-def test_write_demo_data_replaces_existing_dir_without_leftovers(tmp_path: Path) -> None:
+def test_write_demo_data_replaces_an_earlier_demo_without_leftovers(tmp_path: Path) -> None:
     out = tmp_path / "data"
     write_demo_data(out, DemoDataConfig(people=6, seed=1))
-    (out / "stale.txt").write_text("from an older run\n")
     hashes = write_demo_data(out, DemoDataConfig(people=6, seed=2))
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
-    assert not (out / "stale.txt").exists()
     written = sorted(str(p.relative_to(out).as_posix()) for p in out.rglob("*") if p.is_file())
     assert written == sorted(EXPECTED_FILES)
     for path, digest in hashes.items():
         assert hashlib.sha256((out / path).read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("theirs", ["qa_train.jsonl", "corpus/notes.txt", "extra/a.txt"])
+def test_write_demo_data_refuses_a_folder_holding_a_users_files(tmp_path: Path, theirs) -> None:
+    """The demo replaces its whole folder: a folder holding anything the demo does not
+    write (a user's own data, put where the demo's was) is refused, and left as it was."""
+    out = tmp_path / "data"
+    write_demo_data(out, DemoDataConfig(people=6, seed=1))
+    (out / theirs).parent.mkdir(parents=True, exist_ok=True)
+    (out / theirs).write_text("my own data\n")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    with pytest.raises(DataError, match=rf"data holds files the demo does not write \({theirs}\)"):
+        write_demo_data(out, DemoDataConfig(people=6, seed=2))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_write_demo_data_refuses_a_file_where_its_folder_goes(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    out.write_text("not a folder\n")
+    with pytest.raises(DataError, match=r"data is a file, not a folder"):
+        write_demo_data(out, DemoDataConfig(people=6))
+    assert out.read_text() == "not a folder\n"
 
 
 def test_write_demo_data_creates_missing_parents(tmp_path: Path) -> None:

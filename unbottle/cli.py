@@ -519,6 +519,8 @@ def data_demo(
         hashes = write_demo_data(out, DemoDataConfig(**demo.model_dump()))
     except OSError as e:  # a name too long, a folder not writable, a full disk
         raise DataError(f"--out: {shorten_path(out)}: {e.strerror or e}") from None
+    except DataError as e:  # a folder holding the user's own files
+        raise DataError(f"--out: {e}") from None
     for rel, digest in hashes.items():
         typer.echo(f"{out / rel}  sha256:{digest[:12]}")
 

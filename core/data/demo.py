@@ -25,6 +25,7 @@ PRNG written in pure integer arithmetic and never iterates over a set.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -36,8 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from unbottle.core.contract.errors import DataError, shorten_path
+
 __all__ = [
     "ATTRIBUTES",
+    "DEMO_FILES",
     "DemoDataConfig",
     "Person",
     "Pronoun",
@@ -46,6 +50,7 @@ __all__ = [
     "World",
     "build_world",
     "generate_demo_data",
+    "missing_data_hint",
     "write_demo_data",
 ]
 
@@ -556,6 +561,10 @@ def _jsonl(world: World, facts: list[tuple[int, str]]) -> str:
 # Public entry points
 
 
+#: The files the demo writes, relative to its folder.
+DEMO_FILES = ("corpus/train.txt", "corpus/valid.txt", "qa/train.jsonl", "qa/test.jsonl")
+
+
 def generate_demo_data(config: DemoDataConfig) -> dict[str, str]:
     """Return {relative_path: text} for: 'corpus/train.txt', 'corpus/valid.txt',
     'qa/train.jsonl', 'qa/test.jsonl'. Pure function, no I/O."""
@@ -575,10 +584,12 @@ def write_demo_data(out_dir: Path, config: DemoDataConfig) -> dict[str, str]:
 
     Everything is built in a temporary sibling directory which then replaces
     ``out_dir``, so readers never see a half-written data set.  Text files are
-    UTF-8 with '\\n' newlines and end with a newline.
+    UTF-8 with '\\n' newlines and end with a newline.  A folder holding anything but the
+    demo's own files is refused: replacing it would delete a user's data.
     """
-    files = generate_demo_data(config)
     out_dir = Path(out_dir)
+    _refuse_a_users_folder(out_dir)
+    files = generate_demo_data(config)
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     pid = os.getpid()
@@ -615,6 +626,40 @@ def write_demo_data(out_dir: Path, config: DemoDataConfig) -> dict[str, str]:
         raise
     _remove(old_dir)
     return hashes
+
+
+def _refuse_a_users_folder(out_dir: Path) -> None:
+    if out_dir.is_file():
+        raise DataError(
+            f"{shorten_path(out_dir)} is a file, not a folder; write the demo into a folder"
+        )
+    if not out_dir.is_dir():
+        return
+    theirs = sorted(
+        path.relative_to(out_dir).as_posix()
+        for path in out_dir.rglob("*")
+        if not path.is_dir() and path.relative_to(out_dir).as_posix() not in DEMO_FILES
+    )
+    if theirs:
+        named = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+        raise DataError(
+            f"{shorten_path(out_dir)} holds files the demo does not write ({named}); the demo "
+            "replaces the whole folder: move them, or write the demo into another folder"
+        )
+
+
+def missing_data_hint(path: Path) -> str:
+    """What the line saying a data file does not exist adds: the demo command where the
+    path is one the demo writes; otherwise the name beside it the user may have meant."""
+    path = Path(path)
+    if any(path.as_posix().endswith(f"/{name}") for name in DEMO_FILES):
+        return " (run `unbottle data demo` or fix params)"
+    try:
+        beside = [entry.name for entry in path.parent.iterdir()]
+    except OSError:  # the folder is missing too, or unreadable: nothing to suggest
+        return ""
+    close = difflib.get_close_matches(path.name, beside, n=1, cutoff=0.8)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _remove(path: Path) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from unbottle.core.contract.errors import DataError
+from unbottle.core.data.demo import missing_data_hint
 from unbottle.core.store.artifacts import read_jsonl
 
 CHAT, COMPLETION = "chat", "completion"
@@ -119,7 +120,10 @@ def _pair(obj: Any, where: str) -> dict[str, Any]:
 
 def read_pairs(path: Path, what: str) -> list[dict[str, Any]]:
     """Read records in any of the three shapes as pairs (see the module docstring)."""
-    pairs = [_pair(obj, f"{what}: {path}:{lineno}") for lineno, obj in read_jsonl(path, what)]
+    pairs = [
+        _pair(obj, f"{what}: {path}:{lineno}")
+        for lineno, obj in read_jsonl(path, what, if_missing=missing_data_hint)
+    ]
     if not pairs:
         raise DataError(f"{what}: {path} has no question/answer pairs")
     return pairs

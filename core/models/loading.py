@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from unbottle.core.contract.errors import DataError, shorten
+from unbottle.core.data.demo import missing_data_hint
 from unbottle.core.store.artifacts import (
-    MISSING_DATA,
     open_user_file,
     path_kind,
     read_jsonl,
@@ -235,7 +235,7 @@ def _file_documents(path: Path, what: str) -> Iterator[str]:
 
 def _jsonl_texts(path: Path, what: str) -> Iterator[str]:
     layout = '; a .jsonl corpus holds one {"text": ...} object per line'
-    for lineno, record in read_jsonl(path, what, hint=layout):
+    for lineno, record in read_jsonl(path, what, hint=layout, if_missing=missing_data_hint):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             found = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(
@@ -259,7 +259,7 @@ def _has_page_breaks(f: BinaryIO) -> bool:
 def _text_blocks(path: Path, what: str) -> Iterator[str]:
     """A plain-text file's blocks as :func:`documents` splits them (between page breaks
     if the file has any, else between blank lines), read line by line."""
-    with open_user_file(path, what, if_missing=MISSING_DATA) as f:
+    with open_user_file(path, what, if_missing=missing_data_hint) as f:
         # Whether the file has page breaks takes a pass over it; a reader that wants only
         # its first documents (evaluate's held-out ids) should not pay it at every read.
         stat = os.fstat(f.fileno())
@@ -268,7 +268,7 @@ def _text_blocks(path: Path, what: str) -> Iterator[str]:
         if paged is None:
             paged = _PAGED[version] = _has_page_breaks(f)
     block: list[str] = []
-    for line in read_lines(path, what, if_missing=MISSING_DATA):
+    for line in read_lines(path, what, if_missing=missing_data_hint):
         if paged:
             first, *rest = line.split(DOCUMENT_BREAK)
             block.append(first)

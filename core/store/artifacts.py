@@ -18,7 +18,7 @@ import shutil
 import stat
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -59,8 +59,9 @@ def tree_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-#: What a missing data file's error line tells the user to do.
-MISSING_DATA = " (run `unbottle data demo` or fix params)"
+#: What the line saying a file does not exist adds: a fixed text, or one made from the path
+#: (only when the file is missing).
+MissingHint = str | Callable[[Path], str]
 
 
 def path_kind(
@@ -83,7 +84,7 @@ def path_kind(
 
 @contextlib.contextmanager
 def open_user_file(
-    path: Path, what: str, error: type[Exception] = DataError, if_missing: str = ""
+    path: Path, what: str, error: type[Exception] = DataError, if_missing: MissingHint = ""
 ) -> Iterator[BinaryIO]:
     """A user's file, open for reading bytes; a file named ``*.gz`` is decompressed as it
     is read. A file that is missing (``if_missing`` says what to do then), a directory, a
@@ -92,7 +93,8 @@ def open_user_file(
     try:
         raw = open(path, "rb")  # noqa: SIM115 (closed below, after the caller's reads)
     except FileNotFoundError:
-        raise error(f"{what}: {shorten_path(path)} does not exist{if_missing}") from None
+        hint = if_missing(Path(path)) if callable(if_missing) else if_missing
+        raise error(f"{what}: {shorten_path(path)} does not exist{hint}") from None
     except IsADirectoryError:
         raise error(f"{what}: {shorten_path(path)} is a directory; name a file") from None
     except OSError as e:  # a name too long, a file not readable by this user
@@ -113,7 +115,7 @@ def _not_utf8(what: str, path: Path, line: int, byte: int, offset: int) -> str:
 
 
 def read_utf8(
-    path: Path, what: str, error: type[Exception] = DataError, if_missing: str = ""
+    path: Path, what: str, error: type[Exception] = DataError, if_missing: MissingHint = ""
 ) -> str:
     """A text file's content (see :func:`open_user_file`); bytes that are not UTF-8 are
     one line naming the file, line and byte too."""
@@ -127,7 +129,7 @@ def read_utf8(
 
 
 def read_lines(
-    path: Path, what: str, error: type[Exception] = DataError, if_missing: str = ""
+    path: Path, what: str, error: type[Exception] = DataError, if_missing: MissingHint = ""
 ) -> Iterator[str]:
     """A text file's lines, each with its end, read as they come (see
     :func:`open_user_file`). Lines end at b"\\n" only (``str.splitlines()`` would also cut
@@ -144,7 +146,7 @@ def read_lines(
 
 
 def read_jsonl(
-    path: Path, what: str, hint: str = "", if_missing: str = MISSING_DATA
+    path: Path, what: str, hint: str = "", if_missing: MissingHint = ""
 ) -> Iterator[tuple[int, Any]]:
     """(line number, value) of each non-blank line of a JSONL file, read as it goes, so
     that only the values are ever held; a line that is not UTF-8 or not JSON is one line
