@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from unbottle import ConfigError, DeployContext, StrategyConfig, hookimpl
+from unbottle import ConfigError, DataError, DeployContext, StrategyConfig, hookimpl
 from unbottle.export import COMPRESSED_TENSORS
 from unbottle.plugins.quantization import ISA, export_onnx
 from unbottle.serving import CHAT_TEMPLATE, SERVE_CONFIG, ServeConfig
@@ -365,7 +365,7 @@ class OnnxBundle:
         """The README, with optimum's or onnxruntime-genai's usage (no ``library_name``:
         transformers itself does not load an ONNX graph)."""
         if (out_dir / "genai_config.json").exists():
-            usage = _genai_usage(ctx)
+            usage = _genai_usage(genai_prompt(out_dir, ctx), self.config.max_new_tokens)
         else:
             (model_file,) = out_dir.glob("*.onnx")
             usage = _onnx_usage(ctx, model_file.name, self.config.max_new_tokens)
@@ -379,10 +379,10 @@ class OnnxBundle:
 
         if ctx.model_format not in ("packed", "genai"):
             raise ConfigError(
-                f"deploy.options.runtime: genai takes a packed (rtn, gptq) variant; "
+                f"deploy.target.runtime: genai takes a packed (rtn, gptq) variant; "
                 f"this variant is {ctx.model_format}"
             )
-        require_genai("deploy.options.runtime")
+        require_genai("deploy.target.runtime")
         if ctx.model_format == "genai":  # compressed with `runtime: genai`: shipped as it is
             facts: dict[str, Any] = {}
             for path in model_dir.iterdir():
@@ -398,13 +398,25 @@ class OnnxBundle:
         save_tokenizer(model_dir, out_dir)
         write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
         self.write_card(out_dir, ctx)
-        # The bundle is only done if onnxruntime-genai loads it and generates from it.
+        # The bundle is only done if onnxruntime-genai loads it, tokenizes the card's prompt
+        # as transformers does, and generates from it.
         import numpy as np
         import onnxruntime_genai as og
         from transformers import AutoTokenizer
 
-        ids = AutoTokenizer.from_pretrained(out_dir)("Question:")["input_ids"]
         model = og.Model(og.Config(str(out_dir)))
+        prompt = genai_prompt(out_dir, ctx)
+        ids = [int(i) for i in og.Tokenizer(model).encode(prompt)]
+        expected = AutoTokenizer.from_pretrained(out_dir)(prompt)["input_ids"]
+        if ids != expected:
+            pairs = enumerate(zip(ids, expected, strict=False))
+            at = next((i for i, (a, b) in pairs if a != b), min(len(ids), len(expected)))
+            raise DataError(
+                f"deploy: onnxruntime-genai's tokenizer reads the card's prompt as "
+                f"{ids[at : at + 4]} from token {at}, where transformers reads "
+                f"{expected[at : at + 4]}: it does not read this bundle's tokenizer.json "
+                "as transformers does"
+            )
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + 2, min_length=len(ids) + 2)
         generator = og.Generator(model, params)
@@ -415,8 +427,22 @@ class OnnxBundle:
         return {**facts, "smoke_generated_tokens": generated}
 
 
-def _genai_usage(ctx: DeployContext) -> str:
-    return """```python
+def genai_prompt(out_dir: Path, ctx: DeployContext) -> str:
+    """The example question's prompt as text, rendered as the model was finetuned (through
+    its chat template, or in the completion form): what the genai card's code encodes with
+    onnxruntime-genai's tokenizer, and what the deploy check encodes with both."""
+    from transformers import AutoTokenizer
+
+    from unbottle.evaluation import PromptFormat
+
+    fmt = ctx.prompt_format or PromptFormat()
+    pair = {"question": ctx.example_question or FALLBACK_QUESTION, "answer": ""}
+    return fmt.prompt_text(AutoTokenizer.from_pretrained(out_dir), pair)
+
+
+def _genai_usage(prompt: str, max_new_tokens: int) -> str:
+    return (
+        """```python
 import json
 import os
 
@@ -429,14 +455,19 @@ threads = {"intra_op_num_threads": os.cpu_count()}
 config.overlay(json.dumps({"model": {"decoder": {"session_options": threads}}}))
 model = og.Model(config)
 tokenizer = og.Tokenizer(model)
+"""
+        f"prompt = {prompt!r}  # rendered as the model was finetuned\n"
+        """ids = tokenizer.encode(prompt)
 params = og.GeneratorParams(model)
-params.set_search_options(max_length=64)
-generator = og.Generator(model, params)
-generator.append_tokens(tokenizer.encode("Question: What is unbottle?"))
+"""
+        f"params.set_search_options(max_length=len(ids) + {max_new_tokens})\n"
+        """generator = og.Generator(model, params)
+generator.append_tokens(ids)
 while not generator.is_done():
     generator.generate_next_token()
 print(tokenizer.decode(generator.get_sequence(0)))
 ```"""
+    )
 
 
 def _serve_usage(ctx: DeployContext, config: ServeConfig) -> str:

@@ -5,6 +5,7 @@ deploy target's ``runtime: genai``, and served by unbottle's engine on the same 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -220,8 +221,38 @@ def test_deploy_target_runtime_genai(tmp_path, gptq_packed):
     assert backend.format == "genai" and backend.right_padded
     # Only packed variants: a float one has no codes to carry.
     (tmp_path / "other").mkdir()
-    with pytest.raises(ConfigError, match=r"^deploy.options.runtime: genai takes a packed"):
+    with pytest.raises(ConfigError, match=r"^deploy.target.runtime: genai takes a packed"):
         target.deploy(tmp_path / "float", tmp_path / "other", ctx("hf"))
+
+
+def test_deploy_refuses_a_bundle_whose_tokenizer_genai_reads_differently(tmp_path, tokenizer):
+    """The deploy check encodes with onnxruntime-genai's own tokenizer, as the card's code
+    does: a tokenizer.json it misreads (here, a byte-level BPE with the SentencePiece
+    decoder chain transformers' GGUF reader writes) fails the stage in one line."""
+    from tokenizers import decoders
+    from transformers import PreTrainedTokenizerFast
+
+    from unbottle.core.contract.errors import DataError
+    from unbottle.core.contract.strategies import DeployContext
+    from unbottle.core.registry import get_registry
+
+    misread = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(tokenizer.backend_tokenizer))
+    misread.backend_tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Replace("\u2581", " "),
+            decoders.ByteLevel(),
+        ]
+    )
+    packed = packed_variant(misread, tmp_path / "packed", "rtn", Scheme(bits=4, group_size=32))
+    target = get_registry().create("deploy_target", "onnx", {"runtime": "genai"})
+    (tmp_path / "bundle").mkdir()
+    ctx = DeployContext("rtn", "packed", {}, "| variant |\n|---|\n| rtn |", {})
+    with pytest.raises(
+        DataError, match=r"onnxruntime-genai.s tokenizer reads the card.s prompt as \[-1"
+    ):
+        target.deploy(packed, tmp_path / "bundle", ctx)
 
 
 def test_the_engine_serves_a_genai_bundle_with_continuous_batching(tmp_path, gptq_packed):

@@ -218,6 +218,15 @@ def test_gguf_file_converts_once_is_cached_and_rebuilt_when_damaged(
     assert (loaded.bos_token, loaded.eos_token, loaded.unk_token) == (BOS, EOS, UNK)
     assert loaded(SAMPLE)["input_ids"][0] != loaded.bos_token_id
     assert record["files"] == file_hashes(entry, exclude=(source.RECORD,))
+    # transformers' GGUF reader gives a byte-level BPE SentencePiece's decoder chain, which
+    # onnxruntime-genai's tokenizer takes for a SentencePiece model (every word after a
+    # space encoded as -1): the conversion writes the byte-level decoder, and decodes the same.
+    spec = json.loads((entry / "tokenizer.json").read_text(encoding="utf-8"))
+    assert spec["decoder"]["type"] == "ByteLevel"
+    assert spec["model"]["byte_fallback"] is False
+    assert "byte-level BPE decoder" in " ".join(record["tokenizer_fixes"])
+    ids = tokenizer(SAMPLE + "\n\n  tabs\tand café", add_special_tokens=False)["input_ids"]
+    assert loaded.decode(ids) == tokenizer.decode(ids) == SAMPLE + "\n\n  tabs\tand café"
 
     # The second time the cache answers: converting again would fail here.
     def no_conversion(*args, **kwargs):

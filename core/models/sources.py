@@ -54,8 +54,9 @@ log = logging.getLogger("unbottle.source")
 
 CACHE_ENV = "UNBOTTLE_CACHE_DIR"
 RECORD = "conversion.json"
-#: The layout of a cache entry; an entry of another format is converted again.
-CONVERSION_FORMAT = 1
+#: The layout of a cache entry; an entry of another format is converted again (2: a
+#: byte-level BPE's tokenizer.json carries the byte-level decoder, see byte_level_decoder).
+CONVERSION_FORMAT = 2
 GGUF_MAGIC = b"GGUF"
 WHERE = "pretrain.source"
 #: What a Hugging Face model directory must hold (a tokenizer besides).
@@ -314,7 +315,7 @@ def convert_gguf(path: Path, out_dir: Path) -> list[str]:
     except (ValueError, KeyError, OSError, NotImplementedError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{WHERE}: transformers cannot load {path}: {first}") from None
-    fixes = gguf_special_tokens(tokenizer, path)
+    fixes = gguf_special_tokens(tokenizer, path) + byte_level_decoder(tokenizer)
     save_model(model, tokenizer, out_dir)
     return fixes
 
@@ -361,6 +362,45 @@ def gguf_special_tokens(tokenizer: PreTrainedTokenizerBase, path: Path) -> list[
             setattr(tokenizer, attr, bool(flag))
             fixes.append(f"{attr}: {not bool(flag)} -> {bool(flag)} ({key})")
     return fixes
+
+
+def byte_level_decoder(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Give a byte-level BPE the plain byte-level decoder.
+
+    transformers' GGUF reader gives a byte-level BPE (GGUF tokenizer model ``gpt2``: SmolLM2,
+    Llama 3, Qwen) SentencePiece's decoder chain (byte fallback, fuse, "▁" to space, then
+    byte level) and turns byte fallback on. The tokenizers library decodes through the
+    chain the same, but a reader that goes by the decoder takes the file for a SentencePiece
+    model: onnxruntime-genai's tokenizer then encodes every word after a space as -1. A
+    byte-level vocabulary holds every byte, so byte fallback never applies; the decoder is
+    the one the model's own tokenizer.json has.
+    """
+    import json
+
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return []
+    spec = json.loads(backend.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    decoder = spec.get("decoder") or {}
+    if not any(part.get("type") == "ByteLevel" for part in parts):
+        return []
+    if decoder.get("type") == "ByteLevel" and not spec["model"].get("byte_fallback"):
+        return []
+    spec["decoder"] = {
+        "type": "ByteLevel",
+        "add_prefix_space": True,
+        "trim_offsets": True,
+        "use_regex": True,
+    }
+    spec["model"]["byte_fallback"] = False
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    return [
+        f"decoder: {decoder.get('type')} chain -> the byte-level BPE decoder, byte fallback off"
+    ]
 
 
 # ------------------------------------------------------------------ the model itself
