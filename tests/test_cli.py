@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 
 import pytest
 
@@ -106,6 +108,39 @@ def test_atomic_dir_keeps_the_old_output_when_the_work_fails(tmp_path):
         raise RuntimeError("crash in the middle")
     assert (final / "weights").read_text() == "v1"
     assert [p.name for p in tmp_path.iterdir()] == ["artifact"]  # no temp dirs left
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_outputs_are_as_readable_as_the_umask_allows(tmp_path, umask):
+    """Temporary files are private (mkstemp, and safetensors >= 0.8 writes through a
+    0600 temporary file): renamed into place as they are, weights and manifests could not
+    be read by the user a bundle is copied to. Written files get the umask's mode."""
+    import torch
+    from safetensors.torch import save_file
+
+    from unbottle.core.store.artifacts import write_json_atomic
+
+    previous = os.umask(umask)
+    try:
+        with atomic_dir(tmp_path / "artifact") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "notes.txt").write_text("x")
+        write_json_atomic(tmp_path / "artifact" / "manifest.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    modes = {
+        p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+        for p in (tmp_path / "artifact").rglob("*")
+    }
+    file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
+    assert modes == {
+        "artifact/model.safetensors": file_mode,
+        "artifact/sub": dir_mode,
+        "artifact/sub/notes.txt": file_mode,
+        "artifact/manifest.json": file_mode,
+    }
+    assert stat.S_IMODE((tmp_path / "artifact").stat().st_mode) == dir_mode
 
 
 def test_plugins_json_is_machine_readable(tmp_path):

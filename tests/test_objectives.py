@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import collections
 import copy
 import re
@@ -405,6 +406,12 @@ def test_the_documented_third_party_objective_installs_and_trains(tmp_path, tiny
     docs = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
     section = docs.split("### Objectives (`register_objectives`)", 1)[1].split("\n### ", 1)[0]
     code = section.split("is one module and one hook:\n\n```python\n", 1)[1].split("```", 1)[0]
+    # `unbottle plugins` imports every plugin module: the example keeps its top level light.
+    top_level = [n for n in ast.parse(code).body if isinstance(n, ast.Import | ast.ImportFrom)]
+    imported = {a.name.split(".")[0] for n in top_level for a in n.names} | {
+        (n.module or "").split(".")[0] for n in top_level if isinstance(n, ast.ImportFrom)
+    }
+    assert not imported & {"torch", "transformers"}, imported
     root = fake_distribution(
         tmp_path / "site", "unbottle-fim", {"unbottle_fim": code}, {"fim": "unbottle_fim"}
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def test_hf_directory_source_is_the_pretrain_artifact_and_finetune_runs_on_it(
 
 
 def test_gguf_file_converts_once_is_cached_and_rebuilt_when_damaged(
-    gguf_source, tiny_pretrained, tmp_path, monkeypatch
+    gguf_source, tiny_pretrained, tmp_path, monkeypatch, caplog
 ):
     from unbottle.core.config.schema import SourceParams
     from unbottle.core.models import sources as source
@@ -246,6 +247,14 @@ def test_gguf_file_converts_once_is_cached_and_rebuilt_when_damaged(
     assert (rebuilt, converted) == (entry, True)
     assert record["files"] == file_hashes(entry, exclude=(source.RECORD,))
     assert same_logits(entry, model, tokenizer)
+
+    # An entry an older unbottle wrote (another format) is converted again, and said so.
+    (entry / source.RECORD).write_text(json.dumps({**record, "format": 1}), encoding="utf-8")
+    with caplog.at_level(logging.INFO, logger="unbottle.source"):
+        _, record, converted = source.converted_gguf(src.path, src.sha256)
+    assert converted and record["format"] == source.CONVERSION_FORMAT
+    assert "of an older unbottle; converting again" in caplog.text
+    assert "damaged" not in caplog.text
 
 
 def test_gguf_source_runs_the_pretrain_stage(

@@ -224,7 +224,7 @@ class Corpus:
     ) -> dict:
         import json
 
-        from unbottle.core.store.artifacts import write_json_atomic
+        from unbottle.core.store.artifacts import as_umask_allows, write_json_atomic
 
         record_file = path.with_suffix(".json")
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
@@ -241,6 +241,7 @@ class Corpus:
         try:
             with os.fdopen(fd, "wb") as f:
                 count, documents = self._write_tokens(f, tokenizer, dtype, str(path))
+            as_umask_allows(Path(tmp))
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -255,6 +255,16 @@ def _read_record(entry: Path, sha256: str) -> dict[str, Any] | None:
     return record
 
 
+def _older_format(entry: Path) -> bool:
+    import json
+
+    try:
+        record = json.loads((entry / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") != CONVERSION_FORMAT
+
+
 def converted_gguf(
     path: Path, sha256: str | None = None, *, cache: Path | None = None
 ) -> tuple[Path, dict[str, Any], bool]:
@@ -272,7 +282,11 @@ def converted_gguf(
         log.info("source: %s already converted, in %s", path.name, entry)
         mark_used(entry / RECORD)  # what `unbottle cache prune --shared` goes by
         return entry, record, False
-    if entry.exists():
+    if _older_format(entry):
+        log.info(
+            "source: the cached conversion in %s is of an older unbottle; converting again", entry
+        )
+    elif entry.exists():
         log.warning("source: the cached conversion in %s is damaged; converting again", entry)
     log.info("source: converting %s to float32 safetensors (once; cached in %s)", path, entry)
     with atomic_dir(entry) as tmp:

@@ -168,6 +168,30 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def current_umask() -> int:
+    umask = os.umask(0o077)  # reading the umask sets it: set it private for that instant
+    os.umask(umask)
+    return umask
+
+
+def as_umask_allows(path: Path, umask: int | None = None) -> None:
+    """Give a file, or a folder and everything in it, the mode a plain ``open()`` or
+    ``mkdir()`` would have: ``mkstemp`` and ``mkdtemp`` make them private, and so does
+    safetensors (0.8 and later write through a 0600 temporary file, safetensors issue
+    #782). Renamed into place as they are, an artifact copied to a server that runs as
+    another user could not be read there. Bits are only added, never taken away."""
+    umask = current_umask() if umask is None else umask
+    path = Path(path)
+    entries = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for entry in entries:
+        mode = entry.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            continue
+        wanted = (0o777 if stat.S_ISDIR(mode) else 0o666) & ~umask
+        if stat.S_IMODE(mode) | wanted != stat.S_IMODE(mode):
+            entry.chmod(stat.S_IMODE(mode) | wanted)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a file through a temporary sibling and a rename."""
     path = Path(path)
@@ -176,6 +200,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
+        as_umask_allows(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -250,12 +275,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(
         tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{os.getpid()}-", suffix=".tmp")
     )
-    # mkdtemp makes the directory private (0700); an artifact is as readable as any folder.
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
+        as_umask_allows(tmp)  # what the block wrote, and mkdtemp's private folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
