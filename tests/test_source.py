@@ -250,6 +250,7 @@ def test_gguf_file_converts_once_is_cached_and_rebuilt_when_damaged(
 
     # An entry an older unbottle wrote (another format) is converted again, and said so.
     (entry / source.RECORD).write_text(json.dumps({**record, "format": 1}), encoding="utf-8")
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="unbottle.source"):
         _, record, converted = source.converted_gguf(src.path, src.sha256)
     assert converted and record["format"] == source.CONVERSION_FORMAT
