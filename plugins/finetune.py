@@ -30,7 +30,9 @@ def _log_trainable(method: str, model: Any) -> None:
     params = {id(p): p for p in model.parameters()}.values()
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
-    log.info(
+    # The stage's checks before any loading prepare a weightless copy first: said once.
+    weightless = any(p.is_meta for p in params)
+    (log.debug if weightless else log.info)(
         "finetune %s: %d of %d parameters train (%.2f%%)",
         method,
         trainable,

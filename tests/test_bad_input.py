@@ -519,3 +519,20 @@ def test_fuzzed_params_files_fail_in_one_line_and_touch_nothing(upstream, capsys
 
     check()
     assert len(refused) > 20  # most generated files are invalid: the test saw real refusals
+
+
+def test_a_pair_longer_than_seq_len_is_refused_before_the_weights_load(
+    upstream, capsys, monkeypatch
+):
+    """The pairs are encoded with the base's tokenizer before its weights load: a large
+    model's load is not waited for to learn that seq_len is too short."""
+    from unbottle.core.models import loading
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the pairs were checked")
+
+    monkeypatch.setattr(loading, "load_model", no_weights)
+    before = artifacts_state(upstream)
+    result = cli(["stage", "finetune", "-S", "finetune.train.seq_len=8"], upstream, capsys)
+    assert_one_line(result, r"data\.qa_train: the pair '.*' is \d+ tokens, longer than finetune")
+    assert artifacts_state(upstream) == before

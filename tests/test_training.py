@@ -659,6 +659,26 @@ def test_lora_saves_the_adapter_and_merges_it_into_the_base(base, tmp_path):
     assert not torch.allclose(a, base_logits, atol=1e-3)  # the adapter learned something
 
 
+@pytest.mark.parametrize("method", ["lora", "partial"])
+def test_what_trains_is_said_once_not_again_for_the_weightless_check(method, caplog):
+    """The checks before any loading prepare a weightless (meta) copy of the model: the
+    "parameters train" line belongs to the real model's preparation only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
+    options = {"top_layers": 1} if method == "partial" else {}
+    strategy = get_registry().create("finetune_method", method, options)
+    with caplog.at_level(logging.INFO, logger="unbottle.finetune"):
+        with torch.device("meta"):
+            strategy.prepare(LlamaForCausalLM(config))
+        assert not [r for r in caplog.records if "parameters train" in r.getMessage()]
+        strategy.prepare(LlamaForCausalLM(config))
+    assert len([r for r in caplog.records if "parameters train" in r.getMessage()]) == 1
+
+
 def test_lora_target_that_names_no_module_fails_before_training(base, tmp_path):
     with pytest.raises(
         ConfigError,

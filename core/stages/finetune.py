@@ -26,6 +26,7 @@ def finetune(
     registry: Registry,
 ) -> StageResult:
     import torch
+    from transformers import AutoConfig, AutoTokenizer
 
     from unbottle.core.contract.errors import ConfigError
     from unbottle.core.data import prompts as task
@@ -41,15 +42,18 @@ def finetune(
     pairs = task.read_pairs(qa_train, "data.qa_train")
     verify_artifact(base)
     method = registry.create("finetune_method", cfg.method.name, cfg.method.options)
-    model, tokenizer = load_model(base)
-    context = model.config.max_position_embeddings
+    # The context and the pairs are checked from the config and the tokenizer, before the
+    # weights load: a pair too long for seq_len is not learnt after a large model's load.
+    context = AutoConfig.from_pretrained(base).max_position_embeddings
     if cfg.train.seq_len > context:
         raise ConfigError(
             f"finetune.train.seq_len: {cfg.train.seq_len} is longer than the base model's "
             f"context ({context}); use at most {context}"
         )
+    tokenizer = AutoTokenizer.from_pretrained(base)
     prompt_format = task.PromptFormat.resolve(cfg.format, cfg.system_prompt, tokenizer)
     examples = encode_pairs(tokenizer, pairs, cfg.train.seq_len, prompt_format)
+    model, _ = load_model(base)
 
     def rows(ids: list[int]) -> dict[str, torch.Tensor]:
         return collate([examples[i] for i in ids], tokenizer.pad_token_id)
