@@ -49,6 +49,13 @@ def model_format(model_dir: Path) -> str:
         return "packed" if (model_dir / "quantization.json").is_file() else "hf"
     if list(model_dir.glob("*.onnx")):
         return "onnx"
+    gguf = sorted(model_dir.glob("*.gguf"))
+    if gguf:
+        raise DataError(
+            f"{model_dir}: a GGUF bundle ({gguf[0].name}), for llama.cpp and Ollama "
+            f"(llama-server -m {gguf[0]}); unbottle serves and evaluates hf, packed, onnx "
+            "and genai directories"
+        )
     raise DataError(f"{model_dir}: neither model.safetensors nor an .onnx model is there")
 
 
