@@ -156,7 +156,8 @@ def write_generation_config(model_dir: Path, out_dir: Path, max_new_tokens: int)
 def _quantized_usage(ctx: DeployContext, max_new_tokens: int) -> str:
     return f"""A standard compressed-tensors (`pack-quantized`) checkpoint: the variant's own
 integer codes, float16 scales, zero points and act-order `g_idx`. transformers loads it
-(on CPU it decompresses the weights) with the compressed-tensors package:
+with the compressed-tensors package; each layer decompresses its weights to float on its
+first call:
 
 ```bash
 pip install 'transformers>=4.57,<4.58' '{COMPRESSED_TENSORS}'
@@ -164,10 +165,14 @@ pip install 'transformers>=4.57,<4.58' '{COMPRESSED_TENSORS}'
 
 ```python
 import torch
+from compressed_tensors.quantization.lifecycle.helpers import disable_quantization
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # float32 on CPU (transformers picks float16 for compressed-tensors checkpoints otherwise)
 model = AutoModelForCausalLM.from_pretrained("path/to/this/bundle", dtype=torch.float32)
+# compressed-tensors quantizes each weight again at every call (for quantization-aware
+# training); for inference, off: the same logits, about 10x the decode speed on a CPU.
+model.apply(disable_quantization)
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/bundle")
 {prompt_code(ctx)}
 print(tokenizer.decode(model.generate(**ids, max_new_tokens={max_new_tokens})[0]))

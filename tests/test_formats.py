@@ -150,6 +150,23 @@ def test_hf_target_writes_a_quantized_checkpoint_transformers_loads_to_the_same_
     assert torch.allclose(logits(model), logits(reference), rtol=0, atol=1e-5)
     assert facts["max_logit_difference"] <= 1e-5
 
+    # unbottle's loader (the deploy stage's measurement, evaluate, `unbottle serve`), and
+    # the card's code: compressed-tensors' forward wrapper, which quantizes every weight
+    # again at every call (on SmolLM2, a tenth of the float model's decode speed), is off;
+    # each Linear decompresses once, then multiplies in float. The same logits.
+    from tests.test_stages import run_card_code
+    from unbottle.core.models.runtimes import TorchRunner, load_torch_model
+
+    fast, _ = load_torch_model(bundle)
+    quantized = [m for m in fast.modules() if hasattr(m, "quantization_scheme")]
+    assert len(quantized) == 14 + head
+    assert not any(m.quantization_enabled for m in quantized)
+    assert torch.allclose(logits(fast), logits(reference), rtol=0, atol=1e-5)
+    assert all(m.weight.dtype == torch.float32 for m in quantized)  # decompressed, once
+    # Counted as the float weights they stand for, as the packed variant's are.
+    assert TorchRunner(bundle).parameter_counts()[0] == TorchRunner(variant).parameter_counts()[0]
+    assert "disable_quantization" in run_card_code(bundle)
+
 
 def test_compressed_tensors_codes_are_the_variants_codes(tmp_path, asym32):
     """No re-quantization: the checkpoint's packed int32 words unpack to the same codes."""

@@ -120,11 +120,56 @@ def load_model(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFas
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if _compressed_tensors(model_dir):
+        model = _load_decompressed(model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, use_safetensors=True, dtype=torch.float32
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model, tokenizer
+
+
+def _compressed_tensors(model_dir: Path) -> bool:
+    """Whether a directory is a compressed-tensors checkpoint (the ``hf`` deploy target's
+    bundle of a packed variant)."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    quantization = config.get("quantization_config") or {}
+    return quantization.get("quant_method") == "compressed-tensors"
+
+
+def _load_decompressed(model_dir: Path) -> PreTrainedModel:
+    """A compressed-tensors checkpoint as a float model: its Linears decompressed once.
+
+    transformers loads each quantized Linear as compressed-tensors' ``CompressedLinear``,
+    which decompresses its weight to float on its first forward, but compressed-tensors
+    also wraps that forward to quantize the weight again at every call (for
+    quantization-aware training; a no-op on weights already on the grid). With the
+    wrapper off, one forward decompresses every layer, and the packed tensors are then
+    dropped: a float model with the same logits to the bit, the float model's decode
+    speed (a tenth of it with the wrapper on SmolLM2's GPTQ int4 bundle) and weight count.
+    (``run_compressed=False``, which decompresses at load, fails on act-order ``g_idx``
+    in compressed-tensors 0.14.)
+    """
+    import torch
+    from compressed_tensors.quantization.lifecycle.helpers import disable_quantization
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, use_safetensors=True, dtype=torch.float32
     )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return model, tokenizer
+    model.apply(disable_quantization)
+    with torch.no_grad():  # not inference_mode: the weights it makes may train later
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long))
+    for module in model.modules():
+        if hasattr(module, "quantization_scheme"):
+            packed = [n for n, _ in module.named_parameters(recurse=False) if n != "weight"]
+            for name in packed:
+                if name != "bias":
+                    delattr(module, name)  # weight_packed, weight_scale, ...: used up
+    return model
 
 
 def check_safetensors(model_dir: Path) -> None:
