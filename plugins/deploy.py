@@ -171,7 +171,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 # float32 on CPU (transformers picks float16 for compressed-tensors checkpoints otherwise)
 model = AutoModelForCausalLM.from_pretrained("path/to/this/bundle", dtype=torch.float32)
 # compressed-tensors quantizes each weight again at every call (for quantization-aware
-# training); for inference, off: the same logits, about 10x the decode speed on a CPU.
+# training); for inference, off: the same logits, several times the decode speed on a CPU.
 model.apply(disable_quantization)
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/bundle")
 {prompt_code(ctx)}

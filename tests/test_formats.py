@@ -152,7 +152,7 @@ def test_hf_target_writes_a_quantized_checkpoint_transformers_loads_to_the_same_
 
     # unbottle's loader (the deploy stage's measurement, evaluate, `unbottle serve`), and
     # the card's code: compressed-tensors' forward wrapper, which quantizes every weight
-    # again at every call (on SmolLM2, a tenth of the float model's decode speed), is off;
+    # again at every call (on SmolLM2, 0.31x the float model's decode speed), is off;
     # each Linear decompresses once, then multiplies in float. The same logits.
     from tests.test_stages import run_card_code
     from unbottle.core.models.runtimes import TorchRunner, load_torch_model

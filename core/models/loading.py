@@ -149,7 +149,7 @@ def _load_decompressed(model_dir: Path) -> PreTrainedModel:
     quantization-aware training; a no-op on weights already on the grid). With the
     wrapper off, one forward decompresses every layer, and the packed tensors are then
     dropped: a float model with the same logits to the bit, the float model's decode
-    speed (a tenth of it with the wrapper on SmolLM2's GPTQ int4 bundle) and weight count.
+    speed (0.31x of it with the wrapper on SmolLM2's GPTQ int4 g64 bundle) and weight count.
     (``run_compressed=False``, which decompresses at load, fails on act-order ``g_idx``
     in compressed-tensors 0.14.)
     """
