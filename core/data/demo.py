@@ -652,7 +652,7 @@ def missing_data_hint(path: Path) -> str:
     """What the line saying a data file does not exist adds: the demo command where the
     path is one the demo writes; otherwise the name beside it the user may have meant."""
     path = Path(path)
-    if any(path.as_posix().endswith(f"/{name}") for name in DEMO_FILES):
+    if any(f"/{path.as_posix()}".endswith(f"/{name}") for name in DEMO_FILES):
         return " (run `unbottle data demo` or fix params)"
     try:
         beside = [entry.name for entry in path.parent.iterdir()]

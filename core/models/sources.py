@@ -391,7 +391,7 @@ def byte_level_decoder(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """
     import json
 
-    from tokenizers import Tokenizer
+    from tokenizers import decoders
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -404,14 +404,8 @@ def byte_level_decoder(tokenizer: PreTrainedTokenizerBase) -> list[str]:
         return []
     if decoder.get("type") == "ByteLevel" and not spec["model"].get("byte_fallback"):
         return []
-    spec["decoder"] = {
-        "type": "ByteLevel",
-        "add_prefix_space": True,
-        "trim_offsets": True,
-        "use_regex": True,
-    }
-    spec["model"]["byte_fallback"] = False
-    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    backend.decoder = decoders.ByteLevel()
+    backend.model.byte_fallback = False
     return [
         f"decoder: {decoder.get('type')} chain -> the byte-level BPE decoder, byte fallback off"
     ]
