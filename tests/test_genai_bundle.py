@@ -255,6 +255,31 @@ def test_deploy_refuses_a_bundle_whose_tokenizer_genai_reads_differently(tmp_pat
         target.deploy(packed, tmp_path / "bundle", ctx)
 
 
+def test_a_leading_bos_only_one_reader_adds_is_not_a_mismatch(tmp_path, tokenizer):
+    """A tokenizer that adds BOS through its post-processor (Llama's way): transformers
+    adds it, onnxruntime-genai's tokenizer does not; the prompt's own tokens agree, and
+    the bundle deploys."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from unbottle.core.contract.strategies import DeployContext
+    from unbottle.core.registry import get_registry
+
+    with_bos = PreTrainedTokenizerFast(
+        tokenizer_object=copy.deepcopy(tokenizer.backend_tokenizer), bos_token="<|endoftext|>"
+    )
+    bos = with_bos.bos_token_id
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    assert with_bos("the fox")["input_ids"][0] == bos
+    packed = packed_variant(with_bos, tmp_path / "packed", "rtn", Scheme(bits=4, group_size=32))
+    target = get_registry().create("deploy_target", "onnx", {"runtime": "genai"})
+    (tmp_path / "bundle").mkdir()
+    ctx = DeployContext("rtn", "packed", {}, "| variant |\n|---|\n| rtn |", {})
+    assert target.deploy(packed, tmp_path / "bundle", ctx)["smoke_generated_tokens"] == 2
+
+
 def test_the_engine_serves_a_genai_bundle_with_continuous_batching(tmp_path, gptq_packed):
     """genai's graph run by ONNX Runtime with the engine's own cache: requests of different
     lengths join one running batch and each gets the packed model's greedy tokens."""
