@@ -285,6 +285,37 @@ def test_gguf_of_a_float_variant_loads_back_to_its_logits(tmp_path, float_dir, g
     assert torch.allclose(logits(model), logits(reference), rtol=0, atol=atol)
 
 
+def test_gguf_of_a_heads_pruned_model_names_its_head_size(tmp_path, tokenizer):
+    """Structured pruning of heads keeps each head's size (config.head_dim) while
+    hidden_size / heads changes: llama.cpp derives the head size from the latter unless the
+    file says otherwise (attention.key_length / value_length), and refuses the file."""
+    require_extra("gguf")
+    from gguf import GGUFReader
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unbottle.core.models.loading import save_model
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=3, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )  # fmt: skip  # 3 heads of 16 in a width of 64: 3 of 4 heads kept
+    pruned = tmp_path / "pruned"
+    save_model(LlamaForCausalLM(config).eval(), tokenizer, pruned)
+    bundle = tmp_path / "bundle"
+    deploy("gguf", {"type": "F16"}, pruned, bundle)
+    fields = GGUFReader(bundle / "model-F16.gguf").fields
+    for key in ("llama.attention.key_length", "llama.attention.value_length"):
+        assert fields[key].contents() == 16
+    assert fields["llama.rope.dimension_count"].contents() == 16
+    model = AutoModelForCausalLM.from_pretrained(
+        bundle, gguf_file="model-F16.gguf", dtype=torch.float32
+    )
+    reference = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32)
+    assert torch.allclose(logits(model), logits(reference), rtol=0, atol=2e-3)
+
+
 # ------------------------------------------------------------------------ bad input
 
 

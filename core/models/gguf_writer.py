@@ -277,6 +277,11 @@ def write_gguf(
     writer.add_rope_dimension_count(head_dim)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
+    if head_dim != config.hidden_size // heads:
+        # Heads pruned away (structured pruning keeps each head's size): llama.cpp takes
+        # the head size to be hidden_size / heads unless the file says otherwise.
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(float(getattr(config, "rope_theta", 10000.0)))
     writer.add_file_type(file_type)
