@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 from pydantic import Field
@@ -33,7 +34,13 @@ from pydantic import Field
 from unbottle import ConfigError, DataError, DeployContext, StrategyConfig, hookimpl
 from unbottle.export import COMPRESSED_TENSORS
 from unbottle.plugins.quantization import ISA, export_onnx
-from unbottle.serving import CHAT_TEMPLATE, SERVE_CONFIG, ServeConfig
+from unbottle.serving import (
+    CHAT_TEMPLATE,
+    SERVE_CONFIG,
+    ServeConfig,
+    head_size_is_its_own,
+    load_onnx_causal_lm,
+)
 
 _MODEL_FILES = (
     "model.safetensors",
@@ -264,7 +271,14 @@ def _logit_difference(model: Any, packed_dir: Path, ids: Any) -> float:
     return difference
 
 
-def _onnx_usage(ctx: DeployContext, file_name: str, max_new_tokens: int) -> str:
+def _onnx_usage(ctx: DeployContext, file_name: str, max_new_tokens: int, head_dim: int) -> str:
+    # optimum 2.1 takes a Llama head's size as hidden_size / heads (core/models/runtimes.py).
+    own_head_size = (
+        "# Heads were pruned: optimum would size the KV cache with hidden_size / heads.\n"
+        f"model.embed_size_per_head = {head_dim}\n"
+        if head_dim
+        else ""
+    )
     return f"""```python
 import os
 
@@ -278,7 +292,7 @@ options.intra_op_num_threads = os.cpu_count()
 model = ORTModelForCausalLM.from_pretrained(
     "path/to/this/bundle", file_name="{file_name}", session_options=options
 )
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/bundle")
+{own_head_size}tokenizer = AutoTokenizer.from_pretrained("path/to/this/bundle")
 {prompt_code(ctx)}
 print(tokenizer.decode(model.generate(**ids, max_new_tokens={max_new_tokens})[0]))
 ```
@@ -324,7 +338,6 @@ class OnnxBundle:
     def deploy(self, model_dir: Path, out_dir: Path, ctx: DeployContext) -> dict[str, Any]:
         if self.config.runtime == "genai" or ctx.model_format == "genai":
             return self._deploy_genai(model_dir, out_dir, ctx)
-        from optimum.onnxruntime import ORTModelForCausalLM
         from transformers import AutoTokenizer
 
         from unbottle.serving import OnnxBackend
@@ -354,7 +367,7 @@ class OnnxBundle:
         self.write_card(out_dir, ctx)
 
         # The bundle is only done if optimum can load it and generate from it.
-        model = ORTModelForCausalLM.from_pretrained(out_dir, file_name=model_file.name)
+        model = load_onnx_causal_lm(out_dir, model_file.name)
         tokenizer = AutoTokenizer.from_pretrained(out_dir)
         ids = tokenizer("Question:", return_tensors="pt")
         out = model.generate(**ids, max_new_tokens=2, min_new_tokens=2)
@@ -373,7 +386,10 @@ class OnnxBundle:
             usage = _genai_usage(genai_prompt(out_dir, ctx), self.config.max_new_tokens)
         else:
             (model_file,) = out_dir.glob("*.onnx")
-            usage = _onnx_usage(ctx, model_file.name, self.config.max_new_tokens)
+            config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+            own = head_size_is_its_own(SimpleNamespace(**config))
+            head_dim = config["head_dim"] if own else 0
+            usage = _onnx_usage(ctx, model_file.name, self.config.max_new_tokens, head_dim)
         (out_dir / "README.md").write_text(
             model_card(ctx, self.config.max_new_tokens, usage), encoding="utf-8"
         )

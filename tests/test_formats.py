@@ -285,12 +285,10 @@ def test_gguf_of_a_float_variant_loads_back_to_its_logits(tmp_path, float_dir, g
     assert torch.allclose(logits(model), logits(reference), rtol=0, atol=atol)
 
 
-def test_gguf_of_a_heads_pruned_model_names_its_head_size(tmp_path, tokenizer):
-    """Structured pruning of heads keeps each head's size (config.head_dim) while
-    hidden_size / heads changes: llama.cpp derives the head size from the latter unless the
-    file says otherwise (attention.key_length / value_length), and refuses the file."""
-    require_extra("gguf")
-    from gguf import GGUFReader
+@pytest.fixture(scope="module")
+def heads_pruned(tmp_path_factory, tokenizer) -> Path:
+    """A model whose heads were pruned: 3 heads of 16 in a width of 64 (config.head_dim
+    kept, hidden_size / heads no longer the head size)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from unbottle.core.models.loading import save_model
@@ -300,9 +298,20 @@ def test_gguf_of_a_heads_pruned_model_names_its_head_size(tmp_path, tokenizer):
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=3, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
         tie_word_embeddings=True,
-    )  # fmt: skip  # 3 heads of 16 in a width of 64: 3 of 4 heads kept
-    pruned = tmp_path / "pruned"
-    save_model(LlamaForCausalLM(config).eval(), tokenizer, pruned)
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("pruned")
+    save_model(LlamaForCausalLM(config).eval(), tokenizer, out)
+    return out
+
+
+def test_gguf_of_a_heads_pruned_model_names_its_head_size(tmp_path, heads_pruned):
+    """Structured pruning of heads keeps each head's size (config.head_dim) while
+    hidden_size / heads changes: llama.cpp derives the head size from the latter unless the
+    file says otherwise (attention.key_length / value_length), and refuses the file."""
+    require_extra("gguf")
+    from gguf import GGUFReader
+
+    pruned = heads_pruned
     bundle = tmp_path / "bundle"
     deploy("gguf", {"type": "F16"}, pruned, bundle)
     fields = GGUFReader(bundle / "model-F16.gguf").fields
@@ -314,6 +323,21 @@ def test_gguf_of_a_heads_pruned_model_names_its_head_size(tmp_path, tokenizer):
     )
     reference = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32)
     assert torch.allclose(logits(model), logits(reference), rtol=0, atol=2e-3)
+
+
+def test_onnx_bundle_of_a_heads_pruned_model_runs_in_optimum(tmp_path, heads_pruned):
+    """optimum 2.1 sizes a Llama's empty KV cache with hidden_size / heads: a heads-pruned
+    model failed its first step ("past_key_values.0.key ... Got: 21 Expected: 16"), in the
+    deploy check, the evaluate stage and the card's code alike."""
+    from tests.test_stages import run_card_code
+    from unbottle.core.models.runtimes import OnnxRunner
+
+    bundle = tmp_path / "bundle"
+    assert deploy("onnx", {"int8": False}, heads_pruned, bundle)["smoke_generated_tokens"] == 2
+    reference = AutoModelForCausalLM.from_pretrained(heads_pruned, dtype=torch.float32)
+    runner = OnnxRunner(bundle)
+    assert torch.allclose(runner.logits(IDS), logits(reference), rtol=0, atol=1e-4)
+    assert "embed_size_per_head" in run_card_code(bundle)
 
 
 # ------------------------------------------------------------------------ bad input

@@ -59,6 +59,25 @@ def model_format(model_dir: Path) -> str:
     raise DataError(f"{model_dir}: neither model.safetensors nor an .onnx model is there")
 
 
+def load_onnx_causal_lm(model_dir: Path, file_name: str, **kwargs: Any) -> Any:
+    """optimum's ``ORTModelForCausalLM`` for an ONNX bundle, with a Llama's head size from
+    its config. optimum 2.1 sizes a Llama's empty KV cache with hidden_size / heads, which
+    is not the head size of a model whose heads were pruned (structured pruning keeps
+    ``config.head_dim``): its first step failed on the cache's shape."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model = ORTModelForCausalLM.from_pretrained(model_dir, file_name=file_name, **kwargs)
+    if head_size_is_its_own(model.config):
+        model.embed_size_per_head = model.config.head_dim
+    return model
+
+
+def head_size_is_its_own(config: Any) -> bool:
+    """Whether a config's ``head_dim`` differs from hidden_size / heads (heads pruned)."""
+    head_dim = getattr(config, "head_dim", None)
+    return bool(head_dim) and head_dim != config.hidden_size // config.num_attention_heads
+
+
 def load_torch_model(model_dir: Path) -> tuple[Any, Any]:
     """(model, tokenizer) of a float ("hf") or packed model directory, in torch."""
     if model_format(model_dir) == "packed":
@@ -134,16 +153,13 @@ class OnnxRunner:
 
     def __init__(self, model_dir: Path) -> None:
         import onnxruntime as ort
-        from optimum.onnxruntime import ORTModelForCausalLM
         from transformers import AutoTokenizer
 
         files = sorted(Path(model_dir).glob("*.onnx"))
         self.path = files[0]
         options = ort.SessionOptions()
         options.intra_op_num_threads = onnx_threads()
-        self.model = ORTModelForCausalLM.from_pretrained(
-            model_dir, file_name=self.path.name, session_options=options
-        )
+        self.model = load_onnx_causal_lm(model_dir, self.path.name, session_options=options)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.context = int(self.model.config.max_position_embeddings)
 
