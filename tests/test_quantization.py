@@ -191,8 +191,8 @@ def test_gptq_reconstructs_layer_outputs_better_than_rtn(group_size, act_order, 
 )
 def test_gptq_keeps_a_pruned_layers_zeros(group_size, act_order, static_groups, symmetric):
     """Pruning then GPTQ (a compress chain): GPTQ spreads each column's rounding error over
-    the columns after it, and so moved pruned weights off zero (after SparseGPT 2:4, 86%
-    of the groups of four were still 2:4 on SmolLM2). A weight that is exactly zero stays
+    the columns after it, and so moved pruned weights off zero, breaking a 2:4 pattern
+    (seen on SmolLM2 after SparseGPT 2:4). A weight that is exactly zero stays
     zero (its code is the zero point), and its share of the error goes on as SparseGPT's
     joint sparsification and quantization do; the result still beats RTN."""
     from unbottle.core.compression.sparsity import nm_prune_mask

@@ -40,8 +40,8 @@ Options beyond the paper's core, all from its reference implementation:
 - weights that are already exactly zero (pruned by an earlier step of the chain) stay
   zero: their code is the zero point, and the error of moving them there is spread like
   any other column's, as SparseGPT (Frantar & Alistarh, 2023) does when it sparsifies
-  and quantizes jointly. Without this, the updates moved pruned weights off zero (after
-  SparseGPT 2:4, 86% of SmolLM2's groups of four were still 2:4).
+  and quantizes jointly. Without this, the updates moved pruned weights off zero and
+  broke a 2:4 pattern.
 - the clipping search of :func:`unbottle.compression.fit_grid` (``clip_search``), with
   each column's squared error weighted by H_jj: the diagonal of the output error the
   layer minimises, so that clipping spares the weights of the most active inputs.
