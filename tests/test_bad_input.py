@@ -536,3 +536,30 @@ def test_a_pair_longer_than_seq_len_is_refused_before_the_weights_load(
     result = cli(["stage", "finetune", "-S", "finetune.train.seq_len=8"], upstream, capsys)
     assert_one_line(result, r"data\.qa_train: the pair '.*' is \d+ tokens, longer than finetune")
     assert artifacts_state(upstream) == before
+
+
+@pytest.mark.parametrize(
+    ("variants", "pattern"),
+    [
+        (
+            "{fine: [{prune: magnitude, sparsity: 0.4}], bad: [{prune: wanda, pattern: '2:128'}]}",
+            r"compress\.variants\.bad\[0\]: prune: pattern 2:128 needs M=128 to divide every "
+            r"layer's input width; model\.layers\.0\.self_attn\.q_proj has \d+$",
+        ),
+        (
+            "{fine: [{prune: magnitude, sparsity: 0.4}], "
+            "bad: [{prune: magnitude, pattern: '2:4'}, {prune: structured, ffn: 0.25}]}",
+            r"compress\.variants\.bad\[1\]: structured changes the layers' shapes after an "
+            r"N:M pattern \(bad\[0\]\), which would no longer hold; put the N:M step after it$",
+        ),
+    ],
+    ids=["pattern-does-not-divide", "nm-then-structured"],
+)
+def test_a_compress_step_the_model_cannot_take_is_refused_before_any_variant_is_built(
+    upstream, capsys, variants, pattern
+):
+    """Refused in one line before the first variant is built (it used to be after)."""
+    before = artifacts_state(upstream)
+    result = cli(["stage", "compress", "-S", f"compress.variants={variants}"], upstream, capsys)
+    assert_one_line(result, pattern)
+    assert artifacts_state(upstream) == before

@@ -196,6 +196,19 @@ def check_training(
 def check_compress(params: Params, model: Any, registry: Registry) -> None:
     """Each variant's steps that see the input model's shapes fit them."""
     for variant, steps in params.compress.variants.items():
+        n_to_m = None  # the step that zeroed weights in an N:M pattern, if any
+        for i, step in enumerate(steps):
+            strategy = registry.create(step.kind, step.strategy, step.options)
+            reshapes = not getattr(strategy, "keeps_shape", False) and step.kind == "pruning"
+            if reshapes and n_to_m is not None:
+                # Removing input columns shifts every later column into another group of M.
+                raise ConfigError(
+                    f"compress.variants.{variant}[{i}]: {step.strategy} changes the layers' "
+                    f"shapes after an N:M pattern ({variant}[{n_to_m}]), which would no "
+                    "longer hold; put the N:M step after it"
+                )
+            if step.options.get("pattern"):
+                n_to_m = i
         for i, step in enumerate(steps):
             strategy = registry.create(step.kind, step.strategy, step.options)
             check = getattr(strategy, "check_model", None)

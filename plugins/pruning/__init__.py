@@ -175,6 +175,21 @@ def _check_pattern_fits(layers: list[tuple[str, Any]], nm: tuple[int, int] | Non
             )
 
 
+def _check_before_work(
+    model: Any, opts: UnstructuredOptions, where: str, calibrated: str | None
+) -> None:
+    """What ``prune`` would refuse on this model's shapes, before any variant is built (a
+    weightless copy will do); ``calibrated`` names a method that sees only the Linears
+    the calibration pass reaches."""
+    layers = prunable_linears(model, opts.layers)
+    try:
+        if calibrated is not None:
+            _check_reachable(model, layers, calibrated)
+        _check_pattern_fits(layers, opts.nm)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def _check_reachable(model: Any, layers: list[tuple[str, Any]], who: str) -> None:
     """Wanda and SparseGPT see the Linears the block-by-block pass reaches, nothing else."""
     from unbottle.compression import architecture_of, calibrated_linears
@@ -350,6 +365,9 @@ class Magnitude:
     def __init__(self, config: Config) -> None:
         self.config = config
 
+    def check_model(self, model: Any, where: str) -> None:
+        _check_before_work(model, self.config, where, calibrated=None)
+
     def prune(self, model: Any, ctx: CompressContext) -> dict[str, float]:
         import torch
 
@@ -405,6 +423,9 @@ class Wanda:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+
+    def check_model(self, model: Any, where: str) -> None:
+        _check_before_work(model, self.config, where, calibrated="wanda")
 
     def prune(self, model: Any, ctx: CompressContext) -> dict[str, float]:
         import torch
@@ -478,6 +499,9 @@ class SparseGPT:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+
+    def check_model(self, model: Any, where: str) -> None:
+        _check_before_work(model, self.config, where, calibrated="sparsegpt")
 
     def prune(self, model: Any, ctx: CompressContext) -> dict[str, float]:
         import torch
