@@ -675,8 +675,17 @@ class Structured:
         apply_plan(model, plan)
         after = sum(p.numel() for p in model.parameters())
         config = model.config
+        # What the fractions came to after rounding (heads: 0.25 of 3 per K/V group is 1,
+        # a third): said here, not only in the metrics.
         log.info(
-            "structured: removed layers %s; %d -> %d parameters",
+            "structured: query heads %d -> %d, K/V heads %d -> %d, FFN channels %d -> %d a "
+            "layer; removed layers %s; %d -> %d parameters",
+            shape.heads,
+            config.num_attention_heads,
+            shape.kv_heads,
+            config.num_key_value_heads,
+            shape.intermediate,
+            config.intermediate_size,
             plan.removed_layers,
             before,
             after,
