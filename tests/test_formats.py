@@ -340,6 +340,30 @@ def test_onnx_bundle_of_a_heads_pruned_model_runs_in_optimum(tmp_path, heads_pru
     assert "embed_size_per_head" in run_card_code(bundle)
 
 
+def test_an_int8_onnx_bundle_counts_its_pruned_weights_as_zeros(tmp_path, tokenizer):
+    """Dynamic int8 stores each weight as a code with a zero point: a pruned weight is a
+    code equal to its zero point, not 0, and the evaluation's sparsity read 0% for a
+    half-pruned model's int8 bundle."""
+    from unbottle.core.compression.sparsity import nm_prune_mask
+    from unbottle.core.models.loading import save_model
+    from unbottle.core.models.runtimes import OnnxRunner, TorchRunner
+
+    model = tiny_llama(len(tokenizer), seed=3)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("proj"):
+                module.weight.masked_fill_(nm_prune_mask(module.weight.abs(), 2, 4), 0.0)
+    sparse = tmp_path / "sparse"
+    save_model(model, tokenizer, sparse)
+    bundle = tmp_path / "bundle"
+    deploy("onnx", {}, sparse, bundle)  # int8 by default
+    total, nonzero = TorchRunner(sparse).parameter_counts()
+    expected = 1 - nonzero / total  # the projections' half, over every weight
+    total, nonzero = OnnxRunner(bundle).parameter_counts()
+    # About the same share: a few small weights also round to their zero point.
+    assert expected - 0.01 < 1 - nonzero / total < expected + 0.02
+
+
 # ------------------------------------------------------------------------ bad input
 
 

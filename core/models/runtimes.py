@@ -202,6 +202,14 @@ def _count_weights(graph: Any, arrays: dict[str, Any]) -> tuple[int, int]:
             total += codes.size
             nonzero += int(np.count_nonzero(codes != zeros))
             packed.update(node.input[1:])
+        elif node.op_type == "MatMulInteger" and node.input[1] in arrays:
+            # Dynamic int8: a weight (K, N) of codes, zero where a code is its column's
+            # zero point (per channel (N,), or one for the matrix).
+            codes = arrays[node.input[1]]
+            zero = arrays.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            total += codes.size
+            nonzero += int(np.count_nonzero(codes != (0 if zero is None else zero)))
+            packed.add(node.input[1])
     for name, array in arrays.items():
         # Weight matrices and embeddings, not scales or shapes.
         if array.ndim >= 2 and name not in packed:
