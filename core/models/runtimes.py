@@ -75,7 +75,8 @@ def load_onnx_causal_lm(model_dir: Path, file_name: str, **kwargs: Any) -> Any:
 def head_size_is_its_own(config: Any) -> bool:
     """Whether a config's ``head_dim`` differs from hidden_size / heads (heads pruned)."""
     head_dim = getattr(config, "head_dim", None)
-    return bool(head_dim) and head_dim != config.hidden_size // config.num_attention_heads
+    heads = getattr(config, "num_attention_heads", None)
+    return bool(head_dim and heads) and head_dim != config.hidden_size // heads
 
 
 def load_torch_model(model_dir: Path) -> tuple[Any, Any]:
