@@ -158,7 +158,7 @@ def gptq_layer(
     # zero, code = zero point, and their error is spread like any other (SparseGPT's
     # joint sparsification and quantization); a dense layer has none to hold.
     pruned = Wt == 0  # (in, out), processing order
-    holds_zeros = bool(pruned.any())
+    has_zeros = pruned.any(dim=1).tolist()  # per column: only those pay for the fill
     codes = torch.zeros(n, out)  # (in, out): q - z during the loop, in processing order
     scales_t, zeros_t = scales.T.contiguous(), zeros.T.contiguous()  # (G, out)
     group_list = group_of.tolist()
@@ -212,7 +212,7 @@ def gptq_layer(
                     # q - z = clamp(round(w / s), -z, maxq - z): one rounding gives both
                     # the code and the error.
                     clamp_codes(torch.div(w, s, out=code).round_(), low, high)
-                    if holds_zeros:
+                    if has_zeros[col]:
                         code.masked_fill_(pruned[col], 0.0)
                     torch.addcmul(w, code, s, value=-1.0, out=err)  # w - (q - z) * s
                     slab.addr_(h_row, err, alpha=scale_by[col - i1])
