@@ -383,7 +383,10 @@ class OnnxBundle:
         """The README, with optimum's or onnxruntime-genai's usage (no ``library_name``:
         transformers itself does not load an ONNX graph)."""
         if (out_dir / "genai_config.json").exists():
-            usage = _genai_usage(genai_prompt(out_dir, ctx), self.config.max_new_tokens)
+            from transformers import AutoTokenizer
+
+            prompt = genai_prompt(AutoTokenizer.from_pretrained(out_dir), ctx)
+            usage = _genai_usage(prompt, self.config.max_new_tokens)
         else:
             (model_file,) = out_dir.glob("*.onnx")
             config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
@@ -426,8 +429,8 @@ class OnnxBundle:
         from transformers import AutoTokenizer
 
         model = og.Model(og.Config(str(out_dir)))
-        prompt = genai_prompt(out_dir, ctx)
         tokenizer = AutoTokenizer.from_pretrained(out_dir)
+        prompt = genai_prompt(tokenizer, ctx)
         ids = [int(i) for i in og.Tokenizer(model).encode(prompt)]
         # Whether a BOS token leads is each reader's own setting (a post-processor in
         # tokenizer.json, add_bos_token in its config): compared are the prompt's tokens.
@@ -457,17 +460,16 @@ def _without_bos(ids: list[int], bos: int | None) -> list[int]:
     return ids[1:] if ids and bos is not None and ids[0] == bos else ids
 
 
-def genai_prompt(out_dir: Path, ctx: DeployContext) -> str:
+def genai_prompt(tokenizer: Any, ctx: DeployContext) -> str:
     """The example question's prompt as text, rendered as the model was finetuned (through
-    its chat template, or in the completion form): what the genai card's code encodes with
-    onnxruntime-genai's tokenizer, and what the deploy check encodes with both."""
-    from transformers import AutoTokenizer
-
+    the bundle tokenizer's chat template, or in the completion form): what the genai
+    card's code encodes with onnxruntime-genai's tokenizer, and what the deploy check
+    encodes with both."""
     from unbottle.evaluation import PromptFormat
 
     fmt = ctx.prompt_format or PromptFormat()
     pair = {"question": ctx.example_question or FALLBACK_QUESTION, "answer": ""}
-    return fmt.prompt_text(AutoTokenizer.from_pretrained(out_dir), pair)
+    return fmt.prompt_text(tokenizer, pair)
 
 
 def _genai_usage(prompt: str, max_new_tokens: int) -> str:
