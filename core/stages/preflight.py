@@ -199,7 +199,9 @@ def check_compress(params: Params, model: Any, registry: Registry) -> None:
         n_to_m = None  # the step that zeroed weights in an N:M pattern, if any
         for i, step in enumerate(steps):
             strategy = registry.create(step.kind, step.strategy, step.options)
-            reshapes = not getattr(strategy, "keeps_shape", False) and step.kind == "pruning"
+            # Only a step that says so (keeps_shape = False): a plugin that does not say
+            # is not refused on a guess.
+            reshapes = getattr(strategy, "keeps_shape", None) is False
             if reshapes and n_to_m is not None:
                 # Removing input columns shifts every later column into another group of M.
                 raise ConfigError(
@@ -207,8 +209,8 @@ def check_compress(params: Params, model: Any, registry: Registry) -> None:
                     f"shapes after an N:M pattern ({variant}[{n_to_m}]), which would no "
                     "longer hold; put the N:M step after it"
                 )
-            if step.options.get("pattern"):
-                n_to_m = i
+            if getattr(getattr(strategy, "config", None), "nm", None) is not None:
+                n_to_m = i  # the built-in pruners' N:M pattern (UnstructuredOptions.nm)
         for i, step in enumerate(steps):
             strategy = registry.create(step.kind, step.strategy, step.options)
             check = getattr(strategy, "check_model", None)

@@ -569,6 +569,7 @@ class Structured:
     """
 
     name = "structured"
+    keeps_shape = False  # removes rows and columns: an N:M pattern before it would break
 
     class Config(StrategyConfig):
         heads: int | float = Field(0, ge=0)
