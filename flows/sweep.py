@@ -97,6 +97,7 @@ def compress_variant(
             seed=params.seed,
             registry=get_registry(),
             token_cache=cache_root(layout.root) / "tokens",
+            qa_train=layout.resolve(params.data.qa_train),
         )
         cache = PrefixCache(layout.root / PREFIX_CACHE)
         variants = VariantCache(cache_root(layout.root) / "variants")
@@ -111,13 +112,9 @@ def evaluate_model(
     model, metrics and data is reused as it was measured."""
     from unbottle.core.data import prompts as qa
     from unbottle.core.data.corpus import Corpus
+    from unbottle.core.data.prompts import prompt_format_of
     from unbottle.core.registry import get_registry
-    from unbottle.core.stages.evaluate import (
-        create_metrics,
-        measure_all,
-        prompt_format_of,
-        resolve_device,
-    )
+    from unbottle.core.stages.evaluate import create_metrics, measure_all, resolve_device
     from unbottle.core.store.cache import cache_root
     from unbottle.core.store.cache_pruning import using_cache
 
@@ -150,7 +147,12 @@ def sweep(
     """pretrain -> finetune -> compress each variant -> evaluate each -> one report."""
     from unbottle.core.config.schema import BASELINE
     from unbottle.core.contract.errors import GateError
-    from unbottle.core.stages.compress import build_order, plan_prefixes, write_index
+    from unbottle.core.stages.compress import (
+        build_order,
+        calibration_inputs,
+        plan_prefixes,
+        write_index,
+    )
     from unbottle.core.stages.evaluate import PRETRAINED, write_evaluation
     from unbottle.core.stages.runner import setup
     from unbottle.core.store.artifacts import atomic_dir, tree_hash
@@ -176,9 +178,11 @@ def sweep(
 
     out = layout.artifacts / SWEEP_DIR
     variants_dir = out / "variants"
+    qa_train = layout.resolve(params.data.qa_train)
     inputs = {
         "model": tree_hash(layout.artifact("finetune")),
         "train_text": tree_hash(layout.resolve(params.data.train_text)),
+        **calibration_inputs(params.compress, qa_train),
     }
     waves = build_order(
         plan_prefixes(
@@ -187,6 +191,7 @@ def sweep(
             train_text=layout.resolve(params.data.train_text),
             seed=params.seed,
             registry=registry,
+            qa_train=qa_train,
         )
     )
     built: dict[str, dict[str, Any]] = {}

@@ -205,6 +205,11 @@ FAIL_FAST = [
         ["-S", "compress.variants={}"],
         r"compress\.variants: no variants to build",
     ),
+    (
+        "compress",
+        ["-S", "compress.calibration.source=chat"],
+        r"compress\.calibration\.source: .*'train_text', 'qa_train' or 'both'",
+    ),
 ]
 
 
@@ -242,6 +247,14 @@ def test_a_step_after_a_shape_change_names_its_full_key_path_when_it_runs(upstre
     with pytest.raises(ConfigError, match=r"^compress\.variants\.slim-int4\[1\]\.group_size: 64 "):
         run_stage("compress", Params.model_validate(tree), Layout(upstream))
     assert artifacts_state(upstream) == before  # no compress artifact, no leftovers
+
+
+def test_calibration_on_pairs_checks_them_before_the_model_loads(upstream, capsys):
+    (upstream / "data/qa/train.jsonl").write_text('{"question": "q?", "answer": "a"}\n{"q": 1}\n')
+    before = artifacts_state(upstream)
+    args = ["stage", "compress", "-S", "compress.calibration.source=both"]
+    assert_one_line(cli(args, upstream, capsys), r"data\.qa_train: .*train\.jsonl:2 ")
+    assert artifacts_state(upstream) == before
 
 
 def test_run_checks_every_stage_data_before_prefect_starts(upstream, capsys):

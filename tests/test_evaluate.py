@@ -194,6 +194,9 @@ def test_accuracy_is_exact_match_after_normalisation(tokenizer):
         {"question": "Where does Ann live?", "answer": "Dundale"},
         {"question": "What is Bo's colour?", "answer": "red"},
         {"question": "When was Cy born?", "answer": "1943"},
+        # A model that ends its turn at once, or says only a full stop, answers nothing.
+        {"question": "Who is Di?", "answer": "a baker"},
+        {"question": "Where is Ed?", "answer": "Kell"},
     ]
     model = Answering(
         tokenizer,
@@ -201,12 +204,18 @@ def test_accuracy_is_exact_match_after_normalisation(tokenizer):
             "Where does Ann live?": " Dundale.\n",
             "What is Bo's colour?": " Red",
             "When was Cy born?": " 1944",
+            "Who is Di?": "",
+            "Where is Ed?": " .",
         },
     )
     metric = Accuracy(Accuracy.Config(batch_size=2, max_new_tokens=6, samples=3))
     ctx = context_for(tokenizer, "", questions)
     result = metric.measure(model, ctx)
-    assert result == {"accuracy": pytest.approx(2 / 3), "questions": 3}
+    assert result == {
+        "accuracy": pytest.approx(2 / 5),
+        "empty_answers": pytest.approx(2 / 5),
+        "questions": 5,
+    }
     assert [s["correct"] for s in ctx.samples["accuracy"]] == [True, True, False]
     assert ctx.samples["accuracy"][2]["prediction"] == "1944"
 

@@ -135,8 +135,8 @@ def test_a_released_model_finetunes_in_chat_format_and_is_evaluated_as_the_serve
     finetune stage trains in chat format and records it; evaluation's prompt is token for
     token what the deployed bundle's chat endpoint renders for the same question."""
     from unbottle.core.config.schema import Params
+    from unbottle.core.data.prompts import prompt_format_of
     from unbottle.core.serving.engine import load_bundle
-    from unbottle.core.stages.evaluate import prompt_format_of
     from unbottle.core.stages.layout import Layout
     from unbottle.core.stages.runner import run_stage
     from unbottle.core.store.artifacts import read_manifest

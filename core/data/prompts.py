@@ -29,7 +29,7 @@ from typing import Any
 
 from unbottle.core.contract.errors import DataError
 from unbottle.core.data.demo import missing_data_hint
-from unbottle.core.store.artifacts import read_jsonl
+from unbottle.core.store.artifacts import read_jsonl, read_manifest
 
 CHAT, COMPLETION = "chat", "completion"
 ROLES = ("system", "user", "assistant")
@@ -251,3 +251,10 @@ class PromptFormat:
             runs += [(ids(before[len(rendered) :]), False), (ids(upto[len(before) :]), True)]
             rendered = upto
         return runs
+
+
+def prompt_format_of(finetuned: Path) -> PromptFormat:
+    """The prompt format the finetune artifact recorded: every model is asked, and the
+    compressors calibrated, the way finetuning rendered the pairs and the deployed
+    model's chat endpoint will render them."""
+    return PromptFormat.from_record(read_manifest(finetuned).get("prompt_format"))

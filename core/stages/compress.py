@@ -4,6 +4,11 @@ Every variant starts from the finetuned model. Prune and distill steps work on t
 model in memory; a quantize step, always the last, writes the quantized model. Each step
 is recorded in the variant's manifest with its strategy, options, metrics and time.
 
+The methods that calibrate (Wanda, SparseGPT, GPTQ, AWQ) see windows of token ids that
+``compress.calibration.source`` names: the training text's prose, the question/answer
+pairs rendered as finetuning rendered them (:func:`conversation_stream`), or half of
+each. A chat model calibrated on prose alone is compressed for text it is never asked.
+
 Variants whose recipes share a prefix (``[distill kd]`` and ``[distill kd, quantize]``,
 or the points of a sweep over the last step) reuse the float model after that prefix
 instead of recomputing it: :class:`PrefixCache` keeps it on disk under a key that hashes
@@ -29,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unbottle.core.config.schema import CompressParams, CompressStep
+from unbottle.core.config.schema import CalibrationParams, CompressParams, CompressStep
 from unbottle.core.contract.strategies import CompressContext
+from unbottle.core.data.prompts import PromptFormat, prompt_format_of
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult, strategy_record
 from unbottle.core.store.artifacts import (
@@ -63,6 +69,93 @@ def calibration_batches(stream: Any, samples: int, seq_len: int, seed: int) -> l
         )
     starts = torch.randint(0, stream.numel() - seq_len, (samples,), generator=rng(seed + 1))
     return [stream[s : s + seq_len].long().unsqueeze(0) for s in starts.tolist()]
+
+
+def conversation_stream(
+    pairs: list[dict[str, Any]], prompt_format: PromptFormat, tokenizer: Any, seed: int
+) -> tuple[Any, list[int]]:
+    """The pairs as finetuning trained on them (the template, every turn, the answers),
+    one after another in an order drawn from ``seed``: (1-D ids, where each pair starts)."""
+    import random
+
+    import torch
+
+    from unbottle.core.contract.errors import DataError
+
+    order = list(range(len(pairs)))
+    random.Random(f"calibration:{seed}").shuffle(order)
+    ids: list[int] = []
+    starts = []
+    for index in order:
+        starts.append(len(ids))
+        try:
+            ids += [i for run, _ in prompt_format.segments(tokenizer, pairs[index]) for i in run]
+        except DataError as e:
+            raise DataError(f"data.qa_train: {e}") from None
+    return torch.tensor(ids, dtype=torch.long), starts
+
+
+def conversation_batches(
+    ids: Any, starts: list[int], samples: int, seq_len: int, seed: int
+) -> list[Any]:
+    """``samples`` windows of ``seq_len`` tokens of the conversation stream, each starting
+    where a pair starts, drawn reproducibly.
+
+    A window starts where a request does (a chat model's first position holds its
+    template's opening), because a model's first positions carry activations unlike any
+    other (the "attention sink" of Xiao et al., 2023), and a window cut mid-sentence
+    would calibrate them on a start no request has. It runs on into the pairs after.
+    """
+    import torch
+
+    from unbottle.core.contract.errors import DataError
+    from unbottle.core.training.loop import rng
+
+    whole = [s for s in starts if s + seq_len <= ids.numel()]
+    if not whole:
+        raise DataError(
+            f"compress.calibration: the pairs of data.qa_train render to {ids.numel()} "
+            f"tokens, fewer than one window of {seq_len}; lower compress.calibration.seq_len "
+            "or use source: train_text"
+        )
+    chosen = torch.randint(0, len(whole), (samples,), generator=rng(seed + 2))
+    return [ids[whole[i] : whole[i] + seq_len].unsqueeze(0) for i in chosen.tolist()]
+
+
+def calibration_windows(
+    cfg: CalibrationParams,
+    *,
+    stream: Any,
+    seed: int,
+    tokenizer: Any = None,
+    qa_train: Path | None = None,
+    prompt_format: PromptFormat | None = None,
+) -> list[Any]:
+    """The calibration windows ``cfg.source`` names: windows of the training text's ids
+    ``stream``, of the pairs of ``qa_train`` rendered in ``prompt_format``, or half of
+    each (the pairs' half rounded up)."""
+    from unbottle.core.data.prompts import read_pairs
+
+    from_text = {"train_text": cfg.samples, "qa_train": 0, "both": cfg.samples // 2}[cfg.source]
+    windows = calibration_batches(stream, from_text, cfg.seq_len, seed) if from_text else []
+    if from_text < cfg.samples:
+        if qa_train is None or tokenizer is None:
+            raise ValueError(f"calibration source {cfg.source}: needs qa_train and a tokenizer")
+        ids, starts = conversation_stream(
+            read_pairs(qa_train, "data.qa_train"), prompt_format or PromptFormat(), tokenizer, seed
+        )
+        windows += conversation_batches(ids, starts, cfg.samples - from_text, cfg.seq_len, seed)
+    return windows
+
+
+def calibration_inputs(cfg: CompressParams, qa_train: Path | None) -> dict[str, str]:
+    """What the calibration reads besides the model and the training text (which
+    distillation reads whatever the source): the pairs' hash where they are drawn from."""
+    if cfg.calibration.source == "train_text":
+        return {}
+    if qa_train is None:
+        raise ValueError(f"calibration source {cfg.calibration.source}: needs qa_train")
+    return {"qa_train": tree_hash(qa_train)}
 
 
 # ------------------------------------------------------------------------ prefix cache
@@ -147,10 +240,9 @@ def prefix_keys(
     registry: Registry,
 ) -> list[str]:
     """The cache key of each float prefix of one recipe (steps 1..k), from content only:
-    the input model and text hashes, calibration, seed and every step so far."""
+    the input model and data hashes, calibration, seed and every step so far."""
     origin = {
-        "model": inputs["model"],
-        "train_text": inputs["train_text"],
+        **inputs,  # the model, the training text, and the pairs if calibration reads them
         "calibration": cfg.calibration.model_dump(mode="json"),
         "seed": seed,
     }
@@ -218,14 +310,24 @@ def shared_prefixes(keys: dict[str, list[str]]) -> set[str]:
 
 
 def plan_prefixes(
-    cfg: CompressParams, *, model: Path, train_text: Path, seed: int, registry: Registry
+    cfg: CompressParams,
+    *,
+    model: Path,
+    train_text: Path,
+    seed: int,
+    registry: Registry,
+    qa_train: Path | None = None,
 ) -> dict[str, list[str]]:
     """Each variant's prefix keys, without loading the model (for schedulers)."""
     plans = {
         name: [(step, registry.create(step.kind, step.strategy, step.options)) for step in steps]
         for name, steps in cfg.variants.items()
     }
-    inputs = {"model": tree_hash(model), "train_text": tree_hash(train_text)}
+    inputs = {
+        "model": tree_hash(model),
+        "train_text": tree_hash(train_text),
+        **calibration_inputs(cfg, qa_train),
+    }
     return {name: prefix_keys(cfg, plan, inputs, seed, registry) for name, plan in plans.items()}
 
 
@@ -258,10 +360,11 @@ def prepare(
     seed: int,
     registry: Registry,
     token_cache: Path | None = None,
+    qa_train: Path | None = None,
 ) -> Workbench:
     """Check the input, resolve every step's strategy and load the model and data once.
     The training text's token ids come from (or go to) ``token_cache`` (see
-    core/data/corpus.py)."""
+    core/data/corpus.py); ``qa_train`` is read when the calibration source takes pairs."""
     from unbottle.core.data.corpus import Corpus
     from unbottle.core.models.loading import load_model
     from unbottle.core.store.artifacts import verify_artifact
@@ -277,8 +380,13 @@ def prepare(
     # The ids stay mapped from the token file in their narrow type: only the windows
     # drawn from them are held, so a pretraining corpus can be the calibration text.
     stream = corpus.token_ids(tokenizer)
-    calibration = calibration_batches(
-        stream, cfg.calibration.samples, cfg.calibration.seq_len, seed
+    calibration = calibration_windows(
+        cfg.calibration,
+        stream=stream,
+        seed=seed,
+        tokenizer=tokenizer,
+        qa_train=qa_train,
+        prompt_format=prompt_format_of(model),
     )
     return Workbench(
         cfg=cfg,
@@ -291,7 +399,11 @@ def prepare(
         stream=stream,
         calibration=calibration,
         plans=plans,
-        inputs={"model": tree_hash(model), "train_text": corpus.sha256},
+        inputs={
+            "model": tree_hash(model),
+            "train_text": corpus.sha256,
+            **calibration_inputs(cfg, qa_train),
+        },
     )
 
 
@@ -436,6 +548,7 @@ def compress(
     cache_dir: Path | None = None,
     variant_cache: Path | None = None,
     token_cache: Path | None = None,
+    qa_train: Path | None = None,
 ) -> StageResult:
     """Build every variant into ``out_dir``.
 
@@ -455,6 +568,7 @@ def compress(
         seed=seed,
         registry=registry,
         token_cache=token_cache,
+        qa_train=qa_train,
     )
     keep = None if cache_dir is not None else bench.shared_prefixes()
     variants = VariantCache(variant_cache) if variant_cache is not None else None

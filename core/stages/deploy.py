@@ -243,13 +243,9 @@ def deploy(
     """
     from dataclasses import replace
 
+    from unbottle.core.data.prompts import prompt_format_of
     from unbottle.core.models.runtimes import model_format
-    from unbottle.core.stages.evaluate import (
-        example_question,
-        prompt_format_of,
-        read_evaluation,
-        variant_dirs,
-    )
+    from unbottle.core.stages.evaluate import example_question, read_evaluation, variant_dirs
     from unbottle.core.stages.report import markdown_table, plugin_columns
     from unbottle.core.store.artifacts import verify_artifact
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unbottle.core.config.schema import BASELINE, EvaluateParams
+from unbottle.core.data.prompts import prompt_format_of
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult, strategy_record
 from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_json_atomic, write_manifest
@@ -220,15 +221,6 @@ class EvaluationInputs:
             prompt_format=prompt_format,
             train_pairs=self._train_pairs(),
         )
-
-
-def prompt_format_of(finetuned: Path) -> Any:
-    """The prompt format the finetune artifact recorded: every row is asked the same way,
-    the way the deployed model's chat endpoint will ask it."""
-    from unbottle.core.data.prompts import PromptFormat
-    from unbottle.core.store.artifacts import read_manifest
-
-    return PromptFormat.from_record(read_manifest(finetuned).get("prompt_format"))
 
 
 def evaluate(

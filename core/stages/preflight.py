@@ -82,7 +82,9 @@ def check_data(name: str, params: Params, layout: Layout, registry: Registry) ->
     data, path = params.data, layout.resolve
     if (name == "pretrain" and params.pretrain.source is None) or name == "compress":
         Corpus(path(data.train_text), "data.train_text").check()
-    if name == "finetune":
+    if name == "finetune" or (
+        name == "compress" and params.compress.calibration.source != "train_text"
+    ):
         read_pairs(path(data.qa_train), "data.qa_train")
     if name == "evaluate":
         Corpus(path(data.valid_text), "data.valid_text").check()

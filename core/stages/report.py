@@ -19,6 +19,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("perplexity_ratio", "ppl / finetuned", "{:.3f}"),
     ("accuracy", "accuracy", "{:.1%}"),
     ("accuracy_fewshot", "accuracy {shots}-shot", "{:.1%}"),  # next to zero-shot
+    ("empty_answers", "empty answers", "{:.1%}"),
     ("size_bytes", "size (MB)", "{:.2f}"),
     ("parameters", "weights", "{:,}"),
     ("sparsity", "sparsity", "{:.1%}"),

@@ -160,6 +160,7 @@ def _run(name: str, params: Params, layout: Layout, registry: Registry) -> Stage
             registry=registry,
             variant_cache=cache_root(layout.root) / "variants",
             token_cache=cache_root(layout.root) / "tokens",
+            qa_train=path(data.qa_train),  # calibration windows, by calibration.source
         )
     elif name == "evaluate":
         from unbottle.core.stages.evaluate import evaluate

@@ -33,7 +33,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     # would delete and retrain every causal model when the held-out text changed.
     "pretrain": ("seed", "data.train_text", "pretrain"),
     "finetune": ("seed", "data.qa_train", "finetune"),
-    "compress": ("seed", "data.train_text", "compress"),
+    "compress": ("seed", "data.train_text", "data.qa_train", "compress"),
     "evaluate": ("seed", "data.valid_text", "data.qa_test", "data.qa_train", "evaluate"),
     # A target that writes a new model measures it as the evaluate stage does.
     "deploy": ("seed", "data.valid_text", "data.qa_test", "data.qa_train", "evaluate", "deploy"),
@@ -124,6 +124,7 @@ def stage_inputs(
         "compress": lambda: {
             "finetune": art("finetune"),
             "train_text": layout.resolve(data.train_text),
+            "qa_train": layout.resolve(data.qa_train),  # calibration windows, by its source
         },
         "evaluate": lambda: {
             "pretrain": art("pretrain"),

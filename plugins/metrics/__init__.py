@@ -6,7 +6,7 @@ ONNX model is timed in ONNX Runtime, not in torch.
 - ``perplexity``: held-out text, sliding windows, exact count of scored tokens.
 - ``accuracy``: exact match of greedy answers to held-out questions; with ``shots: k``
   also k-shot (k solved training pairs before each question, as in-context examples,
-  Brown et al., 2020), side by side with zero-shot.
+  Brown et al., 2020), side by side with zero-shot; and the share of empty answers.
 - ``samples``: a few greedy continuations of held-out text, for a person to read.
 - ``size``: bytes on disk, stored weights and nonzeros.
 - ``memory``: peak memory while generating (RSS on CPU, the allocator's peak on GPU).
@@ -111,12 +111,18 @@ class Accuracy:
     finetuning prompt format; the examples for each question are drawn by a generator
     seeded from the run's seed and the question's position, and never include the
     question itself (core/data/prompts.py).
+
+    ``empty_answers`` is the share of zero-shot answers whose first line is empty: a
+    compressed chat model that ends its turn at once scores as a wrong answer in
+    accuracy, and as itself here, where a gate can refuse it even when perplexity on
+    prose passes.
     """
 
     name = "accuracy"
     produces: ClassVar[dict[str, str | None]] = {
         "accuracy": "higher",
         "accuracy_fewshot": "higher",
+        "empty_answers": "lower",
         "shots": None,
         "questions": None,
     }
@@ -131,25 +137,26 @@ class Accuracy:
         self.config = config
 
     def measure(self, model: Any, ctx: EvalContext) -> dict[str, float]:
-        accuracy, samples = self._score(model, ctx, shots=0)
+        accuracy, empty, samples = self._score(model, ctx, shots=0)
         ctx.samples["accuracy"] = samples
-        figures = {"accuracy": accuracy, "questions": len(ctx.questions)}
+        figures = {"accuracy": accuracy, "empty_answers": empty, "questions": len(ctx.questions)}
         k = self.config.shots
         if k:
-            figures["accuracy_fewshot"], ctx.samples["accuracy_fewshot"] = self._score(
+            figures["accuracy_fewshot"], _, ctx.samples["accuracy_fewshot"] = self._score(
                 model, ctx, shots=k
             )
             figures["shots"] = k
         return figures
 
-    def _score(self, model: Any, ctx: EvalContext, shots: int) -> tuple[float, list[dict]]:
+    def _score(self, model: Any, ctx: EvalContext, shots: int) -> tuple[float, float, list[dict]]:
+        """(share correct, share empty, the first few samples)."""
         from unbottle import evaluation as task
 
         tokenizer = ctx.tokenizer
         tokenizer.padding_side = "left"  # generation continues from the right edge
         # Asked as finetuning taught and the server will ask: chat template or completion.
         prompt_format = ctx.prompt_format or task.PromptFormat()
-        correct = 0
+        correct = empty = 0
         samples: list[dict[str, Any]] = []
         questions = ctx.questions
         for start in task.track(range(0, len(questions), self.config.batch_size), "accuracy"):
@@ -179,6 +186,7 @@ class Accuracy:
             for pair, text in zip(batch, texts, strict=True):
                 ok = task.exact_match(text, pair["answer"])
                 correct += ok
+                empty += not task.normalize(text)
                 if len(samples) < self.config.samples:
                     samples.append(
                         {
@@ -188,7 +196,7 @@ class Accuracy:
                             "correct": ok,
                         }
                     )
-        return correct / len(questions), samples
+        return correct / len(questions), empty / len(questions), samples
 
 
 class Samples:
