@@ -690,6 +690,85 @@ def test_a_two_variant_sweep_reuses_the_shared_prefix(swept, tmp_path):
     assert not list(out.parent.glob(".compress.prefixes.*"))  # the run's cache is gone
 
 
+def test_a_float_variant_of_an_earlier_run_is_the_prefix_of_a_later_recipe(
+    swept, tmp_path, monkeypatch, caplog
+):
+    """A float variant in the variant cache (here ``mag``, magnitude 50%) serves a later
+    run's recipe that starts with the same steps (``mag-int8``): the pruner does not run
+    again, and the result is byte for byte what building it afresh gives."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from unbottle.core.stages.compress import compress
+    from unbottle.plugins.pruning import Magnitude
+
+    layout, params = swept["layout"], swept["params"]
+    prune = [{"prune": "magnitude", "sparsity": 0.5}]
+    then_int8 = [*prune, {"quantize": "rtn", "bits": 8, "group_size": 32}]
+
+    def run(variants: dict, out: str, cache: Path | None):
+        cfg = Params.model_validate({**SWEEP_PARAMS, "compress": {"variants": variants}}).compress
+        return compress(
+            cfg,
+            model=layout.artifact("finetune"),
+            train_text=layout.root / "data/corpus/train.txt",
+            out_dir=tmp_path / out,
+            seed=params.seed,
+            registry=get_registry(),
+            variant_cache=cache,
+        )
+
+    cache = tmp_path / "variants"
+    assert run({"mag": prune}, "first", cache).metrics["mag"]["reused_steps"] == 0
+    fresh = run({"mag-int8": then_int8}, "fresh", None)  # no cache: both steps run
+    assert fresh.metrics["mag-int8"]["reused_steps"] == 0
+
+    def prune_again(self, model, ctx):
+        raise AssertionError("the pruner ran again")
+
+    monkeypatch.setattr(Magnitude, "prune", prune_again)
+    with caplog.at_level(logging.INFO, logger="unbottle.compress"):
+        later = run({"mag-int8": then_int8}, "later", cache)
+    assert later.metrics["mag-int8"]["reused_steps"] == 1
+    assert (
+        "steps 1-1 reused from the variant cache, where an earlier run stored them as "
+        "the variant mag" in caplog.text
+    )
+    steps = read_manifest(tmp_path / "later" / "mag-int8")["steps"]
+    assert [s["action"] for s in steps] == ["prune", "quantize"]
+    assert steps[0]["metrics"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    reused = load_file(tmp_path / "later" / "mag-int8" / "model.safetensors")
+    recomputed = load_file(tmp_path / "fresh" / "mag-int8" / "model.safetensors")
+    assert reused.keys() == recomputed.keys()
+    assert all(bool((reused[k] == recomputed[k]).all()) for k in reused)
+
+
+def test_a_prefix_key_changes_with_the_code_of_the_compress_stage(swept, monkeypatch):
+    """Prefixes outlive a run (the sweep's cache, float variants in the variant cache): a
+    change to the calibration pass or another helper the stage runs must not reuse them."""
+    from unbottle.core.stages.compress import prepare
+    from unbottle.core.store import cache
+
+    layout, params = swept["layout"], swept["params"]
+    bench = prepare(
+        params.compress,
+        model=layout.artifact("finetune"),
+        train_text=layout.root / "data/corpus/train.txt",
+        seed=params.seed,
+        registry=get_registry(),
+    )
+    before = bench.prefix_keys("kd-0p3")
+    assert bench.prefix_keys("kd-0p3") == before
+    hashes = cache.code_hashes
+
+    def edited(modules):
+        return {**hashes(modules), "core.compression": "edited"}
+
+    monkeypatch.setattr(cache, "code_hashes", edited)
+    assert all(a != b for a, b in zip(bench.prefix_keys("kd-0p3"), before, strict=True))
+
+
 def test_each_variant_of_the_sweep_is_a_row_of_one_report(swept):
     layout = swept["layout"]
     rows = swept["results"]["evaluate"].metrics["variants"]

@@ -12,10 +12,11 @@ each. A chat model calibrated on prose alone is compressed for text it is never 
 Variants whose recipes share a prefix (``[distill kd]`` and ``[distill kd, quantize]``,
 or the points of a sweep over the last step) reuse the float model after that prefix
 instead of recomputing it: :class:`PrefixCache` keeps it on disk under a key that hashes
-the input model, the calibration data, the seed and every step so far (strategy, its
-validated options, its distribution and the hash of its source). A stale or damaged
-entry is never used: its files are checked against their hashes, and any difference in
-what went into it changes the key.
+the input model, the calibration data, the seed, the stage's code and every step so far
+(strategy, its validated options, its distribution and the hash of its source). A float
+variant stored in the variant cache by an earlier run serves as the prefix its recipe
+is. A stale or damaged entry is never used: its files are checked against their hashes,
+and any difference in what went into it changes the key.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unbottle.core.config.schema import CalibrationParams, CompressParams, CompressStep
 from unbottle.core.contract.strategies import CompressContext
@@ -42,12 +43,16 @@ from unbottle.core.stages.layout import StageResult, strategy_record
 from unbottle.core.store.artifacts import (
     atomic_dir,
     file_hashes,
+    read_manifest,
     tree_hash,
     write_json_atomic,
     write_manifest,
 )
 from unbottle.core.store.cache_pruning import mark_used
 from unbottle.core.store.code import strategy_code_hash
+
+if TYPE_CHECKING:
+    from unbottle.core.store.cache import VariantCache
 
 log = logging.getLogger("unbottle.compress")
 VARIANTS_INDEX = "variants.json"
@@ -241,10 +246,17 @@ def prefix_keys(
 ) -> list[str]:
     """The cache key of each float prefix of one recipe (steps 1..k), from content only:
     the input model and data hashes, calibration, seed and every step so far."""
+    from unbottle.core.store.cache import code_hashes
+    from unbottle.core.store.fingerprint import STAGE_CODE
+
     origin = {
         **inputs,  # the model, the training text, and the pairs if calibration reads them
         "calibration": cfg.calibration.model_dump(mode="json"),
         "seed": seed,
+        # The calibration pass and the helpers the strategies share: a prefix kept across
+        # runs (the sweep's cache, a float variant in the variant cache) is stale when
+        # they change, as the stage's fingerprint is.
+        "code": code_hashes(STAGE_CODE["compress"]),
     }
     keys: list[str] = []
     steps: list[dict[str, Any]] = []
@@ -414,27 +426,40 @@ def build_variant(
     *,
     cache: PrefixCache | None = None,
     keep: set[str] | None = None,
+    variants: VariantCache | None = None,
 ) -> dict[str, Any]:
     """Run one variant's recipe and write it, with its manifest, into ``variant_dir``.
 
     With a cache, the longest float prefix found there is loaded instead of recomputed,
     and each float prefix computed here is stored when its key is in ``keep`` (or always,
-    when ``keep`` is None).
+    when ``keep`` is None). With ``variants``, a float variant of an earlier run whose
+    whole recipe is a prefix of this one serves as that prefix too.
     """
     import torch
 
     from unbottle.core.models.loading import save_model
 
     plan = bench.plans[name]
-    keys = bench.prefix_keys(name) if cache is not None else []
+    keys = bench.prefix_keys(name) if cache is not None or variants is not None else []
     current, records, start = None, [], 0
     for k in range(len(keys), 0, -1):
         hit = cache.get(keys[k - 1]) if cache is not None else None
         if hit is not None:
             current, records = hit
-            start = k
             log.info("compress %s: steps 1-%d reused from the prefix cache", name, k)
-            break
+        elif variants is not None and (entry := variants.find_float(keys[k - 1])) is not None:
+            current, records = float_variant(entry)
+            log.info(
+                "compress %s: steps 1-%d reused from the variant cache, where an earlier "
+                "run stored them as the variant %s",
+                name,
+                k,
+                read_manifest(entry)["config"]["variant"],
+            )
+        else:
+            continue
+        start = k
+        break
     variant_dir.mkdir(parents=True, exist_ok=True)
     fmt = "hf"  # until a quantize step (always the last) writes its own format
     quantized = False
@@ -506,6 +531,14 @@ def build_variant(
         **{f"step{r['step']}_seconds": r["seconds"] for r in records[start:]},
         **{f"{r['action']}_{k}": v for r in records for k, v in r["metrics"].items()},
     }
+
+
+def float_variant(entry: Path) -> tuple[Any, list[dict[str, Any]]]:
+    """A float variant's model and step records, from its variant cache entry."""
+    from unbottle.core.models.loading import load_model
+
+    model, _ = load_model(entry)
+    return model, list(read_manifest(entry)["steps"])
 
 
 def write_index(
@@ -609,6 +642,8 @@ def reuse_or_build(
             key[:12],
         )
         return {**record["metrics"], "reused": True}
-    built = build_variant(bench, name, variant_dir, cache=cache, keep=keep)
-    variants.put(key, variant_dir, built)
+    built = build_variant(bench, name, variant_dir, cache=cache, keep=keep, variants=variants)
+    plan = bench.plans[name]
+    floating = bool(plan) and all(step.action != "quantize" for step, _ in plan)
+    variants.put(key, variant_dir, built, bench.prefix_keys(name)[-1] if floating else None)
     return {**built, "reused": False}

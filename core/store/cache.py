@@ -100,8 +100,9 @@ class VariantCache:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        """The entry's record when it is intact, else None (a damaged one is logged)."""
+    def get(self, key: str, *, quiet: bool = False) -> dict[str, Any] | None:
+        """The entry's record when it is intact, else None (a damaged one is logged,
+        unless ``quiet``)."""
         entry = self.root / key
         record_file = entry / ENTRY_RECORD
         if not record_file.is_file():
@@ -113,7 +114,8 @@ class VariantCache:
         if record.get("key") != key or record.get("files") != file_hashes(
             entry, exclude=(ENTRY_RECORD,)
         ):
-            log.warning("cache: variant entry %s is damaged; not reusing it", key[:12])
+            if not quiet:
+                log.warning("cache: variant entry %s is damaged; not reusing it", key[:12])
             return None
         mark_used(record_file)
         return record
@@ -125,21 +127,51 @@ class VariantCache:
         _link_tree(entry, dst)
         (dst / ENTRY_RECORD).unlink()
 
-    def put(self, key: str, variant_dir: Path, metrics: dict[str, Any]) -> None:
-        """Store a finished variant directory; a failure to cache never fails the stage."""
+    def put(
+        self,
+        key: str,
+        variant_dir: Path,
+        metrics: dict[str, Any],
+        float_prefix: str | None = None,
+    ) -> None:
+        """Store a finished variant directory; a failure to cache never fails the stage.
+        ``float_prefix``: for a float variant (no quantize step), the prefix key of its
+        whole recipe, under which a later recipe that starts with it finds it
+        (:meth:`find_float`)."""
         try:
             with atomic_dir(self.root / key) as tmp:
                 _link_tree(variant_dir, tmp)
-                write_json_atomic(
-                    tmp / ENTRY_RECORD,
-                    {
-                        "key": key,
-                        "metrics": metrics,
-                        "files": file_hashes(tmp, exclude=(ENTRY_RECORD,)),
-                    },
-                )
+                record = {
+                    "key": key,
+                    "metrics": metrics,
+                    "files": file_hashes(tmp, exclude=(ENTRY_RECORD,)),
+                }
+                if float_prefix is not None:
+                    record["float_prefix"] = float_prefix
+                write_json_atomic(tmp / ENTRY_RECORD, record)
         except OSError as e:
             log.warning("cache: could not store variant %s: %s", key[:12], e)
+
+    def find_float(self, prefix_key: str) -> Path | None:
+        """The intact entry of a float variant whose recipe is the prefix ``prefix_key``,
+        or None. The records are scanned (a few hundred small files at most) rather than
+        indexed, so no index can outlive an entry that `unbottle cache prune` removed."""
+        if not self.root.is_dir():
+            return None
+        for record_file in sorted(self.root.glob(f"*/{ENTRY_RECORD}")):
+            try:
+                record = json.loads(record_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            key = record.get("key")
+            # A damaged entry is no prefix; its own variant's lookup says it is damaged.
+            if (
+                record.get("float_prefix") == prefix_key
+                and key
+                and self.get(key, quiet=True) is not None
+            ):
+                return self.root / key
+        return None
 
 
 class RowCache:
