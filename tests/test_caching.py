@@ -238,6 +238,39 @@ def test_speed_is_timed_for_its_budget_not_a_fixed_count(ctx):
     assert runner.requests.count(2) == 2  # one short warm-up per batch size
 
 
+def test_speed_reports_the_spread_of_its_requests_and_how_many_there_were(ctx):
+    """The median decode speed comes with the slowest and fastest request and their
+    count: a reader (and the report's frontier) can tell a difference from noise."""
+    from unbottle.plugins.metrics import Speed
+
+    class Uneven(SleepyRunner):
+        """Each timed request's steps take 4, 12 or 6 ms, in turn."""
+
+        step_s = (0.004, 0.012, 0.006)
+
+        def generate(self, prompt, mask, new_tokens, *, streamer=None, **_):
+            import time
+
+            pause = self.step_s[sum(n == new_tokens for n in self.requests) % 3]
+            self.requests.append(new_tokens)
+            streamer.put(prompt)
+            for _ in range(new_tokens):
+                time.sleep(pause)
+                streamer.put(prompt[:, :1])
+            return prompt
+
+    config = Speed.Config(prompt_tokens=8, new_tokens=6, repeats=3, batch_size=2, budget_s=60)
+    figures = Speed(config).measure(Uneven(), ctx)
+    assert figures["speed_requests"] == 3
+    low, median, high = (
+        figures["decode_tokens_per_s_low"],
+        figures["decode_tokens_per_s"],
+        figures["decode_tokens_per_s_high"],
+    )
+    assert low < median < high
+    assert low < 1 / 0.012 * 1.01 and high > 1 / 0.004 * 0.6  # the 12 ms and the 4 ms ones
+
+
 def test_a_perplexity_budget_below_one_window_is_one_line(ctx):
     from unbottle import DataError
     from unbottle.plugins.metrics import Perplexity

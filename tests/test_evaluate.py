@@ -367,6 +367,36 @@ def test_pareto_front_on_a_fixed_table():
     assert pareto_front(speed, ("higher", "higher")) == ["a", "b"]
 
 
+def test_speeds_the_measurements_cannot_tell_apart_put_neither_ahead():
+    """(decode tok/s, perplexity): a pruned model measured at 27.1 tok/s against the dense
+    model's 26.5 is faster only if its requests' ranges do not overlap."""
+    from unbottle.core.stages.report import frontiers, markdown_table, pareto_front
+
+    points = {"dense": (26.5, 2.0), "sgpt24": (27.1, 3.0), "int4": (60.0, 3.5)}
+    better = ("higher", "lower")
+    assert pareto_front(points, better) == ["dense", "sgpt24", "int4"]  # the point values
+    overlapping = {"dense": (24.8, 28.3), "sgpt24": (25.0, 29.0), "int4": (55.0, 64.0)}
+    assert pareto_front(points, better, overlapping) == ["dense", "int4"]
+    apart = {"dense": (26.2, 26.8), "sgpt24": (27.0, 27.3), "int4": (55.0, 64.0)}
+    assert pareto_front(points, better, apart) == ["dense", "sgpt24", "int4"]
+    # A point measured once sits inside a range: no better and no worse on speed.
+    once = {"sgpt24": (25.0, 29.0)}
+    assert pareto_front(points, better, once) == ["dense", "int4"]
+
+    rows = {
+        name: {
+            "perplexity": ppl,
+            "size_bytes": 1e6,
+            "decode_tokens_per_s": tps,
+            "decode_tokens_per_s_low": overlapping[name][0],
+            "decode_tokens_per_s_high": overlapping[name][1],
+        }
+        for name, (tps, ppl) in points.items()
+    }
+    assert frontiers(rows, list(rows))["quality_vs_speed"] == ["dense", "int4"]
+    assert "| sgpt24 | 3.000 | 1.00 | 27.1 (25.0–29.0) |" in markdown_table(rows)
+
+
 # ---------------------------------------------------------------------- gates and policy
 
 

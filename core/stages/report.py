@@ -43,6 +43,9 @@ TRADEOFFS = (
     ("quality_vs_size", "size_bytes", "size on disk (MB)", "lower"),
     ("quality_vs_speed", "decode_tokens_per_s", "decode tokens/s, batch 1", "higher"),
 )
+#: Measured figures that vary from request to request: the keys of their lowest and
+#: highest measurement, when the metric reports them.
+RANGES = {"decode_tokens_per_s": ("decode_tokens_per_s_low", "decode_tokens_per_s_high")}
 
 
 def add_ratios(rows: dict[str, dict[str, Any]], baseline: str) -> None:
@@ -54,10 +57,16 @@ def add_ratios(rows: dict[str, dict[str, Any]], baseline: str) -> None:
             row["perplexity_ratio"] = row["perplexity"] / base
 
 
-def _cell(key: str, fmt: str, value: Any) -> str:
+def _cell(key: str, fmt: str, value: Any, row: Mapping[str, Any] | None = None) -> str:
+    """A figure in the column's format; one with a measured range shows it after it."""
     if value is None or value == "":
         return "–"
-    return fmt.format(value * _SCALE.get(key, 1))
+    text = fmt.format(value * _SCALE.get(key, 1))
+    low, high = RANGES.get(key, ("", ""))
+    if row is not None and row.get(low) is not None and row.get(high) is not None:
+        scale = _SCALE.get(key, 1)
+        text += f" ({fmt.format(row[low] * scale)}–{fmt.format(row[high] * scale)})"
+    return text
 
 
 def pareto_cell(name: str, fronts: Mapping[str, list[str]]) -> str:
@@ -96,35 +105,58 @@ def markdown_table(
     rule = "|---|" + "---:|" * len(titles)
     body = []
     for name, row in rows.items():
-        cells = [_cell(key, fmt, row.get(key)) for key, _, fmt in columns]
+        cells = [_cell(key, fmt, row.get(key), row) for key, _, fmt in columns]
         if fronts:
             cells.append(pareto_cell(name, fronts))
         body.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join([head, rule, *body])
 
 
-def pareto_front(points: Mapping[str, tuple[float, float]], better: tuple[str, str]) -> list[str]:
+def pareto_front(
+    points: Mapping[str, tuple[float, float]],
+    better: tuple[str, str],
+    x_ranges: Mapping[str, tuple[float, float]] | None = None,
+) -> list[str]:
     """The names no other point dominates, in input order.
 
     ``better`` says for x and y whether "lower" or "higher" is better. A point dominates
     another when it is at least as good on both axes and strictly better on one; equal
     points do not dominate each other, so both stay.
+
+    ``x_ranges`` gives, for the points whose x was measured several times, the (lowest,
+    highest) measurement: two such points whose ranges overlap are equal on x, since the
+    measurements cannot tell them apart, and one is better only when all its
+    measurements are. A decode speed of 27.1 against 26.5 tokens/s, each varying by more
+    than that between requests, puts neither ahead on speed.
     """
     sign = [1 if b == "lower" else -1 for b in better]  # minimise sign * value
+    x_ranges = x_ranges or {}
 
-    def key(name: str) -> tuple[float, float]:
-        x, y = points[name]
-        return sign[0] * x, sign[1] * y
+    def span(name: str) -> tuple[float, float]:
+        """The point's x as a (best, worst) interval in minimised units."""
+        low, high = x_ranges.get(name, (points[name][0], points[name][0]))
+        return tuple(sorted((sign[0] * low, sign[0] * high)))  # type: ignore[return-value]
 
-    front = []
-    for name in points:
-        a = key(name)
-        dominated = any(
-            b[0] <= a[0] and b[1] <= a[1] and b != a for b in (key(o) for o in points if o != name)
-        )
-        if not dominated:
-            front.append(name)
-    return front
+    def compare(value_a: float, value_b: float) -> int:
+        return (value_a > value_b) - (value_a < value_b)
+
+    def x_order(a: str, b: str) -> int:
+        """-1 when a is better on x than b, 1 when worse, 0 when they cannot be told apart."""
+        (a_best, a_worst), (b_best, b_worst) = span(a), span(b)
+        if a_worst < b_best:
+            return -1
+        if b_worst < a_best:
+            return 1
+        if a in x_ranges or b in x_ranges:
+            return 0  # overlapping measurements
+        return compare(a_best, b_best)
+
+    def dominates(b: str, a: str) -> bool:
+        on_x = x_order(b, a)
+        on_y = compare(sign[1] * points[b][1], sign[1] * points[a][1])
+        return on_x <= 0 and on_y <= 0 and (on_x < 0 or on_y < 0)
+
+    return [a for a in points if not any(dominates(b, a) for b in points if b != a)]
 
 
 def quality_axis(rows: Mapping[str, Mapping[str, Any]]) -> tuple[str, str] | None:
@@ -148,8 +180,14 @@ def frontiers(
             for c in candidates
             if x_key in rows[c] and quality[0] in rows[c]
         }
+        low, high = RANGES.get(x_key, ("", ""))
+        ranges = {
+            c: (float(rows[c][low]), float(rows[c][high]))
+            for c in points
+            if low in rows[c] and high in rows[c]
+        }
         if points:
-            out[name] = pareto_front(points, (x_better, quality[1]))
+            out[name] = pareto_front(points, (x_better, quality[1]), ranges)
     return out
 
 
@@ -160,7 +198,7 @@ def plot_tradeoffs(
     reference: str | None = None,
 ) -> list[Path]:
     """One PNG per trade-off: every variant, its frontier joined by a line, the reference
-    model as a grey cross. Returns the files written."""
+    model as a grey cross, a measured range as a grey bar. Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display, no GUI toolkit
@@ -181,6 +219,10 @@ def plot_tradeoffs(
             if x_key not in row or q_key not in row:
                 continue
             x, y = row[x_key] * scale, row[q_key]
+            low, high = RANGES.get(x_key, ("", ""))
+            if low in row and high in row:  # the slowest and fastest of its requests
+                spread = [[x - row[low] * scale], [row[high] * scale - x]]
+                ax.errorbar(x, y, xerr=spread, fmt="none", ecolor="0.6", capsize=2, zorder=1)
             if variant == reference:
                 ax.scatter(x, y, marker="x", color="0.5", zorder=2)
             elif variant in front:

@@ -347,9 +347,12 @@ class Speed:
     """Latency and throughput of greedy decoding, warm-up runs excluded.
 
     At batch 1: time to first token (TTFT), prefill tokens/s (prompt tokens over TTFT),
-    decode tokens/s (tokens after the first over the time they took), and the latency of
-    the whole request at p50 and p95 over the timed runs. At ``batch_size``: aggregate
-    decode tokens/s of that many requests decoded together.
+    decode tokens/s (tokens after the first over the time they took: the median over the
+    timed requests, with the slowest and fastest as ``_low`` and ``_high`` and their
+    count as ``speed_requests``, so a reader and the report's Pareto frontier can tell a
+    difference from noise), and the latency of the whole request at p50 and p95 over the
+    timed runs. At ``batch_size``: aggregate decode tokens/s of that many requests
+    decoded together.
 
     The work is a time budget, not a fixed count: at each batch size, timed requests
     repeat until ``repeats`` have run or they have taken ``budget_s / 2`` seconds (at
@@ -363,6 +366,9 @@ class Speed:
         "ttft_s": "lower",
         "prefill_tokens_per_s": "higher",
         "decode_tokens_per_s": "higher",
+        "decode_tokens_per_s_low": "higher",
+        "decode_tokens_per_s_high": None,
+        "speed_requests": None,
         "decode_tokens_per_s_batched": "higher",
         "batched_size": None,
         "latency_p50_s": "lower",
@@ -390,14 +396,18 @@ class Speed:
         runs = self.timed_runs(model, single)
         ttft = statistics.median(r[0] for r in runs)
         decode = statistics.median(r[1] for r in runs)
+        steps = c.new_tokens - 1  # decoding steps after the first token
+        each = sorted(steps / max(r[1], 1e-9) for r in runs)  # decode tokens/s per request
         latencies = sorted(r[2] for r in runs)
         batched = statistics.median(r[1] for r in self.timed_runs(model, prompts))
-        steps = c.new_tokens - 1  # decoding steps after the first token
         p50 = nearest_rank(latencies, 0.5)
         return {
             "ttft_s": ttft,
             "prefill_tokens_per_s": c.prompt_tokens / ttft,
             "decode_tokens_per_s": steps / max(decode, 1e-9),
+            "decode_tokens_per_s_low": each[0],
+            "decode_tokens_per_s_high": each[-1],
+            "speed_requests": len(runs),
             "decode_tokens_per_s_batched": c.batch_size * steps / max(batched, 1e-9),
             "batched_size": c.batch_size,
             "latency_p50_s": p50,
