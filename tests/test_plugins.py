@@ -167,6 +167,13 @@ def test_cli_lists_plugins_with_distribution(tmp_path):
     table = run_cli("plugins", cwd=tmp_path)
     assert table.returncode == 0
     assert "onnx-dynamic-int8" in table.stdout
+    # In a terminal of 80 columns, each row is one line, whole, and no line is longer.
+    narrow = run_cli("plugins", cwd=tmp_path, env={"COLUMNS": "80"}).stdout
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    cells = {cell.strip() for line in narrow.splitlines() for cell in line.split("│")}
+    assert {row["name"] for row in rows} <= cells
+    assert len(narrow.splitlines()) < 2 * len(rows), "rows fold over several lines"
+    assert "(the plugin column needs a wider terminal; --json lists it)" in narrow
 
 
 def test_cli_reports_a_broken_plugin_in_one_line_and_can_skip_it(tmp_path):

@@ -313,16 +313,33 @@ def plugins(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    _print_strategies(rows)
+
+
+def _print_strategies(rows: list[dict[str, str]]) -> None:
+    """The strategies as a table grouped by kind. Names are what people copy into params,
+    so no column wraps: the plugin column (the registering module, for plugin authors) is
+    left out when the terminal is too narrow for it, and the line under the table says so."""
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
+    columns = ["kind", "name", "distribution", "version", "plugin"]
+    widths = {c: max(len(c), *(len(row[c]) for row in rows)) for c in columns}
+    # Each column takes its text, a space either side and a border; one border closes it.
+    if sum(widths[c] + 3 for c in columns) + 1 > console.width:
+        columns.remove("plugin")
     table = Table(title="unbottle strategies")
-    for column in ("kind", "name", "distribution", "version"):
-        table.add_column(column, no_wrap=True)  # names are what people copy into params
-    table.add_column("plugin", overflow="fold")
-    for row in rows:
-        table.add_row(row["kind"], row["name"], row["distribution"], row["version"], row["plugin"])
-    Console().print(table)
+    for column in columns:
+        table.add_column(column, no_wrap=True)
+    for i, row in enumerate(rows):
+        first = i == 0 or rows[i - 1]["kind"] != row["kind"]
+        last = i == len(rows) - 1 or rows[i + 1]["kind"] != row["kind"]
+        cells = [row[c] if c != "kind" or first else "" for c in columns]
+        table.add_row(*cells, end_section=last)
+    console.print(table)
+    if "plugin" not in columns:
+        console.print("(the plugin column needs a wider terminal; --json lists it)")
 
 
 @app.command()
