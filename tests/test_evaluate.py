@@ -472,6 +472,33 @@ def test_policy_chooses_among_the_variants_that_pass(deploy, chosen):
     assert choose(**deploy).chosen == chosen
 
 
+def test_fastest_among_speeds_the_measurements_cannot_tell_apart_deploys_the_better_one():
+    """magnitude50's median (101 tok/s) beats finetuned's (100), but their requests'
+    ranges overlap: the better perplexity deploys, and the decision says why. Ranges
+    that do not overlap leave the faster one."""
+    import copy
+
+    from unbottle.core.stages.deploy import choose_variant
+
+    rows = copy.deepcopy(ROWS)
+    del rows["kd2"], rows["int8"]
+    ranges = {"finetuned": (92.0, 104.0), "magnitude50": (95.0, 106.0)}
+    for name, (low, high) in ranges.items():
+        rows[name].update(decode_tokens_per_s_low=low, decode_tokens_per_s_high=high)
+    cfg = DeployParams.model_validate({"policy": "fastest"})
+    decision = choose_variant(cfg, rows, directions())
+    assert decision.chosen == "finetuned"
+    assert decision.as_dict()["tied"] == ["finetuned", "magnitude50"]
+    assert (
+        "finetuned, magnitude50 decode equally fast within the ranges their requests "
+        "measured, so perplexity chose" in decision.markdown()
+    )
+
+    rows["finetuned"].update(decode_tokens_per_s_low=90.0, decode_tokens_per_s_high=94.0)
+    decision = choose_variant(cfg, rows, directions())
+    assert (decision.chosen, decision.tied) == ("magnitude50", [])
+
+
 def test_a_target_that_cannot_ship_a_format_rules_its_variants_out():
     decision = choose(accepts=("hf",), policy="smallest")
     assert decision.chosen == "kd2"

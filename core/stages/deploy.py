@@ -21,6 +21,7 @@ from unbottle.core.contract.errors import ConfigError, GateError
 from unbottle.core.contract.strategies import DeployContext
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult, split_timings, strategy_record
+from unbottle.core.stages.report import RANGES
 from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_manifest
 
 if TYPE_CHECKING:
@@ -68,6 +69,10 @@ class Decision:
     ranked_by: str | None
     gates: dict[str, GateLimit]
     verdicts: dict[str, list[str]] = field(default_factory=dict)  # variant -> broken limits
+    # The variants the ranking could not tell apart (overlapping measured ranges), from
+    # which the better quality was chosen; empty when the ranking decided alone.
+    tied: list[str] = field(default_factory=list)
+    tie_break: str | None = None  # the quality metric that chose among them
 
     def gates_text(self) -> str:
         parts = []
@@ -80,6 +85,11 @@ class Decision:
 
     def markdown(self) -> str:
         how = f"`{self.policy}`" + (f" (by {self.ranked_by})" if self.ranked_by else "")
+        if self.tied:
+            how += (
+                f"; {', '.join(self.tied)} decode equally fast within the ranges their "
+                f"requests measured, so {self.tie_break} chose"
+            )
         rows = "\n".join(
             f"| {name} | {'; '.join(broken) or 'pass'} |"
             + (" **deployed** |" if name == self.chosen else " |")
@@ -98,6 +108,8 @@ class Decision:
             "ranked_by": self.ranked_by,
             "gates": {k: v.model_dump(exclude_none=True) for k, v in self.gates.items()},
             "verdicts": self.verdicts,
+            "tied": self.tied,
+            "tie_break": self.tie_break,
         }
 
 
@@ -158,7 +170,24 @@ def choose_variant(
         )
     sign = 1 if better == "lower" else -1
     chosen = min(passing, key=lambda name: (sign * rows[name][metric], candidates.index(name)))
-    return Decision(chosen, cfg.policy, metric, dict(cfg.gates), verdicts)
+    decision = Decision(chosen, cfg.policy, metric, dict(cfg.gates), verdicts)
+    # A measured figure (decode speed) whose requests' ranges overlap the chosen one's
+    # cannot be told from it: among those, the better quality deploys.
+    low, high = RANGES.get(metric, ("", ""))
+    if all(low in rows[n] and high in rows[n] for n in passing):
+        tied = [
+            n
+            for n in passing
+            if max(rows[n][low], rows[chosen][low]) <= min(rows[n][high], rows[chosen][high])
+        ]
+        q_better = directions.get(cfg.quality)
+        if len(tied) > 1 and q_better and all(cfg.quality in rows[n] for n in tied):
+            q_sign = 1 if q_better == "lower" else -1
+            decision.chosen = min(
+                tied, key=lambda n: (q_sign * rows[n][cfg.quality], candidates.index(n))
+            )
+            decision.tied, decision.tie_break = tied, cfg.quality
+    return decision
 
 
 def decide(cfg: DeployParams, evaluation: Path, registry: Registry) -> Decision:
