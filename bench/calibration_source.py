@@ -23,6 +23,7 @@ replace the marked section of BENCHMARKS.md (``--markdown``).
     .venv/bin/python bench/calibration_source.py --steps 5 --calibration 4 \\
         --max-questions 10 --variant 'w24=[{prune: wanda, pattern: "2:4"}]' \\
         --out /tmp/c.json --markdown /tmp/B.md                      # a quick check
+    .venv/bin/python bench/calibration_source.py --from-json bench/results/calibration_source.json
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, help="UNBOTTLE_CACHE_DIR (default: fresh)")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/calibration_source.json")
     parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument(
+        "--from-json", type=Path, help="write the section from a recorded --out; run nothing"
+    )
     args = parser.parse_args(argv)
     real.require_at_least_one(args, "steps", "calibration", "max_questions")
     if args.project is not None and args.project.exists() and any(args.project.iterdir()):
@@ -163,6 +167,10 @@ def main(argv: list[str]) -> int:
     from unbottle.core.store.artifacts import write_json_atomic
 
     args = parse_args(argv)
+    if args.from_json is not None:
+        report = json.loads(args.from_json.read_text(encoding="utf-8"))
+        rewrite_section(args.markdown, markdown(report), begin=BEGIN, end=END, heading=SECTION)
+        return 0
     started = datetime.datetime.now(datetime.timezone.utc)
     host = real.machine()
     params = project_params(args)
