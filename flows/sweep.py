@@ -147,6 +147,7 @@ def sweep(
     """pretrain -> finetune -> compress each variant -> evaluate each -> one report."""
     from unbottle.core.config.schema import BASELINE
     from unbottle.core.contract.errors import GateError
+    from unbottle.core.data.prompts import prompt_format_of
     from unbottle.core.stages.compress import (
         build_order,
         calibration_inputs,
@@ -178,16 +179,16 @@ def sweep(
 
     out = layout.artifacts / SWEEP_DIR
     variants_dir = out / "variants"
-    qa_train = layout.resolve(params.data.qa_train)
+    qa_train, finetuned = layout.resolve(params.data.qa_train), layout.artifact("finetune")
     inputs = {
-        "model": tree_hash(layout.artifact("finetune")),
+        "model": tree_hash(finetuned),
         "train_text": tree_hash(layout.resolve(params.data.train_text)),
-        **calibration_inputs(params.compress, qa_train),
+        **calibration_inputs(params.compress, qa_train, prompt_format_of(finetuned)),
     }
     waves = build_order(
         plan_prefixes(
             params.compress,
-            model=layout.artifact("finetune"),
+            model=finetuned,
             train_text=layout.resolve(params.data.train_text),
             seed=params.seed,
             registry=registry,

@@ -73,6 +73,20 @@ def test_a_chat_model_calibrates_on_its_conversations_each_window_opening_as_a_r
     assert [w.tolist() for w in drawn] == [w.tolist() for w in windows]
 
 
+def test_auto_is_both_for_a_chat_model_and_the_prose_for_a_completion_model():
+    """What BENCHMARKS.md measured on SmolLM2 in chat format: prose alone let a 2:4 model
+    that answers nothing pass the perplexity gate, the pairs alone cost perplexity."""
+    from unbottle.core.stages.compress import calibration_source
+
+    auto = CalibrationParams()
+    assert auto.source == "auto"
+    assert calibration_source(auto, PromptFormat(kind="chat")) == "both"
+    assert calibration_source(auto, PromptFormat(kind="completion")) == "train_text"
+    for source in ("train_text", "qa_train", "both"):
+        chosen = CalibrationParams(source=source)
+        assert calibration_source(chosen, PromptFormat(kind="chat")) == source
+
+
 def test_pairs_shorter_than_a_window_are_one_line_naming_the_way_out(tiny_data, released):
     _, tokenizer = released
     pairs = read_pairs(tiny_data / "qa" / "train.jsonl", "data.qa_train")[:2]
@@ -120,6 +134,10 @@ def test_both_draws_half_its_windows_from_each_and_keys_its_caches_on_the_pairs(
 
     prose, _ = bench("train_text")
     assert "qa_train" not in prose.inputs
+    # auto, for this model finetuned in completion format: the prose, and its windows.
+    auto, _ = bench("auto")
+    assert auto.calibration_source == "train_text" and "qa_train" not in auto.inputs
+    assert [w.tolist() for w in auto.calibration] == [w.tolist() for w in prose.calibration]
     assert all(is_window_of(w[0], text) for w in prose.calibration)
     assert prose.prefix_keys("magnitude50") != both.prefix_keys("magnitude50")
 

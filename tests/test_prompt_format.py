@@ -183,6 +183,27 @@ def test_a_released_model_finetunes_in_chat_format_and_is_evaluated_as_the_serve
     prompt_ids = tokenizer(asked.prompt_text(tokenizer, question), add_special_tokens=False)
     assert prompt_ids["input_ids"] == list(served)
 
+    # Compressing it calibrates, by default, on its conversations as well as the prose:
+    # half the windows open with the system turn finetuning rendered.
+    from unbottle.core.registry import get_registry
+    from unbottle.core.stages.compress import prepare
+
+    bench = prepare(
+        validated.compress,
+        model=finetuned,
+        train_text=workspace / "data" / "corpus" / "train.txt",
+        seed=0,
+        registry=get_registry(),
+        qa_train=workspace / "data" / "qa" / "train.jsonl",
+    )
+    assert bench.calibration_source == "both" and "qa_train" in bench.inputs
+    opening = tokenizer("<|im_start|>system\nAnswer in a few words.", add_special_tokens=False)
+    opened = [
+        w[0, : len(opening["input_ids"])].tolist() == opening["input_ids"]
+        for w in bench.calibration
+    ]
+    assert sum(opened) == len(bench.calibration) // 2 + len(bench.calibration) % 2
+
 
 def test_a_chat_models_usage_example_prompts_as_the_server_does(released):
     from unbottle import DeployContext

@@ -239,8 +239,9 @@ class CalibrationParams(Section):
     seq_len: int = Field(128, ge=8)
     # What the windows are drawn from: the prose of data.train_text, the pairs of
     # data.qa_train rendered as finetuning rendered them (a chat model's template and
-    # turns), or half of each. See docs/compression.md, "Calibration data".
-    source: Literal["train_text", "qa_train", "both"] = "train_text"
+    # turns), or half of each; auto is both for a model finetuned in chat format and
+    # train_text otherwise. See docs/compression.md, "Calibration data".
+    source: Literal["auto", "train_text", "qa_train", "both"] = "auto"
 
 
 _VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

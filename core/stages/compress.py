@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from unbottle.core.config.schema import CalibrationParams, CompressParams, CompressStep
 from unbottle.core.contract.strategies import CompressContext
-from unbottle.core.data.prompts import PromptFormat, prompt_format_of
+from unbottle.core.data.prompts import CHAT, PromptFormat, prompt_format_of
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult, strategy_record
 from unbottle.core.store.artifacts import (
@@ -127,6 +127,16 @@ def conversation_batches(
     return [ids[whole[i] : whole[i] + seq_len].unsqueeze(0) for i in chosen.tolist()]
 
 
+def calibration_source(cfg: CalibrationParams, prompt_format: PromptFormat) -> str:
+    """The source ``cfg.source`` stands for: ``auto`` is ``both`` for a model finetuned in
+    chat format (measured on SmolLM2: prose alone let a 2:4 model that answers nothing
+    pass a perplexity gate, the pairs alone cost perplexity; BENCHMARKS.md) and
+    ``train_text`` otherwise."""
+    if cfg.source != "auto":
+        return cfg.source
+    return "both" if prompt_format.kind == CHAT else "train_text"
+
+
 def calibration_windows(
     cfg: CalibrationParams,
     *,
@@ -141,25 +151,40 @@ def calibration_windows(
     each (the pairs' half rounded up)."""
     from unbottle.core.data.prompts import read_pairs
 
-    from_text = {"train_text": cfg.samples, "qa_train": 0, "both": cfg.samples // 2}[cfg.source]
+    prompt_format = prompt_format or PromptFormat()
+    source = calibration_source(cfg, prompt_format)
+    from_text = {"train_text": cfg.samples, "qa_train": 0, "both": cfg.samples // 2}[source]
     windows = calibration_batches(stream, from_text, cfg.seq_len, seed) if from_text else []
     if from_text < cfg.samples:
         if qa_train is None or tokenizer is None:
-            raise ValueError(f"calibration source {cfg.source}: needs qa_train and a tokenizer")
-        ids, starts = conversation_stream(
-            read_pairs(qa_train, "data.qa_train"), prompt_format or PromptFormat(), tokenizer, seed
-        )
+            raise ValueError(f"calibration source {source}: needs qa_train and a tokenizer")
+        pairs = read_pairs(qa_train, "data.qa_train")
+        ids, starts = conversation_stream(pairs, prompt_format, tokenizer, seed)
         windows += conversation_batches(ids, starts, cfg.samples - from_text, cfg.seq_len, seed)
+    log.info(
+        "compress: calibration on %d windows of %d tokens: %d of the prose of "
+        "data.train_text, %d of the pairs of data.qa_train in %s format (source %s%s)",
+        cfg.samples,
+        cfg.seq_len,
+        from_text,
+        cfg.samples - from_text,
+        prompt_format.kind,
+        cfg.source,
+        f": {source}" if cfg.source == "auto" else "",
+    )
     return windows
 
 
-def calibration_inputs(cfg: CompressParams, qa_train: Path | None) -> dict[str, str]:
+def calibration_inputs(
+    cfg: CompressParams, qa_train: Path | None, prompt_format: PromptFormat
+) -> dict[str, str]:
     """What the calibration reads besides the model and the training text (which
     distillation reads whatever the source): the pairs' hash where they are drawn from."""
-    if cfg.calibration.source == "train_text":
+    source = calibration_source(cfg.calibration, prompt_format)
+    if source == "train_text":
         return {}
     if qa_train is None:
-        raise ValueError(f"calibration source {cfg.calibration.source}: needs qa_train")
+        raise ValueError(f"calibration source {source}: needs qa_train")
     return {"qa_train": tree_hash(qa_train)}
 
 
@@ -223,6 +248,7 @@ class Workbench:
     calibration: list[Any]
     plans: dict[str, list[tuple[CompressStep, Any]]]
     inputs: dict[str, str]
+    calibration_source: str = "train_text"  # what the windows came from (auto resolved)
 
     def prefix_keys(self, name: str) -> list[str]:
         """The cache key of each float prefix of a variant's recipe: steps 1..k."""
@@ -338,7 +364,7 @@ def plan_prefixes(
     inputs = {
         "model": tree_hash(model),
         "train_text": tree_hash(train_text),
-        **calibration_inputs(cfg, qa_train),
+        **calibration_inputs(cfg, qa_train, prompt_format_of(model)),
     }
     return {name: prefix_keys(cfg, plan, inputs, seed, registry) for name, plan in plans.items()}
 
@@ -392,13 +418,14 @@ def prepare(
     # The ids stay mapped from the token file in their narrow type: only the windows
     # drawn from them are held, so a pretraining corpus can be the calibration text.
     stream = corpus.token_ids(tokenizer)
+    prompt_format = prompt_format_of(model)
     calibration = calibration_windows(
         cfg.calibration,
         stream=stream,
         seed=seed,
         tokenizer=tokenizer,
         qa_train=qa_train,
-        prompt_format=prompt_format_of(model),
+        prompt_format=prompt_format,
     )
     return Workbench(
         cfg=cfg,
@@ -414,8 +441,9 @@ def prepare(
         inputs={
             "model": tree_hash(model),
             "train_text": corpus.sha256,
-            **calibration_inputs(cfg, qa_train),
+            **calibration_inputs(cfg, qa_train, prompt_format),
         },
+        calibration_source=calibration_source(cfg.calibration, prompt_format),
     )
 
 
@@ -514,7 +542,13 @@ def build_variant(
     write_manifest(
         variant_dir,
         stage="compress",
-        config={"variant": name, "calibration": bench.cfg.calibration.model_dump()},
+        config={
+            "variant": name,
+            "calibration": {
+                **bench.cfg.calibration.model_dump(),
+                "source_used": bench.calibration_source,
+            },
+        },
         strategies={f"step{r['step']}_{r['action']}": r["strategy"] for r in records},
         inputs=bench.inputs,
         metrics={f"step{r['step']}_{k}": v for r in records for k, v in r["metrics"].items()},

@@ -82,9 +82,7 @@ def check_data(name: str, params: Params, layout: Layout, registry: Registry) ->
     data, path = params.data, layout.resolve
     if (name == "pretrain" and params.pretrain.source is None) or name == "compress":
         Corpus(path(data.train_text), "data.train_text").check()
-    if name == "finetune" or (
-        name == "compress" and params.compress.calibration.source != "train_text"
-    ):
+    if name == "finetune" or (name == "compress" and _calibrates_on_pairs(params, layout)):
         read_pairs(path(data.qa_train), "data.qa_train")
     if name == "evaluate":
         Corpus(path(data.valid_text), "data.valid_text").check()
@@ -95,6 +93,20 @@ def check_data(name: str, params: Params, layout: Layout, registry: Registry) ->
 
             pairs = read_pairs(path(data.qa_train), "data.qa_train")
             check_shots(params.evaluate, create_metrics(params.evaluate, registry), len(pairs))
+
+
+def _calibrates_on_pairs(params: Params, layout: Layout) -> bool:
+    """Whether compress draws calibration windows from data.qa_train. ``auto`` does for
+    a model finetuned in chat format; before the finetune stage has run, the finetune
+    stage itself reads the pairs first."""
+    from unbottle.core.data.prompts import CHAT, prompt_format_of
+    from unbottle.core.store.artifacts import MANIFEST
+
+    source = params.compress.calibration.source
+    if source != "auto":
+        return source != "train_text"
+    finetuned = layout.artifact("finetune")
+    return (finetuned / MANIFEST).is_file() and prompt_format_of(finetuned).kind == CHAT
 
 
 def check_upstream(name: str, layout: Layout) -> None:
