@@ -367,7 +367,13 @@ def test_accuracy_with_shots_reports_zero_and_k_shot_side_by_side(tmp_path):
         train_pairs=PAIRS[:4],
     )
     result = Accuracy(Accuracy.Config(shots=2, max_new_tokens=4)).measure(model, ctx)
-    assert result == {"accuracy": 0.0, "accuracy_fewshot": 1.0, "shots": 2, "questions": 2}
+    assert result == {
+        "accuracy": 0.0,
+        "accuracy_fewshot": 1.0,
+        "empty_answers": 0.0,  # zero-shot, it answers, wrongly
+        "shots": 2,
+        "questions": 2,
+    }
     zero, few = model.prompts[:2], model.prompts[2:]
     assert zero == [f"Question: {q['question']}\nAnswer:" for q in PAIRS[4:]]
     assert all(p.count("Question: ") == 3 and p.count("Answer: Town") == 2 for p in few)
