@@ -138,10 +138,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=REPO / "examples/smollm2/params.yaml")
-    parser.add_argument("--steps", type=int, help="finetune.train.steps (default: the params')")
-    parser.add_argument("--calibration", type=int, help="compress.calibration.samples")
-    parser.add_argument("--max-questions", type=int, help="evaluate.max_questions")
+    flow.add_project_arguments(parser)
     parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES))
     parser.add_argument(
         "--variant",
@@ -149,17 +146,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="append",
         help="NAME=STEPS: a variant instead of the default four (repeatable)",
     )
-    parser.add_argument("--project", type=Path, help="the project folder (default: temporary)")
-    parser.add_argument("--cache-dir", type=Path, help="UNBOTTLE_CACHE_DIR (default: fresh)")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/calibration_source.json")
     parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument(
         "--from-json", type=Path, help="write the section from a recorded --out; run nothing"
     )
     args = parser.parse_args(argv)
-    real.require_at_least_one(args, "steps", "calibration", "max_questions")
-    if args.project is not None and args.project.exists() and any(args.project.iterdir()):
-        real.fail(f"--project: {args.project} is not empty; the flow starts from a fresh project")
+    if args.from_json is None:
+        flow.check_project_arguments(args)
     return args
 
 

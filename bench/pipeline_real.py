@@ -367,8 +367,9 @@ def markdown(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_project_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that runs the example in a fresh project (this one's and
+    calibration_source.py's); :func:`check_project_arguments` checks them."""
     parser.add_argument("--params", type=Path, default=REPO / "examples/smollm2/params.yaml")
     parser.add_argument("--steps", type=int, help="finetune.train.steps (default: the params')")
     parser.add_argument("--calibration", type=int, help="compress.calibration.samples")
@@ -381,6 +382,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=Path,
         help="UNBOTTLE_CACHE_DIR, the GGUF conversion cache (default: fresh, in the project)",
     )
+
+
+def check_project_arguments(args: argparse.Namespace) -> None:
+    real.require_at_least_one(args, "steps", "calibration", "max_questions")
+    if not args.params.is_file():
+        real.fail(f"--params: {args.params} is not a file")
+    if args.project is not None and args.project.exists() and any(args.project.iterdir()):
+        real.fail(f"--project: {args.project} is not empty; the flow starts from a fresh project")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_project_arguments(parser)
     parser.add_argument(
         "--variant",
         type=variant_arg,
@@ -392,11 +406,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/pipeline_real.json")
     parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args(argv)
-    real.require_at_least_one(args, "steps", "calibration", "max_questions")
-    if not args.params.is_file():
-        real.fail(f"--params: {args.params} is not a file")
-    if args.project is not None and args.project.exists() and any(args.project.iterdir()):
-        real.fail(f"--project: {args.project} is not empty; the flow starts from a fresh project")
+    check_project_arguments(args)
     return args
 
 
