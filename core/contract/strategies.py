@@ -225,11 +225,13 @@ class CompressContext:
     """What a compress step may use besides the model.
 
     ``calibration`` holds LongTensors of token ids of shape (1, T) drawn from the
-    pipeline's own training text; ``train_ids`` is that whole text as one 1-D tensor of
-    token ids (for distillation). In the stage it is memory-mapped from the text's token
-    file in the narrowest unsigned type that holds the vocabulary (``uint16`` up to 65,536
-    tokens), like :meth:`PretrainContext.token_ids`: index it and convert the windows you
-    take with ``.long()``. ``teacher`` is the float model the variant started from (the finetuned
+    pipeline's own data, as ``compress.calibration.source`` says: the training text, the
+    finetuning pairs rendered as finetuning rendered them, or both; ``train_ids`` is the
+    whole training text as one 1-D tensor of token ids (for distillation). In the stage
+    it is memory-mapped from the text's token file in the narrowest unsigned type that
+    holds the vocabulary (``uint16`` up to 65,536 tokens), like
+    :meth:`PretrainContext.token_ids`: index it and convert the windows you take with
+    ``.long()``. ``teacher`` is the float model the variant started from (the finetuned
     model), unchanged by the steps before: a distiller's teacher. Treat it as read-only.
     ``where`` is the step's key path in params (``compress.variants.g64[1]``), for error
     messages; empty when the step runs outside a compress stage.

@@ -8,10 +8,11 @@ of ten variants that changes one does not redo nine.
 
 - :class:`VariantCache`: a variant's directory, under the sha256 of its recipe (every
   step's strategy, validated options, distribution version and source), the finetuned
-  model, the training text the calibration windows come from, the calibration settings,
-  the seed and the code of the compress stage. Entries are filled by hard links where
-  the file system allows (files are only ever replaced, never written in place, so a link
-  is never changed under the other name) and by copies elsewhere.
+  model, the training text and pairs the calibration windows come from, the calibration
+  settings, the seed and the code of the compress stage; a float variant (no quantize
+  step) also serves a later recipe that starts with its steps. Entries are filled by
+  hard links where the file system allows (files are only ever replaced, never written
+  in place, so a link is never changed under the other name) and by copies elsewhere.
 - :class:`RowCache`: one model's evaluation row and samples, under the sha256 of the
   model directory's content, the metric configs, the held-out data, the seed, the device,
   the prompt format and the metric and stage code.
