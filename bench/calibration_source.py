@@ -32,8 +32,6 @@ import argparse
 import datetime
 import json
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -168,10 +166,7 @@ def main(argv: list[str]) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     host = real.machine()
     params = project_params(args)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    command = "python bench/calibration_source.py" + "".join(f" {shlex.quote(a)}" for a in argv)
+    commit, command = flow.provenance("calibration_source.py", argv)
     with tempfile.TemporaryDirectory(prefix="calibration_source.") as tmp:
         project = (args.project or Path(tmp) / "project").resolve()
         project.mkdir(parents=True, exist_ok=True)

@@ -367,6 +367,14 @@ def markdown(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------- main
 
 
+def provenance(script: str, argv: list[str]) -> tuple[str, str]:
+    """(the checkout's short commit, the command line as a person would type it)."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    return commit, f"python bench/{script}" + "".join(f" {shlex.quote(a)}" for a in argv)
+
+
 def add_project_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a benchmark that runs the example in a fresh project (this one's and
     calibration_source.py's); :func:`check_project_arguments` checks them."""
@@ -458,10 +466,7 @@ def main(argv: list[str]) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     host = real.machine()
     params = project_params(args)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    command = "python bench/pipeline_real.py" + "".join(f" {shlex.quote(a)}" for a in argv)
+    commit, command = provenance("pipeline_real.py", argv)
     with tempfile.TemporaryDirectory(prefix="pipeline_real.") as tmp:
         project = args.project or Path(tmp) / "project"
         project.mkdir(parents=True, exist_ok=True)
