@@ -21,7 +21,7 @@ from unbottle.core.contract.errors import ConfigError, GateError
 from unbottle.core.contract.strategies import DeployContext
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult, split_timings, strategy_record
-from unbottle.core.stages.report import RANGES
+from unbottle.core.stages.report import RANGES, ranges_overlap
 from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_manifest
 
 if TYPE_CHECKING:
@@ -175,11 +175,8 @@ def choose_variant(
     # cannot be told from it: among those, the better quality deploys.
     low, high = RANGES.get(metric, ("", ""))
     if all(low in rows[n] and high in rows[n] for n in passing):
-        tied = [
-            n
-            for n in passing
-            if max(rows[n][low], rows[chosen][low]) <= min(rows[n][high], rows[chosen][high])
-        ]
+        measured = {n: (rows[n][low], rows[n][high]) for n in passing}
+        tied = [n for n in passing if ranges_overlap(measured[n], measured[chosen])]
         q_better = directions.get(cfg.quality)
         if len(tied) > 1 and q_better and all(cfg.quality in rows[n] for n in tied):
             q_sign = 1 if q_better == "lower" else -1

@@ -48,6 +48,12 @@ TRADEOFFS = (
 RANGES = {"decode_tokens_per_s": ("decode_tokens_per_s_low", "decode_tokens_per_s_high")}
 
 
+def ranges_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether two measured (lowest, highest) ranges share a value: the measurements
+    cannot tell the two figures apart."""
+    return max(a[0], b[0]) <= min(a[1], b[1])
+
+
 def add_ratios(rows: dict[str, dict[str, Any]], baseline: str) -> None:
     base = rows.get(baseline, {}).get("perplexity")
     if not base:
@@ -142,14 +148,9 @@ def pareto_front(
 
     def x_order(a: str, b: str) -> int:
         """-1 when a is better on x than b, 1 when worse, 0 when they cannot be told apart."""
-        (a_best, a_worst), (b_best, b_worst) = span(a), span(b)
-        if a_worst < b_best:
-            return -1
-        if b_worst < a_best:
-            return 1
-        if a in x_ranges or b in x_ranges:
-            return 0  # overlapping measurements
-        return compare(a_best, b_best)
+        if (a in x_ranges or b in x_ranges) and ranges_overlap(span(a), span(b)):
+            return 0  # measurements that cannot tell them apart
+        return compare(span(a)[0], span(b)[0])
 
     def dominates(b: str, a: str) -> bool:
         on_x = x_order(b, a)
