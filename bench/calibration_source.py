@@ -19,7 +19,7 @@ model's row is the reference; the evaluation's row cache measures it once.
 Everything goes to ``--out`` (JSON); the table, the command, the machine and the date
 replace the marked section of BENCHMARKS.md (``--markdown``).
 
-    .venv/bin/python bench/calibration_source.py --cache-dir ~/.cache/unbottle   # ~40 min
+    .venv/bin/python bench/calibration_source.py --cache-dir ~/.cache/unbottle   # ~20 min
     .venv/bin/python bench/calibration_source.py --steps 5 --calibration 4 \\
         --max-questions 10 --variant 'w24=[{prune: wanda, pattern: "2:4"}]' \\
         --out /tmp/c.json --markdown /tmp/B.md                      # a quick check
