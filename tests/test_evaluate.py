@@ -98,6 +98,26 @@ def test_perplexity_refuses_a_held_out_text_shorter_than_the_window(tokenizer):
         metric.measure(KnownLogits(len(tokenizer)), context_for(tokenizer, "Short text."))
 
 
+def test_size_counts_what_a_third_party_runner_counts(tmp_path, tokenizer):
+    """A deploy target's own runner may have only the required ``parameter_counts``:
+    ``size`` reports the sparsity over all weights and no layer sparsity it cannot know."""
+    from unbottle.plugins.metrics import Size
+
+    class CountingRunner(KnownLogits):
+        def parameter_counts(self) -> tuple[int, int]:
+            return 1000, 750
+
+    (tmp_path / "model.safetensors").write_bytes(b"0" * 10)
+    ctx = EvalContext(tokenizer=tokenizer, valid_text="", questions=[], model_dir=tmp_path)
+    figures = Size(Size.Config()).measure(CountingRunner(len(tokenizer)), ctx)
+    assert figures == {
+        "size_bytes": 10,
+        "parameters": 1000,
+        "nonzero_parameters": 750,
+        "sparsity": 0.25,
+    }
+
+
 def long_held_out(valid_text: str, copies: int = 200) -> str:
     """The tiny held-out text many times over, each document ended by a page break."""
     from unbottle.core.models.loading import DOCUMENT_BREAK, documents
@@ -534,7 +554,8 @@ def test_a_gate_on_a_metric_no_variant_has_is_named():
         (
             ["evaluate.metrics=[perplexity, size]", "deploy.gates.accuracy={min: 0.2}"],
             r"^deploy\.gates\.accuracy: no metric in evaluate\.metrics produces 'accuracy'; "
-            r"gates can use: nonzero_parameters, parameters, perplexity, perplexity_ratio",
+            r"gates can use: layer_sparsity, nonzero_parameters, parameters, perplexity, "
+            r"perplexity_ratio",
         ),
         (
             ["evaluate.metrics=[perplexity]", "deploy.policy=fastest"],

@@ -164,7 +164,7 @@ def test_hf_target_writes_a_quantized_checkpoint_transformers_loads_to_the_same_
     assert torch.allclose(logits(fast), logits(reference), rtol=0, atol=1e-5)
     assert all(m.weight.dtype == torch.float32 for m in quantized)  # decompressed, once
     # Counted as the float weights they stand for, as the packed variant's are.
-    assert TorchRunner(bundle).parameter_counts()[0] == TorchRunner(variant).parameter_counts()[0]
+    assert TorchRunner(bundle).weight_counts() == TorchRunner(variant).weight_counts()
     assert "disable_quantization" in run_card_code(bundle)
 
 
@@ -330,7 +330,7 @@ def test_onnx_bundle_of_a_heads_pruned_model_runs_in_optimum(tmp_path, heads_pru
     model failed its first step ("past_key_values.0.key ... Got: 21 Expected: 16"), in the
     deploy check, the evaluate stage and the card's code alike."""
     from tests.test_stages import run_card_code
-    from unbottle.core.models.runtimes import OnnxRunner
+    from unbottle.core.models.runtimes import OnnxRunner, TorchRunner
 
     bundle = tmp_path / "bundle"
     assert deploy("onnx", {"int8": False}, heads_pruned, bundle)["smoke_generated_tokens"] == 2
@@ -338,6 +338,9 @@ def test_onnx_bundle_of_a_heads_pruned_model_runs_in_optimum(tmp_path, heads_pru
     runner = OnnxRunner(bundle)
     assert torch.allclose(runner.logits(IDS), logits(reference), rtol=0, atol=1e-4)
     assert "embed_size_per_head" in run_card_code(bundle)
+    # The float graph's head (tied: a transposed copy of the embeddings) is found and left
+    # out of the layers, as torch leaves out its output embeddings.
+    assert runner.weight_counts().layers == TorchRunner(heads_pruned).weight_counts().layers
 
 
 def test_an_int8_onnx_bundle_counts_its_pruned_weights_as_zeros(tmp_path, tokenizer):
@@ -357,11 +360,14 @@ def test_an_int8_onnx_bundle_counts_its_pruned_weights_as_zeros(tmp_path, tokeni
     save_model(model, tokenizer, sparse)
     bundle = tmp_path / "bundle"
     deploy("onnx", {}, sparse, bundle)  # int8 by default
-    total, nonzero = TorchRunner(sparse).parameter_counts()
-    expected = 1 - nonzero / total  # the projections' half, over every weight
-    total, nonzero = OnnxRunner(bundle).parameter_counts()
-    # About the same share: a few small weights also round to their zero point.
-    assert expected - 0.01 < 1 - nonzero / total < expected + 0.02
+    dense = TorchRunner(sparse).weight_counts()
+    assert dense.layers_nonzero == dense.layers // 2  # the projections' half, exactly
+    expected = 1 - dense.nonzero / dense.total  # the same zeros, over every weight
+    int8 = OnnxRunner(bundle).weight_counts()
+    # About the same shares: a few small weights also round to their zero point.
+    assert expected - 0.01 < 1 - int8.nonzero / int8.total < expected + 0.02
+    assert int8.layers == dense.layers
+    assert 0.5 <= 1 - int8.layers_nonzero / int8.layers < 0.52
 
 
 # ------------------------------------------------------------------------ bad input

@@ -109,6 +109,11 @@ def test_genai_bundle_carries_the_codes_and_gives_the_packed_models_logits(
     mask = torch.ones_like(ids[:, :8])
     greedy = reference.generate(ids[:, :8], mask, 6, eos_token_id=None)
     assert torch.equal(runner.generate(ids[:, :8], mask, 6, eos_token_id=None), greedy)
+    # The same decoder layers, fused or not, and the same codes at their zero point; the
+    # float head is left out of the layers by both.
+    counts, packed_counts = runner.weight_counts(), reference.weight_counts()
+    assert counts.layers == packed_counts.layers == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)
+    assert counts.layers_nonzero == packed_counts.layers_nonzero
 
     # The shipped default: int8 activations and an int8 head: close, not equal.
     fast = build_genai_bundle(gptq_packed, tmp_path / "fast")
@@ -135,7 +140,10 @@ def test_a_quantized_head_is_built_from_the_variants_codes(tmp_path, tokenizer):
     expected = TorchRunner(packed).logits(ids)
     # Float compute on the variant's codes: the packed model's logits (a head the builder
     # re-quantized would not give them).
-    assert torch.allclose(GenaiRunner(tmp_path / "exact").logits(ids), expected, atol=1e-5)
+    runner = GenaiRunner(tmp_path / "exact")
+    assert torch.allclose(runner.logits(ids), expected, atol=1e-5)
+    # The quantized head is the output head still: not one of the decoder's layers.
+    assert runner.weight_counts().layers == TorchRunner(packed).weight_counts().layers
 
 
 def test_a_symmetric_variant_is_built_without_zero_points(tmp_path, tokenizer):

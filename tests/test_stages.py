@@ -159,6 +159,10 @@ def test_evaluate_measures_every_variant(run):
         == (layout.artifact("compress") / "int8" / "model_quantized.onnx").stat().st_size
     )
     assert metrics["magnitude50"]["nonzero_parameters"] < metrics["finetuned"]["nonzero_parameters"]
+    # Half of the layers the pruner prunes; less over all weights (the embeddings are dense).
+    assert metrics["magnitude50"]["layer_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert metrics["magnitude50"]["sparsity"] < 0.45
+    assert metrics["finetuned"]["layer_sparsity"] == 0.0
     assert metrics["finetuned"]["perplexity_ratio"] == pytest.approx(1.0)
     report = (layout.artifact("evaluate") / "report.md").read_text()
     for name in metrics:

@@ -17,6 +17,8 @@
 A metric receives the model as a :class:`unbottle.ModelRunner`, whatever its runtime.
 :class:`TorchRunner` is the one for a model in torch; a deploy target whose bundle
 unbottle's runners do not load builds its ``runner`` on it (the ``gguf`` target does).
+A runner's optional ``weight_counts()`` returns :class:`WeightCounts`, which adds the
+decoder's linear layers to ``parameter_counts()``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from unbottle.core.data.prompts import (
     read_pairs,
 )
 from unbottle.core.models.loading import documents, encode_stream
-from unbottle.core.models.runtimes import TorchRunner
+from unbottle.core.models.runtimes import TorchRunner, WeightCounts
 from unbottle.core.progress import progress_bar, track
 from unbottle.core.store.artifacts import MANIFEST
 
@@ -39,6 +41,7 @@ __all__ = [
     "MANIFEST",
     "PromptFormat",
     "TorchRunner",
+    "WeightCounts",
     "choose_shots",
     "documents",
     "encode_stream",

@@ -7,12 +7,29 @@ safetensors model in torch and an int8 ONNX model in ONNX Runtime.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from unbottle.core.contract.errors import DataError
 
 if TYPE_CHECKING:
     import torch
+
+
+class WeightCounts(NamedTuple):
+    """Stored weight elements, and how many are nonzero: over every weight matrix and
+    embedding, and over the decoder's linear layers alone.
+
+    The layers are what a pruner prunes: every matrix multiply but the output head, which
+    pruners leave dense with the embeddings. Over all weights, SmolLM2 pruned to 50% by
+    Wanda reads 39.7%, and the 2-layer demo model's magnitude 50% reads 42.9%: the dense
+    embedding table dilutes it. A weight stored as an integer code counts as zero where its
+    code is its zero point.
+    """
+
+    total: int
+    nonzero: int
+    layers: int
+    layers_nonzero: int
 
 
 class ModelRunner(Protocol):
@@ -36,6 +53,20 @@ class ModelRunner(Protocol):
     def parameter_counts(self) -> tuple[int, int]:
         """(stored weight elements, of which nonzero)."""
         ...
+
+    # Optional, and unbottle's runners have it: ``weight_counts() -> WeightCounts``, the
+    # same counts and the decoder's linear layers' (the size metric's ``layer_sparsity``).
+
+
+class CountsWeights:
+    """``parameter_counts`` from a runner's ``weight_counts``."""
+
+    def weight_counts(self) -> WeightCounts:
+        raise NotImplementedError
+
+    def parameter_counts(self) -> tuple[int, int]:
+        counts = self.weight_counts()
+        return counts.total, counts.nonzero
 
 
 def model_format(model_dir: Path) -> str:
@@ -90,7 +121,7 @@ def load_torch_model(model_dir: Path) -> tuple[Any, Any]:
     return load_model(model_dir)
 
 
-class TorchRunner:
+class TorchRunner(CountsWeights):
     """A float or packed model in torch (a packed one dequantizes in each forward)."""
 
     format = "hf"
@@ -123,17 +154,29 @@ class TorchRunner:
                 **kw,
             ).cpu()
 
-    def parameter_counts(self) -> tuple[int, int]:
+    def weight_counts(self) -> WeightCounts:
+        import torch
+
         params = list(self.model.parameters())
         total = sum(p.numel() for p in params)
         nonzero = sum(int(p.count_nonzero()) for p in params)
-        # A packed layer's weight is not a parameter: count the weights it stands for.
+        head = self.model.get_output_embeddings()
+        layers = layers_nonzero = 0
         for module in self.model.modules():
             if hasattr(module, "weight_counts"):
+                # A packed layer's weight is not a parameter: count the weights it stands for.
                 layer_total, layer_nonzero = module.weight_counts()
                 total += layer_total
                 nonzero += layer_nonzero
-        return total, nonzero
+            elif isinstance(module, torch.nn.Linear):
+                layer_total = module.weight.numel()
+                layer_nonzero = int(module.weight.count_nonzero())
+            else:
+                continue
+            if module is not head:
+                layers += layer_total
+                layers_nonzero += layer_nonzero
+        return WeightCounts(total, nonzero, layers, layers_nonzero)
 
 
 def onnx_threads() -> int:
@@ -148,7 +191,7 @@ def onnx_threads() -> int:
     return torch.get_num_threads()
 
 
-class OnnxRunner:
+class OnnxRunner(CountsWeights):
     format = "onnx"
     device = "cpu"  # ONNX Runtime's CPU execution provider
 
@@ -182,7 +225,7 @@ class OnnxRunner:
             **kw,
         )
 
-    def parameter_counts(self) -> tuple[int, int]:
+    def weight_counts(self) -> WeightCounts:
         import onnx
         from onnx import numpy_helper
 
@@ -191,32 +234,73 @@ class OnnxRunner:
         return _count_weights(graph, arrays)
 
 
-def _count_weights(graph: Any, arrays: dict[str, Any]) -> tuple[int, int]:
-    """(stored weight elements, of which nonzero) of an ONNX graph with these initializers."""
+#: The ONNX operators that multiply by a weight matrix.
+_MATMULS = ("MatMul", "Gemm", "MatMulNBits", "MatMulInteger")
+
+
+def _count_weights(graph: Any, arrays: dict[str, Any]) -> WeightCounts:
+    """The weight counts of an ONNX graph with these initializers."""
     import numpy as np
 
-    total = nonzero = 0
-    packed: set[str] = set()
-    for node in graph.node:
+    total = nonzero = layers = layers_nonzero = 0
+    head = _output_head(graph)
+    counted: set[str] = set()
+    for index, node in enumerate(graph.node):
+        if node.op_type not in _MATMULS or node.input[1] not in arrays:
+            continue  # not a weight: activations, or a matrix computed in the graph
         if node.op_type == "MatMulNBits":  # a block-quantized weight: count what it holds
             codes, zeros = _nbits_codes(node, arrays)  # (N, blocks, block), (N, blocks, 1)
-            total += codes.size
-            nonzero += int(np.count_nonzero(codes != zeros))
-            packed.update(node.input[1:])
-        elif node.op_type == "MatMulInteger" and node.input[1] in arrays:
+            size, nonzeros = codes.size, int(np.count_nonzero(codes != zeros))
+            counted.update(node.input[1:])
+        elif node.op_type == "MatMulInteger":
             # Dynamic int8: a weight (K, N) of codes, zero where a code is its column's
             # zero point (per channel (N,), or one for the matrix).
             codes = arrays[node.input[1]]
             zero = arrays.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-            total += codes.size
-            nonzero += int(np.count_nonzero(codes != (0 if zero is None else zero)))
-            packed.add(node.input[1])
+            size = codes.size
+            nonzeros = int(np.count_nonzero(codes != (0 if zero is None else zero)))
+            counted.add(node.input[1])
+        elif node.input[1] in counted or arrays[node.input[1]].ndim < 2:
+            continue  # one matrix multiplied in two places, or not a matrix
+        else:
+            weight = arrays[node.input[1]]
+            size, nonzeros = weight.size, int(np.count_nonzero(weight))
+            counted.add(node.input[1])
+        total += size
+        nonzero += nonzeros
+        if index != head:
+            layers += size
+            layers_nonzero += nonzeros
     for name, array in arrays.items():
-        # Weight matrices and embeddings, not scales or shapes.
-        if array.ndim >= 2 and name not in packed:
+        # The embeddings and any other matrix: not scales or shapes.
+        if array.ndim >= 2 and name not in counted:
             total += array.size
             nonzero += int(np.count_nonzero(array))
-    return total, nonzero
+    return WeightCounts(total, nonzero, layers, layers_nonzero)
+
+
+def _output_head(graph: Any) -> int | None:
+    """The index of the node that multiplies by the output head: the matrix multiply
+    nearest the logits, walking the graph back from them (through a cast, a bias, a
+    scale). None when no matrix multiply leads to them."""
+    outputs = [o.name for o in graph.output]
+    start = "logits" if "logits" in outputs else outputs[0]
+    nodes = list(graph.node)
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output}
+    frontier, seen = [start], {start}
+    # Breadth first: the head is a step or two from the logits, while a shape computation
+    # feeding them may reach back to a decoder layer's multiply.
+    while frontier:
+        index = producer.get(frontier.pop(0))
+        if index is None:
+            continue
+        if nodes[index].op_type in _MATMULS:
+            return index
+        for name in nodes[index].input:
+            if name and name not in seen:
+                seen.add(name)
+                frontier.append(name)
+    return None
 
 
 def _nbits_codes(node: Any, arrays: dict[str, Any]) -> tuple[Any, Any]:
@@ -242,10 +326,10 @@ def _nbits_codes(node: Any, arrays: dict[str, Any]) -> tuple[Any, Any]:
     return codes, zeros
 
 
-class GenaiRunner:
+class GenaiRunner(CountsWeights):
     """An onnxruntime-genai bundle, run by its own generator (its C++ decoding loop).
 
-    ``parameter_counts`` reads the same graph as :class:`OnnxRunner`'s; ``path`` is the
+    ``weight_counts`` reads the same graph as :class:`OnnxRunner`'s; ``path`` is the
     graph, for the bytes-per-token count of the roofline metric.
     """
 
@@ -337,7 +421,7 @@ class GenaiRunner:
             out[i, : len(r)] = r
         return out.long()
 
-    def parameter_counts(self) -> tuple[int, int]:
+    def weight_counts(self) -> WeightCounts:
         import math
 
         import numpy as np

@@ -22,7 +22,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("empty_answers", "empty answers", "{:.1%}"),
     ("size_bytes", "size (MB)", "{:.2f}"),
     ("parameters", "weights", "{:,}"),
-    ("sparsity", "sparsity", "{:.1%}"),
+    ("layer_sparsity", "layer sparsity", "{:.1%}"),  # of the layers pruners prune
     ("peak_memory_bytes", "gen. memory (MB)", "{:.2f}"),
     ("ttft_s", "TTFT (ms)", "{:.1f}"),
     ("prefill_tokens_per_s", "prefill tok/s", "{:.0f}"),

@@ -241,7 +241,12 @@ class Samples:
 
 
 class Size:
-    """Bytes on disk, stored weight elements and how many of them are nonzero."""
+    """Bytes on disk, stored weight elements and how many of them are nonzero.
+
+    ``sparsity`` is the share of zeros over every stored weight; ``layer_sparsity`` over
+    the decoder's linear layers alone, the layers a pruner prunes (embeddings and the
+    output head stay dense), so a model pruned to 50% reads 50% there.
+    """
 
     name = "size"
     produces: ClassVar[dict[str, str | None]] = {
@@ -249,6 +254,7 @@ class Size:
         "parameters": None,
         "nonzero_parameters": "lower",
         "sparsity": None,
+        "layer_sparsity": None,
     }
 
     class Config(StrategyConfig):
@@ -258,7 +264,7 @@ class Size:
         self.config = config
 
     def measure(self, model: Any, ctx: EvalContext) -> dict[str, float]:
-        from unbottle.evaluation import MANIFEST
+        from unbottle.evaluation import MANIFEST, WeightCounts
 
         weights = [
             p
@@ -267,13 +273,19 @@ class Size:
             and p.suffix in (".safetensors", ".onnx", ".data", ".gguf")
             and p.name != MANIFEST
         ]
-        total, nonzero = model.parameter_counts()
-        return {
+        if hasattr(model, "weight_counts"):
+            counts = model.weight_counts()
+        else:  # a third party's runner may count only all of its weights
+            counts = WeightCounts(*model.parameter_counts(), layers=0, layers_nonzero=0)
+        figures = {
             "size_bytes": sum(p.stat().st_size for p in weights),
-            "parameters": total,
-            "nonzero_parameters": nonzero,
-            "sparsity": 1 - nonzero / total if total else 0.0,
+            "parameters": counts.total,
+            "nonzero_parameters": counts.nonzero,
+            "sparsity": 1 - counts.nonzero / counts.total if counts.total else 0.0,
         }
+        if counts.layers:
+            figures["layer_sparsity"] = 1 - counts.layers_nonzero / counts.layers
+        return figures
 
 
 # ----------------------------------------------------------------------- shared helpers
