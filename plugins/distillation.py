@@ -5,13 +5,15 @@ Neural Network"): the student minimises
 
     alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE
 
-on the pipeline's own training text. The teacher is the model the variant started from
-(the finetuned model). The student is the recipe's current model: after a structured
-prune step, the narrower model it made; with ``layers``, a copy of the current model
-keeping that many of its decoder layers, evenly spaced, as in DistilBERT (Sanh et al.,
-2019), so it starts close to the teacher and distillation recovers what dropping layers
-lost. Weights that are exactly zero when distillation starts (an earlier unstructured or
-N:M prune step) get no gradient, so the student keeps its sparsity pattern.
+on the pipeline's own data, as ``compress.calibration.source`` names it: the training
+text, the finetuning pairs as finetuning rendered them, or both. The teacher is the
+model the variant started from (the finetuned model). The student is the recipe's
+current model: after a structured prune step, the narrower model it made; with
+``layers``, a copy of the current model keeping that many of its decoder layers, evenly
+spaced, as in DistilBERT (Sanh et al., 2019), so it starts close to the teacher and
+distillation recovers what dropping layers lost. Weights that are exactly zero when
+distillation starts (an earlier unstructured or N:M prune step) get no gradient, so the
+student keeps its sparsity pattern.
 """
 
 from __future__ import annotations
@@ -132,15 +134,10 @@ class KnowledgeDistillation:
         teacher_loss = _held_out_loss(teacher, held_out)
         before = _held_out_loss(student, held_out)
 
-        stream = ctx.train_ids
         generator = rng(ctx.seed + 2)
 
         def next_batch(step: int) -> dict[str, torch.Tensor]:
-            starts = torch.randint(
-                0, stream.numel() - c.seq_len, (c.batch_size,), generator=generator
-            )
-            # The stream may be mapped in a narrow type: widen only the windows drawn.
-            ids = torch.stack([stream[s : s + c.seq_len].long() for s in starts.tolist()])
+            ids = ctx.training_windows(c.batch_size, c.seq_len, generator)
             return {"input_ids": ids, "labels": ids}
 
         def loss_fn(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.released_model import BOS, tiny_released_model
 from unbottle.core.config.schema import CalibrationParams
@@ -16,6 +17,7 @@ from unbottle.core.stages.compress import (
     calibration_windows,
     conversation_batches,
     conversation_stream,
+    read_conversations,
 )
 
 
@@ -55,8 +57,12 @@ def test_a_chat_model_calibrates_on_its_conversations_each_window_opening_as_a_r
     assert again.tolist() == ids.tolist() and other.tolist() != ids.tolist()
 
     cfg = CalibrationParams(samples=6, seq_len=48, source="qa_train")
+    conversations = read_conversations(
+        cfg, qa_train=qa_train, tokenizer=tokenizer, prompt_format=chat, seed=0
+    )
+    assert conversations[0].tolist() == ids.tolist() and conversations[1] == starts
     windows = calibration_windows(
-        cfg, stream=None, seed=0, tokenizer=tokenizer, qa_train=qa_train, prompt_format=chat
+        cfg, stream=None, seed=0, conversations=conversations, prompt_format=chat
     )
     opening = tokenizer("<|im_start|>system\nAnswer in a few words.", add_special_tokens=False)
     opening = opening["input_ids"]
@@ -68,7 +74,7 @@ def test_a_chat_model_calibrates_on_its_conversations_each_window_opening_as_a_r
     assert tokenizer.convert_tokens_to_ids(BOS) in windows[0][0].tolist()
     # The same seed draws the same windows.
     drawn = calibration_windows(
-        cfg, stream=None, seed=0, tokenizer=tokenizer, qa_train=qa_train, prompt_format=chat
+        cfg, stream=None, seed=0, conversations=conversations, prompt_format=chat
     )
     assert [w.tolist() for w in drawn] == [w.tolist() for w in windows]
 
@@ -148,3 +154,35 @@ def test_both_draws_half_its_windows_from_each_and_keys_its_caches_on_the_pairs(
     assert changed.prefix_keys("magnitude50") != both.prefix_keys("magnitude50")
     assert changed.variant_key("int8") != both.variant_key("int8")
     assert bench("train_text")[0].prefix_keys("magnitude50") == prose.prefix_keys("magnitude50")
+
+
+def test_distillation_trains_on_the_calibration_source(tmp_path, pipeline_run):
+    """kd drew its training batches from the prose whatever the source said: the same
+    student came out of ``both`` as out of ``train_text``."""
+    from safetensors.torch import load_file
+
+    from unbottle.core.registry import get_registry
+    from unbottle.core.stages.compress import build_variant, prepare
+
+    layout, params = pipeline_run["layout"], pipeline_run["params"]
+    students = {}
+    for source in ("train_text", "both"):
+        cfg = params.compress.model_copy(
+            update={"calibration": CalibrationParams(samples=4, seq_len=24, source=source)}
+        )
+        bench = prepare(
+            cfg,
+            registry=get_registry(),
+            model=layout.artifact("finetune"),
+            train_text=layout.root / params.data.train_text,
+            seed=0,
+            qa_train=layout.root / params.data.qa_train,
+        )
+        assert (bench.conversations is None) == (source == "train_text")
+        build_variant(bench, "kd1", tmp_path / source)
+        students[source] = load_file(tmp_path / source / "model.safetensors")
+    assert students["both"].keys() == students["train_text"].keys()
+    assert any(
+        not torch.equal(weight, students["train_text"][name])
+        for name, weight in students["both"].items()
+    )

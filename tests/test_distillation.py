@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unbottle.core.contract.errors import ConfigError
+from unbottle.core.contract.errors import ConfigError, DataError
 from unbottle.core.contract.strategies import CompressContext
 from unbottle.plugins.distillation import KnowledgeDistillation
 
@@ -95,3 +95,55 @@ def test_the_student_is_the_same_from_the_stages_narrow_mapped_stream() -> None:
         students.append(student.state_dict())
     for name, weight in students[0].items():
         assert torch.equal(weight, students[1][name]), name
+
+
+def test_training_windows_come_from_the_source_the_context_names() -> None:
+    """Prose windows start anywhere; a pair's window starts where the pair starts (as a
+    request does); ``both`` gives the pairs half of the rows, rounded up."""
+    _, ctx = teacher_and_context()
+    pairs = torch.arange(100, 160) % VOCAB  # 60 tokens: pairs starting at 0, 20, 40
+    chat = dataclasses.replace(ctx, conversations=pairs, conversation_starts=[0, 20, 40])
+    g = torch.Generator().manual_seed(0)
+
+    def is_prose(row: torch.Tensor) -> bool:
+        stream = ctx.train_ids
+        return any(
+            torch.equal(stream[s : s + len(row)], row) for s in range(len(stream) - len(row))
+        )
+
+    prose = chat.training_windows(5, 16, g)  # conversation_share 0: the prose
+    assert prose.shape == (5, 16) and prose.dtype == torch.long
+    assert all(is_prose(row) for row in prose)
+    both = dataclasses.replace(chat, conversation_share=0.5).training_windows(5, 16, g)
+    openings = {tuple(pairs[s : s + 16].tolist()) for s in (0, 20, 40)}
+    assert all(is_prose(row) for row in both[:2])
+    assert all(tuple(row.tolist()) in openings for row in both[2:])
+    only = dataclasses.replace(chat, conversation_share=1.0).training_windows(7, 30, g)
+    # A window of 30 fits after the pairs starting at 0 and 20, not after the one at 40.
+    assert {tuple(row.tolist()) for row in only} <= {
+        tuple(pairs[s : s + 30].tolist()) for s in (0, 20)
+    }
+
+
+def test_kd_on_pairs_reads_no_prose_and_says_when_the_pairs_are_too_short() -> None:
+    teacher, ctx = teacher_and_context()
+    pairs = dataclasses.replace(
+        ctx,
+        train_ids=torch.arange(8),  # shorter than a window: read, it would fail
+        conversations=ctx.train_ids,
+        conversation_starts=list(range(0, 800, 40)),
+        conversation_share=1.0,
+    )
+    _, metrics = kd(layers=1, steps=3).distill(copy.deepcopy(teacher), pairs)
+    assert metrics["student_layers"] == 1
+    with pytest.raises(DataError, match=r"^compress\.variants\.kd\[0\]: the training text has 8"):
+        kd(layers=1, steps=3).distill(
+            copy.deepcopy(teacher),
+            dataclasses.replace(pairs, conversation_share=0.0, where="compress.variants.kd[0]"),
+        )
+    with pytest.raises(
+        DataError,
+        match=r"^compress: the pairs of data\.qa_train render to 1920 tokens, fewer than one "
+        r"window of 2000; lower seq_len or use compress\.calibration\.source: train_text$",
+    ):
+        pairs.training_windows(2, 2000, torch.Generator())

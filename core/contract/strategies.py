@@ -227,14 +227,18 @@ class CompressContext:
     ``calibration`` holds LongTensors of token ids of shape (1, T) drawn from the
     pipeline's own data, as ``compress.calibration.source`` says: the training text, the
     finetuning pairs rendered as finetuning rendered them, or both; ``train_ids`` is the
-    whole training text as one 1-D tensor of token ids (for distillation). In the stage
-    it is memory-mapped from the text's token file in the narrowest unsigned type that
-    holds the vocabulary (``uint16`` up to 65,536 tokens), like
-    :meth:`PretrainContext.token_ids`: index it and convert the windows you take with
-    ``.long()``. ``teacher`` is the float model the variant started from (the finetuned
-    model), unchanged by the steps before: a distiller's teacher. Treat it as read-only.
-    ``where`` is the step's key path in params (``compress.variants.g64[1]``), for error
-    messages; empty when the step runs outside a compress stage.
+    whole training text as one 1-D tensor of token ids. In the stage it is memory-mapped
+    from the text's token file in the narrowest unsigned type that holds the vocabulary
+    (``uint16`` up to 65,536 tokens), like :meth:`PretrainContext.token_ids`: index it
+    and convert the windows you take with ``.long()``. ``conversations`` is the pairs as
+    finetuning rendered them, one after another (1-D), with ``conversation_starts``
+    where each begins, when the source takes pairs; ``conversation_share`` is the share
+    of the source that is pairs (0, 0.5 or 1). A distiller trains on
+    :meth:`training_windows`, which draws from the same source. ``teacher`` is the float
+    model the variant started from (the finetuned model), unchanged by the steps before:
+    a distiller's teacher. Treat it as read-only. ``where`` is the step's key path in
+    params (``compress.variants.g64[1]``), for error messages; empty when the step runs
+    outside a compress stage.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -244,6 +248,51 @@ class CompressContext:
     work_dir: Path | None = None
     teacher: PreTrainedModel | None = None
     where: str = ""
+    conversations: torch.Tensor | None = None
+    conversation_starts: Sequence[int] = ()
+    conversation_share: float = 0.0
+
+    def training_windows(
+        self, count: int, seq_len: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """``count`` training windows of ``seq_len`` tokens, (count, seq_len) LongTensor,
+        drawn with ``generator`` from the calibration's source: the share of rows that
+        source gives the pairs (rounded up, and after the prose's rows) start where a
+        pair starts, as a request does; the others start anywhere in ``train_ids``.
+
+        Distilling a chat model on its training prose alone teaches the student text it
+        is never asked, as calibrating on it alone compressed for it (BENCHMARKS.md).
+        """
+        import math
+
+        import torch
+
+        from unbottle.core.contract.errors import DataError
+
+        from_pairs = math.ceil(count * self.conversation_share)
+        rows = []
+        if count > from_pairs:
+            if self.train_ids.numel() <= seq_len:
+                raise DataError(
+                    f"{self.where or 'compress'}: the training text has "
+                    f"{self.train_ids.numel()} tokens, not more than one window of {seq_len}"
+                )
+            starts = torch.randint(
+                0, self.train_ids.numel() - seq_len, (count - from_pairs,), generator=generator
+            )
+            rows += [self.train_ids[s : s + seq_len].long() for s in starts.tolist()]
+        if from_pairs:
+            ids = self.conversations if self.conversations is not None else torch.zeros(0)
+            whole = [s for s in self.conversation_starts if s + seq_len <= ids.numel()]
+            if not whole:
+                raise DataError(
+                    f"{self.where or 'compress'}: the pairs of data.qa_train render to "
+                    f"{ids.numel()} tokens, fewer than one window of {seq_len}; lower "
+                    "seq_len or use compress.calibration.source: train_text"
+                )
+            chosen = torch.randint(0, len(whole), (from_pairs,), generator=generator)
+            rows += [ids[whole[i] : whole[i] + seq_len].long() for i in chosen.tolist()]
+        return torch.stack(rows)
 
 
 # Any compress strategy may also define ``check_model(self, model, where: str) -> None``

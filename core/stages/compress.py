@@ -8,6 +8,7 @@ The methods that calibrate (Wanda, SparseGPT, GPTQ, AWQ) see windows of token id
 ``compress.calibration.source`` names: the training text's prose, the question/answer
 pairs rendered as finetuning rendered them (:func:`conversation_stream`), or half of
 each. A chat model calibrated on prose alone is compressed for text it is never asked.
+Distillation trains on the same source (``CompressContext.training_windows``).
 
 Variants whose recipes share a prefix (``[distill kd]`` and ``[distill kd, quantize]``,
 or the points of a sweep over the last step) reuse the float model after that prefix
@@ -127,6 +128,10 @@ def conversation_batches(
     return [ids[whole[i] : whole[i] + seq_len].unsqueeze(0) for i in chosen.tolist()]
 
 
+#: The share of each calibration source's windows that are pairs (rounded up).
+CONVERSATION_SHARE = {"train_text": 0.0, "qa_train": 1.0, "both": 0.5}
+
+
 def calibration_source(cfg: CalibrationParams, prompt_format: PromptFormat) -> str:
     """The source ``cfg.source`` stands for: ``auto`` is ``both`` for a model finetuned in
     chat format (measured on SmolLM2: prose alone let a 2:4 model that answers nothing
@@ -137,29 +142,48 @@ def calibration_source(cfg: CalibrationParams, prompt_format: PromptFormat) -> s
     return "both" if prompt_format.kind == CHAT else "train_text"
 
 
+def read_conversations(
+    cfg: CalibrationParams,
+    *,
+    qa_train: Path | None,
+    tokenizer: Any,
+    prompt_format: PromptFormat,
+    seed: int,
+) -> tuple[Any, list[int]] | None:
+    """The pairs of ``qa_train`` as :func:`conversation_stream` renders them, when
+    ``cfg.source`` takes pairs; None when it takes the prose alone."""
+    from unbottle.core.data.prompts import read_pairs
+
+    source = calibration_source(cfg, prompt_format)
+    if source == "train_text":
+        return None
+    if qa_train is None or tokenizer is None:
+        raise ValueError(f"calibration source {source}: needs qa_train and a tokenizer")
+    pairs = read_pairs(qa_train, "data.qa_train")
+    return conversation_stream(pairs, prompt_format, tokenizer, seed)
+
+
 def calibration_windows(
     cfg: CalibrationParams,
     *,
     stream: Any,
     seed: int,
-    tokenizer: Any = None,
-    qa_train: Path | None = None,
+    conversations: tuple[Any, list[int]] | None = None,
     prompt_format: PromptFormat | None = None,
 ) -> list[Any]:
     """The calibration windows ``cfg.source`` names: windows of the training text's ids
-    ``stream``, of the pairs of ``qa_train`` rendered in ``prompt_format``, or half of
-    each (the pairs' half rounded up)."""
-    from unbottle.core.data.prompts import read_pairs
+    ``stream``, of the ``conversations`` (:func:`read_conversations`), or half of each
+    (the pairs' half rounded up)."""
+    import math
 
     prompt_format = prompt_format or PromptFormat()
     source = calibration_source(cfg, prompt_format)
-    from_text = {"train_text": cfg.samples, "qa_train": 0, "both": cfg.samples // 2}[source]
+    from_text = cfg.samples - math.ceil(cfg.samples * CONVERSATION_SHARE[source])
     windows = calibration_batches(stream, from_text, cfg.seq_len, seed) if from_text else []
     if from_text < cfg.samples:
-        if qa_train is None or tokenizer is None:
-            raise ValueError(f"calibration source {source}: needs qa_train and a tokenizer")
-        pairs = read_pairs(qa_train, "data.qa_train")
-        ids, starts = conversation_stream(pairs, prompt_format, tokenizer, seed)
+        if conversations is None:
+            raise ValueError(f"calibration source {source}: needs the conversations")
+        ids, starts = conversations
         windows += conversation_batches(ids, starts, cfg.samples - from_text, cfg.seq_len, seed)
     log.info(
         "compress: calibration on %d windows of %d tokens: %d of the prose of "
@@ -178,8 +202,8 @@ def calibration_windows(
 def calibration_inputs(
     cfg: CompressParams, qa_train: Path | None, prompt_format: PromptFormat
 ) -> dict[str, str]:
-    """What the calibration reads besides the model and the training text (which
-    distillation reads whatever the source): the pairs' hash where they are drawn from."""
+    """What the calibration and distillation read besides the model and the training
+    text: the pairs' hash where the source draws on them."""
     source = calibration_source(cfg.calibration, prompt_format)
     if source == "train_text":
         return {}
@@ -249,6 +273,7 @@ class Workbench:
     plans: dict[str, list[tuple[CompressStep, Any]]]
     inputs: dict[str, str]
     calibration_source: str = "train_text"  # what the windows came from (auto resolved)
+    conversations: tuple[Any, list[int]] | None = None  # the pairs, where the source has them
 
     def prefix_keys(self, name: str) -> list[str]:
         """The cache key of each float prefix of a variant's recipe: steps 1..k."""
@@ -419,12 +444,18 @@ def prepare(
     # drawn from them are held, so a pretraining corpus can be the calibration text.
     stream = corpus.token_ids(tokenizer)
     prompt_format = prompt_format_of(model)
+    conversations = read_conversations(
+        cfg.calibration,
+        qa_train=qa_train,
+        tokenizer=tokenizer,
+        prompt_format=prompt_format,
+        seed=seed,
+    )
     calibration = calibration_windows(
         cfg.calibration,
         stream=stream,
         seed=seed,
-        tokenizer=tokenizer,
-        qa_train=qa_train,
+        conversations=conversations,
         prompt_format=prompt_format,
     )
     return Workbench(
@@ -444,6 +475,7 @@ def prepare(
             **calibration_inputs(cfg, qa_train, prompt_format),
         },
         calibration_source=calibration_source(cfg.calibration, prompt_format),
+        conversations=conversations,
     )
 
 
@@ -505,6 +537,9 @@ def build_variant(
             work_dir=variant_dir.parent,
             teacher=bench.base,
             where=f"compress.variants.{name}[{i}]",
+            conversations=bench.conversations[0] if bench.conversations else None,
+            conversation_starts=bench.conversations[1] if bench.conversations else (),
+            conversation_share=CONVERSATION_SHARE[bench.calibration_source],
         )
         began = time.perf_counter()
         if step.action == "quantize":  # always the last step
