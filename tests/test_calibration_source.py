@@ -100,8 +100,8 @@ def test_pairs_shorter_than_a_window_are_one_line_naming_the_way_out(tiny_data, 
     with pytest.raises(
         DataError,
         match=r"^compress\.calibration: the pairs of data\.qa_train render to \d+ tokens, "
-        r"fewer than one window of 4096; lower compress\.calibration\.seq_len or use source: "
-        r"train_text$",
+        r"fewer than one window of 4096; lower compress\.calibration\.seq_len or use "
+        r"compress\.calibration\.source: train_text$",
     ):
         conversation_batches(ids, starts, 4, 4096, seed=0)
 

@@ -144,6 +144,7 @@ def test_kd_on_pairs_reads_no_prose_and_says_when_the_pairs_are_too_short() -> N
     with pytest.raises(
         DataError,
         match=r"^compress: the pairs of data\.qa_train render to 1920 tokens, fewer than one "
-        r"window of 2000; lower seq_len or use compress\.calibration\.source: train_text$",
+        r"window of 2000; lower the step's seq_len or use compress\.calibration\.source: "
+        r"train_text$",
     ):
         pairs.training_windows(2, 2000, torch.Generator())

@@ -267,31 +267,17 @@ class CompressContext:
 
         import torch
 
-        from unbottle.core.contract.errors import DataError
+        from unbottle.core.data.windows import pair_windows, text_windows
 
         from_pairs = math.ceil(count * self.conversation_share)
+        errors = {"what": self.where or "compress", "lower": "the step's seq_len"}
         rows = []
         if count > from_pairs:
-            if self.train_ids.numel() <= seq_len:
-                raise DataError(
-                    f"{self.where or 'compress'}: the training text has "
-                    f"{self.train_ids.numel()} tokens, not more than one window of {seq_len}"
-                )
-            starts = torch.randint(
-                0, self.train_ids.numel() - seq_len, (count - from_pairs,), generator=generator
-            )
-            rows += [self.train_ids[s : s + seq_len].long() for s in starts.tolist()]
+            rows += text_windows(self.train_ids, count - from_pairs, seq_len, generator, **errors)
         if from_pairs:
             ids = self.conversations if self.conversations is not None else torch.zeros(0)
-            whole = [s for s in self.conversation_starts if s + seq_len <= ids.numel()]
-            if not whole:
-                raise DataError(
-                    f"{self.where or 'compress'}: the pairs of data.qa_train render to "
-                    f"{ids.numel()} tokens, fewer than one window of {seq_len}; lower "
-                    "seq_len or use compress.calibration.source: train_text"
-                )
-            chosen = torch.randint(0, len(whole), (from_pairs,), generator=generator)
-            rows += [ids[whole[i] : whole[i] + seq_len].long() for i in chosen.tolist()]
+            starts = self.conversation_starts
+            rows += pair_windows(ids, starts, from_pairs, seq_len, generator, **errors)
         return torch.stack(rows)
 
 

@@ -60,21 +60,18 @@ VARIANTS_INDEX = "variants.json"
 CACHE_RECORD = "prefix.json"
 
 
+#: How a calibration window too long for its data is named in the error.
+_CALIBRATION_ERRORS = {"what": "compress.calibration", "lower": "compress.calibration.seq_len"}
+
+
 def calibration_batches(stream: Any, samples: int, seq_len: int, seed: int) -> list[Any]:
     """``samples`` windows of ``seq_len`` tokens, each a (1, T) LongTensor, drawn
     reproducibly from the 1-D ``stream`` of any integer type."""
-    import torch
-
-    from unbottle.core.contract.errors import DataError
+    from unbottle.core.data.windows import text_windows
     from unbottle.core.training.loop import rng
 
-    if stream.numel() < seq_len + 1:
-        raise DataError(
-            f"compress.calibration: the training text has {stream.numel()} tokens, fewer "
-            f"than one window of {seq_len}; lower compress.calibration.seq_len"
-        )
-    starts = torch.randint(0, stream.numel() - seq_len, (samples,), generator=rng(seed + 1))
-    return [stream[s : s + seq_len].long().unsqueeze(0) for s in starts.tolist()]
+    windows = text_windows(stream, samples, seq_len, rng(seed + 1), **_CALIBRATION_ERRORS)
+    return [window.unsqueeze(0) for window in windows]
 
 
 def conversation_stream(
@@ -104,28 +101,14 @@ def conversation_stream(
 def conversation_batches(
     ids: Any, starts: list[int], samples: int, seq_len: int, seed: int
 ) -> list[Any]:
-    """``samples`` windows of ``seq_len`` tokens of the conversation stream, each starting
-    where a pair starts, drawn reproducibly.
-
-    A window starts where a request does (a chat model's first position holds its
-    template's opening), because a model's first positions carry activations unlike any
-    other (the "attention sink" of Xiao et al., 2023), and a window cut mid-sentence
-    would calibrate them on a start no request has. It runs on into the pairs after.
-    """
-    import torch
-
-    from unbottle.core.contract.errors import DataError
+    """``samples`` windows of ``seq_len`` tokens of the conversation stream, each a (1, T)
+    LongTensor starting where a pair starts (core/data/windows.py says why), drawn
+    reproducibly."""
+    from unbottle.core.data.windows import pair_windows
     from unbottle.core.training.loop import rng
 
-    whole = [s for s in starts if s + seq_len <= ids.numel()]
-    if not whole:
-        raise DataError(
-            f"compress.calibration: the pairs of data.qa_train render to {ids.numel()} "
-            f"tokens, fewer than one window of {seq_len}; lower compress.calibration.seq_len "
-            "or use source: train_text"
-        )
-    chosen = torch.randint(0, len(whole), (samples,), generator=rng(seed + 2))
-    return [ids[whole[i] : whole[i] + seq_len].unsqueeze(0) for i in chosen.tolist()]
+    windows = pair_windows(ids, starts, samples, seq_len, rng(seed + 2), **_CALIBRATION_ERRORS)
+    return [window.unsqueeze(0) for window in windows]
 
 
 #: The share of each calibration source's windows that are pairs (rounded up).
