@@ -153,3 +153,26 @@ def test_run_fails_fast_on_bad_params_before_prefect_starts(workspace):
     assert_one_line_error(result, r"compress\.variants\.x\[0\]: Unknown pruning strategy 'nope'")
     assert not (workspace / "artifacts").exists()
     assert not (workspace / ".prefect").exists()
+
+
+def test_every_command_says_what_it_does_in_one_line():
+    """A group's command list shows each command's first paragraph as it is written:
+    a docstring whose opening sentence ran over two lines printed a broken line there
+    (`sweep`, `cache prune`)."""
+    import typer
+
+    from unbottle.cli import app
+
+    def commands(group, path: str) -> list:  # typer's click groups and commands
+        found = []
+        for name, command in group.commands.items():
+            found.append((f"{path} {name}", command))
+            if hasattr(command, "commands"):
+                found += commands(command, f"{path} {name}")
+        return found
+
+    listed = commands(typer.main.get_command(app), "unbottle")
+    assert {"unbottle sweep", "unbottle cache prune"} <= {name for name, _ in listed}
+    for name, command in listed:
+        summary = (command.help or "").strip().split("\n\n")[0]
+        assert summary and "\n" not in summary, name

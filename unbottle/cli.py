@@ -169,8 +169,10 @@ def sweep(
     ] = None,
     workers: Annotated[int, typer.Option(help="Workers of a local dask or ray cluster.")] = 2,
 ) -> None:
-    """Compress and evaluate every variant (compress.variants and the grids of
-    compress.sweep) as mapped Prefect tasks, into one report; deploys nothing.
+    """Compress and evaluate every variant, sweeps included, into one report.
+
+    Each variant of compress.variants and each point of the grids of compress.sweep is a
+    mapped Prefect task; nothing is deployed.
 
     Example: unbottle sweep -S 'compress.sweep.mag=[{prune: magnitude, sparsity: {grid:
     [0.3, 0.5, 0.7]}}]' --runner dask --workers 2
@@ -638,9 +640,10 @@ def cache_prune(
     ] = False,
     shared: SharedOption = False,
 ) -> None:
-    """Remove cache entries by last use or total size. Refused while a stage or sweep of
-    the workspace runs (with --shared: while a pretrain stage reads a conversion); every
-    entry is only saved work, rebuilt when next needed."""
+    """Remove cache entries by last use or total size.
+
+    Refused while a stage or sweep of the workspace runs (with --shared: while a pretrain
+    stage reads a conversion); every entry is only saved work, rebuilt when next needed."""
     from unbottle.core.store.cache_pruning import parse_age, parse_size, prune_cache
 
     cache, kinds = _which_cache(shared or (ctx.obj or {}).get("shared", False))
