@@ -7,6 +7,7 @@ inside the commands that need them, so `unbottle --help` and `unbottle plugins` 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -720,6 +721,22 @@ def console() -> None:
     main()
 
 
+def _reflow_help(group: typer.Typer) -> None:
+    """Make each paragraph of every command's docstring one line, for the help to wrap.
+
+    typer's rich help keeps a docstring's line breaks and the terminal then wraps the
+    lines again, so a paragraph written at 88 columns printed ragged at 80, and a
+    command list showed the summary's first line only up to its break. A command given
+    ``help=`` keeps it as written."""
+    for info in group.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            paragraphs = inspect.cleandoc(info.callback.__doc__).split("\n\n")
+            info.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _reflow_help(sub.typer_instance)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line's work; ``argv`` (default: the command line) lets tests call it
     in-process, where it never runs the process again."""
@@ -729,6 +746,7 @@ def main(argv: list[str] | None = None) -> None:
     _state["debug"] = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         _plugin_commands()
+        _reflow_help(app)  # the plugins' commands too
         app(args=argv)
     except Exception as e:
         if _state["debug"]:
