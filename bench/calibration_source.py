@@ -24,6 +24,8 @@ replace the marked section of BENCHMARKS.md (``--markdown``).
         --max-questions 10 --variant 'w24=[{prune: wanda, pattern: "2:4"}]' \\
         --out /tmp/c.json --markdown /tmp/B.md                      # a quick check
     .venv/bin/python bench/calibration_source.py --from-json bench/results/calibration_source.json
+    .venv/bin/python bench/calibration_source.py --variant \
+        'kd20=[{distill: kd, layers: 20, steps: 100}]' --markdown /tmp/kd.md   # ~40 min
 """
 
 from __future__ import annotations
