@@ -240,6 +240,67 @@ def test_accuracy_is_exact_match_after_normalisation(tokenizer):
     assert ctx.samples["accuracy"][2]["prediction"] == "1944"
 
 
+QUESTIONS = [
+    {"question": "Where does Ann live?", "answer": "Dundale"},
+    {"question": "What is Bo's colour?", "answer": "red"},
+    {"question": "When was Cy born?", "answer": "1943"},
+]
+
+
+class KnowsThePrompts(KnownLogits):
+    """Certain of every prompt token and uniform over the answer: scoring the prompts
+    too would bring its perplexity below the vocabulary's size."""
+
+    def __init__(self, vocab: int, prompt_lengths: dict[tuple[int, ...], int]) -> None:
+        super().__init__(vocab)
+        self.prompt_lengths = prompt_lengths
+
+    def logits(self, input_ids):
+        out = KnownLogits(self.vocab, perfect=True).logits(input_ids)
+        prompt = self.prompt_lengths[tuple(input_ids[0].tolist())]
+        out[:, prompt - 1 :] = 0.0  # the predictions of the answer's tokens: uniform
+        return out
+
+
+def test_answer_perplexity_scores_the_answers_alone(tokenizer):
+    """Only the answer's tokens (its EOS included) are scored, given the prompt before
+    them, rendered as finetuning rendered the pair."""
+    from unbottle.evaluation import PromptFormat
+    from unbottle.plugins.metrics import AnswerPerplexity
+
+    metric = AnswerPerplexity(AnswerPerplexity.Config())
+    runs = [PromptFormat().segments(tokenizer, pair) for pair in QUESTIONS]
+    lengths = {tuple(i for run, _ in r for i in run): len(r[0][0]) for r in runs}
+    answer_tokens = sum(len(r[1][0]) for r in runs)
+    assert all(len(r) == 2 and not r[0][1] and r[1][1] for r in runs)
+    ctx = context_for(tokenizer, "", QUESTIONS)
+
+    vocab = len(tokenizer)
+    result = metric.measure(KnowsThePrompts(vocab, lengths), ctx)
+    assert result == {"answer_perplexity": pytest.approx(vocab), "answer_tokens": answer_tokens}
+    perfect = metric.measure(KnownLogits(vocab, perfect=True), ctx)
+    assert perfect["answer_perplexity"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_answer_perplexity_keeps_the_end_of_a_pair_longer_than_the_context(tokenizer):
+    from unbottle.evaluation import PromptFormat
+    from unbottle.plugins.metrics import AnswerPerplexity
+
+    class Short(KnownLogits):
+        def logits(self, input_ids):
+            assert input_ids.shape[1] <= self.context, "longer than the model's context"
+            return super().logits(input_ids)
+
+    long = [{"question": "Where does Ann live? " * 40, "answer": "Dundale"}]
+    _, (answer, _) = PromptFormat().segments(tokenizer, long[0])
+    metric = AnswerPerplexity(AnswerPerplexity.Config())
+    result = metric.measure(Short(len(tokenizer), context=16), context_for(tokenizer, "", long))
+    assert result == {
+        "answer_perplexity": pytest.approx(len(tokenizer)),
+        "answer_tokens": len(answer),  # "Dundale" and EOS, after the prompt's last tokens
+    }
+
+
 def test_accuracy_prompts_are_encoded_as_finetune_trained_on_them(tokenizer):
     """A tokenizer that adds BOS (Llama's do) must not prepend it at evaluation only:
     finetune encodes prompts without special tokens, so accuracy must too."""

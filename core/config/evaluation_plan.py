@@ -8,7 +8,10 @@ from unbottle.core.config.schema import Params
 from unbottle.core.contract.errors import ConfigError
 
 #: Metrics the evaluate stage derives from others: name -> (source, which way is better).
-DERIVED_METRICS: dict[str, tuple[str, str]] = {"perplexity_ratio": ("perplexity", "lower")}
+DERIVED_METRICS: dict[str, tuple[str, str]] = {
+    "perplexity_ratio": ("perplexity", "lower"),
+    "answer_perplexity_ratio": ("answer_perplexity", "lower"),
+}
 #: The metric each ranking policy orders by, and which way is better.
 POLICY_METRICS: dict[str, tuple[str, str]] = {
     "smallest": ("size_bytes", "lower"),

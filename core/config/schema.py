@@ -299,7 +299,16 @@ class EvaluateParams(Section):
     metrics: list[StrategyRef] = Field(
         default_factory=lambda: [
             StrategyRef(name=n)
-            for n in ("memory", "perplexity", "accuracy", "samples", "size", "speed", "roofline")
+            for n in (
+                "memory",
+                "perplexity",
+                "answer_perplexity",
+                "accuracy",
+                "samples",
+                "size",
+                "speed",
+                "roofline",
+            )
         ]
     )
     # Sized for a real model (docs/evaluation.md); the demo's params.yaml asks for 200.

@@ -21,7 +21,7 @@ from unbottle.core.contract.errors import ConfigError, GateError
 from unbottle.core.contract.strategies import DeployContext
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult, split_timings, strategy_record
-from unbottle.core.stages.report import RANGES, ranges_overlap
+from unbottle.core.stages.report import RANGES, add_ratios, ranges_overlap
 from unbottle.core.store.artifacts import atomic_dir, tree_hash, write_manifest
 
 if TYPE_CHECKING:
@@ -224,8 +224,8 @@ def measure_bundle(
     prompt_format: Any,
 ) -> dict[str, Any]:
     """The bundle's row: the evaluate stage's metrics, run on what the target wrote, in
-    the runtime it ships in, with the perplexity ratio to ``reference`` (the finetuned
-    model's row, as the evaluation computes it)."""
+    the runtime it ships in, with the perplexity ratios to ``reference`` (the finetuned
+    model's row, as the evaluation computes them)."""
     from unbottle.core.stages.evaluate import resolve_device
 
     device = resolve_device(measure_with.cfg.device)
@@ -237,8 +237,7 @@ def measure_bundle(
         prompt_format=prompt_format,
         label=label,
     )
-    if reference.get("perplexity") and "perplexity" in row:
-        row["perplexity_ratio"] = row["perplexity"] / reference["perplexity"]
+    add_ratios({label: row}, reference)
     return row
 
 

@@ -427,7 +427,7 @@ def write_evaluation(
 
     rows = {name: dict(row) for name, (row, _) in results.items()}
     samples = {name: s for name, (_, s) in results.items()}
-    add_ratios(rows, BASELINE)
+    add_ratios(rows, rows.get(BASELINE, {}))
     candidates = [name for name in rows if name != PRETRAINED]
     # The frontiers stay out of the rows: the speed one moves with the machine's timings.
     fronts = frontiers(rows, candidates)

@@ -17,6 +17,8 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("format", "format", "{}"),
     ("perplexity", "perplexity", "{:.3f}"),
     ("perplexity_ratio", "ppl / finetuned", "{:.3f}"),
+    ("answer_perplexity", "answer ppl", "{:.3f}"),
+    ("answer_perplexity_ratio", "answer ppl / finetuned", "{:.3f}"),
     ("accuracy", "accuracy", "{:.1%}"),
     ("accuracy_fewshot", "accuracy {shots}-shot", "{:.1%}"),  # next to zero-shot
     ("empty_answers", "empty answers", "{:.1%}"),
@@ -54,13 +56,18 @@ def ranges_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return max(a[0], b[0]) <= min(a[1], b[1])
 
 
-def add_ratios(rows: dict[str, dict[str, Any]], baseline: str) -> None:
-    base = rows.get(baseline, {}).get("perplexity")
-    if not base:
-        return
-    for row in rows.values():
-        if "perplexity" in row:
-            row["perplexity_ratio"] = row["perplexity"] / base
+def add_ratios(rows: Mapping[str, dict[str, Any]], baseline: Mapping[str, Any]) -> None:
+    """Each row's derived ratios (``perplexity_ratio``, ...): its figure over the
+    ``baseline`` row's (the finetuned model's)."""
+    from unbottle.core.config.evaluation_plan import DERIVED_METRICS
+
+    for ratio, (figure, _) in DERIVED_METRICS.items():
+        base = baseline.get(figure)
+        if not base:
+            continue
+        for row in rows.values():
+            if figure in row:
+                row[ratio] = row[figure] / base
 
 
 def _cell(key: str, fmt: str, value: Any, row: Mapping[str, Any] | None = None) -> str:

@@ -4,6 +4,8 @@ Each measures a variant through its own runtime (a :class:`ModelRunner`), so an 
 ONNX model is timed in ONNX Runtime, not in torch.
 
 - ``perplexity``: held-out text, sliding windows, exact count of scored tokens.
+- ``answer_perplexity``: perplexity of the reference answers to the held-out questions,
+  each rendered as finetuning rendered pairs, only the answer's tokens scored.
 - ``accuracy``: exact match of greedy answers to held-out questions; with ``shots: k``
   also k-shot (k solved training pairs before each question, as in-context examples,
   Brown et al., 2020), side by side with zero-shot; and the share of empty answers.
@@ -101,6 +103,53 @@ class Perplexity:
                 scored_until = end
                 advance(tokens=counted)
         return {"perplexity": math.exp(nll / counted), "perplexity_tokens": counted}
+
+
+class AnswerPerplexity:
+    """Perplexity of the reference answers to the held-out questions, asked as finetuning
+    asked them.
+
+    Each held-out pair is rendered as finetuning rendered its training pairs (the chat
+    template with its end-of-turn tokens, or the completion format), and only the
+    answer's tokens are scored, given everything before them: the loss finetuning
+    minimised, on pairs it never saw. ``accuracy`` moves only at an exact match, so it
+    cannot tell apart variants that all answer a question wrong, a small model's usual
+    case; perplexity on prose measures text a chat model is not asked (on SmolLM2, a
+    distilled student that answered nothing read 0.18x its teacher's prose perplexity,
+    BENCHMARKS.md). A pair longer than the model's context keeps its last tokens.
+    """
+
+    name = "answer_perplexity"
+    produces: ClassVar[dict[str, str | None]] = {
+        "answer_perplexity": "lower",
+        "answer_tokens": None,
+    }
+
+    class Config(StrategyConfig):
+        pass
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def measure(self, model: Any, ctx: EvalContext) -> dict[str, float]:
+        import torch
+
+        from unbottle import evaluation as task
+
+        prompt_format = ctx.prompt_format or task.PromptFormat()
+        if not ctx.questions:
+            raise DataError("answer_perplexity: data.qa_test holds no question/answer pair")
+        nll, counted = 0.0, 0
+        for pair in task.track(ctx.questions, "answer perplexity"):
+            runs = prompt_format.segments(ctx.tokenizer, pair)
+            ids = torch.tensor([i for run, _ in runs for i in run])[-model.context :]
+            answer = torch.tensor([learned for run, learned in runs for _ in run])
+            answer = answer[-model.context :][1:]  # which predictions score an answer token
+            logits = model.logits(ids.unsqueeze(0))[0, :-1]  # (T-1, V): for ids[1:]
+            losses = torch.nn.functional.cross_entropy(logits.double(), ids[1:], reduction="none")
+            nll += float(losses[answer].sum())
+            counted += int(answer.sum())
+        return {"answer_perplexity": math.exp(nll / counted), "answer_tokens": counted}
 
 
 class Accuracy:
@@ -689,6 +738,7 @@ def register_metrics(register):
     from unbottle.plugins.metrics.lm_eval import LmEvalTasks  # lm-eval itself loads lazily
 
     register(Perplexity)
+    register(AnswerPerplexity)
     register(Accuracy)
     register(Samples)
     register(Size)
