@@ -23,7 +23,8 @@ so by default pretrain includes the conversion a first run pays.
 
 From ``artifacts/evaluate/evaluation.json``: accuracy (exact match on the first
 ``evaluate.max_questions`` held-out questions, asked through the chat template the server
-uses), perplexity on the held-out prose and decode tokens/s per model. The ``pretrained``
+uses), perplexity on the held-out prose and on the held-out answers (``answer_perplexity``)
+and decode tokens/s per model. The ``pretrained``
 row is the released model's zero-shot accuracy on the same questions. Two verdicts: did
 evaluate finish in under 5 minutes (its process's wall time), and does the finetuned
 model's accuracy beat the released model's zero-shot accuracy. Next to them, what
@@ -81,6 +82,8 @@ COLUMNS = (
     ("accuracy", "accuracy", 3),
     ("perplexity", "perplexity", 3),
     ("perplexity_ratio", "× finetuned", 3),
+    ("answer_perplexity", "answer perplexity", 3),
+    ("answer_perplexity_ratio", "× finetuned (answers)", 3),
     ("decode_tokens_per_s", "decode tokens/s b1", 1),
     ("size_bytes", "size (MB)", 1),
 )
