@@ -11,9 +11,10 @@ The example's finetuned model is compressed once per source, each by the CLI a u
 For every source the same variants (Wanda and SparseGPT at 2:4, Wanda at 50%, GPTQ int4
 g64 with static groups, unless ``--variant`` names others) are built by ``unbottle stage
 compress -S compress.calibration.source=SOURCE`` and measured by ``unbottle stage
-evaluate`` with two metrics: perplexity on the held-out prose and zero-shot accuracy on
-the held-out questions asked through the chat template, with its share of empty answers
-(an answer whose first line is empty, shown ∅: the model ended its turn at once). The finetuned
+evaluate`` with three metrics: perplexity on the held-out prose, perplexity of the
+held-out answers (the finetuning loss on them), and zero-shot accuracy on the held-out
+questions asked through the chat template, with its share of empty answers (an answer
+whose first line is empty, shown ∅: the model ended its turn at once). The finetuned
 model's row is the reference; the evaluation's row cache measures it once.
 
 Everything goes to ``--out`` (JSON); the table, the command, the machine and the date
@@ -57,8 +58,12 @@ VARIANTS = {
     "wanda50": [{"prune": "wanda", "sparsity": 0.5}],
     "gptq4": [{"quantize": "gptq", "bits": 4, "group_size": 64, "static_groups": True}],
 }
-METRICS = [{"name": "perplexity"}, {"name": "accuracy", "samples": 8}]
-KEYS = ("perplexity", "perplexity_ratio", "accuracy", "empty_answers")
+METRICS = [
+    {"name": "perplexity"},
+    {"name": "answer_perplexity"},
+    {"name": "accuracy", "samples": 8},
+]
+KEYS = ("perplexity", "perplexity_ratio", "answer_perplexity_ratio", "accuracy", "empty_answers")
 
 
 def project_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,8 +115,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     lines += [
-        "| variant | calibration source | ppl / finetuned | accuracy | empty answers |",
-        "|---|---|---:|---:|---:|",
+        "| variant | calibration source | ppl / finetuned | answer ppl / finetuned | accuracy "
+        "| empty answers |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     tuned = report["sources"][sources[0]]["rows"]["finetuned"]
     lines.append(
