@@ -101,7 +101,9 @@ def test_training_windows_come_from_the_source_the_context_names() -> None:
     """Prose windows start anywhere; a pair's window starts where the pair starts (as a
     request does); ``both`` gives the pairs half of the rows, rounded up."""
     _, ctx = teacher_and_context()
-    pairs = torch.arange(100, 160) % VOCAB  # 60 tokens: pairs starting at 0, 20, 40
+    # 60 tokens counting down, pairs starting at 0, 20 and 40: no window of the prose,
+    # which counts up.
+    pairs = torch.arange(59, -1, -1) % VOCAB
     chat = dataclasses.replace(ctx, conversations=pairs, conversation_starts=[0, 20, 40])
     g = torch.Generator().manual_seed(0)
 
@@ -117,7 +119,7 @@ def test_training_windows_come_from_the_source_the_context_names() -> None:
     both = dataclasses.replace(chat, conversation_share=0.5).training_windows(5, 16, g)
     openings = {tuple(pairs[s : s + 16].tolist()) for s in (0, 20, 40)}
     assert all(is_prose(row) for row in both[:2])
-    assert all(tuple(row.tolist()) in openings for row in both[2:])
+    assert all(tuple(row.tolist()) in openings and not is_prose(row) for row in both[2:])
     only = dataclasses.replace(chat, conversation_share=1.0).training_windows(7, 30, g)
     # A window of 30 fits after the pairs starting at 0 and 20, not after the one at 40.
     assert {tuple(row.tolist()) for row in only} <= {
