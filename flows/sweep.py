@@ -147,10 +147,9 @@ def sweep(
     """pretrain -> finetune -> compress each variant -> evaluate each -> one report."""
     from unbottle.core.config.schema import BASELINE
     from unbottle.core.contract.errors import GateError
-    from unbottle.core.data.prompts import prompt_format_of
     from unbottle.core.stages.compress import (
         build_order,
-        calibration_inputs,
+        compress_inputs,
         plan_prefixes,
         write_index,
     )
@@ -179,21 +178,14 @@ def sweep(
 
     out = layout.artifacts / SWEEP_DIR
     variants_dir = out / "variants"
-    qa_train, finetuned = layout.resolve(params.data.qa_train), layout.artifact("finetune")
-    inputs = {
-        "model": tree_hash(finetuned),
-        "train_text": tree_hash(layout.resolve(params.data.train_text)),
-        **calibration_inputs(params.compress, qa_train, prompt_format_of(finetuned)),
-    }
+    inputs = compress_inputs(
+        params.compress,
+        model=layout.artifact("finetune"),
+        train_text=tree_hash(layout.resolve(params.data.train_text)),
+        qa_train=layout.resolve(params.data.qa_train),
+    )
     waves = build_order(
-        plan_prefixes(
-            params.compress,
-            model=finetuned,
-            train_text=layout.resolve(params.data.train_text),
-            seed=params.seed,
-            registry=registry,
-            qa_train=qa_train,
-        )
+        plan_prefixes(params.compress, inputs=inputs, seed=params.seed, registry=registry)
     )
     built: dict[str, dict[str, Any]] = {}
     with atomic_dir(variants_dir) as staging:

@@ -113,7 +113,8 @@ def test_both_draws_half_its_windows_from_each_and_keys_its_caches_on_the_pairs(
     finetuned model's own format (completion here); the pairs' content is part of every
     cache key, for the stage as for a scheduler planning it."""
     from unbottle.core.registry import get_registry
-    from unbottle.core.stages.compress import plan_prefixes, prepare
+    from unbottle.core.stages.compress import compress_inputs, plan_prefixes, prepare
+    from unbottle.core.store.artifacts import tree_hash
 
     layout, params = pipeline_run["layout"], pipeline_run["params"]
     qa_train = tmp_path / "train.jsonl"
@@ -126,8 +127,11 @@ def test_both_draws_half_its_windows_from_each_and_keys_its_caches_on_the_pairs(
             update={"calibration": CalibrationParams(**calibration, source=source)}
         )
         kwargs = {"model": model, "train_text": train_text, "seed": 0, "qa_train": qa_train}
+        inputs = compress_inputs(
+            cfg, model=model, train_text=tree_hash(train_text), qa_train=qa_train
+        )
         return prepare(cfg, registry=get_registry(), **kwargs), plan_prefixes(
-            cfg, registry=get_registry(), **kwargs
+            cfg, inputs=inputs, seed=0, registry=get_registry()
         )
 
     both, planned = bench("both")

@@ -182,17 +182,19 @@ def calibration_windows(
     return windows
 
 
-def calibration_inputs(
-    cfg: CompressParams, qa_train: Path | None, prompt_format: PromptFormat
+def compress_inputs(
+    cfg: CompressParams, *, model: Path, train_text: str, qa_train: Path | None
 ) -> dict[str, str]:
-    """What the calibration and distillation read besides the model and the training
-    text: the pairs' hash where the source draws on them."""
-    source = calibration_source(cfg.calibration, prompt_format)
-    if source == "train_text":
-        return {}
-    if qa_train is None:
-        raise ValueError(f"calibration source {source}: needs qa_train")
-    return {"qa_train": tree_hash(qa_train)}
+    """What a compress run's caches key on, by content: the finetuned ``model``, the
+    training text (its hash, ``train_text``) and, where the calibration source draws on
+    them, the pairs of ``qa_train``, which calibration and distillation then read."""
+    inputs = {"model": tree_hash(model), "train_text": train_text}
+    source = calibration_source(cfg.calibration, prompt_format_of(model))
+    if source != "train_text":
+        if qa_train is None:
+            raise ValueError(f"calibration source {source}: needs qa_train")
+        inputs["qa_train"] = tree_hash(qa_train)
+    return inputs
 
 
 # ------------------------------------------------------------------------ prefix cache
@@ -356,23 +358,13 @@ def shared_prefixes(keys: dict[str, list[str]]) -> set[str]:
 
 
 def plan_prefixes(
-    cfg: CompressParams,
-    *,
-    model: Path,
-    train_text: Path,
-    seed: int,
-    registry: Registry,
-    qa_train: Path | None = None,
+    cfg: CompressParams, *, inputs: dict[str, str], seed: int, registry: Registry
 ) -> dict[str, list[str]]:
-    """Each variant's prefix keys, without loading the model (for schedulers)."""
+    """Each variant's prefix keys from the run's ``inputs`` (:func:`compress_inputs`),
+    without loading the model (for schedulers)."""
     plans = {
         name: [(step, registry.create(step.kind, step.strategy, step.options)) for step in steps]
         for name, steps in cfg.variants.items()
-    }
-    inputs = {
-        "model": tree_hash(model),
-        "train_text": tree_hash(train_text),
-        **calibration_inputs(cfg, qa_train, prompt_format_of(model)),
     }
     return {name: prefix_keys(cfg, plan, inputs, seed, registry) for name, plan in plans.items()}
 
@@ -452,11 +444,7 @@ def prepare(
         stream=stream,
         calibration=calibration,
         plans=plans,
-        inputs={
-            "model": tree_hash(model),
-            "train_text": corpus.sha256,
-            **calibration_inputs(cfg, qa_train, prompt_format),
-        },
+        inputs=compress_inputs(cfg, model=model, train_text=corpus.sha256, qa_train=qa_train),
         calibration_source=calibration_source(cfg.calibration, prompt_format),
         conversations=conversations,
     )
