@@ -37,11 +37,12 @@ if TYPE_CHECKING:
 ENCODER_TOKENS = {"mask_token": "<|mask|>", "cls_token": "<|cls|>", "sep_token": "<|sep|>"}
 
 
-def _stream_long_enough(stream: torch.Tensor, seq_len: int) -> None:
+def _stream_long_enough(stream: torch.Tensor, ctx: PretrainContext) -> None:
+    seq_len = ctx.seq_len
     if stream.numel() < seq_len + 1:
         raise DataError(
             f"data.train_text: {stream.numel()} tokens is fewer than one sequence of "
-            f"{seq_len + 1}; give more text or lower pretrain.train.seq_len"
+            f"{seq_len + 1}; give more text or lower {ctx.key}.seq_len"
         )
 
 
@@ -68,7 +69,7 @@ class CausalLM:
 
         stream = ctx.token_ids()  # (N,), memory-mapped, uint16 or uint32
         seq_len = ctx.seq_len
-        _stream_long_enough(stream, seq_len)
+        _stream_long_enough(stream, ctx)
 
         def windows(starts: list[int]) -> dict[str, torch.Tensor]:
             input_ids = torch.stack([stream[s : s + seq_len] for s in starts]).long()  # (B, T)
@@ -129,7 +130,7 @@ class MaskedLM:
 
         stream = ctx.token_ids()  # (N,), memory-mapped, uint16 or uint32
         seq_len = ctx.seq_len
-        _stream_long_enough(stream, seq_len)
+        _stream_long_enough(stream, ctx)
         collator = self.collator(ctx.tokenizer)
         special = torch.tensor(ctx.tokenizer.all_special_ids)
 

@@ -287,6 +287,112 @@ def test_gguf_source_runs_the_pretrain_stage(
     }
 
 
+# ------------------------------------------------------------------ continued pretraining
+
+
+def held_out_loss(model, tokenizer, text: str, seq_len: int = 32) -> float:
+    """The mean next-token loss over consecutive windows of ``text``."""
+    import torch
+
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    windows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)  # (W, T)
+    with torch.no_grad():
+        return model(input_ids=windows, labels=windows).loss.item()
+
+
+def test_continued_pretraining_trains_the_source_further_on_the_prose(
+    workspace, hf_source, tiny_pretrained
+):
+    from unbottle.core.config.schema import Params
+    from unbottle.core.models.loading import load_model
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
+
+    model, tokenizer = tiny_pretrained
+    layout = Layout(workspace)
+    raw = params_with_source({"path": str(hf_source)})
+    # One step of a vanishing learning rate: the run starts from the source's weights.
+    raw["pretrain"]["continued"] = {"steps": 1, "batch_size": 4, "seq_len": 32, "lr": 1e-9}
+    start = run_stage("pretrain", Params.model_validate(raw), layout)
+    assert same_logits(start.out_dir, model, tokenizer)
+
+    raw["pretrain"]["continued"].update(steps=30, lr=3e-3, log_every=5)
+    params = Params.model_validate(raw)
+    result = run_stage("pretrain", params, layout)
+    assert not result.skipped  # continued's settings are the stage's
+    trained, saved = load_model(result.out_dir)
+    assert saved.get_vocab() == tokenizer.get_vocab()  # the source's tokenizer, kept
+    held_out = (workspace / "data" / "corpus" / "valid.txt").read_text()
+    before = held_out_loss(model, tokenizer, held_out)
+    after = held_out_loss(trained, saved, held_out)
+    assert after < before - 1.0, (before, after)  # from ln(320) = 5.8 for random weights
+
+    metrics = result.metrics
+    assert metrics["train_tokens"] == 30 * 4 * 32
+    assert metrics["epochs"] == pytest.approx(30 * 4 * 32 / metrics["corpus_tokens"])
+    curve = layout.plot_file("pretrain_loss").read_text().splitlines()
+    assert curve[0] == "step,loss" and len(curve) == 1 + 30
+    manifest = read_manifest(result.out_dir)
+    assert manifest["source"]["sha256"] == manifest["inputs"]["source"]
+    assert set(manifest["inputs"]) == {"source", "train_text"}
+    assert manifest["config"]["continued"]["lr"] == 3e-3
+    assert manifest["strategies"]["objective"]["name"] == "clm"
+    assert run_stage("pretrain", params, layout).skipped
+
+    # Finetuning starts from the trained model.
+    assert run_stage("finetune", params, layout).metrics["train_pairs"] > 0
+
+
+@pytest.mark.parametrize("kind", ["hf", "gguf"])
+def test_continued_pretraining_longer_than_the_source_context_fails_before_any_work(
+    workspace, hf_source, gguf_source, tmp_path, kind, monkeypatch
+):
+    from unbottle.core.models.sources import converted_gguf
+
+    monkeypatch.setenv("UNBOTTLE_CACHE_DIR", str(tmp_path / "cache"))
+    source = hf_source if kind == "hf" else gguf_source
+    if kind == "gguf":
+        # Its context is known once it is converted (converting prints progress, so it is
+        # done here): the stage checks it after the cached conversion, before the weights.
+        converted_gguf(gguf_source, cache=tmp_path / "cache")
+    before = previous_artifact(workspace, "pretrain")
+    result = run_cli(
+        "stage",
+        "pretrain",
+        "-S",
+        f"pretrain.source.path={source}",
+        "-S",
+        "pretrain.continued.seq_len=256",
+        cwd=workspace,
+    )
+    assert_one_line_error(
+        result,
+        r"pretrain\.continued\.seq_len: 256 is longer than the model's context \(128\); "
+        r"use at most 128$",
+    )
+    assert file_hashes(workspace / "artifacts" / "pretrain", exclude=()) == before
+
+
+def test_continued_pretraining_checks_its_own_strategies(workspace, hf_source):
+    result = run_cli(
+        "stage",
+        "pretrain",
+        "-S",
+        f"pretrain.source.path={hf_source}",
+        "-S",
+        "pretrain.continued.optimizer=lamb",
+        cwd=workspace,
+    )
+    assert_one_line_error(result, r"^error: pretrain\.continued\.optimizer: Unknown optimizer")
+
+
+def test_continued_pretraining_without_a_source_is_refused(workspace):
+    result = run_cli("stage", "pretrain", "-S", "pretrain.continued.steps=5", cwd=workspace)
+    assert_one_line_error(
+        result, r"pretrain\.continued: trains a pretrained `source` further, and no source is set; "
+    )
+
+
 @pytest.mark.parametrize(
     ("source", "pattern"),
     [

@@ -156,6 +156,21 @@ class TrainParams(Section):
     memory_check: bool = True
 
 
+class ContinuedTrainParams(TrainParams):
+    """Training a pretrained ``pretrain.source`` further on ``data.train_text`` (continued,
+    or domain-adaptive, pretraining): :class:`TrainParams` with defaults for a model that
+    has already learnt language. A from-scratch learning rate (3e-3) would undo much of
+    what it knows; 1e-4 is the order continued pretraining uses (Gururangan et al., "Don't
+    Stop Pretraining", ACL 2020, trained RoBERTa further at 1e-4)."""
+
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(256, ge=8)
+    lr: float = Field(1e-4, gt=0, le=10)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
 class SourceParams(Section):
     """A pretrained model to start from instead of pretraining (core/models/sources.py).
 
@@ -210,9 +225,22 @@ class PretrainParams(Section):
     train: TrainParams = TrainParams()
     # What pretraining optimises (a plugin kind): clm, mlm, nsp, ...
     objective: StrategyRef = StrategyRef(name="clm")
-    # A pretrained model to start from: the stage then converts or copies it and trains
-    # nothing (tokenizer, model, train and objective are unused). None: pretrain from scratch.
+    # A pretrained model to start from: the stage converts or copies it, and trains it
+    # further only if `continued` says how (tokenizer, model and train are then unused).
+    # None: pretrain from scratch.
     source: SourceParams | None = None
+    # With a source: continued pretraining of it on data.train_text, on `objective` (a
+    # causal one); None: the source is the stage's artifact as it is.
+    continued: ContinuedTrainParams | None = None
+
+    @model_validator(mode="after")
+    def _continues_a_source(self) -> PretrainParams:
+        if self.continued is not None and self.source is None:
+            raise ValueError(
+                "continued: trains a pretrained `source` further, and no source is set; "
+                "set pretrain.source, or drop `continued` (pretrain.train trains from scratch)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fits_context(self) -> PretrainParams:

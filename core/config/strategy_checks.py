@@ -49,6 +49,8 @@ def _refs_at(params: Params, path: str, kind: str) -> Iterator[StrategyPlace]:
     node: Any = params
     for part in path.removesuffix("[]").split("."):
         node = getattr(node, part)
+        if node is None:  # an optional section left out (pretrain.continued)
+            return
     if path.endswith("[]"):
         base = path.removesuffix("[]")
         for i, ref in enumerate(node):
@@ -80,8 +82,9 @@ def check_objective(params: Params, registry: Any) -> None:
         if objective.model_kind != "causal":
             raise ConfigError(
                 f"pretrain.objective: {cfg.objective.name} trains an {objective.model_kind} "
-                "from scratch, but pretrain.source is set (a pretrained causal LM, not "
-                "trained); remove pretrain.source or use a causal objective such as clm"
+                "from scratch, but pretrain.source is set (a pretrained causal LM, which "
+                "pretrain.continued trains further on a causal objective); remove "
+                "pretrain.source or use a causal objective such as clm"
             )
         return
     architecture = cfg.model.architecture

@@ -54,13 +54,17 @@ KINDS: dict[str, Kind] = {
             "parallelism strategy",
             "register_parallelism",
             s.ParallelismStrategy,
-            params=("pretrain.train.parallelism", "finetune.train.parallelism"),
+            params=(
+                "pretrain.train.parallelism",
+                "pretrain.continued.parallelism",
+                "finetune.train.parallelism",
+            ),
             doc="""Register training-parallelism strategies (protocol ``ParallelismStrategy``).
 
     Called once at plugin load. A strategy builds the ``accelerate.Accelerator`` that the
     pretrain and finetune loops run through, so data, model or hybrid parallelism plug in
-    without changing the loop. Chosen by ``pretrain.train.parallelism`` and
-    ``finetune.train.parallelism`` in params.yaml.
+    without changing the loop. Chosen by ``pretrain.train.parallelism`` (or
+    ``pretrain.continued.parallelism``) and ``finetune.train.parallelism`` in params.yaml.
     """,
         ),
         Kind(
@@ -68,12 +72,16 @@ KINDS: dict[str, Kind] = {
             "optimizer",
             "register_optimizers",
             s.OptimizerStrategy,
-            params=("pretrain.train.optimizer", "finetune.train.optimizer"),
+            params=(
+                "pretrain.train.optimizer",
+                "pretrain.continued.optimizer",
+                "finetune.train.optimizer",
+            ),
             doc="""Register optimizers (protocol ``OptimizerStrategy``).
 
     A strategy turns the trainable parameters and a learning rate into a
-    ``torch.optim.Optimizer``. Chosen by ``pretrain.train.optimizer`` and
-    ``finetune.train.optimizer``.
+    ``torch.optim.Optimizer``. Chosen by ``pretrain.train.optimizer`` (or
+    ``pretrain.continued.optimizer``) and ``finetune.train.optimizer``.
     """,
         ),
         Kind(

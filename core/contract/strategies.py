@@ -138,11 +138,14 @@ class FinetuneMethod(Strategy, Protocol):
 
 class PretrainContext:
     """The corpus an objective trains on (or, in ``evaluate``, the held-out text), with
-    the tokenizer the stage trained on it and the run's sequence length and seed.
+    the tokenizer (trained on it by the stage, or a ``pretrain.source``'s own) and the
+    run's sequence length and seed.
 
     ``text`` is a string, or a :class:`~unbottle.core.data.corpus.Corpus` of files (what
     the pretrain stage gives): its documents are then read as they are needed and its
-    token ids mapped from a file, so the corpus need not fit in memory.
+    token ids mapped from a file, so the corpus need not fit in memory. ``key`` is the
+    params section the training settings come from (``pretrain.train``, or
+    ``pretrain.continued`` for a source trained further), for error messages.
     """
 
     def __init__(
@@ -151,11 +154,12 @@ class PretrainContext:
         tokenizer: PreTrainedTokenizerBase,
         seq_len: int,
         seed: int = 0,
+        key: str = "pretrain.train",
     ) -> None:
         from unbottle.core.data.corpus import Corpus
 
         self.corpus = text if isinstance(text, Corpus) else Corpus.of_text(text)
-        self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
+        self.tokenizer, self.seq_len, self.seed, self.key = tokenizer, seq_len, seed, key
         self._token_ids: torch.Tensor | None = None
 
     def __repr__(self) -> str:

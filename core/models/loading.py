@@ -172,6 +172,25 @@ def _load_decompressed(model_dir: Path) -> PreTrainedModel:
     return model
 
 
+def meta_model(model_dir: Path) -> Any:
+    """A weightless (meta-device) model built from ``model_dir/config.json``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        raise DataError(f"{model_dir}: no config.json; rerun the stage that makes it")
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(
+            f"{config_file}: not a model config ({shorten(e, 120)}); rerun the stage that "
+            f"makes {model_dir}"
+        ) from None
+
+
 def check_safetensors(model_dir: Path) -> None:
     """Every ``*.safetensors`` file of a model has a whole header and covers its tensors.
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -423,16 +424,24 @@ def model_dir(source: Source, *, cache: Path | None = None) -> tuple[Path, dict[
 
 
 def load_source(
-    source: Source, *, cache: Path | None = None
+    source: Source,
+    *,
+    cache: Path | None = None,
+    before_load: Callable[[Path], None] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """The source's model (float32) and tokenizer, ready for finetuning, and what was done
-    to get them (the conversion, and special tokens that had to be filled in)."""
+    to get them (the conversion, and special tokens that had to be filled in).
+
+    ``before_load`` is called with the model's Hugging Face directory before its weights
+    are read: a caller checks there what it can refuse on the config alone."""
     from unbottle.core.models.loading import load_model
 
     # A conversion is read from the shared cache: hold it, so that pruning it waits.
     holding = using_cache(cache or cache_root()) if source.kind == "gguf" else nullcontext()
     with holding:
         directory, conversion = model_dir(source, cache=cache)
+        if before_load is not None:
+            before_load(directory)
         try:
             model, tokenizer = load_model(directory)
         except (ValueError, KeyError, OSError) as e:

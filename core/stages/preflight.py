@@ -7,9 +7,9 @@ parse), the upstream artifacts' manifests and safetensors headers, and checks ag
 *shape* of the model the stage will receive, on a weightless (meta-device) copy built from
 the upstream ``config.json``:
 
-- training (pretrain, finetune): precision for this device, the launch the parallelism
-  strategy needs, the batch split over processes and accumulation steps, the context, and
-  the memory estimate;
+- training (pretrain from scratch or continued, finetune): precision for this device, the
+  launch the parallelism strategy needs, the batch split over processes and accumulation
+  steps, the context, and the memory estimate;
 - compress: at least one variant, and each step a strategy can check on the shapes it
   will see (``check_model``: group sizes that divide the layers' inputs, structured
   pruning that leaves something). Steps after one that changes shapes are checked when
@@ -26,11 +26,11 @@ read; a pretrained ``pretrain.source`` then leaves the shape checks to the stage
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from unbottle.core.config.schema import Params, TrainParams
-from unbottle.core.contract.errors import ConfigError, DataError, shorten
+from unbottle.core.contract.errors import ConfigError
+from unbottle.core.models.loading import meta_model
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import Layout
 
@@ -64,6 +64,9 @@ def preflight(
     if name == "pretrain" and from_scratch:
         model = _meta_model_from_params(params)
         check_training(params.pretrain.train, "pretrain.train", model, registry)
+    elif name == "pretrain" and params.pretrain.continued is not None:
+        model = _source_model(params, layout)
+        check_training(params.pretrain.continued, "pretrain.continued", model, registry)
     elif name == "finetune":
         model = _input_model(name, params, layout, planned=planned)
         check_training(params.finetune.train, "finetune.train", model, registry, params)
@@ -80,7 +83,8 @@ def check_data(name: str, params: Params, layout: Layout, registry: Registry) ->
     from unbottle.core.data.prompts import read_pairs
 
     data, path = params.data, layout.resolve
-    if (name == "pretrain" and params.pretrain.source is None) or name == "compress":
+    trains_on_text = params.pretrain.source is None or params.pretrain.continued is not None
+    if (name == "pretrain" and trains_on_text) or name == "compress":
         Corpus(path(data.train_text), "data.train_text").check()
     if name == "finetune" or (name == "compress" and _calibrates_on_pairs(params, layout)):
         read_pairs(path(data.qa_train), "data.qa_train")
@@ -141,30 +145,21 @@ def _meta_model_from_params(params: Params) -> Any:
         )
 
 
+def _source_model(params: Params, layout: Layout) -> Any | None:
+    """A weightless copy of a Hugging Face directory ``pretrain.source``; None for a GGUF
+    file, whose config exists once it is converted (the stage checks it then)."""
+    from unbottle.core.models.sources import locate
+
+    assert params.pretrain.source is not None
+    kind, path = locate(params.pretrain.source, layout.root)
+    return meta_model(path) if kind == "hf" else None
+
+
 def _input_model(name: str, params: Params, layout: Layout, *, planned: bool) -> Any | None:
     """A weightless copy of the model stage ``name`` will load, or None when unknown."""
     if planned:
         return _meta_model_from_params(params) if params.pretrain.source is None else None
     return meta_model(layout.artifact(_MODEL_INPUT[name]))
-
-
-def meta_model(model_dir: Path) -> Any:
-    """A weightless (meta-device) model built from ``model_dir/config.json``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config_file = Path(model_dir) / "config.json"
-    if not config_file.is_file():
-        raise DataError(f"{model_dir}: no config.json; rerun the stage that makes it")
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise DataError(
-            f"{config_file}: not a model config ({shorten(e, 120)}); rerun the stage that "
-            f"makes {model_dir}"
-        ) from None
 
 
 # --------------------------------------------------------------------------- training

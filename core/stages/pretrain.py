@@ -2,14 +2,17 @@
 objective ``pretrain.objective`` names (``clm``: a Llama-style causal LM; ``mlm``, ``nsp``:
 an encoder, whose held-out figures the stage reports, see plugins/objectives.py).
 
-With ``pretrain.source`` set, the stage trains nothing: its artifact is that pretrained
-model (a Hugging Face directory or a converted GGUF file, see core/models/sources.py).
+With ``pretrain.source`` set, the stage starts from that pretrained model (a Hugging
+Face directory or a converted GGUF file, see core/models/sources.py): its artifact is the
+model as released or, with ``pretrain.continued``, the model trained further on
+``data.train_text`` with its own tokenizer (continued pretraining).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from unbottle.core.config.schema import PretrainParams, SourceParams
 from unbottle.core.registry import Registry
@@ -33,11 +36,22 @@ def pretrain(
     """Train tokenizer and model on ``train_text``; write them to ``out_dir``.
 
     An encoder objective is measured on ``valid_text`` (held out) after training. With
-    ``cfg.source`` set, write that pretrained model instead (a relative source path is
-    taken from the workspace ``root``, by default the working directory). The corpus is
+    ``cfg.source`` set, write that pretrained model instead, or with ``cfg.continued`` too,
+    train it further (a relative source path is taken from the workspace ``root``, by
+    default the working directory). The corpus is
     read from disk as it is needed and its token ids kept in a file under
     ``token_cache`` (a temporary file without one; see core/data/corpus.py).
     """
+    if cfg.source is not None and cfg.continued is not None:
+        return continue_source(
+            cfg,
+            train_text=train_text,
+            out_dir=out_dir,
+            seed=seed,
+            registry=registry,
+            root=root or Path.cwd(),
+            token_cache=token_cache,
+        )
     if cfg.source is not None:
         return from_source(cfg, out_dir=out_dir, root=root or Path.cwd())
 
@@ -166,19 +180,124 @@ def from_source(cfg: PretrainParams, *, out_dir: Path, root: Path) -> StageResul
             strategies={},
             inputs={"source": src.sha256},
             metrics=metrics,
-            extra={
-                "source": {
-                    "kind": src.kind,
-                    "path": str(src.path),
-                    "sha256": src.sha256,
-                    **hub_record(cfg.source, src.path),
-                    **done,
-                }
-            },
+            extra={"source": source_record(cfg.source, src, done)},
         )
     barrier()
     # No steps trained: the loss curve dvc.yaml declares is written with its header only.
     return StageResult(out_dir, metrics, plots={"pretrain_loss": []})
+
+
+def continue_source(
+    cfg: PretrainParams,
+    *,
+    train_text: Path,
+    out_dir: Path,
+    seed: int,
+    registry: Registry,
+    root: Path,
+    token_cache: Path | None = None,
+) -> StageResult:
+    """Continued pretraining: the model ``cfg.source`` names, trained further on
+    ``train_text`` for ``cfg.continued`` on ``cfg.objective`` (a causal one), with the
+    source's own tokenizer. The context and the memory are checked on a weightless copy
+    before the weights load."""
+    from unbottle.core.contract.strategies import PretrainContext
+    from unbottle.core.data.corpus import Corpus
+    from unbottle.core.models import sources as sources
+    from unbottle.core.models.loading import meta_model
+    from unbottle.core.training.loop import (
+        check_context,
+        checkpoint_store,
+        estimate_memory,
+        is_main_process,
+        train,
+    )
+
+    assert cfg.source is not None and cfg.continued is not None
+    key = "pretrain.continued"
+    objective = registry.create("objective", cfg.objective.name, cfg.objective.options)
+    src = sources.resolve(cfg.source, root)
+    plan = None
+
+    def check_fits(directory: Path) -> None:
+        nonlocal plan
+        skeleton = meta_model(directory)
+        check_context(skeleton, cfg.continued.seq_len, key)
+        plan = estimate_memory(skeleton, cfg.continued, registry=registry, key=key)
+
+    model, tokenizer, done = sources.load_source(src, before_load=check_fits)
+    corpus = Corpus(train_text, "data.train_text", token_cache=token_cache)
+    ctx = PretrainContext(corpus, tokenizer, cfg.continued.seq_len, seed, key=key)
+    data = objective.batches(ctx)
+    (log.info if is_main_process() else log.debug)(
+        "pretrain: %s %s (%d parameters) trained further on %d documents, %d tokens",
+        src.kind,
+        src.path,
+        sum(p.numel() for p in model.parameters()),
+        corpus.document_count or 0,
+        corpus.token_count or 0,
+    )
+    inputs = {"source": src.sha256, "train_text": corpus.sha256}
+    store = checkpoint_store(
+        cfg.continued,
+        stage="pretrain",
+        out_dir=out_dir,
+        identity={
+            "inputs": inputs,
+            "objective": cfg.objective.model_dump(mode="json"),
+            "seed": seed,
+        },
+    )
+    model, report = train(
+        model,
+        data,
+        cfg.continued,
+        registry=registry,
+        desc="pretrain",
+        key=key,
+        checkpoints=store,
+        memory_estimate=plan,
+        loss_fn=getattr(objective, "loss", None),
+    )
+    metrics = {
+        **report.metrics(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+    }
+    if corpus.token_count:
+        metrics["corpus_tokens"] = corpus.token_count
+        metrics["epochs"] = metrics["train_tokens"] / corpus.token_count
+    save_trained_model(
+        out_dir,
+        model,
+        tokenizer,
+        stage="pretrain",
+        config={
+            "source": cfg.source.model_dump(mode="json"),
+            "continued": cfg.continued.model_dump(mode="json"),
+            "objective": cfg.objective.model_dump(mode="json"),
+        },
+        strategy=("objective", objective.name),
+        train=cfg.continued,
+        registry=registry,
+        inputs=inputs,
+        metrics=metrics,
+        checkpoints=store,
+        extra={"source": source_record(cfg.source, src, done)},
+    )
+    return StageResult(out_dir, metrics, plots={"pretrain_loss": report.curve()})
+
+
+def source_record(source: SourceParams, src: Any, done: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's account of where the model came from: the source, its sha256, a
+    Hub model's revision and commit, and what loading it did (the GGUF conversion)."""
+    return {
+        "kind": src.kind,
+        "path": str(src.path),
+        "sha256": src.sha256,
+        **hub_record(source, src.path),
+        **done,
+    }
 
 
 def hub_record(source: SourceParams, path: Path) -> dict[str, str | None]:
