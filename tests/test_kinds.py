@@ -21,7 +21,10 @@ def test_every_kind_has_its_documented_hook_and_work_methods():
 
 def test_params_name_every_kind_where_the_table_says():
     params = Params.model_validate(
-        {"compress": {"variants": {"v": [{"prune": "magnitude"}, {"quantize": "rtn"}]}}}
+        {
+            "pretrain": {"source": {"path": "model.gguf"}, "continued": {}},
+            "compress": {"variants": {"v": [{"prune": "magnitude"}, {"quantize": "rtn"}]}},
+        }
     )
     places = {(where, kind) for where, kind, _, _ in strategy_refs(params)}
     expected = {

@@ -29,7 +29,11 @@ from unbottle.core.contract.errors import ConfigError
 
 STEPS, EVERY = 12, 3
 PARAMS = copy.deepcopy(TINY_PARAMS)
-PARAMS["pretrain"]["train"].update(steps=STEPS, checkpoint_every=EVERY, keep_checkpoints=1)
+# fp32: a strategy must take one process's steps to float tolerance, which bf16 autocast's
+# rounding (auto's choice on a CPU with native bf16) would blur.
+PARAMS["pretrain"]["train"].update(
+    steps=STEPS, checkpoint_every=EVERY, keep_checkpoints=1, precision="fp32"
+)
 
 # name: (processes, params.yaml's pretrain.train.parallelism)
 STRATEGIES = {

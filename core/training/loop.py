@@ -138,13 +138,31 @@ def resolve_precision(requested: str, key: str = "train") -> tuple[str, str]:
         if torch.cuda.is_bf16_supported():
             return "bf16", "auto: the GPU supports bf16"
         return "fp16", "auto: the GPU lacks bf16, fp16 with a gradient scaler"
-    capability = str(torch.backends.cpu.get_cpu_capability())
-    if "AMX" in capability or "BF16" in capability:
-        return "bf16", f"auto: the CPU has native bf16 ({capability})"
+    native = cpu_bf16_instructions()
+    if native is not None:
+        return "bf16", f"auto: the CPU has native bf16 ({native})"
     return "no", (
-        f"auto: fp32, because this CPU ({capability}) has no native bf16 and emulated bf16 "
-        "autocast made a training step about 20x slower here"
+        "auto: fp32, because this CPU has no native bf16 (AMX or AVX512-BF16) and emulated "
+        "bf16 autocast made a training step about 20x slower on one"
     )
+
+
+def cpu_bf16_instructions() -> str | None:
+    """The CPU's native bf16 matmul instructions ("AMX", "AVX512-BF16"), or None.
+
+    Asked of torch's own CPU feature checks, the ones its oneDNN kernels go by; torch's
+    dispatch capability string says "AVX512" with or without the bf16 extension."""
+    import torch
+
+    def has(check: str) -> bool:
+        probe = getattr(torch.cpu, check, None)  # private in torch 2.x: absent is "no"
+        return bool(probe and probe())
+
+    if has("_is_amx_tile_supported"):
+        return "AMX"
+    if has("_is_avx512_bf16_supported"):
+        return "AVX512-BF16"
+    return None
 
 
 # ------------------------------------------------------------------ processes
