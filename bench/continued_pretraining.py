@@ -74,7 +74,7 @@ def continued_arg(text: str) -> dict[str, Any]:
 def arm_params(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     """The example's params with the reduced settings, three metrics, and for the
     ``continued`` arm, ``pretrain.continued``."""
-    params = flow.project_params(argparse.Namespace(**{**vars(args), "variant": []}))
+    params = flow.project_params(args)
     params.setdefault("evaluate", {})["metrics"] = METRICS
     params.pop("deploy", None)  # not run here
     if arm == "continued":
@@ -179,6 +179,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--from-json", type=Path, help="write the section from a recorded --out; run nothing"
     )
+    parser.set_defaults(variant=[])  # the example's own variants only
     args = parser.parse_args(argv)
     if args.from_json is None:
         flow.check_project_arguments(args)
