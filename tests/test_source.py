@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -425,6 +426,25 @@ def test_a_bad_source_fails_in_one_line_and_keeps_earlier_artifacts(workspace, s
     override = f"pretrain.source.{key}={value}" if value else f"pretrain.source={source}"
     result = run_cli("stage", "pretrain", "-S", override, cwd=workspace)
     assert_one_line_error(result, pattern)
+    assert file_hashes(workspace / "artifacts" / "pretrain", exclude=()) == before
+
+
+def test_a_source_with_a_broken_config_names_the_users_directory_not_a_stage(
+    workspace, hf_source, tmp_path
+):
+    """A user's model directory is not an artifact: no stage can be rerun to mend it."""
+    broken = tmp_path / "broken-source"
+    shutil.copytree(hf_source, broken)
+    (broken / "config.json").write_text('{"model_type": "llama", ', encoding="utf-8")
+    before = previous_artifact(workspace, "pretrain")
+    result = run_cli("stage", "pretrain", "-S", f"pretrain.source.path={broken}", cwd=workspace)
+    assert_one_line_error(
+        result,
+        r"pretrain\.source\.path: .*broken-source/config\.json: not a model config \(.*\); "
+        r"point pretrain\.source at a Hugging Face model directory whose config\.json "
+        r"transformers reads$",
+    )
+    assert "rerun the stage" not in result.stderr
     assert file_hashes(workspace / "artifacts" / "pretrain", exclude=()) == before
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unbottle.core.contract.errors import ConfigError, shorten_path
+from unbottle.core.contract.errors import ConfigError, shorten, shorten_path
 from unbottle.core.store.artifacts import (
     atomic_dir,
     file_hashes,
@@ -176,6 +176,17 @@ def _hf_directory(path: Path, key: str) -> Path:
             f"{key}: {path} is a directory without {', '.join(missing)}; a Hugging "
             "Face model directory holds config.json, model.safetensors and a tokenizer"
         )
+    # Read now, so that a broken config is named as the user's file, not an artifact's.
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise ConfigError(
+            f"{key}: {path / 'config.json'}: not a model config ({shorten(e, 120)}); point "
+            f"{WHERE} at a Hugging Face model directory whose config.json transformers "
+            "reads"
+        ) from None
     return path
 
 
