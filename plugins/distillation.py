@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -106,6 +106,9 @@ class KnowledgeDistillation:
         batch_size: int = Field(8, ge=1)
         seq_len: int = Field(64, ge=8)
         lr: float = Field(1e-3, gt=0)
+        # As a training section's: bf16 rounds the teacher's logits that the KL matches,
+        # which cost a small student accuracy (BENCHMARKS.md, the demo); fp32 keeps them.
+        precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -163,6 +166,7 @@ class KnowledgeDistillation:
             lr=c.lr,
             warmup_steps=min(10, c.steps // 10),
             weight_decay=0.0,
+            precision=c.precision,
             log_every=max(1, c.steps // 5),
         )
         student, _ = train(

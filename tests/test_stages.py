@@ -125,6 +125,45 @@ def test_distilled_variant_is_shallower_and_recovers(run):
     )
 
 
+def test_distillation_trains_in_the_precision_it_names(run, tmp_path, caplog):
+    """kd's ``precision`` reaches its training loop: the loop logs it, and bf16's rounding
+    takes other steps than fp32 from the same teacher, data and seed."""
+    import logging
+
+    import torch
+    from safetensors.torch import load_file
+
+    from unbottle.core.config.schema import CompressParams
+    from unbottle.core.registry import get_registry
+    from unbottle.core.stages.compress import build_variant, prepare
+
+    layout, params = run["layout"], run["params"]
+    kd = {"distill": "kd", "layers": 1, "steps": 3, "batch_size": 2, "seq_len": 32}
+    cfg = CompressParams.model_validate(
+        {
+            "calibration": {"samples": 4, "seq_len": 24},
+            "variants": {p: [{**kd, "precision": p}] for p in ("fp32", "bf16")},
+        }
+    )
+    bench = prepare(
+        cfg,
+        registry=get_registry(),
+        model=layout.artifact("finetune"),
+        train_text=layout.root / params.data.train_text,
+        seed=0,
+    )
+    students = {}
+    for precision in ("fp32", "bf16"):
+        with caplog.at_level(logging.INFO):
+            caplog.clear()
+            build_variant(bench, precision, tmp_path / precision)
+        assert f"distill: precision {precision} (" in caplog.text
+        students[precision] = load_file(tmp_path / precision / "model.safetensors")
+    assert any(
+        not torch.equal(weight, students["bf16"][name]) for name, weight in students["fp32"].items()
+    )
+
+
 def test_compress_records_every_variant_and_step(run):
     out = run["layout"].artifact("compress")
     manifest = verify_artifact(out)
