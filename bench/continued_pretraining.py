@@ -142,7 +142,11 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|",
     ]
     for arm in ARMS:
-        for name, row in arms[arm]["rows"].items():
+        rows = arms[arm]["rows"]
+        # The pipeline's order; a JSON written with sorted keys has lost it.
+        first = [name for name in ("pretrained", "finetuned") if name in rows]
+        for name in first + [name for name in rows if name not in first]:
+            row = rows[name]
             label = {"pretrained": "pretrained (zero-shot)"}.get(name, name)
             cells = " | ".join(cell(key, row.get(key)) for key in KEYS)
             lines.append(f"| {arm} | {label} | {cells} |")
