@@ -76,25 +76,6 @@ def project_params(args: argparse.Namespace) -> dict[str, Any]:
     return base
 
 
-def rows_of(project: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Each model's figures, and each model's first accuracy samples."""
-    report = json.loads((project / "artifacts/evaluate/evaluation.json").read_text("utf-8"))
-    rows = {name: {k: report["variants"][name].get(k) for k in KEYS} for name in report["order"]}
-    samples = {
-        name: [s["prediction"] for s in (per_metric or {}).get("accuracy") or []]
-        for name, per_metric in (report.get("samples") or {}).items()
-    }
-    return rows, samples
-
-
-def cell(key: str, value: Any) -> str:
-    if value is None:
-        return "–"
-    if key in ("accuracy", "empty_answers"):
-        return f"{value:.0%}"
-    return real.fmt(float(value), 3)
-
-
 def markdown(report: dict[str, Any]) -> str:
     host, setup = report["machine"], report["settings"]
     sources = [s for s in SOURCES if s in report["sources"]]
@@ -122,13 +103,13 @@ def markdown(report: dict[str, Any]) -> str:
     tuned = report["sources"][sources[0]]["rows"]["finetuned"]
     lines.append(
         "| finetuned (the reference) | – | "
-        + " | ".join(cell(key, tuned.get(key)) for key in KEYS[1:])
+        + " | ".join(flow.quality_cell(key, tuned.get(key)) for key in KEYS[1:])
         + " |"
     )
     for name in setup["variants"]:
         for source in sources:
             row = report["sources"][source]["rows"].get(name, {})
-            cells = " | ".join(cell(key, row.get(key)) for key in KEYS[1:])
+            cells = " | ".join(flow.quality_cell(key, row.get(key)) for key in KEYS[1:])
             lines.append(f"| {name} | {source} | {cells} |")
     lines += ["", "The first answers to the held-out questions, zero-shot:", ""]
     lines += ["| variant | source | answers |", "|---|---|---|"]
@@ -205,7 +186,7 @@ def main(argv: list[str]) -> int:
             choose = ["-S", f"compress.calibration.source={source}"]
             compressed = run("stage", "compress", *choose, log=f"compress-{source}.log")
             evaluated = run("stage", "evaluate", *choose, log=f"evaluate-{source}.log")
-            rows, samples = rows_of(project)
+            rows, samples = flow.quality_rows(project, KEYS)
             report["sources"][source] = {
                 "rows": rows,
                 "samples": samples,

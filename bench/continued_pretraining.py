@@ -82,25 +82,6 @@ def arm_params(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     return params
 
 
-def rows_of(project: Path) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
-    """Each model's figures, and each model's first accuracy samples."""
-    report = json.loads((project / "artifacts/evaluate/evaluation.json").read_text("utf-8"))
-    rows = {name: {k: report["variants"][name].get(k) for k in KEYS} for name in report["order"]}
-    samples = {
-        name: [s["prediction"] for s in (per_metric or {}).get("accuracy") or []]
-        for name, per_metric in (report.get("samples") or {}).items()
-    }
-    return rows, samples
-
-
-def cell(key: str, value: Any) -> str:
-    if value is None:
-        return "–"
-    if key in ("accuracy", "empty_answers"):
-        return f"{value:.0%}"
-    return real.fmt(float(value), 3)
-
-
 def markdown(report: dict[str, Any]) -> str:
     host, setup = report["machine"], report["settings"]
     arms = report["arms"]
@@ -148,7 +129,7 @@ def markdown(report: dict[str, Any]) -> str:
         for name in first + [name for name in rows if name not in first]:
             row = rows[name]
             label = {"pretrained": "pretrained (zero-shot)"}.get(name, name)
-            cells = " | ".join(cell(key, row.get(key)) for key in KEYS)
+            cells = " | ".join(flow.quality_cell(key, row.get(key)) for key in KEYS)
             lines.append(f"| {arm} | {label} | {cells} |")
     baseline = report.get("majority_answer_accuracy")
     if baseline is not None:
@@ -205,7 +186,7 @@ def run_arm(arm: str, params: dict[str, Any], project: Path, env: dict[str, str]
 
     run("data", "demo", "--out", flow.demo_out(params), log="data.log")
     stages = [{"stage": s, **run("stage", s, log=f"{s}.log")} for s in STAGES]
-    rows, samples = rows_of(project)
+    rows, samples = flow.quality_rows(project, KEYS)
     pretrain = json.loads((project / "metrics/pretrain.json").read_text(encoding="utf-8"))
     return {"stages": stages, "rows": rows, "samples": samples, "pretrain_metrics": pretrain}
 

@@ -186,6 +186,29 @@ def evaluation(project: Path) -> dict[str, Any]:
     }
 
 
+def quality_rows(
+    project: Path, keys: tuple[str, ...]
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """Each evaluated model's ``keys``, in the evaluation's order, and each model's first
+    accuracy predictions (the benchmarks that compare projects by quality read these)."""
+    report = json.loads((project / "artifacts/evaluate/evaluation.json").read_text("utf-8"))
+    rows = {name: {k: report["variants"][name].get(k) for k in keys} for name in report["order"]}
+    samples = {
+        name: [s["prediction"] for s in (per_metric or {}).get("accuracy") or []]
+        for name, per_metric in (report.get("samples") or {}).items()
+    }
+    return rows, samples
+
+
+def quality_cell(key: str, value: Any) -> str:
+    """A table cell: shares as percentages, other figures to 3 decimals, "–" for none."""
+    if value is None:
+        return "–"
+    if key in ("accuracy", "empty_answers"):
+        return f"{value:.0%}"
+    return real.fmt(float(value), 3)
+
+
 def verdicts(
     stages: list[dict[str, Any]], table: dict[str, Any] | None, baseline: float | None
 ) -> dict[str, Any]:
