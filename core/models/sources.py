@@ -126,11 +126,12 @@ def _is_gguf(path: Path, key: str) -> bool:
         raise ConfigError(f"{key}: {shorten_path(path)}: {e.strerror}") from None
 
 
-def locate(cfg: SourceParams, root: Path) -> tuple[str, Path]:
+def locate(cfg: SourceParams, root: Path, *, read_config: bool = True) -> tuple[str, Path]:
     """(kind, path) of a source, with relative paths taken from the workspace ``root``.
 
     Raises a one-line :class:`ConfigError` for a path that does not exist, a directory
-    that is not a Hugging Face model, a file that is not GGUF or a missing package.
+    that is not a Hugging Face model (with ``read_config``, also one whose config.json
+    transformers cannot read), a file that is not GGUF or a missing package.
     """
     if cfg.package is not None:
         try:
@@ -141,7 +142,7 @@ def locate(cfg: SourceParams, root: Path) -> tuple[str, Path]:
     elif cfg.hub is not None:
         snapshot = hub_snapshot(cfg.hub, cfg.revision)
         if cfg.file is None:
-            return "hf", _hf_directory(snapshot, f"{WHERE}.hub")
+            return "hf", _hf_directory(snapshot, f"{WHERE}.hub", read_config)
         path, key = snapshot / cfg.file, f"{WHERE}.file"
         if Path(cfg.file).is_absolute() or not path.is_file():
             shipped = sorted(p.name for p in snapshot.glob("*.gguf"))
@@ -157,7 +158,7 @@ def locate(cfg: SourceParams, root: Path) -> tuple[str, Path]:
         if kind is None:
             raise ConfigError(f"{key}: {path} does not exist")
         if kind == "directory":
-            return "hf", _hf_directory(path, key)
+            return "hf", _hf_directory(path, key, read_config)
     if not path.is_file() or not _is_gguf(path, key):
         raise ConfigError(
             f"{key}: {path} is not a GGUF file (it does not begin with the bytes 'GGUF') "
@@ -166,7 +167,7 @@ def locate(cfg: SourceParams, root: Path) -> tuple[str, Path]:
     return "gguf", path
 
 
-def _hf_directory(path: Path, key: str) -> Path:
+def _hf_directory(path: Path, key: str, read_config: bool) -> Path:
     """``path`` if it holds a Hugging Face model, else a one-line ConfigError."""
     missing = [name for name in HF_FILES if not (path / name).is_file()]
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
@@ -176,6 +177,8 @@ def _hf_directory(path: Path, key: str) -> Path:
             f"{key}: {path} is a directory without {', '.join(missing)}; a Hugging "
             "Face model directory holds config.json, model.safetensors and a tokenizer"
         )
+    if not read_config:
+        return path
     # Read now, so that a broken config is named as the user's file, not an artifact's.
     from transformers import AutoConfig
 

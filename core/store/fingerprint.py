@@ -152,7 +152,9 @@ def source_input(params: Params, layout: Layout) -> dict[str, Path]:
         return {}
     from unbottle.core.models.sources import locate
 
-    return {"source": locate(params.pretrain.source, layout.root)[1]}
+    # Only the files' paths, to hash them: reading the config would import transformers
+    # into the flow's cache-key check, which otherwise never needs it.
+    return {"source": locate(params.pretrain.source, layout.root, read_config=False)[1]}
 
 
 def held_out_input(params: Params, layout: Layout, registry: Registry | None) -> dict[str, Path]:
