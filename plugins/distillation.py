@@ -22,7 +22,7 @@ import copy
 import math
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from unbottle import CompressContext, ConfigError, StrategyConfig, hookimpl
 from unbottle.compression import find_decoder_blocks
@@ -109,6 +109,17 @@ class KnowledgeDistillation:
         # As a training section's `precision`: auto is bf16 on a CPU or GPU with native
         # bf16, which a small student may train slower in (bench/cpu_bf16.py).
         precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+        @field_validator("precision")
+        @classmethod
+        def _device_has_it(cls, value: str) -> str:
+            # The training loop refuses it too, but only once this step is reached.
+            if value == "fp16":
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise ValueError("fp16 needs a CUDA GPU; use fp32 or auto on a CPU")
+            return value
 
     def __init__(self, config: Config) -> None:
         self.config = config

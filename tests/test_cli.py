@@ -56,6 +56,26 @@ def test_unknown_stage_and_unknown_compress_strategy(workspace):
     assert_one_line_error(result, r"compress\.variants\.x\[0\]: Unknown pruning strategy 'foo'")
 
 
+def test_a_distillation_precision_the_device_lacks_fails_before_any_work(workspace):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on a GPU")
+    result = run_cli(
+        "stage",
+        "compress",
+        "-S",
+        "compress.variants.kd=[{distill: kd, layers: 1, precision: fp16}]",
+        cwd=workspace,
+    )
+    assert_one_line_error(
+        result,
+        r"compress\.variants\.kd\[0\]\.precision: fp16 needs a CUDA GPU; use fp32 or auto on a "
+        r"CPU$",
+    )
+    assert not (workspace / "artifacts" / "compress").exists()
+
+
 def test_malformed_data_is_named_with_its_line(workspace):
     (workspace / "data/qa/train.jsonl").write_text('{"question": "q?", "answer": "a"}\nnot json\n')
     previous_artifact(workspace, "pretrain")
