@@ -24,7 +24,11 @@ pairs every two bundles the same way. The JSON keeps every round.
 Every DIR is a bundle the serving engine loads (``bench/decode_real.py`` caches its
 builds under ``$UNBOTTLE_CACHE_DIR/decode_real/``); the first is the reference. Torch
 runs on ``--threads`` for a torch bundle and on one thread beside ONNX Runtime, as
-``unbottle serve`` sets it.
+``unbottle serve`` sets it. ``--file-mapped NAME`` loads that float (``hf``) bundle with
+its weights left in the safetensors file's memory mapping, as transformers leaves them,
+where unbottle copies them into the process's memory (``loading.into_process_memory``):
+
+    .venv/bin/python bench/decode_ab.py copied=DIR mapped=DIR --file-mapped mapped
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 import compress_real as real
 from decode_real import (
@@ -80,16 +85,27 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--file-mapped",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a float bundle whose weights stay in the file's mapping, as transformers loads",
+    )
     add_pages_option(parser)
     args = parser.parse_args(argv)
     decode_on_chosen_pages(args)
     real.require_at_least_one(args, "rounds", "threads", "prompt_tokens", "new_tokens")
     bundles = parse_bundles(args.bundles)
+    for name in args.file_mapped:
+        if name not in bundles or not (bundles[name] / "model.safetensors").is_file():
+            real.fail(f"--file-mapped {name}: name a float bundle (model.safetensors) given")
 
     import torch
     from transformers import AutoTokenizer
 
     from unbottle.core.huge_pages import huge_page_bytes
+    from unbottle.core.models import loading
     from unbottle.core.serving.engine import TorchBackend, load_backend
     from unbottle.plugins.metrics import (
         memory_bandwidth,
@@ -109,7 +125,11 @@ def main(argv: list[str]) -> int:
             decoders[name] = (1, functools.partial(genai_decode, model))
             bytes_per_token[name] = onnx_bytes_per_token(path / "model.onnx")
             continue
-        backend = load_backend(path, args.threads)
+        if name in args.file_mapped:
+            with mock.patch.object(loading, "into_process_memory", lambda model: None):
+                backend = load_backend(path, args.threads)
+        else:
+            backend = load_backend(path, args.threads)
         torch_threads = args.threads if isinstance(backend, TorchBackend) else 1
         decoders[name] = (torch_threads, functools.partial(engine_decode, backend))
         bytes_per_token[name] = (

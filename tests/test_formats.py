@@ -106,6 +106,38 @@ def card_library(bundle: Path) -> str | None:
     return lines[0].split(":", 1)[1].strip() if lines else None
 
 
+# ------------------------------------------------------- weights in the process's memory
+
+
+def file_mapped(tensor: torch.Tensor) -> str | None:
+    """The file whose memory mapping holds ``tensor``'s data, or None (process memory)."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps", encoding="ascii") as maps:
+        for line in maps:
+            span, _, _, _, inode, *path = line.split()
+            low, high = (int(x, 16) for x in span.split("-"))
+            if low <= address < high:
+                return path[0] if inode != "0" and path else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc maps")
+def test_loaded_weights_live_in_process_memory_not_in_the_files_pages(float_dir, asym32):
+    from unbottle.core.models.loading import load_model
+
+    # What the copy is for: transformers leaves the weights in the safetensors file's
+    # mapping, page cache that huge pages never back.
+    plain = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    assert str(file_mapped(plain.model.embed_tokens.weight)).endswith("model.safetensors")
+    for model, _ in (load_model(float_dir), load_packed(asym32)):
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        in_files = {name: file_mapped(t) for name, t in tensors.items() if file_mapped(t)}
+        assert not in_files
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    dense, _ = load_model(float_dir)
+    assert torch.equal(logits(dense), logits(plain))
+
+
 # --------------------------------------------------- item 2: compressed-tensors checkpoint
 
 
