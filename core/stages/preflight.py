@@ -177,7 +177,7 @@ def check_training(
         world_size,
     )
 
-    resolve_precision(cfg.precision, key)
+    resolve_precision(cfg.precision, key, model)
     parallel = registry.create("parallelism", cfg.parallelism.name, cfg.parallelism.options)
     check_launch = getattr(parallel, "check_launch", None)
     if check_launch is not None:  # optional for third-party strategies

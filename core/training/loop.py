@@ -119,10 +119,20 @@ class Batches:
     seed: int
 
 
-def resolve_precision(requested: str, key: str = "train") -> tuple[str, str]:
+#: On a CPU, ``precision: auto`` picks bf16 only for models at least this wide (hidden
+#: size). Narrower ones trained hardly faster in bf16 than in fp32, if at all, on a CPU
+#: with AMX: 0.82x at the demo's 128, 0.97x at 256, 1.08x at 384, against 1.24x at 512
+#: and 1.66x at 768 (bench/cpu_bf16.py, BENCHMARKS.md): their matmuls are too small to
+#: pay for autocast's casts, and the demo's tiny model scored lower in bf16.
+CPU_BF16_MIN_WIDTH = 512
+
+
+def resolve_precision(requested: str, key: str = "train", model: Any = None) -> tuple[str, str]:
     """Pick accelerate's mixed-precision mode for this device, and say why.
 
-    ``key`` names the params section in error messages (``finetune.train``)."""
+    ``key`` names the params section in error messages (``finetune.train``). ``model``
+    (its config's ``hidden_size``) lets ``auto`` keep a narrow model in fp32 on a CPU,
+    where bf16 does not pay for it (:data:`CPU_BF16_MIN_WIDTH`)."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -139,6 +149,13 @@ def resolve_precision(requested: str, key: str = "train") -> tuple[str, str]:
             return "bf16", "auto: the GPU supports bf16"
         return "fp16", "auto: the GPU lacks bf16, fp16 with a gradient scaler"
     native = cpu_bf16_instructions()
+    width = getattr(getattr(model, "config", None), "hidden_size", None)
+    if native is not None and isinstance(width, int) and width < CPU_BF16_MIN_WIDTH:
+        return "no", (
+            f"auto: fp32, because the model's hidden size ({width}) is below "
+            f"{CPU_BF16_MIN_WIDTH}: on a CPU, bf16 autocast trains models that narrow no "
+            "faster than fp32"
+        )
     if native is not None:
         return "bf16", f"auto: the CPU has native bf16 ({native})"
     return "no", (
@@ -309,7 +326,7 @@ def estimate_memory(
     from unbottle.core.training import memory
 
     processes = processes or world_size()
-    mixed_precision, _ = resolve_precision(cfg.precision, key)
+    mixed_precision, _ = resolve_precision(cfg.precision, key, model)
     parallel = registry.create("parallelism", cfg.parallelism.name, cfg.parallelism.options)
     check_model = getattr(parallel, "check_model", None)
     if check_model is not None:  # a model-parallel strategy: mesh and shapes first
@@ -436,7 +453,7 @@ def _setup(
     memory_estimate: MemoryEstimate | None,
 ) -> _Run:
     """Check everything that can be wrong with the run, then build accelerator and optimizer."""
-    mixed_precision, reason = resolve_precision(cfg.precision, key)
+    mixed_precision, reason = resolve_precision(cfg.precision, key, model)
     parallel = registry.create("parallelism", cfg.parallelism.name, cfg.parallelism.options)
     # A model-parallel strategy (ModelParallelStrategy) shards the model itself.
     sharding = hasattr(parallel, "parallelize")
