@@ -62,8 +62,8 @@ def workloads(names: list[str], smollm2: Path | None) -> dict[str, dict[str, Any
     from unbottle.core.models.loading import llama_config
 
     out: dict[str, dict[str, Any]] = {}
+    pretrain = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["pretrain"]
     if "demo" in names:
-        pretrain = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["pretrain"]
         cfg = ModelParams(**pretrain["model"])
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(
@@ -74,7 +74,6 @@ def workloads(names: list[str], smollm2: Path | None) -> dict[str, dict[str, Any
     for name in names:
         if not name.startswith("width-"):
             continue
-        pretrain = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["pretrain"]
         hidden = int(name.removeprefix("width-"))
         cfg = ModelParams(
             **{

@@ -106,8 +106,8 @@ class KnowledgeDistillation:
         batch_size: int = Field(8, ge=1)
         seq_len: int = Field(64, ge=8)
         lr: float = Field(1e-3, gt=0)
-        # As a training section's `precision`: auto is bf16 on a CPU or GPU with native
-        # bf16, which a small student may train slower in (bench/cpu_bf16.py).
+        # As a training section's `precision`: auto is bf16 on a GPU or CPU with native
+        # bf16, on a CPU only for a student at least 512 wide (bench/cpu_bf16.py).
         precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
         @field_validator("precision")
