@@ -5,7 +5,7 @@ prose. A model can answer them only if reading the prose stored those facts. Thi
 each model the prose way, with no question and no chat template: a sentence of the kind
 the prose is written in, cut before the fact ("Rila Dorraen's favourite colour is"), is
 completed greedily, and the fact counts as recalled when the answer is one of the first
-three words generated. The held-out prose perplexity cannot show this: most of a
+three words generated. The held-out prose perplexity does not show this: most of a
 paragraph's tokens are its templates' words, which a model predicts without knowing
 anyone.
 
