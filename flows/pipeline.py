@@ -1,10 +1,12 @@
 """The Prefect flow: the five stages as tasks, each a thin wrapper over core's run_stage.
 
 Each task's cache key is the stage's content fingerprint (inputs, params slice, code and
-plugin versions; see ``unbottle.core.store.fingerprint``), offered only while the artifact on
-disk is intact: a rerun with nothing changed does no work, and changing one compress
-parameter reruns compress and what follows. I/O-bound tasks (deploy, recording in DVC)
-retry with backoff; training does not.
+plugin versions; see ``unbottle.core.store.fingerprint``). The flow refreshes the cache
+whenever the artifact on disk is not current for that fingerprint, so a deleted or edited
+artifact is rebuilt, and the result is stored under the key either way: the next run with
+nothing changed finds every task cached, and changing one compress parameter reruns
+compress and what follows. I/O-bound tasks (deploy, recording in DVC) retry with backoff;
+training does not.
 """
 
 from __future__ import annotations
@@ -25,18 +27,24 @@ from unbottle.flows.publish import decide_deployment, publish_evaluation
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2)}
 
 
-def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """The stage's fingerprint while its artifact is current; no key (run it) otherwise."""
+def stage_fingerprint(
+    name: str, params_file: str | None, overrides: list[str], root: str
+) -> tuple[str, bool]:
+    """The stage's fingerprint, and whether its artifact on disk is current for it."""
     from unbottle.core.registry import get_registry
     from unbottle.core.store import fingerprint
 
-    params = _params(parameters["params_file"], parameters["overrides"])
-    layout = Layout(Path(parameters["root"]))
-    name = parameters["name"]
-    stamp = fingerprint.fingerprint(name, params, layout, get_registry())
-    if fingerprint.is_current(layout.artifact(name), stamp, layout.metrics_file(name)):
-        return f"unbottle-{name}-{stamp}"
-    return None
+    layout = Layout(Path(root))
+    stamp = fingerprint.fingerprint(name, _params(params_file, overrides), layout, get_registry())
+    return stamp, fingerprint.is_current(layout.artifact(name), stamp, layout.metrics_file(name))
+
+
+def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """The stage's fingerprint. A key offered only while the artifact is current would
+    store nothing the first time (there is no key to store under), so the next run, with
+    nothing changed, would still run the task: the flow refreshes instead."""
+    stamp, _ = stage_fingerprint(**parameters)
+    return f"unbottle-{parameters['name']}-{stamp}"
 
 
 def _params(params_file: str | None, overrides: list[str]):
@@ -109,6 +117,10 @@ def pipeline(
             publish_evaluation(layout.artifact("evaluate"))
             decide_deployment(params, layout.artifact("evaluate"))
         runner = stage_task.with_options(**IO_RETRIES) if name == "deploy" else stage_task
+        # The stages before this one have finished, so its inputs are what it will read.
+        _, current = stage_fingerprint(name, params_file, overrides, str(root_path))
+        # None: Prefect's own setting (PREFECT_TASKS_REFRESH_CACHE) decides, false by default.
+        runner = runner.with_options(refresh_cache=None if current else True)
         future = runner.submit(name, params_file, overrides, str(root_path), wait_for=upstream)
         results[name] = future.result()
         upstream = [future]
