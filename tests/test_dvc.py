@@ -134,7 +134,8 @@ def test_flow_run_then_repro_experiments_and_a_remote_round_trip(dvc_repo, tmp_p
     )
 
     # A second run of the flow finds each current stage's result in Prefect's cache, so
-    # that task does not run; a deleted artifact is rebuilt though its key is cached.
+    # that task does not run; a deleted artifact is rebuilt though its key is cached (and
+    # pushed: the clone below pulls it).
     shutil.rmtree(root / "artifacts" / "deploy")
     again = sh(sys.executable, "-m", "unbottle", "run", "--push", cwd=root, timeout=600)
     assert again.count("Finished in state Cached") == 4, again
