@@ -1,12 +1,12 @@
 """The Prefect flow: the five stages as tasks, each a thin wrapper over core's run_stage.
 
 Each task's cache key is the stage's content fingerprint (inputs, params slice, code and
-plugin versions; see ``unbottle.core.store.fingerprint``). The flow refreshes the cache
-whenever the artifact on disk is not current for that fingerprint, so a deleted or edited
-artifact is rebuilt, and the result is stored under the key either way: the next run with
-nothing changed finds every task cached, and changing one compress parameter reruns
-compress and what follows. I/O-bound tasks (deploy, recording in DVC) retry with backoff;
-training does not.
+plugin versions; see ``unbottle.core.store.fingerprint``). The flows submit through
+``submit_stage``, which refreshes the cache whenever the artifact on disk is not current
+for that fingerprint, so a deleted or edited artifact is rebuilt, and stores the result
+under the key either way: the next run with nothing changed finds every task cached, and
+changing one compress parameter reruns compress and what follows. I/O-bound tasks (deploy,
+recording in DVC) retry with backoff; training does not.
 """
 
 from __future__ import annotations
@@ -39,12 +39,31 @@ def stage_fingerprint(
     return stamp, fingerprint.is_current(layout.artifact(name), stamp, layout.metrics_file(name))
 
 
-def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """The stage's fingerprint. A key offered only while the artifact is current would
-    store nothing the first time (there is no key to store under), so the next run, with
-    nothing changed, would still run the task: the flow refreshes instead."""
-    stamp, _ = stage_fingerprint(**parameters)
-    return f"unbottle-{parameters['name']}-{stamp}"
+def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """The stage's fingerprint while its artifact is current; no key (run it) otherwise.
+
+    Safe for a direct ``stage_task`` call, but such a run stores its result under no key:
+    the flows submit through :func:`submit_stage`, which stores it under the fingerprint."""
+    stamp, current = stage_fingerprint(**parameters)
+    return f"unbottle-{parameters['name']}-{stamp}" if current else None
+
+
+def submit_stage(
+    runner: Any, name: str, params_file: str | None, overrides: list[str], root: str, **submit
+) -> Any:
+    """Submit stage task ``runner`` with its result stored under the stage's fingerprint
+    whether it runs or not, so the next run with nothing changed finds it cached; when the
+    artifact on disk is not current the cache is refreshed, so a deleted or edited
+    artifact is rebuilt. Call it once the stages before have finished: the fingerprint
+    hashes what they wrote."""
+    stamp, current = stage_fingerprint(name, params_file, overrides, root)
+    key = f"unbottle-{name}-{stamp}"
+    runner = runner.with_options(
+        cache_key_fn=lambda context, parameters: key,
+        # None: Prefect's own setting (PREFECT_TASKS_REFRESH_CACHE) decides, false by default.
+        refresh_cache=None if current else True,
+    )
+    return runner.submit(name, params_file, overrides, root, **submit)
 
 
 def _params(params_file: str | None, overrides: list[str]):
@@ -117,11 +136,9 @@ def pipeline(
             publish_evaluation(layout.artifact("evaluate"))
             decide_deployment(params, layout.artifact("evaluate"))
         runner = stage_task.with_options(**IO_RETRIES) if name == "deploy" else stage_task
-        # The stages before this one have finished, so its inputs are what it will read.
-        _, current = stage_fingerprint(name, params_file, overrides, str(root_path))
-        # None: Prefect's own setting (PREFECT_TASKS_REFRESH_CACHE) decides, false by default.
-        runner = runner.with_options(refresh_cache=None if current else True)
-        future = runner.submit(name, params_file, overrides, str(root_path), wait_for=upstream)
+        future = submit_stage(
+            runner, name, params_file, overrides, str(root_path), wait_for=upstream
+        )
         results[name] = future.result()
         upstream = [future]
 

@@ -156,7 +156,7 @@ def sweep(
     from unbottle.core.stages.evaluate import PRETRAINED, write_evaluation
     from unbottle.core.stages.runner import setup
     from unbottle.core.store.artifacts import atomic_dir, tree_hash
-    from unbottle.flows.pipeline import stage_task
+    from unbottle.flows.pipeline import stage_task, submit_stage
     from unbottle.flows.publish import decide_deployment, publish_evaluation
 
     logger = get_run_logger()
@@ -172,7 +172,7 @@ def sweep(
 
     upstream: list[Any] = []
     for stage in ("pretrain", "finetune"):
-        future = stage_task.submit(stage, *args, wait_for=upstream)
+        future = submit_stage(stage_task, stage, *args, wait_for=upstream)
         future.result()
         upstream = [future]
 
