@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 
@@ -47,6 +48,17 @@ def stamped_workspace(tmp_path, tiny_data):
         )
         write_json_atomic(layout.metrics_file(stage), {})
     return root
+
+
+def task_run_states(flow_state) -> dict[str, str]:
+    """The name of each task run of a finished flow run, and the name of its final state,
+    as the Prefect server recorded them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        return {run.name: run.state.name for run in client.read_task_runs(flow_run_filter=flow_run)}
 
 
 @pytest.mark.slow
@@ -100,6 +112,19 @@ def test_sweep_maps_variants_over_a_dask_cluster_and_reuses_the_shared_prefix(
     published = Artifact.get(key="unbottle-sweep")
     assert published is not None and data["table"] in published.data
     assert not (root / "artifacts/deploy").exists()
+
+    # Again on the default runner, with finetune's artifact deleted. The first run stored
+    # both stage tasks' results under their fingerprints: pretrain's artifact is current and
+    # its task comes from Prefect's cache; finetune's key is the same, but its artifact is
+    # gone, so the task runs and trains it again (a cached result would leave compress
+    # without a model).
+    shutil.rmtree(root / "artifacts/finetune")
+    again = sweep(params_file=str(root / "params.yaml"), root=str(root), return_state=True)
+    assert again.is_completed(), again
+    states = task_run_states(again)
+    assert (states["pretrain"], states["finetune"]) == ("Cached", "Completed"), states
+    assert (root / "artifacts/finetune/model.safetensors").is_file()
+    assert again.result()["variants"] == ["kd-0p3", "kd-0p6"]
 
 
 def test_an_unknown_runner_or_a_missing_engine_is_one_line():
