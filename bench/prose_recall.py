@@ -14,6 +14,10 @@ anyone.
 
 Each model's share of held-out facts recalled, and of the finetuning pairs' facts
 (``--train-qa``, if given), is printed as a table and, with ``--out``, written as JSON.
+
+A training checkpoint (``step-000100/``, whose ``model.safetensors`` holds the trained
+weights without a config or tokenizer) is probed as ``--base`` with those weights put in:
+the curve of what a run stored, step by step.
 """
 
 from __future__ import annotations
@@ -33,16 +37,34 @@ PREFIXES = {
 }
 
 
-def recall(model_dir: Path, qa_file: Path, limit: int, threads: int) -> float:
-    """The share of the first ``limit`` facts of ``qa_file`` that ``model_dir`` completes."""
+def load(model_dir: Path, base: Path | None):
+    """(model, tokenizer) of a model directory, or of ``base`` with the weights of the
+    training checkpoint ``model_dir``."""
     import torch
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    checkpoint = not (model_dir / "config.json").exists()
+    if checkpoint and base is None:
+        raise SystemExit(f"{model_dir}: no config.json; a training checkpoint needs --base")
+    source = base if checkpoint else model_dir
+    tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, use_safetensors=True
+        source, dtype=torch.float32, use_safetensors=True
     ).eval()
+    if checkpoint:
+        weights = load_file(str(model_dir / "model.safetensors"))
+        unknown = set(weights) - set(model.state_dict())
+        if unknown:
+            raise SystemExit(f"{model_dir}: weights {sorted(unknown)[:3]} are not {base}'s")
+        model.load_state_dict(weights, strict=False)
+    return model, tokenizer
+
+
+def recall(model, tokenizer, qa_file: Path, limit: int) -> float:
+    """The share of the first ``limit`` facts of ``qa_file`` that ``model`` completes."""
+    import torch
+
     facts = [json.loads(line) for line in qa_file.read_text(encoding="utf-8").splitlines()]
     facts = facts[:limit]
     recalled = 0
@@ -64,6 +86,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("models", nargs="+", type=Path, help="model directories (safetensors)")
     parser.add_argument("--qa", type=Path, required=True, help="held-out questions (JSONL)")
     parser.add_argument("--train-qa", type=Path, help="the finetuning pairs (JSONL)")
+    parser.add_argument(
+        "--base", type=Path, help="the model directory a training checkpoint's weights go into"
+    )
     parser.add_argument("--limit", type=int, default=100, help="facts per file")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
@@ -72,12 +97,15 @@ def main(argv: list[str]) -> int:
         "held-out facts": args.qa,
         **({"finetuning facts": args.train_qa} if args.train_qa else {}),
     }
-    results = {
-        str(model): {
-            what: recall(model, path, args.limit, args.threads) for what, path in files.items()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = {}
+    for model_dir in args.models:
+        model, tokenizer = load(model_dir, args.base)
+        results[str(model_dir)] = {
+            what: recall(model, tokenizer, path, args.limit) for what, path in files.items()
         }
-        for model in args.models
-    }
     print("| model | " + " | ".join(files) + " |")
     print("|---|" + "---:|" * len(files))
     for model, shares in results.items():
