@@ -599,6 +599,35 @@ def test_no_variant_passing_names_each_variant_and_the_limit_it_broke():
     )
 
 
+def test_accuracy_ratio_is_the_share_of_the_finetuned_accuracy_a_variant_keeps():
+    """The accuracy a compressed model keeps, relative to the finetuned model's ("recovery"),
+    is a gate independent of how hard the questions are; with a finetuned model that
+    answers nothing there is no ratio, and a gate on it says so."""
+    from unbottle.core.config.schema import GateLimit
+    from unbottle.core.stages.deploy import broken_limits, choose_variant
+    from unbottle.core.stages.report import add_ratios
+
+    rows = copy.deepcopy(ROWS)
+    add_ratios(rows, rows["finetuned"])
+    shares = {name: row["accuracy_ratio"] for name, row in rows.items()}
+    assert shares == pytest.approx(
+        {"pretrained": 0.0, "finetuned": 1.0, "magnitude50": 0.8, "kd2": 0.6, "int8": 0.96}
+    )
+    cfg = DeployParams.model_validate(
+        {"policy": "fastest", "gates": {"accuracy_ratio": {"min": 0.97}}}
+    )
+    decision = choose_variant(cfg, rows, directions())
+    assert decision.chosen == "finetuned"  # int8, the fastest, keeps 96%
+    assert decision.verdicts["int8"] == ["accuracy_ratio 0.96 < min 0.97"]
+
+    silent = {"finetuned": {"accuracy": 0.0}, "int8": {"accuracy": 0.1}}
+    add_ratios(silent, silent["finetuned"])
+    assert "accuracy_ratio" not in silent["int8"]
+    assert broken_limits(silent["int8"], {"accuracy_ratio": GateLimit(min=0.9)}) == [
+        "accuracy_ratio has no value: the finetuned model's accuracy is 0 or missing"
+    ]
+
+
 def test_an_explicit_variant_that_fails_a_gate_is_refused():
     with pytest.raises(GateError, match=r"^deploy\.variant: 'magnitude50' fails deploy\.gates "):
         choose(variant="magnitude50", gates={"perplexity_ratio": {"max": 1.3}})

@@ -11,6 +11,8 @@ from unbottle.core.contract.errors import ConfigError
 DERIVED_METRICS: dict[str, tuple[str, str]] = {
     "perplexity_ratio": ("perplexity", "lower"),
     "answer_perplexity_ratio": ("answer_perplexity", "lower"),
+    # The share of the finetuned model's accuracy a variant keeps ("recovery").
+    "accuracy_ratio": ("accuracy", "higher"),
 }
 #: The metric each ranking policy orders by, and which way is better.
 POLICY_METRICS: dict[str, tuple[str, str]] = {

@@ -40,7 +40,10 @@ def broken_limits(row: dict[str, Any], gates: dict[str, GateLimit]) -> list[str]
     broken = []
     for metric, limit in gates.items():
         value = row.get(metric)
-        if value is None:
+        if value is None and metric in DERIVED_METRICS and DERIVED_METRICS[metric][0] in row:
+            source = DERIVED_METRICS[metric][0]
+            broken.append(f"{metric} has no value: the finetuned model's {source} is 0 or missing")
+        elif value is None:
             broken.append(f"{metric} was not measured")
         elif limit.min is not None and value < limit.min:
             broken.append(f"{metric} {_fmt(value)} < min {_fmt(limit.min)}")
