@@ -20,8 +20,8 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("answer_perplexity", "answer ppl", "{:.3f}"),
     ("answer_perplexity_ratio", "answer ppl / finetuned", "{:.3f}"),
     ("accuracy", "accuracy", "{:.1%}"),
-    ("accuracy_ratio", "accuracy / finetuned", "{:.3f}"),
     ("accuracy_fewshot", "accuracy {shots}-shot", "{:.1%}"),  # next to zero-shot
+    ("accuracy_ratio", "accuracy / finetuned", "{:.3f}"),
     ("empty_answers", "empty answers", "{:.1%}"),
     ("size_bytes", "size (MB)", "{:.2f}"),
     ("parameters", "weights", "{:,}"),
