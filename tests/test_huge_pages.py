@@ -49,14 +49,20 @@ def test_nothing_changes_where_malloc_cannot_have_huge_pages(monkeypatch, libc, 
 
 
 # The child re-executes itself, then maps 64 MiB through malloc (a bytearray: numpy would
-# ask for huge pages on its own) and touches every page.
+# ask for huge pages on its own) and touches every page. Then, as a control, 64 MiB mapped
+# directly and advised (MADV_HUGEPAGE): what the kernel can back with huge pages right now,
+# which is less when its free memory is fragmented (a busy machine's full page cache).
 _CHILD = """
-import os
+import mmap, os
 from unbottle.core.huge_pages import huge_page_bytes, reexec_with_huge_pages
 reexec_with_huge_pages()
 block = bytearray(64 << 20)
 block[::4096] = b"x" * len(block[::4096])
-print(os.environ.get("GLIBC_TUNABLES"), huge_page_bytes())
+through_malloc = huge_page_bytes()
+control = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+control.madvise(mmap.MADV_HUGEPAGE)
+control[::4096] = b"x" * len(control[::4096])
+print(os.environ.get("GLIBC_TUNABLES"), through_malloc, huge_page_bytes() - through_malloc)
 """
 
 
@@ -64,18 +70,23 @@ print(os.environ.get("GLIBC_TUNABLES"), huge_page_bytes())
     huge_page_environment({}) is None, reason="this machine cannot give malloc huge pages"
 )
 def test_a_reexecuted_process_gets_its_malloc_memory_on_huge_pages():
-    def child(switch: str) -> tuple[str, int]:
+    def child(switch: str) -> tuple[str, int, int]:
         env = {"UNBOTTLE_HUGE_PAGES": switch, "PATH": "/usr/bin:/bin"}
         out = subprocess.run(
             [sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True
         ).stdout.split()
-        return out[0], int(out[1])
+        return out[0], int(out[1]), int(out[2])
 
-    tunables, huge = child("1")
+    tunables, huge, possible = child("1")
     assert tunables == TUNABLE
-    assert huge >= 32 << 20  # most of the 64 MiB block
+    if possible < 32 << 20:
+        pytest.skip(
+            f"the kernel backed {possible >> 20} MiB of an advised 64 MiB block with huge "
+            "pages just now (free memory fragmented): nothing to compare malloc's with"
+        )
+    assert huge >= 32 << 20  # most of the 64 MiB block, as the advised control
     if huge_pages.transparent_huge_pages_mode() == "madvise":  # "always" backs it anyway
-        assert child("0") == ("None", 0)
+        assert child("0")[:2] == ("None", 0)
 
 
 @pytest.mark.parametrize(
