@@ -111,7 +111,9 @@ def main(argv: list[str]) -> int:
     for model, shares in results.items():
         print(f"| {model} | " + " | ".join(f"{share:.0%}" for share in shares.values()) + " |")
     if args.out:
-        args.out.write_text(json.dumps({"limit": args.limit, "results": results}, indent=1))
+        from unbottle.core.store.artifacts import write_json_atomic
+
+        write_json_atomic(args.out, {"limit": args.limit, "results": results})
     return 0
 
 
