@@ -344,6 +344,123 @@ def test_continued_pretraining_trains_the_source_further_on_the_prose(
     assert run_stage("finetune", params, layout).metrics["train_pairs"] > 0
 
 
+def evaluate_perplexity(model_dir: Path, text: Path, window: int, max_tokens: int) -> float:
+    """The evaluate stage's ``perplexity`` metric on a model directory and a text file."""
+    from unbottle.core.data.corpus import Corpus
+    from unbottle.core.models.runtimes import TorchRunner
+    from unbottle.core.registry import get_registry
+    from unbottle.core.stages.evaluate import measure_runner
+
+    metric = get_registry().create(
+        "metric", "perplexity", {"window": window, "max_tokens": max_tokens}
+    )
+    row, _ = measure_runner(
+        TorchRunner(model_dir),
+        model_dir,
+        [("perplexity", metric)],
+        fmt="hf",
+        valid_text=Corpus(text, "text"),
+        questions=[],
+        seed=0,
+    )
+    return row["perplexity"]
+
+
+def test_continued_pretraining_measures_the_reference_text_before_and_after(workspace, hf_source):
+    from unbottle.core.config.schema import Params
+    from unbottle.core.registry import get_registry
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
+    from unbottle.core.store.fingerprint import strategy_lock
+    from unbottle.core.training.loop import run_key
+
+    layout = Layout(workspace)
+    # The held-out prose is a reference the training must improve (30 steps took its loss
+    # down by more than a nat above), so the "after" is known to differ from the "before".
+    reference = workspace / "reference.txt"
+    shutil.copy(workspace / "data" / "corpus" / "valid.txt", reference)
+    raw = params_with_source({"path": str(hf_source)})
+    raw["pretrain"]["continued"] = {
+        "steps": 30,
+        "batch_size": 4,
+        "seq_len": 32,
+        "lr": 3e-3,
+        "reference_text": "reference.txt",  # relative to the workspace
+        "reference_tokens": 512,
+    }
+    params = Params.model_validate(raw)
+    result = run_stage("pretrain", params, layout)
+    metrics = result.metrics
+    # The source's context is 128 tokens: windows of 128, the first 512 tokens scored.
+    assert metrics["reference_perplexity_before"] == pytest.approx(
+        evaluate_perplexity(hf_source, reference, 128, 512), rel=1e-4
+    )
+    assert metrics["reference_perplexity_after"] == pytest.approx(
+        evaluate_perplexity(result.out_dir, reference, 128, 512), rel=1e-4
+    )
+    assert metrics["reference_perplexity_ratio"] == pytest.approx(
+        metrics["reference_perplexity_after"] / metrics["reference_perplexity_before"]
+    )
+    assert metrics["reference_perplexity_ratio"] < 0.6, metrics
+    assert json.loads(layout.metrics_file("pretrain").read_text())[
+        "reference_perplexity_ratio"
+    ] == pytest.approx(metrics["reference_perplexity_ratio"])
+    manifest = read_manifest(result.out_dir)
+    assert set(manifest["inputs"]) == {"source", "train_text", "reference_text"}
+    # The metric that measured it is in the stage's plugin lock, as its strategies are.
+    lock = strategy_lock("pretrain", params, get_registry())
+    assert lock["pretrain.continued.reference_text"]["name"] == "perplexity"
+    # What is measured changes no weight: a checkpoint of the run without it resumes.
+    measured = params.pretrain.continued
+    unmeasured = measured.model_copy(update={"reference_text": None})
+    assert run_key(measured, stage="pretrain", identity={}) == run_key(
+        unmeasured, stage="pretrain", identity={}
+    )
+
+    # Its content is the stage's input: unchanged, the stage is current; edited, it reruns.
+    assert run_stage("pretrain", params, layout).skipped
+    reference.write_text(SAMPLE * 40, encoding="utf-8")
+    rerun = run_stage("pretrain", params, layout)
+    assert not rerun.skipped
+    assert rerun.metrics["reference_perplexity_before"] != metrics["reference_perplexity_before"]
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        (None, r"pretrain\.continued\.reference_text: .*missing\.txt"),
+        (
+            "Too short.",
+            r"pretrain\.continued\.reference_text: \d+ tokens; its perplexity needs "
+            r"at least 129 \(one window\); give a longer text$",
+        ),
+    ],
+    ids=["missing", "too-short"],
+)
+def test_a_bad_reference_text_fails_in_one_line_before_training(
+    workspace, hf_source, text, pattern
+):
+    name = "missing.txt"
+    if text is not None:
+        name = "short.txt"
+        (workspace / name).write_text(text, encoding="utf-8")
+    before = previous_artifact(workspace, "pretrain")
+    result = run_cli(
+        "stage",
+        "pretrain",
+        "-S",
+        f"pretrain.source.path={hf_source}",
+        "-S",
+        f"pretrain.continued.reference_text={name}",
+        "-S",
+        "pretrain.continued.seq_len=32",  # the source's context is 128
+        cwd=workspace,
+    )
+    assert_one_line_error(result, pattern)
+    assert "pretrain: " not in result.stdout  # no training step was logged
+    assert file_hashes(workspace / "artifacts" / "pretrain", exclude=()) == before
+
+
 @pytest.mark.parametrize("kind", ["hf", "gguf"])
 def test_continued_pretraining_longer_than_the_source_context_fails_before_any_work(
     workspace, hf_source, gguf_source, tmp_path, kind, monkeypatch

@@ -169,6 +169,12 @@ class ContinuedTrainParams(TrainParams):
     lr: float = Field(1e-4, gt=0, le=10)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    # Text of other kinds the model should stay good at (the formats of data.train_text):
+    # its perplexity is measured before and after training, so each run reports what it
+    # cost the model elsewhere (forgetting). None: not measured.
+    reference_text: Path | None = None
+    # Tokens of reference_text scored each time (its opening ones).
+    reference_tokens: int = Field(4096, ge=16)
 
 
 class SourceParams(Section):

@@ -37,6 +37,11 @@ def strategy_refs(params: Params) -> Iterator[StrategyPlace]:
         # Deeper keys (a stage's train section) first; then by name.
         for path, kind in sorted(places, key=lambda p: -p[0].count(".")):
             yield from _refs_at(params, path, kind)
+        continued = params.pretrain.continued
+        if stage == "pretrain" and continued is not None and continued.reference_text:
+            # What it measures the reference text with: its code decides the stage's metrics.
+            where = "pretrain.continued.reference_text"
+            yield where, "metric", "perplexity", {"max_tokens": continued.reference_tokens}
         if stage == "compress":
             for variant, steps in params.compress.variants.items():
                 for i, step in enumerate(steps):

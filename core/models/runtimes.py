@@ -133,6 +133,16 @@ class TorchRunner(CountsWeights):
         self.device = device
         self.context = int(self.model.config.max_position_embeddings)
 
+    @classmethod
+    def of_model(cls, model: Any, tokenizer: Any) -> TorchRunner:
+        """A runner over a float model a stage holds in memory, where its weights are;
+        the caller puts it in eval mode."""
+        runner = cls.__new__(cls)
+        runner.model, runner.tokenizer = model, tokenizer
+        runner.device = str(next(model.parameters()).device)
+        runner.context = int(model.config.max_position_embeddings)
+        return runner
+
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         import torch
 

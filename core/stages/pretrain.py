@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from unbottle.core.config.schema import PretrainParams, SourceParams
+from unbottle.core.config.schema import ContinuedTrainParams, PretrainParams, SourceParams
 from unbottle.core.registry import Registry
 from unbottle.core.stages.layout import StageResult
 from unbottle.core.stages.model_artifact import save_model_artifact, save_trained_model
@@ -227,6 +227,12 @@ def continue_source(
 
     model, tokenizer, done = sources.load_source(src, before_load=check_fits)
     corpus = Corpus(train_text, "data.train_text", token_cache=token_cache)
+    reference = None
+    if cfg.continued.reference_text is not None:
+        reference = Corpus(root / cfg.continued.reference_text, f"{key}.reference_text")
+    before = None
+    if reference is not None and is_main_process():  # measured before any step is taken
+        before = reference_perplexity(model, tokenizer, reference, cfg.continued, registry)
     ctx = PretrainContext(corpus, tokenizer, cfg.continued.seq_len, seed, key=key)
     data = objective.batches(ctx)
     (log.info if is_main_process() else log.debug)(
@@ -267,6 +273,22 @@ def continue_source(
     if corpus.token_count:
         metrics["corpus_tokens"] = corpus.token_count
         metrics["epochs"] = metrics["train_tokens"] / corpus.token_count
+    if reference is not None:  # an input of the stage, not of its run (the run key)
+        inputs = {**inputs, "reference_text": reference.sha256}
+    if before is not None and reference is not None:
+        after = reference_perplexity(model, tokenizer, reference, cfg.continued, registry)
+        metrics.update(
+            reference_perplexity_before=before,
+            reference_perplexity_after=after,
+            reference_perplexity_ratio=after / before,
+        )
+        log.info(
+            "pretrain: perplexity on %s %.3f before, %.3f after (x%.2f)",
+            cfg.continued.reference_text,
+            before,
+            after,
+            after / before,
+        )
     save_trained_model(
         out_dir,
         model,
@@ -286,6 +308,35 @@ def continue_source(
         extra={"source": source_record(cfg.source, src, done)},
     )
     return StageResult(out_dir, metrics, plots={"pretrain_loss": report.curve()})
+
+
+def reference_perplexity(
+    model: Any, tokenizer: Any, reference: Any, cfg: ContinuedTrainParams, registry: Registry
+) -> float:
+    """The ``perplexity`` metric, as the evaluate stage resolves it, of ``model`` on the
+    first ``cfg.reference_tokens`` tokens of ``reference`` (a Corpus), in windows of up to
+    512 tokens."""
+    from unbottle.core.contract.errors import DataError
+    from unbottle.core.contract.strategies import EvalContext
+    from unbottle.core.models.runtimes import TorchRunner
+
+    window = min(512, int(model.config.max_position_embeddings), cfg.reference_tokens)
+    ctx = EvalContext(tokenizer=tokenizer, valid_text=reference, questions=[], model_dir=Path())
+    found = ctx.held_out_ids(window + 1).numel()
+    if found < window + 1:
+        raise DataError(
+            f"{reference.what}: {found} tokens; its perplexity needs at least {window + 1} "
+            "(one window); give a longer text"
+        )
+    metric = registry.create(
+        "metric", "perplexity", {"window": window, "max_tokens": cfg.reference_tokens}
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        return float(metric.measure(TorchRunner.of_model(model, tokenizer), ctx)["perplexity"])
+    finally:
+        model.train(was_training)
 
 
 def source_record(source: SourceParams, src: Any, done: dict[str, Any]) -> dict[str, Any]:

@@ -115,6 +115,7 @@ def stage_inputs(
         "pretrain": lambda: {
             "train_text": layout.resolve(data.train_text),
             **source_input(params, layout),
+            **reference_input(params, layout),
             **held_out_input(params, layout, registry),
         },
         "finetune": lambda: {
@@ -155,6 +156,15 @@ def source_input(params: Params, layout: Layout) -> dict[str, Path]:
     # Only the files' paths, to hash them: reading the config would import transformers
     # into the flow's cache-key check, which otherwise never needs it.
     return {"source": locate(params.pretrain.source, layout.root, read_config=False)[1]}
+
+
+def reference_input(params: Params, layout: Layout) -> dict[str, Path]:
+    """The text on which continued pretraining measures what it cost the model elsewhere:
+    it decides the stage's metrics, not its weights."""
+    continued = params.pretrain.continued
+    if params.pretrain.source is None or continued is None or continued.reference_text is None:
+        return {}
+    return {"reference_text": layout.resolve(continued.reference_text)}
 
 
 def held_out_input(params: Params, layout: Layout, registry: Registry | None) -> dict[str, Path]:

@@ -59,6 +59,9 @@ _NOT_IN_RUN_KEY = (
     "keep_checkpoints",
     "checkpoint_dir",
     "memory_check",
+    # continued pretraining's measurement of the source and the result
+    "reference_text",
+    "reference_tokens",
 )
 
 LossFn = Callable[["torch.nn.Module", dict[str, "torch.Tensor"]], "torch.Tensor"]
