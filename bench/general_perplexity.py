@@ -19,8 +19,10 @@ Other files are added with ``--text NAME=PATH``. ::
     .venv/bin/python bench/general_perplexity.py RELEASED artifacts/pretrain \\
         artifacts/finetune --text own=my_data/corpus/valid.txt --out result.json
 
-``--write-texts DIR`` writes the default texts there as ``NAME.txt`` (for
-``pretrain.continued.reference_text``, which measures the same in every run).
+``--write-texts DIR`` writes the default texts there as ``NAME.txt``, and the two halves
+of the topics as ``python-docs-1.txt`` and ``python-docs-2.txt``: texts for
+``pretrain.continued.reference_text``, which measures the same in every run, and for
+``replay_text`` (replay one half, measure on the other).
 """
 
 from __future__ import annotations
@@ -36,11 +38,16 @@ from pathlib import Path
 STDLIB_MODULES = ["argparse.py", "textwrap.py", "dataclasses.py", "json/decoder.py", "shlex.py"]
 
 
-def python_docs() -> str:
-    """The language reference's topics (``help('if')`` and the rest), in key order."""
+def python_docs(half: int | None = None) -> str:
+    """The language reference's topics (``help('if')`` and the rest), in key order; with
+    ``half`` 1 or 2, the first or the second half of the topics only (one to replay in
+    training, the other to measure on)."""
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[key].strip() for key in sorted(topics))
+    keys = sorted(topics)
+    if half is not None:
+        keys = keys[: len(keys) // 2] if half == 1 else keys[len(keys) // 2 :]
+    return "\n\n".join(topics[key].strip() for key in keys)
 
 
 def python_code() -> str:
@@ -79,7 +86,8 @@ def main(argv: list[str]) -> int:
     if args.write_texts:
         from unbottle.core.store.artifacts import write_text_atomic
 
-        for name, text in texts.items():
+        halves = {f"python-docs-{half}": python_docs(half) for half in (1, 2)}
+        for name, text in {**texts, **halves}.items():
             write_text_atomic(args.write_texts / f"{name}.txt", text)
         return 0
     if not args.models:

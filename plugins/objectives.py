@@ -40,8 +40,9 @@ ENCODER_TOKENS = {"mask_token": "<|mask|>", "cls_token": "<|cls|>", "sep_token":
 def _stream_long_enough(stream: torch.Tensor, ctx: PretrainContext) -> None:
     seq_len = ctx.seq_len
     if stream.numel() < seq_len + 1:
+        what = ctx.corpus.what if ctx.corpus.path is not None else "data.train_text"
         raise DataError(
-            f"data.train_text: {stream.numel()} tokens is fewer than one sequence of "
+            f"{what}: {stream.numel()} tokens is fewer than one sequence of "
             f"{seq_len + 1}; give more text or lower {ctx.key}.seq_len"
         )
 

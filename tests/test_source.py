@@ -425,6 +425,52 @@ def test_continued_pretraining_measures_the_reference_text_before_and_after(work
     assert rerun.metrics["reference_perplexity_before"] != metrics["reference_perplexity_before"]
 
 
+def test_replay_mixes_the_replay_text_into_continued_pretraining(workspace, hf_source, caplog):
+    from unbottle.core.config.schema import Params
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
+    from unbottle.core.store.artifacts import tree_hash
+
+    layout = Layout(workspace)
+    # Text of another kind than the prose: the held-out question/answer pairs as lines.
+    pairs = [json.loads(line) for line in (workspace / "data/qa/test.jsonl").open()]
+    other = workspace / "pairs.txt"
+    other.write_text(
+        "\n".join(f"Question: {p['question']} Answer: {p['answer']}" for p in pairs) * 4,
+        encoding="utf-8",
+    )
+    raw = params_with_source({"path": str(hf_source)})
+    raw["pretrain"]["continued"] = {
+        "steps": 30,
+        "batch_size": 8,
+        "seq_len": 32,
+        "lr": 3e-3,
+        "reference_text": "pairs.txt",
+        "reference_tokens": 512,
+    }
+    plain = run_stage("pretrain", Params.model_validate(raw), layout).metrics
+    raw["pretrain"]["continued"].update(replay_text="pairs.txt", replay_fraction=0.5)
+    with caplog.at_level(logging.WARNING, logger="unbottle.pretrain"):
+        result = run_stage("pretrain", Params.model_validate(raw), layout)
+    assert "reference_text is the replay text" in caplog.text
+    replayed = result.metrics
+
+    # Half the rows were the pairs: the model got better at them than without replay.
+    assert replayed["reference_perplexity_before"] == pytest.approx(
+        plain["reference_perplexity_before"]
+    )
+    assert replayed["reference_perplexity_after"] < 0.8 * plain["reference_perplexity_after"], (
+        plain,
+        replayed,
+    )
+    tokens = 30 * 8 * 32
+    assert replayed["train_tokens"] == tokens
+    assert replayed["replay_tokens"] == pytest.approx(tokens * 0.5)
+    assert replayed["epochs"] == pytest.approx(tokens * 0.5 / replayed["corpus_tokens"])
+    manifest = read_manifest(result.out_dir)
+    assert manifest["inputs"]["replay_text"] == tree_hash(other)
+
+
 @pytest.mark.parametrize(
     ("text", "pattern"),
     [

@@ -754,3 +754,29 @@ def test_finetune_seq_len_longer_than_the_context_is_refused(base, tmp_path):
         r"use at most 64$",
     ):
         finetune_with(base, tmp_path / "x", {"name": "full"}, seq_len=4096)
+
+
+def test_mixed_batches_draw_the_replay_share_of_rows_from_all_of_the_replay_set():
+    from unbottle.core.training.loop import Batches, mix_batches
+
+    def examples(size: int, tag: int) -> Batches:
+        def collate(ids: list[int]) -> dict[str, torch.Tensor]:
+            return {"input_ids": torch.tensor([[tag, i] for i in ids]).view(-1, 2)}
+
+        return Batches(size=size, collate=collate, seed=0)
+
+    # A corpus of 1,000 examples, a replay set of 50 (smaller) and of 5,000 (larger).
+    for replay_size in (50, 5000):
+        mixed = mix_batches(examples(1000, 0), examples(replay_size, 1), 0.25)
+        draws = torch.randint(0, mixed.size, (20000,), generator=torch.Generator().manual_seed(0))
+        rows = mixed.collate(draws.tolist())["input_ids"]  # (20000, 2): (set, example id)
+        replayed = rows[rows[:, 0] == 1, 1]
+        # 5,000 of 20,000 expected; the binomial's standard deviation is 61.
+        assert abs(len(replayed) - 5000) < 250, len(replayed)
+        assert int(replayed.min()) >= 0 and int(replayed.max()) < replay_size
+        # Spread over the whole replay set, not its first rows.
+        assert int(replayed.max()) > 0.95 * replay_size
+        own = rows[rows[:, 0] == 0, 1]
+        assert int(own.max()) < 1000
+    with pytest.raises(ValueError, match="fraction 1"):
+        mix_batches(examples(10, 0), examples(10, 1), 1)

@@ -175,6 +175,11 @@ class ContinuedTrainParams(TrainParams):
     reference_text: Path | None = None
     # Tokens of reference_text scored each time (its opening ones).
     reference_tokens: int = Field(4096, ge=16)
+    # Text of the kinds the source was trained on, mixed back into training against
+    # forgetting (replay): each row of a batch comes from it with probability
+    # replay_fraction, from data.train_text otherwise. None: no replay.
+    replay_text: Path | None = None
+    replay_fraction: float = Field(0.25, gt=0, lt=1)
 
 
 class SourceParams(Section):

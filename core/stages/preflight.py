@@ -87,8 +87,11 @@ def check_data(name: str, params: Params, layout: Layout, registry: Registry) ->
     if (name == "pretrain" and trains_on_text) or name == "compress":
         Corpus(path(data.train_text), "data.train_text").check()
     continued = params.pretrain.continued
-    if name == "pretrain" and continued is not None and continued.reference_text is not None:
-        Corpus(path(continued.reference_text), "pretrain.continued.reference_text").check()
+    if name == "pretrain" and continued is not None:
+        for key in ("replay_text", "reference_text"):
+            text = getattr(continued, key)
+            if text is not None:
+                Corpus(path(text), f"pretrain.continued.{key}").check()
     if name == "finetune" or (name == "compress" and _calibrates_on_pairs(params, layout)):
         read_pairs(path(data.qa_train), "data.qa_train")
     if name == "evaluate":

@@ -210,6 +210,7 @@ def continue_source(
         checkpoint_store,
         estimate_memory,
         is_main_process,
+        mix_batches,
         train,
     )
 
@@ -235,6 +236,19 @@ def continue_source(
         before = reference_perplexity(model, tokenizer, reference, cfg.continued, registry)
     ctx = PretrainContext(corpus, tokenizer, cfg.continued.seq_len, seed, key=key)
     data = objective.batches(ctx)
+    replay = None
+    if cfg.continued.replay_text is not None:
+        replay = Corpus(
+            root / cfg.continued.replay_text, f"{key}.replay_text", token_cache=token_cache
+        )
+        replayed = PretrainContext(replay, tokenizer, cfg.continued.seq_len, seed, key=key)
+        data = mix_batches(data, objective.batches(replayed), cfg.continued.replay_fraction)
+        if reference is not None and reference.sha256 == replay.sha256:
+            log.warning(
+                "pretrain: %s.reference_text is the replay text: its perplexity then "
+                "measures what was trained on, not what was kept",
+                key,
+            )
     (log.info if is_main_process() else log.debug)(
         "pretrain: %s %s (%d parameters) trained further on %d documents, %d tokens",
         src.kind,
@@ -244,6 +258,8 @@ def continue_source(
         corpus.token_count or 0,
     )
     inputs = {"source": src.sha256, "train_text": corpus.sha256}
+    if replay is not None:
+        inputs["replay_text"] = replay.sha256
     store = checkpoint_store(
         cfg.continued,
         stage="pretrain",
@@ -271,8 +287,13 @@ def continue_source(
         "vocab_size": len(tokenizer),
     }
     if corpus.token_count:
+        # With replay, the share of rows drawn from the corpus is 1 - replay_fraction on
+        # average: these two are expectations, not counts.
+        own_share = 1.0 if replay is None else 1.0 - cfg.continued.replay_fraction
         metrics["corpus_tokens"] = corpus.token_count
-        metrics["epochs"] = metrics["train_tokens"] / corpus.token_count
+        metrics["epochs"] = metrics["train_tokens"] * own_share / corpus.token_count
+        if replay is not None:
+            metrics["replay_tokens"] = metrics["train_tokens"] * (1 - own_share)
     if reference is not None:  # an input of the stage, not of its run (the run key)
         inputs = {**inputs, "reference_text": reference.sha256}
     if before is not None and reference is not None:

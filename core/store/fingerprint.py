@@ -115,7 +115,7 @@ def stage_inputs(
         "pretrain": lambda: {
             "train_text": layout.resolve(data.train_text),
             **source_input(params, layout),
-            **reference_input(params, layout),
+            **continued_texts(params, layout),
             **held_out_input(params, layout, registry),
         },
         "finetune": lambda: {
@@ -158,13 +158,14 @@ def source_input(params: Params, layout: Layout) -> dict[str, Path]:
     return {"source": locate(params.pretrain.source, layout.root, read_config=False)[1]}
 
 
-def reference_input(params: Params, layout: Layout) -> dict[str, Path]:
-    """The text on which continued pretraining measures what it cost the model elsewhere:
-    it decides the stage's metrics, not its weights."""
+def continued_texts(params: Params, layout: Layout) -> dict[str, Path]:
+    """Continued pretraining's other texts: the one it replays (the weights depend on it)
+    and the one on which it measures what it cost the model elsewhere (its metrics do)."""
     continued = params.pretrain.continued
-    if params.pretrain.source is None or continued is None or continued.reference_text is None:
+    if params.pretrain.source is None or continued is None:
         return {}
-    return {"reference_text": layout.resolve(continued.reference_text)}
+    texts = {"replay_text": continued.replay_text, "reference_text": continued.reference_text}
+    return {name: layout.resolve(path) for name, path in texts.items() if path is not None}
 
 
 def held_out_input(params: Params, layout: Layout, registry: Registry | None) -> dict[str, Path]:

@@ -59,7 +59,8 @@ _NOT_IN_RUN_KEY = (
     "keep_checkpoints",
     "checkpoint_dir",
     "memory_check",
-    # continued pretraining's measurement of the source and the result
+    # continued pretraining's measurement of the source and the result (replay_text and
+    # replay_fraction do change the weights, and stay in)
     "reference_text",
     "reference_tokens",
 )
@@ -120,6 +121,40 @@ class Batches:
     size: int
     collate: Callable[[list[int]], dict[str, torch.Tensor]]
     seed: int
+
+
+def mix_batches(main: Batches, replay: Batches, fraction: float) -> Batches:
+    """``main``'s examples with ``replay``'s mixed in: each row drawn comes from
+    ``replay`` with probability ``fraction``, whatever the two sets' sizes. Training a
+    pretrained model further on a narrow corpus with some of what it was trained on
+    replayed is the usual remedy for forgetting (Ibrahim et al., "Simple and Scalable
+    Strategies to Continually Pre-train Large Language Models", TMLR 2024, replayed 5% to
+    50% of the earlier data).
+
+    Ids below ``main.size`` are ``main``'s examples; the ``round(main.size * fraction /
+    (1 - fraction))`` ids after them are spread evenly over ``replay``'s, so a uniform
+    draw lands in ``replay`` with probability ``fraction`` (to within one id in the
+    total). A micro-batch holds its ``main`` rows first, then its ``replay`` rows.
+    """
+    import torch
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"mix_batches: fraction {fraction} is not between 0 and 1")
+    extra = max(1, round(main.size * fraction / (1 - fraction)))
+
+    def collate(ids: list[int]) -> dict[str, torch.Tensor]:
+        own = [i for i in ids if i < main.size]
+        replayed = [(i - main.size) * replay.size // extra for i in ids if i >= main.size]
+        parts = [
+            examples.collate(chosen)
+            for examples, chosen in ((main, own), (replay, replayed))
+            if chosen
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    return Batches(size=main.size + extra, collate=collate, seed=main.seed)
 
 
 #: On a CPU, ``precision: auto`` picks bf16 only for models at least this wide (hidden
