@@ -41,13 +41,24 @@ STDLIB_MODULES = ["argparse.py", "textwrap.py", "dataclasses.py", "json/decoder.
 def python_docs(half: int | None = None) -> str:
     """The language reference's topics (``help('if')`` and the rest), in key order; with
     ``half`` 1 or 2, the first or the second half of the topics only (one to replay in
-    training, the other to measure on)."""
+    training, the other to measure on). Topics repeat each other's paragraphs, so the
+    second half leaves out every paragraph the first half has."""
     from pydoc_data.topics import topics
 
     keys = sorted(topics)
-    if half is not None:
-        keys = keys[: len(keys) // 2] if half == 1 else keys[len(keys) // 2 :]
-    return "\n\n".join(topics[key].strip() for key in keys)
+    if half is None:
+        return "\n\n".join(topics[key].strip() for key in keys)
+    first = [topics[key].strip() for key in keys[: len(keys) // 2]]
+    if half == 1:
+        return "\n\n".join(first)
+    seen = {paragraph.strip() for text in first for paragraph in text.split("\n\n")}
+    second = [topics[key].strip() for key in keys[len(keys) // 2 :]]
+    return "\n\n".join(
+        paragraph
+        for text in second
+        for paragraph in text.split("\n\n")
+        if paragraph.strip() not in seen
+    )
 
 
 def python_code() -> str:
@@ -77,6 +88,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--text", action="append", default=[], metavar="NAME=PATH", help="another text"
     )
+    parser.add_argument(
+        "--no-default-texts", action="store_true", help="score only the --text files"
+    )
     parser.add_argument("--max-tokens", type=int, default=8192, help="scored tokens per text")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
@@ -92,11 +106,15 @@ def main(argv: list[str]) -> int:
         return 0
     if not args.models:
         parser.error("give the model directories to measure")
+    if args.no_default_texts:
+        texts = {}
     for spec in args.text:
         name, sep, path = spec.partition("=")
         if not sep or not name or not Path(path).is_file():
             parser.error(f"--text {spec!r}: NAME=PATH of an existing file")
         texts[name] = Path(path).read_text(encoding="utf-8")
+    if not texts:
+        parser.error("no texts to score: give --text NAME=PATH")
 
     import torch
 
