@@ -472,19 +472,27 @@ def test_replay_mixes_the_replay_text_into_continued_pretraining(workspace, hf_s
 
 
 @pytest.mark.parametrize(
-    ("text", "pattern"),
+    ("key", "text", "pattern"),
     [
-        (None, r"pretrain\.continued\.reference_text: .*missing\.txt"),
+        ("reference_text", None, r"pretrain\.continued\.reference_text: .*missing\.txt"),
         (
+            "reference_text",
             "Too short.",
             r"pretrain\.continued\.reference_text: \d+ tokens; its perplexity needs "
             r"at least 129 \(one window\); give a longer text$",
         ),
+        ("replay_text", None, r"pretrain\.continued\.replay_text: .*missing\.txt"),
+        (
+            "replay_text",
+            "Too short.",
+            r"pretrain\.continued\.replay_text: \d+ tokens is fewer than one sequence of 33; "
+            r"give more text or lower pretrain\.continued\.seq_len$",
+        ),
     ],
-    ids=["missing", "too-short"],
+    ids=["reference-missing", "reference-too-short", "replay-missing", "replay-too-short"],
 )
-def test_a_bad_reference_text_fails_in_one_line_before_training(
-    workspace, hf_source, text, pattern
+def test_a_bad_reference_or_replay_text_fails_in_one_line_before_training(
+    workspace, hf_source, key, text, pattern
 ):
     name = "missing.txt"
     if text is not None:
@@ -497,7 +505,7 @@ def test_a_bad_reference_text_fails_in_one_line_before_training(
         "-S",
         f"pretrain.source.path={hf_source}",
         "-S",
-        f"pretrain.continued.reference_text={name}",
+        f"pretrain.continued.{key}={name}",
         "-S",
         "pretrain.continued.seq_len=32",  # the source's context is 128
         cwd=workspace,

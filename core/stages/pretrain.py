@@ -243,7 +243,7 @@ def continue_source(
         )
         replayed = PretrainContext(replay, tokenizer, cfg.continued.seq_len, seed, key=key)
         data = mix_batches(data, objective.batches(replayed), cfg.continued.replay_fraction)
-        if reference is not None and reference.sha256 == replay.sha256:
+        if reference is not None and is_main_process() and reference.sha256 == replay.sha256:
             log.warning(
                 "pretrain: %s.reference_text is the replay text: its perplexity then "
                 "measures what was trained on, not what was kept",
