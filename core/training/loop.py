@@ -128,8 +128,7 @@ def mix_batches(main: Batches, replay: Batches, fraction: float) -> Batches:
     ``replay`` with probability ``fraction``, whatever the two sets' sizes. Training a
     pretrained model further on a narrow corpus with some of what it was trained on
     replayed is the usual remedy for forgetting (Ibrahim et al., "Simple and Scalable
-    Strategies to Continually Pre-train Large Language Models", TMLR 2024, replayed 5% to
-    50% of the earlier data).
+    Strategies to Continually Pre-train Large Language Models", 2024).
 
     Ids below ``main.size`` are ``main``'s examples; the ``round(main.size * fraction /
     (1 - fraction))`` ids after them are spread evenly over ``replay``'s, so a uniform
