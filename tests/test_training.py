@@ -780,3 +780,39 @@ def test_mixed_batches_draw_the_replay_share_of_rows_from_all_of_the_replay_set(
         assert int(own.max()) < 1000
     with pytest.raises(ValueError, match="fraction 1"):
         mix_batches(examples(10, 0), examples(10, 1), 1)
+
+
+def test_rows_that_cannot_share_a_batch_fail_in_one_line_naming_the_replay_key():
+    from unbottle.core.training.loop import Batches, mix_batches
+
+    def examples(widths: list[int], keys=("input_ids", "labels")) -> Batches:
+        # A plugin objective that pads each batch to its longest row: example i is
+        # widths[i] tokens wide.
+        def collate(ids: list[int]) -> dict[str, torch.Tensor]:
+            width = max(widths[i] for i in ids)
+            return {k: torch.zeros(len(ids), width, dtype=torch.long) for k in keys}
+
+        return Batches(size=len(widths), collate=collate, seed=0)
+
+    key = "pretrain.continued.replay_text"
+    # Caught before training when the first rows differ ...
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{key}: the objective's input_ids rows are \(8,\) "
+        r"from the corpus and \(4,\) from the replay text; replay needs an "
+        r"objective whose rows have one width$",
+    ):
+        mix_batches(examples([8] * 10), examples([4] * 10), 0.5, key=key)
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{key}: the objective's rows from the corpus have "
+        r"the keys \['input_ids', 'labels'\] and from the replay text "
+        r"\['input_ids'\]; replay needs the same keys in both$",
+    ):
+        mix_batches(examples([8] * 10), examples([8] * 10, ("input_ids",)), 0.5, key=key)
+    # ... and in training when only later ones do, with the same line, not torch's.
+    mixed = mix_batches(examples([8] * 10), examples([8] + [4] * 9), 0.5, key=key)
+    assert mixed.collate([0, 1])["input_ids"].shape == (2, 8)
+    assert mixed.collate([10, 11])["input_ids"].shape == (2, 8)  # replay rows alone
+    with pytest.raises(ConfigError, match=rf"^{key}: the objective's input_ids rows"):
+        mixed.collate([0, 12])

@@ -242,7 +242,12 @@ def continue_source(
             root / cfg.continued.replay_text, f"{key}.replay_text", token_cache=token_cache
         )
         replayed = PretrainContext(replay, tokenizer, cfg.continued.seq_len, seed, key=key)
-        data = mix_batches(data, objective.batches(replayed), cfg.continued.replay_fraction)
+        data = mix_batches(
+            data,
+            objective.batches(replayed),
+            cfg.continued.replay_fraction,
+            key=f"{key}.replay_text",
+        )
         if reference is not None and is_main_process() and reference.sha256 == replay.sha256:
             log.warning(
                 "pretrain: %s.reference_text is the replay text: its perplexity then "

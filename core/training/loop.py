@@ -123,7 +123,7 @@ class Batches:
     seed: int
 
 
-def mix_batches(main: Batches, replay: Batches, fraction: float) -> Batches:
+def mix_batches(main: Batches, replay: Batches, fraction: float, *, key: str = "replay") -> Batches:
     """``main``'s examples with ``replay``'s mixed in: each row drawn comes from
     ``replay`` with probability ``fraction``, whatever the two sets' sizes. Training a
     pretrained model further on a narrow corpus with some of what it was trained on
@@ -133,7 +133,9 @@ def mix_batches(main: Batches, replay: Batches, fraction: float) -> Batches:
     Ids below ``main.size`` are ``main``'s examples; the ``round(main.size * fraction /
     (1 - fraction))`` ids after them are spread evenly over ``replay``'s, so a uniform
     draw lands in ``replay`` with probability ``fraction`` (to within one id in the
-    total). A micro-batch holds its ``main`` rows first, then its ``replay`` rows.
+    total). A micro-batch holds its ``main`` rows first, then its ``replay`` rows, so the
+    two sets' rows must have the same keys and widths: a ``ConfigError`` naming ``key``
+    says so, here for their first rows and in training for any later ones.
     """
     import torch
 
@@ -141,19 +143,37 @@ def mix_batches(main: Batches, replay: Batches, fraction: float) -> Batches:
         raise ValueError(f"mix_batches: fraction {fraction} is not between 0 and 1")
     extra = max(1, round(main.size * fraction / (1 - fraction)))
 
+    def stack(own: dict[str, torch.Tensor], replayed: dict[str, torch.Tensor]) -> dict:
+        check_same_rows(own, replayed, key)
+        return {name: torch.cat([own[name], replayed[name]]) for name in own}
+
     def collate(ids: list[int]) -> dict[str, torch.Tensor]:
         own = [i for i in ids if i < main.size]
         replayed = [(i - main.size) * replay.size // extra for i in ids if i >= main.size]
-        parts = [
-            examples.collate(chosen)
-            for examples, chosen in ((main, own), (replay, replayed))
-            if chosen
-        ]
-        if len(parts) == 1:
-            return parts[0]
-        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        if not replayed:
+            return main.collate(own)
+        if not own:
+            return replay.collate(replayed)
+        return stack(main.collate(own), replay.collate(replayed))
 
+    stack(main.collate([0]), replay.collate([0]))  # a mismatch fails before any training
     return Batches(size=main.size + extra, collate=collate, seed=main.seed)
+
+
+def check_same_rows(own: dict[str, Any], replayed: dict[str, Any], key: str) -> None:
+    """The rows of two sets can share a batch: the same keys, the same widths."""
+    if set(own) != set(replayed):
+        raise ConfigError(
+            f"{key}: the objective's rows from the corpus have the keys {sorted(own)} and "
+            f"from the replay text {sorted(replayed)}; replay needs the same keys in both"
+        )
+    for name in own:
+        if own[name].shape[1:] != replayed[name].shape[1:]:
+            raise ConfigError(
+                f"{key}: the objective's {name} rows are {tuple(own[name].shape[1:])} from "
+                f"the corpus and {tuple(replayed[name].shape[1:])} from the replay text; "
+                "replay needs an objective whose rows have one width"
+            )
 
 
 #: On a CPU, ``precision: auto`` picks bf16 only for models at least this wide (hidden
