@@ -33,7 +33,7 @@ def _log_trainable(method: str, model: Any) -> None:
     # The stage's checks before any loading prepare a weightless copy first: said once.
     weightless = any(p.is_meta for p in params)
     (log.debug if weightless else log.info)(
-        "finetune %s: %d of %d parameters train (%.2f%%)",
+        "method %s: %d of %d parameters train (%.2f%%)",
         method,
         trainable,
         total,

@@ -102,12 +102,14 @@ KINDS: dict[str, Kind] = {
             "finetune method",
             "register_finetune_methods",
             s.FinetuneMethod,
-            params=("finetune.method",),
+            params=("finetune.method", "pretrain.continued.method"),
             doc="""Register finetuning methods (protocol ``FinetuneMethod``).
 
     A method decides which weights train (all of them, an adapter, a subset) and how the
     result is folded back into a plain model for the stages downstream. Chosen by
-    ``finetune.method``.
+    ``finetune.method``, and by ``pretrain.continued.method`` for a source trained further.
+    Messages name an option ``finetune.method.<option>``; for continued pretraining the
+    stage renames the key.
     """,
         ),
         Kind(

@@ -99,7 +99,7 @@ def finetune(
         tokenizer,
         stage="finetune",
         config=cfg.model_dump(mode="json"),
-        strategy=("finetune_method", cfg.method.name),
+        strategies=[("finetune_method", cfg.method.name)],
         train=cfg.train,
         registry=registry,
         inputs=inputs,

@@ -60,7 +60,7 @@ def save_trained_model(
     *,
     stage: str,
     config: Any,
-    strategy: tuple[str, str],
+    strategies: list[tuple[str, str]],
     train: TrainParams,
     registry: Registry,
     inputs: dict[str, str],
@@ -72,13 +72,12 @@ def save_trained_model(
     """The end of a training stage, on every process: the main process writes the
     artifact and clears the run's checkpoints, the others wait for it.
 
-    The manifest names the stage's own ``strategy`` (kind, name) and the optimizer and
+    The manifest names the stage's own ``strategies`` (kind, name) and the optimizer and
     parallelism of ``train``; its metrics leave out the timings (they are not results).
     """
     from unbottle.core.training.loop import barrier, is_main_process
 
     if is_main_process():  # under DDP every process trained; one writes
-        kind, name = strategy
         save_model_artifact(
             out_dir,
             model,
@@ -86,7 +85,7 @@ def save_trained_model(
             stage=stage,
             config=config,
             strategies={
-                kind: strategy_record(registry.get(kind, name)),
+                **{kind: strategy_record(registry.get(kind, name)) for kind, name in strategies},
                 "optimizer": strategy_record(registry.get("optimizer", train.optimizer.name)),
                 "parallelism": strategy_record(registry.get("parallelism", train.parallelism.name)),
             },

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from unbottle.core.config.schema import Params, TrainParams
+from unbottle.core.config.schema import Params, StrategyRef, TrainParams
 from unbottle.core.contract.errors import ConfigError
 from unbottle.core.models.loading import meta_model
 from unbottle.core.registry import Registry
@@ -66,10 +66,13 @@ def preflight(
         check_training(params.pretrain.train, "pretrain.train", model, registry)
     elif name == "pretrain" and params.pretrain.continued is not None:
         model = _source_model(params, layout)
-        check_training(params.pretrain.continued, "pretrain.continued", model, registry)
+        continued = params.pretrain.continued
+        method = (continued.method, "pretrain.continued.method")
+        check_training(continued, "pretrain.continued", model, registry, method)
     elif name == "finetune":
         model = _input_model(name, params, layout, planned=planned)
-        check_training(params.finetune.train, "finetune.train", model, registry, params)
+        method = (params.finetune.method, "finetune.method")
+        check_training(params.finetune.train, "finetune.train", model, registry, method)
     elif name == "compress":
         model = _input_model(name, params, layout, planned=planned)
         if model is not None:
@@ -172,14 +175,21 @@ def _input_model(name: str, params: Params, layout: Layout, *, planned: bool) ->
 
 
 def check_training(
-    cfg: TrainParams, key: str, model: Any, registry: Registry, params: Params | None = None
+    cfg: TrainParams,
+    key: str,
+    model: Any,
+    registry: Registry,
+    method: tuple[StrategyRef, str] | None = None,
 ) -> None:
-    """What the training loop checks before its first step, on a weightless model."""
+    """What the training loop checks before its first step, on a weightless model.
+    ``method``: the finetune method that decides what trains (LoRA: adapters), and the key
+    that names it."""
     from unbottle.core.training.loop import (
         check_context,
         estimate_memory,
         micro_batch_size,
         resolve_precision,
+        weightless_trainable,
         world_size,
     )
 
@@ -193,14 +203,11 @@ def check_training(
         return
     check_context(model, cfg.seq_len, key)
     trainable = model
-    if params is not None:  # finetune: the method decides what trains (LoRA: adapters)
-        method = registry.create(
-            "finetune_method", params.finetune.method.name, params.finetune.method.options
-        )
-        try:
-            trainable = method.prepare(model)
-        except Exception as e:  # a method that cannot wrap a weightless model: check later
-            log.debug("preflight: %s could not prepare a meta model (%s)", key, e)
+    if method is not None:
+        ref, method_key = method
+        strategy = registry.create("finetune_method", ref.name, ref.options)
+        trainable = weightless_trainable(strategy, model, method_key)
+        if trainable is None:  # a method that cannot wrap a weightless model: check later
             return
     estimate_memory(trainable, cfg, registry=registry, key=key, announce=False)
 

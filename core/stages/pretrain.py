@@ -139,7 +139,7 @@ def pretrain(
         tokenizer,
         stage="pretrain",
         config=cfg.model_dump(mode="json"),
-        strategy=("objective", objective.name),
+        strategies=[("objective", objective.name)],
         train=cfg.train,
         registry=registry,
         inputs=inputs,
@@ -201,6 +201,8 @@ def continue_source(
     ``train_text`` for ``cfg.continued`` on ``cfg.objective`` (a causal one), with the
     source's own tokenizer. The context and the memory are checked on a weightless copy
     before the weights load."""
+    import torch
+
     from unbottle.core.contract.strategies import PretrainContext
     from unbottle.core.data.corpus import Corpus
     from unbottle.core.models import sources as sources
@@ -211,12 +213,16 @@ def continue_source(
         estimate_memory,
         is_main_process,
         mix_batches,
+        prepare_method,
         train,
+        weightless_trainable,
     )
 
     assert cfg.source is not None and cfg.continued is not None
     key = "pretrain.continued"
     objective = registry.create("objective", cfg.objective.name, cfg.objective.options)
+    method_ref = cfg.continued.method
+    method = registry.create("finetune_method", method_ref.name, method_ref.options)
     src = sources.resolve(cfg.source, root)
     plan = None
 
@@ -224,7 +230,10 @@ def continue_source(
         nonlocal plan
         skeleton = meta_model(directory)
         check_context(skeleton, cfg.continued.seq_len, key)
-        plan = estimate_memory(skeleton, cfg.continued, registry=registry, key=key)
+        # What the method trains decides the gradients and the optimizer's state.
+        trainable = weightless_trainable(method, skeleton, f"{key}.method")
+        if trainable is not None:
+            plan = estimate_memory(trainable, cfg.continued, registry=registry, key=key)
 
     model, tokenizer, done = sources.load_source(src, before_load=check_fits)
     corpus = Corpus(train_text, "data.train_text", token_cache=token_cache)
@@ -254,13 +263,20 @@ def continue_source(
                 "measures what was trained on, not what was kept",
                 key,
             )
+    parameters = sum(p.numel() for p in model.parameters())
     (log.info if is_main_process() else log.debug)(
-        "pretrain: %s %s (%d parameters) trained further on %d documents, %d tokens",
+        "pretrain: %s %s (%d parameters) trained further on %d documents, %d tokens, method %s",
         src.kind,
         src.path,
-        sum(p.numel() for p in model.parameters()),
+        parameters,
         corpus.document_count or 0,
         corpus.token_count or 0,
+        method.name,
+    )
+    torch.manual_seed(seed)  # adapters start from the same random init on every run
+    model = prepare_method(method, model, f"{key}.method")
+    trainable_parameters = sum(
+        p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad
     )
     inputs = {"source": src.sha256, "train_text": corpus.sha256}
     if replay is not None:
@@ -275,6 +291,8 @@ def continue_source(
             "seed": seed,
         },
     )
+    # ``model`` is what trains: the source itself, or a wrapper holding adapters, which
+    # the method folds back into a plain model when the artifact is written.
     model, report = train(
         model,
         data,
@@ -288,7 +306,8 @@ def continue_source(
     )
     metrics = {
         **report.metrics(),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameters,
+        "trainable_parameters": trainable_parameters,
         "vocab_size": len(tokenizer),
     }
     if corpus.token_count:
@@ -325,12 +344,13 @@ def continue_source(
             "continued": cfg.continued.model_dump(mode="json"),
             "objective": cfg.objective.model_dump(mode="json"),
         },
-        strategy=("objective", objective.name),
+        strategies=[("objective", objective.name), ("finetune_method", method.name)],
         train=cfg.continued,
         registry=registry,
         inputs=inputs,
         metrics=metrics,
         checkpoints=store,
+        finalize=method.finalize,
         extra={"source": source_record(cfg.source, src, done)},
     )
     return StageResult(out_dir, metrics, plots={"pretrain_loss": report.curve()})

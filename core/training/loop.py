@@ -357,6 +357,31 @@ def check_context(model: Any, seq_len: int, key: str) -> None:
         )
 
 
+def prepare_method(method: Any, model: Any, key: str) -> Any:
+    """``method.prepare(model)`` (a finetune method: what trains), its errors naming
+    ``key``. Methods name their options ``finetune.method.<option>`` in messages; the same
+    methods serve ``pretrain.continued.method``, whose messages must name that key."""
+    try:
+        return method.prepare(model)
+    except ConfigError as e:
+        text, default = str(e), "finetune.method"
+        if key == default or not text.startswith(default):
+            raise
+        raise ConfigError(key + text[len(default) :]) from None
+
+
+def weightless_trainable(method: Any, skeleton: Any, key: str) -> Any | None:
+    """What ``method`` would train of a weightless (meta) model, for the memory estimate;
+    None when the method cannot wrap one (it is then checked on the loaded model)."""
+    try:
+        return prepare_method(method, skeleton, key)
+    except ConfigError:
+        raise
+    except Exception as e:
+        log.debug("%s: %s could not prepare a meta model (%s)", key, method.name, e)
+        return None
+
+
 def _enable_grad_checkpointing(model: Any, key: str) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"{key}.grad_checkpointing: this model does not support it; set it false")
@@ -570,7 +595,7 @@ def _check_model(
     if sharded and hasattr(model, "peft_config"):
         raise ConfigError(
             f"{key}.parallelism: {parallelism} cannot merge a peft adapter at the end of "
-            "training; use ddp or single with finetune.method lora"
+            "training; use ddp or single with a lora method"
         )
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"{desc}: no parameter is trainable")
