@@ -425,6 +425,70 @@ def test_continued_pretraining_measures_the_reference_text_before_and_after(work
     assert rerun.metrics["reference_perplexity_before"] != metrics["reference_perplexity_before"]
 
 
+def test_a_model_that_forgot_more_than_the_limit_is_not_written(workspace, hf_source):
+    from unbottle.core.config.schema import Params
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
+
+    # The held-out prose as the reference: 10 steps of it lower its perplexity, so a limit
+    # below x1 refuses the model and one above x1 passes it.
+    shutil.copy(workspace / "data" / "corpus" / "valid.txt", workspace / "reference.txt")
+    continued = {
+        "steps": 10,
+        "batch_size": 4,
+        "seq_len": 32,
+        "lr": 3e-3,
+        "checkpoint_every": 5,
+        "reference_text": "reference.txt",
+        "reference_tokens": 512,
+    }
+    overrides = [f"pretrain.continued.{k}={v}" for k, v in continued.items()]
+    before = previous_artifact(workspace, "pretrain")
+    result = run_cli(
+        "stage",
+        "pretrain",
+        *[arg for o in [f"pretrain.source.path={hf_source}", *overrides] for arg in ("-S", o)],
+        "-S",
+        "pretrain.continued.max_reference_ratio=0.1",
+        cwd=workspace,
+    )
+    assert_one_line_error(
+        result,
+        r"^error: pretrain\.continued\.max_reference_ratio: the perplexity on reference\.txt "
+        r"rose x0\.\d\d \([\d.]+ to [\d.]+\), above x0\.1; no model was written\. Train "
+        r"less \(steps, lr\), replay general text \(pretrain\.continued\.replay_text\), or "
+        r"raise the limit$",
+    )
+    assert "pretrain step 10/10" in result.stdout + result.stderr  # refused after training
+    assert file_hashes(workspace / "artifacts" / "pretrain", exclude=()) == before
+    assert not (workspace / "metrics" / "pretrain.json").exists()
+
+    # A limit it meets writes the model; the refused run's checkpoint is resumed, since
+    # the limit changes no weight.
+    shutil.rmtree(workspace / "artifacts" / "pretrain")
+    raw = params_with_source({"path": str(hf_source)})
+    raw["pretrain"]["continued"] = {**continued, "max_reference_ratio": 1.0}
+    result = run_stage("pretrain", Params.model_validate(raw), Layout(workspace))
+    assert result.metrics["resumed_from_step"] == 5
+    assert result.metrics["reference_perplexity_ratio"] < 1.0
+
+    # A limit needs the text it limits.
+    no_text = run_cli(
+        "stage",
+        "pretrain",
+        "-S",
+        f"pretrain.source.path={hf_source}",
+        "-S",
+        "pretrain.continued.max_reference_ratio=2",
+        cwd=workspace,
+    )
+    assert_one_line_error(
+        no_text,
+        r"^error: pretrain\.continued: max_reference_ratio needs reference_text, the text "
+        r"whose perplexity it limits$",
+    )
+
+
 def test_replay_mixes_the_replay_text_into_continued_pretraining(workspace, hf_source, caplog):
     from unbottle.core.config.schema import Params
     from unbottle.core.stages.layout import Layout

@@ -180,11 +180,23 @@ class ContinuedTrainParams(TrainParams):
     reference_text: Path | None = None
     # Tokens of reference_text scored each time (its opening ones).
     reference_tokens: int = Field(4096, ge=16)
+    # The most reference_text's perplexity may rise (after / before): above it, the stage
+    # fails and writes no model, so nothing downstream runs on one that forgot that much.
+    # None: measured and reported, not limited.
+    max_reference_ratio: float | None = Field(None, gt=0)
     # Text of the kinds the source was trained on, mixed back into training against
     # forgetting (replay): each row of a batch comes from it with probability
     # replay_fraction, from data.train_text otherwise. None: no replay.
     replay_text: Path | None = None
     replay_fraction: float = Field(0.25, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _limit_has_a_text(self) -> ContinuedTrainParams:
+        if self.max_reference_ratio is not None and self.reference_text is None:
+            raise ValueError(
+                "max_reference_ratio needs reference_text, the text whose perplexity it limits"
+            )
+        return self
 
 
 class SourceParams(Section):

@@ -212,6 +212,7 @@ def continue_source(
         checkpoint_store,
         estimate_memory,
         is_main_process,
+        main_process_value,
         mix_batches,
         prepare_method,
         train,
@@ -320,20 +321,25 @@ def continue_source(
             metrics["replay_tokens"] = metrics["train_tokens"] * (1 - own_share)
     if reference is not None:  # an input of the stage, not of its run (the run key)
         inputs = {**inputs, "reference_text": reference.sha256}
-    if before is not None and reference is not None:
-        after = reference_perplexity(model, tokenizer, reference, cfg.continued, registry)
-        metrics.update(
-            reference_perplexity_before=before,
-            reference_perplexity_after=after,
-            reference_perplexity_ratio=after / before,
-        )
-        log.info(
-            "pretrain: perplexity on %s %.3f before, %.3f after (x%.2f)",
-            cfg.continued.reference_text,
-            before,
-            after,
-            after / before,
-        )
+        measured = None
+        if before is not None:  # the main process measures
+            after = reference_perplexity(model, tokenizer, reference, cfg.continued, registry)
+            measured = (before, after)
+            metrics.update(
+                reference_perplexity_before=before,
+                reference_perplexity_after=after,
+                reference_perplexity_ratio=after / before,
+            )
+            log.info(
+                "pretrain: perplexity on %s %.3f before, %.3f after (x%.2f)",
+                cfg.continued.reference_text,
+                before,
+                after,
+                after / before,
+            )
+        limit = cfg.continued.max_reference_ratio
+        if limit is not None:  # every process learns the verdict, and stops with the main
+            check_forgetting(main_process_value(measured), limit, cfg.continued, key)
     save_trained_model(
         out_dir,
         model,
@@ -354,6 +360,23 @@ def continue_source(
         extra={"source": source_record(cfg.source, src, done)},
     )
     return StageResult(out_dir, metrics, plots={"pretrain_loss": report.curve()})
+
+
+def check_forgetting(
+    measured: tuple[float, float], limit: float, cfg: ContinuedTrainParams, key: str
+) -> None:
+    """Refuse a model whose ``reference_text`` perplexity (before, after) rose more than
+    ``limit`` times, before it is written."""
+    from unbottle.core.contract.errors import GateError
+
+    before, after = measured
+    if after / before > limit:
+        raise GateError(
+            f"{key}.max_reference_ratio: the perplexity on {cfg.reference_text} rose "
+            f"x{after / before:.2f} ({before:.3f} to {after:.3f}), above x{limit:g}; no model "
+            f"was written. Train less (steps, lr), replay general text ({key}.replay_text), "
+            "or raise the limit"
+        )
 
 
 def reference_perplexity(

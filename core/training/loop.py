@@ -63,6 +63,7 @@ _NOT_IN_RUN_KEY = (
     # replay_fraction do change the weights, and stay in)
     "reference_text",
     "reference_tokens",
+    "max_reference_ratio",
 )
 
 LossFn = Callable[["torch.nn.Module", dict[str, "torch.Tensor"]], "torch.Tensor"]
@@ -262,6 +263,17 @@ def rank() -> int:
 def is_main_process() -> bool:
     """Only the main process writes artifacts, metrics and checkpoint manifests."""
     return rank() == 0
+
+
+def main_process_value(value: Any) -> Any:
+    """``value`` as the main process has it, on every process of the run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
 
 
 def barrier() -> None:
