@@ -496,6 +496,30 @@ def test_precision_sets_the_dtype_of_the_matmuls(precision, dtype):
     assert all(p.dtype == torch.float32 for p in tiny_model().parameters())  # fp32 master weights
 
 
+def test_the_trained_model_computes_in_fp32_after_a_bf16_run():
+    """Autocast is for training: what a stage measures on the trained model in the same
+    process (held-out metrics, continued pretraining's reference perplexity) must be what
+    the saved float model gives when loaded, not a bf16 forward."""
+    trained, _ = train(
+        tiny_model(),
+        token_windows(),
+        cfg(steps=2, precision="bf16"),
+        registry=get_registry(),
+        desc="t",
+    )
+    batch = token_windows().collate([0, 1])
+    assert _matmul_dtype(trained, batch) == torch.float32
+    fresh = tiny_model()
+    fresh.load_state_dict(trained.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            trained(input_ids=batch["input_ids"]).logits,
+            fresh(input_ids=batch["input_ids"]).logits,
+            atol=1e-6,
+            rtol=1e-6,
+        )
+
+
 def _matmul_dtype(model, batch) -> torch.dtype:
     """The dtype a projection's output has in this forward pass (autocast casts it)."""
     dtypes = []

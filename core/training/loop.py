@@ -966,7 +966,9 @@ def _load_checkpoint(
 
 def _final_model(accelerator: Any, prepared: Any, fsdp: bool) -> Any:
     """The trained model as a plain module (FSDP: the full weights, on the main process)."""
-    unwrapped = accelerator.unwrap_model(prepared)
+    # Without the autocast wrapper accelerate put on forward: the stage measures the model
+    # it returns in fp32, as the saved weights load.
+    unwrapped = accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
     if not fsdp:
         return unwrapped
     import torch
