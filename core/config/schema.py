@@ -170,9 +170,9 @@ class ContinuedTrainParams(TrainParams):
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     # What trains, chosen among the finetune methods (plugins/finetune.py): full (every
-    # weight), lora (adapters merged at the end: the optimizer holds a fraction of the
-    # state, and the model forgets less of what it knew while it learns less; Biderman et
-    # al., "LoRA Learns Less and Forgets Less", 2024) or partial.
+    # weight), lora (adapters, merged into the artifact at the end: the gradients and the
+    # optimizer's state are the adapters') or partial. On SmolLM2 LoRA stored far fewer
+    # facts and did not forget less (BENCHMARKS.md): it saves memory, not knowledge.
     method: StrategyRef = StrategyRef(name="full")
     # Text of other kinds the model should stay good at (the formats of data.train_text):
     # its perplexity is measured before and after training, so each run reports what it
