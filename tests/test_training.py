@@ -840,3 +840,26 @@ def test_rows_that_cannot_share_a_batch_fail_in_one_line_naming_the_replay_key()
     assert mixed.collate([10, 11])["input_ids"].shape == (2, 8)  # replay rows alone
     with pytest.raises(ConfigError, match=rf"^{key}: the objective's input_ids rows"):
         mixed.collate([0, 12])
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "tp"])
+def test_a_sharded_strategy_refuses_adapters_before_checking_the_model(strategy):
+    """Adapters cannot be merged from shards: the line says that, not that the wrapped
+    model's layers were not found."""
+    from peft import LoraConfig, get_peft_model
+
+    from unbottle.core.training.loop import estimate_memory
+
+    adapted = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(
+        ConfigError,
+        match=rf"^pretrain\.continued\.parallelism: {strategy} cannot merge a peft adapter at "
+        r"the end of training; use ddp or single with a lora method$",
+    ):
+        estimate_memory(
+            adapted,
+            cfg(parallelism={"name": strategy}),
+            registry=get_registry(),
+            key="pretrain.continued",
+            processes=2,
+        )

@@ -422,6 +422,8 @@ def estimate_memory(
     processes = processes or world_size()
     mixed_precision, _ = resolve_precision(cfg.precision, key, model)
     parallel = registry.create("parallelism", cfg.parallelism.name, cfg.parallelism.options)
+    sharded = hasattr(parallel, "parallelize") or cfg.parallelism.name == "fsdp"
+    _refuse_sharded_adapters(model, parallel.name, sharded=sharded, key=key)
     check_model = getattr(parallel, "check_model", None)
     if check_model is not None:  # a model-parallel strategy: mesh and shapes first
         check_model(model, cfg, key)
@@ -600,15 +602,21 @@ def _setup(
     return run
 
 
-def _check_model(
-    model: Any, cfg: TrainParams, parallelism: str, *, sharded: bool, key: str, desc: str
-) -> None:
-    check_context(model, cfg.seq_len, key)
+def _refuse_sharded_adapters(model: Any, parallelism: str, *, sharded: bool, key: str) -> None:
+    # Checked before the strategy's own checks of the model, which would not recognise
+    # the adapters' wrapper and say something less useful.
     if sharded and hasattr(model, "peft_config"):
         raise ConfigError(
             f"{key}.parallelism: {parallelism} cannot merge a peft adapter at the end of "
             "training; use ddp or single with a lora method"
         )
+
+
+def _check_model(
+    model: Any, cfg: TrainParams, parallelism: str, *, sharded: bool, key: str, desc: str
+) -> None:
+    check_context(model, cfg.seq_len, key)
+    _refuse_sharded_adapters(model, parallelism, sharded=sharded, key=key)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"{desc}: no parameter is trainable")
 
