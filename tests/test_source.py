@@ -425,6 +425,19 @@ def test_continued_pretraining_measures_the_reference_text_before_and_after(work
     assert rerun.metrics["reference_perplexity_before"] != metrics["reference_perplexity_before"]
 
 
+def continue_source_cli(workspace: Path, source: Path, *settings: str):
+    """`unbottle stage pretrain` continuing ``source``, with ``key=value`` settings."""
+    overrides = [arg for s in [f"pretrain.source.path={source}", *settings] for arg in ("-S", s)]
+    return run_cli("stage", "pretrain", *overrides, cwd=workspace)
+
+
+def assert_refused_before_training(result, workspace: Path, before: dict, pattern: str) -> None:
+    """One line matching ``pattern``, no training step logged, the artifact untouched."""
+    assert_one_line_error(result, pattern)
+    assert "pretrain: " not in result.stdout  # no training step was logged
+    assert file_hashes(workspace / "artifacts" / "pretrain", exclude=()) == before
+
+
 def test_a_model_that_forgot_more_than_the_limit_is_not_written(workspace, hf_source):
     from unbottle.core.config.schema import Params
     from unbottle.core.stages.layout import Layout
@@ -442,15 +455,10 @@ def test_a_model_that_forgot_more_than_the_limit_is_not_written(workspace, hf_so
         "reference_text": "reference.txt",
         "reference_tokens": 512,
     }
-    overrides = [f"pretrain.continued.{k}={v}" for k, v in continued.items()]
+    settings = [f"pretrain.continued.{k}={v}" for k, v in continued.items()]
     before = previous_artifact(workspace, "pretrain")
-    result = run_cli(
-        "stage",
-        "pretrain",
-        *[arg for o in [f"pretrain.source.path={hf_source}", *overrides] for arg in ("-S", o)],
-        "-S",
-        "pretrain.continued.max_reference_ratio=0.1",
-        cwd=workspace,
+    result = continue_source_cli(
+        workspace, hf_source, *settings, "pretrain.continued.max_reference_ratio=0.1"
     )
     assert_one_line_error(
         result,
@@ -473,15 +481,7 @@ def test_a_model_that_forgot_more_than_the_limit_is_not_written(workspace, hf_so
     assert result.metrics["reference_perplexity_ratio"] < 1.0
 
     # A limit needs the text it limits.
-    no_text = run_cli(
-        "stage",
-        "pretrain",
-        "-S",
-        f"pretrain.source.path={hf_source}",
-        "-S",
-        "pretrain.continued.max_reference_ratio=2",
-        cwd=workspace,
-    )
+    no_text = continue_source_cli(workspace, hf_source, "pretrain.continued.max_reference_ratio=2")
     assert_one_line_error(
         no_text,
         r"^error: pretrain\.continued: max_reference_ratio needs reference_text, the text "
@@ -617,44 +617,33 @@ def test_lora_continued_pretraining_trains_only_adapters_and_writes_a_plain_mode
 
 
 @pytest.mark.parametrize(
-    ("method", "pattern"),
+    ("settings", "pattern"),
     [
         (
-            "pretrain.continued.method.target_modules=[nope]",
+            ["method.name=lora", "method.target_modules=[nope]"],
             r"pretrain\.continued\.method\.target_modules: 'nope' names no linear module of "
             r"the model; its linear modules are .*q_proj.*$",
         ),
-        ("pretrain.continued.method.r=0", r"pretrain\.continued\.method\.r: .*"),
+        (["method.name=lora", "method.r=0"], r"pretrain\.continued\.method\.r: .*"),
         (
-            "pretrain.continued.method.modules=[nope]",
+            ["method.name=partial", "method.modules=[nope]"],
             r"pretrain\.continued\.method\.modules: 'nope' matches no parameter; .*$",
         ),
-        ("pretrain.continued.method=dora", r"pretrain\.continued\.method: Unknown finetune "),
+        (["method=dora"], r"pretrain\.continued\.method: Unknown finetune "),
     ],
     ids=["lora-target", "lora-rank", "partial-modules", "unknown"],
 )
 def test_a_bad_continued_method_fails_in_one_line_before_training(
-    workspace, hf_source, method, pattern
+    workspace, hf_source, settings, pattern
 ):
-    overrides = ["-S", method]
-    if "modules=" in method and "target" not in method:
-        overrides = ["-S", "pretrain.continued.method.name=partial", *overrides]
-    elif "method." in method:
-        overrides = ["-S", "pretrain.continued.method.name=lora", *overrides]
     before = previous_artifact(workspace, "pretrain")
-    result = run_cli(
-        "stage",
-        "pretrain",
-        "-S",
-        f"pretrain.source.path={hf_source}",
-        "-S",
+    result = continue_source_cli(
+        workspace,
+        hf_source,
         "pretrain.continued.seq_len=32",
-        *overrides,
-        cwd=workspace,
+        *[f"pretrain.continued.{setting}" for setting in settings],
     )
-    assert_one_line_error(result, pattern)
-    assert "pretrain: " not in result.stdout  # no training step was logged
-    assert file_hashes(workspace / "artifacts" / "pretrain", exclude=()) == before
+    assert_refused_before_training(result, workspace, before, pattern)
 
 
 @pytest.mark.parametrize(
@@ -685,20 +674,13 @@ def test_a_bad_reference_or_replay_text_fails_in_one_line_before_training(
         name = "short.txt"
         (workspace / name).write_text(text, encoding="utf-8")
     before = previous_artifact(workspace, "pretrain")
-    result = run_cli(
-        "stage",
-        "pretrain",
-        "-S",
-        f"pretrain.source.path={hf_source}",
-        "-S",
+    result = continue_source_cli(
+        workspace,
+        hf_source,
         f"pretrain.continued.{key}={name}",
-        "-S",
         "pretrain.continued.seq_len=32",  # the source's context is 128
-        cwd=workspace,
     )
-    assert_one_line_error(result, pattern)
-    assert "pretrain: " not in result.stdout  # no training step was logged
-    assert file_hashes(workspace / "artifacts" / "pretrain", exclude=()) == before
+    assert_refused_before_training(result, workspace, before, pattern)
 
 
 @pytest.mark.parametrize("kind", ["hf", "gguf"])
