@@ -40,6 +40,7 @@ imports a web framework; :mod:`unbottle.core.serving.http` puts HTTP in front.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import os
@@ -1227,6 +1228,7 @@ def _engine_main(path: str, overrides: dict[str, Any], conn: Any) -> None:
     # counts lag behind cancellations by a step, and a refusal here would kill it).
     engine.max_queue = 1 << 62
     engine.start()
+    gc.freeze()  # the model and its libraries: no collection needs to walk them (http.py)
     with send_lock:
         conn.send(("ready",))
 
