@@ -155,3 +155,37 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: i
         text=True,
         timeout=timeout,
     )
+
+
+def run_cli_here(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`unbottle ARGS` in this process, with what :func:`run_cli` returns: for the many
+    refusals, where a subprocess would spend five of its seconds importing torch and
+    transformers. What the CLI sets in the process is put back after: the environment,
+    the working directory, argv, and the unbottle logger's handlers. The CLI adds its
+    handler once per process, bound to the stdout of the time; without the reset, every
+    call after the first would log into the first call's buffer and lose its lines."""
+    import io
+    import logging
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from unbottle.cli import main
+
+    logger = logging.getLogger("unbottle")
+    environ, here, argv, handlers = dict(os.environ), Path.cwd(), sys.argv, logger.handlers
+    out, err, env = io.StringIO(), io.StringIO(), cli_env()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.argv, logger.handlers = ["unbottle", *args], []
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv, logger.handlers = argv, handlers
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(environ)
+    return subprocess.CompletedProcess(["unbottle", *args], code, out.getvalue(), err.getvalue())

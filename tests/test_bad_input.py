@@ -18,33 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PIPELINE_PARAMS, TINY_PARAMS, make_workspace
+from tests.conftest import PIPELINE_PARAMS, TINY_PARAMS, make_workspace, run_cli_here
 from unbottle.core.store.artifacts import MANIFEST, file_hashes, sha256_file
-
-# Keys the CLI sets in os.environ (PREFECT_HOME and the like): restored after each call,
-# so an in-process CLI call cannot leak one workspace's settings into other tests.
 
 
 def cli(args: list[str], cwd: Path, capsys) -> tuple[int, str, str]:
     """``unbottle ARGS`` in this process: (exit code, stdout, stderr)."""
-    from unbottle.cli import main
-
-    environ, here, argv = dict(os.environ), Path.cwd(), sys.argv
-    capsys.readouterr()
-    os.chdir(cwd)
-    sys.argv = ["unbottle", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
-        os.chdir(here)
-        os.environ.clear()
-        os.environ.update(environ)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    result = run_cli_here(*args, cwd=cwd)
+    return result.returncode, result.stdout, result.stderr
 
 
 def assert_one_line(result: tuple[int, str, str], pattern: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_PARAMS, run_cli
+from tests.conftest import TINY_PARAMS, run_cli, run_cli_here
 from tests.released_model import BOS, EOS, UNK, tiny_released_model
 from tests.test_cli import assert_one_line_error, previous_artifact
 from unbottle.core.store.artifacts import file_hashes, read_manifest
@@ -428,7 +428,7 @@ def test_continued_pretraining_measures_the_reference_text_before_and_after(work
 def continue_source_cli(workspace: Path, source: Path, *settings: str):
     """`unbottle stage pretrain` continuing ``source``, with ``key=value`` settings."""
     overrides = [arg for s in [f"pretrain.source.path={source}", *settings] for arg in ("-S", s)]
-    return run_cli("stage", "pretrain", *overrides, cwd=workspace)
+    return run_cli_here("stage", "pretrain", *overrides, cwd=workspace)
 
 
 def assert_refused_before_training(result, workspace: Path, before: dict, pattern: str) -> None:
@@ -696,7 +696,7 @@ def test_continued_pretraining_longer_than_the_source_context_fails_before_any_w
         # done here): the stage checks it after the cached conversion, before the weights.
         converted_gguf(gguf_source, cache=tmp_path / "cache")
     before = previous_artifact(workspace, "pretrain")
-    result = run_cli(
+    result = run_cli_here(
         "stage",
         "pretrain",
         "-S",
@@ -714,7 +714,7 @@ def test_continued_pretraining_longer_than_the_source_context_fails_before_any_w
 
 
 def test_continued_pretraining_checks_its_own_strategies(workspace, hf_source):
-    result = run_cli(
+    result = run_cli_here(
         "stage",
         "pretrain",
         "-S",
@@ -727,7 +727,7 @@ def test_continued_pretraining_checks_its_own_strategies(workspace, hf_source):
 
 
 def test_continued_pretraining_without_a_source_is_refused(workspace):
-    result = run_cli("stage", "pretrain", "-S", "pretrain.continued.steps=5", cwd=workspace)
+    result = run_cli_here("stage", "pretrain", "-S", "pretrain.continued.steps=5", cwd=workspace)
     assert_one_line_error(
         result, r"pretrain\.continued: trains a pretrained `source` further, and no source is set; "
     )
@@ -763,7 +763,7 @@ def test_a_bad_source_fails_in_one_line_and_keeps_earlier_artifacts(workspace, s
     before = previous_artifact(workspace, "pretrain")
     key, _, value = source.partition("=")
     override = f"pretrain.source.{key}={value}" if value else f"pretrain.source={source}"
-    result = run_cli("stage", "pretrain", "-S", override, cwd=workspace)
+    result = run_cli_here("stage", "pretrain", "-S", override, cwd=workspace)
     assert_one_line_error(result, pattern)
     assert file_hashes(workspace / "artifacts" / "pretrain", exclude=()) == before
 
@@ -776,7 +776,9 @@ def test_a_source_with_a_broken_config_names_the_users_directory_not_a_stage(
     shutil.copytree(hf_source, broken)
     (broken / "config.json").write_text('{"model_type": "llama", ', encoding="utf-8")
     before = previous_artifact(workspace, "pretrain")
-    result = run_cli("stage", "pretrain", "-S", f"pretrain.source.path={broken}", cwd=workspace)
+    result = run_cli_here(
+        "stage", "pretrain", "-S", f"pretrain.source.path={broken}", cwd=workspace
+    )
     assert_one_line_error(
         result,
         r"pretrain\.source\.path: .*broken-source/config\.json: not a model config \(.*\); "
