@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import json
 import logging
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -467,18 +468,24 @@ def test_a_model_that_forgot_more_than_the_limit_is_not_written(workspace, hf_so
         r"less \(steps, lr\), replay general text \(pretrain\.continued\.replay_text\), or "
         r"raise the limit$",
     )
-    assert "pretrain step 10/10" in result.stdout + result.stderr  # refused after training
+    # Refused after training: its last loss, as logged.
+    (refused_loss,) = re.findall(r"pretrain step 10/10 loss ([\d.]+)", result.stdout)
     assert file_hashes(workspace / "artifacts" / "pretrain", exclude=()) == before
     assert not (workspace / "metrics" / "pretrain.json").exists()
+    # Its last step is kept (a run without a limit checkpoints step 5 only).
+    checkpoints = workspace / "artifacts" / ".checkpoints" / "pretrain"
+    assert sorted(p.name for p in checkpoints.glob("*/step-*")) == ["step-000005", "step-000010"]
 
-    # A limit it meets writes the model; the refused run's checkpoint is resumed, since
-    # the limit changes no weight.
+    # A limit it meets writes the model from the refused run's last step, since the limit
+    # changes no weight: nothing trains again, and the perplexity is measured as before.
     shutil.rmtree(workspace / "artifacts" / "pretrain")
     raw = params_with_source({"path": str(hf_source)})
     raw["pretrain"]["continued"] = {**continued, "max_reference_ratio": 1.0}
     result = run_stage("pretrain", Params.model_validate(raw), Layout(workspace))
-    assert result.metrics["resumed_from_step"] == 5
+    assert result.metrics["resumed_from_step"] == 10
+    assert f"{result.metrics['final_loss']:.4f}" == refused_loss
     assert result.metrics["reference_perplexity_ratio"] < 1.0
+    assert not any(checkpoints.glob("*/step-*"))  # the artifact replaced them
 
     # A limit needs the text it limits.
     no_text = continue_source_cli(workspace, hf_source, "pretrain.continued.max_reference_ratio=2")

@@ -291,6 +291,9 @@ def continue_source(
             "objective": cfg.objective.model_dump(mode="json"),
             "seed": seed,
         },
+        # The forgetting limit is checked after training and is out of the run key: a
+        # refused run keeps its last step, so a rerun with a raised limit only measures.
+        keep_last=cfg.continued.max_reference_ratio is not None,
     )
     # ``model`` is what trains: the source itself, or a wrapper holding adapters, which
     # the method folds back into a plain model when the artifact is written.

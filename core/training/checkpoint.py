@@ -64,15 +64,23 @@ class Restored:
 class CheckpointStore:
     """The checkpoints of one run (one run key), newest ``keep`` kept."""
 
-    def __init__(self, root: Path, run_key: str, *, every: int, keep: int) -> None:
+    def __init__(
+        self, root: Path, run_key: str, *, every: int, keep: int, keep_last: bool = False
+    ) -> None:
         self.run_key = run_key
         self.dir = Path(root) / run_key[:16]
         self.every = every
         self.keep = keep
+        #: Checkpoint the last step too: for a run whose result a check after training may
+        #: refuse, so that a rerun which passes it resumes there instead of training again.
+        self.keep_last = keep_last
 
     def due(self, step: int, total: int) -> bool:
-        """Whether to checkpoint after ``step`` (1-based) of ``total``; the last needs none."""
-        return self.every > 0 and step % self.every == 0 and step < total
+        """Whether to checkpoint after ``step`` (1-based) of ``total``; the last needs none
+        unless ``keep_last`` (the artifact written from it replaces its checkpoints)."""
+        if self.every <= 0:
+            return False
+        return self.keep_last if step == total else step % self.every == 0
 
     # ----------------------------------------------------------------------- writing
 

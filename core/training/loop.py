@@ -316,12 +316,18 @@ def run_key(cfg: TrainParams, *, stage: str, identity: dict[str, Any]) -> str:
 
 
 def checkpoint_store(
-    cfg: TrainParams, *, stage: str, out_dir: Path, identity: dict[str, Any]
+    cfg: TrainParams,
+    *,
+    stage: str,
+    out_dir: Path,
+    identity: dict[str, Any],
+    keep_last: bool = False,
 ) -> CheckpointStore | None:
     """Where the stage's run keeps its checkpoints, or None when they are off.
 
     By default ``artifacts/.checkpoints/<stage>/<run key>/``: beside the stage's artifact
     (which is replaced whole, so checkpoints cannot live inside it) and out of DVC's outs.
+    ``keep_last`` checkpoints the last step too (:class:`CheckpointStore`).
     """
     from unbottle.core.training.checkpoint import CheckpointStore
 
@@ -330,7 +336,11 @@ def checkpoint_store(
     root = cfg.checkpoint_dir or Path(out_dir).parent / ".checkpoints" / Path(out_dir).name
     key = run_key(cfg, stage=stage, identity=identity)
     return CheckpointStore(
-        Path(root).resolve(), key, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints
+        Path(root).resolve(),
+        key,
+        every=cfg.checkpoint_every,
+        keep=cfg.keep_checkpoints,
+        keep_last=keep_last,
     )
 
 
