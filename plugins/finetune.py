@@ -30,9 +30,12 @@ def _log_trainable(method: str, model: Any) -> None:
     params = {id(p): p for p in model.parameters()}.values()
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
-    # The stage's checks before any loading prepare a weightless copy first: said once.
-    weightless = any(p.is_meta for p in params)
-    (log.debug if weightless else log.info)(
+    from unbottle.training import is_main_process
+
+    # Said once: the stage's checks before any loading prepare a weightless copy first,
+    # and under torchrun every process prepares its own copy.
+    once = is_main_process() and not any(p.is_meta for p in params)
+    (log.info if once else log.debug)(
         "method %s: %d of %d parameters train (%.2f%%)",
         method,
         trainable,

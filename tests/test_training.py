@@ -732,6 +732,21 @@ def test_what_trains_is_said_once_not_again_for_the_weightless_check(method, cap
     assert len([r for r in caplog.records if "parameters train" in r.getMessage()]) == 1
 
 
+def test_what_trains_is_said_by_the_main_process_only(caplog, monkeypatch):
+    """Under torchrun every process prepares the method on its own copy: one says it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
+    strategy = get_registry().create("finetune_method", "lora", {})
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets in its second process
+    with caplog.at_level(logging.INFO, logger="unbottle.finetune"):
+        strategy.prepare(LlamaForCausalLM(config))
+    assert not [r for r in caplog.records if "parameters train" in r.getMessage()]
+
+
 def test_lora_target_that_names_no_module_fails_before_training(base, tmp_path):
     with pytest.raises(
         ConfigError,

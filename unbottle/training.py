@@ -16,7 +16,9 @@ decoder layers split over pipeline stages, :data:`IGNORE_INDEX` the label the lo
 For pretraining objectives: :func:`build_model`, the Llama decoder ``pretrain.model``
 describes (what ``clm`` trains); :func:`encode_texts`, the token ids of a list of texts
 (the tokenizer's call, without its overhead). :func:`progress_bar`: a rich progress bar
-for a long loop of a strategy's own (quiet when the output is not a terminal).
+for a long loop of a strategy's own (quiet when the output is not a terminal);
+:func:`is_main_process`: whether this process is the one that writes and reports (rank 0
+under torchrun; every process of a run prepares and trains its own copy).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from unbottle.core.config.schema import TrainParams
 from unbottle.core.models.loading import build_model, encode_texts
 from unbottle.core.progress import progress_bar
 from unbottle.core.registry import get_registry
-from unbottle.core.training.loop import IGNORE_INDEX, rng, train
+from unbottle.core.training.loop import IGNORE_INDEX, is_main_process, rng, train
 from unbottle.core.training.memory import Split, stage_layers
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "build_model",
     "encode_texts",
     "get_registry",
+    "is_main_process",
     "progress_bar",
     "rng",
     "stage_layers",
