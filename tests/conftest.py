@@ -161,9 +161,11 @@ def run_cli_here(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`unbottle ARGS` in this process, with what :func:`run_cli` returns: for the many
     refusals, where a subprocess would spend five of its seconds importing torch and
     transformers. What the CLI sets in the process is put back after: the environment,
-    the working directory, argv, and the unbottle logger's handlers. The CLI adds its
-    handler once per process, bound to the stdout of the time; without the reset, every
-    call after the first would log into the first call's buffer and lose its lines."""
+    the working directory, argv, and the unbottle logger's handlers, level and
+    propagation. The CLI adds its handler once per process, bound to the stdout of the
+    time: without the reset, every call after the first would log into the first call's
+    buffer and lose its lines. And it stops the logger propagating: left so, pytest's
+    caplog (on the root logger) would see no unbottle record in the tests after."""
     import io
     import logging
     from contextlib import redirect_stderr, redirect_stdout
@@ -171,7 +173,8 @@ def run_cli_here(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     from unbottle.cli import main
 
     logger = logging.getLogger("unbottle")
-    environ, here, argv, handlers = dict(os.environ), Path.cwd(), sys.argv, logger.handlers
+    environ, here, argv = dict(os.environ), Path.cwd(), sys.argv
+    handlers, level, propagate = logger.handlers, logger.level, logger.propagate
     out, err, env = io.StringIO(), io.StringIO(), cli_env()
     os.environ.clear()
     os.environ.update(env)
@@ -185,6 +188,8 @@ def run_cli_here(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         code = e.code if isinstance(e.code, int) else 1
     finally:
         sys.argv, logger.handlers = argv, handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
         os.chdir(here)
         os.environ.clear()
         os.environ.update(environ)
