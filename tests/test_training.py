@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,6 +331,31 @@ def test_adapter_and_partial_runs_resume_bit_for_bit(tmp_path, method):
     assert same_weights(resumed, reference)
 
 
+def test_checkpoints_kept_after_the_artifact_is_written_still_resume_the_run(tmp_path, tiny_data):
+    from safetensors.torch import load_file
+
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
+
+    params = copy.deepcopy(TINY_PARAMS)
+    params["pretrain"]["train"].update(
+        steps=6, checkpoint_every=2, keep_checkpoints=5, clear_checkpoints=False
+    )
+    root = make_workspace(tmp_path, tiny_data, params)
+    run_stage("pretrain", Params.model_validate(params), Layout(root))
+    first = load_file(root / "artifacts/pretrain/model.safetensors")
+    checkpoints = root / "artifacts/.checkpoints/pretrain"
+    # Every checkpoint but the last step's, which the artifact is.
+    assert sorted(p.name for p in checkpoints.glob("*/step-*")) == ["step-000002", "step-000004"]
+
+    shutil.rmtree(root / "artifacts/pretrain")  # the newest one resumes the run, bit for bit
+    again = run_stage("pretrain", Params.model_validate(params), Layout(root))
+    assert again.metrics["resumed_from_step"] == 4
+    second = load_file(root / "artifacts/pretrain/model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_a_corrupt_checkpoint_is_skipped_and_the_one_before_it_is_used(tmp_path, caplog):
     registry = get_registry()
     settings = cfg(checkpoint_every=4, keep_checkpoints=3)
@@ -364,6 +390,10 @@ def test_checkpoints_resume_only_the_same_run(tmp_path):
     key = run_key(base, stage="t", identity={"data": "x"})
     # Logging and checkpoint cadence do not change the weights: same run.
     assert run_key(cfg(checkpoint_every=2, log_every=1), stage="t", identity={"data": "x"}) == key
+    assert (
+        run_key(cfg(checkpoint_every=4, clear_checkpoints=False), stage="t", identity={"data": "x"})
+        == key
+    )
     assert run_key(cfg(checkpoint_every=4, lr=2e-2), stage="t", identity={"data": "x"}) != key
     assert run_key(base, stage="t", identity={"data": "y"}) != key
 

@@ -152,6 +152,9 @@ class TrainParams(Section):
     checkpoint_every: int = Field(100, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
     checkpoint_dir: Path | None = None
+    # Delete the run's checkpoints once its artifact is written; false keeps them (the
+    # newest keep_checkpoints), to measure the model along the run or resume from them.
+    clear_checkpoints: bool = True
     # Refuse to start when the estimated memory exceeds what the device has free.
     memory_check: bool = True
 

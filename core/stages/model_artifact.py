@@ -5,6 +5,7 @@ Pretrain (trained or from a source) and finetune end the same way; this is that 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from unbottle.core.config.schema import TrainParams
     from unbottle.core.registry import Registry
     from unbottle.core.training.checkpoint import CheckpointStore
+
+log = logging.getLogger("unbottle.stages")
 
 
 def save_model_artifact(
@@ -70,7 +73,8 @@ def save_trained_model(
     finalize: Callable[[Any, Path], Any] | None = None,
 ) -> None:
     """The end of a training stage, on every process: the main process writes the
-    artifact and clears the run's checkpoints, the others wait for it.
+    artifact and clears the run's checkpoints (unless ``train.clear_checkpoints`` is
+    false), the others wait for it.
 
     The manifest names the stage's own ``strategies`` (kind, name) and the optimizer and
     parallelism of ``train``; its metrics leave out the timings (they are not results).
@@ -94,6 +98,8 @@ def save_trained_model(
             extra=extra,
             finalize=finalize,
         )
-        if checkpoints is not None:
+        if checkpoints is not None and train.clear_checkpoints:
             checkpoints.clear()  # the artifact is whole: the run's checkpoints are not needed
+        elif checkpoints is not None:
+            log.info("%s: kept its checkpoints in %s", stage, checkpoints.dir)
     barrier()

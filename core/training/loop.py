@@ -58,6 +58,7 @@ _NOT_IN_RUN_KEY = (
     "checkpoint_every",
     "keep_checkpoints",
     "checkpoint_dir",
+    "clear_checkpoints",
     "memory_check",
     # continued pretraining's measurement of the source and the result (replay_text and
     # replay_fraction do change the weights, and stay in)
