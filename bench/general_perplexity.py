@@ -19,10 +19,10 @@ Other files are added with ``--text NAME=PATH``. ::
     .venv/bin/python bench/general_perplexity.py RELEASED artifacts/pretrain \\
         artifacts/finetune --text own=my_data/corpus/valid.txt --out result.json
 
-``--write-texts DIR`` writes the default texts there as ``NAME.txt``, and the two halves
-of the topics as ``python-docs-1.txt`` and ``python-docs-2.txt``: texts for
-``pretrain.continued.reference_text``, which measures the same in every run, and for
-``replay_text`` (replay one half, measure on the other).
+``--write-texts DIR`` writes what `unbottle data general --out DIR` writes
+(``core/data/general.py``): the two halves of the topics as ``python-docs-1.txt`` and
+``python-docs-2.txt``, texts for ``pretrain.continued.reference_text`` and
+``replay_text`` (replay one half, measure on the other), and ``python-code.txt``.
 """
 
 from __future__ import annotations
@@ -31,39 +31,9 @@ import argparse
 import hashlib
 import platform
 import sys
-import sysconfig
 from pathlib import Path
 
-#: Standard-library modules of ordinary Python, read in this order (about 200 KB).
-STDLIB_MODULES = ["argparse.py", "textwrap.py", "dataclasses.py", "json/decoder.py", "shlex.py"]
-
-
-def python_docs(half: int | None = None) -> str:
-    """The language reference's topics (``help('if')`` and the rest), in key order; with
-    ``half`` 1 or 2, the first or the second half of the topics only (one to replay in
-    training, the other to measure on). Topics repeat each other's paragraphs, so the
-    second half leaves out every paragraph the first half has."""
-    from pydoc_data.topics import topics
-
-    keys = sorted(topics)
-    if half is None:
-        return "\n\n".join(topics[key].strip() for key in keys)
-    first = [topics[key].strip() for key in keys[: len(keys) // 2]]
-    if half == 1:
-        return "\n\n".join(first)
-    seen = {paragraph.strip() for text in first for paragraph in text.split("\n\n")}
-    second = [topics[key].strip() for key in keys[len(keys) // 2 :]]
-    return "\n\n".join(
-        paragraph
-        for text in second
-        for paragraph in text.split("\n\n")
-        if paragraph.strip() not in seen
-    )
-
-
-def python_code() -> str:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return "\n\n".join((stdlib / name).read_text(encoding="utf-8") for name in STDLIB_MODULES)
+from unbottle.core.data.general import python_code, python_docs
 
 
 def perplexity(runner, text: str, max_tokens: int, window: int) -> float:
@@ -98,11 +68,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     texts = {"python-docs": python_docs(), "python-code": python_code()}
     if args.write_texts:
-        from unbottle.core.store.artifacts import write_text_atomic
+        from unbottle.core.data.general import write_general_texts
 
-        halves = {f"python-docs-{half}": python_docs(half) for half in (1, 2)}
-        for name, text in {**texts, **halves}.items():
-            write_text_atomic(args.write_texts / f"{name}.txt", text)
+        write_general_texts(args.write_texts)
         return 0
     if not args.models:
         parser.error("give the model directories to measure")

@@ -120,6 +120,34 @@ def test_data_demo_never_deletes_a_users_data(tmp_path):
     assert mine.read_text() == '{"question": "2 km in m?", "answer": "2000"}\n'
 
 
+def test_data_general_writes_this_pythons_texts_beside_the_users_files(tmp_path):
+    import hashlib
+
+    mine = tmp_path / "data" / "general" / "mine.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("the user's own general text\n")
+    result = run_cli("data", "general", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    names = ["python-docs.txt", "python-docs-1.txt", "python-docs-2.txt", "python-code.txt"]
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [f"data/general/{n}" for n in names]
+    texts = {n: (mine.parent / n).read_text(encoding="utf-8") for n in names}
+    for line, name in zip(lines, names, strict=True):  # the printed hash is the file's
+        digest = hashlib.sha256((mine.parent / name).read_bytes()).hexdigest()
+        assert line.split()[1] == f"sha256:{digest[:12]}"
+    # Prose in two halves that share no paragraph (one to replay, one to measure on).
+    assert 'The "if" statement' in texts["python-docs.txt"]
+    first = {p.strip() for p in texts["python-docs-1.txt"].split("\n\n")}
+    second = {p.strip() for p in texts["python-docs-2.txt"].split("\n\n")}
+    assert len(first) > 100 and len(second) > 100 and not first & second
+    assert "class ArgumentParser" in texts["python-code.txt"]
+    assert mine.read_text() == "the user's own general text\n"  # the folder's other files stay
+
+    (tmp_path / "a-file").write_text("x")
+    bad = run_cli("data", "general", "--out", "a-file/general", cwd=tmp_path)
+    assert_one_line_error(bad, r"^error: --out: a-file/general: ")
+
+
 def test_atomic_dir_keeps_the_old_output_when_the_work_fails(tmp_path):
     final = tmp_path / "artifact"
     with atomic_dir(final) as tmp:

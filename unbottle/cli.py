@@ -545,6 +545,29 @@ def data_demo(
         typer.echo(f"{out / rel}  sha256:{digest[:12]}")
 
 
+@data_app.command("general")
+def data_general(
+    out: Annotated[Path, typer.Option(help="The folder to write the texts into.")] = Path(
+        "data/general"
+    ),
+) -> None:
+    """Write general text from this Python (its documentation, some stdlib code) for replay.
+
+    For continued pretraining's replay_text and reference_text: the language
+    reference's topics whole and in two halves that share no paragraph (replay one,
+    measure on the other), and some standard-library modules' code.
+    """
+    from unbottle.core.contract.errors import DataError, shorten_path
+    from unbottle.core.data.general import write_general_texts
+
+    try:
+        hashes = write_general_texts(out)
+    except OSError as e:  # a name too long, a folder not writable, a full disk
+        raise DataError(f"--out: {shorten_path(out)}: {e.strerror or e}") from None
+    for name, digest in hashes.items():
+        typer.echo(f"{out / name}  sha256:{digest[:12]}")
+
+
 SharedOption = Annotated[
     bool,
     typer.Option(
