@@ -465,8 +465,8 @@ def test_a_model_that_forgot_more_than_the_limit_is_not_written(workspace, hf_so
         result,
         r"^error: pretrain\.continued\.max_reference_ratio: the perplexity on reference\.txt "
         r"rose x0\.\d\d \([\d.]+ to [\d.]+\), above x0\.1; no model was written\. Train "
-        r"less \(steps, lr\), replay general text \(pretrain\.continued\.replay_text\), or "
-        r"raise the limit$",
+        r"less \(steps, lr\), replay general text \(pretrain\.continued\.replay_text; "
+        r"`unbottle data general` writes some\), or raise the limit$",
     )
     # Refused after training: its last loss, as logged.
     (refused_loss,) = re.findall(r"pretrain step 10/10 loss ([\d.]+)", result.stdout)

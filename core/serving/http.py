@@ -277,10 +277,12 @@ def create_app(bundle: LoadedBundle, *, api_key: str | None = None) -> FastAPI:
         # wait. Frozen, a collection walks only what requests made. Thawed after, for a
         # process that embeds the server.
         gc.freeze()
-        yield
-        gc.unfreeze()
-        # uvicorn has already waited for (or cancelled) in-flight requests.
-        engine.stop()
+        try:
+            yield
+        finally:
+            gc.unfreeze()
+            # uvicorn has already waited for (or cancelled) in-flight requests.
+            engine.stop()
 
     app = FastAPI(
         title="unbottle", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None

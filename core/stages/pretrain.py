@@ -377,8 +377,8 @@ def check_forgetting(
         raise GateError(
             f"{key}.max_reference_ratio: the perplexity on {cfg.reference_text} rose "
             f"x{after / before:.2f} ({before:.3f} to {after:.3f}), above x{limit:g}; no model "
-            f"was written. Train less (steps, lr), replay general text ({key}.replay_text), "
-            "or raise the limit"
+            f"was written. Train less (steps, lr), replay general text ({key}.replay_text; "
+            "`unbottle data general` writes some), or raise the limit"
         )
 
 
