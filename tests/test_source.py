@@ -475,6 +475,12 @@ def test_a_model_that_forgot_more_than_the_limit_is_not_written(workspace, hf_so
     # Its last step is kept (a run without a limit checkpoints step 5 only).
     checkpoints = workspace / "artifacts" / ".checkpoints" / "pretrain"
     assert sorted(p.name for p in checkpoints.glob("*/step-*")) == ["step-000005", "step-000010"]
+    # `unbottle cache` tells of them (the stage deletes a run's only once it wrote the model).
+    listing = run_cli_here("cache", cwd=workspace).stdout.replace("\n", " ")
+    assert re.search(
+        r"Checkpoints of 1 run \(pretrain 1\) hold [\d.]+ [kM]B in artifacts/\.checkpoints: ",
+        listing,
+    ), listing
 
     # A limit it meets writes the model from the refused run's last step, since the limit
     # changes no weight: nothing trains again, and the perplexity is measured as before.

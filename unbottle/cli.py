@@ -636,6 +636,22 @@ def cache_usage(
         "frees: what removing the entries gives back; the rest is hard-linked from "
         "artifacts. `unbottle cache prune --older-than 30d` or `--max-size 20GB` prunes."
     )
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.training.checkpoint import checkpoints_on_disk
+
+    checkpoints = Layout(Path(".")).artifacts / ".checkpoints"
+    if runs := checkpoints_on_disk(checkpoints):
+        by_stage = ", ".join(
+            f"{stage} {sum(r.stage == stage for r in runs)}"
+            for stage in dict.fromkeys(r.stage for r in runs)
+        )
+        typer.echo(
+            f"Checkpoints of {len(runs)} run{'s' * (len(runs) > 1)} ({by_stage}) hold "
+            f"{_bytes(sum(r.size for r in runs))} in {checkpoints}: a stage "
+            "deletes its run's once its artifact is written, so these are of runs stopped, "
+            "refused or kept (clear_checkpoints: false). A rerun of the same run resumes "
+            "from them; delete the folders of the others."
+        )
     elsewhere, _ = _which_cache(shared=True)
     if conversions := cache_entries(elsewhere, SHARED_KINDS):
         count = f"{len(conversions)} GGUF conversion{'s' * (len(conversions) > 1)}"

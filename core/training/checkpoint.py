@@ -61,6 +61,31 @@ class Restored:
     rng_json: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LeftCheckpoints:
+    """The checkpoints one run has on disk, under ``<root>/<stage>/<run key>/``."""
+
+    stage: str
+    run: str  # the folder's name: the run key's first 16 hex digits
+    steps: tuple[int, ...]  # of its complete checkpoints
+    size: int  # bytes of everything in the folder, unfinished checkpoints included
+
+
+def checkpoints_on_disk(root: Path) -> list[LeftCheckpoints]:
+    """Every run's checkpoints under ``root`` (a workspace's ``artifacts/.checkpoints``),
+    by stage and run. A stage deletes its run's once its artifact is written, so these
+    are of runs that were stopped, refused or told to keep them."""
+    runs = []
+    for folder in sorted(Path(root).glob("*/*")):
+        if not folder.is_dir():
+            continue
+        found = (_STEP_DIR.match(p.name) for p in folder.iterdir() if p.is_dir())
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        steps = tuple(sorted(int(m.group(1)) for m in found if m))
+        runs.append(LeftCheckpoints(folder.parent.name, folder.name, steps, size))
+    return runs
+
+
 class CheckpointStore:
     """The checkpoints of one run (one run key), newest ``keep`` kept."""
 
