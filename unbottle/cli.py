@@ -636,15 +636,14 @@ def cache_usage(
         "frees: what removing the entries gives back; the rest is hard-linked from "
         "artifacts. `unbottle cache prune --older-than 30d` or `--max-size 20GB` prunes."
     )
+    from collections import Counter
+
     from unbottle.core.stages.layout import Layout
     from unbottle.core.training.checkpoint import checkpoints_on_disk
 
     checkpoints = Layout(Path(".")).artifacts / ".checkpoints"
     if runs := checkpoints_on_disk(checkpoints):
-        by_stage = ", ".join(
-            f"{stage} {sum(r.stage == stage for r in runs)}"
-            for stage in dict.fromkeys(r.stage for r in runs)
-        )
+        by_stage = ", ".join(f"{s} {n}" for s, n in Counter(r.stage for r in runs).items())
         typer.echo(
             f"Checkpoints of {len(runs)} run{'s' * (len(runs) > 1)} ({by_stage}) hold "
             f"{_bytes(sum(r.size for r in runs))} in {checkpoints}: a stage "
