@@ -56,13 +56,13 @@ endef
 
 # The suite spends about half its time waiting on subprocesses and servers, so most of it
 # runs on two workers (pytest-xdist; 7 min of pytest in all against 9 on 2 cores; three
-# workers were slower, 8 min 20 s against 7 min 19 s on this Xeon: CPU-bound then). The
-# tests marked `serial` run after, alone: they pip-install a plugin into the venv, which
-# every other test would see, or time the server's event loop.
+# workers were slower, 8 min 20 s against 7 min 19 s on this Xeon: CPU-bound then).
+# `loadgroup` keeps each plugin test module on one worker, which installs its plugin once.
+# The tests marked `serial` run after, alone: they time the server's event loop.
 PYTEST_WORKERS ?= 2
 
 test: lint
-	$(call pytest_phase,-n $(PYTEST_WORKERS) -m "not serial")
+	$(call pytest_phase,-n $(PYTEST_WORKERS) --dist loadgroup -m "not serial")
 	$(call pytest_phase,-m serial)
 
 clean:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,8 +24,6 @@ def require_extra(module: str):
     """Import an optional dependency, skipping the test where it is not installed, except
     under ``UNBOTTLE_REQUIRE_EXTRAS=1`` (set by `make test`, which installs the extras),
     where a missing one fails instead of silently skipping."""
-    import importlib
-
     if os.environ.get("UNBOTTLE_REQUIRE_EXTRAS") == "1":
         return importlib.import_module(module)
     return pytest.importorskip(module)
@@ -194,3 +195,38 @@ def run_cli_here(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         os.environ.clear()
         os.environ.update(environ)
     return subprocess.CompletedProcess(["unbottle", *args], code, out.getvalue(), err.getvalue())
+
+
+def pip_install_plugin(source: Path, into: Path) -> Path:
+    """`pip install` a plugin distribution for real (offline: no dependencies, no build
+    isolation), into a folder of its own rather than this venv, where the tests running
+    beside it on the other worker would see it. Returns the folder: Python finds the
+    distributions on its path, entry points included, as it finds a venv's. pip builds in
+    the source tree, so it builds a copy, and the repository's examples stay clean."""
+    build = into / "source"
+    shutil.copytree(source, build, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    target = into / "site-packages"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip, "--target", str(target), str(build)], check=True, timeout=300)
+    return target
+
+
+@contextmanager
+def plugin_on_path(target: Path, package: str) -> Iterator[None]:
+    """For one test: the plugin installed in `target` on PYTHONPATH, for the processes the
+    test starts, and on this process's path, whose cached registry is read again with it
+    and without it after."""
+    from unbottle.core.registry import get_registry
+
+    with pytest.MonkeyPatch.context() as patch:
+        before = os.environ.get("PYTHONPATH")
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(target), before])))
+        patch.syspath_prepend(str(target))
+        get_registry.cache_clear()
+        try:
+            yield
+        finally:
+            for name in [m for m in sys.modules if m.split(".")[0] == package]:
+                del sys.modules[name]
+    importlib.invalidate_caches()
+    get_registry.cache_clear()

@@ -1,7 +1,8 @@
 """The third-party example examples/unbottle-awq, installed for real and run by the compress stage.
 
 It is built on the public API alone (``unbottle``, ``unbottle.compression``); the fixture
-`pip install`s it (offline: no dependencies, no build isolation) and uninstalls it after.
+`pip install`s it (offline: no dependencies, no build isolation) into a folder of its own,
+which each test puts on its path.
 """
 
 from __future__ import annotations
@@ -13,43 +14,26 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_PARAMS, cli_env, make_workspace
+from conftest import REPO, TINY_PARAMS, cli_env, make_workspace, pip_install_plugin, plugin_on_path
 
-# The plugin is installed into the venv, where every test would see it: run alone.
-pytestmark = pytest.mark.serial
+# One worker installs it once for the module's tests.
+pytestmark = pytest.mark.xdist_group("unbottle-awq")
 
 EXAMPLE = REPO / "examples" / "unbottle-awq"
-DIST = "unbottle-awq"
-
-
-def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", *args], check=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def awq_installed() -> Iterator[None]:
-    try:
-        before = version(DIST)
-    except PackageNotFoundError:
-        before = None
-    leftovers = [
-        p for p in (EXAMPLE / "build", EXAMPLE / "unbottle_awq.egg-info") if not p.exists()
-    ]
-    from unbottle.core.registry import get_registry
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pip_install_plugin(EXAMPLE, tmp_path_factory.mktemp("awq"))
 
-    try:
-        _pip("install", "--no-deps", "--no-build-isolation", "--quiet", str(EXAMPLE))
-        get_registry.cache_clear()  # this process's registry was read before the install
-        yield
-    finally:
-        if before is None:
-            _pip("uninstall", "--yes", "--quiet", DIST)
-        get_registry.cache_clear()  # and the tests after this module must not see awq
-        for path in leftovers:
-            shutil.rmtree(path, ignore_errors=True)
+
+@pytest.fixture
+def awq_installed(installed: Path) -> Iterator[Path]:
+    with plugin_on_path(installed, "unbottle_awq"):
+        yield installed
 
 
 def test_the_example_imports_only_the_public_api():
@@ -87,7 +71,7 @@ def test_compress_runs_an_awq_variant(awq_installed, tmp_path, tmp_path_factory,
         shutil.copytree(trained / stage, root / "artifacts" / stage)
 
     # In this process, as `unbottle stage compress` runs it, with the registry read again
-    # from the installed entry points (the fixture cleared the cached one).
+    # from the installed entry points (plugin_on_path cleared the cached one).
     run_stage("compress", Params.model_validate(params), Layout(root))
 
     variant = root / "artifacts" / "compress" / "awq4"
@@ -110,11 +94,12 @@ def test_compress_runs_an_awq_variant(awq_installed, tmp_path, tmp_path_factory,
     assert float((got - want).norm() / want.norm()) < 0.2
 
 
-def test_example_package_tests_pass(awq_installed) -> None:
-    # PYTHONSAFEPATH: import the installed unbottle_awq, not the source folder in cwd.
+def test_example_package_tests_pass(awq_installed: Path) -> None:
+    # PYTHONSAFEPATH: import the installed unbottle_awq, not the source folder in cwd
+    # (the copy pip built from).
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
-        cwd=EXAMPLE,
+        cwd=awq_installed.parent / "source",
         env=cli_env({"PYTHONSAFEPATH": "1"}),
         capture_output=True,
         text=True,

@@ -1,52 +1,37 @@
-"""The example plugin examples/unbottle-lion, installed for real into this venv.
+"""The example plugin examples/unbottle-lion, installed for real.
 
 The module-scoped fixture `pip install`s the example package (offline: no dependencies,
-no build isolation) and uninstalls it afterwards, so the venv is left as it was.
+no build isolation) into a folder of its own, which each test puts on its path.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, cli_env, pip_install_plugin, plugin_on_path, run_cli
 
-# The plugin is installed into the venv, where every test would see it: run alone.
-pytestmark = pytest.mark.serial
+# One worker installs it once for the module's tests.
+pytestmark = pytest.mark.xdist_group("unbottle-lion")
 
 EXAMPLE = REPO / "examples" / "unbottle-lion"
 DIST = "unbottle-lion"
 LION = {"kind": "optimizer", "name": "lion", "distribution": DIST, "version": "0.1.0"}
 
 
-def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", *args], check=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
-def lion_installed() -> Iterator[None]:
-    try:
-        before = version(DIST)
-    except PackageNotFoundError:
-        before = None
-    # pip builds in the source tree; remove what the build leaves there (unless it was there).
-    leftovers = [
-        p for p in (EXAMPLE / "build", EXAMPLE / "unbottle_lion.egg-info") if not p.exists()
-    ]
-    try:
-        _pip("install", "--no-deps", "--no-build-isolation", "--quiet", str(EXAMPLE))
-        yield
-    finally:
-        if before is None:
-            _pip("uninstall", "--yes", "--quiet", DIST)
-        for path in leftovers:
-            shutil.rmtree(path, ignore_errors=True)
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pip_install_plugin(EXAMPLE, tmp_path_factory.mktemp("lion"))
+
+
+@pytest.fixture
+def lion_installed(installed: Path) -> Iterator[Path]:
+    with plugin_on_path(installed, "unbottle_lion"):
+        yield installed
 
 
 def _plugins(workspace: Path, env: dict[str, str] | None = None) -> list[dict[str, str]]:
@@ -63,7 +48,7 @@ def _lion_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     ]
 
 
-def test_plugins_lists_lion(lion_installed: None, workspace: Path) -> None:
+def test_plugins_lists_lion(lion_installed: Path, workspace: Path) -> None:
     rows = _plugins(workspace)
     assert _lion_rows(rows) == [LION]
     assert next(r for r in rows if r["name"] == "lion")["plugin"] == "lion"
@@ -72,13 +57,13 @@ def test_plugins_lists_lion(lion_installed: None, workspace: Path) -> None:
 
 
 @pytest.mark.parametrize("disabled", ["lion", "unbottle-lion"])
-def test_disable_plugins_skips_lion(lion_installed: None, workspace: Path, disabled: str) -> None:
+def test_disable_plugins_skips_lion(lion_installed: Path, workspace: Path, disabled: str) -> None:
     rows = _plugins(workspace, env={"UNBOTTLE_DISABLE_PLUGINS": f"nothing,{disabled}"})
     assert _lion_rows(rows) == []
     assert "adamw" in {r["name"] for r in rows}
 
 
-def test_pretrain_with_lion_records_it(lion_installed: None, workspace: Path) -> None:
+def test_pretrain_with_lion_records_it(lion_installed: Path, workspace: Path) -> None:
     result = run_cli(
         "stage",
         "pretrain",
@@ -97,7 +82,7 @@ def test_pretrain_with_lion_records_it(lion_installed: None, workspace: Path) ->
     assert manifest["config"]["train"]["optimizer"]["name"] == "lion"
 
 
-def test_invalid_lion_option_fails_fast(lion_installed: None, workspace: Path) -> None:
+def test_invalid_lion_option_fails_fast(lion_installed: Path, workspace: Path) -> None:
     result = run_cli(
         "stage",
         "pretrain",
@@ -115,11 +100,12 @@ def test_invalid_lion_option_fails_fast(lion_installed: None, workspace: Path) -
     assert not (workspace / "artifacts").exists()
 
 
-def test_example_package_tests_pass(lion_installed: None) -> None:
-    # PYTHONSAFEPATH: import the installed unbottle_lion, not the source folder in cwd.
+def test_example_package_tests_pass(lion_installed: Path) -> None:
+    # PYTHONSAFEPATH: import the installed unbottle_lion, not the source folder in cwd
+    # (the copy pip built from).
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
-        cwd=EXAMPLE,
+        cwd=lion_installed.parent / "source",
         env=cli_env({"PYTHONSAFEPATH": "1"}),
         capture_output=True,
         text=True,

@@ -1,7 +1,8 @@
 """Lifecycle hooks, plugin code by package, and one truth for unbottle and DVC.
 
 A small plugin distribution, ``unbottle-probe``, is written here and pip-installed for real
-(offline: no dependencies, no build isolation) for the module, then uninstalled. It has a
+(offline: no dependencies, no build isolation) into a folder of its own, which the tests
+that use it put on their path. It has a
 strategy module and a *helper* module, the case where a plugin's class file does not
 change but its code does; a metric that declares a report column; a command; and an
 optimizer that can be told to fail at run time.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,11 +21,18 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
-from tests.conftest import TINY_PARAMS, make_workspace, require_extra, run_cli
+from tests.conftest import (
+    TINY_PARAMS,
+    make_workspace,
+    pip_install_plugin,
+    plugin_on_path,
+    require_extra,
+    run_cli,
+)
 from tests.test_dvc import dvc, dvc_repo, sh, stages_run  # noqa: F401 (dvc_repo: a fixture)
 
-# The plugin is installed into the venv, where every test would see it: run alone.
-pytestmark = pytest.mark.serial
+# One worker installs the probe once for the module's tests.
+pytestmark = pytest.mark.xdist_group("unbottle-probe")
 
 DIST = "unbottle-probe"
 PROBE_INIT = '''
@@ -124,37 +131,29 @@ packages = ["unbottle_probe"]
 """
 
 
-def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "--quiet", *args], check=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
-def probe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """unbottle-probe installed (not editable) into this venv; yields its installed package
-    folder, whose helpers.py the tests edit."""
-    source = tmp_path_factory.mktemp("probe") / "unbottle-probe"
+def probe_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """unbottle-probe installed (not editable) into a folder of its own."""
+    source = tmp_path_factory.mktemp("probe-source") / "unbottle-probe"
     (source / "unbottle_probe").mkdir(parents=True)
     (source / "pyproject.toml").write_text(PROBE_PYPROJECT)
     (source / "unbottle_probe" / "__init__.py").write_text(PROBE_INIT.lstrip())
     (source / "unbottle_probe" / "helpers.py").write_text(PROBE_HELPERS.lstrip())
-    _pip("install", "--no-deps", "--no-build-isolation", str(source))
-    try:
-        import importlib
-        import importlib.util
+    return pip_install_plugin(source, tmp_path_factory.mktemp("probe"))
 
-        importlib.invalidate_caches()
+
+@pytest.fixture
+def probe(probe_site: Path) -> Iterator[Path]:
+    """The probe on this test's path; yields its installed package folder, whose
+    helpers.py the tests edit."""
+    import importlib.util
+
+    with plugin_on_path(probe_site, "unbottle_probe"):
         spec = importlib.util.find_spec("unbottle_probe")
         assert spec is not None and spec.submodule_search_locations
         installed = Path(next(iter(spec.submodule_search_locations)))
-        assert "site-packages" in installed.parts, installed  # a real install, not the source
+        assert installed == probe_site / "unbottle_probe"  # the install, not the source
         yield installed
-    finally:
-        _pip("uninstall", "--yes", DIST)
-        sys.modules.pop("unbottle_probe", None)
-        sys.modules.pop("unbottle_probe.helpers", None)
-        from unbottle.core.registry import get_registry
-
-        get_registry.cache_clear()  # in case it was first loaded while the probe was here
 
 
 def _edit(module: Path, note: str) -> None:
@@ -250,7 +249,7 @@ def test_mlflow_tracks_a_run_and_report_shows_a_plugin_column(
     monkeypatch.chdir(root)  # the default store is ./mlruns
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("UNBOTTLE_MLFLOW", "1")
-    registry = load_registry()  # this process's cached registry predates the probe
+    registry = load_registry()
     hooks = {(hook, plugin.name) for hook, plugin in registry.lifecycle_hooks()}
     assert {("after_stage", "builtin_mlflow"), ("on_train_log", "builtin_mlflow")} <= hooks
     assert ("register_commands", "probe") in hooks  # what `unbottle plugins` lists
