@@ -214,6 +214,44 @@ def test_every_lookup_that_reuses_an_entry_marks_it_used(filled):
     assert old == {key(1), key(3)}
 
 
+def test_the_checkpoints_runs_left_are_listed_and_pruned_with_the_cache(filled, capsys):
+    """A run's training checkpoints (artifacts/.checkpoints/<stage>/<run key>/) outlive it
+    where it was stopped or refused: one more kind of entry, listed, and pruned by last
+    write, never under a stage."""
+    root = filled / "artifacts" / ".checkpoints"
+    old = root / "pretrain" / "0123456789abcdef"
+    new = root / "finetune" / "fedcba9876543210"
+    for run, step in ((old, "step-000010"), (new, ".step-000004.partial")):
+        (run / step).mkdir(parents=True)
+        (run / step / "model.safetensors").write_bytes(b"c" * 2000)
+    age([old], 40)
+
+    code, out, err = cli(["cache"], filled, capsys)
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.split()[1:2] == ["checkpoints"])
+    assert row.split("│")[2].strip() == "2"
+    assert "checkpoints: runs of pretrain 1, finetune 1 in artifacts/.checkpoints, " in (
+        out.replace("\n", " ")
+    )
+    code, out, err = cli(["cache", "--json"], filled, capsys)
+    listed = {e["key"]: e for e in json.loads(out) if e["kind"] == "checkpoints"}
+    assert {k: e["what"] for k, e in listed.items()} == {
+        old.name: "pretrain checkpoints",
+        new.name: "finetune checkpoints",
+    }
+    assert listed[old.name]["bytes"] == listed[old.name]["frees"] == 2000
+
+    with using_cache(cache_root(filled)):  # a stage writing or resuming them
+        assert_one_line(
+            cli(["cache", "prune", "--max-size", "0"], filled, capsys), r"cache: a stage .*"
+        )
+    assert old.is_dir() and new.is_dir()
+    code, out, err = cli(["cache", "prune", "--older-than", "30d"], filled, capsys)
+    assert code == 0, err
+    assert f"removed pretrain checkpoints {old.name}  2.0 kB, last used 40 d ago" in out
+    assert not old.exists() and new.is_dir()
+
+
 def test_pruning_where_nothing_is_cached_removes_nothing_and_makes_no_folder(tmp_path, capsys):
     code, out, err = cli(["cache", "prune", "--max-size", "0"], tmp_path, capsys)
     assert code == 0, err

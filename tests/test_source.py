@@ -477,10 +477,7 @@ def test_a_model_that_forgot_more_than_the_limit_is_not_written(workspace, hf_so
     assert sorted(p.name for p in checkpoints.glob("*/step-*")) == ["step-000005", "step-000010"]
     # `unbottle cache` tells of them (the stage deletes a run's only once it wrote the model).
     listing = run_cli_here("cache", cwd=workspace).stdout.replace("\n", " ")
-    assert re.search(
-        r"Checkpoints of 1 run \(pretrain 1\) hold [\d.]+ [kM]B in artifacts/\.checkpoints: ",
-        listing,
-    ), listing
+    assert "checkpoints: runs of pretrain 1 in artifacts/.checkpoints, " in listing, listing
 
     # A limit it meets writes the model from the refused run's last step, since the limit
     # changes no weight: nothing trains again, and the perplexity is measured as before.

@@ -578,12 +578,17 @@ SharedOption = Annotated[
 ]
 
 
-def _which_cache(shared: bool) -> tuple[Path, tuple[str, ...]]:
+def _which_cache(shared: bool) -> tuple[Path, tuple[str, ...], Path | None]:
+    """The cache, its kinds of entry, and the training checkpoints listed and pruned with
+    it: the workspace's (in the default checkpoint_dir), none for the shared cache."""
     from unbottle.core.models.sources import cache_root as shared_root
+    from unbottle.core.stages.layout import Layout
     from unbottle.core.store.cache import cache_root
     from unbottle.core.store.cache_pruning import KINDS, SHARED_KINDS
 
-    return (shared_root(), SHARED_KINDS) if shared else (cache_root(Path.cwd()), KINDS)
+    if shared:
+        return shared_root(), SHARED_KINDS, None
+    return cache_root(Path.cwd()), KINDS, Layout(Path(".")).artifacts / ".checkpoints"
 
 
 @cache_app.callback()
@@ -598,10 +603,10 @@ def cache_usage(
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"shared": shared}  # `cache --shared prune` is `cache prune --shared`
         return
-    from unbottle.core.store.cache_pruning import SHARED_KINDS, cache_entries
+    from unbottle.core.store.cache_pruning import CHECKPOINTS, SHARED_KINDS, cache_entries
 
-    cache, kinds = _which_cache(shared)
-    entries = cache_entries(cache, kinds)
+    cache, kinds, checkpoints = _which_cache(shared)
+    entries = cache_entries(cache, kinds, checkpoints)
     if as_json:
         typer.echo(json.dumps([_entry_json(e) for e in entries], indent=2))
         return
@@ -611,7 +616,7 @@ def cache_usage(
     table = Table(title=f"{cache}")
     for column in ("kind", "entries", "size", "frees", "last used", "oldest use"):
         table.add_column(column, justify="left" if column == "kind" else "right")
-    for kind in kinds:
+    for kind in kinds if checkpoints is None else (*kinds, CHECKPOINTS):
         mine = [e for e in entries if e.kind == kind]
         if not mine:
             table.add_row(kind, "0", "-", "-", "-", "-")
@@ -636,22 +641,17 @@ def cache_usage(
         "frees: what removing the entries gives back; the rest is hard-linked from "
         "artifacts. `unbottle cache prune --older-than 30d` or `--max-size 20GB` prunes."
     )
-    from collections import Counter
+    if runs := [e for e in entries if e.kind == CHECKPOINTS]:
+        from collections import Counter
 
-    from unbottle.core.stages.layout import Layout
-    from unbottle.core.training.checkpoint import checkpoints_on_disk
-
-    checkpoints = Layout(Path(".")).artifacts / ".checkpoints"
-    if runs := checkpoints_on_disk(checkpoints):
-        by_stage = ", ".join(f"{s} {n}" for s, n in Counter(r.stage for r in runs).items())
+        stages = Counter(e.paths[0].parent.name for e in runs)  # <stage>/<run key>
+        by_stage = ", ".join(f"{stage} {n}" for stage, n in stages.items())
         typer.echo(
-            f"Checkpoints of {len(runs)} run{'s' * (len(runs) > 1)} ({by_stage}) hold "
-            f"{_bytes(sum(r.size for r in runs))} in {checkpoints}: a stage "
-            "deletes its run's once its artifact is written, so these are of runs stopped, "
-            "refused or kept (clear_checkpoints: false). A rerun of the same run resumes "
-            "from them; delete the folders of the others."
+            f"checkpoints: runs of {by_stage} in {checkpoints}, stopped, refused or kept "
+            "(clear_checkpoints: false); last used is their last write. A rerun of the "
+            "same run resumes from its own; pruned, it trains from its start."
         )
-    elsewhere, _ = _which_cache(shared=True)
+    elsewhere, _, _ = _which_cache(shared=True)
     if conversions := cache_entries(elsewhere, SHARED_KINDS):
         count = f"{len(conversions)} GGUF conversion{'s' * (len(conversions) > 1)}"
         typer.echo(
@@ -679,19 +679,22 @@ def cache_prune(
     ] = False,
     shared: SharedOption = False,
 ) -> None:
-    """Remove cache entries by last use or total size.
+    """Remove cache entries, and the training checkpoints runs left, by last use or total
+    size.
 
     Refused while a stage or sweep of the workspace runs (with --shared: while a pretrain
-    stage reads a conversion); every entry is only saved work, rebuilt when next needed."""
+    stage reads a conversion); every entry is only saved work, rebuilt when next needed
+    (a run whose checkpoints are pruned trains from its start)."""
     from unbottle.core.store.cache_pruning import parse_age, parse_size, prune_cache
 
-    cache, kinds = _which_cache(shared or (ctx.obj or {}).get("shared", False))
+    cache, kinds, checkpoints = _which_cache(shared or (ctx.obj or {}).get("shared", False))
     removed = prune_cache(
         cache,
         older_than=None if older_than is None else parse_age(older_than),
         max_size=None if max_size is None else parse_size(max_size),
         dry_run=dry_run,
         kinds=kinds,
+        checkpoints=checkpoints,
     )
     verb = "would remove" if dry_run else "removed"
     for entry in removed:

@@ -22,6 +22,14 @@ Every stage and sweep task holds a shared lock on ``.cache/unbottle/.in-use`` wh
 runs (:func:`using_cache`); pruning takes it exclusively, so it never removes an entry
 under a run that is reading it, and is refused in one line while one runs.
 
+The training checkpoints a workspace holds (``artifacts/.checkpoints/<stage>/<run key>/``)
+are listed and pruned with its cache, as one more kind, :data:`CHECKPOINTS`: a stage
+deletes its run's once the artifact is written, so those left are of runs stopped,
+refused or told to keep them (``clear_checkpoints: false``), each as large as the model
+and its optimizer state. They too are only saved work: a rerun of the same run resumes
+from them, any other trains from its start. Their last use is their last write, and the
+same lock keeps pruning away from a stage that is writing or resuming them.
+
 The cache that every workspace shares (``$UNBOTTLE_CACHE_DIR``, default
 ``~/.cache/unbottle``) holds one kind, :data:`SHARED_KINDS`: ``gguf``, the float
 conversion of a GGUF ``pretrain.source`` (a folder named by the file's sha256, as large
@@ -45,6 +53,8 @@ from unbottle.core.store.locking import lock_alone_or_not_at_all
 
 #: The kinds of entry, each a folder of the workspace cache.
 KINDS = ("tokens", "variants", "evaluations", "prefixes")
+#: A workspace's training checkpoints, one entry per run, kept outside the cache folder.
+CHECKPOINTS = "checkpoints"
 #: The kinds of entry of the cache every workspace shares.
 SHARED_KINDS = ("gguf",)
 IN_USE = ".in-use"
@@ -68,6 +78,8 @@ class CacheEntry:
         if self.kind == "tokens":
             names = [p.name for p in self.paths]
             return "tokenizer" if any(n.endswith(".tokenizer.json") for n in names) else "token ids"
+        if self.kind == CHECKPOINTS:  # the folder of a run is <stage>/<run key>
+            return f"{self.paths[0].parent.name} checkpoints"
         names = {"variants": "variant", "evaluations": "evaluation row", "gguf": "GGUF conversion"}
         return names.get(self.kind, "prefix")
 
@@ -142,9 +154,12 @@ def _alone(cache: Path, user: str) -> Iterator[None]:
         os.close(fd)
 
 
-def cache_entries(cache: Path, kinds: tuple[str, ...] = KINDS) -> list[CacheEntry]:
+def cache_entries(
+    cache: Path, kinds: tuple[str, ...] = KINDS, checkpoints: Path | None = None
+) -> list[CacheEntry]:
     """Every entry of the cache ``cache`` (a workspace's, or with :data:`SHARED_KINDS` the
-    shared one), by kind, then oldest use first."""
+    shared one), by kind, then oldest use first; then, given a workspace's
+    ``artifacts/.checkpoints`` as ``checkpoints``, its runs' checkpoints."""
     entries: list[CacheEntry] = []
     for kind in kinds:
         folder = cache / kind
@@ -161,7 +176,16 @@ def cache_entries(cache: Path, kinds: tuple[str, ...] = KINDS) -> list[CacheEntr
             (_entry(kind, key, paths) for key, paths in groups.items()),
             key=lambda e: e.last_used,
         )
+    if checkpoints is not None:
+        entries += checkpoint_entries(checkpoints)
     return entries
+
+
+def checkpoint_entries(root: Path) -> list[CacheEntry]:
+    """The checkpoints under ``root``, one entry per run (``<stage>/<run key>/``, keyed by
+    the run key's 16 hex digits), oldest write first."""
+    runs = (folder for folder in Path(root).glob("*/*") if folder.is_dir())
+    return sorted((_entry(CHECKPOINTS, f.name, [f]) for f in runs), key=lambda e: e.last_used)
 
 
 def _entry(kind: str, key: str, paths: list[Path]) -> CacheEntry:
@@ -241,16 +265,19 @@ def prune_cache(
     max_size: int | None = None,
     dry_run: bool = False,
     kinds: tuple[str, ...] = KINDS,
+    checkpoints: Path | None = None,
 ) -> list[CacheEntry]:
-    """Remove the entries of ``kinds`` that :func:`to_prune` picks, unless ``dry_run``;
-    return them. Refused (:class:`LockedError`) while a run uses the cache."""
+    """Remove the entries of ``kinds`` (and the runs' checkpoints under ``checkpoints``,
+    a workspace's ``artifacts/.checkpoints``) that :func:`to_prune` picks, unless
+    ``dry_run``; return them. Refused (:class:`LockedError`) while a run uses the cache."""
     if older_than is None and max_size is None:
         raise ConfigError("cache prune: give --older-than AGE, --max-size SIZE or both")
-    if not cache.is_dir():
+    left = checkpoint_entries(checkpoints) if checkpoints is not None else []
+    if not cache.is_dir() and not left:
         return []  # nothing cached; and no folder made where no run made one
     user = "pretrain stage" if kinds == SHARED_KINDS else "stage or sweep of this workspace"
     with _alone(cache, user):
-        entries = cache_entries(cache, kinds)
+        entries = cache_entries(cache, kinds, checkpoints)
         doomed = to_prune(entries, older_than=older_than, max_size=max_size)
         if not dry_run:
             for entry in doomed:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unbottle.core.store.artifacts import dir_size, sha256_file
+from unbottle.core.store.artifacts import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -59,35 +59,6 @@ class Restored:
     trainer: dict[str, Any]
     rng_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     rng_json: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class LeftCheckpoints:
-    """The checkpoints one run has on disk, under ``<root>/<stage>/<run key>/``."""
-
-    stage: str
-    run: str  # the folder's name: the run key's first 16 hex digits
-    steps: tuple[int, ...]  # of its complete checkpoints
-    size: int  # bytes of everything in the folder, unfinished checkpoints included
-
-
-def checkpoints_on_disk(root: Path) -> list[LeftCheckpoints]:
-    """Every run's checkpoints under ``root`` (a workspace's ``artifacts/.checkpoints``),
-    by stage and run. A stage deletes its run's once its artifact is written, so these
-    are of runs that were stopped, refused or told to keep them."""
-    return [
-        LeftCheckpoints(folder.parent.name, folder.name, tuple(_steps_in(folder)), dir_size(folder))
-        for folder in sorted(Path(root).glob("*/*"))
-        if folder.is_dir()
-    ]
-
-
-def _steps_in(folder: Path) -> list[int]:
-    """Steps of the complete checkpoints in a run's folder, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = (_STEP_DIR.match(p.name) for p in folder.iterdir() if p.is_dir())
-    return sorted(int(m.group(1)) for m in found if m)
 
 
 class CheckpointStore:
@@ -194,7 +165,10 @@ class CheckpointStore:
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints on disk, oldest first (not yet verified)."""
-        return _steps_in(self.dir)
+        if not self.dir.is_dir():
+            return []
+        found = (_STEP_DIR.match(p.name) for p in self.dir.iterdir() if p.is_dir())
+        return sorted(int(m.group(1)) for m in found if m)
 
     def verify(self, step: int) -> str | None:
         """None if the checkpoint of ``step`` is whole, else what is wrong with it."""
