@@ -71,7 +71,13 @@ print(os.environ.get("GLIBC_TUNABLES"), through_malloc, huge_page_bytes() - thro
 )
 def test_a_reexecuted_process_gets_its_malloc_memory_on_huge_pages():
     def child(switch: str) -> tuple[str, int, int]:
-        env = {"UNBOTTLE_HUGE_PAGES": switch, "PATH": "/usr/bin:/bin"}
+        # A bare environment, so that no tunable comes from the caller's; and no bytecode
+        # written beside the checkout's sources.
+        env = {
+            "UNBOTTLE_HUGE_PAGES": switch,
+            "PATH": "/usr/bin:/bin",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
         out = subprocess.run(
             [sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True
         ).stdout.split()
