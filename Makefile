@@ -61,7 +61,7 @@ endef
 
 # The suite spends about half its time waiting on subprocesses and servers, so most of it
 # runs on two workers (pytest-xdist; 7 min of pytest in all against 9 on 2 cores; three
-# workers were slower, 8 min 20 s against 7 min 19 s on this Xeon: CPU-bound then).
+# workers were slower, 8 min 19 s against 7 min 10 s on this Xeon: CPU-bound).
 # `loadgroup` keeps each plugin test module on one worker, which installs its plugin once.
 # The tests marked `serial` run after, alone: they time the server's event loop.
 PYTEST_WORKERS ?= 2
