@@ -2,10 +2,10 @@
 
 A small plugin distribution, ``unbottle-probe``, is written here and pip-installed for real
 (offline: no dependencies, no build isolation) into a folder of its own, which the tests
-that use it put on their path. It has a
-strategy module and a *helper* module, the case where a plugin's class file does not
-change but its code does; a metric that declares a report column; a command; and an
-optimizer that can be told to fail at run time.
+that use it put on their path. It has a strategy module and a *helper* module, the case
+where a plugin's class file does not change but its code does; a metric that declares a
+report column; a command; a finetune method; and an optimizer that can be told to fail at
+run time.
 """
 
 from __future__ import annotations
@@ -83,9 +83,34 @@ class ProbeScore:
         return {"probe_score": vowel_share(q["question"] for q in ctx.questions)}
 
 
+class ProbeNorms:
+    """A finetune method: only the normalisation weights train."""
+
+    name = "probe-norms"
+
+    class Config(StrategyConfig):
+        pass
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def prepare(self, model: Any) -> Any:
+        from unbottle_probe.helpers import train_only
+
+        return train_only(model, "norm")
+
+    def finalize(self, model: Any, out_dir: Any) -> Any:
+        return model
+
+
 @hookimpl
 def register_optimizers(register):
     register(ProbeSGD)
+
+
+@hookimpl
+def register_finetune_methods(register):
+    register(ProbeNorms)
 
 
 @hookimpl
@@ -107,6 +132,12 @@ def make_sgd(parameters, lr):
     import torch
 
     return torch.optim.SGD(list(parameters), lr=lr)
+
+
+def train_only(model, word):
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(word in name)
+    return model
 
 
 def vowel_share(texts):
@@ -226,6 +257,50 @@ def test_a_plugin_adds_a_command(workspace: Path, probe: Path) -> None:
     assert debug.stderr.startswith("Traceback")
     assert 'unbottle_probe/__init__.py", line' in debug.stderr
     assert debug.stderr.endswith("RuntimeError: probe-hello was told to fail\n")
+
+
+def test_a_plugins_finetune_method_trains_a_released_model_further(
+    tmp_path: Path, tiny_data: Path, probe: Path
+) -> None:
+    """pretrain.continued.method names a finetune method as finetune.method does, a third
+    party's too: continued pretraining of a released model trains what the method leaves
+    trainable, and the artifact records whose method it was."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.released_model import save_released_model, tiny_released_model
+    from unbottle.core.config.schema import Params
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import run_stage
+    from unbottle.core.store.artifacts import read_manifest
+
+    model, tokenizer = tiny_released_model(tiny_data / "corpus" / "train.txt")
+    source = save_released_model(model, tokenizer, tmp_path / "source")
+    params = copy.deepcopy(TINY_PARAMS)
+    params["pretrain"]["source"] = {"path": str(source)}
+    params["pretrain"]["continued"] = {
+        **{"steps": 3, "batch_size": 2, "seq_len": 32, "lr": 1e-2},
+        "method": "probe-norms",
+    }
+    root = make_workspace(tmp_path / "project", tiny_data, params)
+    result = run_stage("pretrain", Params.model_validate(params), Layout(root))
+
+    before = load_file(source / "model.safetensors")
+    after = load_file(result.out_dir / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k].float(), after[k].float())}
+    norms = {k for k in before if "norm" in k}
+    assert changed == norms and len(norms) == 5  # 2 per layer and the final one
+    assert result.metrics["trainable_parameters"] == sum(before[k].numel() for k in norms)
+    described = read_manifest(result.out_dir)["strategies"]["finetune_method"]
+    assert (described["name"], described["distribution"]) == ("probe-norms", DIST)
+
+    # And in the finetune stage, on the pairs.
+    params["finetune"]["method"] = "probe-norms"
+    params["finetune"]["train"].update(seq_len=128, lr=1e-2)  # the chat template's tokens too
+    tuned = run_stage("finetune", Params.model_validate(params), Layout(root))
+    finetuned = load_file(tuned.out_dir / "model.safetensors")
+    assert {k for k in after if not torch.equal(after[k], finetuned[k])} == norms
 
 
 # ------------------------------------------------------------------ MLflow and report columns
