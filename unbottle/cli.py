@@ -670,8 +670,8 @@ def cache_prune(
     max_size: Annotated[
         str | None,
         typer.Option(
-            help="Then remove the least recently used until the cache's own bytes are at "
-            "most this: 20GB, 500MiB (0 empties it)."
+            help="Then remove the least recently used until the cache's own bytes "
+            "(checkpoints included) are at most this: 20GB, 500MiB (0 empties it)."
         ),
     ] = None,
     dry_run: Annotated[

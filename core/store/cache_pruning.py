@@ -272,8 +272,8 @@ def prune_cache(
     ``dry_run``; return them. Refused (:class:`LockedError`) while a run uses the cache."""
     if older_than is None and max_size is None:
         raise ConfigError("cache prune: give --older-than AGE, --max-size SIZE or both")
-    left = checkpoint_entries(checkpoints) if checkpoints is not None else []
-    if not cache.is_dir() and not left:
+    runs = checkpoints is not None and any(f.is_dir() for f in Path(checkpoints).glob("*/*"))
+    if not cache.is_dir() and not runs:
         return []  # nothing cached; and no folder made where no run made one
     user = "pretrain stage" if kinds == SHARED_KINDS else "stage or sweep of this workspace"
     with _alone(cache, user):
