@@ -64,6 +64,11 @@ def _check_world(name: str, mesh: dict[str, int], key: str = "train") -> None:
         )
 
 
+def _train_key(parallelism_key: str) -> str:
+    """``pretrain.train`` of ``pretrain.train.parallelism``: the key _check_world names."""
+    return parallelism_key.removesuffix(".parallelism")
+
+
 def _check_tp(model: Any, tp: int, key: str) -> None:
     """tp must divide the attention heads, the key/value heads and the MLP width."""
     config = getattr(model, "config", None)
@@ -315,6 +320,9 @@ class FSDP(_Sharded):
     def __init__(self, config: Config) -> None:
         self.config = config
 
+    def check_launch(self, key: str = _KEY) -> None:
+        _check_world(self.name, {"dp": self.config.processes or _world()}, _train_key(key))
+
     def check_model(self, model: Any, cfg: Any, key: str) -> None:
         _check_world(self.name, {"dp": self.config.processes or _world()}, key)
         _decoder_layers(model, key)
@@ -358,6 +366,9 @@ class TensorParallel(_Sharded):
     def _tp(self) -> int:
         return self.config.tp or _world()
 
+    def check_launch(self, key: str = _KEY) -> None:
+        _check_world(self.name, {"tp": self._tp()}, _train_key(key))
+
     def check_model(self, model: Any, cfg: Any, key: str) -> None:
         _check_world(self.name, {"tp": self._tp()}, key)
         _decoder_layers(model, key)
@@ -398,6 +409,9 @@ class Hybrid(_Sharded):
 
     def _shape(self) -> dict[str, int]:
         return {"dp": self.config.dp, "tp": self.config.tp}
+
+    def check_launch(self, key: str = _KEY) -> None:
+        _check_world(self.name, self._shape(), _train_key(key))
 
     def check_model(self, model: Any, cfg: Any, key: str) -> None:
         _check_world(self.name, self._shape(), key)
@@ -490,6 +504,9 @@ class PipelineParallel:
 
     def _stages(self) -> int:
         return self.config.stages or _world()
+
+    def check_launch(self, key: str = _KEY) -> None:
+        _check_world(self.name, {"pp": self._stages()}, _train_key(key))
 
     def check_model(self, model: Any, cfg: Any, key: str) -> None:
         _check_world(self.name, {"pp": self._stages()}, key)

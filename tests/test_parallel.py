@@ -256,6 +256,45 @@ def test_the_cli_refuses_a_bad_mesh_before_any_work(workspace):
     assert not (workspace / "artifacts/pretrain").exists()
 
 
+@pytest.mark.parametrize(
+    ("stage", "overrides", "message"),
+    [
+        (
+            "pretrain",
+            ["pretrain.train.parallelism={name: hybrid, dp: 2, tp: 2}"],
+            r"^pretrain\.train\.parallelism: 'hybrid' mesh dp 2 x tp 2 = 4 processes, but 2 ",
+        ),
+        (
+            "finetune",
+            ["finetune.train.parallelism=ddp", "finetune.train.batch_size=3"],
+            r"^finetune\.train\.batch_size: 3 does not split over 2 processes x 1 accumulation",
+        ),
+    ],
+)
+def test_a_launch_that_does_not_fit_is_refused_before_the_data_is_read(
+    workspace, monkeypatch, stage, overrides, message
+):
+    """A wrong process count is known from the launch alone: refused before a corpus is
+    read through (gigabytes, for a real one) or a model is built."""
+    from unbottle.core.config.loading import load_params
+    from unbottle.core.data import prompts
+    from unbottle.core.data.corpus import Corpus
+    from unbottle.core.stages import preflight
+    from unbottle.core.stages.layout import Layout
+    from unbottle.core.stages.runner import setup
+
+    def too_soon(*args, **kwargs):
+        raise AssertionError("read or built before the launch was checked")
+
+    for owner, name in [(Corpus, "check"), (prompts, "read_pairs"), (preflight, "meta_model")]:
+        monkeypatch.setattr(owner, name, too_soon)
+    monkeypatch.setattr(preflight, "_meta_model_from_params", too_soon)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    params = load_params(workspace / "params.yaml", overrides)
+    with pytest.raises(ConfigError, match=message):
+        preflight.preflight(stage, params, Layout(workspace), setup(params), planned=True)
+
+
 def test_every_strategy_is_registered():
     from unbottle.core.registry import get_registry
 

@@ -7,9 +7,10 @@ parse), the upstream artifacts' manifests and safetensors headers, and checks ag
 *shape* of the model the stage will receive, on a weightless (meta-device) copy built from
 the upstream ``config.json``:
 
-- training (pretrain from scratch or continued, finetune): precision for this device, the
-  launch the parallelism strategy needs, the batch split over processes and accumulation
-  steps, the context, and the memory estimate;
+- training (pretrain from scratch or continued, finetune): first the launch the
+  parallelism strategy needs and the batch split over processes and accumulation steps
+  (before the data is read), then precision for this device, the context, and the memory
+  estimate;
 - compress: at least one variant, and each step a strategy can check on the shapes it
   will see (``check_model``: group sizes that divide the layers' inputs, structured
   pruning that leaves something). Steps after one that changes shapes are checked when
@@ -57,6 +58,9 @@ def preflight(
             "compress.variants: no variants to build (an empty artifact would replace the "
             "last one); name at least one, e.g. magnitude50: [{prune: magnitude, sparsity: 0.5}]"
         )
+    # The launch first: a wrong process count needs no corpus read through, no model built.
+    if (trained := _trained_section(name, params)) is not None:
+        check_launch(*trained, registry)
     check_data(name, params, layout, registry)
     if not planned:
         check_upstream(name, layout)
@@ -174,6 +178,31 @@ def _input_model(name: str, params: Params, layout: Layout, *, planned: bool) ->
 # --------------------------------------------------------------------------- training
 
 
+def _trained_section(name: str, params: Params) -> tuple[TrainParams, str] | None:
+    """The training settings stage ``name`` runs with, and their key; None where it
+    trains nothing (a pretrained source taken as it is, or a stage that does not train)."""
+    pretrain = params.pretrain
+    if name == "pretrain" and pretrain.source is None:
+        return pretrain.train, "pretrain.train"
+    if name == "pretrain" and pretrain.continued is not None:
+        return pretrain.continued, "pretrain.continued"
+    if name == "finetune":
+        return params.finetune.train, "finetune.train"
+    return None
+
+
+def check_launch(cfg: TrainParams, key: str, registry: Registry) -> None:
+    """What the processes launched must fit, known before any model: the parallelism
+    strategy's process count (its mesh) and the batch's split over the processes."""
+    from unbottle.core.training.loop import micro_batch_size, world_size
+
+    parallel = registry.create("parallelism", cfg.parallelism.name, cfg.parallelism.options)
+    check = getattr(parallel, "check_launch", None)
+    if check is not None:  # optional for third-party strategies
+        check(f"{key}.parallelism")
+    micro_batch_size(cfg, world_size(), key)
+
+
 def check_training(
     cfg: TrainParams,
     key: str,
@@ -181,24 +210,17 @@ def check_training(
     registry: Registry,
     method: tuple[StrategyRef, str] | None = None,
 ) -> None:
-    """What the training loop checks before its first step, on a weightless model.
-    ``method``: the finetune method that decides what trains (LoRA: adapters), and the key
-    that names it."""
+    """What the training loop checks before its first step, on a weightless model, after
+    :func:`check_launch`. ``method``: the finetune method that decides what trains (LoRA:
+    adapters), and the key that names it."""
     from unbottle.core.training.loop import (
         check_context,
         estimate_memory,
-        micro_batch_size,
         resolve_precision,
         weightless_trainable,
-        world_size,
     )
 
     resolve_precision(cfg.precision, key, model)
-    parallel = registry.create("parallelism", cfg.parallelism.name, cfg.parallelism.options)
-    check_launch = getattr(parallel, "check_launch", None)
-    if check_launch is not None:  # optional for third-party strategies
-        check_launch(f"{key}.parallelism")
-    micro_batch_size(cfg, world_size(), key)
     if model is None:
         return
     check_context(model, cfg.seq_len, key)
