@@ -26,7 +26,8 @@ app = typer.Typer(
 data_app = typer.Typer(help="Write input data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 cache_app = typer.Typer(
-    help="What the workspace cache (.cache/unbottle/) holds, and pruning it.",
+    help="What the workspace cache (.cache/unbottle/) and the checkpoints runs left "
+    "(artifacts/.checkpoints/) hold, and pruning them.",
     invoke_without_command=True,
 )
 app.add_typer(cache_app, name="cache")
@@ -597,9 +598,9 @@ def cache_usage(
     as_json: Annotated[bool, typer.Option("--json", help="Every entry, as JSON.")] = False,
     shared: SharedOption = False,
 ) -> None:
-    """Each kind of entry in the workspace cache (or with --shared, the cache every
-    workspace shares): how many, their size, what removing them would free, and when they
-    were last used."""
+    """Each kind of entry in the workspace cache, and the training checkpoints runs left
+    (or with --shared, the cache every workspace shares): how many, their size, what
+    removing them would free, and when they were last used."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"shared": shared}  # `cache --shared prune` is `cache prune --shared`
         return
