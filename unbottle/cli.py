@@ -589,7 +589,7 @@ def _which_cache(shared: bool) -> tuple[Path, tuple[str, ...], Path | None]:
 
     if shared:
         return shared_root(), SHARED_KINDS, None
-    return cache_root(Path.cwd()), KINDS, Layout(Path(".")).artifacts / ".checkpoints"
+    return cache_root(Path.cwd()), KINDS, Layout(Path(".")).checkpoints
 
 
 @cache_app.callback()

@@ -33,6 +33,14 @@ class Layout:
         return self.artifacts / stage
 
     @property
+    def checkpoints(self) -> Path:
+        """Where training runs keep their checkpoints unless ``train.checkpoint_dir`` says
+        otherwise: ``<stage>/<run key>/`` in it."""
+        from unbottle.core.training.checkpoint import FOLDER
+
+        return self.artifacts / FOLDER
+
+    @property
     def metrics_dir(self) -> Path:
         return self.root / "metrics"
 

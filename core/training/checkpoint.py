@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("unbottle.checkpoint")
 
+#: The folder beside a workspace's artifacts that holds its runs' checkpoints by default
+#: (``train.checkpoint_dir`` unset): ``artifacts/.checkpoints/<stage>/<run key>/``.
+FOLDER = ".checkpoints"
 MANIFEST = "manifest.json"
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")

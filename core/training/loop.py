@@ -330,11 +330,11 @@ def checkpoint_store(
     (which is replaced whole, so checkpoints cannot live inside it) and out of DVC's outs.
     ``keep_last`` checkpoints the last step too (:class:`CheckpointStore`).
     """
-    from unbottle.core.training.checkpoint import CheckpointStore
+    from unbottle.core.training.checkpoint import FOLDER, CheckpointStore
 
     if cfg.checkpoint_every == 0:
         return None
-    root = cfg.checkpoint_dir or Path(out_dir).parent / ".checkpoints" / Path(out_dir).name
+    root = cfg.checkpoint_dir or Path(out_dir).parent / FOLDER / Path(out_dir).name
     key = run_key(cfg, stage=stage, identity=identity)
     return CheckpointStore(
         Path(root).resolve(),
