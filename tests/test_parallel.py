@@ -269,6 +269,14 @@ def test_the_cli_refuses_a_bad_mesh_before_any_work(workspace):
             ["finetune.train.parallelism=ddp", "finetune.train.batch_size=3"],
             r"^finetune\.train\.batch_size: 3 does not split over 2 processes x 1 accumulation",
         ),
+        (  # continued pretraining of a released model: its source is not even read
+            "pretrain",
+            [
+                "pretrain.source=released-model",
+                "pretrain.continued={parallelism: {name: tp, tp: 4}}",
+            ],
+            r"^pretrain\.continued\.parallelism: 'tp' mesh tp 4 = 4 processes, but 2 ",
+        ),
     ],
 )
 def test_a_launch_that_does_not_fit_is_refused_before_the_data_is_read(
@@ -287,7 +295,11 @@ def test_a_launch_that_does_not_fit_is_refused_before_the_data_is_read(
         raise AssertionError("read or built before the launch was checked")
 
     readers = [(Corpus, "check"), (prompts, "read_pairs")]
-    builders = [(preflight, "meta_model"), (preflight, "_meta_model_from_params")]
+    builders = [
+        (preflight, "meta_model"),
+        (preflight, "_meta_model_from_params"),
+        (preflight, "_source_model"),
+    ]
     for owner, name in readers + builders:
         monkeypatch.setattr(owner, name, too_soon)
     monkeypatch.setenv("WORLD_SIZE", "2")
