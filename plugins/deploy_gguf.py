@@ -10,10 +10,16 @@ template. ``type``:
   the codes and scales are copied as they are, so GPTQ's choices survive;
 - ``auto`` (the default): Q8_0 for a float variant, the exact type for a packed one.
 
+``runtime`` is what loads the file back and what the deploy stage measures it in:
+``transformers`` (the default: its GGUF reader dequantizes to float32 and torch runs it)
+or ``llama.cpp`` (llama.cpp's own tokenizer, kernels and decoding loop, through
+llama-cpp-python: :mod:`unbottle.core.models.llama_cpp`; ``pip install
+'unbottle[llama-cpp]'``).
+
 A variant the type cannot hold (Q4_0 from an asymmetric, group-64 or float variant), an
 architecture the writer does not know, or a missing ``gguf`` package stops the stage with
-one line before anything is written. The bundle is done only when transformers' GGUF
-loader (``gguf_file=``) loads the file back and generates from it.
+one line before anything is written. The bundle is done only when the runtime loads the
+file back and generates from it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pydantic import Field
 
 from unbottle import DeployContext, StrategyConfig
 from unbottle.evaluation import TorchRunner
+from unbottle.export import LlamaCppRunner, require_llama_cpp
 from unbottle.plugins.deploy import (
     model_card,
     prompt_code,
@@ -67,6 +74,8 @@ class GgufBundle:
     class Config(StrategyConfig):
         type: Literal["auto", "F16", "Q8_0", "Q4_0"] = "auto"
         max_new_tokens: int = Field(16, ge=1, le=4096)
+        # What loads the file back and what the deploy stage measures it in.
+        runtime: Literal["transformers", "llama.cpp"] = "transformers"
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -93,6 +102,8 @@ class GgufBundle:
 
         from unbottle.export import check_writable, write_gguf
 
+        if self.config.runtime == "llama.cpp":
+            require_llama_cpp("deploy.target.runtime")
         gguf_type = self.gguf_type(model_dir, ctx.model_format)
         check_writable(model_dir, gguf_type, "deploy.target")  # one line, before any work
         save_tokenizer(model_dir, out_dir)  # the tokenizer the file embeds, chat template too
@@ -101,18 +112,25 @@ class GgufBundle:
         write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
         self.write_card(out_dir, ctx)
 
-        # The bundle is only done if a GGUF reader loads the file and generates from it.
-        model = AutoModelForCausalLM.from_pretrained(
-            out_dir, gguf_file=file_name, dtype=torch.float32
-        ).eval()
-        tokenizer = AutoTokenizer.from_pretrained(out_dir, gguf_file=file_name)
-        # (transformers' GGUF tokenizer adds token type ids, which a causal LM rejects)
-        ids = tokenizer("Question:", return_tensors="pt", return_token_type_ids=False)
-        with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=2, min_new_tokens=2)
+        # The bundle is only done if its runtime loads the file and generates from it.
+        if self.config.runtime == "llama.cpp":
+            runner = LlamaCppRunner(out_dir)
+            ids = runner.tokenizer("Question:", return_tensors="pt", add_special_tokens=False)
+            out = runner.generate(ids["input_ids"], ids["attention_mask"], 2, min_new_tokens=2)
+            runner.close()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                out_dir, gguf_file=file_name, dtype=torch.float32
+            ).eval()
+            tokenizer = AutoTokenizer.from_pretrained(out_dir, gguf_file=file_name)
+            # (transformers' GGUF tokenizer adds token type ids, which a causal LM rejects)
+            ids = tokenizer("Question:", return_tensors="pt", return_token_type_ids=False)
+            with torch.inference_mode():
+                out = model.generate(**ids, max_new_tokens=2, min_new_tokens=2)
         return {
             **facts,
             "gguf_file": file_name,
+            "gguf_runtime": self.config.runtime,
             "smoke_generated_tokens": int(out.shape[1] - ids["input_ids"].shape[1]),
         }
 
@@ -126,8 +144,10 @@ class GgufBundle:
         )
 
     def runner(self, bundle_dir: Path, device: str) -> Any:
-        """The file's weights as a GGUF reader decodes them (transformers' ``gguf_file=``
-        loader dequantizes each tensor), for the deploy stage's measurement."""
+        """The file in its runtime, for the deploy stage's measurement: llama.cpp, or the
+        weights as transformers' ``gguf_file=`` loader dequantizes them."""
+        if self.config.runtime == "llama.cpp":
+            return LlamaCppRunner(bundle_dir)
         return GgufRunner(bundle_dir, device)
 
 

@@ -162,6 +162,37 @@ def test_a_gguf_file_is_measured_as_its_reader_decodes_it(workspace):
     assert card_library(bundle) is None
 
 
+def test_a_gguf_file_with_runtime_llama_cpp_is_measured_by_llama_cpp(workspace):
+    """``runtime: llama.cpp``: the row is llama.cpp's (its logits for perplexity and
+    accuracy, its decoding loop for speed, the file's bytes for the roofline), close to
+    what transformers' reader measures of the same file."""
+    from tests.test_formats import require_llama_cpp
+
+    require_llama_cpp()
+    from unbottle.export import LlamaCppRunner
+
+    params, layout = workspace
+    params = copy.deepcopy(params)
+    params["evaluate"]["metrics"].append("roofline")
+    measured = {}
+    for runtime in ("transformers", "llama.cpp"):
+        target = {"name": "gguf", "type": "Q8_0", "runtime": runtime}
+        params["deploy"] = {"target": target, "variant": "finetuned"}
+        result = run_stage("deploy", Params.model_validate(params), layout)
+        measured[runtime] = result.metrics["measured"]["row"]
+    assert result.metrics["gguf_runtime"] == "llama.cpp"
+    row, reader = measured["llama.cpp"], measured["transformers"]
+    assert row["format"] == "gguf"
+    assert row["perplexity"] == pytest.approx(reader["perplexity"], rel=2e-3)
+    assert row["perplexity"] != reader["perplexity"]  # llama.cpp's own arithmetic
+    assert row["accuracy"] == reader["accuracy"]
+    assert row["decode_tokens_per_s"] > 0 and row["speed_requests"] >= 1
+    runner = LlamaCppRunner(layout.artifact("deploy"))
+    assert row["weight_bytes_per_token"] == runner.bytes_per_token()
+    assert row["nonzero_parameters"] == runner.parameter_counts()[1]
+    runner.close()
+
+
 def test_a_gptq_variants_hf_bundle_is_measured_and_loads_as_its_card_claims(workspace):
     """GPTQ int4 through ``hf``: a compressed-tensors checkpoint, a new model the deploy
     stage measures, and one plain transformers loads with the variant's own weights, so

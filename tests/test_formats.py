@@ -490,14 +490,15 @@ def test_gguf_refuses_a_model_the_writer_does_not_know(
 
 
 @pytest.mark.parametrize(
-    ("target", "module", "install"),
+    ("target", "options", "module", "install"),
     [
-        ("gguf", "gguf", r"pip install 'unbottle\[gguf\]'"),
-        ("hf", "compressed_tensors", r"pip install 'compressed-tensors>=0\.14,<0\.15'"),
+        ("gguf", {}, "gguf", r"pip install 'unbottle\[gguf\]'"),
+        ("gguf", {"runtime": "llama.cpp"}, "llama_cpp", r"pip install 'unbottle\[llama-cpp\]'"),
+        ("hf", {}, "compressed_tensors", r"pip install 'compressed-tensors>=0\.14,<0\.15'"),
     ],
 )
 def test_a_missing_optional_library_is_one_line_with_its_pip_install(
-    tmp_path, sym32, monkeypatch, target, module, install
+    tmp_path, sym32, monkeypatch, target, options, module, install
 ):
     variant = sym32
     find_spec = importlib.util.find_spec
@@ -508,9 +509,10 @@ def test_a_missing_optional_library_is_one_line_with_its_pip_install(
     )
     with pytest.raises(
         ConfigError,
-        match=rf"^deploy\.target: .*needs the \S+ package\b.*; install it with `{install}",
+        match=rf"^deploy\.target(\.runtime)?: .*needs the \S+ package\b.*; install it with "
+        rf"`{install}",
     ):
-        deploy(target, {}, variant, tmp_path / "out")
+        deploy(target, options, variant, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -544,3 +546,58 @@ def test_no_unbottle_directory_loads_as_random_weights_in_plain_transformers(
         with pytest.raises((OSError, ValueError), match=message):
             AutoModelForCausalLM.from_pretrained(directory)
     assert card_library(tmp_path / "server-packed") is None
+
+
+# ------------------------------------------------------------ llama.cpp runs the file
+
+
+def require_llama_cpp() -> None:
+    """llama-cpp-python builds llama.cpp from source (about 4 minutes on 2 cores), more
+    than `make test` can spend, so these tests run where it is installed
+    (`pip install 'unbottle[llama-cpp]'`) and skip elsewhere, saying so."""
+    pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed: pip install 'unbottle[llama-cpp]'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("variant_name", "gguf_type", "atol"),
+    [("sym32", "Q4_0", 1e-2), ("float_dir", "F16", 2e-3), ("float_dir", "Q8_0", 2e-2)],
+)
+def test_llama_cpp_runs_the_gguf_file_to_the_variants_logits(
+    request, tmp_path, tokenizer, variant_name, gguf_type, atol
+):
+    """llama.cpp itself, not a Python reader of the file: its tokenizer reads text as the
+    original, its kernels give the variant's logits (within what float16 weights, and for
+    Q4_0/Q8_0 its int8 activations, cost), and it decodes a left-padded batch as each row
+    alone."""
+    require_llama_cpp()
+    from unbottle.core.models.runtimes import TorchRunner
+    from unbottle.core.registry import get_registry
+    from unbottle.export import LlamaCppRunner
+
+    variant = request.getfixturevalue(variant_name)
+    options = {"type": gguf_type, "runtime": "llama.cpp"}
+    bundle = tmp_path / "bundle"
+    facts = deploy("gguf", options, variant, bundle)
+    assert facts["gguf_runtime"] == "llama.cpp" and facts["smoke_generated_tokens"] == 2
+    runner = get_registry().create("deploy_target", "gguf", options).runner(bundle, "cpu")
+    assert isinstance(runner, LlamaCppRunner)
+
+    text = "the quick brown fox jumps over the lazy dog"
+    assert runner.encode(text) == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    got, want = runner.logits(IDS), TorchRunner(variant).logits(IDS)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=0, atol=atol)
+
+    prompts = [IDS[0, :5], IDS[1, :9]]
+    alone = [runner.generate(p[None], torch.ones(1, len(p)), 6, eos_token_id=None) for p in prompts]
+    padded = torch.zeros(2, 9, dtype=torch.long)
+    padded[0, 4:], padded[1] = prompts
+    mask = (torch.arange(9) >= torch.tensor([[4], [0]])).long()
+    batched = runner.generate(padded, mask, 6, eos_token_id=None)
+    assert batched.shape == (2, 15)
+    for row, solo in zip(batched, alone, strict=True):
+        assert row[9:].tolist() == solo[0, -6:].tolist()
+    runner.close()

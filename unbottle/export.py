@@ -5,7 +5,10 @@
   variant code for code; :data:`COMPRESSED_TENSORS` is the pinned requirement.
 - GGUF (llama.cpp, Ollama): :func:`write_gguf` writes F16, Q8_0, or Q4_0/Q8_0 copied
   exactly from a symmetric group-32 variant (:data:`EXACT_GRIDS`); :func:`check_writable`
-  refuses, before any work, a variant or architecture the file cannot hold.
+  refuses, before any work, a variant or architecture the file cannot hold;
+  :class:`LlamaCppRunner` runs a GGUF bundle in llama.cpp itself, for the evaluation
+  metrics (:func:`require_llama_cpp`: the one-line refusal where llama-cpp-python is
+  missing).
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from unbottle.core.models.compressed_checkpoint import (
     write_compressed_tensors,
 )
 from unbottle.core.models.gguf_writer import EXACT_GRIDS, check_writable, write_gguf
+from unbottle.core.models.llama_cpp import LlamaCppRunner, require_llama_cpp
 
 __all__ = [
     "COMPRESSED_TENSORS",
     "EXACT_GRIDS",
+    "LlamaCppRunner",
     "check_writable",
     "load_compressed_tensors",
+    "require_llama_cpp",
     "write_compressed_tensors",
     "write_gguf",
 ]

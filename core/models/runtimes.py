@@ -56,6 +56,8 @@ class ModelRunner(Protocol):
 
     # Optional, and unbottle's runners have it: ``weight_counts() -> WeightCounts``, the
     # same counts and the decoder's linear layers' (the size metric's ``layer_sparsity``).
+    # Optional: ``bytes_per_token() -> int``, the bytes of weights a decoding step reads
+    # (the roofline metric's; without it, counted from a torch model or an ONNX graph).
 
 
 class CountsWeights:

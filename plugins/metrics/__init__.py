@@ -720,7 +720,9 @@ class Roofline:
             )
         device = str(getattr(model, "device", "cpu"))
         bandwidth = memory_bandwidth(device, self.config.bandwidth_megabytes)
-        if model.format in ("onnx", "genai"):
+        if hasattr(model, "bytes_per_token"):  # a runner that knows its own (llama.cpp's)
+            per_token = model.bytes_per_token()
+        elif model.format in ("onnx", "genai"):
             per_token = onnx_bytes_per_token(model.path)
         else:
             per_token = torch_bytes_per_token(model.model)

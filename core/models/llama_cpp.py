@@ -1,0 +1,308 @@
+"""A GGUF file run by llama.cpp itself, through llama-cpp-python's bindings of ``llama.h``.
+
+The ``gguf`` deploy target writes a file for llama.cpp and Ollama; transformers' GGUF
+reader dequantizes it to float32 and runs it in torch, which checks the file's numbers but
+not that llama.cpp reads them the same way (its tokenizer, the query/key row order of its
+rotary embedding, its Q4_0 kernels), nor how fast llama.cpp decodes it. This runner gives
+the evaluation metrics llama.cpp's own logits and decoding loop: every row of a batch is a
+sequence of its own in one ``llama_decode`` call per step, as llama.cpp's server batches.
+
+llama-cpp-python has no wheel for this platform on PyPI: ``pip install
+'unbottle[llama-cpp]'`` builds llama.cpp from source (about 4 minutes on 2 cores, with
+cmake and a C++ compiler), for the CPU it is built on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from unbottle.core.contract.errors import ConfigError, DataError
+from unbottle.core.models.runtimes import CountsWeights, WeightCounts
+
+if TYPE_CHECKING:
+    import torch
+
+INSTALL = "pip install 'unbottle[llama-cpp]'"
+#: The decoder's projections: what a pruner prunes and the size metric counts as layers.
+LAYER_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+#: Tokens llama.cpp takes in one ``llama_decode`` call (its default batch).
+CHUNK = 512
+
+log = logging.getLogger(__name__)
+_backend_lock = threading.Lock()
+_backend_ready = False
+_quiet_log: Any = None  # the logging callback, kept alive as long as llama.cpp may call it
+
+
+def require_llama_cpp(what: str) -> None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ConfigError(
+            f"{what}: running a GGUF file in llama.cpp needs the llama-cpp-python package; "
+            f"install it with `{INSTALL}` (it builds llama.cpp: about 4 minutes on 2 cores)"
+        )
+
+
+def amx_build(lib: Any) -> bool:
+    """Whether this llama.cpp was built with ggml's AMX kernels (a native build on a CPU
+    that has AMX, such as Sapphire Rapids)."""
+    return b"AMX_INT8 = 1" in lib.llama_print_system_info()
+
+
+def _init_backend() -> Any:
+    """llama.cpp's process-wide start, once; its log goes quiet (errors surface as
+    failed calls, which raise here)."""
+    global _backend_ready, _quiet_log
+    import llama_cpp
+
+    with _backend_lock:
+        if not _backend_ready:
+            _quiet_log = llama_cpp.llama_log_callback(lambda level, text, data: None)
+            llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+    return llama_cpp
+
+
+class LlamaCppRunner(CountsWeights):
+    """A GGUF bundle in llama.cpp, for the evaluation metrics (a ``ModelRunner``).
+
+    ``threads`` defaults to torch's thread count in this process, as the ONNX runners'
+    (``onnx_threads``): every row of one evaluation table decodes on the same cores.
+    The KV cache holds ``cache_tokens`` across the batch's rows (float16, llama.cpp's
+    default), and grows when a call needs more.
+    """
+
+    format = "gguf"
+    device = "cpu"
+
+    def __init__(self, bundle_dir: Path, threads: int | None = None, cache_tokens: int = 2048):
+        require_llama_cpp(str(bundle_dir))
+        from transformers import AutoTokenizer
+
+        from unbottle.core.models.runtimes import onnx_threads
+
+        files = sorted(Path(bundle_dir).glob("*.gguf"))
+        if len(files) != 1:
+            raise DataError(f"{bundle_dir}: expected one .gguf file, found {len(files)}")
+        self.path = files[0]
+        self._lib = _init_backend()
+        lib = self._lib
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = 0
+        if amx_build(lib):
+            # ggml's AMX kernels crash in their matrix multiply on Q4_0 and the other
+            # types they take (llama.cpp #20824; seen on this project's Xeon): keep the
+            # weights out of the AMX buffer, and so out of the repacked one too (slower).
+            log.warning(
+                "llama.cpp was built with AMX kernels, which crash on quantized weights "
+                "(llama.cpp issue 20824): running without its AMX and repacked weight "
+                "buffers, slower; build llama-cpp-python without AMX (docs/serving.md)"
+            )
+            params.use_extra_bufts = False
+        self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            raise DataError(f"{self.path}: llama.cpp could not load this GGUF file")
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
+        self.context = int(lib.llama_model_n_ctx_train(self._model))
+        self.threads = threads or onnx_threads()
+        self.tokenizer = AutoTokenizer.from_pretrained(bundle_dir)  # the one the file embeds
+        self.pad_token_id = self.tokenizer.pad_token_id or 0
+        self._ctx = None
+        self._ctx_tokens = self._ctx_seqs = 0
+        self._batch = lib.llama_batch_init(CHUNK, 0, 1)  # reused by every decode call
+        self._context_for(min(cache_tokens, self.context), 1)
+
+    # ------------------------------------------------------------------ llama.cpp state
+
+    def _context_for(self, tokens: int, sequences: int) -> Any:
+        """A context whose cache holds ``tokens`` over ``sequences`` rows, cleared."""
+        lib = self._lib
+        if self._ctx is None or tokens > self._ctx_tokens or sequences > self._ctx_seqs:
+            if self._ctx is not None:
+                lib.llama_free(self._ctx)
+            params = lib.llama_context_default_params()
+            params.n_ctx = max(tokens, self._ctx_tokens)
+            params.n_batch = params.n_ubatch = CHUNK
+            params.n_seq_max = max(sequences, self._ctx_seqs, 1)
+            params.kv_unified = True  # the rows share one cache of n_ctx cells
+            params.n_threads = params.n_threads_batch = self.threads
+            self._ctx = lib.llama_init_from_model(self._model, params)
+            if not self._ctx:
+                raise DataError(f"{self.path}: llama.cpp could not make a context of {tokens}")
+            self._ctx_tokens, self._ctx_seqs = params.n_ctx, params.n_seq_max
+        lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+        return self._ctx
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> Any:
+        """One ``llama_decode`` of at most :data:`CHUNK` (token, position, sequence, wants
+        logits) entries; returns the logits of those that want them, in order: (n, V)
+        float32."""
+        import numpy as np
+
+        lib, batch = self._lib, self._batch
+        for i, (token, pos, seq, wants) in enumerate(entries):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = wants
+        batch.n_tokens = len(entries)
+        status = lib.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise DataError(f"{self.path}: llama_decode failed with status {status}")
+        wanted = sum(1 for entry in entries if entry[3])
+        pointer = lib.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(pointer, shape=(wanted, self.n_vocab)).copy()
+
+    def encode(self, text: str) -> list[int]:
+        """``text`` as llama.cpp's tokenizer reads it from the file (no special tokens
+        added), to check against the tokenizer the file was written from."""
+        raw = text.encode("utf-8")
+        room = len(raw) + 8
+        tokens = (self._lib.llama_token * room)()
+        n = self._lib.llama_tokenize(self._vocab, raw, len(raw), tokens, room, False, False)
+        if n < 0:
+            raise DataError(f"{self.path}: llama.cpp could not tokenize {text[:40]!r}")
+        return list(tokens[:n])
+
+    # --------------------------------------------------------------- ModelRunner
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, V) logits, each row decoded alone from an empty cache."""
+        import numpy as np
+        import torch
+
+        rows = []
+        for ids in input_ids.tolist():
+            self._context_for(len(ids), 1)
+            parts = [
+                self._decode([(t, start + j, 0, True) for j, t in enumerate(ids[start:][:CHUNK])])
+                for start in range(0, len(ids), CHUNK)
+            ]
+            rows.append(np.concatenate(parts))
+        return torch.from_numpy(np.stack(rows))
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, **kw: Any
+    ) -> torch.Tensor:
+        """Greedy decoding of every row at once, each row a llama.cpp sequence (left
+        padding, as the tokenizers pad for generation, is left out). ``eos_token_id``
+        (an id, a list, or None to decode exactly ``max_new_tokens``; absent: the file's
+        end-of-generation tokens) and ``min_new_tokens`` as transformers' ``generate``;
+        ``streamer`` gets the prompt, then each step's tokens. Returns (B, T + new): the
+        prompt as given, then each row's new tokens, finished rows padded."""
+        import torch
+
+        lib = self._lib
+        if len(input_ids) > CHUNK:
+            raise DataError(f"llama.cpp runner: {len(input_ids)} rows at once; at most {CHUNK}")
+        rows = [
+            ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)
+        ]
+        forced = int(kw.get("min_new_tokens") or 0)
+        if "eos_token_id" not in kw:
+            stops = None  # the file's end-of-generation tokens
+
+            def stop(token: int) -> bool:
+                return bool(lib.llama_vocab_is_eog(self._vocab, token))
+        else:
+            eos = kw["eos_token_id"]
+            stops = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+
+            def stop(token: int) -> bool:
+                return token in stops
+
+        self._context_for(sum(len(r) for r in rows) + len(rows) * max_new_tokens, len(rows))
+        streamer = kw.get("streamer")
+        if streamer is not None:
+            streamer.put(input_ids)
+        # The prompts, in chunks: only each row's last token's logits are needed.
+        entries = [
+            (token, pos, seq, pos == len(ids) - 1)
+            for seq, ids in enumerate(rows)
+            for pos, token in enumerate(ids)
+        ]
+        last: list[Any] = []
+        for start in range(0, len(entries), CHUNK):
+            chunk = entries[start : start + CHUNK]
+            if any(entry[3] for entry in chunk):
+                last.extend(self._decode(chunk))
+            else:
+                self._decode(chunk)
+        new: list[list[int]] = [[] for _ in rows]
+        live = list(range(len(rows)))
+        logits = dict(zip(live, last, strict=True))
+        for step in range(max_new_tokens):
+            tokens = {seq: int(logits[seq].argmax()) for seq in live}
+            for seq, token in tokens.items():
+                new[seq].append(token)
+            if streamer is not None:
+                streamer.put(
+                    torch.tensor([tokens.get(seq, self.pad_token_id) for seq in range(len(rows))])
+                )
+            live = [seq for seq in live if step + 1 < forced or not stop(tokens[seq])]
+            if not live or step + 1 == max_new_tokens:
+                break
+            out = self._decode([(tokens[seq], len(rows[seq]) + step, seq, True) for seq in live])
+            logits = dict(zip(live, out, strict=True))
+        width = input_ids.shape[1]
+        result = torch.full((len(rows), width + max(len(n) for n in new)), self.pad_token_id)
+        result[:, :width] = input_ids
+        for i, tokens_of_row in enumerate(new):
+            result[i, width : width + len(tokens_of_row)] = torch.tensor(tokens_of_row)
+        return result.long()
+
+    def weight_counts(self) -> WeightCounts:
+        """Counted from the file: every tensor's weights (dequantized by the ``gguf``
+        package, so a code at its zero point counts as zero), and the decoder's
+        projections alone."""
+        import numpy as np
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+
+        total = nonzero = layers = layers_nonzero = 0
+        for tensor in GGUFReader(self.path).tensors:
+            values = dequantize(tensor.data, tensor.tensor_type)
+            size, nonzeros = int(values.size), int(np.count_nonzero(values))
+            total += size
+            nonzero += nonzeros
+            if tensor.name.split(".")[-2] in LAYER_TENSORS:
+                layers += size
+                layers_nonzero += nonzeros
+        return WeightCounts(total, nonzero, layers, layers_nonzero)
+
+    def bytes_per_token(self) -> int:
+        """Bytes of the file's tensors one decoding step reads: all of them, except the
+        token embeddings, of which a step reads one row, unless the output head is the
+        embedding table (no ``output.weight``), which then reads all of it."""
+        from gguf import GGUFReader
+
+        tensors = {t.name: t for t in GGUFReader(self.path).tensors}
+        total = sum(int(t.n_bytes) for t in tensors.values())
+        embeddings = tensors.get("token_embd.weight")
+        if embeddings is not None and "output.weight" in tensors:
+            rows = int(embeddings.shape[-1])  # gguf shapes list the fastest dimension first
+            total -= int(embeddings.n_bytes) - int(embeddings.n_bytes) // rows
+        return total
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._batch is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self._model is not None:
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit the library may be gone
+            self.close()
