@@ -233,7 +233,7 @@ def progress(message: str, *, every: int = 1, index: int = 0, last: int = 1) -> 
 
 
 def weights_bytes(model_dir: Path) -> int:
-    names = ("*.safetensors", "*.onnx", "*.onnx_data", "*.onnx.data")
+    names = ("*.safetensors", "*.onnx", "*.onnx_data", "*.onnx.data", "*.gguf")
     return sum(p.stat().st_size for pattern in names for p in Path(model_dir).glob(pattern))
 
 

@@ -26,7 +26,17 @@ float32 torch row measured in the same round of the same run. Rows:
   32): the anchor. It needs the ``genai`` extra:
   ``pip install onnxruntime-genai==0.11.4 onnx-ir``;
 - ``genai-int4-g64``: the same builder at block 64, our variants' group size: fewer bytes
-  per token than its default, the harder comparison.
+  per token than its default, the harder comparison;
+- ``gptq-int4-g32-static-head-sym-gguf``: GPTQ int4 on Q4_0's grid (symmetric, groups of
+  32 contiguous columns, the head too) written by the ``gguf`` deploy target's writer
+  (core/models/gguf_writer.py: the codes copied into Q4_0 blocks), run by llama.cpp
+  (core/models/llama_cpp.py: the ``gguf`` target's ``runtime: llama.cpp``);
+- ``llama.cpp-q4_0``: llama.cpp's own Q4_0 quantization of the dense model (its
+  ``llama_model_quantize``, as ``llama-quantize`` runs it: round to nearest in blocks of
+  32, the tied embedding and head in Q6_K), from the writer's F16 file: the anchor of a
+  user who takes the llama.cpp route. Both need llama-cpp-python
+  (``pip install 'unbottle[llama-cpp]'``; on a CPU with AMX build it without AMX, see
+  docs/serving.md).
 
 Variants: ``gptq-int4-g64`` (GPTQ, the compress stage's defaults), ``gptq-int4-g64-static``
 (the same with ``static_groups: true``) and ``gptq-int4-g64-static-head`` (and
@@ -117,6 +127,7 @@ GENAI_INSTALL = "pip install onnxruntime-genai==0.11.4 onnx-ir"
 GENAI_DEFAULT_BLOCK, GENAI_BLOCK = 32, 64
 #: The code the edge and genai bundles are built by: a bundle built by other code is stale.
 BUNDLE_CODE = ("matmulnbits.py", "genai.py", "__init__.py")
+LLAMA_CPP_INSTALL = "pip install 'unbottle[llama-cpp]'"
 
 #: The compressed variants: (quantizer, options), built once each and cached.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -139,6 +150,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
             "symmetric": True,
         },
     ),
+    # Q4_0's grid: symmetric, groups of 32 contiguous columns; the head too.
+    "gptq-int4-g32-static-head-sym": (
+        "gptq",
+        {
+            "bits": 4,
+            "group_size": 32,
+            "static_groups": True,
+            "quantize_head": True,
+            "symmetric": True,
+        },
+    ),
     "rtn-int4-g64": ("rtn", {"bits": 4, "group_size": 64}),
     "rtn-int8-g64": ("rtn", {"bits": 8, "group_size": 64}),
 }
@@ -147,7 +169,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 @dataclass(frozen=True)
 class Row:
     variant: str | None  # a key of VARIANTS, or None for the dense model
-    runtime: str  # "torch", "onnx" (the edge bundle) or "genai" (the anchor)
+    runtime: str  # "torch", "onnx" (the edge bundle), "genai" or "gguf" (llama.cpp)
     label: str
     #: A genai bundle decoded by unbottle's serving backend (what `unbottle serve` runs)
     #: instead of onnxruntime-genai's own generator.
@@ -200,6 +222,14 @@ ROWS: dict[str, Row] = {
         f"onnxruntime-genai int4, its default build (RTN, block {GENAI_DEFAULT_BLOCK})",
     ),
 }
+ROWS["gptq-int4-g32-static-head-sym-gguf"] = Row(
+    "gptq-int4-g32-static-head-sym",
+    "gguf",
+    "GPTQ int4 g32 static groups + int4 head, symmetric, as Q4_0 GGUF in llama.cpp (our codes)",
+)
+ROWS["llama.cpp-q4_0"] = Row(
+    None, "gguf", "llama.cpp's own Q4_0 of the dense model (RTN, block 32; Q6_K head)"
+)
 REFERENCE = "fp32-torch"
 ANCHOR = "genai-int4"
 #: The rows every row's batch-1 tokens/s is compared with, round by round: column title.
@@ -323,6 +353,67 @@ def build_bundle_of(entry: Path, runtime: str, code: str) -> Path:
     return out
 
 
+def gguf_code() -> str:
+    """A hash of the GGUF writer: a file written by other code is stale."""
+    from unbottle.core.models import gguf_writer
+
+    return hashlib.sha256(Path(gguf_writer.__file__).read_bytes()).hexdigest()[:16]
+
+
+def build_gguf_of(entry: Path, code: str) -> Path:
+    """The packed variant as the ``gguf`` target writes it (``entry/gguf``: the file and
+    its tokenizer), built unless one written by the same ``code`` is there."""
+    from transformers import AutoTokenizer
+
+    from unbottle.export import write_gguf
+
+    out = entry / "gguf"
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+        if json.loads((out / "built.json").read_text("utf-8")).get("code") == code:
+            return out
+    real.progress(f"  build {entry.name}: the Q4_0 GGUF file, code {code}")
+    with tempfile.TemporaryDirectory(dir=entry, prefix=".gguf.") as tmp:
+        built = Path(tmp) / "gguf"
+        built.mkdir()
+        AutoTokenizer.from_pretrained(entry / "packed").save_pretrained(built)
+        facts = write_gguf(entry / "packed", built, built / "model-Q4_0.gguf", "Q4_0")
+        (built / "built.json").write_text(json.dumps({**facts, "code": code}), "utf-8")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(built, out)
+    return out
+
+
+def build_llama_cpp_q4_0(dense_dir: Path, entry: Path) -> None:
+    """llama.cpp's own Q4_0 of the dense model: the writer's F16 file, quantized by
+    ``llama_model_quantize`` with its defaults (``llama-quantize MODEL OUT Q4_0``)."""
+    import ctypes
+
+    from transformers import AutoTokenizer
+
+    from unbottle.core.models.llama_cpp import _init_backend
+    from unbottle.export import write_gguf
+
+    lib = _init_backend()
+    with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}.") as tmp:
+        out = Path(tmp) / "gguf"
+        out.mkdir()
+        f16 = Path(tmp) / "model-F16.gguf"
+        write_gguf(dense_dir, dense_dir, f16, "F16")
+        params = lib.llama_model_quantize_default_params()
+        params.ftype = lib.LLAMA_FTYPE_MOSTLY_Q4_0
+        real.progress("  build llama.cpp-q4_0: llama_model_quantize F16 -> Q4_0")
+        status = lib.llama_model_quantize(
+            str(f16).encode(), str(out / "model-Q4_0.gguf").encode(), ctypes.byref(params)
+        )
+        if status != 0:
+            raise RuntimeError(f"llama_model_quantize failed with status {status}")
+        AutoTokenizer.from_pretrained(dense_dir).save_pretrained(out)
+        (out / "built.json").write_text(json.dumps({"ftype": "MOSTLY_Q4_0"}), "utf-8")
+        entry.mkdir()
+        os.replace(out, entry / "gguf")
+        (entry / "built.json").write_text(json.dumps({"from": "F16"}), "utf-8")
+
+
 def ensure_built(
     row: Row, dense_dir: Path, sha256: str, cache: Path, args: argparse.Namespace
 ) -> Path:
@@ -333,6 +424,12 @@ def ensure_built(
         if not (entry / "built.json").is_file():
             build_genai(dense_dir, entry, row.block)
         return entry
+    if row.runtime == "gguf" and row.variant is None:
+        entry = cache / build_key(args, sha256, "llama.cpp-q4_0", {"ftype": "Q4_0"})
+        if not (entry / "built.json").is_file():
+            shutil.rmtree(entry, ignore_errors=True)
+            build_llama_cpp_q4_0(dense_dir, entry)
+        return entry / "gguf"
     if row.variant is None:
         return dense_dir
     entry = cache / build_key(args, sha256, row.variant, VARIANTS[row.variant])
@@ -341,6 +438,8 @@ def ensure_built(
         build_variant(row.variant, dense_dir, entry, args)
     if row.runtime == "torch":
         return entry / "packed"
+    if row.runtime == "gguf":
+        return build_gguf_of(entry, gguf_code())
     return build_bundle_of(entry, row.runtime, bundle_code())
 
 
@@ -351,6 +450,17 @@ def genai_available() -> str | None:
     if importlib.util.find_spec("onnxruntime_genai") and importlib.util.find_spec("onnx_ir"):
         return None
     return f"onnxruntime-genai is not installed: {GENAI_INSTALL}"
+
+
+def missing_runtime(row: Row) -> str | None:
+    """The line that installs what the row's runtime needs, or None when it imports."""
+    import importlib.util
+
+    if row.runtime == "genai":
+        return genai_available()
+    if row.runtime == "gguf" and importlib.util.find_spec("llama_cpp") is None:
+        return f"llama-cpp-python is not installed: {LLAMA_CPP_INSTALL}"
+    return None
 
 
 # ------------------------------------------------------------- child: one row
@@ -453,6 +563,19 @@ def genai_decode(model: Any, prompts: list[list[int]], steps: int) -> float:
     return time.perf_counter() - began
 
 
+def llama_cpp_decode(runner: Any, prompts: list[list[int]], steps: int) -> float:
+    """Seconds for ``steps`` greedy steps of all prompts at once after prefill, through
+    the runner's decoding loop (one ``llama_decode`` of every row per step)."""
+    import torch
+
+    from unbottle.plugins.metrics import _TokenClock
+
+    clock = _TokenClock()
+    ids = torch.tensor(prompts)
+    runner.generate(ids, torch.ones_like(ids), steps + 1, eos_token_id=None, streamer=clock)
+    return clock.times[-1] - clock.times[1]  # [0]: the prompt; [1]: prefill's token
+
+
 class GenaiRunner:
     """The anchor's logits, for the perplexity loop (one generator per window)."""
 
@@ -495,7 +618,13 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     stream = real.token_stream(tokenizer, held_out)
     out: dict[str, Any] = {"rss_before_mb": round(rss_mb(), 1), "bandwidth": bandwidth}
     generator = row.runtime == "genai" and not row.served
-    if generator:
+    if row.runtime == "gguf":
+        from unbottle.export import LlamaCppRunner
+
+        llama = LlamaCppRunner(model_dir, threads=threads)
+        decode = lambda prompts: llama_cpp_decode(llama, prompts, spec["new_tokens"])  # noqa: E731
+        per_token = llama.bytes_per_token()
+    elif generator:
         model = genai_model(model_dir, threads)
         decode = lambda prompts: genai_decode(model, prompts, spec["new_tokens"])  # noqa: E731
         per_token = onnx_bytes_per_token(model_dir / "model.onnx")
@@ -520,9 +649,13 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     )
     if not spec["perplexity"]:  # later rounds: decode only
         return out
-    if not generator:
+    if row.runtime == "gguf":
+        runner = llama
+    elif generator:
+        runner = GenaiRunner(model)
+    else:
         del backend
-    runner = GenaiRunner(model) if generator else load_runner(model_dir)
+        runner = load_runner(model_dir)
     ppl, scored, windows = real.perplexity(runner, stream, spec["window"], spec["eval_windows"])
     built: dict[str, Any] = {}  # the packed variant's facts, then its bundle's own
     for facts in (model_dir.parent / "built.json", model_dir / "built.json"):
@@ -845,7 +978,7 @@ def main(argv: list[str]) -> int:
         records[name] = record
         report["rows"].append(record)
         real.progress(f"[build {i + 1}/{len(order)}] {name}: {row.label}")
-        missing = genai_available() if row.runtime == "genai" else None
+        missing = missing_runtime(row)
         if missing:
             record.update(ok=False, error=missing)
             continue
