@@ -33,7 +33,7 @@ float32 torch row measured in the same round of the same run. Rows:
   (core/models/llama_cpp.py: the ``gguf`` target's ``runtime: llama.cpp``);
 - ``llama.cpp-q4_0``: llama.cpp's own Q4_0 quantization of the dense model (its
   ``llama_model_quantize``, as ``llama-quantize`` runs it: round to nearest in blocks of
-  32, the tied embedding and head in Q6_K), from the writer's F16 file: the anchor of a
+  32, SmolLM2's tied embedding and head in Q8_0), from the writer's F16 file: the anchor of a
   user who takes the llama.cpp route. Both need llama-cpp-python
   (``pip install 'unbottle[llama-cpp]'``; on a CPU with AMX build it without AMX, see
   docs/serving.md).
@@ -228,7 +228,7 @@ ROWS["gptq-int4-g32-static-head-sym-gguf"] = Row(
     "GPTQ int4 g32 static groups + int4 head, symmetric, as Q4_0 GGUF in llama.cpp (our codes)",
 )
 ROWS["llama.cpp-q4_0"] = Row(
-    None, "gguf", "llama.cpp's own Q4_0 of the dense model (RTN, block 32; Q6_K head)"
+    None, "gguf", "llama.cpp's own Q4_0 of the dense model (RTN, block 32; tied head Q8_0)"
 )
 REFERENCE = "fp32-torch"
 ANCHOR = "genai-int4"

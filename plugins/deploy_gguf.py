@@ -24,14 +24,15 @@ file back and generates from it.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from unbottle import DeployContext, StrategyConfig
 from unbottle.evaluation import TorchRunner
-from unbottle.export import LlamaCppRunner, require_llama_cpp
+from unbottle.export import LLAMA_CPP_INSTALL, LlamaCppRunner, require_llama_cpp
 from unbottle.plugins.deploy import (
     model_card,
     prompt_code,
@@ -76,6 +77,14 @@ class GgufBundle:
         max_new_tokens: int = Field(16, ge=1, le=4096)
         # What loads the file back and what the deploy stage measures it in.
         runtime: Literal["transformers", "llama.cpp"] = "transformers"
+
+        @field_validator("runtime")
+        @classmethod
+        def _installed(cls, value: str) -> str:
+            # Known from params alone: refused when params are checked, before any stage.
+            if value == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+                raise ValueError(f"llama.cpp needs llama-cpp-python; {LLAMA_CPP_INSTALL}")
+            return value
 
     def __init__(self, config: Config) -> None:
         self.config = config

@@ -493,7 +493,6 @@ def test_gguf_refuses_a_model_the_writer_does_not_know(
     ("target", "options", "module", "install"),
     [
         ("gguf", {}, "gguf", r"pip install 'unbottle\[gguf\]'"),
-        ("gguf", {"runtime": "llama.cpp"}, "llama_cpp", r"pip install 'unbottle\[llama-cpp\]'"),
         ("hf", {}, "compressed_tensors", r"pip install 'compressed-tensors>=0\.14,<0\.15'"),
     ],
 )
@@ -509,8 +508,7 @@ def test_a_missing_optional_library_is_one_line_with_its_pip_install(
     )
     with pytest.raises(
         ConfigError,
-        match=rf"^deploy\.target(\.runtime)?: .*needs the \S+ package\b.*; install it with "
-        rf"`{install}",
+        match=rf"^deploy\.target: .*needs the \S+ package\b.*; install it with `{install}",
     ):
         deploy(target, options, variant, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
@@ -549,6 +547,27 @@ def test_no_unbottle_directory_loads_as_random_weights_in_plain_transformers(
 
 
 # ------------------------------------------------------------ llama.cpp runs the file
+
+
+def test_runtime_llama_cpp_without_its_package_is_refused_when_params_are_checked(monkeypatch):
+    """Known from params alone, so refused with the other strategy options, before any
+    stage runs, in one line with the install command."""
+    from unbottle.core.config.schema import Params
+    from unbottle.core.config.strategy_checks import check_strategies
+    from unbottle.core.registry import get_registry
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llama_cpp" else find_spec(name, *a),
+    )
+    params = Params.model_validate({"deploy": {"target": {"name": "gguf", "runtime": "llama.cpp"}}})
+    with pytest.raises(ConfigError) as refused:
+        check_strategies(params, get_registry())
+    assert str(refused.value) == (
+        "deploy.target.runtime: llama.cpp needs llama-cpp-python; pip install 'unbottle[llama-cpp]'"
+    )
 
 
 def require_llama_cpp() -> None:
@@ -600,4 +619,10 @@ def test_llama_cpp_runs_the_gguf_file_to_the_variants_logits(
     assert batched.shape == (2, 15)
     for row, solo in zip(batched, alone, strict=True):
         assert row[9:].tolist() == solo[0, -6:].tolist()
+
+    # A stop token ends a row, except before min_new_tokens (as transformers: not chosen).
+    first, prompt, ones = int(alone[0][0, 5]), prompts[0][None], torch.ones(1, 5)
+    assert runner.generate(prompt, ones, 6, eos_token_id=first).shape == (1, 6)
+    forced = runner.generate(prompt, ones, 6, eos_token_id=[first], min_new_tokens=3)
+    assert forced.shape[1] >= 8 and first not in forced[0, 5:8].tolist()
     runner.close()

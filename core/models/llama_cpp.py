@@ -28,7 +28,7 @@ from unbottle.core.models.runtimes import CountsWeights, WeightCounts
 if TYPE_CHECKING:
     import torch
 
-INSTALL = "pip install 'unbottle[llama-cpp]'"
+LLAMA_CPP_INSTALL = "pip install 'unbottle[llama-cpp]'"
 #: The decoder's projections: what a pruner prunes and the size metric counts as layers.
 LAYER_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 #: Tokens llama.cpp takes in one ``llama_decode`` call (its default batch).
@@ -44,7 +44,8 @@ def require_llama_cpp(what: str) -> None:
     if importlib.util.find_spec("llama_cpp") is None:
         raise ConfigError(
             f"{what}: running a GGUF file in llama.cpp needs the llama-cpp-python package; "
-            f"install it with `{INSTALL}` (it builds llama.cpp: about 4 minutes on 2 cores)"
+            f"install it with `{LLAMA_CPP_INSTALL}` (it builds llama.cpp: about 4 minutes on "
+            "2 cores)"
         )
 
 
@@ -110,6 +111,10 @@ class LlamaCppRunner(CountsWeights):
             raise DataError(f"{self.path}: llama.cpp could not load this GGUF file")
         self._vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
+        #: The tokens that end a generation (end of text, of turn...), as the file marks them.
+        self.end_of_generation = [
+            t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self._vocab, t)
+        ]
         self.context = int(lib.llama_model_n_ctx_train(self._model))
         self.threads = threads or onnx_threads()
         self.tokenizer = AutoTokenizer.from_pretrained(bundle_dir)  # the one the file embeds
@@ -195,30 +200,21 @@ class LlamaCppRunner(CountsWeights):
         """Greedy decoding of every row at once, each row a llama.cpp sequence (left
         padding, as the tokenizers pad for generation, is left out). ``eos_token_id``
         (an id, a list, or None to decode exactly ``max_new_tokens``; absent: the file's
-        end-of-generation tokens) and ``min_new_tokens`` as transformers' ``generate``;
-        ``streamer`` gets the prompt, then each step's tokens. Returns (B, T + new): the
-        prompt as given, then each row's new tokens, finished rows padded."""
+        end-of-generation tokens) and ``min_new_tokens`` (no stop token before it) as
+        transformers' ``generate``; ``streamer`` gets the prompt, then each step's tokens.
+        Returns (B, T + new): the prompt as given, then each row's new tokens, finished
+        rows padded."""
+        import numpy as np
         import torch
 
-        lib = self._lib
         if len(input_ids) > CHUNK:
             raise DataError(f"llama.cpp runner: {len(input_ids)} rows at once; at most {CHUNK}")
         rows = [
             ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)
         ]
         forced = int(kw.get("min_new_tokens") or 0)
-        if "eos_token_id" not in kw:
-            stops = None  # the file's end-of-generation tokens
-
-            def stop(token: int) -> bool:
-                return bool(lib.llama_vocab_is_eog(self._vocab, token))
-        else:
-            eos = kw["eos_token_id"]
-            stops = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-
-            def stop(token: int) -> bool:
-                return token in stops
-
+        eos = kw.get("eos_token_id", self.end_of_generation)
+        stops = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self._context_for(sum(len(r) for r in rows) + len(rows) * max_new_tokens, len(rows))
         streamer = kw.get("streamer")
         if streamer is not None:
@@ -240,6 +236,9 @@ class LlamaCppRunner(CountsWeights):
         live = list(range(len(rows)))
         logits = dict(zip(live, last, strict=True))
         for step in range(max_new_tokens):
+            if step < forced and stops:  # as transformers: no stop before min_new_tokens
+                for seq in live:
+                    logits[seq][stops] = -np.inf
             tokens = {seq: int(logits[seq].argmax()) for seq in live}
             for seq, token in tokens.items():
                 new[seq].append(token)
@@ -247,7 +246,7 @@ class LlamaCppRunner(CountsWeights):
                 streamer.put(
                     torch.tensor([tokens.get(seq, self.pad_token_id) for seq in range(len(rows))])
                 )
-            live = [seq for seq in live if step + 1 < forced or not stop(tokens[seq])]
+            live = [seq for seq in live if tokens[seq] not in stops]
             if not live or step + 1 == max_new_tokens:
                 break
             out = self._decode([(tokens[seq], len(rows[seq]) + step, seq, True) for seq in live])
