@@ -165,6 +165,11 @@ class GgufRunner(TorchRunner):
     so the measured numbers are the file's, not the variant's it was written from.
     llama.cpp's own kernels are not run (the speed figures are torch's)."""
 
+    runtime = (
+        "transformers (its GGUF reader dequantizes the file to float32 and torch runs it: "
+        "the quality figures are the file's, the speed figures torch's, not llama.cpp's)"
+    )
+
     def __init__(self, bundle_dir: Path, device: str = "cpu") -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

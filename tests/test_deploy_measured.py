@@ -159,6 +159,11 @@ def test_a_gguf_file_is_measured_as_its_reader_decodes_it(workspace):
     card = (bundle / "README.md").read_text()
     shipped = card.split("### This bundle, as shipped")[1].split("###")[0]
     assert f"{row['perplexity']:.3f}" in shipped and "| gguf |" in shipped
+    assert (
+        "measured after it was written with the evaluate stage's metrics, in transformers ("
+        in shipped
+    )
+    assert "the speed figures torch's, not llama.cpp's" in shipped
     assert card_library(bundle) is None
 
 
@@ -191,6 +196,8 @@ def test_a_gguf_file_with_runtime_llama_cpp_is_measured_by_llama_cpp(workspace):
     assert row["weight_bytes_per_token"] == runner.bytes_per_token()
     assert row["nonzero_parameters"] == runner.parameter_counts()[1]
     runner.close()
+    card = (layout.artifact("deploy") / "README.md").read_text()
+    assert "evaluate stage's metrics, in llama.cpp (its own tokenizer, kernels" in card
 
 
 def test_a_gptq_variants_hf_bundle_is_measured_and_loads_as_its_card_claims(workspace):

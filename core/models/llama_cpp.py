@@ -81,6 +81,7 @@ class LlamaCppRunner(CountsWeights):
 
     format = "gguf"
     device = "cpu"
+    runtime = "llama.cpp (its own tokenizer, kernels and decoding loop)"
 
     def __init__(self, bundle_dir: Path, threads: int | None = None, cache_tokens: int = 2048):
         require_llama_cpp(str(bundle_dir))

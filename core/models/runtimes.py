@@ -58,6 +58,8 @@ class ModelRunner(Protocol):
     # same counts and the decoder's linear layers' (the size metric's ``layer_sparsity``).
     # Optional: ``bytes_per_token() -> int``, the bytes of weights a decoding step reads
     # (the roofline metric's; without it, counted from a torch model or an ONNX graph).
+    # Optional: ``runtime: str``, where the figures come from in words, for a model card
+    # ("llama.cpp (...)"); without it, the card names the runner's ``format``.
 
 
 class CountsWeights:

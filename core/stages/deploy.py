@@ -225,23 +225,26 @@ def measure_bundle(
     label: str,
     reference: dict[str, Any],
     prompt_format: Any,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], str]:
     """The bundle's row: the evaluate stage's metrics, run on what the target wrote, in
     the runtime it ships in, with the perplexity ratios to ``reference`` (the finetuned
-    model's row, as the evaluation computes them)."""
+    model's row, as the evaluation computes them); and where it was measured, in words."""
     from unbottle.core.stages.evaluate import resolve_device
 
     device = resolve_device(measure_with.cfg.device)
     log.info("deploy: %s is a new model; measuring it as the evaluate stage does", label)
+    runner = bundle_runner(target, bundle, device)
     row, _ = measure_with.measure(
-        bundle_runner(target, bundle, device),
+        runner,
         bundle,
         metrics,
         prompt_format=prompt_format,
         label=label,
     )
     add_ratios({label: row}, reference)
-    return row
+    # Where the figures come from, for the card: the runner's own words, else its format.
+    runtime = getattr(runner, "runtime", None)
+    return row, f"in {runtime}" if runtime else f"in the runtime it ships in (`{row['format']}`)"
 
 
 def shipped_markdown(label: str, row: dict[str, Any], how: str, columns: Any = ()) -> str:
@@ -338,7 +341,7 @@ def deploy(
         else:
             assert measure_with is not None
             label = f"{variant} ({target.name} bundle)"
-            row = measure_bundle(
+            row, measured_in = measure_bundle(
                 target,
                 tmp,
                 measure_with,
@@ -359,8 +362,7 @@ def deploy(
             how = (
                 f"The `{target.name}` target wrote a new model from the `{fmt}` variant "
                 f"`{variant}`: these are that bundle's figures, measured after it was written "
-                f"with the evaluate stage's metrics, in the runtime it ships in "
-                f"(`{row['format']}`). "
+                f"with the evaluate stage's metrics, {measured_in}. "
                 + (f"It passes the gates ({gates})." if decision.gates else "No gates are set.")
             )
             if callable(getattr(target, "write_card", None)):
