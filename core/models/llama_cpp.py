@@ -121,9 +121,12 @@ class LlamaCppRunner(CountsWeights):
         self.tokenizer = AutoTokenizer.from_pretrained(bundle_dir)  # the one the file embeds
         self.pad_token_id = self.tokenizer.pad_token_id or 0
         self._ctx = None
-        self._ctx_tokens = self._ctx_seqs = 0
+        # The context (its KV cache and compute buffers) is made at the first call, so a
+        # memory metric run first counts what llama.cpp allocates to serve, as llama-server
+        # allocates its context up front; at least cache_tokens, so that a longer request
+        # after a short warm-up does not rebuild it.
+        self._ctx_tokens, self._ctx_seqs = min(cache_tokens, self.context), 1
         self._batch = lib.llama_batch_init(CHUNK, 0, 1)  # reused by every decode call
-        self._context_for(min(cache_tokens, self.context), 1)
 
     # ------------------------------------------------------------------ llama.cpp state
 
@@ -136,7 +139,7 @@ class LlamaCppRunner(CountsWeights):
             params = lib.llama_context_default_params()
             params.n_ctx = max(tokens, self._ctx_tokens)
             params.n_batch = params.n_ubatch = CHUNK
-            params.n_seq_max = max(sequences, self._ctx_seqs, 1)
+            params.n_seq_max = max(sequences, self._ctx_seqs)
             params.kv_unified = True  # the rows share one cache of n_ctx cells
             params.n_threads = params.n_threads_batch = self.threads
             self._ctx = lib.llama_init_from_model(self._model, params)
