@@ -34,9 +34,11 @@ from unbottle import DeployContext, StrategyConfig
 from unbottle.evaluation import TorchRunner
 from unbottle.export import LLAMA_CPP_INSTALL, LlamaCppRunner, require_llama_cpp
 from unbottle.plugins.deploy import (
+    FALLBACK_QUESTION,
     model_card,
     prompt_code,
     save_tokenizer,
+    usage_messages,
     write_generation_config,
 )
 
@@ -61,6 +63,38 @@ model = AutoModelForCausalLM.from_pretrained("path/to/this/bundle", gguf_file="{
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/bundle", gguf_file="{file_name}")
 {prompt_code(ctx)}
 print(tokenizer.decode(model.generate(**ids, max_new_tokens={max_new_tokens})[0]))
+```
+
+{_llama_cpp_python_usage(ctx, file_name, max_new_tokens)}"""
+
+
+def _llama_cpp_python_usage(ctx: DeployContext, file_name: str, max_new_tokens: int) -> str:
+    """llama.cpp from Python, asking the card's question as the model was finetuned: a
+    chat through the file's own template, or the completion prompt."""
+    from unbottle.evaluation import PromptFormat
+
+    fmt = ctx.prompt_format or PromptFormat()
+    if fmt.kind == "chat":
+        call = (
+            f"out = llm.create_chat_completion(\n    messages={usage_messages(ctx)!r},\n"
+            f"    max_tokens={max_new_tokens},\n    temperature=0,\n)\n"
+            'print(out["choices"][0]["message"]["content"])'
+        )
+    else:
+        pair = {"question": ctx.example_question or FALLBACK_QUESTION, "answer": ""}
+        prompt = fmt.prompt_text(None, pair)
+        call = (
+            f"out = llm({prompt!r}, max_tokens={max_new_tokens}, temperature=0)\n"
+            'print(out["choices"][0]["text"])'
+        )
+    return f"""With llama-cpp-python (`pip install llama-cpp-python`, which builds llama.cpp; on a
+CPU with AMX, build it without AMX: llama.cpp issue 20824):
+
+```python
+from llama_cpp import Llama
+
+llm = Llama(model_path="path/to/this/bundle/{file_name}", n_ctx=2048, verbose=False)
+{call}
 ```"""
 
 

@@ -9,8 +9,12 @@ stage's row.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import copy
+import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -198,6 +202,21 @@ def test_a_gguf_file_with_runtime_llama_cpp_is_measured_by_llama_cpp(workspace):
     runner.close()
     card = (layout.artifact("deploy") / "README.md").read_text()
     assert "evaluate stage's metrics, in llama.cpp (its own tokenizer, kernels" in card
+
+    # The card's llama-cpp-python example runs as a user would paste it, and llama.cpp's
+    # own completion loop answers what the runner's greedy decoding answers.
+    code = next(c for c in re.findall(r"```python\n(.*?)```", card, re.S) if "llama_cpp" in c)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code.replace("path/to/this/bundle", str(layout.artifact("deploy"))), {})
+    prompt = re.search(r"out = llm\((.*), max_tokens=(\d+)", code)
+    runner = LlamaCppRunner(layout.artifact("deploy"))
+    text = ast.literal_eval(prompt.group(1))
+    ids = runner.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    new = runner.generate(ids["input_ids"], ids["attention_mask"], int(prompt.group(2)))
+    answer = runner.tokenizer.decode(new[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert out.getvalue() == answer + "\n"
+    runner.close()
 
 
 def test_a_gptq_variants_hf_bundle_is_measured_and_loads_as_its_card_claims(workspace):
