@@ -620,6 +620,11 @@ def test_llama_cpp_runs_the_gguf_file_to_the_variants_logits(
     for row, solo in zip(batched, alone, strict=True):
         assert row[9:].tolist() == solo[0, -6:].tolist()
 
+    # A prompt longer than one llama_decode call (512 tokens) goes in chunks, in both paths.
+    long = torch.randint(0, len(tokenizer), (1, 540), generator=torch.Generator().manual_seed(2))
+    next_token = runner.generate(long, torch.ones_like(long), 1, eos_token_id=None)[0, -1]
+    assert next_token == runner.logits(long)[0, -1].argmax()
+
     # A stop token ends a row, except before min_new_tokens (as transformers: not chosen).
     first, prompt, ones = int(alone[0][0, 5]), prompts[0][None], torch.ones(1, 5)
     assert runner.generate(prompt, ones, 6, eos_token_id=first).shape == (1, 6)

@@ -167,6 +167,8 @@ class LlamaCppRunner(CountsWeights):
         if status != 0:
             raise DataError(f"{self.path}: llama_decode failed with status {status}")
         wanted = sum(1 for entry in entries if entry[3])
+        if not wanted:  # a prompt's chunk before its last token
+            return np.empty((0, self.n_vocab), dtype=np.float32)
         pointer = lib.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(pointer, shape=(wanted, self.n_vocab)).copy()
 
@@ -231,11 +233,7 @@ class LlamaCppRunner(CountsWeights):
         ]
         last: list[Any] = []
         for start in range(0, len(entries), CHUNK):
-            chunk = entries[start : start + CHUNK]
-            if any(entry[3] for entry in chunk):
-                last.extend(self._decode(chunk))
-            else:
-                self._decode(chunk)
+            last.extend(self._decode(entries[start : start + CHUNK]))
         new: list[list[int]] = [[] for _ in rows]
         live = list(range(len(rows)))
         logits = dict(zip(live, last, strict=True))
