@@ -390,10 +390,10 @@ def build_llama_cpp_q4_0(dense_dir: Path, entry: Path) -> None:
 
     from transformers import AutoTokenizer
 
-    from unbottle.core.models.llama_cpp import _init_backend
+    from unbottle.core.models.llama_cpp import llama_library
     from unbottle.export import write_gguf
 
-    lib = _init_backend()
+    lib = llama_library()
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}.") as tmp:
         out = Path(tmp) / "gguf"
         out.mkdir()

@@ -55,9 +55,9 @@ def amx_build(lib: Any) -> bool:
     return b"AMX_INT8 = 1" in lib.llama_print_system_info()
 
 
-def _init_backend() -> Any:
-    """llama.cpp's process-wide start, once; its log goes quiet (errors surface as
-    failed calls, which raise here)."""
+def llama_library() -> Any:
+    """llama-cpp-python's bindings of ``llama.h``, with llama.cpp's process-wide start
+    done once and its log quiet (errors surface as failed calls, which raise here)."""
     global _backend_ready, _quiet_log
     import llama_cpp
 
@@ -93,7 +93,7 @@ class LlamaCppRunner(CountsWeights):
         if len(files) != 1:
             raise DataError(f"{bundle_dir}: expected one .gguf file, found {len(files)}")
         self.path = files[0]
-        self._lib = _init_backend()
+        self._lib = llama_library()
         lib = self._lib
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0
