@@ -34,7 +34,10 @@ float32 torch row measured in the same round of the same run. Rows:
 - ``llama.cpp-q4_0``: llama.cpp's own Q4_0 quantization of the dense model (its
   ``llama_model_quantize``, as ``llama-quantize`` runs it: round to nearest in blocks of
   32, SmolLM2's tied embedding and head in Q8_0), from the writer's F16 file: the anchor of a
-  user who takes the llama.cpp route. Both need llama-cpp-python
+  user who takes the llama.cpp route;
+- ``llama.cpp-q4_k_m``: the same for Q4_K_M, llama.cpp's 4-bit k-quant mix (what the
+  ``gguf`` target's ``type: Q4_K_M`` writes from a float variant). These three need
+  llama-cpp-python
   (``pip install 'unbottle[llama-cpp]'``; on a CPU with AMX build it without AMX, see
   docs/serving.md).
 
@@ -176,6 +179,8 @@ class Row:
     served: bool = False
     #: onnxruntime-genai's own build (no variant): its int4 block size; None, its default.
     block: int | None = None
+    #: llama.cpp's own quantization (runtime gguf, no variant): its type.
+    gguf_type: str = "Q4_0"
 
 
 ROWS: dict[str, Row] = {
@@ -229,6 +234,12 @@ ROWS["gptq-int4-g32-static-head-sym-gguf"] = Row(
 )
 ROWS["llama.cpp-q4_0"] = Row(
     None, "gguf", "llama.cpp's own Q4_0 of the dense model (RTN, block 32; tied head Q8_0)"
+)
+ROWS["llama.cpp-q4_k_m"] = Row(
+    None,
+    "gguf",
+    "llama.cpp's own Q4_K_M of the dense model (4- and 6-bit k-quants; the gguf target's type)",
+    gguf_type="Q4_K_M",
 )
 REFERENCE = "fp32-torch"
 ANCHOR = "genai-int4"
@@ -383,32 +394,22 @@ def build_gguf_of(entry: Path, code: str) -> Path:
     return out
 
 
-def build_llama_cpp_q4_0(dense_dir: Path, entry: Path) -> None:
-    """llama.cpp's own Q4_0 of the dense model: the writer's F16 file, quantized by
-    ``llama_model_quantize`` with its defaults (``llama-quantize MODEL OUT Q4_0``)."""
-    import ctypes
-
+def build_llama_cpp_quantized(dense_dir: Path, entry: Path, gguf_type: str) -> None:
+    """llama.cpp's own quantization of the dense model: the writer's F16 file, quantized
+    by ``llama_model_quantize`` with its defaults (``llama-quantize MODEL OUT TYPE``)."""
     from transformers import AutoTokenizer
 
-    from unbottle.core.models.llama_cpp import llama_library
-    from unbottle.export import write_gguf
+    from unbottle.export import quantize_gguf, write_gguf
 
-    lib = llama_library()
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}.") as tmp:
         out = Path(tmp) / "gguf"
         out.mkdir()
         f16 = Path(tmp) / "model-F16.gguf"
         write_gguf(dense_dir, dense_dir, f16, "F16")
-        params = lib.llama_model_quantize_default_params()
-        params.ftype = lib.LLAMA_FTYPE_MOSTLY_Q4_0
-        real.progress("  build llama.cpp-q4_0: llama_model_quantize F16 -> Q4_0")
-        status = lib.llama_model_quantize(
-            str(f16).encode(), str(out / "model-Q4_0.gguf").encode(), ctypes.byref(params)
-        )
-        if status != 0:
-            raise RuntimeError(f"llama_model_quantize failed with status {status}")
+        real.progress(f"  build llama.cpp {gguf_type}: llama_model_quantize of the F16 file")
+        quantize_gguf(f16, out / f"model-{gguf_type}.gguf", gguf_type)
         AutoTokenizer.from_pretrained(dense_dir).save_pretrained(out)
-        (out / "built.json").write_text(json.dumps({"ftype": "MOSTLY_Q4_0"}), "utf-8")
+        (out / "built.json").write_text(json.dumps({"ftype": f"MOSTLY_{gguf_type}"}), "utf-8")
         entry.mkdir()
         os.replace(out, entry / "gguf")
         (entry / "built.json").write_text(json.dumps({"from": "F16"}), "utf-8")
@@ -425,10 +426,11 @@ def ensure_built(
             build_genai(dense_dir, entry, row.block)
         return entry
     if row.runtime == "gguf" and row.variant is None:
-        entry = cache / build_key(args, sha256, "llama.cpp-q4_0", {"ftype": "Q4_0"})
+        what = f"llama.cpp-{row.gguf_type.lower()}"
+        entry = cache / build_key(args, sha256, what, {"ftype": row.gguf_type})
         if not (entry / "built.json").is_file():
             shutil.rmtree(entry, ignore_errors=True)
-            build_llama_cpp_q4_0(dense_dir, entry)
+            build_llama_cpp_quantized(dense_dir, entry, row.gguf_type)
         return entry / "gguf"
     if row.variant is None:
         return dense_dir

@@ -8,6 +8,9 @@ template. ``type``:
   ``gptq`` with ``bits: 4, group_size: 32, symmetric: true``; for gptq with act_order also
   ``static_groups: true``), and ``Q8_0`` from one on a symmetric int8 grid in groups of 32:
   the codes and scales are copied as they are, so GPTQ's choices survive;
+- ``Q4_K_M``, ``Q5_K_M``, ``Q6_K`` for a float variant: llama.cpp's own quantization (its
+  k-quants, as ``llama-quantize`` makes them) of the writer's F16 file; they need
+  llama-cpp-python, and a packed variant is refused (it would be rounded twice);
 - ``auto`` (the default): Q8_0 for a float variant, the exact type for a packed one.
 
 ``runtime`` is what loads the file back and what the deploy stage measures it in:
@@ -30,9 +33,14 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from unbottle import DeployContext, StrategyConfig
+from unbottle import ConfigError, DeployContext, StrategyConfig
 from unbottle.evaluation import TorchRunner
-from unbottle.export import LLAMA_CPP_INSTALL, LlamaCppRunner, require_llama_cpp
+from unbottle.export import (
+    LLAMA_CPP_INSTALL,
+    LlamaCppRunner,
+    quantize_gguf,
+    require_llama_cpp,
+)
 from unbottle.plugins.deploy import (
     FALLBACK_QUESTION,
     model_card,
@@ -98,6 +106,11 @@ llm = Llama(model_path="path/to/this/bundle/{file_name}", n_ctx=2048, verbose=Fa
 ```"""
 
 
+#: The types llama.cpp quantizes (``quantize_gguf``) from the writer's F16 file; the others
+#: the writer writes itself.
+K_QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K")
+
+
 class GgufBundle:
     """A GGUF file with tokenizer and chat template, plus a model card."""
 
@@ -107,17 +120,19 @@ class GgufBundle:
     ships_unchanged = ()
 
     class Config(StrategyConfig):
-        type: Literal["auto", "F16", "Q8_0", "Q4_0"] = "auto"
+        # F16, Q8_0, Q4_0: written here; Q4_K_M, Q5_K_M, Q6_K: llama.cpp's own quantization.
+        type: Literal["auto", "F16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"] = "auto"
         max_new_tokens: int = Field(16, ge=1, le=4096)
         # What loads the file back and what the deploy stage measures it in.
         runtime: Literal["transformers", "llama.cpp"] = "transformers"
 
-        @field_validator("runtime")
+        @field_validator("runtime", "type")
         @classmethod
         def _installed(cls, value: str) -> str:
             # Known from params alone: refused when params are checked, before any stage.
-            if value == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
-                raise ValueError(f"llama.cpp needs llama-cpp-python; {LLAMA_CPP_INSTALL}")
+            needs_it = value in ("llama.cpp", *K_QUANTS)
+            if needs_it and importlib.util.find_spec("llama_cpp") is None:
+                raise ValueError(f"{value} needs llama-cpp-python; {LLAMA_CPP_INSTALL}")
             return value
 
     def __init__(self, config: Config) -> None:
@@ -148,10 +163,27 @@ class GgufBundle:
         if self.config.runtime == "llama.cpp":
             require_llama_cpp("deploy.target.runtime")
         gguf_type = self.gguf_type(model_dir, ctx.model_format)
-        check_writable(model_dir, gguf_type, "deploy.target")  # one line, before any work
+        by_llama_cpp = gguf_type in K_QUANTS
+        if by_llama_cpp and ctx.model_format == "packed":
+            raise ConfigError(
+                f"deploy.target.type: {gguf_type} is llama.cpp's own quantization of a float "
+                f"model, and {ctx.variant!r} is quantized already; deploy a float variant "
+                "with it, or this one's own codes with type auto (Q4_0/Q8_0 where its grid "
+                "is theirs)"
+            )
+        # One line, before any work; llama.cpp quantizes the writer's F16 file.
+        check_writable(model_dir, "F16" if by_llama_cpp else gguf_type, "deploy.target")
         save_tokenizer(model_dir, out_dir)  # the tokenizer the file embeds, chat template too
         file_name = f"model-{gguf_type}.gguf"
-        facts = write_gguf(model_dir, out_dir, out_dir / file_name, gguf_type)
+        if by_llama_cpp:
+            f16 = out_dir / ".model-F16.gguf"
+            facts = write_gguf(model_dir, out_dir, f16, "F16")
+            quantize_gguf(f16, out_dir / file_name, gguf_type)
+            f16.unlink()
+            facts.update(gguf_type=gguf_type, gguf_bytes=(out_dir / file_name).stat().st_size)
+            facts["gguf_quantized_by"] = "llama.cpp"
+        else:
+            facts = write_gguf(model_dir, out_dir, out_dir / file_name, gguf_type)
         write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
         self.write_card(out_dir, ctx)
 

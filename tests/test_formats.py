@@ -549,7 +549,10 @@ def test_no_unbottle_directory_loads_as_random_weights_in_plain_transformers(
 # ------------------------------------------------------------ llama.cpp runs the file
 
 
-def test_runtime_llama_cpp_without_its_package_is_refused_when_params_are_checked(monkeypatch):
+@pytest.mark.parametrize(("key", "value"), [("runtime", "llama.cpp"), ("type", "Q4_K_M")])
+def test_what_needs_llama_cpp_is_refused_without_it_when_params_are_checked(
+    monkeypatch, key, value
+):
     """Known from params alone, so refused with the other strategy options, before any
     stage runs, in one line with the install command."""
     from unbottle.core.config.schema import Params
@@ -562,11 +565,11 @@ def test_runtime_llama_cpp_without_its_package_is_refused_when_params_are_checke
         "find_spec",
         lambda name, *a: None if name == "llama_cpp" else find_spec(name, *a),
     )
-    params = Params.model_validate({"deploy": {"target": {"name": "gguf", "runtime": "llama.cpp"}}})
+    params = Params.model_validate({"deploy": {"target": {"name": "gguf", key: value}}})
     with pytest.raises(ConfigError) as refused:
         check_strategies(params, get_registry())
     assert str(refused.value) == (
-        "deploy.target.runtime: llama.cpp needs llama-cpp-python; pip install 'unbottle[llama-cpp]'"
+        f"deploy.target.{key}: {value} needs llama-cpp-python; pip install 'unbottle[llama-cpp]'"
     )
 
 
@@ -631,3 +634,57 @@ def test_llama_cpp_runs_the_gguf_file_to_the_variants_logits(
     forced = runner.generate(prompt, ones, 6, eos_token_id=[first], min_new_tokens=3)
     assert forced.shape[1] >= 8 and first not in forced[0, 5:8].tolist()
     runner.close()
+
+
+@pytest.fixture(scope="module")
+def wide_float_dir(tmp_path_factory, tokenizer) -> Path:
+    """A float model whose rows are 256 wide, a k-quant block (narrower rows fall back to
+    other types in llama.cpp's quantizer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unbottle.core.models.loading import save_model
+
+    torch.manual_seed(4)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("wide")
+    save_model(LlamaForCausalLM(config).eval(), tokenizer, out)
+    return out
+
+
+def test_gguf_k_quants_are_llama_cpps_own_quantization_of_a_float_variant(
+    tmp_path, wide_float_dir, sym32
+):
+    """Q4_K_M: the writer's F16 file quantized by llama.cpp itself, its "_M" mix of 4- and
+    6-bit blocks; transformers' reader (the deploy stage's default runtime) and llama.cpp
+    read the same weights. A quantized variant is refused: that would round it twice."""
+    require_llama_cpp()
+    from gguf import GGUFReader
+
+    from unbottle.export import LlamaCppRunner
+
+    bundle = tmp_path / "bundle"
+    facts = deploy("gguf", {"type": "Q4_K_M"}, wide_float_dir, bundle)
+    assert facts["gguf_type"] == "Q4_K_M" and facts["gguf_quantized_by"] == "llama.cpp"
+    assert [p.name for p in bundle.glob("*.gguf")] == ["model-Q4_K_M.gguf"]  # no F16 left
+    path = bundle / "model-Q4_K_M.gguf"
+    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    assert types["blk.0.ffn_gate.weight"] == "Q4_K" and "Q6_K" in types.values()
+    assert facts["gguf_bytes"] == path.stat().st_size
+
+    reader = AutoModelForCausalLM.from_pretrained(bundle, gguf_file=path.name, dtype=torch.float32)
+    runner = LlamaCppRunner(bundle)
+    got = runner.logits(IDS)
+    runner.close()
+    # llama.cpp's kernels round the activations to 8 bits: 0.023 apart at most here, where
+    # the 4- and 6-bit weights move the logits 0.12 from the float model's.
+    read, floats = logits(reader), logits(AutoModelForCausalLM.from_pretrained(wide_float_dir))
+    assert torch.allclose(got, read, rtol=0, atol=5e-2)
+    assert (read - floats).abs().max() > 5e-2
+
+    with pytest.raises(ConfigError, match=r"^deploy\.target\.type: Q4_K_M is llama\.cpp's own "):
+        deploy("gguf", {"type": "Q4_K_M"}, sym32, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []

@@ -8,7 +8,9 @@
   refuses, before any work, a variant or architecture the file cannot hold;
   :class:`LlamaCppRunner` runs a GGUF bundle in llama.cpp itself, for the evaluation
   metrics (:func:`require_llama_cpp`: the one-line refusal where llama-cpp-python is
-  missing; :data:`LLAMA_CPP_INSTALL`: the line that installs it).
+  missing; :data:`LLAMA_CPP_INSTALL`: the line that installs it);
+  :func:`quantize_gguf` quantizes a float GGUF file with llama.cpp's own k-quants
+  (:data:`LLAMA_CPP_QUANT_TYPES`).
 """
 
 from __future__ import annotations
@@ -19,15 +21,23 @@ from unbottle.core.models.compressed_checkpoint import (
     write_compressed_tensors,
 )
 from unbottle.core.models.gguf_writer import EXACT_GRIDS, check_writable, write_gguf
-from unbottle.core.models.llama_cpp import LLAMA_CPP_INSTALL, LlamaCppRunner, require_llama_cpp
+from unbottle.core.models.llama_cpp import (
+    LLAMA_CPP_INSTALL,
+    LLAMA_CPP_QUANT_TYPES,
+    LlamaCppRunner,
+    quantize_gguf,
+    require_llama_cpp,
+)
 
 __all__ = [
     "COMPRESSED_TENSORS",
     "EXACT_GRIDS",
     "LLAMA_CPP_INSTALL",
+    "LLAMA_CPP_QUANT_TYPES",
     "LlamaCppRunner",
     "check_writable",
     "load_compressed_tensors",
+    "quantize_gguf",
     "require_llama_cpp",
     "write_compressed_tensors",
     "write_gguf",

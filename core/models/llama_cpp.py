@@ -70,6 +70,31 @@ def llama_library() -> Any:
     return llama_cpp
 
 
+#: llama.cpp's own quantization types (``llama-quantize``'s names): Q4_0, and its k-quants,
+#: blocks of 256 weights with 6- or 8-bit sub-block scales, the "_M" mixes keeping some
+#: tensors at more bits. The ``gguf`` target offers the k-quants for a float variant (its
+#: Q4_0 holds a packed variant's own codes instead).
+LLAMA_CPP_QUANT_TYPES = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
+
+
+def quantize_gguf(source: Path, out: Path, gguf_type: str, threads: int | None = None) -> None:
+    """Quantize a float GGUF file with llama.cpp's ``llama_model_quantize``, as
+    ``llama-quantize SOURCE OUT TYPE`` does (no importance matrix)."""
+    import os
+
+    if gguf_type not in LLAMA_CPP_QUANT_TYPES:
+        raise ConfigError(
+            f"llama.cpp quantization: {gguf_type!r}; known: {', '.join(LLAMA_CPP_QUANT_TYPES)}"
+        )
+    lib = llama_library()
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
+    params.nthread = threads or os.cpu_count() or 1
+    status = lib.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    if status != 0:
+        raise DataError(f"{source}: llama.cpp could not quantize it to {gguf_type} ({status})")
+
+
 class LlamaCppRunner(CountsWeights):
     """A GGUF bundle in llama.cpp, for the evaluation metrics (a ``ModelRunner``).
 
