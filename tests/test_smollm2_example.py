@@ -115,3 +115,26 @@ def test_the_readme_names_the_example():
     assert "examples/smollm2" in readme
     example_readme = (EXAMPLE.parent / "README.md").read_text(encoding="utf-8")
     assert "bench/pipeline_real.py" in example_readme
+
+
+def test_the_readmes_gguf_route_is_valid_params(smollm2_package):
+    """The example README's overrides for a GGUF file measured in llama.cpp validate as
+    params (where llama-cpp-python is missing, they are refused in the one line that
+    names its install)."""
+    from unbottle.core.config.loading import load_params
+    from unbottle.core.config.strategy_checks import check_strategies
+    from unbottle.core.contract.errors import ConfigError
+    from unbottle.core.registry import get_registry
+
+    example_readme = (EXAMPLE.parent / "README.md").read_text(encoding="utf-8")
+    command = example_readme.split("unbottle run \\\n", 1)[1].split("\nllama-server", 1)[0]
+    overrides = re.findall(r"-S '([^']+)'|-S (\S+)", command)
+    overrides = [quoted or bare for quoted, bare in overrides]
+    assert len(overrides) == 3, overrides
+    params = load_params(EXAMPLE, overrides)
+    assert params.deploy.variant == "gptq4q0" and "gptq4q0" in params.compress.variants
+    if importlib.util.find_spec("llama_cpp") is None:
+        with pytest.raises(ConfigError, match=r"^deploy\.target\.runtime: llama\.cpp needs "):
+            check_strategies(params, get_registry())
+    else:
+        check_strategies(params, get_registry())
