@@ -399,15 +399,13 @@ def build_llama_cpp_quantized(dense_dir: Path, entry: Path, gguf_type: str) -> N
     by ``llama_model_quantize`` with its defaults (``llama-quantize MODEL OUT TYPE``)."""
     from transformers import AutoTokenizer
 
-    from unbottle.export import quantize_gguf, write_gguf
+    from unbottle.export import write_quantized_gguf
 
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}.") as tmp:
         out = Path(tmp) / "gguf"
         out.mkdir()
-        f16 = Path(tmp) / "model-F16.gguf"
-        write_gguf(dense_dir, dense_dir, f16, "F16")
         real.progress(f"  build llama.cpp {gguf_type}: llama_model_quantize of the F16 file")
-        quantize_gguf(f16, out / f"model-{gguf_type}.gguf", gguf_type)
+        write_quantized_gguf(dense_dir, dense_dir, out / f"model-{gguf_type}.gguf", gguf_type)
         AutoTokenizer.from_pretrained(dense_dir).save_pretrained(out)
         (out / "built.json").write_text(json.dumps({"ftype": f"MOSTLY_{gguf_type}"}), "utf-8")
         entry.mkdir()

@@ -38,8 +38,8 @@ from unbottle.evaluation import TorchRunner
 from unbottle.export import (
     LLAMA_CPP_INSTALL,
     LlamaCppRunner,
-    quantize_gguf,
     require_llama_cpp,
+    write_quantized_gguf,
 )
 from unbottle.plugins.deploy import (
     FALLBACK_QUESTION,
@@ -106,7 +106,7 @@ llm = Llama(model_path="path/to/this/bundle/{file_name}", n_ctx=2048, verbose=Fa
 ```"""
 
 
-#: The types llama.cpp quantizes (``quantize_gguf``) from the writer's F16 file; the others
+#: The types llama.cpp quantizes (``write_quantized_gguf``) from the writer's F16 file; the others
 #: the writer writes itself.
 K_QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K")
 
@@ -176,12 +176,7 @@ class GgufBundle:
         save_tokenizer(model_dir, out_dir)  # the tokenizer the file embeds, chat template too
         file_name = f"model-{gguf_type}.gguf"
         if by_llama_cpp:
-            f16 = out_dir / ".model-F16.gguf"
-            facts = write_gguf(model_dir, out_dir, f16, "F16")
-            quantize_gguf(f16, out_dir / file_name, gguf_type)
-            f16.unlink()
-            facts.update(gguf_type=gguf_type, gguf_bytes=(out_dir / file_name).stat().st_size)
-            facts["gguf_quantized_by"] = "llama.cpp"
+            facts = write_quantized_gguf(model_dir, out_dir, out_dir / file_name, gguf_type)
         else:
             facts = write_gguf(model_dir, out_dir, out_dir / file_name, gguf_type)
         write_generation_config(model_dir, out_dir, self.config.max_new_tokens)

@@ -9,8 +9,9 @@
   :class:`LlamaCppRunner` runs a GGUF bundle in llama.cpp itself, for the evaluation
   metrics (:func:`require_llama_cpp`: the one-line refusal where llama-cpp-python is
   missing; :data:`LLAMA_CPP_INSTALL`: the line that installs it);
-  :func:`quantize_gguf` quantizes a float GGUF file with llama.cpp's own k-quants
-  (:data:`LLAMA_CPP_QUANT_TYPES`).
+  :func:`quantize_gguf` quantizes a float GGUF file with llama.cpp's own types
+  (:data:`LLAMA_CPP_QUANT_TYPES`), and :func:`write_quantized_gguf` writes a float model
+  in one of them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from unbottle.core.models.llama_cpp import (
     LlamaCppRunner,
     quantize_gguf,
     require_llama_cpp,
+    write_quantized_gguf,
 )
 
 __all__ = [
@@ -41,4 +43,5 @@ __all__ = [
     "require_llama_cpp",
     "write_compressed_tensors",
     "write_gguf",
+    "write_quantized_gguf",
 ]

@@ -95,6 +95,25 @@ def quantize_gguf(source: Path, out: Path, gguf_type: str, threads: int | None =
         raise DataError(f"{source}: llama.cpp could not quantize it to {gguf_type} ({status})")
 
 
+def write_quantized_gguf(
+    model_dir: Path, tokenizer_dir: Path, out_file: Path, gguf_type: str
+) -> dict[str, Any]:
+    """A float model as llama.cpp's own ``gguf_type``: the writer's F16 file beside
+    ``out_file``, quantized by :func:`quantize_gguf`, then removed. Returns the writer's
+    facts about the file."""
+    from unbottle.core.models.gguf_writer import write_gguf
+
+    out_file = Path(out_file)
+    f16 = out_file.with_name(f".{out_file.stem}-F16.gguf")
+    try:
+        facts = write_gguf(model_dir, tokenizer_dir, f16, "F16")
+        quantize_gguf(f16, out_file, gguf_type)
+    finally:
+        f16.unlink(missing_ok=True)
+    facts.update(gguf_type=gguf_type, gguf_bytes=out_file.stat().st_size)
+    return {**facts, "gguf_quantized_by": "llama.cpp"}
+
+
 class LlamaCppRunner(CountsWeights):
     """A GGUF bundle in llama.cpp, for the evaluation metrics (a ``ModelRunner``).
 
