@@ -14,14 +14,16 @@ time to first token (TTFT) p50/p99, and the ratio of the two throughputs (target
 at 8 streams on the demo model). The client runs on the same machine, so its CPU time
 is part of what is measured.
 
-``--threads 1 2`` compares the server's ``threads`` settings in the same run: each round
-starts one server per setting in turn (the order rotated by one each round), runs both
-phases on it and stops it, and the report adds each setting's tokens/s over the first
-setting's, round by round.
+``--threads 1 2`` compares the server's ``threads`` settings in the same run, and
+``--also BUNDLE...`` other bundles (a GGUF file in llama.cpp against a genai bundle): each
+round starts one server per bundle and setting in turn (the order rotated by one each
+round), runs both phases on it and stops it, and the report adds each one's tokens/s over
+the first's, round by round.
 
     python bench/serve_load.py artifacts/deploy
     python bench/serve_load.py artifacts/deploy --concurrency 8 --max-tokens 64 --json out.json
     python bench/serve_load.py artifacts/deploy --threads 1 2 --rounds 5
+    python bench/serve_load.py GENAI_BUNDLE --also GGUF_BUNDLE --rounds 5
 """
 
 from __future__ import annotations
@@ -157,12 +159,12 @@ def start_server(bundle: Path, port: int, max_batch: int, threads: int | None) -
     raise SystemExit("unbottle serve did not start in 180 s")
 
 
-def measure(args: argparse.Namespace, threads: int | None) -> tuple[dict, dict]:
-    """One server with ``threads``: a warm-up, then one single-stream and one concurrent
-    phase; the server is stopped before this returns."""
+def measure(args: argparse.Namespace, bundle: Path, threads: int | None) -> tuple[dict, dict]:
+    """One server of ``bundle`` with ``threads``: a warm-up, then one single-stream and one
+    concurrent phase; the server is stopped before this returns."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(args.bundle, port, args.concurrency, threads)
+    proc = start_server(bundle, port, args.concurrency, threads)
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         asyncio.run(phase(url, model, 8, args.concurrency, args.max_tokens))  # warm-up
@@ -200,30 +202,37 @@ def main() -> None:
         nargs="+",
         help="The server's threads settings to compare (default: the bundle's own).",
     )
+    parser.add_argument(
+        "--also", type=Path, nargs="+", default=[], help="Other bundles, in the same rounds."
+    )
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
-    if not args.bundle.is_dir():
-        raise SystemExit(f"{args.bundle}: no bundle (run `make demo` or pass a bundle path)")
+    for bundle in (args.bundle, *args.also):
+        if not bundle.is_dir():
+            raise SystemExit(f"{bundle}: no bundle (run `make demo` or pass a bundle path)")
     if args.rounds < 1 or (args.threads and min(args.threads) < 1):
         raise SystemExit("--rounds and --threads must be at least 1")
 
-    settings: list[int | None] = args.threads or [None]
+    settings = [(b, t) for b in (args.bundle, *args.also) for t in args.threads or [None]]
     load_before = os.getloadavg()[0]  # other work on the machine skews every figure
-    runs: dict[int | None, tuple[list[dict], list[dict]]] = {t: ([], []) for t in settings}
+    runs: dict[tuple[Path, int | None], tuple[list[dict], list[dict]]] = {
+        setting: ([], []) for setting in settings
+    }
     for round_index in range(args.rounds):
         # Each setting goes first in turn, so that a drift in the machine's load hits all.
         shift = round_index % len(settings)
-        for threads in settings[shift:] + settings[:shift]:
-            single, many = measure(args, threads)
-            runs[threads][0].append(single)
-            runs[threads][1].append(many)
+        for bundle, threads in settings[shift:] + settings[:shift]:
+            single, many = measure(args, bundle, threads)
+            runs[bundle, threads][0].append(single)
+            runs[bundle, threads][1].append(many)
 
     results = []
-    for threads in settings:
-        singles, concurrents = runs[threads]
+    for bundle, threads in settings:
+        singles, concurrents = runs[bundle, threads]
         single, many = summarize(singles, 1), summarize(concurrents, args.concurrency)
         results.append(
             {
+                "bundle": str(bundle),
                 "threads": threads,
                 "single": single,
                 "concurrent": many,
@@ -261,6 +270,8 @@ def main() -> None:
             if row["threads"] is None
             else f"threads: {row['threads']}"
         )
+        if args.also:
+            label = f"{row['bundle']}, {label}"
         print_table(label, row["single"], row["concurrent"])
         rounds = ", ".join(f"{x:.2f}x" for x in row["speedup_by_round"])
         print(f"aggregate speedup at {args.concurrency} streams: {row['speedup']:.2f}x ({rounds})")
@@ -268,7 +279,8 @@ def main() -> None:
             for phase_name in ("single", "concurrent"):
                 ratios = row[f"{phase_name}_over_first_by_round"]
                 print(
-                    f"{phase_name} tokens/s over threads {first['threads']}: median "
+                    f"{phase_name} tokens/s over the first ({first['bundle']}, threads "
+                    f"{first['threads']}): median "
                     f"{statistics.median(ratios):.3f}x ({', '.join(f'{r:.2f}' for r in ratios)})"
                 )
     print(

@@ -57,6 +57,7 @@ def _gguf_usage(ctx: DeployContext, file_name: str, max_new_tokens: int) -> str:
 ```bash
 llama-cli -m {file_name} -cnv                    # chat, with the file's chat template
 llama-server -m {file_name} --port 8080         # an OpenAI-compatible server
+unbottle serve path/to/this/bundle --port 8080  # unbottle's, llama.cpp inside (llama-cpp-python)
 ```
 
 With Ollama: a `Modelfile` holding `FROM ./{file_name}`, then

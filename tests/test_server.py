@@ -300,6 +300,28 @@ def test_the_batch_cache_grows_by_doubling_and_keeps_its_columns():
         assert batch.mask.sum(1).tolist() == [300 + 212, 5 + 212]
 
 
+def test_serve_context_ends_sequences_and_refuses_prompts_beyond_it(bundle, greedy):
+    """`context` (serve.json, `--context`) below the model's: a sequence ends there with
+    "length", and a request that cannot fit is refused with the smaller limit."""
+    from unbottle.core.serving.engine import SamplingParams, load_bundle
+
+    prompt = PROMPTS[0]
+    loaded = load_bundle(bundle, {"context": 40})
+    ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert loaded.context == loaded.backend.context == 40 and len(ids) < 40 - 2
+    engine = loaded.engine()
+    engine.start()
+    try:
+        seq = engine.generate(ids, SamplingParams(max_tokens=LONGEST + 20, ignore_eos=True))
+    finally:
+        engine.stop()
+    assert seq.finish_reason == "length" and seq.generated == greedy[prompt][: 40 - len(ids)]
+    with live_server(bundle, {"context": 40, "engine_process": False}) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 40 tokens"):
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=20)
+
+
 def test_load_400_requests_at_concurrency_16_lose_nothing(server, greedy, tokenizer):
     headers = {"Authorization": f"Bearer {KEY}"}
     jobs = [(PROMPTS[i % len(PROMPTS)], 4 + i % 9) for i in range(400)]

@@ -517,15 +517,7 @@ def test_serve_refuses_an_exposed_host_without_a_key(tmp_path):
     result = run_cli("serve", str(bundle), "--api-key-file", str(empty), cwd=tmp_path, env=env)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: --api-key-file {empty}: the file is empty"
-    # The gguf target's bundle is for llama.cpp and Ollama: said so, not "no model there".
-    (bundle / "model-Q4_0.gguf").write_bytes(b"GGUF")
-    result = run_cli("serve", str(bundle), cwd=tmp_path, env=env)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
-        f"error: {bundle}: a GGUF bundle (model-Q4_0.gguf), for llama.cpp and Ollama "
-        f"(llama-server -m {bundle / 'model-Q4_0.gguf'}); unbottle serves and evaluates "
-        "hf, packed, onnx and genai directories"
-    )
+    # A GGUF bundle: tests/test_serve_gguf.py.
 
 
 # --------------------------------------------------------------------------- 13. fuzzing

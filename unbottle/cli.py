@@ -474,7 +474,15 @@ def serve(
     threads: Annotated[
         int | None,
         typer.Option(
-            help="Threads that run the model (default: every core for ONNX, all but one for torch)."
+            help="Threads that run the model (default: every core for ONNX and llama.cpp, "
+            "all but one for torch)."
+        ),
+    ] = None,
+    context: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens one sequence may hold, prompt and completion (default: the "
+            "model's); llama.cpp allocates max-batch x context up front."
         ),
     ] = None,
 ) -> None:
@@ -502,6 +510,7 @@ def serve(
         "max_queue": max_queue,
         "model_name": model_name,
         "threads": threads,
+        "context": context,
         "cors_origins": tuple(cors_origin) if cors_origin else None,
     }
     if path_kind(bundle, "bundle") == "directory":  # refuse an exposed host before loading

@@ -114,6 +114,94 @@ def write_quantized_gguf(
     return {**facts, "gguf_quantized_by": "llama.cpp"}
 
 
+def load_llama_model(path: Path) -> Any:
+    """llama.cpp's model of the GGUF file ``path``, on the CPU. On a build with AMX
+    kernels the weights stay out of the AMX and repacked buffers (see below)."""
+    lib = llama_library()
+    params = lib.llama_model_default_params()
+    params.n_gpu_layers = 0
+    if amx_build(lib):
+        # ggml's AMX kernels crash in their matrix multiply on Q4_0 and the other
+        # types they take (llama.cpp #20824; seen on this project's Xeon): keep the
+        # weights out of the AMX buffer, and so out of the repacked one too (slower).
+        log.warning(
+            "llama.cpp was built with AMX kernels, which crash on quantized weights "
+            "(llama.cpp issue 20824): running without its AMX and repacked weight "
+            "buffers, slower; build llama-cpp-python without AMX (docs/serving.md)"
+        )
+        params.use_extra_bufts = False
+    model = lib.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise DataError(f"{path}: llama.cpp could not load this GGUF file")
+    return model
+
+
+def end_of_generation(lib: Any, vocab: Any) -> list[int]:
+    """The tokens llama.cpp ends a generation at (``llama_vocab_is_eog``): those the file
+    marks as end of text or of turn, and those it knows by their text (``<|im_end|>``...),
+    as llama-server stops."""
+    return [t for t in range(lib.llama_vocab_n_tokens(vocab)) if lib.llama_vocab_is_eog(vocab, t)]
+
+
+def file_end_of_generation(path: Path) -> list[int]:
+    """:func:`end_of_generation` of a GGUF file, reading its vocabulary only."""
+    lib = llama_library()
+    params = lib.llama_model_default_params()
+    params.vocab_only = True
+    model = lib.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise DataError(f"{path}: llama.cpp could not read this GGUF file's vocabulary")
+    try:
+        return end_of_generation(lib, lib.llama_model_get_vocab(model))
+    finally:
+        lib.llama_model_free(model)
+
+
+def new_context(
+    model: Any, path: Path, tokens: int, sequences: int, unified: bool, threads: int
+) -> Any:
+    """A llama.cpp context of ``model``: a KV cache of ``tokens`` cells for up to
+    ``sequences`` sequences, shared by them (``unified``) or ``tokens / sequences`` each,
+    taking :data:`CHUNK` tokens a call, on ``threads`` threads."""
+    lib = llama_library()
+    params = lib.llama_context_default_params()
+    params.n_ctx = tokens
+    params.n_batch = params.n_ubatch = CHUNK
+    params.n_seq_max = sequences
+    params.kv_unified = unified
+    params.n_threads = params.n_threads_batch = threads
+    ctx = lib.llama_init_from_model(model, params)
+    if not ctx:
+        raise DataError(f"{path}: llama.cpp could not make a context of {tokens} tokens")
+    return ctx
+
+
+def decode_entries(
+    ctx: Any, batch: Any, entries: list[tuple[int, int, int, bool]], n_vocab: int, path: Path
+) -> Any:
+    """One ``llama_decode`` of at most :data:`CHUNK` (token, position, sequence, wants
+    logits) entries, through ``batch`` (a ``llama_batch_init(CHUNK, 0, 1)``); returns the
+    logits of those that want them, in order: (n, V) float32."""
+    import numpy as np
+
+    lib = llama_library()
+    for i, (token, pos, seq, wants) in enumerate(entries):
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = wants
+    batch.n_tokens = len(entries)
+    status = lib.llama_decode(ctx, batch)
+    if status != 0:
+        raise DataError(f"{path}: llama_decode failed with status {status}")
+    wanted = sum(1 for entry in entries if entry[3])
+    if not wanted:  # a prompt's chunk before its last token
+        return np.empty((0, n_vocab), dtype=np.float32)
+    pointer = lib.llama_get_logits(ctx)
+    return np.ctypeslib.as_array(pointer, shape=(wanted, n_vocab)).copy()
+
+
 class LlamaCppRunner(CountsWeights):
     """A GGUF bundle in llama.cpp, for the evaluation metrics (a ``ModelRunner``).
 
@@ -137,29 +225,12 @@ class LlamaCppRunner(CountsWeights):
         if len(files) != 1:
             raise DataError(f"{bundle_dir}: expected one .gguf file, found {len(files)}")
         self.path = files[0]
-        self._lib = llama_library()
-        lib = self._lib
-        params = lib.llama_model_default_params()
-        params.n_gpu_layers = 0
-        if amx_build(lib):
-            # ggml's AMX kernels crash in their matrix multiply on Q4_0 and the other
-            # types they take (llama.cpp #20824; seen on this project's Xeon): keep the
-            # weights out of the AMX buffer, and so out of the repacked one too (slower).
-            log.warning(
-                "llama.cpp was built with AMX kernels, which crash on quantized weights "
-                "(llama.cpp issue 20824): running without its AMX and repacked weight "
-                "buffers, slower; build llama-cpp-python without AMX (docs/serving.md)"
-            )
-            params.use_extra_bufts = False
-        self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
-        if not self._model:
-            raise DataError(f"{self.path}: llama.cpp could not load this GGUF file")
+        self._lib = lib = llama_library()
+        self._model = load_llama_model(self.path)
         self._vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
         #: The tokens that end a generation (end of text, of turn...), as the file marks them.
-        self.end_of_generation = [
-            t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self._vocab, t)
-        ]
+        self.end_of_generation = end_of_generation(lib, self._vocab)
         self.context = int(lib.llama_model_n_ctx_train(self._model))
         self.threads = threads or onnx_threads()
         self.tokenizer = AutoTokenizer.from_pretrained(bundle_dir)  # the one the file embeds
@@ -180,41 +251,18 @@ class LlamaCppRunner(CountsWeights):
         if self._ctx is None or tokens > self._ctx_tokens or sequences > self._ctx_seqs:
             if self._ctx is not None:
                 lib.llama_free(self._ctx)
-            params = lib.llama_context_default_params()
-            params.n_ctx = max(tokens, self._ctx_tokens)
-            params.n_batch = params.n_ubatch = CHUNK
-            params.n_seq_max = max(sequences, self._ctx_seqs)
-            params.kv_unified = True  # the rows share one cache of n_ctx cells
-            params.n_threads = params.n_threads_batch = self.threads
-            self._ctx = lib.llama_init_from_model(self._model, params)
-            if not self._ctx:
-                raise DataError(f"{self.path}: llama.cpp could not make a context of {tokens}")
-            self._ctx_tokens, self._ctx_seqs = params.n_ctx, params.n_seq_max
+            self._ctx_tokens = max(tokens, self._ctx_tokens)
+            self._ctx_seqs = max(sequences, self._ctx_seqs)
+            # The rows share one cache of n_ctx cells (kv_unified).
+            self._ctx = new_context(
+                self._model, self.path, self._ctx_tokens, self._ctx_seqs, True, self.threads
+            )
         lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
         return self._ctx
 
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> Any:
-        """One ``llama_decode`` of at most :data:`CHUNK` (token, position, sequence, wants
-        logits) entries; returns the logits of those that want them, in order: (n, V)
-        float32."""
-        import numpy as np
-
-        lib, batch = self._lib, self._batch
-        for i, (token, pos, seq, wants) in enumerate(entries):
-            batch.token[i] = token
-            batch.pos[i] = pos
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq
-            batch.logits[i] = wants
-        batch.n_tokens = len(entries)
-        status = lib.llama_decode(self._ctx, batch)
-        if status != 0:
-            raise DataError(f"{self.path}: llama_decode failed with status {status}")
-        wanted = sum(1 for entry in entries if entry[3])
-        if not wanted:  # a prompt's chunk before its last token
-            return np.empty((0, self.n_vocab), dtype=np.float32)
-        pointer = lib.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(pointer, shape=(wanted, self.n_vocab)).copy()
+        """:func:`decode_entries` in this runner's context."""
+        return decode_entries(self._ctx, self._batch, entries, self.n_vocab, self.path)
 
     def encode(self, text: str) -> list[int]:
         """``text`` as llama.cpp's tokenizer reads it from the file (no special tokens

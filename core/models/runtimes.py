@@ -88,8 +88,8 @@ def model_format(model_dir: Path) -> str:
     if gguf:
         raise DataError(
             f"{model_dir}: a GGUF bundle ({gguf[0].name}), for llama.cpp and Ollama "
-            f"(llama-server -m {gguf[0]}); unbottle serves and evaluates hf, packed, onnx "
-            "and genai directories"
+            f"(`unbottle serve {model_dir}` runs it in llama.cpp); here only hf, packed, "
+            "onnx and genai directories are read"
         )
     raise DataError(f"{model_dir}: neither model.safetensors nor an .onnx model is there")
 

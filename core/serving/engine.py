@@ -1,4 +1,5 @@
-"""The serving engine: continuous batching over a KV cache, for torch and ONNX Runtime.
+"""The serving engine: continuous batching over a KV cache, for torch, ONNX Runtime and
+llama.cpp.
 
 One thread owns the model. Between two decode steps it admits waiting requests (each is
 prefilled on its own, exactly as if it ran alone, and its KV cache is stitched into the
@@ -31,6 +32,10 @@ no position ids: it reads each row's length off the attention mask and counts a 
 real columns from the left, writing its new column right after them. So for such a
 backend (``right_padded``) the batch keeps every row's cache from column 0, padded on the
 right, and rows of any lengths decode as one batch.
+
+A GGUF bundle runs in llama.cpp (:class:`LlamaCppBackend`), which keeps each sequence's
+cache itself (``owns_cache``): the engine then holds one handle per row instead of
+tensors, and the same scheduling admits, steps and drops rows.
 
 :class:`EngineProcess` runs the same engine in a child process, so that the model's
 Python work and a server's event loop do not share one interpreter lock. Nothing here
@@ -96,6 +101,9 @@ class ServeConfig(StrategyConfig):
     max_queue: int = Field(64, ge=0, le=100_000)
     #: The largest max_tokens a request may ask for; default: the model's context.
     max_tokens: int | None = Field(None, ge=1)
+    #: Tokens one sequence may hold, prompt and completion; default: the model's context.
+    #: llama.cpp (a GGUF bundle) allocates max_batch x context tokens of cache up front.
+    context: int | None = Field(None, ge=2)
     #: max_tokens of a completion request that names none (OpenAI's default is 16).
     default_max_tokens: int = Field(16, ge=1, le=4096)
     #: The largest ``n`` (choices per prompt).
@@ -160,6 +168,10 @@ class Backend(Protocol):
     #: True when the model reads each row's cache from column 0 and writes its new column at
     #: the row's length (the mask's row sum): the batch is then padded on the right.
     right_padded: bool
+    #: True when the runtime keeps each sequence's cache itself (llama.cpp): ``prefill``
+    #: returns a handle for it instead of tensors, ``decode`` is given the rows' handles as
+    #: ``buffers`` (and no mask), and ``release(handle)`` frees one (:class:`_Slots`).
+    owns_cache: bool
 
     def prefill(self, ids: list[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
         """A prompt alone: (V,) logits of its last position, and its (1, h, n, d) cache."""
@@ -188,6 +200,7 @@ class TorchBackend:
     format = "hf"
     couples_rows = False
     right_padded = False
+    owns_cache = False
 
     def __init__(self, bundle: Path) -> None:
         import torch
@@ -280,6 +293,7 @@ class OnnxBackend:
     """
 
     format = "onnx"
+    owns_cache = False
 
     def __init__(self, bundle: Path, threads: int | None = None) -> None:
         import onnx
@@ -392,6 +406,85 @@ class OnnxBackend:
         return logits[:, -1]
 
 
+class LlamaCppBackend:
+    """A GGUF bundle run by llama.cpp, through llama-cpp-python's bindings of ``llama.h``
+    (:mod:`unbottle.core.models.llama_cpp`), which keeps the cache itself.
+
+    Each running sequence holds one of ``max_batch`` llama.cpp sequence ids, with cells of
+    its own for ``context`` tokens (llama-server's slots): it is prefilled alone, decodes
+    with the others in one ``llama_decode`` a step, and its cells are cleared when it
+    leaves. The cache is allocated up front, ``max_batch`` x ``context`` tokens in float16:
+    ``context`` in serve.json (or ``--context``) caps it below the model's.
+    """
+
+    format = "gguf"
+    couples_rows = False  # llama.cpp rounds each row's activations on their own
+    right_padded = False
+    owns_cache = True
+
+    def __init__(
+        self, bundle: Path, threads: int, max_batch: int, context: int | None = None
+    ) -> None:
+        from unbottle.core.models import llama_cpp
+
+        llama_cpp.require_llama_cpp(f"serve: {bundle}")
+        files = sorted(Path(bundle).glob("*.gguf"))
+        if len(files) != 1:
+            raise DataError(f"{bundle}: expected one .gguf file, found {len(files)}")
+        self.path = files[0]
+        self._llama_cpp = llama_cpp
+        self._lib = lib = llama_cpp.llama_library()
+        self._model = llama_cpp.load_llama_model(self.path)
+        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
+        trained = int(lib.llama_model_n_ctx_train(self._model))
+        self.context = min(trained, context or trained)
+        self._ctx = llama_cpp.new_context(
+            self._model, self.path, self.context * max_batch, max_batch, False, threads
+        )
+        self._memory = lib.llama_get_memory(self._ctx)
+        self._batch = lib.llama_batch_init(llama_cpp.CHUNK, 0, 1)
+        self._free = list(range(max_batch - 1, -1, -1))  # sequence ids; pop() gives 0 first
+
+    def _run(self, entries: list[tuple[int, int, int, bool]]) -> Any:
+        """``entries`` in llama_decode calls of at most CHUNK tokens: (n, V) logits of
+        those that want them."""
+        import numpy as np
+
+        chunk, decode = self._llama_cpp.CHUNK, self._llama_cpp.decode_entries
+        parts = [
+            decode(self._ctx, self._batch, entries[start : start + chunk], self.n_vocab, self.path)
+            for start in range(0, len(entries), chunk)
+        ]
+        return np.concatenate(parts)
+
+    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """A prompt in a free sequence of its own: (V,) logits of its last position, and
+        the sequence id, the handle of its cache."""
+        import torch
+
+        if not self._free:
+            raise RuntimeError("llama.cpp: every sequence is taken (more rows than max_batch)")
+        seq = self._free.pop()
+        try:
+            last = len(ids) - 1
+            logits = self._run([(token, pos, seq, pos == last) for pos, token in enumerate(ids)])
+        except BaseException:
+            self.release(seq)
+            raise
+        return torch.from_numpy(logits[-1]), seq
+
+    def decode(self, tokens, positions, mask, buffers, width):
+        import torch
+
+        rows = zip(tokens.tolist(), positions.tolist(), buffers, strict=True)
+        return torch.from_numpy(self._run([(t, pos, seq, True) for t, pos, seq in rows]))
+
+    def release(self, seq: int) -> None:
+        """Clear a sequence's cells and free its id for the next prompt."""
+        self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._free.append(seq)
+
+
 #: IO bindings kept per backend, one per cache placement (the batch's, or each row's when
 #: rows decode one by one); more than this means the placements moved: all are dropped.
 _BINDINGS_KEPT = 64
@@ -400,37 +493,60 @@ _BINDINGS_KEPT = 64
 def default_threads(fmt: str) -> int:
     """The threads a bundle of format ``fmt`` is served on unless ``threads`` says.
 
-    ONNX Runtime ("onnx", "genai"): every core. Served over HTTP on 2 cores, with the
-    client on the same cores, SmolLM2's genai bundle gave 1.12x the tokens/s of one thread
-    with one stream and 1.23x with 8, better in each of 5 rounds (BENCHMARKS.md, "Serving
-    threads"). Torch ("hf", "packed"): every core but one, left to the HTTP event loop;
-    there two threads gave 0.97x with one stream (each of 3 rounds slower) and 0.95x to
-    1.27x with 8.
+    ONNX Runtime ("onnx", "genai") and llama.cpp ("gguf"): every core. Served over HTTP
+    on 2 cores, with the client on the same cores, SmolLM2's genai bundle gave 1.12x the
+    tokens/s of one thread with one stream and 1.23x with 8, better in each of 5 rounds
+    (BENCHMARKS.md, "Serving threads"); llama.cpp, a thread pool of its own in the same
+    place, is given the same. Torch ("hf", "packed"): every core but one, left to the
+    HTTP event loop; there two threads gave 0.97x with one stream (each of 3 rounds
+    slower) and 0.95x to 1.27x with 8.
     """
     cores = os.cpu_count() or 2
-    return cores if fmt in ("onnx", "genai") else max(1, cores - 1)
+    return cores if fmt in ("onnx", "genai", "gguf") else max(1, cores - 1)
 
 
-def load_backend(bundle: Path, threads: int | None = None) -> Backend:
-    import torch
-
+def bundle_format(bundle: Path) -> str:
+    """:func:`~unbottle.core.models.runtimes.model_format`, and ``gguf`` for a directory
+    holding a GGUF file (the ``gguf`` target's bundle), which the server runs in llama.cpp."""
     from unbottle.core.models.runtimes import model_format
+
+    has_model = (bundle / "model.safetensors").is_file() or any(bundle.glob("*.onnx"))
+    if not has_model and any(bundle.glob("*.gguf")):
+        return "gguf"
+    return model_format(bundle)
+
+
+def load_backend(
+    bundle: Path, threads: int | None = None, max_batch: int = 8, context: int | None = None
+) -> Backend:
+    """The bundle's model in its runtime, on ``threads`` threads (default:
+    :func:`default_threads`). ``max_batch`` and ``context`` size a cache that the runtime
+    allocates up front (llama.cpp's); the engine's own grows as it is used, and a
+    ``context`` below the model's ends its sequences there."""
+    import torch
 
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise DataError(f"{bundle}: no such bundle directory")
-    fmt = model_format(bundle)
+    fmt = bundle_format(bundle)
     threads = threads or default_threads(fmt)
     # Process-wide: the engine is the only torch user.
     if fmt in ("hf", "packed"):
         torch.set_num_threads(threads)  # the model runs in torch
-        return TorchBackend(bundle)
-    # ONNX Runtime's own pool runs the graph on ``threads`` cores; torch only keeps the
-    # engine's books (sampling, stitching caches), on one. Its OpenMP workers, spinning
-    # after each small op, took the cores from ONNX Runtime's: SmolLM2's genai bundle
-    # decoded 8 rows at 446 tokens/s with torch on 2 threads, 600 to 726 on 1.
-    torch.set_num_threads(1)
-    return OnnxBackend(bundle, threads)  # optimum's export or genai's graph
+        backend: Backend = TorchBackend(bundle)
+    else:
+        # ONNX Runtime's (or llama.cpp's) own pool runs the model on ``threads`` cores;
+        # torch only keeps the engine's books (sampling, stitching caches), on one. Its
+        # OpenMP workers, spinning after each small op, took the cores from ONNX
+        # Runtime's: SmolLM2's genai bundle decoded 8 rows at 446 tokens/s with torch on
+        # 2 threads, 600 to 726 on 1.
+        torch.set_num_threads(1)
+        if fmt == "gguf":
+            return LlamaCppBackend(bundle, threads, max_batch, context)
+        backend = OnnxBackend(bundle, threads)  # optimum's export or genai's graph
+    if context is not None:
+        backend.context = min(backend.context, context)
+    return backend
 
 
 # --------------------------------------------------------------------------- requests
@@ -527,7 +643,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._batch = _Batch(self.backend.right_padded)
+        self._batch = self._new_batch()
         self._progress_at = time.monotonic()  # the end of the engine's last iteration
         self._reported: tuple[int, int, float] = (0, 0, 0.0)  # queue, running, when
 
@@ -594,6 +710,11 @@ class Engine:
 
     # -- the engine thread ---------------------------------------------------------------
 
+    def _new_batch(self) -> _Batch | _Slots:
+        if self.backend.owns_cache:
+            return _Slots(self.backend)
+        return _Batch(self.backend.right_padded)
+
     def _free_slots(self) -> int:
         return max(0, self.max_batch - len(self._batch.rows))
 
@@ -635,7 +756,8 @@ class Engine:
                     log.exception("decode step failed; aborting %d sequences", self.running)
                     for seq in self._batch.rows:
                         self._finish(seq, "error")
-                    self._batch = _Batch(self.backend.right_padded)
+                    self._batch.clear()
+                    self._batch = self._new_batch()
             self._progress_at = time.monotonic()
             self._flush()
         with self._cond:
@@ -644,7 +766,8 @@ class Engine:
         for seq in leftovers:
             if not seq.cancelled and seq.finish_reason is None:
                 self._finish(seq, "abort")
-        self._batch = _Batch(self.backend.right_padded)
+        self._batch.clear()
+        self._batch = self._new_batch()
         self._flush(force=True)
 
     def _admit(self, seq: Sequence) -> None:
@@ -663,6 +786,8 @@ class Engine:
             seq._generator = torch.Generator().manual_seed((seed + seq.index) % SEED_MODULUS)
         if not self._advance_or_fail(seq, logits):
             self._batch.add(seq, cache, self.backend.context)
+        elif self.backend.owns_cache:  # done at its first token: its cache is not kept
+            self.backend.release(cache)
 
     def _step(self) -> None:
         import torch
@@ -911,6 +1036,9 @@ class _Batch:
         mask[torch.arange(rows), self.mask.sum(1)] = 1  # right after each row's columns
         return mask
 
+    def clear(self) -> None:
+        self.rows, self.buffers, self.width, self.mask = [], [], 0, None
+
     def remove(self, rows: list[int]) -> None:
         import torch
 
@@ -941,6 +1069,41 @@ class _Batch:
         self.mask = mask[:, start : start + width].contiguous()
 
 
+class _Slots:
+    """The running sequences of a backend that keeps their caches itself
+    (``owns_cache``): a handle per row, released when the row leaves. It has
+    :class:`_Batch`'s interface, and no mask: such a runtime tracks each sequence's
+    positions."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.rows: list[Sequence] = []
+        self.buffers: list[Any] = []  # each row's handle
+        self.width = 0
+        self.mask: Any = None
+
+    def add(self, seq: Sequence, handle: Any, context: int) -> None:
+        self.rows.append(seq)
+        self.buffers.append(handle)
+
+    def make_room(self, context: int) -> None:
+        """Nothing: the runtime holds a whole context for each row."""
+
+    def next_mask(self) -> None:
+        return None
+
+    def remove(self, rows: list[int]) -> None:
+        gone = set(rows)
+        for r in sorted(gone):
+            self.backend.release(self.buffers[r])
+        keep = [r for r in range(len(self.rows)) if r not in gone]
+        self.rows = [self.rows[r] for r in keep]
+        self.buffers = [self.buffers[r] for r in keep]
+
+    def clear(self) -> None:
+        self.remove(list(range(len(self.rows))))
+
+
 # --------------------------------------------------------------------------- bundles
 
 
@@ -964,7 +1127,8 @@ class LoadedBundle:
     @property
     def backend(self) -> Backend:
         if self._backend is None:
-            self._backend = load_backend(self.path, self.config.threads)
+            config = self.config
+            self._backend = load_backend(self.path, config.threads, config.max_batch, self.context)
         return self._backend
 
     def engine(
@@ -994,28 +1158,41 @@ class LoadedBundle:
 
 
 def load_bundle(bundle: Path, overrides: dict[str, Any] | None = None) -> LoadedBundle:
-    """A deployed bundle (hf, onnx or server target), ready to serve."""
-    from unbottle.core.models.runtimes import model_format
-
+    """A deployed bundle (hf, onnx, genai, gguf or server target), ready to serve."""
     bundle = Path(bundle)
     # Before the heavy imports: a typo should fail fast.
     if path_kind(bundle, "bundle") != "directory":
         raise DataError(f"{bundle}: no such bundle directory")
     config = read_serve_config(bundle, overrides)
-    fmt = model_format(bundle)
+    fmt = bundle_format(bundle)
+    if fmt == "gguf":  # the file is the model: its context and stop tokens are in it
+        from unbottle.core.models.llama_cpp import require_llama_cpp
+
+        require_llama_cpp(f"serve: {bundle}")
+        model_config, gguf_file = _gguf_config(bundle)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(bundle)
+    if fmt == "gguf":
+        # The gguf target writes the tokenizer beside the file; a bare file has its own.
+        tokenizer_files = (bundle / "tokenizer.json").is_file()
+        tokenizer = AutoTokenizer.from_pretrained(
+            bundle, **({} if tokenizer_files else {"gguf_file": gguf_file})
+        )
+    else:
+        model_config = _read_json(bundle / "config.json")
+        tokenizer = AutoTokenizer.from_pretrained(bundle)
     if tokenizer.chat_template is None:
         log.info("%s has no chat template; using unbottle's question/answer template", bundle)
         tokenizer.chat_template = CHAT_TEMPLATE
     generation = _read_json(bundle / "generation_config.json")
-    model_config = _read_json(bundle / "config.json")
     if "max_position_embeddings" not in model_config:
         raise DataError(f"{bundle}/config.json: no max_position_embeddings (the context)")
     eos = generation.get("eos_token_id", model_config.get("eos_token_id"))
     eos_ids = set(eos) if isinstance(eos, list) else {eos if eos is not None else -1}
+    if fmt == "gguf":  # as llama-server and the deploy stage's llama.cpp runner stop
+        eos_ids = (eos_ids - {-1}) | set(model_config["eos_token_id"])
     samples = bool(generation.get("do_sample", False))
+    context = int(model_config["max_position_embeddings"])
     return LoadedBundle(
         path=bundle,
         overrides=dict(overrides or {}),
@@ -1023,11 +1200,32 @@ def load_bundle(bundle: Path, overrides: dict[str, Any] | None = None) -> Loaded
         config=config,
         model_name=config.model_name or _default_name(bundle),
         format=fmt,
-        context=int(model_config["max_position_embeddings"]),
+        context=min(context, config.context or context),
         eos_token_ids=eos_ids,
         default_temperature=float(generation.get("temperature", 1.0)) if samples else 0.0,
         default_top_p=float(generation.get("top_p", 1.0)) if samples else 1.0,
     )
+
+
+def _gguf_config(bundle: Path) -> tuple[dict[str, Any], str]:
+    """What serving needs from a GGUF file, named as in a ``config.json``: the context it
+    was trained for (its metadata) and the tokens llama.cpp ends a generation at; and the
+    file's name."""
+    from gguf import GGUFReader
+
+    from unbottle.core.models.llama_cpp import file_end_of_generation
+
+    files = sorted(bundle.glob("*.gguf"))
+    if len(files) != 1:
+        raise DataError(f"{bundle}: expected one .gguf file, found {len(files)}")
+    try:
+        fields = GGUFReader(files[0]).fields
+        arch = fields["general.architecture"].contents()
+        context = int(fields[f"{arch}.context_length"].contents())
+    except (ValueError, KeyError, IndexError, OSError) as e:
+        raise DataError(f"{files[0]}: not a GGUF model file with a context length ({e})") from None
+    stops = file_end_of_generation(files[0])
+    return {"max_position_embeddings": context, "eos_token_id": stops}, files[0].name
 
 
 # --------------------------------------------------------------------------- a process

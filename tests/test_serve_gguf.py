@@ -1,0 +1,213 @@
+"""`unbottle serve` on the gguf target's bundle: llama.cpp runs the file, the engine batches.
+
+The engine keeps no cache of its own for it: each request is a llama.cpp sequence with
+cells of its own, prefilled alone and decoded with the others in one ``llama_decode`` per
+step. Expected tokens come from :class:`LlamaCppRunner` (the deploy stage's measurement of
+the same file), one prompt at a time. These tests need llama-cpp-python, which `make test`
+does not build (test_formats.require_llama_cpp); the refusal without it runs everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+from tests.serving_helpers import live_server
+from tests.test_bad_input import assert_one_line, cli
+from tests.test_formats import deploy, require_llama_cpp
+from tests.test_formats import tokenizer as tokenizer  # a fixture, shared
+
+PROMPTS = ["the quick brown", "fox", "the lazy dog jumps over the", "quick quick", "dog", "a"]
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama as a Q8_0 file, deployed by the gguf target and checked in llama.cpp.
+    Its weights are random at a larger scale than training starts from, and its head is
+    its own, so that greedy decoding wanders over the vocabulary instead of repeating
+    one token: a row given another row's cache would show."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unbottle.core.models.loading import save_model
+
+    require_llama_cpp()
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, initializer_range=0.2,
+    )  # fmt: skip
+    root = tmp_path_factory.mktemp("gguf-serve")
+    save_model(LlamaForCausalLM(config).eval(), tokenizer, root / "float")
+    deploy("gguf", {"type": "Q8_0", "runtime": "llama.cpp"}, root / "float", root / "tiny-q8")
+    return root / "tiny-q8"
+
+
+@pytest.fixture(scope="module")
+def solo(bundle, tokenizer) -> dict[str, list[int]]:
+    """Each prompt's greedy continuation by llama.cpp alone (the deploy stage's runner)."""
+    from unbottle.export import LlamaCppRunner
+
+    runner = LlamaCppRunner(bundle, threads=1)
+    out = {}
+    for prompt in PROMPTS:
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        row = runner.generate(ids, torch.ones_like(ids), NEW, eos_token_id=None)
+        out[prompt] = row[0, ids.shape[1] :].tolist()
+    runner.close()
+    assert len({token for tokens in out.values() for token in tokens}) > 2 * NEW
+    return out
+
+
+def test_serving_a_gguf_bundle_without_llama_cpp_is_refused_in_one_line(
+    tmp_path, capsys, monkeypatch
+):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "model-Q4_0.gguf").write_bytes(b"GGUF")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llama_cpp" else find_spec(name, *a),
+    )
+    assert_one_line(
+        cli(["serve", str(bundle)], tmp_path, capsys),
+        rf"serve: {bundle}: running a GGUF file in llama\.cpp needs the llama-cpp-python "
+        r"package; install it with `pip install 'unbottle\[llama-cpp\]'` .*",
+    )
+
+
+def test_a_file_llama_cpp_cannot_read_is_refused_in_one_line(tmp_path, capsys):
+    require_llama_cpp()
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "model-Q4_0.gguf").write_bytes(b"GGUF")
+    assert_one_line(
+        cli(["serve", str(bundle)], tmp_path, capsys),
+        rf"{bundle / 'model-Q4_0.gguf'}: not a GGUF model file with a context length .*",
+    )
+
+
+def test_requests_joining_a_running_batch_decode_what_llama_cpp_decodes_alone(bundle, solo):
+    from unbottle.core.serving.engine import SamplingParams, Sequence, load_bundle
+
+    loaded = load_bundle(bundle, {"max_batch": 3, "threads": 1})
+    assert loaded.format == "gguf" and loaded.context == 64  # from the file's metadata
+    backend = loaded.backend
+    assert backend.owns_cache and backend.context == 64
+    steps: list[int] = []
+    engine = loaded.engine(on_step=steps.append)
+    engine.start()
+    done = threading.Semaphore(0)
+    lengths = [8, 7, 6, 8, 5, 4]  # leave at different steps; the last alone
+    seqs = [
+        Sequence(
+            loaded.tokenizer(p, add_special_tokens=False)["input_ids"],
+            SamplingParams(max_tokens=n, ignore_eos=True),
+            lambda seq, text, finish: finish and done.release(),
+        )
+        for p, n in zip(PROMPTS, lengths, strict=True)
+    ]
+    try:
+        # Six requests for three rows: the last three wait for rows to finish and join
+        # the running batch.
+        engine.submit(seqs[:1])
+        engine.submit(seqs[1:])
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    for seq, prompt, n in zip(seqs, PROMPTS, lengths, strict=True):
+        assert seq.finish_reason == "length"
+        assert seq.generated == solo[prompt][:n], prompt
+    assert max(steps) == 3  # rows shared decode steps, at most max_batch of them
+    assert steps != sorted(steps)  # ...and it shrank once no one was waiting
+    # Every sequence's cells were cleared and its id given back; a reused id starts clean.
+    assert sorted(backend._free) == [0, 1, 2]
+    again = loaded.engine()
+    again.start()
+    try:
+        ids = seqs[2].prompt
+        assert (
+            again.generate(ids, SamplingParams(max_tokens=NEW, ignore_eos=True)).generated
+            == (solo[PROMPTS[2]])
+        )
+    finally:
+        again.stop()
+
+
+def test_a_smaller_context_ends_sequences_there_and_sizes_the_cache(bundle, solo):
+    from unbottle.core.serving.engine import SamplingParams, load_bundle
+
+    prompt = PROMPTS[2]
+    loaded = load_bundle(bundle, {"context": 12, "max_batch": 2, "threads": 1})
+    assert loaded.context == 12 and loaded.backend.context == 12
+    engine = loaded.engine()
+    engine.start()
+    try:
+        ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert 2 < len(ids) < 12 - 2
+        seq = engine.generate(ids, SamplingParams(max_tokens=NEW + 4, ignore_eos=True))
+    finally:
+        engine.stop()
+    assert seq.finish_reason == "length" and seq.generated == solo[prompt][: 12 - len(ids)]
+
+
+def test_the_openai_client_gets_llama_cpps_greedy_text(bundle, solo, tokenizer):
+    with live_server(bundle, {"max_batch": 4}) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        (model,) = client.models.list().data
+        assert model.id == "tiny-q8"
+        out = client.completions.create(
+            model=model.id, prompt=PROMPTS, max_tokens=NEW, temperature=0,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        texts = {PROMPTS[c.index]: c.text for c in out.choices}
+        for prompt in PROMPTS:
+            assert texts[prompt] == tokenizer.decode(solo[prompt], skip_special_tokens=True)
+        streamed = client.completions.create(
+            model=model.id, prompt=PROMPTS[2], max_tokens=NEW, temperature=0, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert "".join(chunk.choices[0].text for chunk in streamed) == texts[PROMPTS[2]]
+        chat = client.chat.completions.create(
+            model=model.id, messages=[{"role": "user", "content": "fox"}], max_tokens=4
+        )
+        assert chat.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 64"):
+            client.completions.create(model=model.id, prompt="fox " * 70, max_tokens=1)
+
+
+def test_a_bare_gguf_file_is_served_with_its_own_tokenizer_and_stop_tokens(
+    bundle, solo, tmp_path
+):
+    """A directory holding only a .gguf file (one from elsewhere): the tokenizer and chat
+    template come from the file, and a generation ends where llama.cpp ends it (its
+    end-of-generation tokens, as llama-server and the deploy stage's runner stop)."""
+    import shutil
+
+    from unbottle.core.models.llama_cpp import file_end_of_generation
+    from unbottle.core.serving.engine import SamplingParams, load_bundle
+
+    (gguf,) = bundle.glob("*.gguf")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(gguf, bare)
+    loaded = load_bundle(bare, {"max_batch": 2, "threads": 1})
+    stops = set(file_end_of_generation(gguf))
+    assert stops and loaded.eos_token_ids == stops
+    ids = loaded.tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    engine = loaded.engine()
+    engine.start()
+    try:
+        seq = engine.generate(ids, SamplingParams(max_tokens=NEW, ignore_eos=True))
+    finally:
+        engine.stop()
+    assert seq.generated == solo[PROMPTS[0]]
