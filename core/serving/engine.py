@@ -44,6 +44,7 @@ imports a web framework; :mod:`unbottle.core.serving.http` puts HTTP in front.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -474,15 +475,38 @@ class LlamaCppBackend:
         return torch.from_numpy(logits[-1]), seq
 
     def decode(self, tokens, positions, mask, buffers, width):
+        import numpy as np
         import torch
 
-        rows = zip(tokens.tolist(), positions.tolist(), buffers, strict=True)
-        return torch.from_numpy(self._run([(t, pos, seq, True) for t, pos, seq in rows]))
+        rows = list(zip(tokens.tolist(), positions.tolist(), buffers, strict=True))
+        # In the order of the sequence ids: with a cache per sequence llama.cpp splits a
+        # batch into micro-batches of ascending ids (split_equal, sequential), so rows in
+        # the order requests came cost one graph each. 8 rows of SmolLM2 in descending
+        # order decoded at 111 tokens/s, sorted at 377 (the same tokens).
+        order = sorted(range(len(rows)), key=lambda r: rows[r][2])
+        logits = self._run([(*rows[r], True) for r in order])
+        unsorted = np.empty_like(logits)
+        unsorted[order] = logits
+        return torch.from_numpy(unsorted)
 
     def release(self, seq: int) -> None:
         """Clear a sequence's cells and free its id for the next prompt."""
         self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
         self._free.append(seq)
+
+    def close(self) -> None:
+        for free, handle in (
+            ("llama_free", "_ctx"),
+            ("llama_batch_free", "_batch"),
+            ("llama_model_free", "_model"),
+        ):
+            if getattr(self, handle, None) is not None:
+                getattr(self._lib, free)(getattr(self, handle))
+                setattr(self, handle, None)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit the library may be gone
+            self.close()
 
 
 #: IO bindings kept per backend, one per cache placement (the batch's, or each row's when
@@ -1165,22 +1189,20 @@ def load_bundle(bundle: Path, overrides: dict[str, Any] | None = None) -> Loaded
         raise DataError(f"{bundle}: no such bundle directory")
     config = read_serve_config(bundle, overrides)
     fmt = bundle_format(bundle)
+    tokenizer_options: dict[str, Any] = {}
     if fmt == "gguf":  # the file is the model: its context and stop tokens are in it
         from unbottle.core.models.llama_cpp import require_llama_cpp
 
         require_llama_cpp(f"serve: {bundle}")
         model_config, gguf_file = _gguf_config(bundle)
-    from transformers import AutoTokenizer
-
-    if fmt == "gguf":
         # The gguf target writes the tokenizer beside the file; a bare file has its own.
-        tokenizer_files = (bundle / "tokenizer.json").is_file()
-        tokenizer = AutoTokenizer.from_pretrained(
-            bundle, **({} if tokenizer_files else {"gguf_file": gguf_file})
-        )
+        if not (bundle / "tokenizer.json").is_file():
+            tokenizer_options["gguf_file"] = gguf_file
     else:
         model_config = _read_json(bundle / "config.json")
-        tokenizer = AutoTokenizer.from_pretrained(bundle)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bundle, **tokenizer_options)
     if tokenizer.chat_template is None:
         log.info("%s has no chat template; using unbottle's question/answer template", bundle)
         tokenizer.chat_template = CHAT_TEMPLATE
