@@ -84,7 +84,9 @@ def test_serving_a_gguf_bundle_without_llama_cpp_is_refused_in_one_line(
     )
 
 
-def test_a_file_llama_cpp_cannot_read_is_refused_in_one_line(tmp_path, capsys):
+def test_a_file_llama_cpp_cannot_read_or_a_batch_it_cannot_hold_is_refused_in_one_line(
+    tmp_path, capsys
+):
     require_llama_cpp()
     bundle = tmp_path / "bundle"
     bundle.mkdir()
@@ -92,6 +94,10 @@ def test_a_file_llama_cpp_cannot_read_is_refused_in_one_line(tmp_path, capsys):
     assert_one_line(
         cli(["serve", str(bundle)], tmp_path, capsys),
         rf"{bundle / 'model-Q4_0.gguf'}: not a GGUF model file with a context length .*",
+    )
+    assert_one_line(
+        cli(["serve", str(bundle), "--max-batch", "257"], tmp_path, capsys),
+        r"^error: serve: max_batch 257: llama\.cpp decodes at most 256 sequences together",
     )
 
 
@@ -185,9 +191,7 @@ def test_the_openai_client_gets_llama_cpps_greedy_text(bundle, solo, tokenizer):
             client.completions.create(model=model.id, prompt="fox " * 70, max_tokens=1)
 
 
-def test_a_bare_gguf_file_is_served_with_its_own_tokenizer_and_stop_tokens(
-    bundle, solo, tmp_path
-):
+def test_a_bare_gguf_file_is_served_with_its_own_tokenizer_and_stop_tokens(bundle, solo, tmp_path):
     """A directory holding only a .gguf file (one from elsewhere): the tokenizer and chat
     template come from the file, and a generation ends where llama.cpp ends it (its
     end-of-generation tokens, as llama-server and the deploy stage's runner stop)."""

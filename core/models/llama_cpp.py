@@ -33,6 +33,8 @@ LLAMA_CPP_INSTALL = "pip install 'unbottle[llama-cpp]'"
 LAYER_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 #: Tokens llama.cpp takes in one ``llama_decode`` call (its default batch).
 CHUNK = 512
+#: Sequences one llama.cpp context holds at most (``LLAMA_MAX_SEQ`` in llama.cpp's source).
+MAX_SEQUENCES = 256
 
 log = logging.getLogger(__name__)
 _backend_lock = threading.Lock()

@@ -1191,9 +1191,14 @@ def load_bundle(bundle: Path, overrides: dict[str, Any] | None = None) -> Loaded
     fmt = bundle_format(bundle)
     tokenizer_options: dict[str, Any] = {}
     if fmt == "gguf":  # the file is the model: its context and stop tokens are in it
-        from unbottle.core.models.llama_cpp import require_llama_cpp
+        from unbottle.core.models.llama_cpp import MAX_SEQUENCES, require_llama_cpp
 
         require_llama_cpp(f"serve: {bundle}")
+        if config.max_batch > MAX_SEQUENCES:
+            raise ConfigError(
+                f"serve: max_batch {config.max_batch}: llama.cpp decodes at most "
+                f"{MAX_SEQUENCES} sequences together (a GGUF bundle)"
+            )
         model_config, gguf_file = _gguf_config(bundle)
         # The gguf target writes the tokenizer beside the file; a bare file has its own.
         if not (bundle / "tokenizer.json").is_file():
