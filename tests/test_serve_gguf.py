@@ -215,3 +215,24 @@ def test_a_bare_gguf_file_is_served_with_its_own_tokenizer_and_stop_tokens(bundl
     finally:
         engine.stop()
     assert seq.generated == solo[PROMPTS[0]]
+
+
+def test_a_request_done_at_its_first_token_gives_its_sequence_back(bundle):
+    """max_tokens 1 ends a request at prefill, before it joins the batch: its llama.cpp
+    sequence must be cleared and freed there, or max_batch such requests would take every
+    sequence and the next prompt would find none."""
+    from unbottle.core.serving.engine import SamplingParams, load_bundle
+
+    loaded = load_bundle(bundle, {"max_batch": 2, "threads": 1})
+    engine = loaded.engine()
+    engine.start()
+    try:
+        ids = loaded.tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
+        for _ in range(5):
+            seq = engine.generate(ids, SamplingParams(max_tokens=1, ignore_eos=True))
+            assert seq.finish_reason == "length" and len(seq.generated) == 1
+        longer = engine.generate(ids, SamplingParams(max_tokens=NEW, ignore_eos=True))
+    finally:
+        engine.stop()
+    assert longer.finish_reason == "length" and len(longer.generated) == NEW
+    assert sorted(loaded.backend._free) == [0, 1]
