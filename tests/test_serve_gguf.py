@@ -236,3 +236,27 @@ def test_a_request_done_at_its_first_token_gives_its_sequence_back(bundle):
         engine.stop()
     assert longer.finish_reason == "length" and len(longer.generated) == NEW
     assert sorted(loaded.backend._free) == [0, 1]
+
+
+def test_a_llama_cpp_cache_larger_than_free_memory_is_refused_before_loading(
+    bundle, tmp_path, capsys, monkeypatch
+):
+    """llama.cpp allocates max_batch x context tokens of cache at start: the tiny model's
+    float16 keys and values are 2 layers x 2 KV heads x (16 + 16) x 2 bytes = 256 bytes a
+    token (SmolLM2-135M's 23,040, which llama.cpp's own log gives as 180 MiB for 8,192).
+    More than the free memory is refused in one line that names the way out."""
+    import psutil
+
+    from unbottle.core.serving.engine import load_bundle
+
+    class Memory:
+        available = 100 * 1024
+
+    monkeypatch.setattr(psutil, "virtual_memory", Memory)
+    assert_one_line(
+        cli(["serve", str(bundle), "--max-batch", "8"], tmp_path, capsys),
+        r"^error: serve: llama\.cpp's cache of max_batch 8 x context 64 tokens needs 128\.0 "
+        r"KiB \(256 B a token\), and 100\.0 KiB of memory is free; lower --context or "
+        r"--max-batch$",
+    )
+    assert load_bundle(bundle, {"max_batch": 8, "context": 32}).context == 32  # 64 KiB fits

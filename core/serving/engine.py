@@ -1219,7 +1219,9 @@ def load_bundle(bundle: Path, overrides: dict[str, Any] | None = None) -> Loaded
     if fmt == "gguf":  # as llama-server and the deploy stage's llama.cpp runner stop
         eos_ids = (eos_ids - {-1}) | set(model_config["eos_token_id"])
     samples = bool(generation.get("do_sample", False))
-    context = int(model_config["max_position_embeddings"])
+    context = min(int(model_config["max_position_embeddings"]), config.context or 1 << 62)
+    if fmt == "gguf":
+        _check_llama_cache(model_config["cache_bytes_per_token"], context, config.max_batch)
     return LoadedBundle(
         path=bundle,
         overrides=dict(overrides or {}),
@@ -1227,7 +1229,7 @@ def load_bundle(bundle: Path, overrides: dict[str, Any] | None = None) -> Loaded
         config=config,
         model_name=config.model_name or _default_name(bundle),
         format=fmt,
-        context=min(context, config.context or context),
+        context=context,
         eos_token_ids=eos_ids,
         default_temperature=float(generation.get("temperature", 1.0)) if samples else 0.0,
         default_top_p=float(generation.get("top_p", 1.0)) if samples else 1.0,
@@ -1249,10 +1251,44 @@ def _gguf_config(bundle: Path) -> tuple[dict[str, Any], str]:
         fields = GGUFReader(files[0]).fields
         arch = fields["general.architecture"].contents()
         context = int(fields[f"{arch}.context_length"].contents())
+        layers = int(fields[f"{arch}.block_count"].contents())
+        heads_field = fields[f"{arch}.attention.head_count"]
+        heads = int(heads_field.contents())
+        kv_heads = fields.get(f"{arch}.attention.head_count_kv", heads_field)
+        head_dim = int(fields[f"{arch}.embedding_length"].contents()) // heads
+        key_dim, value_dim = (
+            int(fields[key].contents()) if key in fields else head_dim
+            for key in (f"{arch}.attention.key_length", f"{arch}.attention.value_length")
+        )
     except (ValueError, KeyError, IndexError, OSError) as e:
         raise DataError(f"{files[0]}: not a GGUF model file with a context length ({e})") from None
+    per_layer = kv_heads.contents()  # one count, or one per layer
+    kv_heads_total = sum(per_layer) if isinstance(per_layer, list) else int(per_layer) * layers
     stops = file_end_of_generation(files[0])
-    return {"max_position_embeddings": context, "eos_token_id": stops}, files[0].name
+    return {
+        "max_position_embeddings": context,
+        "eos_token_id": stops,
+        # llama.cpp's cache: float16 keys and values of every layer's KV heads.
+        "cache_bytes_per_token": kv_heads_total * (key_dim + value_dim) * 2,
+    }, files[0].name
+
+
+def _check_llama_cache(bytes_per_token: int, context: int, max_batch: int) -> None:
+    """Refuse in one line a llama.cpp cache larger than the free memory (it is allocated
+    whole when the engine starts: max_batch sequences of context tokens); else log it."""
+    import psutil
+
+    from unbottle.core.training.memory import human
+
+    need = bytes_per_token * context * max_batch
+    free = int(psutil.virtual_memory().available)
+    if need > free:
+        raise ConfigError(
+            f"serve: llama.cpp's cache of max_batch {max_batch} x context {context} tokens "
+            f"needs {human(need)} ({human(bytes_per_token)} a token), and {human(free)} of "
+            "memory is free; lower --context or --max-batch"
+        )
+    log.info("llama.cpp's cache: %d sequences of %d tokens, %s", max_batch, context, human(need))
 
 
 # --------------------------------------------------------------------------- a process
