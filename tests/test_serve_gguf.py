@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+import time
 from pathlib import Path
 
 import openai
@@ -217,20 +218,30 @@ def test_a_bare_gguf_file_is_served_with_its_own_tokenizer_and_stop_tokens(bundl
     assert seq.generated == solo[PROMPTS[0]]
 
 
-def test_a_request_done_at_its_first_token_gives_its_sequence_back(bundle):
-    """max_tokens 1 ends a request at prefill, before it joins the batch: its llama.cpp
-    sequence must be cleared and freed there, or max_batch such requests would take every
-    sequence and the next prompt would find none."""
-    from unbottle.core.serving.engine import SamplingParams, load_bundle
+def test_requests_done_at_their_first_token_or_cancelled_give_their_sequences_back(bundle):
+    """max_tokens 1 ends a request at prefill, before it joins the batch, and a client
+    that goes away cancels its request mid-flight: either way its llama.cpp sequence must
+    be cleared and freed, or max_batch such requests would take every sequence and the
+    next prompt would find none."""
+    from unbottle.core.serving.engine import SamplingParams, Sequence, load_bundle
 
     loaded = load_bundle(bundle, {"max_batch": 2, "threads": 1})
-    engine = loaded.engine()
+    engine = loaded.engine(on_step=lambda rows: time.sleep(0.002))  # so a cancel lands mid-way
     engine.start()
     try:
         ids = loaded.tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
         for _ in range(5):
             seq = engine.generate(ids, SamplingParams(max_tokens=1, ignore_eos=True))
             assert seq.finish_reason == "length" and len(seq.generated) == 1
+        started = threading.Semaphore(0)
+        for _ in range(3):
+            endless = Sequence(
+                ids, SamplingParams(max_tokens=60, ignore_eos=True), lambda *a: started.release()
+            )
+            engine.submit([endless])
+            assert started.acquire(timeout=30)  # it is decoding
+            engine.cancel([endless])
+            assert endless.finish_reason is None and len(endless.generated) < 60
         longer = engine.generate(ids, SamplingParams(max_tokens=NEW, ignore_eos=True))
     finally:
         engine.stop()
