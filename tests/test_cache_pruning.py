@@ -252,6 +252,41 @@ def test_the_checkpoints_runs_left_are_listed_and_pruned_with_the_cache(filled, 
     assert not old.exists() and new.is_dir()
 
 
+def test_a_checkpoint_dir_params_name_is_listed_and_never_pruned(filled, capsys):
+    """Runs in a train.checkpoint_dir (``<dir>/<run key>/``) are shown, as the stages
+    that name the folder, so a user sees what runs left on a scratch disk; pruning leaves
+    them (another workspace or node may be writing there), and the folder's other
+    contents are not runs."""
+    (filled / "params.yaml").write_text(
+        "pretrain:\n  train: {checkpoint_dir: scratch}\n"
+        "finetune:\n  train: {checkpoint_dir: scratch}\n",
+        encoding="utf-8",
+    )
+    scratch = filled / "scratch"
+    run = scratch / "0123456789abcdef" / "step-000100"
+    run.mkdir(parents=True)
+    (run / "model.safetensors").write_bytes(b"c" * 3000)
+    (scratch / "fedcba9876543210").mkdir()  # a run's name, no checkpoint in it
+    (scratch / "notes" / "step-000001").mkdir(parents=True)  # the user's own folder
+    age([scratch], 40)
+
+    code, out, err = cli(["cache", "--json"], filled, capsys)
+    assert code == 0, err
+    listed = [e for e in json.loads(out) if e["kind"] == "checkpoint_dir"]
+    assert [(e["key"], e["what"], e["bytes"]) for e in listed] == [
+        ("0123456789abcdef", "pretrain/finetune checkpoints", 3000)
+    ]
+    code, out, err = cli(["cache"], filled, capsys)
+    assert code == 0, err
+    assert "checkpoint_dir: 1 run of pretrain/finetune in scratch (train.checkpoint_dir): " in (
+        " ".join(out.split())
+    )
+    code, out, err = cli(["cache", "prune", "--max-size", "0"], filled, capsys)
+    assert code == 0, err
+    assert run.is_dir() and (scratch / "notes").is_dir()
+    assert not list(cache_root(filled).glob("*/*"))  # the cache itself was emptied
+
+
 def test_pruning_where_nothing_is_cached_removes_nothing_and_makes_no_folder(tmp_path, capsys):
     code, out, err = cli(["cache", "prune", "--max-size", "0"], tmp_path, capsys)
     assert code == 0, err

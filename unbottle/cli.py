@@ -601,22 +601,52 @@ def _which_cache(shared: bool) -> tuple[Path, tuple[str, ...], Path | None]:
     return cache_root(Path.cwd()), KINDS, Layout(Path(".")).checkpoints
 
 
+def _checkpoint_dirs(params: Path | None, overrides: list[str] | None) -> dict[Path, str]:
+    """The folders params name as a ``train.checkpoint_dir``, each with the sections that
+    name it."""
+    loaded = _load(params, overrides)
+    sections = {
+        "pretrain": loaded.pretrain.train,
+        "pretrain.continued": loaded.pretrain.continued,
+        "finetune": loaded.finetune.train,
+    }
+    named: dict[Path, list[str]] = {}
+    for section, train in sections.items():
+        if train is not None and train.checkpoint_dir is not None:
+            named.setdefault(Path(train.checkpoint_dir), []).append(section)
+    return {folder: "/".join(owners) for folder, owners in named.items()}
+
+
 @cache_app.callback()
 def cache_usage(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Every entry, as JSON.")] = False,
     shared: SharedOption = False,
+    params: ParamsOption = None,
+    overrides: SetOption = None,
 ) -> None:
     """Each kind of entry in the workspace cache, and the training checkpoints runs left
     (or with --shared, the cache every workspace shares): how many, their size, what
-    removing them would free, and when they were last used."""
+    removing them would free, and when they were last used. The runs in a
+    train.checkpoint_dir that params name are listed too, and never pruned."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"shared": shared}  # `cache --shared prune` is `cache prune --shared`
         return
-    from unbottle.core.store.cache_pruning import CHECKPOINTS, SHARED_KINDS, cache_entries
+    from unbottle.core.store.cache_pruning import (
+        CHECKPOINT_DIR,
+        CHECKPOINTS,
+        SHARED_KINDS,
+        cache_entries,
+        checkpoint_dir_entries,
+    )
 
     cache, kinds, checkpoints = _which_cache(shared)
     entries = cache_entries(cache, kinds, checkpoints)
+    named = {} if shared else _checkpoint_dirs(params, overrides)
+    elsewhere_runs = {
+        folder: checkpoint_dir_entries(folder, owner) for folder, owner in named.items()
+    }
+    entries += [run for runs in elsewhere_runs.values() for run in runs]
     if as_json:
         typer.echo(json.dumps([_entry_json(e) for e in entries], indent=2))
         return
@@ -626,7 +656,8 @@ def cache_usage(
     table = Table(title=f"{cache}")
     for column in ("kind", "entries", "size", "frees", "last used", "oldest use"):
         table.add_column(column, justify="left" if column == "kind" else "right")
-    for kind in kinds if checkpoints is None else (*kinds, CHECKPOINTS):
+    listed = kinds if checkpoints is None else (*kinds, CHECKPOINTS)
+    for kind in (*listed, CHECKPOINT_DIR) if elsewhere_runs else listed:
         mine = [e for e in entries if e.kind == kind]
         if not mine:
             table.add_row(kind, "0", "-", "-", "-", "-")
@@ -660,6 +691,13 @@ def cache_usage(
             f"checkpoints: runs of {by_stage} in {checkpoints}, stopped, refused or kept "
             "(clear_checkpoints: false); last used is their last write. A rerun of the "
             "same run resumes from its own; pruned, it trains from its start."
+        )
+    for folder, runs in elsewhere_runs.items():
+        typer.echo(
+            f"checkpoint_dir: {len(runs)} run{'s' * (len(runs) != 1)} of {named[folder]} in "
+            f"{folder} (train.checkpoint_dir): listed, never pruned here, since another "
+            "workspace or node may be writing there; remove a run's folder yourself when no "
+            "stage uses it."
         )
     elsewhere, _, _ = _which_cache(shared=True)
     if conversions := cache_entries(elsewhere, SHARED_KINDS):

@@ -28,7 +28,9 @@ deletes its run's once the artifact is written, so those left are of runs stoppe
 refused or told to keep them (``clear_checkpoints: false``), each as large as the model
 and its optimizer state. They too are only saved work: a rerun of the same run resumes
 from them, any other trains from its start. Their last use is their last write, and the
-same lock keeps pruning away from a stage that is writing or resuming them.
+same lock keeps pruning away from a stage that is writing or resuming them. The runs in a
+``train.checkpoint_dir`` that params name are listed as :data:`CHECKPOINT_DIR`, and never
+pruned: that lock covers this workspace's stages only, and such a folder may be shared.
 
 The cache that every workspace shares (``$UNBOTTLE_CACHE_DIR``, default
 ``~/.cache/unbottle``) holds one kind, :data:`SHARED_KINDS`: ``gguf``, the float
@@ -45,7 +47,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from unbottle.core.contract.errors import ConfigError, LockedError
@@ -55,10 +57,15 @@ from unbottle.core.store.locking import lock_alone_or_not_at_all
 KINDS = ("tokens", "variants", "evaluations", "prefixes")
 #: A workspace's training checkpoints, one entry per run, kept outside the cache folder.
 CHECKPOINTS = "checkpoints"
+#: The runs in a folder that params name as a ``train.checkpoint_dir``: listed, never
+#: pruned (another workspace, or another node's, may be writing there).
+CHECKPOINT_DIR = "checkpoint_dir"
 #: The kinds of entry of the cache every workspace shares.
 SHARED_KINDS = ("gguf",)
 IN_USE = ".in-use"
 _KEY = re.compile(r"\.?([0-9a-f]{64})")
+_RUN_KEY = re.compile(r"[0-9a-f]{16}")  # a run's folder: its run key's first 16 digits
+_STEP = re.compile(r"\.?step-\d{6,}(\.partial)?")
 _AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -71,6 +78,8 @@ class CacheEntry:
     size: int  # bytes of its files
     shared: int  # of those, bytes also linked from outside the entry (an artifact's)
     last_used: float  # seconds since the epoch
+    #: Whose checkpoints these are, where the path does not say (a checkpoint_dir's runs).
+    owner: str = ""
 
     @property
     def what(self) -> str:
@@ -80,6 +89,8 @@ class CacheEntry:
             return "tokenizer" if any(n.endswith(".tokenizer.json") for n in names) else "token ids"
         if self.kind == CHECKPOINTS:  # the folder of a run is <stage>/<run key>
             return f"{self.paths[0].parent.name} checkpoints"
+        if self.kind == CHECKPOINT_DIR:
+            return f"{self.owner} checkpoints"
         names = {"variants": "variant", "evaluations": "evaluation row", "gguf": "GGUF conversion"}
         return names.get(self.kind, "prefix")
 
@@ -186,6 +197,21 @@ def checkpoint_entries(root: Path) -> list[CacheEntry]:
     the run key's 16 hex digits), oldest write first."""
     runs = (folder for folder in Path(root).glob("*/*") if folder.is_dir())
     return sorted((_entry(CHECKPOINTS, f.name, [f]) for f in runs), key=lambda e: e.last_used)
+
+
+def checkpoint_dir_entries(root: Path, owner: str) -> list[CacheEntry]:
+    """The runs in a ``train.checkpoint_dir`` (``<dir>/<run key>/``, the stages that name
+    it being ``owner``), oldest write first. Only folders named like a run key that hold
+    a checkpoint count: the folder may hold other things of the user's."""
+    runs = [
+        folder
+        for folder in (Path(root).iterdir() if Path(root).is_dir() else ())
+        if folder.is_dir()
+        and _RUN_KEY.fullmatch(folder.name)
+        and any(_STEP.fullmatch(step.name) and step.is_dir() for step in folder.iterdir())
+    ]
+    entries = [replace(_entry(CHECKPOINT_DIR, f.name, [f]), owner=owner) for f in runs]
+    return sorted(entries, key=lambda e: e.last_used)
 
 
 def _entry(kind: str, key: str, paths: list[Path]) -> CacheEntry:
