@@ -6,12 +6,15 @@ template. ``type``:
 - ``F16`` or ``Q8_0`` for a float variant (Q8_0 rounded to nearest by the ``gguf`` package);
 - ``Q4_0`` from a packed variant on a symmetric int4 grid in groups of 32 (``rtn`` or
   ``gptq`` with ``bits: 4, group_size: 32, symmetric: true``; for gptq with act_order also
-  ``static_groups: true``), and ``Q8_0`` from one on a symmetric int8 grid in groups of 32:
-  the codes and scales are copied as they are, so GPTQ's choices survive;
+  ``static_groups: true``), ``Q4_1`` from one on an int4 grid with zero points in groups
+  of 32 (GPTQ's and RTN's default, asymmetric), and ``Q8_0`` from one on a symmetric int8
+  grid in groups of 32: the codes and scales are copied as they are, so GPTQ's choices
+  survive;
 - ``Q4_K_M``, ``Q5_K_M``, ``Q6_K`` for a float variant: llama.cpp's own quantization (its
   k-quants, as ``llama-quantize`` makes them) of the writer's F16 file; they need
   llama-cpp-python, and a packed variant is refused (it would be rounded twice);
-- ``auto`` (the default): Q8_0 for a float variant, the exact type for a packed one.
+- ``auto`` (the default): Q8_0 for a float variant, the exact type for a packed one (Q4_0
+  for a symmetric int4 grid, Q4_1 for one with zero points).
 
 ``runtime`` is what loads the file back and what the deploy stage measures it in:
 ``transformers`` (the default: its GGUF reader dequantizes to float32 and torch runs it)
@@ -121,8 +124,8 @@ class GgufBundle:
     ships_unchanged = ()
 
     class Config(StrategyConfig):
-        # F16, Q8_0, Q4_0: written here; Q4_K_M, Q5_K_M, Q6_K: llama.cpp's own quantization.
-        type: Literal["auto", "F16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"] = "auto"
+        # F16, Q8_0, Q4_0, Q4_1: written here; Q4_K_M, Q5_K_M, Q6_K: llama.cpp's own.
+        type: Literal["auto", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K"] = "auto"
         max_new_tokens: int = Field(16, ge=1, le=4096)
         # What loads the file back and what the deploy stage measures it in.
         runtime: Literal["transformers", "llama.cpp"] = "transformers"
@@ -147,13 +150,11 @@ class GgufBundle:
         if model_format != "packed":
             return "Q8_0"
         from unbottle.compression import read_quantization_config
-        from unbottle.export import EXACT_GRIDS
+        from unbottle.export import exact_gguf_type
 
         meta = read_quantization_config(model_dir)
-        for gguf_type, (bits, group) in EXACT_GRIDS.items():
-            if (meta["bits"], meta["group_size"]) == (bits, group):
-                return gguf_type
-        return "Q4_0" if meta["bits"] == 4 else "Q8_0"  # refused, with the reason, below
+        # None of them holds it: the nearest, which check_writable refuses with the reason.
+        return exact_gguf_type(meta) or ("Q4_0" if meta["bits"] == 4 else "Q8_0")
 
     def deploy(self, model_dir: Path, out_dir: Path, ctx: DeployContext) -> dict[str, Any]:
         import torch

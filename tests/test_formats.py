@@ -283,6 +283,37 @@ def test_gguf_q4_0_holds_a_symmetric_group32_gptq_variant_code_for_code(tmp_path
     assert template == AutoTokenizer.from_pretrained(bundle).chat_template
 
 
+def test_gguf_q4_1_holds_a_group32_gptq_variant_with_zero_points(tmp_path, tokenizer, asym32):
+    """GPTQ's default grid (a zero point per group) is Q4_1's: q * d + m with the codes and
+    d copied and m = -z * d, which float16 rounds by at most 2^-11 of itself."""
+    require_extra("gguf")
+    import numpy as np
+
+    from unbottle.core.models.gguf_writer import decode_q4_1, rotary_permute
+
+    bundle = tmp_path / "bundle"
+    facts = deploy("gguf", {}, asym32, bundle)  # auto: the exact type, Q4_1
+    assert facts["gguf_type"] == "Q4_1" and facts["gguf_exact_tensors"] == 14
+    path = bundle / "model-Q4_1.gguf"
+    with safe_open(str(asym32 / "model.safetensors"), "pt") as f:
+        module = "model.layers.0.self_attn.q_proj"
+        codes = unpack(f.get_tensor(f"{module}.qweight"), 4, 64).numpy()
+        scales = f.get_tensor(f"{module}.scales").numpy()
+        zeros = unpack(f.get_tensor(f"{module}.qzeros"), 4, 2).numpy()
+    assert len(np.unique(zeros)) > 1  # really zero points, not one offset
+    tensor = gguf_tensor(path, "blk.0.attn_q.weight")
+    assert tensor.tensor_type.name == "Q4_1"
+    got_codes, d, m = decode_q4_1(tensor.data, 64)
+    assert (got_codes == rotary_permute(codes, 4)).all()
+    assert (d == rotary_permute(scales, 4).astype(np.float16)).all()
+    exact = -rotary_permute(zeros, 4).astype(np.float32) * d.astype(np.float32)
+    assert (np.abs(m.astype(np.float32) - exact) <= np.abs(exact) * 2.0**-11).all()
+
+    model = AutoModelForCausalLM.from_pretrained(bundle, gguf_file=path.name, dtype=torch.float32)
+    reference, _ = load_packed(asym32)
+    assert torch.allclose(logits(model), logits(reference), rtol=0, atol=3e-3)
+
+
 def test_gguf_q4_0_holds_a_quantized_output_head_code_for_code(tmp_path, tokenizer):
     require_extra("gguf")
 
@@ -426,8 +457,19 @@ def test_an_int8_onnx_bundle_counts_its_pruned_weights_as_zeros(tmp_path, tokeni
             r"model\.layers\.\d\.\S+ has act-order groups \(g_idx\); quantize with gptq "
             r"`static_groups: true`",
         ),
+        (
+            {"bits": 4, "group_size": 64, "act_order": False},
+            "Q4_1",
+            r"^deploy\.target\.type: Q4_1 cannot hold this quantized variant \(int4, group 64, "
+            r"asymmetric\) without re-quantizing it; .*Q4_1: int4 in groups of 32\)$",
+        ),
+        (
+            {"bits": 8, "group_size": 32, "act_order": False},
+            "Q4_1",
+            r"^deploy\.target\.type: Q4_1 cannot hold this quantized variant \(int8, group 32, ",
+        ),
     ],
-    ids=["asymmetric", "group64", "act-order"],
+    ids=["asymmetric", "group64", "act-order", "q4_1-group64", "q4_1-int8"],
 )
 def test_gguf_refuses_a_grid_its_type_cannot_hold_before_any_work(
     tmp_path, tokenizer, grid, gguf_type, message
@@ -439,16 +481,19 @@ def test_gguf_refuses_a_grid_its_type_cannot_hold_before_any_work(
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_gguf_refuses_q4_0_from_a_pruned_but_dense_variant(tmp_path, float_dir):
+@pytest.mark.parametrize(
+    ("gguf_type", "grid"), [("Q4_0", "a symmetric int4 grid"), ("Q4_1", "an int4 grid")]
+)
+def test_gguf_refuses_q4_from_a_pruned_but_dense_variant(tmp_path, float_dir, gguf_type, grid):
     require_extra("gguf")
     pruned = tmp_path / "pruned"
     shutil.copytree(float_dir, pruned)
     with pytest.raises(
         ConfigError,
-        match=r"^deploy\.target\.type: Q4_0 holds only a symmetric int4 grid in groups of 32, "
+        match=rf"^deploy\.target\.type: {gguf_type} holds only {grid} in groups of 32, "
         r"and this variant has float weights \(pruned or not",
     ):
-        deploy("gguf", {"type": "Q4_0"}, pruned, tmp_path / "out")
+        deploy("gguf", {"type": gguf_type}, pruned, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -584,7 +629,12 @@ def require_llama_cpp() -> None:
 
 @pytest.mark.parametrize(
     ("variant_name", "gguf_type", "atol"),
-    [("sym32", "Q4_0", 1e-2), ("float_dir", "F16", 2e-3), ("float_dir", "Q8_0", 2e-2)],
+    [
+        ("sym32", "Q4_0", 1e-2),
+        ("asym32", "Q4_1", 1e-2),
+        ("float_dir", "F16", 2e-3),
+        ("float_dir", "Q8_0", 2e-2),
+    ],
 )
 def test_llama_cpp_runs_the_gguf_file_to_the_variants_logits(
     request, tmp_path, tokenizer, variant_name, gguf_type, atol

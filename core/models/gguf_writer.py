@@ -10,15 +10,20 @@ Weight types (``GgufType``, the ``gguf`` deploy target's ``type``):
 
 - ``F16``: every matrix in float16 (norms stay float32, as ggml requires);
 - ``Q8_0``: blocks of 32 weights, one float16 scale d each, int8 codes q, value q * d;
-- ``Q4_0``: blocks of 32 weights, one float16 scale d each, 4-bit codes q, value (q - 8) * d.
+- ``Q4_0``: blocks of 32 weights, one float16 scale d each, 4-bit codes q, value (q - 8) * d;
+- ``Q4_1``: blocks of 32 weights, a float16 scale d and a float16 minimum m each, 4-bit
+  codes q, value q * d + m.
 
 A float variant is quantized to Q8_0 by the ``gguf`` package (round to nearest). A
 packed variant (``rtn``/``gptq``, :mod:`unbottle.core.models.lowbit`) whose grid *is* the
 GGUF type's grid is copied code for code, so GPTQ's choices survive: a symmetric int4
 grid in contiguous groups of 32 is Q4_0 exactly (unbottle's zero point 8 is Q4_0's
 offset, its float16 scale is d), a symmetric int8 grid in groups of 32 is Q8_0 exactly
-(code u is q = u - 128). Any other grid cannot be held without re-quantizing and is
-refused before any work. The embeddings (and an untied output head) are stored in float16.
+(code u is q = u - 128), and an int4 grid with zero points z in groups of 32 (GPTQ's and
+RTN's default, asymmetric) is Q4_1: the codes and d as they are, m = -z * d rounded to
+float16 (off by at most 2^-11 of z * d, under 1% of a step d). Any other grid cannot be
+held without re-quantizing and is refused before any work. The embeddings (and an untied
+output head) are stored in float16.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ from unbottle.core.contract.errors import ConfigError, DataError
 if TYPE_CHECKING:
     import numpy as np
 
-GgufType = Literal["F16", "Q8_0", "Q4_0"]
+GgufType = Literal["F16", "Q8_0", "Q4_0", "Q4_1"]
 #: Hugging Face ``model_type`` -> GGUF architecture the writer knows.
 ARCHITECTURES = {"llama": "llama"}
-#: The exact packed grid (bits, group size) each low-bit type holds (symmetric only).
+#: The exact packed grid (bits, group size) each low-bit type holds: symmetric only.
 EXACT_GRIDS = {"Q4_0": (4, 32), "Q8_0": (8, 32)}
+#: ... and with a zero point per group (asymmetric, or symmetric: zero point 8).
+ZERO_POINT_GRIDS = {"Q4_1": (4, 32)}
 BLOCK = 32
 
 
@@ -81,22 +88,25 @@ def check_writable(model_dir: Path, gguf_type: str, what: str) -> dict[str, Any]
         raise ConfigError(f"{what}: {model_dir} has no tokenizer.json for the GGUF vocabulary")
     _pre_tokenizer(json.loads(tokenizer_json.read_text(encoding="utf-8")))
     if not (Path(model_dir) / QUANT_CONFIG).is_file():
-        if gguf_type == "Q4_0":
+        if gguf_type in ("Q4_0", "Q4_1"):
+            symmetric = gguf_type == "Q4_0"
+            grid, how = ("a symmetric int4", ", symmetric true") if symmetric else ("an int4", "")
             raise ConfigError(
-                f"{what}.type: Q4_0 holds only a symmetric int4 grid in groups of 32, and "
-                "this variant has float weights (pruned or not, they are dense floats); "
-                "quantize it with rtn/gptq (bits 4, group_size 32, symmetric true) or "
-                "use F16 or Q8_0"
+                f"{what}.type: {gguf_type} holds only {grid} grid in groups of 32, and this "
+                "variant has float weights (pruned or not, they are dense floats); quantize "
+                f"it with rtn/gptq (bits 4, group_size 32{how}) or use F16 or Q8_0"
             )
         return None
     meta = read_quantization_config(model_dir)
     grid = f"int{meta['bits']}, group {meta['group_size'] or 'per channel'}, " + (
         "symmetric" if meta["symmetric"] else "asymmetric"
     )
-    if EXACT_GRIDS.get(gguf_type) != (meta["bits"], meta["group_size"]) or not meta["symmetric"]:
+    if not holds(gguf_type, meta):
         allowed = "; ".join(
-            f"{t}: symmetric int{bits} in groups of {group}"
-            for t, (bits, group) in EXACT_GRIDS.items()
+            [
+                *(f"{t}: symmetric int{b} in groups of {g}" for t, (b, g) in EXACT_GRIDS.items()),
+                *(f"{t}: int{b} in groups of {g}" for t, (b, g) in ZERO_POINT_GRIDS.items()),
+            ]
         )
         raise ConfigError(
             f"{what}.type: {gguf_type} cannot hold this quantized variant ({grid}) without "
@@ -105,6 +115,25 @@ def check_writable(model_dir: Path, gguf_type: str, what: str) -> dict[str, Any]
         )
     _check_contiguous_groups(Path(model_dir), gguf_type, what)
     return meta
+
+
+def holds(gguf_type: str, meta: dict[str, Any]) -> bool:
+    """Whether ``gguf_type`` holds a packed variant's grid (its quantization config)
+    exactly."""
+    grid = (meta["bits"], meta["group_size"])
+    if meta["symmetric"] and EXACT_GRIDS.get(gguf_type) == grid:
+        return True
+    return ZERO_POINT_GRIDS.get(gguf_type) == grid
+
+
+def exact_gguf_type(meta: dict[str, Any]) -> str | None:
+    """The smallest type that holds a packed variant's grid exactly, if one does: Q4_0
+    for a symmetric int4 grid in groups of 32, Q4_1 for one with zero points, Q8_0 for a
+    symmetric int8 grid in groups of 32."""
+    for gguf_type in (*EXACT_GRIDS, *ZERO_POINT_GRIDS):
+        if holds(gguf_type, meta):
+            return gguf_type
+    return None
 
 
 def _check_contiguous_groups(model_dir: Path, gguf_type: str, what: str) -> None:
@@ -142,6 +171,36 @@ def q4_0_blocks(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     qs = blocks[..., : BLOCK // 2] | (blocks[..., BLOCK // 2 :] << 4)  # (rows, nb, 16)
     d = scales.astype(np.float16).reshape(rows, n // BLOCK, 1).view(np.uint8)  # (rows, nb, 2)
     return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
+
+
+def q4_1_blocks(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """(rows, n) unsigned 4-bit codes, (rows, n/32) float16 scales and integer zero
+    points -> (rows, n/32*20) bytes.
+
+    ggml's block_q4_1: d (float16), m (float16), then the codes as Q4_0 packs them; a
+    weight is q * d + m, and unbottle's (q - z) * d is that with m = -z * d.
+    """
+    import numpy as np
+
+    rows, n = codes.shape
+    blocks = codes.astype(np.uint8).reshape(rows, n // BLOCK, BLOCK)
+    qs = blocks[..., : BLOCK // 2] | (blocks[..., BLOCK // 2 :] << 4)  # (rows, nb, 16)
+    d = scales.astype(np.float16)
+    m = (-zeros.astype(np.float32) * d.astype(np.float32)).astype(np.float16)
+    dm = np.stack([d, m], axis=-1).reshape(rows, n // BLOCK, 2).view(np.uint8)  # 4 bytes
+    return np.concatenate([dm, qs], axis=-1).reshape(rows, -1)
+
+
+def decode_q4_1(data: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The inverse of :func:`q4_1_blocks`: (rows, bytes) -> (codes, d, m)."""
+    import numpy as np
+
+    rows = data.shape[0]
+    blocks = data.reshape(rows, n // BLOCK, 20)
+    dm = blocks[..., :4].copy().view(np.float16).reshape(rows, n // BLOCK, 2)
+    qs = blocks[..., 4:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, n)
+    return codes, dm[..., 0], dm[..., 1]
 
 
 def q8_0_blocks(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -264,6 +323,7 @@ def write_gguf(
         "F16": gguf.LlamaFileType.MOSTLY_F16,
         "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
         "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
     }[gguf_type]
     qtype = getattr(gguf.GGMLQuantizationType, gguf_type)
 
@@ -300,15 +360,23 @@ def write_gguf(
     for name in quantized:
         bits = int(meta["bits"])
         qweight, scales = state.pop(f"{name}.qweight"), state.pop(f"{name}.scales")
+        qzeros = state.pop(f"{name}.qzeros", None)  # None: symmetric, zero point 8
         state.pop(f"{name}.g_idx", None)  # contiguous groups (checked above)
-        n = scales.shape[1] * BLOCK
+        groups = scales.shape[1]
+        n = groups * BLOCK
         if state.pop(f"{name}.bias", None) is not None:
             raise ConfigError(f"{what}: {name} has a bias, which the llama GGUF layout lacks")
         codes = unpack(qweight, bits, n).numpy()  # (out, in) unsigned
         half = scales.numpy().astype(np.float16)  # (out, n/32)
         codes, half = rows_order(name, codes), rows_order(name, half)
-        encode = q4_0_blocks if gguf_type == "Q4_0" else q8_0_blocks
-        writer.add_tensor(_gguf_name(names, f"{name}.weight"), encode(codes, half), raw_dtype=qtype)
+        if gguf_type == "Q4_1":
+            zeros = np.full(half.shape, 2 ** (bits - 1), dtype=np.uint8)
+            if qzeros is not None:
+                zeros = rows_order(name, unpack(qzeros, bits, groups).numpy())
+            data = q4_1_blocks(codes, half, zeros)
+        else:
+            data = (q4_0_blocks if gguf_type == "Q4_0" else q8_0_blocks)(codes, half)
+        writer.add_tensor(_gguf_name(names, f"{name}.weight"), data, raw_dtype=qtype)
         counts["exact"] += 1
     for key, tensor in state.items():
         name = key.removesuffix(".weight")
