@@ -31,12 +31,14 @@ float32 torch row measured in the same round of the same run. Rows:
   32 contiguous columns, the head too) written by the ``gguf`` deploy target's writer
   (core/models/gguf_writer.py: the codes copied into Q4_0 blocks), run by llama.cpp
   (core/models/llama_cpp.py: the ``gguf`` target's ``runtime: llama.cpp``);
+- ``gptq-int4-g32-static-head-gguf``: the same on GPTQ's default grid, a zero point per
+  group of 32, as Q4_1 (the codes and scales copied, each block's minimum -z * d);
 - ``llama.cpp-q4_0``: llama.cpp's own Q4_0 quantization of the dense model (its
   ``llama_model_quantize``, as ``llama-quantize`` runs it: round to nearest in blocks of
   32, SmolLM2's tied embedding and head in Q8_0), from the writer's F16 file: the anchor of a
   user who takes the llama.cpp route;
 - ``llama.cpp-q4_k_m``: the same for Q4_K_M, llama.cpp's 4-bit k-quant mix (what the
-  ``gguf`` target's ``type: Q4_K_M`` writes from a float variant). These three need
+  ``gguf`` target's ``type: Q4_K_M`` writes from a float variant). These four need
   llama-cpp-python
   (``pip install 'unbottle[llama-cpp]'``; on a CPU with AMX build it without AMX, see
   docs/serving.md).
@@ -164,6 +166,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
             "symmetric": True,
         },
     ),
+    # Q4_1's grid: zero points (GPTQ's default), groups of 32 contiguous columns; the head too.
+    "gptq-int4-g32-static-head": (
+        "gptq",
+        {"bits": 4, "group_size": 32, "static_groups": True, "quantize_head": True},
+    ),
     "rtn-int4-g64": ("rtn", {"bits": 4, "group_size": 64}),
     "rtn-int8-g64": ("rtn", {"bits": 8, "group_size": 64}),
 }
@@ -179,7 +186,7 @@ class Row:
     served: bool = False
     #: onnxruntime-genai's own build (no variant): its int4 block size; None, its default.
     block: int | None = None
-    #: llama.cpp's own quantization (runtime gguf, no variant): its type.
+    #: runtime gguf: the file's type (with no variant, llama.cpp's own quantization of it).
     gguf_type: str = "Q4_0"
 
 
@@ -231,6 +238,12 @@ ROWS["gptq-int4-g32-static-head-sym-gguf"] = Row(
     "gptq-int4-g32-static-head-sym",
     "gguf",
     "GPTQ int4 g32 static groups + int4 head, symmetric, as Q4_0 GGUF in llama.cpp (our codes)",
+)
+ROWS["gptq-int4-g32-static-head-gguf"] = Row(
+    "gptq-int4-g32-static-head",
+    "gguf",
+    "GPTQ int4 g32 static groups + int4 head, zero points, as Q4_1 GGUF in llama.cpp (our codes)",
+    gguf_type="Q4_1",
 )
 ROWS["llama.cpp-q4_0"] = Row(
     None, "gguf", "llama.cpp's own Q4_0 of the dense model (RTN, block 32; tied head Q8_0)"
@@ -371,9 +384,9 @@ def gguf_code() -> str:
     return hashlib.sha256(Path(gguf_writer.__file__).read_bytes()).hexdigest()[:16]
 
 
-def build_gguf_of(entry: Path, code: str) -> Path:
-    """The packed variant as the ``gguf`` target writes it (``entry/gguf``: the file and
-    its tokenizer), built unless one written by the same ``code`` is there."""
+def build_gguf_of(entry: Path, code: str, gguf_type: str) -> Path:
+    """The packed variant as the ``gguf`` target writes it in ``gguf_type`` (``entry/gguf``:
+    the file and its tokenizer), built unless one written by the same ``code`` is there."""
     from transformers import AutoTokenizer
 
     from unbottle.export import write_gguf
@@ -382,12 +395,12 @@ def build_gguf_of(entry: Path, code: str) -> Path:
     with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
         if json.loads((out / "built.json").read_text("utf-8")).get("code") == code:
             return out
-    real.progress(f"  build {entry.name}: the Q4_0 GGUF file, code {code}")
+    real.progress(f"  build {entry.name}: the {gguf_type} GGUF file, code {code}")
     with tempfile.TemporaryDirectory(dir=entry, prefix=".gguf.") as tmp:
         built = Path(tmp) / "gguf"
         built.mkdir()
         AutoTokenizer.from_pretrained(entry / "packed").save_pretrained(built)
-        facts = write_gguf(entry / "packed", built, built / "model-Q4_0.gguf", "Q4_0")
+        facts = write_gguf(entry / "packed", built, built / f"model-{gguf_type}.gguf", gguf_type)
         (built / "built.json").write_text(json.dumps({**facts, "code": code}), "utf-8")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(built, out)
@@ -439,7 +452,7 @@ def ensure_built(
     if row.runtime == "torch":
         return entry / "packed"
     if row.runtime == "gguf":
-        return build_gguf_of(entry, gguf_code())
+        return build_gguf_of(entry, gguf_code(), row.gguf_type)
     return build_bundle_of(entry, row.runtime, bundle_code())
 
 
