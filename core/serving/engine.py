@@ -1238,8 +1238,8 @@ def load_bundle(bundle: Path, overrides: dict[str, Any] | None = None) -> Loaded
 
 def _gguf_config(bundle: Path) -> tuple[dict[str, Any], str]:
     """What serving needs from a GGUF file, named as in a ``config.json``: the context it
-    was trained for (its metadata) and the tokens llama.cpp ends a generation at; and the
-    file's name."""
+    was trained for and the size of a token's cache (its metadata), and the tokens
+    llama.cpp ends a generation at; and the file's name."""
     from gguf import GGUFReader
 
     from unbottle.core.models.llama_cpp import file_end_of_generation
