@@ -85,6 +85,22 @@ def test_serving_a_gguf_bundle_without_llama_cpp_is_refused_in_one_line(
     )
 
 
+def test_other_readers_of_a_model_directory_name_a_gguf_bundle_for_what_it_is(tmp_path):
+    """Only the server runs a GGUF bundle; anything else that reads a model directory
+    says what the directory is and what runs it, not "no model there"."""
+    from unbottle.core.contract.errors import DataError
+    from unbottle.core.models.runtimes import model_format
+
+    (tmp_path / "model-Q4_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(DataError) as refused:
+        model_format(tmp_path)
+    assert str(refused.value) == (
+        f"{tmp_path}: a GGUF bundle (model-Q4_0.gguf), for llama.cpp and Ollama "
+        f"(`unbottle serve {tmp_path}` runs it in llama.cpp); here only hf, packed, onnx and "
+        "genai directories are read"
+    )
+
+
 def test_a_file_llama_cpp_cannot_read_or_a_batch_it_cannot_hold_is_refused_in_one_line(
     tmp_path, capsys
 ):
