@@ -170,8 +170,8 @@ class GgufBundle:
             raise ConfigError(
                 f"deploy.target.type: {gguf_type} is llama.cpp's own quantization of a float "
                 f"model, and {ctx.variant!r} is quantized already; deploy a float variant "
-                "with it, or this one's own codes with type auto (Q4_0/Q8_0 where its grid "
-                "is theirs)"
+                "with it, or this one's own codes with type auto (Q4_0, Q4_1 or Q8_0 where its "
+                "grid is theirs)"
             )
         # One line, before any work; llama.cpp quantizes the writer's F16 file.
         check_writable(model_dir, "F16" if by_llama_cpp else gguf_type, "deploy.target")

@@ -116,6 +116,14 @@ def write_quantized_gguf(
     return {**facts, "gguf_quantized_by": "llama.cpp"}
 
 
+def gguf_file(bundle_dir: Path) -> Path:
+    """The one ``.gguf`` file of a GGUF bundle directory."""
+    files = sorted(Path(bundle_dir).glob("*.gguf"))
+    if len(files) != 1:
+        raise DataError(f"{bundle_dir}: expected one .gguf file, found {len(files)}")
+    return files[0]
+
+
 def load_llama_model(path: Path) -> Any:
     """llama.cpp's model of the GGUF file ``path``, on the CPU. On a build with AMX
     kernels the weights stay out of the AMX and repacked buffers (see below)."""
@@ -223,10 +231,7 @@ class LlamaCppRunner(CountsWeights):
 
         from unbottle.core.models.runtimes import onnx_threads
 
-        files = sorted(Path(bundle_dir).glob("*.gguf"))
-        if len(files) != 1:
-            raise DataError(f"{bundle_dir}: expected one .gguf file, found {len(files)}")
-        self.path = files[0]
+        self.path = gguf_file(bundle_dir)
         self._lib = lib = llama_library()
         self._model = load_llama_model(self.path)
         self._vocab = lib.llama_model_get_vocab(self._model)

@@ -429,10 +429,7 @@ class LlamaCppBackend:
         from unbottle.core.models import llama_cpp
 
         llama_cpp.require_llama_cpp(f"serve: {bundle}")
-        files = sorted(Path(bundle).glob("*.gguf"))
-        if len(files) != 1:
-            raise DataError(f"{bundle}: expected one .gguf file, found {len(files)}")
-        self.path = files[0]
+        self.path = llama_cpp.gguf_file(bundle)
         self._llama_cpp = llama_cpp
         self._lib = lib = llama_cpp.llama_library()
         self._model = llama_cpp.load_llama_model(self.path)
@@ -1242,13 +1239,11 @@ def _gguf_config(bundle: Path) -> tuple[dict[str, Any], str]:
     llama.cpp ends a generation at; and the file's name."""
     from gguf import GGUFReader
 
-    from unbottle.core.models.llama_cpp import file_end_of_generation
+    from unbottle.core.models.llama_cpp import file_end_of_generation, gguf_file
 
-    files = sorted(bundle.glob("*.gguf"))
-    if len(files) != 1:
-        raise DataError(f"{bundle}: expected one .gguf file, found {len(files)}")
+    path = gguf_file(bundle)
     try:
-        fields = GGUFReader(files[0]).fields
+        fields = GGUFReader(path).fields
         arch = fields["general.architecture"].contents()
         context = int(fields[f"{arch}.context_length"].contents())
         layers = int(fields[f"{arch}.block_count"].contents())
@@ -1261,16 +1256,16 @@ def _gguf_config(bundle: Path) -> tuple[dict[str, Any], str]:
             for key in (f"{arch}.attention.key_length", f"{arch}.attention.value_length")
         )
     except (ValueError, KeyError, IndexError, OSError) as e:
-        raise DataError(f"{files[0]}: not a GGUF model file with a context length ({e})") from None
+        raise DataError(f"{path}: not a GGUF model file with a context length ({e})") from None
     per_layer = kv_heads.contents()  # one count, or one per layer
     kv_heads_total = sum(per_layer) if isinstance(per_layer, list) else int(per_layer) * layers
-    stops = file_end_of_generation(files[0])
+    stops = file_end_of_generation(path)
     return {
         "max_position_embeddings": context,
         "eos_token_id": stops,
         # llama.cpp's cache: float16 keys and values of every layer's KV heads.
         "cache_bytes_per_token": kv_heads_total * (key_dim + value_dim) * 2,
-    }, files[0].name
+    }, path.name
 
 
 def _check_llama_cache(bytes_per_token: int, context: int, max_batch: int) -> None:
