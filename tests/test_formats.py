@@ -677,6 +677,18 @@ def test_llama_cpp_runs_the_gguf_file_to_the_variants_logits(
     long = torch.randint(0, len(tokenizer), (1, 540), generator=torch.Generator().manual_seed(2))
     next_token = runner.generate(long, torch.ones_like(long), 1, eos_token_id=None)[0, -1]
     assert next_token == runner.logits(long)[0, -1].argmax()
+    # ...and with other rows: a chunk holds the end of one row and the start of the next,
+    # each row with the cache cells of its own that a longer row than before needs.
+    rows = torch.cat([torch.zeros(1, 535, dtype=torch.long), prompts[0][None]], 1)
+    rows = torch.cat([rows, long])
+    mask = torch.ones_like(rows)
+    mask[0, :535] = 0
+    both = runner.generate(rows, mask, 6, eos_token_id=None)
+    assert both[0, -6:].tolist() == alone[0][0, -6:].tolist()
+    assert (
+        both[1, -6:].tolist()
+        == runner.generate(long, mask[1:], 6, eos_token_id=None)[0, -6:].tolist()
+    )
 
     # A stop token ends a row, except before min_new_tokens (as transformers: not chosen).
     first, prompt, ones = int(alone[0][0, 5]), prompts[0][None], torch.ones(1, 5)

@@ -287,3 +287,28 @@ def test_a_llama_cpp_cache_larger_than_free_memory_is_refused_before_loading(
         r"--max-batch$",
     )
     assert load_bundle(bundle, {"max_batch": 8, "context": 32}).context == 32  # 64 KiB fits
+
+
+def test_llama_cpp_objects_left_open_at_exit_go_quietly(bundle):
+    """The runner and the backend free llama.cpp's memory when collected. One still alive
+    when the interpreter exits is collected after the modules' globals are gone, and its
+    ``__del__`` must not print a traceback then."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from unbottle.core.models import llama_cpp\n"
+        "from unbottle.core.serving import engine\n"
+        "bundle = Path(sys.argv[1])\n"
+        "runner = llama_cpp.LlamaCppRunner(bundle, threads=1)\n"
+        "ids = torch.tensor([[1, 2, 3]])\n"
+        "runner.generate(ids, torch.ones_like(ids), 2, eos_token_id=None)\n"
+        "backend = engine.LlamaCppBackend(bundle, 1, 2)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -44,7 +44,6 @@ imports a web framework; :mod:`unbottle.core.serving.http` puts HTTP in front.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import json
@@ -502,8 +501,12 @@ class LlamaCppBackend:
                 setattr(self, handle, None)
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # at interpreter exit the library may be gone
+        # Not contextlib.suppress: at interpreter exit this may run after the module's
+        # globals are gone, and the library with them.
+        try:  # noqa: SIM105
             self.close()
+        except Exception:
+            pass
 
 
 #: IO bindings kept per backend, one per cache placement (the batch's, or each row's when
