@@ -20,10 +20,17 @@ round starts one server per bundle and setting in turn (the order rotated by one
 round), runs both phases on it and stops it, and the report adds each one's tokens/s over
 the first's, round by round.
 
+``--prefix-words N`` starts every prompt with the same passage of N words (a system
+prompt), and ``--prompt-cache both`` serves each bundle with llama.cpp's prompt cache on and
+off in the same rounds (`unbottle serve --no-prompt-cache`): with it on, a prompt reuses
+the cells of a finished request that started the same way. The report adds the share of
+prompt tokens the server found cached (its usage's ``cached_tokens``).
+
     python bench/serve_load.py artifacts/deploy
     python bench/serve_load.py artifacts/deploy --concurrency 8 --max-tokens 64 --json out.json
     python bench/serve_load.py artifacts/deploy --threads 1 2 --rounds 5
     python bench/serve_load.py GENAI_BUNDLE --also GGUF_BUNDLE --rounds 5
+    python bench/serve_load.py GGUF_BUNDLE --prefix-words 300 --prompt-cache both
 """
 
 from __future__ import annotations
@@ -49,6 +56,21 @@ PROMPTS = [
     "Question: In which year was {name} born?\nAnswer:",
 ]
 NAMES = ["Alice", "Bob", "Carol", "Dan", "Eve", "Frank", "Grace", "Heidi"]
+#: Repeated to make ``--prefix-words``: what a system prompt of a question-answering
+#: service says.
+PASSAGE = str.split(
+    "You answer questions about the people of a small town. Each answer is one short "
+    "sentence, in plain words, and names the person asked about. When the records do not "
+    "say, answer that they do not say, and never guess. The town keeps records of where "
+    "each person lives, what work they do, the pets they keep and the year they were born."
+)
+
+
+def prefix_of(words: int) -> str:
+    """The shared start of every prompt: ``words`` words of :data:`PASSAGE`, repeated."""
+    if not words:
+        return ""
+    return " ".join(PASSAGE[i % len(PASSAGE)] for i in range(words)) + "\n\n"
 
 
 def free_port() -> int:
@@ -74,7 +96,7 @@ async def one_stream(http: httpx.AsyncClient, model: str, prompt: str, max_token
     }
     started = time.perf_counter()
     ttft = None
-    tokens = 0
+    tokens = prompt_tokens = cached = 0
     async with http.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -84,13 +106,18 @@ async def one_stream(http: httpx.AsyncClient, model: str, prompt: str, max_token
             if ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
                 ttft = time.perf_counter() - started
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return time.perf_counter() - started, ttft, tokens
+                usage = chunk["usage"]
+                tokens, prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
+                cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return time.perf_counter() - started, ttft, tokens, prompt_tokens, cached
 
 
-async def phase(url: str, model: str, requests: int, concurrency: int, max_tokens: int) -> dict:
+async def phase(
+    url: str, model: str, requests: int, concurrency: int, max_tokens: int, prefix: str = ""
+) -> dict:
     prompts = [
-        PROMPTS[i % len(PROMPTS)].format(name=NAMES[i % len(NAMES)]) for i in range(requests)
+        prefix + PROMPTS[i % len(PROMPTS)].format(name=NAMES[i % len(NAMES)])
+        for i in range(requests)
     ]
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency)
@@ -110,6 +137,8 @@ async def phase(url: str, model: str, requests: int, concurrency: int, max_token
         "tokens": tokens,
         "latencies": [r[0] for r in results],
         "ttfts": [r[1] for r in results if r[1] is not None],
+        "prompt_tokens": sum(r[3] for r in results),
+        "cached_tokens": sum(r[4] for r in results),
     }
 
 
@@ -129,16 +158,22 @@ def summarize(runs: list[dict], streams: int) -> dict:
         "latency_p99_s": percentile(latencies, 99),
         "ttft_p50_s": statistics.median(ttfts),
         "ttft_p99_s": percentile(ttfts, 99),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in runs),
+        "cached_tokens": sum(r["cached_tokens"] for r in runs),
     }
 
 
-def start_server(bundle: Path, port: int, max_batch: int, threads: int | None) -> subprocess.Popen:
+def start_server(
+    bundle: Path, port: int, max_batch: int, threads: int | None, prompt_cache: bool = True
+) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("UNBOTTLE_API_KEY", None)
     command = [sys.executable, "-m", "unbottle", "serve", str(bundle), "--port", str(port)]
     command += ["--max-batch", str(max_batch)]
     if threads is not None:
         command += ["--threads", str(threads)]
+    if not prompt_cache:
+        command.append("--no-prompt-cache")
     proc = subprocess.Popen(
         command,
         env=env,
@@ -159,18 +194,21 @@ def start_server(bundle: Path, port: int, max_batch: int, threads: int | None) -
     raise SystemExit("unbottle serve did not start in 180 s")
 
 
-def measure(args: argparse.Namespace, bundle: Path, threads: int | None) -> tuple[dict, dict]:
-    """One server of ``bundle`` with ``threads``: a warm-up, then one single-stream and one
-    concurrent phase; the server is stopped before this returns."""
+def measure(
+    args: argparse.Namespace, bundle: Path, threads: int | None, prompt_cache: bool
+) -> tuple[dict, dict]:
+    """One server of ``bundle`` with ``threads`` and ``prompt_cache``: a warm-up, then one
+    single-stream and one concurrent phase; the server is stopped before this returns."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(bundle, port, args.concurrency, threads)
+    proc = start_server(bundle, port, args.concurrency, threads, prompt_cache)
+    prefix = prefix_of(args.prefix_words)
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        asyncio.run(phase(url, model, 8, args.concurrency, args.max_tokens))  # warm-up
-        single = asyncio.run(phase(url, model, args.single_requests, 1, args.max_tokens))
+        asyncio.run(phase(url, model, 8, args.concurrency, args.max_tokens, prefix))  # warm-up
+        single = asyncio.run(phase(url, model, args.single_requests, 1, args.max_tokens, prefix))
         many = asyncio.run(
-            phase(url, model, args.concurrent_requests, args.concurrency, args.max_tokens)
+            phase(url, model, args.concurrent_requests, args.concurrency, args.max_tokens, prefix)
         )
         return single, many
     finally:
@@ -180,11 +218,16 @@ def measure(args: argparse.Namespace, bundle: Path, threads: int | None) -> tupl
 
 def print_table(label: str, single: dict, many: dict) -> None:
     print(label)
-    print(f"{'streams':>8} {'tok/s':>9} {'p50 s':>8} {'p99 s':>8} {'TTFT p50':>9} {'TTFT p99':>9}")
+    print(
+        f"{'streams':>8} {'tok/s':>9} {'p50 s':>8} {'p99 s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+        f"{'cached':>7}"
+    )
     for row in (single, many):
+        cached = row["cached_tokens"] / max(row["prompt_tokens"], 1)
         print(
             f"{row['streams']:>8} {row['tokens_per_s']:>9.1f} {row['latency_p50_s']:>8.3f} "
-            f"{row['latency_p99_s']:>8.3f} {row['ttft_p50_s']:>9.4f} {row['ttft_p99_s']:>9.4f}"
+            f"{row['latency_p99_s']:>8.3f} {row['ttft_p50_s']:>9.4f} {row['ttft_p99_s']:>9.4f} "
+            f"{cached:>7.1%}"
         )
 
 
@@ -205,35 +248,48 @@ def main() -> None:
     parser.add_argument(
         "--also", type=Path, nargs="+", default=[], help="Other bundles, in the same rounds."
     )
+    parser.add_argument(
+        "--prefix-words", type=int, default=0, help="A shared start of every prompt (words)."
+    )
+    parser.add_argument(
+        "--prompt-cache",
+        choices=["on", "off", "both"],
+        default="on",
+        help="The server's prompt cache (llama.cpp bundles); both: each setting twice.",
+    )
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
     for bundle in (args.bundle, *args.also):
         if not bundle.is_dir():
             raise SystemExit(f"{bundle}: no bundle (run `make demo` or pass a bundle path)")
-    if args.rounds < 1 or (args.threads and min(args.threads) < 1):
-        raise SystemExit("--rounds and --threads must be at least 1")
+    if args.rounds < 1 or (args.threads and min(args.threads) < 1) or args.prefix_words < 0:
+        raise SystemExit("--rounds and --threads must be at least 1, --prefix-words at least 0")
 
-    settings = [(b, t) for b in (args.bundle, *args.also) for t in args.threads or [None]]
+    caches = {"on": [True], "off": [False], "both": [True, False]}[args.prompt_cache]
+    settings = [
+        (b, t, c) for b in (args.bundle, *args.also) for t in args.threads or [None] for c in caches
+    ]
     load_before = os.getloadavg()[0]  # other work on the machine skews every figure
-    runs: dict[tuple[Path, int | None], tuple[list[dict], list[dict]]] = {
+    runs: dict[tuple[Path, int | None, bool], tuple[list[dict], list[dict]]] = {
         setting: ([], []) for setting in settings
     }
     for round_index in range(args.rounds):
         # Each setting goes first in turn, so that a drift in the machine's load hits all.
         shift = round_index % len(settings)
-        for bundle, threads in settings[shift:] + settings[:shift]:
-            single, many = measure(args, bundle, threads)
-            runs[bundle, threads][0].append(single)
-            runs[bundle, threads][1].append(many)
+        for setting in settings[shift:] + settings[:shift]:
+            single, many = measure(args, *setting)
+            runs[setting][0].append(single)
+            runs[setting][1].append(many)
 
     results = []
-    for bundle, threads in settings:
-        singles, concurrents = runs[bundle, threads]
+    for bundle, threads, prompt_cache in settings:
+        singles, concurrents = runs[bundle, threads, prompt_cache]
         single, many = summarize(singles, 1), summarize(concurrents, args.concurrency)
         results.append(
             {
                 "bundle": str(bundle),
                 "threads": threads,
+                "prompt_cache": prompt_cache,
                 "single": single,
                 "concurrent": many,
                 "speedup": many["tokens_per_s"] / single["tokens_per_s"],
@@ -259,6 +315,7 @@ def main() -> None:
     result = {
         "bundle": str(args.bundle),
         "max_tokens": args.max_tokens,
+        "prefix_words": args.prefix_words,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "rounds": args.rounds,
         "settings": results,
@@ -272,6 +329,8 @@ def main() -> None:
         )
         if args.also:
             label = f"{row['bundle']}, {label}"
+        if len(caches) > 1:
+            label += f", prompt cache {'on' if row['prompt_cache'] else 'off'}"
         print_table(label, row["single"], row["concurrent"])
         rounds = ", ".join(f"{x:.2f}x" for x in row["speedup_by_round"])
         print(f"aggregate speedup at {args.concurrency} streams: {row['speedup']:.2f}x ({rounds})")
@@ -280,7 +339,7 @@ def main() -> None:
                 ratios = row[f"{phase_name}_over_first_by_round"]
                 print(
                     f"{phase_name} tokens/s over the first ({first['bundle']}, threads "
-                    f"{first['threads']}): median "
+                    f"{first['threads']}, prompt cache {first['prompt_cache']}): median "
                     f"{statistics.median(ratios):.3f}x ({', '.join(f'{r:.2f}' for r in ratios)})"
                 )
     print(

@@ -10,10 +10,12 @@ does not build (test_formats.require_llama_cpp); the refusal without it runs eve
 from __future__ import annotations
 
 import importlib.util
+import re
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import torch
@@ -166,6 +168,56 @@ def test_requests_joining_a_running_batch_decode_what_llama_cpp_decodes_alone(bu
         again.stop()
 
 
+@pytest.mark.parametrize("prompt_cache", [True, False])
+def test_a_prompt_computes_only_what_a_finished_requests_cells_do_not_hold(
+    bundle, tokenizer, prompt_cache
+):
+    """llama-server's ``cache_prompt``: a sequence that leaves keeps its cells, and the
+    next prompt takes the free sequence whose cells hold the longest start of it. Each
+    request still decodes exactly what llama.cpp decodes from a fresh cache; the cells
+    past where it parts from the cached tokens are cut. Off: every prompt from scratch."""
+    from unbottle.core.serving.engine import SamplingParams, load_bundle
+    from unbottle.export import LlamaCppRunner
+
+    runner = LlamaCppRunner(bundle, threads=1)
+
+    def fresh(ids: list[int]) -> list[int]:
+        row = torch.tensor([ids])
+        return runner.generate(row, torch.ones_like(row), NEW, eos_token_id=None)[0, len(ids) :]
+
+    loaded = load_bundle(bundle, {"max_batch": 2, "threads": 1, "prompt_cache": prompt_cache})
+    engine = loaded.engine()
+    engine.start()
+    try:
+
+        def served(ids: list[int]) -> tuple[list[int], int]:
+            seq = engine.generate(ids, SamplingParams(max_tokens=NEW, ignore_eos=True))
+            assert seq.generated == fresh(ids).tolist(), ids
+            return seq.generated, seq.cached_tokens
+
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        first = encode(PROMPTS[2])
+        answer, cached = served(first)
+        assert cached == 0
+        # The next turn: the prompt, 3 of the answer's tokens, then the user's new words.
+        # The cells hold the prompt and the answer but for its last token (never fed).
+        turn = first + answer[:3] + encode(" fox fox")
+        assert turn[len(first) + 3] != answer[3]
+        assert served(turn)[1] == (len(first) + 3 if prompt_cache else 0)
+        # Another prompt: the other, empty sequence (the one free the longest).
+        other = encode("quick quick brown fox")
+        assert other[0] != first[0] and served(other)[1] == 0
+        # Parting from the turn's cells after 2 tokens: the rest is cut, then computed.
+        parted = first[:2] + encode(" quick fox")
+        assert parted[2] != first[2] and served(parted)[1] == (2 if prompt_cache else 0)
+        # A prompt the cells hold whole: its last token is computed again, for its logits.
+        assert served(other)[1] == (len(other) - 1 if prompt_cache else 0)
+    finally:
+        engine.stop()
+        runner.close()
+    assert sorted(loaded.backend._free) == [0, 1]
+
+
 def test_a_smaller_context_ends_sequences_there_and_sizes_the_cache(bundle, solo):
     from unbottle.core.serving.engine import SamplingParams, load_bundle
 
@@ -200,6 +252,22 @@ def test_the_openai_client_gets_llama_cpps_greedy_text(bundle, solo, tokenizer):
             extra_body={"ignore_eos": True},
         )  # fmt: skip
         assert "".join(chunk.choices[0].text for chunk in streamed) == texts[PROMPTS[2]]
+        # The same prompt again: all but its last token come from the cells of the last.
+        counted = lambda: float(  # noqa: E731
+            re.search(
+                r"^unbottle_prompt_tokens_cached_total (\S+)$",
+                httpx.get(f"{url}/metrics").text,
+                re.M,
+            )[1]
+        )
+        before = counted()
+        again = client.completions.create(
+            model=model.id, prompt=PROMPTS[2], max_tokens=NEW, temperature=0,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert again.choices[0].text == texts[PROMPTS[2]]
+        assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+        assert counted() - before == again.usage.prompt_tokens - 1
         chat = client.chat.completions.create(
             model=model.id, messages=[{"role": "user", "content": "fox"}], max_tokens=4
         )

@@ -129,6 +129,7 @@ def test_completion_is_the_greedy_continuation(client, greedy, tokenizer):
     assert reply.usage.prompt_tokens == prompt_tokens
     assert reply.usage.completion_tokens == 8
     assert reply.usage.total_tokens == prompt_tokens + 8
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0  # torch computes it whole
 
 
 def test_chat_renders_the_bundles_chat_template(client, tokenizer, greedy):

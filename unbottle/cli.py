@@ -485,6 +485,15 @@ def serve(
             "model's); llama.cpp allocates max-batch x context up front."
         ),
     ] = None,
+    prompt_cache: Annotated[
+        bool | None,
+        typer.Option(
+            "--prompt-cache/--no-prompt-cache",
+            show_default=False,
+            help="llama.cpp: reuse a finished request's cache for a prompt that starts as "
+            "its did (default on).",
+        ),
+    ] = None,
 ) -> None:
     """Serve a bundle with an OpenAI-compatible API (completions, chat, streaming, metrics)."""
     _environment(Path.cwd().resolve())
@@ -511,6 +520,7 @@ def serve(
         "model_name": model_name,
         "threads": threads,
         "context": context,
+        "prompt_cache": prompt_cache,
         "cors_origins": tuple(cors_origin) if cors_origin else None,
     }
     if path_kind(bundle, "bundle") == "directory":  # refuse an exposed host before loading

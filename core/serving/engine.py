@@ -104,6 +104,10 @@ class ServeConfig(StrategyConfig):
     #: Tokens one sequence may hold, prompt and completion; default: the model's context.
     #: llama.cpp (a GGUF bundle) allocates max_batch x context tokens of cache up front.
     context: int | None = Field(None, ge=2)
+    #: llama.cpp (a GGUF bundle): a prompt reuses the cached keys and values of a finished
+    #: request that started with the same tokens (llama-server's ``cache_prompt``), and
+    #: computes only the rest; the other runtimes compute every prompt whole.
+    prompt_cache: bool = True
     #: max_tokens of a completion request that names none (OpenAI's default is 16).
     default_max_tokens: int = Field(16, ge=1, le=4096)
     #: The largest ``n`` (choices per prompt).
@@ -172,6 +176,9 @@ class Backend(Protocol):
     #: returns a handle for it instead of tensors, ``decode`` is given the rows' handles as
     #: ``buffers`` (and no mask), and ``release(handle)`` frees one (:class:`_Slots`).
     owns_cache: bool
+    #: Tokens at the start of the last prompt given to ``prefill`` that it found already
+    #: in the cache and did not compute again (llama.cpp's ``prompt_cache``); else 0.
+    prompt_tokens_cached: int
 
     def prefill(self, ids: list[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
         """A prompt alone: (V,) logits of its last position, and its (1, h, n, d) cache."""
@@ -201,6 +208,7 @@ class TorchBackend:
     couples_rows = False
     right_padded = False
     owns_cache = False
+    prompt_tokens_cached = 0
 
     def __init__(self, bundle: Path) -> None:
         import torch
@@ -294,6 +302,7 @@ class OnnxBackend:
 
     format = "onnx"
     owns_cache = False
+    prompt_tokens_cached = 0
 
     def __init__(self, bundle: Path, threads: int | None = None) -> None:
         import onnx
@@ -411,10 +420,18 @@ class LlamaCppBackend:
     (:mod:`unbottle.core.models.llama_cpp`), which keeps the cache itself.
 
     Each running sequence holds one of ``max_batch`` llama.cpp sequence ids, with cells of
-    its own for ``context`` tokens (llama-server's slots): it is prefilled alone, decodes
-    with the others in one ``llama_decode`` a step, and its cells are cleared when it
-    leaves. The cache is allocated up front, ``max_batch`` x ``context`` tokens in float16:
-    ``context`` in serve.json (or ``--context``) caps it below the model's.
+    its own for ``context`` tokens (llama-server's slots): it is prefilled alone and
+    decodes with the others in one ``llama_decode`` a step. The cache is allocated up
+    front, ``max_batch`` x ``context`` tokens in float16: ``context`` in serve.json (or
+    ``--context``) caps it below the model's.
+
+    With ``prompt_cache`` (llama-server's ``cache_prompt``), a sequence that leaves keeps
+    its cells until its id is taken again, and a prompt takes the free id whose cells
+    hold the longest start of it: only the rest is computed. A chat's next turn, or
+    requests sharing a system prompt, skip what was computed before. The reused cells
+    were computed in other batches than a fresh prompt's would be, which moves the
+    logits by float rounding, as decoding one token at a time already does. Without it,
+    a sequence's cells are cleared when it leaves.
     """
 
     format = "gguf"
@@ -423,7 +440,12 @@ class LlamaCppBackend:
     owns_cache = True
 
     def __init__(
-        self, bundle: Path, threads: int, max_batch: int, context: int | None = None
+        self,
+        bundle: Path,
+        threads: int,
+        max_batch: int,
+        context: int | None = None,
+        prompt_cache: bool = True,
     ) -> None:
         from unbottle.core.models import llama_cpp
 
@@ -440,7 +462,36 @@ class LlamaCppBackend:
         )
         self._memory = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(llama_cpp.CHUNK, 0, 1)
-        self._free = list(range(max_batch - 1, -1, -1))  # sequence ids; pop() gives 0 first
+        self.prompt_cache = prompt_cache
+        self.prompt_tokens_cached = 0
+        self._free = list(range(max_batch))  # sequence ids, the longest free first
+        #: The tokens whose keys and values each sequence's cells hold, from position 0.
+        self._held: list[list[int]] = [[] for _ in range(max_batch)]
+
+    def _take(self, ids: list[int]) -> tuple[int, int]:
+        """A free sequence id for the prompt ``ids``, and how many of its first tokens
+        that sequence's cells already hold (at most all but the last, whose logits are
+        wanted); the cells past them are cleared."""
+        if not self._free:
+            raise RuntimeError("llama.cpp: every sequence is taken (more rows than max_batch)")
+        best, kept = self._free[0], 0
+        if self.prompt_cache:
+            for seq in self._free:
+                common = _common_prefix(self._held[seq], ids, len(ids) - 1)
+                if common > kept:
+                    best, kept = seq, common
+        self._free.remove(best)
+        if kept < len(self._held[best]):
+            # llama.cpp refuses to cut some caches (recurrent state): then start over.
+            if not self._lib.llama_memory_seq_rm(self._memory, best, kept, -1):
+                self._forget(best)
+                kept = 0
+        return best, kept
+
+    def _forget(self, seq: int) -> None:
+        """Clear a sequence's cells."""
+        self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._held[seq] = []
 
     def _run(self, entries: list[tuple[int, int, int, bool]]) -> Any:
         """``entries`` in llama_decode calls of at most CHUNK tokens: (n, V) logits of
@@ -459,15 +510,16 @@ class LlamaCppBackend:
         the sequence id, the handle of its cache."""
         import torch
 
-        if not self._free:
-            raise RuntimeError("llama.cpp: every sequence is taken (more rows than max_batch)")
-        seq = self._free.pop()
+        seq, kept = self._take(ids)
         try:
             last = len(ids) - 1
-            logits = self._run([(token, pos, seq, pos == last) for pos, token in enumerate(ids)])
+            logits = self._run([(ids[pos], pos, seq, pos == last) for pos in range(kept, len(ids))])
         except BaseException:
-            self.release(seq)
+            self._forget(seq)
+            self._free.append(seq)
             raise
+        self._held[seq] = list(ids)
+        self.prompt_tokens_cached = kept
         return torch.from_numpy(logits[-1]), seq
 
     def decode(self, tokens, positions, mask, buffers, width):
@@ -480,15 +532,24 @@ class LlamaCppBackend:
         # the order requests came cost one graph each. 8 rows of SmolLM2 in descending
         # order decoded at 116 tokens/s, sorted at 395 (bench/llama_cpp_row_order.py).
         order = sorted(range(len(rows)), key=lambda r: rows[r][2])
-        logits = self._run([(*rows[r], True) for r in order])
+        try:
+            logits = self._run([(*rows[r], True) for r in order])
+        except BaseException:  # which cells it wrote is unknown: none is kept for reuse
+            for _, _, seq in rows:
+                self._forget(seq)
+            raise
+        for token, _, seq in rows:
+            self._held[seq].append(token)
         unsorted = np.empty_like(logits)
         unsorted[order] = logits
         return torch.from_numpy(unsorted)
 
     def release(self, seq: int) -> None:
-        """Clear a sequence's cells and free its id for the next prompt."""
-        self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
-        self._free.append(seq)
+        """Free a sequence's id for the next prompt; its cells are kept for one that
+        starts as it did (``prompt_cache``), else cleared."""
+        if not self.prompt_cache:
+            self._forget(seq)
+        self._free.append(seq)  # the least recently used first
 
     def close(self) -> None:
         for free, handle in (
@@ -507,6 +568,15 @@ class LlamaCppBackend:
             self.close()
         except Exception:
             pass
+
+
+def _common_prefix(held: list[int], ids: list[int], most: int) -> int:
+    """How many first tokens of ``ids`` (at most ``most``) ``held`` starts with."""
+    n = min(len(held), most)
+    for i in range(n):
+        if held[i] != ids[i]:
+            return i
+    return n
 
 
 #: IO bindings kept per backend, one per cache placement (the batch's, or each row's when
@@ -541,12 +611,17 @@ def bundle_format(bundle: Path) -> str:
 
 
 def load_backend(
-    bundle: Path, threads: int | None = None, max_batch: int = 8, context: int | None = None
+    bundle: Path,
+    threads: int | None = None,
+    max_batch: int = 8,
+    context: int | None = None,
+    prompt_cache: bool = True,
 ) -> Backend:
     """The bundle's model in its runtime, on ``threads`` threads (default:
     :func:`default_threads`). ``max_batch`` and ``context`` size a cache that the runtime
     allocates up front (llama.cpp's); the engine's own grows as it is used, and a
-    ``context`` below the model's ends its sequences there."""
+    ``context`` below the model's ends its sequences there. ``prompt_cache``: see
+    :class:`LlamaCppBackend`."""
     import torch
 
     bundle = Path(bundle)
@@ -566,7 +641,7 @@ def load_backend(
         # 2 threads, 600 to 726 on 1.
         torch.set_num_threads(1)
         if fmt == "gguf":
-            return LlamaCppBackend(bundle, threads, max_batch, context)
+            return LlamaCppBackend(bundle, threads, max_batch, context, prompt_cache)
         backend = OnnxBackend(bundle, threads)  # optimum's export or genai's graph
     if context is not None:
         backend.context = min(backend.context, context)
@@ -614,6 +689,8 @@ class Sequence:
     #: Identifies the sequence between the server and an engine process.
     uid: int = 0
     generated: list[int] = field(default_factory=list)
+    #: Tokens at the start of the prompt found in the cache (``prompt_cache``).
+    cached_tokens: int = 0
     text: str = ""
     finish_reason: str | None = None
     cancelled: bool = False
@@ -799,6 +876,7 @@ class Engine:
             return
         try:
             logits, cache = self.backend.prefill(seq.prompt)  # (V,), (1, h, n, d) per layer
+            seq.cached_tokens = self.backend.prompt_tokens_cached
         except Exception:
             log.exception("prefill failed")
             self._finish(seq, "error")
@@ -1152,7 +1230,9 @@ class LoadedBundle:
     def backend(self) -> Backend:
         if self._backend is None:
             config = self.config
-            self._backend = load_backend(self.path, config.threads, config.max_batch, self.context)
+            self._backend = load_backend(
+                self.path, config.threads, config.max_batch, self.context, config.prompt_cache
+            )
         return self._backend
 
     def engine(
@@ -1423,11 +1503,12 @@ class EngineProcess:
                 _, updates, steps, self._queue_depth, self._running = message
                 events = []
                 with self._lock:
-                    for uid, tokens, text, finish in updates:
+                    for uid, tokens, cached, text, finish in updates:
                         seq = self._live.get(uid)
                         if seq is None:  # cancelled meanwhile
                             continue
                         seq.generated.extend(tokens)
+                        seq.cached_tokens = cached
                         if finish is not None:
                             seq.finish_reason = finish
                             del self._live[uid]
@@ -1472,7 +1553,7 @@ def _engine_main(path: str, overrides: dict[str, Any], conn: Any) -> None:
         updates = []
         for seq, text, finish in events:
             done = sent.get(seq.uid, 0)
-            updates.append((seq.uid, seq.generated[done:], text, finish))
+            updates.append((seq.uid, seq.generated[done:], seq.cached_tokens, text, finish))
             sent[seq.uid] = len(seq.generated)
             if finish is not None:
                 sent.pop(seq.uid, None)

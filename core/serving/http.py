@@ -223,6 +223,11 @@ class Metrics:
         self.prompt_tokens = Counter(
             "unbottle_prompt_tokens", "Prompt tokens of completed requests", registry=r
         )
+        self.prompt_tokens_cached = Counter(
+            "unbottle_prompt_tokens_cached",
+            "Prompt tokens of completed requests found in the cache, not computed again",
+            registry=r,
+        )
         self.generated_tokens = Counter(
             "unbottle_generation_tokens", "Tokens generated", registry=r
         )
@@ -763,6 +768,7 @@ class _Service:
             metrics=self.metrics,
             started=time.perf_counter(),
             prompt_tokens=sum(len(p) for p in prompts),
+            choices=body.n,
         )
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -778,9 +784,10 @@ class _Call:
     """One HTTP request's sequences, read back from the engine."""
 
     def __init__(
-        self, *, id, kind, model, seqs, events, engine, metrics, started, prompt_tokens
+        self, *, id, kind, model, seqs, events, engine, metrics, started, prompt_tokens, choices
     ) -> None:
         self.prompt_tokens = prompt_tokens
+        self.choices = choices  # sequences per prompt, in a row
         self.id, self.kind, self.model = id, kind, model
         self.seqs: list[Sequence] = seqs
         self.events: asyncio.Queue = events
@@ -797,18 +804,23 @@ class _Call:
             self.metrics.ttft.observe(time.perf_counter() - self.started)
         return seq, text, finish
 
-    def _usage(self) -> dict[str, int]:
+    def _usage(self) -> dict[str, Any]:
         prompt = self.prompt_tokens
         completion = sum(len(s.generated) for s in self.seqs)
+        # A prompt counts once however many choices it has; each choice was prefilled on
+        # its own, and the first one's count stands for the prompt, as its tokens do.
+        cached = sum(s.cached_tokens for s in self.seqs[:: self.choices])
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
         }
 
     def _account(self) -> None:
         usage = self._usage()
         self.metrics.prompt_tokens.inc(usage["prompt_tokens"])
+        self.metrics.prompt_tokens_cached.inc(usage["prompt_tokens_details"]["cached_tokens"])
         self.metrics.generated_tokens.inc(usage["completion_tokens"])
 
     def _failed(self) -> APIError | None:
