@@ -78,6 +78,26 @@ def deploy_target(name: str, options: dict[str, Any], model_dir: Path, out_dir: 
     return target.deploy(model_dir, out_dir, ctx)
 
 
+def assert_prefill_from_a_past_matches(
+    backend: Any, ids: list[int], kept: int, atol: float
+) -> None:
+    """``backend.prefill(ids, past)`` with ``past`` the cache of ``ids[:kept]`` gives the
+    logits and cache of ``ids`` computed whole, within ``atol`` (the prompt cache's path):
+    the rest is computed at its own positions, after the past's columns."""
+
+    whole_logits, whole = backend.prefill(ids)
+    _, head = backend.prefill(ids[:kept])
+    logits, cache = backend.prefill(ids, head)
+    assert backend.prompt_tokens_cached == kept
+    assert (logits - whole_logits).abs().max() < atol
+    assert [t.shape for layer in cache for t in layer] == [
+        t.shape for layer in whole for t in layer
+    ]
+    for got, want in zip(cache, whole, strict=True):
+        for a, b in zip(got, want, strict=True):
+            assert (a - b).abs().max() < atol
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -178,7 +178,7 @@ def test_grids_matmulnbits_cannot_hold_fail_in_one_line_before_work(tmp_path, to
 def test_gptq_edge_variant_is_evaluated_deployed_and_served_in_onnx_runtime(
     tmp_path, tmp_path_factory, tiny_data
 ):
-    from tests.serving_helpers import variant_through_evaluate
+    from tests.serving_helpers import assert_prefill_from_a_past_matches, variant_through_evaluate
     from unbottle.core.serving.engine import SamplingParams, Sequence, load_bundle
     from unbottle.core.stages.runner import run_stage
 
@@ -214,7 +214,8 @@ def test_gptq_edge_variant_is_evaluated_deployed_and_served_in_onnx_runtime(
         prompts = ["Question: Where does", "Question: Who", "Answer:"]
         ids = [loaded.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         sampling = SamplingParams(max_tokens=6, ignore_eos=True)
-        solo = [engine.generate(i, sampling).generated for i in ids]
+        alone = [engine.generate(i, sampling) for i in ids]
+        solo = [seq.generated for seq in alone]
         done = threading.Semaphore(0)
         seqs = [Sequence(i, sampling, lambda s, t, f: f and done.release()) for i in ids]
         engine.submit(seqs)
@@ -223,6 +224,18 @@ def test_gptq_edge_variant_is_evaluated_deployed_and_served_in_onnx_runtime(
         assert [s.generated for s in seqs] == solo
     finally:
         engine.stop()
+    # The second prompt reused the first's cached start ("Question:"), and the batch's
+    # rows all but their last token; every prompt computed from scratch gives the same.
+    shared = next(i for i, (a, b) in enumerate(zip(*ids[:2], strict=False)) if a != b)
+    assert shared > 3 and [s.cached_tokens for s in alone][:2] == [0, shared]
+    assert [s.cached_tokens for s in seqs] == [len(i) - 1 for i in ids]
+    assert_prefill_from_a_past_matches(loaded.backend, ids[0], shared - 2, atol=1e-4)
+    fresh = load_bundle(bundle, {"prompt_cache": False}).engine()
+    fresh.start()
+    try:
+        assert [fresh.generate(i, sampling).generated for i in ids] == solo
+    finally:
+        fresh.stop()
 
 
 def test_layers_reading_one_input_share_a_node_and_give_the_same_outputs_to_the_bit():

@@ -385,8 +385,13 @@ def test_gptq_genai_variant_is_evaluated_and_deployed_in_its_runtime(
     import openai
     from transformers import AutoTokenizer
 
-    from tests.serving_helpers import deploy_target, live_server
+    from tests.serving_helpers import (
+        assert_prefill_from_a_past_matches,
+        deploy_target,
+        live_server,
+    )
     from unbottle.core.models.runtimes import GenaiRunner
+    from unbottle.core.serving.engine import load_backend
 
     served = tmp_path / "served"
     facts = deploy_target("server", {"model_name": "genai"}, variant, served)
@@ -401,7 +406,17 @@ def test_gptq_genai_variant_is_evaluated_and_deployed_in_its_runtime(
         reply = client.completions.create(
             model="genai", prompt=prompt, max_tokens=5, extra_body={"ignore_eos": True}
         )
+        # Again: all but the last prompt token come from the first request's cache, fed
+        # to genai's graph as its past.
+        again = client.completions.create(
+            model="genai", prompt=prompt, max_tokens=5, extra_body={"ignore_eos": True}
+        )
     assert reply.choices[0].text == expected and reply.usage.completion_tokens == 5
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.choices[0].text == expected
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    long = tokenizer("Question: Where does Alice live?\nAnswer:")["input_ids"]
+    assert_prefill_from_a_past_matches(load_backend(served), long, 7, atol=1e-4)
 
 
 def test_a_layer_genai_cannot_pack_is_refused_by_the_preflight_check(tokenizer):

@@ -24,7 +24,13 @@ import openai
 import pytest
 
 from tests.conftest import cli_env
-from tests.serving_helpers import deploy_target, finetuned_model, free_port, live_server
+from tests.serving_helpers import (
+    assert_prefill_from_a_past_matches,
+    deploy_target,
+    finetuned_model,
+    free_port,
+    live_server,
+)
 from unbottle.core.data import prompts as task
 from unbottle.core.huge_pages import TUNABLE, huge_page_environment
 
@@ -268,6 +274,57 @@ def test_batched_greedy_tokens_equal_solo_tokens(bundle, greedy):
         assert seq.generated == alone[:n]
     assert max(steps) > 1  # they really shared decode steps
     assert steps != sorted(steps)  # ...and the batch grew and shrank between steps
+
+
+def test_a_prompt_reuses_the_cache_of_an_earlier_prompt_that_started_the_same_way(bundle, greedy):
+    """The engine keeps each prompt's cache (up to ``prompt_cache_mb``), and a prompt that
+    starts as an earlier one did computes only the rest: the same greedy tokens as
+    transformers' ``generate`` from scratch, the reused count in ``cached_tokens``. Beyond
+    the budget the least recently used prompt goes; off, nothing is kept."""
+    from unbottle.core.serving.engine import Engine, SamplingParams, load_bundle
+
+    loaded = load_bundle(bundle)
+    encode = lambda text: loaded.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    params = SamplingParams(max_tokens=LONGEST, ignore_eos=True)
+
+    def common(a: list[int], b: list[int]) -> int:
+        return next(
+            (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+        )
+
+    engine = loaded.engine()
+    engine.start()
+    try:
+        seen: list[list[int]] = []
+        reused = []
+        for prompt in PROMPTS:
+            ids = encode(prompt)
+            seq = engine.generate(ids, params)
+            assert seq.generated == greedy[prompt], prompt
+            reusable = max((common(ids, earlier) for earlier in seen), default=0)
+            assert seq.cached_tokens == min(reusable, len(ids) - 1), prompt
+            seen.append(ids)
+            reused.append(seq.cached_tokens)
+        assert sum(1 for n in reused if n > 0) >= 4  # the questions share their start
+        again = engine.generate(seen[0], params)  # the whole prompt but its last token
+        assert again.cached_tokens == len(seen[0]) - 1 and again.generated == greedy[PROMPTS[0]]
+    finally:
+        engine.stop()
+
+    assert_prefill_from_a_past_matches(loaded.backend, seen[0], 4, atol=1e-5)
+    # A budget of one prompt's cache: a second prompt pushes the first out.
+    _, cache = loaded.backend.prefill(seen[0])
+    one = sum(t.nbytes for layer in cache for t in layer)
+    small = Engine(loaded.backend, loaded.tokenizer, prompt_cache_bytes=one)
+    off = load_bundle(bundle, {"prompt_cache": False}).engine()
+    for engine in (small, off):
+        engine.start()
+        try:
+            for prompt in (PROMPTS[0], "blue", PROMPTS[0]):
+                seq = engine.generate(encode(prompt), params)
+                assert seq.cached_tokens == 0 and seq.generated == greedy[prompt]
+        finally:
+            engine.stop()
 
 
 def test_the_batch_cache_grows_by_doubling_and_keeps_its_columns():

@@ -490,8 +490,8 @@ def serve(
         typer.Option(
             "--prompt-cache/--no-prompt-cache",
             show_default=False,
-            help="llama.cpp: reuse a finished request's cache for a prompt that starts as "
-            "its did (default on).",
+            help="Reuse the cache of an earlier prompt that started the same way, computing "
+            "only the rest (default on).",
         ),
     ] = None,
 ) -> None:

@@ -52,7 +52,7 @@ import os
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,10 +104,12 @@ class ServeConfig(StrategyConfig):
     #: Tokens one sequence may hold, prompt and completion; default: the model's context.
     #: llama.cpp (a GGUF bundle) allocates max_batch x context tokens of cache up front.
     context: int | None = Field(None, ge=2)
-    #: llama.cpp (a GGUF bundle): a prompt reuses the cached keys and values of a finished
-    #: request that started with the same tokens (llama-server's ``cache_prompt``), and
-    #: computes only the rest; the other runtimes compute every prompt whole.
+    #: A prompt reuses the keys and values computed for an earlier prompt (or, in llama.cpp,
+    #: a finished request) that started with the same tokens, and computes only the rest.
     prompt_cache: bool = True
+    #: Memory for the prompts' caches the engine keeps (torch and ONNX runtimes; llama.cpp
+    #: reuses the cells of its sequences), the least recently used dropped first.
+    prompt_cache_mb: int = Field(256, ge=1, le=1 << 20)
     #: max_tokens of a completion request that names none (OpenAI's default is 16).
     default_max_tokens: int = Field(16, ge=1, le=4096)
     #: The largest ``n`` (choices per prompt).
@@ -176,12 +178,16 @@ class Backend(Protocol):
     #: returns a handle for it instead of tensors, ``decode`` is given the rows' handles as
     #: ``buffers`` (and no mask), and ``release(handle)`` frees one (:class:`_Slots`).
     owns_cache: bool
-    #: Tokens at the start of the last prompt given to ``prefill`` that it found already
-    #: in the cache and did not compute again (llama.cpp's ``prompt_cache``); else 0.
+    #: Tokens at the start of the last prompt given to ``prefill`` that it did not compute
+    #: again: those of ``past``, or (``owns_cache``) those it found in its own cache.
     prompt_tokens_cached: int
 
-    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
-        """A prompt alone: (V,) logits of its last position, and its (1, h, n, d) cache."""
+    def prefill(
+        self, ids: list[int], past: list[tuple[torch.Tensor, ...]] | None = None
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+        """A prompt alone: (V,) logits of its last position, and its (1, h, n, d) cache.
+        ``past``: the (1, h, m, d) cache of its first m tokens (m < n), computed before;
+        only the rest is computed."""
         ...
 
     def decode(
@@ -221,13 +227,39 @@ class TorchBackend:
         self.context = int(self.model.config.max_position_embeddings)
         self._torch = torch
 
-    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+    def prefill(
+        self, ids: list[int], past: list[tuple[torch.Tensor, ...]] | None = None
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
         torch = self._torch
+        self.prompt_tokens_cached = 0
+        if past is None:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1
+                )  # logits: (1, 1, V)
+            return out.logits[0, -1].float(), _layers(out.past_key_values)
+        from transformers.cache_utils import Cache
+
+        # The rest of the prompt written after the past's columns into buffers of n.
+        kept, n = past[0][0].shape[2], len(ids)
+        buffers = []
+        for layer in past:
+            room = [torch.empty(t.shape[0], t.shape[1], n, t.shape[3]) for t in layer]
+            for buffer, t in zip(room, layer, strict=True):
+                buffer[:, :, :kept] = t
+            buffers.append(tuple(room))
+        cache = Cache(layers=[_slot_layer_class()(k, v, kept) for k, v in buffers])
         with torch.inference_mode():
             out = self.model(
-                input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1
-            )  # logits: (1, 1, V)
-        return out.logits[0, -1].float(), _layers(out.past_key_values)
+                input_ids=torch.tensor([ids[kept:]]),
+                position_ids=torch.arange(kept, n)[None],
+                cache_position=torch.arange(kept, n),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.prompt_tokens_cached = kept
+        return out.logits[0, -1].float(), buffers
 
     def decode(self, tokens, positions, mask, buffers, width):
         from transformers.cache_utils import Cache
@@ -359,16 +391,19 @@ class OnnxBackend:
         ]
         return torch.from_numpy(logits), new_cache
 
-    def prefill(self, ids: list[int]):
+    def prefill(self, ids: list[int], past: list[tuple[torch.Tensor, ...]] | None = None):
         torch = self._torch
         n = len(ids)
         empty = torch.zeros(1, self.heads, 0, self.head_dim)
+        past = past or [(empty, empty)] * self.layers
+        kept = past[0][0].shape[2]
         logits, cache = self._run(
-            torch.tensor([ids]),  # (1, n)
+            torch.tensor([ids[kept:]]),  # (1, n - kept)
             torch.ones(1, n, dtype=torch.long),
-            torch.arange(n)[None],
-            [(empty, empty)] * self.layers,
+            torch.arange(kept, n)[None],
+            past,
         )
+        self.prompt_tokens_cached = kept
         return logits[0, -1].float(), cache
 
     def decode(self, tokens, positions, mask, buffers, width):
@@ -481,11 +516,12 @@ class LlamaCppBackend:
                 if common > kept:
                     best, kept = seq, common
         self._free.remove(best)
-        if kept < len(self._held[best]):
-            # llama.cpp refuses to cut some caches (recurrent state): then start over.
-            if not self._lib.llama_memory_seq_rm(self._memory, best, kept, -1):
-                self._forget(best)
-                kept = 0
+        # Cut the cells past the shared start. llama.cpp refuses to cut some caches
+        # (recurrent state): then start over.
+        cut = kept < len(self._held[best])
+        if cut and not self._lib.llama_memory_seq_rm(self._memory, best, kept, -1):
+            self._forget(best)
+            kept = 0
         return best, kept
 
     def _forget(self, seq: int) -> None:
@@ -505,9 +541,10 @@ class LlamaCppBackend:
         ]
         return np.concatenate(parts)
 
-    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+    def prefill(self, ids: list[int], past: None = None) -> tuple[torch.Tensor, int]:
         """A prompt in a free sequence of its own: (V,) logits of its last position, and
-        the sequence id, the handle of its cache."""
+        the sequence id, the handle of its cache. (llama.cpp finds a cached start itself;
+        the engine gives no ``past``.)"""
         import torch
 
         seq, kept = self._take(ids)
@@ -570,7 +607,7 @@ class LlamaCppBackend:
             pass
 
 
-def _common_prefix(held: list[int], ids: list[int], most: int) -> int:
+def _common_prefix(held: list[int] | tuple[int, ...], ids: list[int], most: int) -> int:
     """How many first tokens of ``ids`` (at most ``most``) ``held`` starts with."""
     n = min(len(held), most)
     for i in range(n):
@@ -728,10 +765,15 @@ class Engine:
         max_queue: int = 64,
         batch_invariant: bool = True,
         eos_token_ids: set[int] | None = None,
+        prompt_cache_bytes: int = 0,
         on_step: Callable[[int], None] | None = None,
         on_events: Callable[[list[Event]], None] | None = None,
     ) -> None:
         self.backend = backend
+        # A backend whose rows' numbers depend on what is computed with them (dynamic
+        # int8's scales span the tokens of a call) would give another prompt's numbers.
+        keeps = prompt_cache_bytes and not backend.owns_cache and not backend.couples_rows
+        self._prompts = _PromptStore(prompt_cache_bytes) if keeps else None
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -875,8 +917,11 @@ class Engine:
         if seq.cancelled:
             return
         try:
-            logits, cache = self.backend.prefill(seq.prompt)  # (V,), (1, h, n, d) per layer
+            past = self._prompts.longest(seq.prompt) if self._prompts else None
+            logits, cache = self.backend.prefill(seq.prompt, past)  # (V,), (1, h, n, d) each
             seq.cached_tokens = self.backend.prompt_tokens_cached
+            if self._prompts:
+                self._prompts.put(seq.prompt, cache)
         except Exception:
             log.exception("prefill failed")
             self._finish(seq, "error")
@@ -1048,6 +1093,50 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generator: Any) -> int
         pick = torch.multinomial(sorted_probs * keep, 1, generator=generator)
         return int(order[pick])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class _PromptStore:
+    """Prompts' caches kept after their prefill, for later prompts that start the same way
+    (a shared system prompt, a chat's earlier turns), when the engine holds the cache
+    (torch and ONNX runtimes; llama.cpp keeps its own cells). The least recently used go
+    first beyond ``budget`` bytes. A prompt's cache is kept as its prefill returned it; the
+    batch copies it in and never writes to it."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.bytes = 0
+        self.entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, ...]]]
+        self.entries = OrderedDict()
+
+    def longest(self, ids: list[int]) -> list[tuple[torch.Tensor, ...]] | None:
+        """The cache of the longest start of ``ids`` held (all of it but the last token,
+        whose logits are wanted, at most), or None."""
+        best, kept = None, 0
+        for tokens in self.entries:
+            common = _common_prefix(tokens, ids, len(ids) - 1)
+            if common > kept:
+                best, kept = tokens, common
+        if best is None:
+            return None
+        self.entries.move_to_end(best)
+        return [tuple(t[:, :, :kept] for t in layer) for layer in self.entries[best]]
+
+    def put(self, ids: list[int], cache: list[tuple[torch.Tensor, ...]]) -> None:
+        size = sum(t.nbytes for layer in cache for t in layer)
+        if size > self.budget:
+            return
+        key = tuple(ids)
+        # A prompt this one starts with adds nothing now that this one is held.
+        for tokens in [t for t in self.entries if key[: len(t)] == t]:
+            self._drop(tokens)
+        self.entries[key] = cache
+        self.bytes += size
+        while self.bytes > self.budget:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, tokens: tuple[int, ...]) -> None:
+        cache = self.entries.pop(tokens)
+        self.bytes -= sum(t.nbytes for layer in cache for t in layer)
 
 
 class _Batch:
@@ -1248,6 +1337,7 @@ class LoadedBundle:
             max_queue=self.config.max_queue,
             batch_invariant=self.config.batch_invariant,
             eos_token_ids=self.eos_token_ids,
+            prompt_cache_bytes=self.config.prompt_cache_mb << 20 if self.config.prompt_cache else 0,
             on_step=on_step,
             on_events=on_events,
         )
