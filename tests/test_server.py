@@ -327,6 +327,47 @@ def test_a_prompt_reuses_the_cache_of_an_earlier_prompt_that_started_the_same_wa
             engine.stop()
 
 
+def test_the_prompt_store_keeps_the_recently_used_within_its_budget_and_count():
+    import torch
+
+    from unbottle.core.serving.engine import _PromptStore
+
+    def cache(tokens: int) -> list[tuple[torch.Tensor, ...]]:  # one layer, 8 B a token
+        return [(torch.zeros(1, 1, tokens, 1), torch.zeros(1, 1, tokens, 1))]
+
+    store = _PromptStore(budget=8 * 100)
+    store.put([1, 2, 3], cache(3))
+    store.put([1, 2, 3, 4, 5], cache(5))  # the first starts this one: dropped
+    assert list(store.entries) == [(1, 2, 3, 4, 5)] and store.bytes == 40
+    past = store.longest([1, 2, 3, 9])
+    assert past[0][0].shape == (1, 1, 3, 1)  # its start, sliced to what is shared
+    assert store.longest([1, 2]) is not None and store.longest([7, 2]) is None
+    store.put([7] * 96, cache(96))  # over the budget with the first: the first goes
+    assert list(store.entries) == [(7,) * 96] and store.bytes == 768
+    store.put([7] * 200, cache(200))  # larger than the budget: not kept
+    assert list(store.entries) == [(7,) * 96]
+    store = _PromptStore(budget=1 << 30)
+    for i in range(_PromptStore.MOST + 6):
+        store.put([i, i], cache(2))
+    assert len(store.entries) == _PromptStore.MOST and (0, 0) not in store.entries
+    store.longest([6, 6, 1])  # used: now the most recent
+    store.put([999, 1], cache(2))
+    assert (6, 6) in store.entries and (7, 7) not in store.entries
+
+
+def test_a_cached_start_keeps_a_half_precision_models_dtype(bundle):
+    """A bfloat16 model's cache is bfloat16: the prompt computed after a cached start
+    must be written into buffers of that dtype, or attention gets float32 keys."""
+    import torch
+
+    from unbottle.core.serving.engine import load_backend
+
+    backend = load_backend(bundle)
+    backend.model.to(torch.bfloat16)
+    ids = backend.model.config.vocab_size // 2 + torch.arange(20)
+    assert_prefill_from_a_past_matches(backend, ids.tolist(), 8, atol=0.1)
+
+
 def test_the_batch_cache_grows_by_doubling_and_keeps_its_columns():
     """A batch allocates room for its longest row (at least 256 columns), not the whole
     context (SmolLM2's 8,192 would be 377 MB a row), and a step that needs a column it

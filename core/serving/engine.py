@@ -244,7 +244,7 @@ class TorchBackend:
         kept, n = past[0][0].shape[2], len(ids)
         buffers = []
         for layer in past:
-            room = [torch.empty(t.shape[0], t.shape[1], n, t.shape[3]) for t in layer]
+            room = [t.new_empty(t.shape[0], t.shape[1], n, t.shape[3]) for t in layer]
             for buffer, t in zip(room, layer, strict=True):
                 buffer[:, :, :kept] = t
             buffers.append(tuple(room))
@@ -1099,8 +1099,12 @@ class _PromptStore:
     """Prompts' caches kept after their prefill, for later prompts that start the same way
     (a shared system prompt, a chat's earlier turns), when the engine holds the cache
     (torch and ONNX runtimes; llama.cpp keeps its own cells). The least recently used go
-    first beyond ``budget`` bytes. A prompt's cache is kept as its prefill returned it; the
-    batch copies it in and never writes to it."""
+    first beyond ``budget`` bytes or :attr:`MOST` prompts. A prompt's cache is kept as its
+    prefill returned it; the batch copies it in and never writes to it."""
+
+    #: Prompts kept at most, whatever their size: a lookup compares each one's tokens in
+    #: Python, before the prompt is computed.
+    MOST = 64
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
@@ -1131,7 +1135,7 @@ class _PromptStore:
             self._drop(tokens)
         self.entries[key] = cache
         self.bytes += size
-        while self.bytes > self.budget:
+        while self.bytes > self.budget or len(self.entries) > self.MOST:
             self._drop(next(iter(self.entries)))
 
     def _drop(self, tokens: tuple[int, ...]) -> None:
