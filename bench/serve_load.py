@@ -9,8 +9,10 @@ run:
 
 alternated ``--rounds`` times, so that a change in the machine's other load hits both.
 
-For each phase it reports aggregate generated tokens/s, request latency p50/p99 and
-time to first token (TTFT) p50/p99, and the ratio of the two throughputs (target: >= 4x
+For each phase it reports aggregate generated tokens/s, request latency p50/p99, time
+to first token (TTFT) p50/p99 and the gap between a stream's successive text chunks after
+its first (inter-token latency, ITL: a chunk is one engine step's text; another request's
+prefill between two steps shows here), and the ratio of the two throughputs (target: >= 4x
 at 8 streams on the demo model). The client runs on the same machine, so its CPU time
 is part of what is measured.
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -97,19 +100,23 @@ async def one_stream(http: httpx.AsyncClient, model: str, prompt: str, max_token
     started = time.perf_counter()
     ttft = None
     tokens = prompt_tokens = cached = 0
+    arrivals: list[float] = []
     async with http.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if ttft is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                ttft = time.perf_counter() - started
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                arrivals.append(time.perf_counter())
+                if ttft is None:
+                    ttft = arrivals[0] - started
             if chunk.get("usage"):
                 usage = chunk["usage"]
                 tokens, prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
                 cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-    return time.perf_counter() - started, ttft, tokens, prompt_tokens, cached
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    return time.perf_counter() - started, ttft, tokens, prompt_tokens, cached, gaps
 
 
 async def phase(
@@ -139,6 +146,7 @@ async def phase(
         "ttfts": [r[1] for r in results if r[1] is not None],
         "prompt_tokens": sum(r[3] for r in results),
         "cached_tokens": sum(r[4] for r in results),
+        "gaps": [gap for r in results for gap in r[5]],
     }
 
 
@@ -146,6 +154,7 @@ def summarize(runs: list[dict], streams: int) -> dict:
     """Rounds of one phase pooled: tokens over wall time, latency percentiles."""
     latencies = [x for run in runs for x in run["latencies"]]
     ttfts = [x for run in runs for x in run["ttfts"]]
+    gaps = [x for run in runs for x in run["gaps"]] or [0.0]
     tokens, wall = sum(r["tokens"] for r in runs), sum(r["wall_s"] for r in runs)
     return {
         "streams": streams,
@@ -158,6 +167,9 @@ def summarize(runs: list[dict], streams: int) -> dict:
         "latency_p99_s": percentile(latencies, 99),
         "ttft_p50_s": statistics.median(ttfts),
         "ttft_p99_s": percentile(ttfts, 99),
+        "itl_p50_s": statistics.median(gaps),
+        "itl_p99_s": percentile(gaps, 99),
+        "itl_max_s": max(gaps),
         "prompt_tokens": sum(r["prompt_tokens"] for r in runs),
         "cached_tokens": sum(r["cached_tokens"] for r in runs),
     }
@@ -220,14 +232,14 @@ def print_table(label: str, single: dict, many: dict) -> None:
     print(label)
     print(
         f"{'streams':>8} {'tok/s':>9} {'p50 s':>8} {'p99 s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-        f"{'cached':>7}"
+        f"{'ITL p50':>8} {'ITL p99':>8} {'cached':>7}"
     )
     for row in (single, many):
         cached = row["cached_tokens"] / max(row["prompt_tokens"], 1)
         print(
             f"{row['streams']:>8} {row['tokens_per_s']:>9.1f} {row['latency_p50_s']:>8.3f} "
             f"{row['latency_p99_s']:>8.3f} {row['ttft_p50_s']:>9.4f} {row['ttft_p99_s']:>9.4f} "
-            f"{cached:>7.1%}"
+            f"{row['itl_p50_s']:>8.4f} {row['itl_p99_s']:>8.4f} {cached:>7.1%}"
         )
 
 

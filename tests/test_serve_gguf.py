@@ -120,10 +120,15 @@ def test_a_file_llama_cpp_cannot_read_or_a_batch_it_cannot_hold_is_refused_in_on
     )
 
 
-def test_requests_joining_a_running_batch_decode_what_llama_cpp_decodes_alone(bundle, solo):
+@pytest.mark.parametrize("prefill_chunk", [512, 2])
+def test_requests_joining_a_running_batch_decode_what_llama_cpp_decodes_alone(
+    bundle, solo, prefill_chunk
+):
+    """Also with prompts computed 2 tokens an engine iteration, each part going on in the
+    cells of the sequence the first part took."""
     from unbottle.core.serving.engine import SamplingParams, Sequence, load_bundle
 
-    loaded = load_bundle(bundle, {"max_batch": 3, "threads": 1})
+    loaded = load_bundle(bundle, {"max_batch": 3, "threads": 1, "prefill_chunk": prefill_chunk})
     assert loaded.format == "gguf" and loaded.context == 64  # from the file's metadata
     backend = loaded.backend
     assert backend.owns_cache and backend.context == 64
@@ -168,9 +173,9 @@ def test_requests_joining_a_running_batch_decode_what_llama_cpp_decodes_alone(bu
         again.stop()
 
 
-@pytest.mark.parametrize("prompt_cache", [True, False])
+@pytest.mark.parametrize(("prompt_cache", "prefill_chunk"), [(True, 512), (True, 2), (False, 512)])
 def test_a_prompt_computes_only_what_a_finished_requests_cells_do_not_hold(
-    bundle, tokenizer, prompt_cache
+    bundle, tokenizer, prompt_cache, prefill_chunk
 ):
     """llama-server's ``cache_prompt``: a sequence that leaves keeps its cells, and the
     next prompt takes the free sequence whose cells hold the longest start of it. Each
@@ -185,7 +190,8 @@ def test_a_prompt_computes_only_what_a_finished_requests_cells_do_not_hold(
         row = torch.tensor([ids])
         return runner.generate(row, torch.ones_like(row), NEW, eos_token_id=None)[0, len(ids) :]
 
-    loaded = load_bundle(bundle, {"max_batch": 2, "threads": 1, "prompt_cache": prompt_cache})
+    options = {"prompt_cache": prompt_cache, "prefill_chunk": prefill_chunk}
+    loaded = load_bundle(bundle, {"max_batch": 2, "threads": 1, **options})
     engine = loaded.engine()
     engine.start()
     try:

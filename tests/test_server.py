@@ -327,6 +327,63 @@ def test_a_prompt_reuses_the_cache_of_an_earlier_prompt_that_started_the_same_wa
             engine.stop()
 
 
+def test_a_long_prompt_is_computed_in_parts_between_the_running_rows_steps(bundle, greedy):
+    """``prefill_chunk``: a prompt longer than it is computed a part per engine iteration,
+    each part from the cache of the ones before, with a decode step of the running rows
+    after each; its tokens, and theirs, are what each decodes alone from scratch."""
+    from unbottle.core.serving.engine import SamplingParams, Sequence, load_bundle
+
+    loaded = load_bundle(bundle, {"prefill_chunk": 3, "prompt_cache": False})
+    encode = lambda text: loaded.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    long_prompt = PROMPTS[4]  # the longest question
+    ids = encode(long_prompt)
+    parts = -(-len(ids) // 3)
+    assert parts >= 4 and len(encode("blue")) + parts + 8 < 64  # the tiny model's context
+    waiting_steps: list[int] = []
+    started = threading.Event()
+    done = threading.Semaphore(0)
+    late = Sequence(ids, SamplingParams(max_tokens=LONGEST, ignore_eos=True), lambda *a: None)
+
+    def on_step(rows: int) -> None:
+        if started.is_set() and not late.generated:
+            waiting_steps.append(rows)
+
+    computed: list[int] = []  # tokens each prefill call of the late prompt computed
+    prefill = loaded.backend.prefill
+
+    def counting_prefill(part, past=None):
+        if part == ids[: len(part)]:
+            computed.append(len(part) - (past[0][0].shape[2] if past else 0))
+        return prefill(part, past)
+
+    loaded.backend.prefill = counting_prefill
+    engine = loaded.engine(on_step=on_step)
+    engine.start()
+    try:
+        running = Sequence(  # decodes longer than the late prompt's parts take
+            encode("blue"),
+            SamplingParams(max_tokens=parts + 8, ignore_eos=True),
+            lambda seq, text, finish: finish and done.release(),
+        )
+        engine.submit([running])
+        while not running.generated:
+            time.sleep(0.001)
+        late.sink = lambda seq, text, finish: finish and done.release()
+        started.set()
+        engine.submit([late])
+        for _ in range(2):
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    assert running.generated[:LONGEST] == greedy["blue"]
+    assert late.generated == greedy[long_prompt]
+    # The running row decoded once after each of the late prompt's parts but the last
+    # (give or take the iteration it was submitted in), alone.
+    assert parts - 1 <= len(waiting_steps) <= parts + 1 and set(waiting_steps) == {1}
+    # Each part computed its own tokens only, after the cache of the parts before.
+    assert computed == [3] * (len(ids) // 3) + ([len(ids) % 3] if len(ids) % 3 else [])
+
+
 def test_the_prompt_store_keeps_the_recently_used_within_its_budget_and_count():
     import torch
 

@@ -485,6 +485,13 @@ def serve(
             "model's); llama.cpp allocates max-batch x context up front."
         ),
     ] = None,
+    prefill_chunk: Annotated[
+        int | None,
+        typer.Option(
+            help="Prompt tokens computed between two decode steps; longer prompts go in "
+            "parts (default 512; 0: whole prompts)."
+        ),
+    ] = None,
     prompt_cache: Annotated[
         bool | None,
         typer.Option(
@@ -521,6 +528,7 @@ def serve(
         "threads": threads,
         "context": context,
         "prompt_cache": prompt_cache,
+        "prefill_chunk": prefill_chunk,
         "cors_origins": tuple(cors_origin) if cors_origin else None,
     }
     if path_kind(bundle, "bundle") == "directory":  # refuse an exposed host before loading

@@ -110,6 +110,10 @@ class ServeConfig(StrategyConfig):
     #: Memory for the prompts' caches the engine keeps (torch and ONNX runtimes; llama.cpp
     #: reuses the cells of its sequences), the least recently used dropped first.
     prompt_cache_mb: int = Field(256, ge=1, le=1 << 20)
+    #: Prompt tokens computed between two decode steps: a longer prompt is computed in
+    #: parts, so the running sequences wait at most one part for their next token (vLLM's
+    #: chunked prefill); 0: every admitted prompt whole before the next step.
+    prefill_chunk: int = Field(512, ge=0, le=1 << 20)
     #: max_tokens of a completion request that names none (OpenAI's default is 16).
     default_max_tokens: int = Field(16, ge=1, le=4096)
     #: The largest ``n`` (choices per prompt).
@@ -175,8 +179,9 @@ class Backend(Protocol):
     #: the row's length (the mask's row sum): the batch is then padded on the right.
     right_padded: bool
     #: True when the runtime keeps each sequence's cache itself (llama.cpp): ``prefill``
-    #: returns a handle for it instead of tensors, ``decode`` is given the rows' handles as
-    #: ``buffers`` (and no mask), and ``release(handle)`` frees one (:class:`_Slots`).
+    #: returns a handle for it instead of tensors (and takes one as ``past``), ``decode``
+    #: is given the rows' handles as ``buffers`` (and no mask), ``release(handle)`` frees
+    #: one (:class:`_Slots`), and ``cached(ids)`` says how much of a prompt it holds.
     owns_cache: bool
     #: Tokens at the start of the last prompt given to ``prefill`` that it did not compute
     #: again: those of ``past``, or (``owns_cache``) those it found in its own cache.
@@ -503,6 +508,14 @@ class LlamaCppBackend:
         #: The tokens whose keys and values each sequence's cells hold, from position 0.
         self._held: list[list[int]] = [[] for _ in range(max_batch)]
 
+    def cached(self, ids: list[int]) -> int:
+        """How many first tokens of ``ids`` a free sequence's cells hold (at most all but
+        the last), which :meth:`prefill` will not compute again."""
+        if not self.prompt_cache:
+            return 0
+        most = len(ids) - 1
+        return max((_common_prefix(self._held[s], ids, most) for s in self._free), default=0)
+
     def _take(self, ids: list[int]) -> tuple[int, int]:
         """A free sequence id for the prompt ``ids``, and how many of its first tokens
         that sequence's cells already hold (at most all but the last, whose logits are
@@ -541,17 +554,18 @@ class LlamaCppBackend:
         ]
         return np.concatenate(parts)
 
-    def prefill(self, ids: list[int], past: None = None) -> tuple[torch.Tensor, int]:
+    def prefill(self, ids: list[int], past: int | None = None) -> tuple[torch.Tensor, int]:
         """A prompt in a free sequence of its own: (V,) logits of its last position, and
-        the sequence id, the handle of its cache. (llama.cpp finds a cached start itself;
-        the engine gives no ``past``.)"""
+        the sequence id, the handle of its cache. llama.cpp finds a cached start itself;
+        ``past`` is the handle that an earlier call returned for the start of ``ids``
+        (the prompt computed in parts), whose cells go on from there."""
         import torch
 
-        seq, kept = self._take(ids)
+        seq, kept = self._take(ids) if past is None else (past, len(self._held[past]))
         try:
             last = len(ids) - 1
             logits = self._run([(ids[pos], pos, seq, pos == last) for pos in range(kept, len(ids))])
-        except BaseException:
+        except BaseException:  # the sequence is given back: the engine holds no handle
             self._forget(seq)
             self._free.append(seq)
             raise
@@ -766,6 +780,7 @@ class Engine:
         batch_invariant: bool = True,
         eos_token_ids: set[int] | None = None,
         prompt_cache_bytes: int = 0,
+        prefill_chunk: int = 0,
         on_step: Callable[[int], None] | None = None,
         on_events: Callable[[list[Event]], None] | None = None,
     ) -> None:
@@ -774,6 +789,9 @@ class Engine:
         # int8's scales span the tokens of a call) would give another prompt's numbers.
         keeps = prompt_cache_bytes and not backend.owns_cache and not backend.couples_rows
         self._prompts = _PromptStore(prompt_cache_bytes) if keeps else None
+        # Dynamic int8 again: a prompt computed in parts would get other numbers.
+        self.prefill_chunk = 0 if backend.couples_rows else prefill_chunk
+        self._filling: deque[_Prefill] = deque()  # admitted, their prompts being computed
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -798,7 +816,8 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._batch.rows)
+        """Sequences admitted: decoding, or their prompts being computed."""
+        return len(self._batch.rows) + len(self._filling)
 
     @property
     def alive(self) -> bool:
@@ -806,7 +825,7 @@ class Engine:
 
     def stalled_for(self) -> float:
         """Seconds the engine has had work and finished no iteration (0 when idle)."""
-        if not self._waiting and not self._batch.rows:
+        if not self._waiting and not self.running:
             return 0.0
         return time.monotonic() - self._progress_at
 
@@ -823,7 +842,7 @@ class Engine:
                 raise QueueFull(
                     f"the queue is full ({len(self._waiting)} waiting, limit {self.max_queue})"
                 )
-            if not self._waiting and not self._batch.rows:
+            if not self._waiting and not self.running:
                 self._progress_at = time.monotonic()  # idle until now, not stalled
             self._waiting.extend(seqs)
             self._cond.notify()
@@ -859,7 +878,7 @@ class Engine:
         return _Batch(self.backend.right_padded)
 
     def _free_slots(self) -> int:
-        return max(0, self.max_batch - len(self._batch.rows))
+        return max(0, self.max_batch - self.running)
 
     def _loop(self) -> None:
         import torch
@@ -873,7 +892,7 @@ class Engine:
             log.exception("the engine failed; failing %d sequences", self.running)
             with self._cond:
                 self._stopping = True
-                leftovers = [*self._waiting, *self._batch.rows]
+                leftovers = [*self._waiting, *self._drop_filling(), *self._batch.rows]
                 self._waiting.clear()
             for seq in leftovers:
                 if not seq.cancelled and seq.finish_reason is None:
@@ -883,15 +902,13 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._batch.rows:
+                while not self._stopping and not self._waiting and not self.running:
                     self._cond.wait()
                 if self._stopping:
                     break
-                admitted = []
-                while self._waiting and len(self._batch.rows) + len(admitted) < self.max_batch:
-                    admitted.append(self._waiting.popleft())
-            for seq in admitted:
-                self._admit(seq)
+                while self._waiting and self.running < self.max_batch:
+                    self._filling.append(_Prefill(self._waiting.popleft()))
+            self._prefill_some()
             if self._batch.rows:
                 try:
                     self._step()
@@ -904,7 +921,7 @@ class Engine:
             self._progress_at = time.monotonic()
             self._flush()
         with self._cond:
-            leftovers = [*self._waiting, *self._batch.rows]
+            leftovers = [*self._waiting, *self._drop_filling(), *self._batch.rows]
             self._waiting.clear()
         for seq in leftovers:
             if not seq.cancelled and seq.finish_reason is None:
@@ -913,19 +930,55 @@ class Engine:
         self._batch = self._new_batch()
         self._flush(force=True)
 
-    def _admit(self, seq: Sequence) -> None:
-        if seq.cancelled:
-            return
-        try:
-            past = self._prompts.longest(seq.prompt) if self._prompts else None
-            logits, cache = self.backend.prefill(seq.prompt, past)  # (V,), (1, h, n, d) each
-            seq.cached_tokens = self.backend.prompt_tokens_cached
-            if self._prompts:
-                self._prompts.put(seq.prompt, cache)
-        except Exception:
-            log.exception("prefill failed")
-            self._finish(seq, "error")
-            return
+    def _prefill_some(self) -> None:
+        """Compute the admitted prompts in turn, ``prefill_chunk`` positions in all this
+        iteration (0: all of them); a prompt done joins the batch."""
+        budget = self.prefill_chunk or 1 << 62
+        while self._filling and budget > 0:
+            job = self._filling[0]
+            seq, prompt = job.seq, job.seq.prompt
+            if seq.cancelled:
+                self._drop_filling(1)
+                continue
+            past, start = job.past, job.done
+            if not start:  # the start of the prompt that is cached already
+                if self._prompts is not None:
+                    past = self._prompts.longest(prompt)
+                    start = past[0][0].shape[2] if past is not None else 0
+                elif self.backend.owns_cache:
+                    start = self.backend.cached(prompt)
+            end = min(len(prompt), start + budget)
+            try:
+                # (V,) logits of position end - 1, the (1, h, end, d) cache (or handle).
+                logits, cache = self.backend.prefill(prompt[:end], past)
+            except Exception:
+                log.exception("prefill failed")
+                self._filling.popleft()  # a backend gives back its handle when it fails
+                self._finish(seq, "error")
+                continue
+            if not job.done:
+                seq.cached_tokens = self.backend.prompt_tokens_cached
+            budget -= end - start
+            job.done, job.past = end, cache
+            if end == len(prompt):
+                self._filling.popleft()
+                if self._prompts is not None:
+                    self._prompts.put(prompt, cache)
+                self._admit(seq, logits, cache)
+
+    def _drop_filling(self, count: int | None = None) -> list[Sequence]:
+        """Take the first ``count`` (default all) prompts being computed off the engine,
+        giving back what a backend holds for them; returns their sequences."""
+        dropped = []
+        while self._filling and (count is None or len(dropped) < count):
+            job = self._filling.popleft()
+            if self.backend.owns_cache and job.past is not None:
+                self.backend.release(job.past)
+            dropped.append(job.seq)
+        return dropped
+
+    def _admit(self, seq: Sequence, logits: torch.Tensor, cache: Any) -> None:
+        """A sequence whose prompt is computed: its first token, then the batch."""
         if seq.params.temperature >= GREEDY_BELOW:
             import torch
 
@@ -1075,6 +1128,16 @@ class Engine:
             events, self._events = self._events, []
             self._reported = (*counts, now)
             self.on_events(events)
+
+
+@dataclass
+class _Prefill:
+    """An admitted sequence whose prompt is being computed, in parts: ``done`` positions
+    so far, and their cache (or the runtime's handle of it), the next part's past."""
+
+    seq: Sequence
+    done: int = 0
+    past: Any = None
 
 
 def _choose(logits: torch.Tensor, params: SamplingParams, generator: Any) -> int:
@@ -1342,6 +1405,7 @@ class LoadedBundle:
             batch_invariant=self.config.batch_invariant,
             eos_token_ids=self.eos_token_ids,
             prompt_cache_bytes=self.config.prompt_cache_mb << 20 if self.config.prompt_cache else 0,
+            prefill_chunk=self.config.prefill_chunk,
             on_step=on_step,
             on_events=on_events,
         )
