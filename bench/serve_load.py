@@ -26,13 +26,15 @@ the first's, round by round.
 prompt), and ``--prompt-cache both`` serves each bundle with llama.cpp's prompt cache on and
 off in the same rounds (`unbottle serve --no-prompt-cache`): with it on, a prompt reuses
 the cells of a finished request that started the same way. The report adds the share of
-prompt tokens the server found cached (its usage's ``cached_tokens``).
+prompt tokens the server found cached (its usage's ``cached_tokens``). ``--prefill-chunk 0
+128`` compares the server's ``prefill_chunk`` settings the same way.
 
     python bench/serve_load.py artifacts/deploy
     python bench/serve_load.py artifacts/deploy --concurrency 8 --max-tokens 64 --json out.json
     python bench/serve_load.py artifacts/deploy --threads 1 2 --rounds 5
     python bench/serve_load.py GENAI_BUNDLE --also GGUF_BUNDLE --rounds 5
     python bench/serve_load.py GGUF_BUNDLE --prefix-words 300 --prompt-cache both
+    python bench/serve_load.py BUNDLE --prefix-words 300 --prompt-cache off --prefill-chunk 0 128
 """
 
 from __future__ import annotations
@@ -176,7 +178,12 @@ def summarize(runs: list[dict], streams: int) -> dict:
 
 
 def start_server(
-    bundle: Path, port: int, max_batch: int, threads: int | None, prompt_cache: bool = True
+    bundle: Path,
+    port: int,
+    max_batch: int,
+    threads: int | None,
+    prompt_cache: bool = True,
+    prefill_chunk: int | None = None,
 ) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("UNBOTTLE_API_KEY", None)
@@ -186,6 +193,8 @@ def start_server(
         command += ["--threads", str(threads)]
     if not prompt_cache:
         command.append("--no-prompt-cache")
+    if prefill_chunk is not None:
+        command += ["--prefill-chunk", str(prefill_chunk)]
     proc = subprocess.Popen(
         command,
         env=env,
@@ -207,13 +216,18 @@ def start_server(
 
 
 def measure(
-    args: argparse.Namespace, bundle: Path, threads: int | None, prompt_cache: bool
+    args: argparse.Namespace,
+    bundle: Path,
+    threads: int | None,
+    prompt_cache: bool,
+    prefill_chunk: int | None,
 ) -> tuple[dict, dict]:
-    """One server of ``bundle`` with ``threads`` and ``prompt_cache``: a warm-up, then one
-    single-stream and one concurrent phase; the server is stopped before this returns."""
+    """One server of ``bundle`` with ``threads``, ``prompt_cache`` and ``prefill_chunk``: a
+    warm-up, then one single-stream and one concurrent phase; the server is stopped before
+    this returns."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(bundle, port, args.concurrency, threads, prompt_cache)
+    proc = start_server(bundle, port, args.concurrency, threads, prompt_cache, prefill_chunk)
     prefix = prefix_of(args.prefix_words)
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
@@ -269,20 +283,32 @@ def main() -> None:
         default="on",
         help="The server's prompt cache (llama.cpp bundles); both: each setting twice.",
     )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        nargs="+",
+        help="The server's prefill_chunk settings to compare (default: the bundle's own).",
+    )
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
     for bundle in (args.bundle, *args.also):
         if not bundle.is_dir():
             raise SystemExit(f"{bundle}: no bundle (run `make demo` or pass a bundle path)")
+    if args.prefill_chunk and min(args.prefill_chunk) < 0:
+        raise SystemExit("--prefill-chunk must be at least 0")
     if args.rounds < 1 or (args.threads and min(args.threads) < 1) or args.prefix_words < 0:
         raise SystemExit("--rounds and --threads must be at least 1, --prefix-words at least 0")
 
     caches = {"on": [True], "off": [False], "both": [True, False]}[args.prompt_cache]
     settings = [
-        (b, t, c) for b in (args.bundle, *args.also) for t in args.threads or [None] for c in caches
+        (b, t, c, k)
+        for b in (args.bundle, *args.also)
+        for t in args.threads or [None]
+        for c in caches
+        for k in args.prefill_chunk or [None]
     ]
     load_before = os.getloadavg()[0]  # other work on the machine skews every figure
-    runs: dict[tuple[Path, int | None, bool], tuple[list[dict], list[dict]]] = {
+    runs: dict[tuple[Path, int | None, bool, int | None], tuple[list[dict], list[dict]]] = {
         setting: ([], []) for setting in settings
     }
     for round_index in range(args.rounds):
@@ -294,14 +320,15 @@ def main() -> None:
             runs[setting][1].append(many)
 
     results = []
-    for bundle, threads, prompt_cache in settings:
-        singles, concurrents = runs[bundle, threads, prompt_cache]
+    for bundle, threads, prompt_cache, prefill_chunk in settings:
+        singles, concurrents = runs[bundle, threads, prompt_cache, prefill_chunk]
         single, many = summarize(singles, 1), summarize(concurrents, args.concurrency)
         results.append(
             {
                 "bundle": str(bundle),
                 "threads": threads,
                 "prompt_cache": prompt_cache,
+                "prefill_chunk": prefill_chunk,
                 "single": single,
                 "concurrent": many,
                 "speedup": many["tokens_per_s"] / single["tokens_per_s"],
@@ -343,6 +370,8 @@ def main() -> None:
             label = f"{row['bundle']}, {label}"
         if len(caches) > 1:
             label += f", prompt cache {'on' if row['prompt_cache'] else 'off'}"
+        if args.prefill_chunk:
+            label += f", prefill_chunk {row['prefill_chunk']}"
         print_table(label, row["single"], row["concurrent"])
         rounds = ", ".join(f"{x:.2f}x" for x in row["speedup_by_round"])
         print(f"aggregate speedup at {args.concurrency} streams: {row['speedup']:.2f}x ({rounds})")
@@ -351,7 +380,8 @@ def main() -> None:
                 ratios = row[f"{phase_name}_over_first_by_round"]
                 print(
                     f"{phase_name} tokens/s over the first ({first['bundle']}, threads "
-                    f"{first['threads']}, prompt cache {first['prompt_cache']}): median "
+                    f"{first['threads']}, prompt cache {first['prompt_cache']}, prefill_chunk "
+                    f"{first['prefill_chunk']}): median "
                     f"{statistics.median(ratios):.3f}x ({', '.join(f'{r:.2f}' for r in ratios)})"
                 )
     print(
