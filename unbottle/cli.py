@@ -489,7 +489,7 @@ def serve(
         int | None,
         typer.Option(
             help="Prompt tokens computed between two decode steps; longer prompts go in "
-            "parts (default 512; 0: whole prompts)."
+            "parts (default 128; 0: whole prompts)."
         ),
     ] = None,
     prompt_cache: Annotated[

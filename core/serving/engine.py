@@ -113,7 +113,7 @@ class ServeConfig(StrategyConfig):
     #: Prompt tokens computed between two decode steps: a longer prompt is computed in
     #: parts, so the running sequences wait at most one part for their next token (vLLM's
     #: chunked prefill); 0: every admitted prompt whole before the next step.
-    prefill_chunk: int = Field(512, ge=0, le=1 << 20)
+    prefill_chunk: int = Field(128, ge=0, le=1 << 20)
     #: max_tokens of a completion request that names none (OpenAI's default is 16).
     default_max_tokens: int = Field(16, ge=1, le=4096)
     #: The largest ``n`` (choices per prompt).
