@@ -327,6 +327,59 @@ def test_a_prompt_reuses_the_cache_of_an_earlier_prompt_that_started_the_same_wa
             engine.stop()
 
 
+def test_a_chats_next_turn_reuses_the_last_turns_prompt_and_answer(bundle, greedy):
+    """A finished request's columns (its prompt and all its answer but the last token,
+    which was never fed) are kept: a next turn that starts with them computes only the
+    rest, with the tokens transformers' ``generate`` gives from scratch. The request ran
+    beside another, so its columns came out of a padded batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from unbottle.core.serving.engine import SamplingParams, Sequence, load_bundle
+
+    loaded = load_bundle(bundle)
+    encode = lambda text: loaded.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    engine = loaded.engine()
+    engine.start()
+    try:
+        ids = encode(PROMPTS[0])
+        beside = encode(PROMPTS[4])  # longer: the first request's row is padded
+        assert len(beside) > len(ids)
+        done = threading.Semaphore(0)
+        turns = [
+            Sequence(
+                p,
+                SamplingParams(max_tokens=n, ignore_eos=True),
+                lambda seq, text, finish: finish and done.release(),
+            )
+            for p, n in ((beside, 12), (ids, 8))
+        ]
+        engine.submit(turns)
+        for _ in turns:
+            assert done.acquire(timeout=60)
+        first = turns[1]
+        assert first.generated == greedy[PROMPTS[0]][:8]
+        # What is kept is what the held tokens compute from scratch.
+        held = ids + first.generated[:-1]
+        kept = engine._prompts.entries[tuple(held)]
+        _, fresh = loaded.backend.prefill(held)
+        for kept_layer, fresh_layer in zip(kept, fresh, strict=True):
+            for a, b in zip(kept_layer, fresh_layer, strict=True):
+                assert a.shape == b.shape and (a - b).abs().max() < 1e-4
+        turn = ids + first.generated[:5] + encode(" blue")
+        second = engine.generate(turn, SamplingParams(max_tokens=LONGEST, ignore_eos=True))
+    finally:
+        engine.stop()
+    assert second.cached_tokens == len(ids) + 5
+    model = AutoModelForCausalLM.from_pretrained(bundle).eval()
+    with torch.inference_mode():
+        expected = model.generate(
+            torch.tensor([turn]), max_new_tokens=LONGEST, do_sample=False, eos_token_id=None,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+        )[0, len(turn) :].tolist()  # fmt: skip
+    assert second.generated == expected
+
+
 def test_a_long_prompt_is_computed_in_parts_between_the_running_rows_steps(bundle, greedy):
     """``prefill_chunk``: a prompt longer than it is computed a part per engine iteration,
     each part from the cache of the ones before, with a decode step of the running rows
@@ -443,6 +496,9 @@ def test_the_batch_cache_grows_by_doubling_and_keeps_its_columns():
                 Sequence([1] * kv[0].shape[2], SamplingParams(max_tokens=1), None), [kv], 1000
             )
         assert (batch.capacity, batch.width) == (512, 300)
+        # Each row's own columns, copied out (what the prompt cache keeps of a row).
+        for r, kv in enumerate((long_kv, short_kv)):
+            assert all(torch.equal(a, b) for a, b in zip(batch.row_cache(r)[0], kv, strict=True))
         while batch.width < batch.capacity:  # steps, as the engine takes them
             batch.make_room(1000)
             batch.mask, batch.width = batch.next_mask(), batch.width + 1

@@ -1009,6 +1009,12 @@ class Engine:
             for r, seq in enumerate(batch.rows)
             if seq.cancelled or self._advance_or_fail(seq, logits[r])
         ]
+        if finished and self._prompts is not None:
+            # A chat's next turn starts with this turn's prompt and answer: keep both.
+            for r in finished:
+                seq = batch.rows[r]
+                if seq.finish_reason in ("stop", "length"):  # the last token was not fed
+                    self._prompts.put(seq.prompt + seq.generated[:-1], batch.row_cache(r))
         if finished:
             batch.remove(finished)
 
@@ -1159,8 +1165,9 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generator: Any) -> int
 
 
 class _PromptStore:
-    """Prompts' caches kept after their prefill, for later prompts that start the same way
-    (a shared system prompt, a chat's earlier turns), when the engine holds the cache
+    """Prompts' caches kept after their prefill (and with their answers, once finished),
+    for later prompts that start the same way (a shared system prompt, a chat's earlier
+    turns), when the engine holds the cache
     (torch and ONNX runtimes; llama.cpp keeps its own cells). The least recently used go
     first beyond ``budget`` bytes or :attr:`MOST` prompts. A prompt's cache is kept as its
     prefill returned it; the batch copies it in and never writes to it."""
@@ -1296,6 +1303,15 @@ class _Batch:
 
     def clear(self) -> None:
         self.rows, self.buffers, self.width, self.mask = [], [], 0, None
+
+    def row_cache(self, r: int) -> list[tuple[torch.Tensor, ...]]:
+        """Row ``r``'s real columns, (1, h, n, d) per layer and kind, copied out."""
+        n = int(self.mask[r].sum())
+        start = 0 if self.right_padded else self.width - n  # left padding is a prefix
+        return [
+            tuple(t[r : r + 1, :, start : start + n].clone() for t in layer)
+            for layer in self.buffers
+        ]
 
     def remove(self, rows: list[int]) -> None:
         import torch
