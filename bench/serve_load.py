@@ -26,7 +26,9 @@ the first's, round by round.
 prompt), and ``--prompt-cache both`` serves each bundle with llama.cpp's prompt cache on and
 off in the same rounds (`unbottle serve --no-prompt-cache`): with it on, a prompt reuses
 the cells of a finished request that started the same way. The report adds the share of
-prompt tokens the server found cached (its usage's ``cached_tokens``). ``--prefill-chunk 0
+prompt tokens the server found cached (its usage's ``cached_tokens``). ``--turns N`` makes
+each request a conversation of N: a turn's prompt is the last prompt, its answer and the
+next question, as a chat client sends it. ``--prefill-chunk 0
 128`` compares the server's ``prefill_chunk`` settings the same way.
 
     python bench/serve_load.py artifacts/deploy
@@ -103,6 +105,7 @@ async def one_stream(http: httpx.AsyncClient, model: str, prompt: str, max_token
     ttft = None
     tokens = prompt_tokens = cached = 0
     arrivals: list[float] = []
+    text = ""
     async with http.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -110,6 +113,7 @@ async def one_stream(http: httpx.AsyncClient, model: str, prompt: str, max_token
                 continue
             chunk = json.loads(line[6:])
             if chunk["choices"] and chunk["choices"][0]["text"]:
+                text += chunk["choices"][0]["text"]
                 arrivals.append(time.perf_counter())
                 if ttft is None:
                     ttft = arrivals[0] - started
@@ -118,29 +122,47 @@ async def one_stream(http: httpx.AsyncClient, model: str, prompt: str, max_token
                 tokens, prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
                 cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    return time.perf_counter() - started, ttft, tokens, prompt_tokens, cached, gaps
+    return time.perf_counter() - started, ttft, tokens, prompt_tokens, cached, gaps, text
 
 
 async def phase(
-    url: str, model: str, requests: int, concurrency: int, max_tokens: int, prefix: str = ""
+    url: str,
+    model: str,
+    requests: int,
+    concurrency: int,
+    max_tokens: int,
+    prefix: str = "",
+    turns: int = 1,
 ) -> dict:
-    prompts = [
-        prefix + PROMPTS[i % len(PROMPTS)].format(name=NAMES[i % len(NAMES)])
+    """``requests`` conversations of ``turns`` requests each: a turn's prompt is the last
+    one, its answer and the next question."""
+    conversations = [
+        [
+            PROMPTS[(i + t) % len(PROMPTS)].format(name=NAMES[(i + t) % len(NAMES)])
+            for t in range(turns)
+        ]
         for i in range(requests)
     ]
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as http:
 
-        async def run(prompt: str):
+        async def run(questions: list[str]) -> list[tuple]:
             async with gate:
-                return await one_stream(http, model, prompt, max_tokens)
+                prompt, results = prefix, []
+                for question in questions:
+                    prompt += question
+                    results.append(await one_stream(http, model, prompt, max_tokens))
+                    prompt += results[-1][6] + "\n"
+                return results
 
         started = time.perf_counter()
-        results = await asyncio.gather(*(run(p) for p in prompts))
+        done = await asyncio.gather(*(run(c) for c in conversations))
         wall = time.perf_counter() - started
+    results = [r for conversation in done for r in conversation]
     tokens = sum(r[2] for r in results)
-    assert tokens == requests * max_tokens, f"lost tokens: {tokens} != {requests * max_tokens}"
+    expected = requests * turns * max_tokens
+    assert tokens == expected, f"lost tokens: {tokens} != {expected}"
     return {
         "wall_s": wall,
         "tokens": tokens,
@@ -231,11 +253,10 @@ def measure(
     prefix = prefix_of(args.prefix_words)
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        asyncio.run(phase(url, model, 8, args.concurrency, args.max_tokens, prefix))  # warm-up
-        single = asyncio.run(phase(url, model, args.single_requests, 1, args.max_tokens, prefix))
-        many = asyncio.run(
-            phase(url, model, args.concurrent_requests, args.concurrency, args.max_tokens, prefix)
-        )
+        common = {"max_tokens": args.max_tokens, "prefix": prefix, "turns": args.turns}
+        asyncio.run(phase(url, model, 8, args.concurrency, **common))  # warm-up
+        single = asyncio.run(phase(url, model, args.single_requests, 1, **common))
+        many = asyncio.run(phase(url, model, args.concurrent_requests, args.concurrency, **common))
         return single, many
     finally:
         proc.terminate()
@@ -284,6 +305,13 @@ def main() -> None:
         help="The server's prompt cache (llama.cpp bundles); both: each setting twice.",
     )
     parser.add_argument(
+        "--turns",
+        type=int,
+        default=1,
+        help="Requests per conversation: each turn's prompt is the last one, its answer and "
+        "a new question (the requests counts are conversations).",
+    )
+    parser.add_argument(
         "--prefill-chunk",
         type=int,
         nargs="+",
@@ -296,6 +324,8 @@ def main() -> None:
             raise SystemExit(f"{bundle}: no bundle (run `make demo` or pass a bundle path)")
     if args.prefill_chunk and min(args.prefill_chunk) < 0:
         raise SystemExit("--prefill-chunk must be at least 0")
+    if args.turns < 1:
+        raise SystemExit("--turns must be at least 1")
     if args.rounds < 1 or (args.threads and min(args.threads) < 1) or args.prefix_words < 0:
         raise SystemExit("--rounds and --threads must be at least 1, --prefix-words at least 0")
 
@@ -355,6 +385,7 @@ def main() -> None:
         "bundle": str(args.bundle),
         "max_tokens": args.max_tokens,
         "prefix_words": args.prefix_words,
+        "turns": args.turns,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "rounds": args.rounds,
         "settings": results,
