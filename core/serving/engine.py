@@ -508,26 +508,28 @@ class LlamaCppBackend:
         #: The tokens whose keys and values each sequence's cells hold, from position 0.
         self._held: list[list[int]] = [[] for _ in range(max_batch)]
 
-    def cached(self, ids: list[int]) -> int:
-        """How many first tokens of ``ids`` a free sequence's cells hold (at most all but
-        the last), which :meth:`prefill` will not compute again."""
-        if not self.prompt_cache:
-            return 0
-        most = len(ids) - 1
-        return max((_common_prefix(self._held[s], ids, most) for s in self._free), default=0)
-
-    def _take(self, ids: list[int]) -> tuple[int, int]:
-        """A free sequence id for the prompt ``ids``, and how many of its first tokens
-        that sequence's cells already hold (at most all but the last, whose logits are
-        wanted); the cells past them are cleared."""
-        if not self._free:
-            raise RuntimeError("llama.cpp: every sequence is taken (more rows than max_batch)")
+    def _longest_free(self, ids: list[int]) -> tuple[int, int]:
+        """The free sequence whose cells hold the longest start of ``ids`` (at most all but
+        the last token, whose logits are wanted; the one free longest on a tie), and how
+        long; without ``prompt_cache``, the one free longest and 0."""
         best, kept = self._free[0], 0
         if self.prompt_cache:
             for seq in self._free:
                 common = _common_prefix(self._held[seq], ids, len(ids) - 1)
                 if common > kept:
                     best, kept = seq, common
+        return best, kept
+
+    def cached(self, ids: list[int]) -> int:
+        """How many first tokens of ``ids`` a free sequence's cells hold, which
+        :meth:`prefill` will not compute again."""
+        return self._longest_free(ids)[1] if self._free else 0
+
+    def _take(self, ids: list[int]) -> tuple[int, int]:
+        """:meth:`_longest_free`, taken; the cells past the shared start are cleared."""
+        if not self._free:
+            raise RuntimeError("llama.cpp: every sequence is taken (more rows than max_batch)")
+        best, kept = self._longest_free(ids)
         self._free.remove(best)
         # Cut the cells past the shared start. llama.cpp refuses to cut some caches
         # (recurrent state): then start over.
