@@ -98,6 +98,32 @@ def assert_prefill_from_a_past_matches(
             assert (a - b).abs().max() < atol
 
 
+def assert_every_position_scored(backend: Any, ids: list[int], kept: int, atol: float) -> None:
+    """``backend.prefill(ids, all_logits=True)`` (a prompt's logprobs) gives each position's
+    logits: row i is what ``prefill(ids[: i + 1])`` gives for its last position; from a
+    past of ``kept`` tokens, the rows of the rest alone. A runtime that keeps its own cache
+    computes the whole prompt again, though its cells hold it."""
+
+    def release(handle: Any) -> None:
+        if backend.owns_cache:
+            backend.release(handle)
+
+    _, held = backend.prefill(ids)
+    release(held)
+    every, cache = backend.prefill(ids, all_logits=True)
+    release(cache)
+    assert backend.prompt_tokens_cached == 0 and every.shape[0] == len(ids)
+    for i in range(len(ids)):
+        last, cache = backend.prefill(ids[: i + 1])
+        release(cache)
+        assert (every[i] - last).abs().max() < atol, i
+    _, head = backend.prefill(ids[:kept])
+    rest, cache = backend.prefill(ids, head, all_logits=True)
+    release(cache)
+    assert backend.prompt_tokens_cached == kept and rest.shape[0] == len(ids) - kept
+    assert (rest - every[kept:]).abs().max() < atol
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -178,7 +178,11 @@ def test_grids_matmulnbits_cannot_hold_fail_in_one_line_before_work(tmp_path, to
 def test_gptq_edge_variant_is_evaluated_deployed_and_served_in_onnx_runtime(
     tmp_path, tmp_path_factory, tiny_data
 ):
-    from tests.serving_helpers import assert_prefill_from_a_past_matches, variant_through_evaluate
+    from tests.serving_helpers import (
+        assert_every_position_scored,
+        assert_prefill_from_a_past_matches,
+        variant_through_evaluate,
+    )
     from unbottle.core.serving.engine import SamplingParams, Sequence, load_bundle
     from unbottle.core.stages.runner import run_stage
 
@@ -231,6 +235,7 @@ def test_gptq_edge_variant_is_evaluated_deployed_and_served_in_onnx_runtime(
     assert shared > 3 and [s.cached_tokens for s in alone][:2] == [0, shared]
     assert [s.cached_tokens for s in seqs] == [len(i) - 1 for i in ids]
     assert_prefill_from_a_past_matches(loaded.backend, ids[0], shared - 2, atol=1e-4)
+    assert_every_position_scored(loaded.backend, ids[0], shared - 2, atol=1e-4)
     fresh = load_bundle(bundle, {"prompt_cache": False, "prefill_chunk": 3}).engine()
     fresh.start()
     try:

@@ -386,6 +386,7 @@ def test_gptq_genai_variant_is_evaluated_and_deployed_in_its_runtime(
     from transformers import AutoTokenizer
 
     from tests.serving_helpers import (
+        assert_every_position_scored,
         assert_prefill_from_a_past_matches,
         deploy_target,
         live_server,
@@ -416,7 +417,9 @@ def test_gptq_genai_variant_is_evaluated_and_deployed_in_its_runtime(
     assert again.choices[0].text == expected
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
     long = tokenizer("Question: Where does Alice live?\nAnswer:")["input_ids"]
-    assert_prefill_from_a_past_matches(load_backend(served), long, 7, atol=1e-4)
+    backend = load_backend(served)
+    assert_prefill_from_a_past_matches(backend, long, 7, atol=1e-4)
+    assert_every_position_scored(backend, long, 7, atol=1e-4)
 
 
 def test_a_layer_genai_cannot_pack_is_refused_by_the_preflight_check(tokenizer):

@@ -20,7 +20,7 @@ import openai
 import pytest
 import torch
 
-from tests.serving_helpers import live_server
+from tests.serving_helpers import assert_every_position_scored, live_server
 from tests.test_bad_input import assert_one_line, cli
 from tests.test_formats import deploy, require_llama_cpp
 from tests.test_formats import tokenizer as tokenizer  # a fixture, shared
@@ -222,6 +222,18 @@ def test_a_prompt_computes_only_what_a_finished_requests_cells_do_not_hold(
         engine.stop()
         runner.close()
     assert sorted(loaded.backend._free) == [0, 1]
+
+
+def test_a_prompts_logprobs_score_every_position_in_fresh_cells(bundle, tokenizer):
+    """``echo`` with ``logprobs``: llama.cpp returns the logits of every prompt position,
+    and takes no cached cells for it (they have no logits), from scratch or in parts."""
+    from unbottle.core.serving.engine import load_bundle
+
+    loaded = load_bundle(bundle, {"max_batch": 2, "threads": 1})
+    ids = tokenizer(PROMPTS[2], add_special_tokens=False)["input_ids"]
+    assert_every_position_scored(loaded.backend, ids, 3, atol=1e-3)
+    assert sorted(loaded.backend._free) == [0, 1]
+    loaded.backend.close()
 
 
 def test_a_smaller_context_ends_sequences_there_and_sizes_the_cache(bundle, solo):

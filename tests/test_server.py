@@ -25,6 +25,7 @@ import pytest
 
 from tests.conftest import cli_env
 from tests.serving_helpers import (
+    assert_every_position_scored,
     assert_prefill_from_a_past_matches,
     deploy_target,
     finetuned_model,
@@ -312,6 +313,7 @@ def test_a_prompt_reuses_the_cache_of_an_earlier_prompt_that_started_the_same_wa
         engine.stop()
 
     assert_prefill_from_a_past_matches(loaded.backend, seen[0], 4, atol=1e-5)
+    assert_every_position_scored(loaded.backend, seen[0], 4, atol=1e-5)
     # A budget of one prompt's cache: a second prompt pushes the first out.
     _, cache = loaded.backend.prefill(seen[0])
     one = sum(t.nbytes for layer in cache for t in layer)
@@ -404,10 +406,10 @@ def test_a_long_prompt_is_computed_in_parts_between_the_running_rows_steps(bundl
     computed: list[int] = []  # tokens each prefill call of the late prompt computed
     prefill = loaded.backend.prefill
 
-    def counting_prefill(part, past=None):
+    def counting_prefill(part, past=None, all_logits=False):
         if part == ids[: len(part)]:
             computed.append(len(part) - (past[0][0].shape[2] if past else 0))
-        return prefill(part, past)
+        return prefill(part, past, all_logits)
 
     loaded.backend.prefill = counting_prefill
     engine = loaded.engine(on_step=on_step)
@@ -419,7 +421,9 @@ def test_a_long_prompt_is_computed_in_parts_between_the_running_rows_steps(bundl
             lambda seq, text, finish: finish and done.release(),
         )
         engine.submit([running])
+        deadline = time.monotonic() + 60
         while not running.generated:
+            assert running.finish_reason is None and time.monotonic() < deadline
             time.sleep(0.001)
         late.sink = lambda seq, text, finish: finish and done.release()
         started.set()
@@ -650,7 +654,13 @@ BAD_REQUESTS = [
     ("an empty prompt", {"model": MODEL, "prompt": ""}, 400, "prompt", None),
     ("a prompt of dicts", {"model": MODEL, "prompt": [{"a": 1}]}, 400, "prompt", None),
     ("token ids out of range", {"model": MODEL, "prompt": [1, 99999]}, 400, "prompt", None),
-    ("logprobs", {"model": MODEL, "prompt": "A", "logprobs": 5}, 400, "logprobs", "unsupported"),
+    (
+        "a presence penalty",
+        {"model": MODEL, "prompt": "A", "presence_penalty": 1},
+        400,
+        "presence_penalty",
+        "unsupported",
+    ),
 ]
 
 BAD_CHATS = [

@@ -574,7 +574,8 @@ CHAT = st.fixed_dictionaries(
     optional=SAMPLING_FIELDS | {"max_completion_tokens": st.integers(1, 8)},
 )
 FIELD_NAMES = [*SAMPLING_FIELDS, "model", "prompt", "messages", "max_completion_tokens"]
-FIELD_NAMES += ["logprobs", "echo", "suffix", "best_of", "tools", "functions", "logit_bias"]
+FIELD_NAMES += ["logprobs", "top_logprobs", "echo", "suffix", "best_of", "tools", "functions"]
+FIELD_NAMES += ["logit_bias"]
 
 
 @st.composite

@@ -118,6 +118,9 @@ class ServeConfig(StrategyConfig):
     default_max_tokens: int = Field(16, ge=1, le=4096)
     #: The largest ``n`` (choices per prompt).
     max_n: int = Field(4, ge=1, le=128)
+    #: The most likeliest tokens a request may ask to see at each position (a completion's
+    #: ``logprobs``, a chat's ``top_logprobs``; vLLM's ``max_logprobs``).
+    max_logprobs: int = Field(20, ge=0, le=1024)
     max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
     #: How long shutdown waits for in-flight requests before it cancels them.
     shutdown_timeout_s: float = Field(30.0, ge=0, le=3600)
@@ -188,11 +191,16 @@ class Backend(Protocol):
     prompt_tokens_cached: int
 
     def prefill(
-        self, ids: list[int], past: list[tuple[torch.Tensor, ...]] | None = None
+        self,
+        ids: list[int],
+        past: list[tuple[torch.Tensor, ...]] | None = None,
+        all_logits: bool = False,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
         """A prompt alone: (V,) logits of its last position, and its (1, h, n, d) cache.
         ``past``: the (1, h, m, d) cache of its first m tokens (m < n), computed before;
-        only the rest is computed."""
+        only the rest is computed. ``all_logits``: (n - m, V) logits of every position
+        computed (a runtime that owns its cache then reuses none of it without ``past``),
+        for the logprobs of a prompt's tokens."""
         ...
 
     def decode(
@@ -233,16 +241,20 @@ class TorchBackend:
         self._torch = torch
 
     def prefill(
-        self, ids: list[int], past: list[tuple[torch.Tensor, ...]] | None = None
+        self,
+        ids: list[int],
+        past: list[tuple[torch.Tensor, ...]] | None = None,
+        all_logits: bool = False,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
         torch = self._torch
         self.prompt_tokens_cached = 0
+        keep = 0 if all_logits else 1  # transformers: 0 keeps every position
         if past is None:
             with torch.inference_mode():
                 out = self.model(
-                    input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1
-                )  # logits: (1, 1, V)
-            return out.logits[0, -1].float(), _layers(out.past_key_values)
+                    input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=keep
+                )  # logits: (1, 1 or n, V)
+            return _last_or_all(out.logits[0], all_logits), _layers(out.past_key_values)
         from transformers.cache_utils import Cache
 
         # The rest of the prompt written after the past's columns into buffers of n.
@@ -261,10 +273,10 @@ class TorchBackend:
                 cache_position=torch.arange(kept, n),
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=keep,
             )
         self.prompt_tokens_cached = kept
-        return out.logits[0, -1].float(), buffers
+        return _last_or_all(out.logits[0], all_logits), buffers
 
     def decode(self, tokens, positions, mask, buffers, width):
         from transformers.cache_utils import Cache
@@ -292,6 +304,11 @@ class TorchBackend:
                 use_cache=True,
             )
         return out.logits[:, -1].float()  # (B, V)
+
+
+def _last_or_all(logits: torch.Tensor, all_logits: bool) -> torch.Tensor:
+    """(n, V) logits of a prompt's positions -> (V,) of the last, or all of them."""
+    return logits.float() if all_logits else logits[-1].float()
 
 
 def _layers(cache: Any) -> list[tuple[torch.Tensor, ...]]:
@@ -396,7 +413,12 @@ class OnnxBackend:
         ]
         return torch.from_numpy(logits), new_cache
 
-    def prefill(self, ids: list[int], past: list[tuple[torch.Tensor, ...]] | None = None):
+    def prefill(
+        self,
+        ids: list[int],
+        past: list[tuple[torch.Tensor, ...]] | None = None,
+        all_logits: bool = False,
+    ):
         torch = self._torch
         n = len(ids)
         empty = torch.zeros(1, self.heads, 0, self.head_dim)
@@ -409,7 +431,7 @@ class OnnxBackend:
             past,
         )
         self.prompt_tokens_cached = kept
-        return logits[0, -1].float(), cache
+        return _last_or_all(logits[0], all_logits), cache
 
     def decode(self, tokens, positions, mask, buffers, width):
         if self.right_padded:
@@ -508,12 +530,12 @@ class LlamaCppBackend:
         #: The tokens whose keys and values each sequence's cells hold, from position 0.
         self._held: list[list[int]] = [[] for _ in range(max_batch)]
 
-    def _longest_free(self, ids: list[int]) -> tuple[int, int]:
+    def _longest_free(self, ids: list[int], reuse: bool = True) -> tuple[int, int]:
         """The free sequence whose cells hold the longest start of ``ids`` (at most all but
         the last token, whose logits are wanted; the one free longest on a tie), and how
-        long; without ``prompt_cache``, the one free longest and 0."""
+        long; without ``prompt_cache`` (or ``reuse``), the one free longest and 0."""
         best, kept = self._free[0], 0
-        if self.prompt_cache:
+        if self.prompt_cache and reuse:
             for seq in self._free:
                 common = _common_prefix(self._held[seq], ids, len(ids) - 1)
                 if common > kept:
@@ -525,11 +547,11 @@ class LlamaCppBackend:
         :meth:`prefill` will not compute again."""
         return self._longest_free(ids)[1] if self._free else 0
 
-    def _take(self, ids: list[int]) -> tuple[int, int]:
+    def _take(self, ids: list[int], reuse: bool = True) -> tuple[int, int]:
         """:meth:`_longest_free`, taken; the cells past the shared start are cleared."""
         if not self._free:
             raise RuntimeError("llama.cpp: every sequence is taken (more rows than max_batch)")
-        best, kept = self._longest_free(ids)
+        best, kept = self._longest_free(ids, reuse)
         self._free.remove(best)
         # Cut the cells past the shared start. llama.cpp refuses to cut some caches
         # (recurrent state): then start over.
@@ -556,24 +578,32 @@ class LlamaCppBackend:
         ]
         return np.concatenate(parts)
 
-    def prefill(self, ids: list[int], past: int | None = None) -> tuple[torch.Tensor, int]:
+    def prefill(
+        self, ids: list[int], past: int | None = None, all_logits: bool = False
+    ) -> tuple[torch.Tensor, int]:
         """A prompt in a free sequence of its own: (V,) logits of its last position, and
-        the sequence id, the handle of its cache. llama.cpp finds a cached start itself;
-        ``past`` is the handle that an earlier call returned for the start of ``ids``
-        (the prompt computed in parts), whose cells go on from there."""
+        the sequence id, the handle of its cache. llama.cpp finds a cached start itself
+        (not with ``all_logits``, whose cached positions would have none); ``past`` is the
+        handle that an earlier call returned for the start of ``ids`` (the prompt computed
+        in parts), whose cells go on from there."""
         import torch
 
-        seq, kept = self._take(ids) if past is None else (past, len(self._held[past]))
+        if past is None:
+            seq, kept = self._take(ids, reuse=not all_logits)
+        else:
+            seq, kept = past, len(self._held[past])
         try:
             last = len(ids) - 1
-            logits = self._run([(ids[pos], pos, seq, pos == last) for pos in range(kept, len(ids))])
+            logits = self._run(
+                [(ids[pos], pos, seq, all_logits or pos == last) for pos in range(kept, len(ids))]
+            )
         except BaseException:  # the sequence is given back: the engine holds no handle
             self._forget(seq)
             self._free.append(seq)
             raise
         self._held[seq] = list(ids)
         self.prompt_tokens_cached = kept
-        return torch.from_numpy(logits[-1]), seq
+        return torch.from_numpy(logits if all_logits else logits[-1]), seq
 
     def decode(self, tokens, positions, mask, buffers, width):
         import numpy as np
@@ -723,6 +753,34 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    #: Each generated token's log-probability and this many of the likeliest tokens at its
+    #: position, from the model's distribution (before temperature and top_p); None: none.
+    logprobs: int | None = None
+    #: The same for each prompt token after the first; the prompt is then computed whole,
+    #: from no cached start, since cached positions have no logits.
+    prompt_logprobs: int | None = None
+
+
+#: A token's log-probability: (token id, logprob, ((id, logprob) of the likeliest, best
+#: first)).
+TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each row of (n, V) ``logits`` scoring the token of that row, and its ``top``
+    likeliest tokens."""
+    import torch
+
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+    chosen = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()  # (n,)
+    best: list[tuple[tuple[int, float], ...]] = [()] * len(tokens)
+    if top:
+        values, ids = logprobs.topk(top, dim=-1)  # (n, top) each
+        best = [
+            tuple(zip(row_ids, row_values, strict=True))
+            for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
+        ]
+    return list(zip(tokens, chosen, best, strict=True))
 
 
 #: Receives (sequence, new text, finish reason or None) for one sequence.
@@ -744,6 +802,11 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     #: Tokens at the start of the prompt found in the cache (``prompt_cache``).
     cached_tokens: int = 0
+    #: One entry per generated token, when ``params.logprobs`` asks for them.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: One entry per prompt token (None for the first, which nothing scores), when
+    #: ``params.prompt_logprobs`` asks for them.
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
     cancelled: bool = False
@@ -943,7 +1006,8 @@ class Engine:
                 self._drop_filling(1)
                 continue
             past, start = job.past, job.done
-            if not start:  # the start of the prompt that is cached already
+            scored = seq.params.prompt_logprobs
+            if not start and scored is None:  # the start of the prompt that is cached already
                 if self._prompts is not None:
                     past = self._prompts.longest(prompt)
                     start = past[0][0].shape[2] if past is not None else 0
@@ -952,7 +1016,15 @@ class Engine:
             end = min(len(prompt), start + budget)
             try:
                 # (V,) logits of position end - 1, the (1, h, end, d) cache (or handle).
-                logits, cache = self.backend.prefill(prompt[:end], past)
+                logits, cache = self.backend.prefill(prompt[:end], past, scored is not None)
+                if scored is not None:  # (end - start, V): row j scores token start + j + 1
+                    if not start:
+                        seq.prompt_logprobs.append(None)
+                    following = prompt[start + 1 : end + 1]
+                    seq.prompt_logprobs.extend(
+                        token_logprobs(logits[: len(following)], following, scored)
+                    )
+                    logits = logits[-1]
             except Exception:
                 log.exception("prefill failed")
                 self._filling.popleft()  # a backend gives back its handle when it fails
@@ -1054,8 +1126,10 @@ class Engine:
         if seq.cancelled:
             return True
         token = _choose(logits, seq.params, seq._generator)
-        seq.generated.append(token)
         params = seq.params
+        if params.logprobs is not None:
+            seq.logprobs.extend(token_logprobs(logits[None], [token], params.logprobs))
+        seq.generated.append(token)
         # EOS ends a sequence without text; any other token may complete a stop string.
         eos = token in self.eos and not params.ignore_eos
         finish = "stop" if eos else self._detokenize(seq)
@@ -1679,11 +1753,13 @@ class EngineProcess:
                 _, updates, steps, self._queue_depth, self._running = message
                 events = []
                 with self._lock:
-                    for uid, tokens, cached, text, finish in updates:
+                    for uid, tokens, logprobs, prompt_logprobs, cached, text, finish in updates:
                         seq = self._live.get(uid)
                         if seq is None:  # cancelled meanwhile
                             continue
                         seq.generated.extend(tokens)
+                        seq.logprobs.extend(logprobs)
+                        seq.prompt_logprobs.extend(prompt_logprobs)
                         seq.cached_tokens = cached
                         if finish is not None:
                             seq.finish_reason = finish
@@ -1728,8 +1804,19 @@ def _engine_main(path: str, overrides: dict[str, Any], conn: Any) -> None:
     def on_events(events: list[Event]) -> None:  # in the engine thread
         updates = []
         for seq, text, finish in events:
+            first = seq.uid not in sent  # the prompt's logprobs go with the first update
             done = sent.get(seq.uid, 0)
-            updates.append((seq.uid, seq.generated[done:], seq.cached_tokens, text, finish))
+            updates.append(
+                (
+                    seq.uid,
+                    seq.generated[done:],
+                    seq.logprobs[done:],
+                    seq.prompt_logprobs if first else [],
+                    seq.cached_tokens,
+                    text,
+                    finish,
+                )
+            )
             sent[seq.uid] = len(seq.generated)
             if finish is not None:
                 sent.pop(seq.uid, None)

@@ -58,6 +58,7 @@ from unbottle.core.serving.engine import (
     QueueFull,
     SamplingParams,
     Sequence,
+    TokenLogprob,
     default_threads,
 )
 
@@ -66,7 +67,20 @@ log = logging.getLogger("unbottle.server")
 #: OpenAI's own limits on stop sequences.
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/tokenize",
+    "/detokenize",
+    "/tokenizer_info",
+    "/health",
+    "/metrics",
+)
+#: OpenAI's limit on a chat request's ``top_logprobs``.
+MAX_TOP_LOGPROBS = 20
+#: A log-probability JSON cannot hold (-inf) is sent as this, as vLLM does.
+LOWEST_LOGPROB = -9999.0
 #: The deepest nesting of arrays and objects a request body may have (OpenAI's requests
 #: need fewer than ten); checked before parsing, which would recurse once per level.
 MAX_JSON_DEPTH = 64
@@ -138,17 +152,19 @@ class _Body(BaseModel):
     # vLLM's extension: keep generating past EOS (benchmarks use it for fixed lengths).
     ignore_eos: bool = False
     # Accepted for compatibility when they ask for nothing this server lacks.
-    logprobs: Any = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
 
 
-BodyT = TypeVar("BodyT", bound=_Body)
+ParsedT = TypeVar("ParsedT", bound=BaseModel)
 
 
 class CompletionBody(_Body):
     prompt: Any
+    #: The log-probabilities of each token and of this many likeliest ones at its place.
+    logprobs: int | None = Field(None, ge=0)
+    #: The prompt before the completion (with ``logprobs``, the prompt tokens' too).
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -184,12 +200,31 @@ class Message(BaseModel):
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # Tool and function calling (and its older name, functions) are refused alike.
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
     response_format: dict[str, Any] | None = None
+
+
+class TokenizeBody(BaseModel):
+    """vLLM's ``/tokenize``: a prompt, or a conversation through the chat template."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
+    add_generation_prompt: bool = True
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = None
+    tokens: list[int]
 
 
 # --------------------------------------------------------------------------- the app
@@ -353,10 +388,24 @@ def create_app(bundle: LoadedBundle, *, api_key: str | None = None) -> FastAPI:
     async def chat(request: Request) -> Response:
         return await service.chat(await _parse(request, ChatBody), request.receive)
 
+    # vLLM's tokenizer endpoints, which lm-evaluation-harness's ``local-completions`` model
+    # uses (its remote tokenizer) when the server has them: no tokenizer needed client-side.
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        return JSONResponse(await service.tokenize(await _parse(request, TokenizeBody)))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        return JSONResponse(await service.detokenize(await _parse(request, DetokenizeBody)))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        return JSONResponse(service.tokenizer_info())
+
     return app
 
 
-async def _parse(request: Request, model: type[BodyT]) -> BodyT:
+async def _parse(request: Request, model: type[ParsedT]) -> ParsedT:
     """The JSON body as ``model``, whatever the Content-Type (curl -d sends a form type)."""
     body = await request.body()
     if _nests_deeper(body, MAX_JSON_DEPTH):
@@ -458,6 +507,7 @@ class _Service:
             if backend is not None and backend.normalizer is None
             else None
         )
+        self.token_names = TokenNames(self.tokenizer)
 
     def model_card(self) -> dict[str, Any]:
         return {
@@ -490,14 +540,27 @@ class _Service:
                 code="invalid_value",
             )
         unsupported = {
-            "logprobs": body.logprobs not in (None, False, 0),
             "presence_penalty": body.presence_penalty not in (None, 0),
             "frequency_penalty": body.frequency_penalty not in (None, 0),
             "logit_bias": bool(body.logit_bias),
         }
         if isinstance(body, CompletionBody):
-            unsupported.update(
-                echo=body.echo, suffix=bool(body.suffix), best_of=body.best_of not in (None, 1)
+            unsupported.update(suffix=bool(body.suffix), best_of=body.best_of not in (None, 1))
+        top = body.logprobs if isinstance(body, CompletionBody) else body.top_logprobs
+        if top is not None and top > self.config.max_logprobs:
+            raise APIError(
+                400,
+                f"{'logprobs' if isinstance(body, CompletionBody) else 'top_logprobs'}: {top} "
+                f"is more than this server's limit of {self.config.max_logprobs}",
+                param="logprobs" if isinstance(body, CompletionBody) else "top_logprobs",
+                code="invalid_value",
+            )
+        if isinstance(body, ChatBody) and body.top_logprobs is not None and not body.logprobs:
+            raise APIError(
+                400,
+                "top_logprobs: only allowed when logprobs is true",
+                param="top_logprobs",
+                code="invalid_value",
             )
         if isinstance(body, ChatBody):
             unsupported.update(
@@ -665,7 +728,16 @@ class _Service:
         )
 
     def _sampling(self, body: _Body, max_tokens: int) -> SamplingParams:
+        if isinstance(body, CompletionBody):
+            logprobs = body.logprobs
+            prompt_logprobs = logprobs if body.echo else None
+        else:
+            assert isinstance(body, ChatBody)
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            prompt_logprobs = None
         return SamplingParams(
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             max_tokens=max_tokens,
             temperature=(
                 body.temperature
@@ -689,8 +761,19 @@ class _Service:
             body.max_tokens, self.config.default_max_tokens, prompts, "prompt"
         )
         params = self._sampling(body, max_tokens)
+        echoes = None
+        if body.echo:  # the prompt as given, or its ids' text
+            echoes = [
+                item if isinstance(item, str) else self.tokenizer.decode(item) for item in items
+            ]
         return await self._run(
-            prompts, params, body, receive, kind="text_completion", id_prefix="cmpl-"
+            prompts,
+            params,
+            body,
+            receive,
+            kind="text_completion",
+            id_prefix="cmpl-",
+            echoes=echoes,
         )
 
     async def chat(self, body: ChatBody, receive: Receive) -> Response:
@@ -702,26 +785,87 @@ class _Service:
                 param="max_completion_tokens",
                 code="invalid_value",
             )
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        # The template only adds text, so the contents alone bound the prompt from below.
-        self._check_size(body.n, ["".join(m["content"] for m in messages)], "messages")
-        try:
-            ids = await asyncio.to_thread(
-                self.tokenizer.apply_chat_template,
-                messages,
-                add_generation_prompt=True,
-                tokenize=True,
-            )
-        except Exception as e:  # the template itself refused the conversation
-            raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
-        if hasattr(ids, "keys"):  # some versions return a BatchEncoding
-            ids = ids["input_ids"]
+        ids = await self._chat_ids(body.messages, sequences=body.n)
         asked = body.max_completion_tokens or body.max_tokens
         max_tokens = self._max_tokens(asked, self.context, [ids], "messages")
         params = self._sampling(body, max_tokens)
         return await self._run(
             [ids], params, body, receive, kind="chat.completion", id_prefix="chatcmpl-"
         )
+
+    async def _chat_ids(
+        self, messages: list[Message], sequences: int = 1, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """A conversation's token ids through the chat template (in a thread)."""
+        turns = [{"role": m.role, "content": m.text()} for m in messages]
+        # The template only adds text, so the contents alone bound the prompt from below.
+        self._check_size(sequences, ["".join(m["content"] for m in turns)], "messages")
+        try:
+            ids = await asyncio.to_thread(
+                self.tokenizer.apply_chat_template,
+                turns,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+            )
+        except Exception as e:  # the template itself refused the conversation
+            raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
+        if hasattr(ids, "keys"):  # some versions return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    async def tokenize(self, body: TokenizeBody) -> dict[str, Any]:
+        if body.model is not None:
+            self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(
+                400, "tokenize: give a prompt or messages, one of them", code="invalid_value"
+            )
+        if body.messages is not None:
+            if body.add_special_tokens:
+                raise APIError(
+                    400,
+                    "add_special_tokens: with messages the chat template places the special "
+                    "tokens; leave it out or false",
+                    param="add_special_tokens",
+                    code="invalid_value",
+                )
+            ids = await self._chat_ids(
+                body.messages, add_generation_prompt=body.add_generation_prompt
+            )
+        else:
+            prompt = body.prompt
+            assert prompt is not None
+            self._check_size(1, [prompt], "prompt")
+            special = body.add_special_tokens is not False
+            encoded = await asyncio.to_thread(self.tokenizer, prompt, add_special_tokens=special)
+            ids = list(encoded["input_ids"])
+        return {"count": len(ids), "max_model_len": self.context, "tokens": ids}
+
+    async def detokenize(self, body: DetokenizeBody) -> dict[str, Any]:
+        if body.model is not None:
+            self.check_model(body.model)
+        vocab = len(self.tokenizer)
+        if any(t < 0 or t >= vocab for t in body.tokens):
+            raise APIError(
+                400,
+                f"tokens: token ids must be in [0, {vocab})",
+                param="tokens",
+                code="invalid_value",
+            )
+        return {"prompt": await asyncio.to_thread(self.tokenizer.decode, body.tokens)}
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """What a client needs to tokenize as the server does (vLLM's ``/tokenizer_info``)."""
+        t = self.tokenizer
+        return {
+            "tokenizer_class": type(t).__name__,
+            "eos_token": t.eos_token,
+            "bos_token": t.bos_token,
+            "pad_token": t.pad_token,
+            "unk_token": t.unk_token,
+            "chat_template": t.chat_template if isinstance(t.chat_template, str) else None,
+            "model_max_length": self.context,
+        }
 
     async def _run(
         self,
@@ -732,6 +876,7 @@ class _Service:
         *,
         kind: str,
         id_prefix: str,
+        echoes: list[str] | None = None,
     ) -> Response:
         engine = self.engine_ref["engine"]
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -769,6 +914,8 @@ class _Service:
             started=time.perf_counter(),
             prompt_tokens=sum(len(p) for p in prompts),
             choices=body.n,
+            names=self.token_names if params.logprobs is not None else None,
+            echoes={s.index: echoes[s.index // body.n] for s in seqs} if echoes else {},
         )
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -784,8 +931,28 @@ class _Call:
     """One HTTP request's sequences, read back from the engine."""
 
     def __init__(
-        self, *, id, kind, model, seqs, events, engine, metrics, started, prompt_tokens, choices
+        self,
+        *,
+        id,
+        kind,
+        model,
+        seqs,
+        events,
+        engine,
+        metrics,
+        started,
+        prompt_tokens,
+        choices,
+        names=None,
+        echoes=None,
     ) -> None:
+        #: Names the tokens of logprobs; None when the request asked for none.
+        self.names: TokenNames | None = names
+        #: The prompt text each choice starts with (``echo``), by choice index.
+        self.echoes: dict[int, str] = echoes or {}
+        #: Per choice: generated tokens whose logprobs went out, and the characters sent.
+        self.logprobs_sent: dict[int, int] = {}
+        self.chars_sent: dict[int, int] = {}
         self.prompt_tokens = prompt_tokens
         self.choices = choices  # sequences per prompt, in a row
         self.id, self.kind, self.model = id, kind, model
@@ -874,23 +1041,19 @@ class _Call:
         choices = []
         for s in sorted(self.seqs, key=lambda s: s.index):
             reason = s.finish_reason
+            text, logprobs = self._piece(s, texts[s.index])
             if self.kind == "chat.completion":
                 choices.append(
                     {
                         "index": s.index,
-                        "message": {"role": "assistant", "content": texts[s.index]},
-                        "logprobs": None,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": logprobs,
                         "finish_reason": reason,
                     }
                 )
             else:
                 choices.append(
-                    {
-                        "index": s.index,
-                        "text": texts[s.index],
-                        "logprobs": None,
-                        "finish_reason": reason,
-                    }
+                    {"index": s.index, "text": text, "logprobs": logprobs, "finish_reason": reason}
                 )
         return JSONResponse(
             {
@@ -917,7 +1080,12 @@ class _Call:
         return f"data: {json.dumps(payload)}\n\n"
 
     def _choice(
-        self, index: int, text: str | None, finish: str | None, first: bool = False
+        self,
+        index: int,
+        text: str | None,
+        finish: str | None,
+        first: bool = False,
+        logprobs: dict[str, Any] | None = None,
     ) -> dict:
         if self.kind == "chat.completion":
             delta: dict[str, Any] = {}
@@ -925,8 +1093,80 @@ class _Call:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+
+    def _text_chunk(self, seq: Sequence, text: str) -> str:
+        """A chunk of a choice's new text and its tokens' logprobs; "" if it has neither."""
+        text, logprobs = self._piece(seq, text)
+        if not text and not (logprobs and _has_tokens(logprobs)):
+            return ""
+        return self._chunk([self._choice(seq.index, text, None, False, logprobs)])
+
+    def _piece(self, seq: Sequence, text: str) -> tuple[str, dict[str, Any] | None]:
+        """The next piece of a choice: ``text`` after the echoed prompt if none went out
+        yet, and the logprobs of the tokens not reported before (None if not asked)."""
+        index = seq.index
+        first = index not in self.chars_sent
+        if first:
+            text = self.echoes.get(index, "") + text
+        offset = self.chars_sent.get(index, 0)
+        self.chars_sent[index] = offset + len(text)
+        if self.names is None:
+            return text, None
+        done = self.logprobs_sent.get(index, 0)
+        entries = seq.logprobs[done:]  # the engine appends as it goes; this is a snapshot
+        self.logprobs_sent[index] = done + len(entries)
+        if self.kind == "chat.completion":
+            return text, {"content": [self._chat_entry(*e) for e in entries], "refusal": None}
+        pairs = [(entry[0], entry) for entry in entries]
+        if first and index in self.echoes and seq.prompt_logprobs:
+            pairs[:0] = zip(seq.prompt, seq.prompt_logprobs, strict=True)
+        return text, self._completion_logprobs(pairs, offset)
+
+    def _completion_logprobs(
+        self, pairs: list[tuple[int, TokenLogprob | None]], offset: int
+    ) -> dict[str, Any]:
+        """A legacy completion's logprobs: each token's text, logprob, the likeliest tokens
+        with the chosen one among them (up to ``logprobs`` + 1, as OpenAI has it), and
+        where its text starts; a prompt's first token has no logprob (None)."""
+        assert self.names is not None
+        tokens, chosen, tops, offsets = [], [], [], []
+        for token, entry in pairs:
+            name = self.names.text(token)
+            tokens.append(name)
+            offsets.append(offset)
+            offset += len(name)
+            if entry is None:
+                chosen.append(None)
+                tops.append(None)
+                continue
+            _, logprob, best = entry
+            top = {self.names.text(t): _finite(lp) for t, lp in best}
+            top.setdefault(name, _finite(logprob))
+            chosen.append(_finite(logprob))
+            tops.append(top)
+        return {
+            "tokens": tokens,
+            "token_logprobs": chosen,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    def _chat_entry(
+        self, token: int, logprob: float, best: tuple[tuple[int, float], ...]
+    ) -> dict[str, Any]:
+        assert self.names is not None
+        names = self.names
+        return {
+            "token": names.text(token),
+            "logprob": _finite(logprob),
+            "bytes": names.bytes(token),
+            "top_logprobs": [
+                {"token": names.text(t), "logprob": _finite(lp), "bytes": names.bytes(t)}
+                for t, lp in best
+            ],
+        }
 
     async def stream(self, include_usage: bool) -> AsyncIterator[str]:
         pending = len(self.seqs)
@@ -942,22 +1182,24 @@ class _Call:
                     ready.append(self.events.get_nowait())
                 out: list[str] = []
                 texts: dict[int, str] = {}
+                by_index: dict[int, Sequence] = {}
                 for seq, text, finish in ready:
                     pending -= finish is not None
                     texts[seq.index] = texts.get(seq.index, "") + text
+                    by_index[seq.index] = seq
                     if finish in ("abort", "error"):
                         failed = self._failed()
                         assert failed is not None
                         body = error_body(failed.message, failed.type, None, failed.code)
                         out.append(f"data: {json.dumps(body)}\n\n")
                     elif finish is not None:
-                        merged = texts.pop(seq.index)
-                        if merged:
-                            out.append(self._chunk([self._choice(seq.index, merged, None)]))
+                        # The rest of its text, and the logprobs of tokens without text
+                        # (EOS), before the finish.
+                        out.append(self._text_chunk(seq, texts.pop(seq.index)))
                         out.append(self._chunk([self._choice(seq.index, None, finish)]))
                 for index, merged in texts.items():
                     if merged:
-                        out.append(self._chunk([self._choice(index, merged, None)]))
+                        out.append(self._text_chunk(by_index[index], merged))
                 if out:
                     yield "".join(out)
             self._account()
@@ -967,6 +1209,57 @@ class _Call:
             if pending:  # the client left (or the server cancelled the stream)
                 self.engine.cancel(self.seqs)
                 self.metrics.cancelled.inc()
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, LOWEST_LOGPROB)
+
+
+def _has_tokens(logprobs: dict[str, Any]) -> bool:
+    return bool(logprobs.get("content") or logprobs.get("tokens"))
+
+
+class TokenNames:
+    """Each token's text and bytes, as OpenAI's logprobs name tokens (kept once computed).
+
+    A byte-level BPE token (GPT-2's alphabet) or a byte-fallback token (``<0xE2>``) may
+    hold part of a character: its bytes are the raw bytes, and its text, which has no
+    characters of its own, is ``bytes:\\xe2\\x80`` as OpenAI writes it.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = type(getattr(backend, "decoder", None)).__name__
+        self._byte_level: dict[str, int] | None = None
+        if decoder == "ByteLevel":
+            from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+            self._byte_level = {char: byte for byte, char in bytes_to_unicode().items()}
+        self._names: dict[int, tuple[str, list[int]]] = {}
+
+    def _name(self, token: int) -> tuple[str, list[int]]:
+        named = self._names.get(token)
+        if named is not None:
+            return named
+        text = self.tokenizer.decode([token])
+        raw = text.encode("utf-8")
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if isinstance(piece, str):
+            if self._byte_level is not None and all(c in self._byte_level for c in piece):
+                raw = bytes(self._byte_level[c] for c in piece)
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                raw = bytes([int(piece[3:5], 16)])
+        if "\ufffd" in text and raw.decode("utf-8", errors="replace") != text:
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        named = self._names[token] = (text, list(raw))
+        return named
+
+    def text(self, token: int) -> str:
+        return self._name(token)[0]
+
+    def bytes(self, token: int) -> list[int]:
+        return self._name(token)[1]
 
 
 class Guard:
