@@ -654,12 +654,34 @@ BAD_REQUESTS = [
     ("an empty prompt", {"model": MODEL, "prompt": ""}, 400, "prompt", None),
     ("a prompt of dicts", {"model": MODEL, "prompt": [{"a": 1}]}, 400, "prompt", None),
     ("token ids out of range", {"model": MODEL, "prompt": [1, 99999]}, 400, "prompt", None),
+    ("best_of 2", {"model": MODEL, "prompt": "A", "best_of": 2}, 400, "best_of", "unsupported"),
     (
-        "a presence penalty",
-        {"model": MODEL, "prompt": "A", "presence_penalty": 1},
+        "a penalty above 2",
+        {"model": MODEL, "prompt": "A", "presence_penalty": 2.5},
         400,
         "presence_penalty",
-        "unsupported",
+        None,
+    ),
+    (
+        "a logit bias key not a token id",
+        {"model": MODEL, "prompt": "A", "logit_bias": {"the": 5}},
+        400,
+        "logit_bias",
+        "invalid_value",
+    ),
+    (
+        "a logit bias beyond 100",
+        {"model": MODEL, "prompt": "A", "logit_bias": {"5": 101}},
+        400,
+        "logit_bias",
+        "invalid_value",
+    ),
+    (
+        "a logit bias on 301 tokens",
+        {"model": MODEL, "prompt": "A", "logit_bias": {str(i): 1 for i in range(301)}},
+        400,
+        "logit_bias",
+        "invalid_value",
     ),
 ]
 

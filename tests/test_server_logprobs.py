@@ -242,6 +242,60 @@ def test_an_engine_scores_a_prompt_computed_in_parts_and_never_from_the_prompt_c
         assert [lp for _, lp in best] == pytest.approx([lp for _, lp in top(row, 2)], abs=TOL)
 
 
+def penalized_greedy(model, ids: list[int], new: int, frequency=0.0, presence=0.0, bias=None):
+    """Greedy tokens with OpenAI's penalties on the tokens generated so far and a logit
+    bias, one full forward per token (the definition, not the engine's arithmetic)."""
+    generated: list[int] = []
+    for _ in range(new):
+        scores = log_softmax(model, ids + generated)[-1].clone()  # a shift; argmax alike
+        for token in set(generated):
+            scores[token] -= frequency * generated.count(token) + presence
+        for token, value in (bias or {}).items():
+            scores[token] += value
+        generated.append(int(scores.argmax()))
+    return generated
+
+
+def test_penalties_and_logit_bias_change_the_tokens_as_openai_defines_them(
+    client, model, tokenizer
+):
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    plain = greedy_ids(model, ids, 10)
+    assert len(set(plain)) < len(plain)  # the tiny model repeats itself: something to penalize
+
+    def served(**kw) -> str:
+        extra = {"ignore_eos": True}
+        return (
+            client.completions.create(
+                model=MODEL, prompt=PROMPT, max_tokens=10, extra_body=extra, **kw
+            )
+            .choices[0]
+            .text
+        )
+
+    for kw in ({"frequency": 1.5}, {"presence": 2.0}, {"frequency": 0.5, "presence": -0.5}):
+        expected = penalized_greedy(model, ids, 10, **kw)
+        assert expected != plain, kw
+        got = served(
+            frequency_penalty=kw.get("frequency", 0.0), presence_penalty=kw.get("presence", 0.0)
+        )
+        assert got == tokenizer.decode(expected), kw
+    banned = {plain[0]: -100.0, plain[1]: -100.0}
+    expected = penalized_greedy(model, ids, 10, bias=banned)
+    assert plain[0] not in expected and plain[1] not in expected
+    assert served(logit_bias={str(t): b for t, b in banned.items()}) == tokenizer.decode(expected)
+    forced = tokenizer.convert_tokens_to_ids("e") if "e" in tokenizer.get_vocab() else 50
+    assert served(logit_bias={str(forced): 100}) == tokenizer.decode([forced] * 10)
+    # The logprobs stay the model's own, before penalties and bias.
+    out = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=1, logprobs=0, logit_bias={str(forced): 100}
+    )
+    scores = log_softmax(model, ids)[-1]
+    assert out.choices[0].logprobs.token_logprobs[0] == pytest.approx(
+        float(scores[forced]), abs=TOL
+    )
+
+
 @pytest.mark.parametrize(
     "path, body, param",
     [

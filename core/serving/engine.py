@@ -759,6 +759,12 @@ class SamplingParams:
     #: The same for each prompt token after the first; the prompt is then computed whole,
     #: from no cached start, since cached positions have no logits.
     prompt_logprobs: int | None = None
+    #: OpenAI's penalties, subtracted from the logits of tokens generated so far: once per
+    #: occurrence (frequency), once for any (presence).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    #: (token id, bias) pairs added to those tokens' logits before choosing.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 #: A token's log-probability: (token id, logprob, ((id, logprob) of the likeliest, best
@@ -772,6 +778,7 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[To
     import torch
 
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+    top = min(top, logprobs.shape[-1])
     chosen = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()  # (n,)
     best: list[tuple[tuple[int, float], ...]] = [()] * len(tokens)
     if top:
@@ -1125,8 +1132,11 @@ class Engine:
         """Append the next token chosen from (V,) logits; True when the sequence is done."""
         if seq.cancelled:
             return True
-        token = _choose(logits, seq.params, seq._generator)
         params = seq.params
+        scores = logits
+        if params.frequency_penalty or params.presence_penalty or params.logit_bias:
+            scores = _adjusted(logits, params, seq.generated)
+        token = _choose(scores, params, seq._generator)
         if params.logprobs is not None:
             seq.logprobs.extend(token_logprobs(logits[None], [token], params.logprobs))
         seq.generated.append(token)
@@ -1220,6 +1230,21 @@ class _Prefill:
     seq: Sequence
     done: int = 0
     past: Any = None
+
+
+def _adjusted(logits: torch.Tensor, params: SamplingParams, generated: list[int]) -> torch.Tensor:
+    """(V,) logits with OpenAI's penalties on the tokens generated so far (vLLM's
+    semantics: the prompt's tokens are not penalized) and the logit bias."""
+    import torch
+
+    scores = logits.float().clone()
+    if generated and (params.frequency_penalty or params.presence_penalty):
+        counts = torch.bincount(torch.tensor(generated), minlength=len(scores))[: len(scores)]
+        scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    if params.logit_bias:
+        tokens, biases = zip(*params.logit_bias, strict=True)
+        scores[list(tokens)] += torch.tensor(biases)
+    return scores
 
 
 def _choose(logits: torch.Tensor, params: SamplingParams, generator: Any) -> int:

@@ -77,6 +77,9 @@ ENDPOINTS = (
     "/health",
     "/metrics",
 )
+#: OpenAI's bounds on a ``logit_bias`` value, and on how many tokens it names.
+MAX_LOGIT_BIAS = 100
+MAX_LOGIT_BIAS_TOKENS = 300
 #: OpenAI's limit on a chat request's ``top_logprobs``.
 MAX_TOP_LOGPROBS = 20
 #: A log-probability JSON cannot hold (-inf) is sent as this, as vLLM does.
@@ -151,9 +154,8 @@ class _Body(BaseModel):
     user: str | None = None
     # vLLM's extension: keep generating past EOS (benchmarks use it for fixed lengths).
     ignore_eos: bool = False
-    # Accepted for compatibility when they ask for nothing this server lacks.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, Any] | None = None
 
 
@@ -539,11 +541,7 @@ class _Service:
                 param="n",
                 code="invalid_value",
             )
-        unsupported = {
-            "presence_penalty": body.presence_penalty not in (None, 0),
-            "frequency_penalty": body.frequency_penalty not in (None, 0),
-            "logit_bias": bool(body.logit_bias),
-        }
+        unsupported: dict[str, bool] = {}
         if isinstance(body, CompletionBody):
             unsupported.update(suffix=bool(body.suffix), best_of=body.best_of not in (None, 1))
         top = body.logprobs if isinstance(body, CompletionBody) else body.top_logprobs
@@ -727,6 +725,42 @@ class _Service:
             else min(default, self.max_tokens_limit, self.context - longest)
         )
 
+    def _logit_bias(self, bias: dict[str, Any] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's ``logit_bias``: token ids (as JSON keys, strings) to a bias in
+        [-100, 100]."""
+        vocab = len(self.tokenizer)
+        if bias is not None and len(bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise APIError(
+                400,
+                f"logit_bias: {len(bias)} tokens; at most {MAX_LOGIT_BIAS_TOKENS}",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        pairs = []
+        for key, value in (bias or {}).items():
+            token = int(key) if re.fullmatch(r"\d{1,9}", key) else -1
+            if not 0 <= token < vocab:
+                raise APIError(
+                    400,
+                    f"logit_bias: keys are token ids in [0, {vocab}) (got {key[:40]!r})",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS
+            ):
+                raise APIError(
+                    400,
+                    f"logit_bias: values are numbers in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}] "
+                    f"(got {json.dumps(value)[:40]} for {key})",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
+            pairs.append((token, float(value)))
+        return tuple(pairs)
+
     def _sampling(self, body: _Body, max_tokens: int) -> SamplingParams:
         if isinstance(body, CompletionBody):
             logprobs = body.logprobs
@@ -738,6 +772,9 @@ class _Service:
         return SamplingParams(
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            logit_bias=self._logit_bias(body.logit_bias),
             max_tokens=max_tokens,
             temperature=(
                 body.temperature
