@@ -31,12 +31,20 @@ each request a conversation of N: a turn's prompt is the last prompt, its answer
 next question, as a chat client sends it. ``--prefill-chunk 0
 128`` compares the server's ``prefill_chunk`` settings the same way.
 
+``--request-rate R`` makes the concurrent phase open-loop, as vLLM's serving benchmark
+does: requests arrive at R a second on average, at exponentially distributed intervals
+(a Poisson process, the same arrival times for every setting in a round), whatever the
+server's progress; the server still decodes at most ``--concurrency`` at once. A closed
+loop (a client waits for its answer before it sends again) slows its arrivals when the
+server slows, and so hides the queueing that real traffic meets.
+
     python bench/serve_load.py artifacts/deploy
     python bench/serve_load.py artifacts/deploy --concurrency 8 --max-tokens 64 --json out.json
     python bench/serve_load.py artifacts/deploy --threads 1 2 --rounds 5
     python bench/serve_load.py GENAI_BUNDLE --also GGUF_BUNDLE --rounds 5
     python bench/serve_load.py GGUF_BUNDLE --prefix-words 300 --prompt-cache both
     python bench/serve_load.py BUNDLE --prefix-words 300 --prompt-cache off --prefill-chunk 0 128
+    python bench/serve_load.py BUNDLE --prefix-words 300 --request-rate 0.8 --prefill-chunk 0 128
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -133,9 +142,12 @@ async def phase(
     max_tokens: int,
     prefix: str = "",
     turns: int = 1,
+    rate: float | None = None,
+    seed: int = 0,
 ) -> dict:
     """``requests`` conversations of ``turns`` requests each: a turn's prompt is the last
-    one, its answer and the next question."""
+    one, its answer and the next question. ``concurrency`` at a time, or with ``rate``
+    each conversation starts at its time in a Poisson process of that rate (``seed``)."""
     conversations = [
         [
             PROMPTS[(i + t) % len(PROMPTS)].format(name=NAMES[(i + t) % len(NAMES)])
@@ -143,11 +155,17 @@ async def phase(
         ]
         for i in range(requests)
     ]
-    gate = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as http:
+    open_loop = rate is not None
+    gate = asyncio.Semaphore(requests if open_loop else concurrency)
+    arrivals = list(
+        itertools.accumulate(random.Random(seed).expovariate(rate or 1.0) for _ in conversations)
+    )
+    limits = httpx.Limits(max_connections=requests if open_loop else concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as http:
 
-        async def run(questions: list[str]) -> list[tuple]:
+        async def run(questions: list[str], at: float) -> list[tuple]:
+            if open_loop:
+                await asyncio.sleep(started + at - time.perf_counter())
             async with gate:
                 prompt, results = prefix, []
                 for question in questions:
@@ -157,7 +175,9 @@ async def phase(
                 return results
 
         started = time.perf_counter()
-        done = await asyncio.gather(*(run(c) for c in conversations))
+        done = await asyncio.gather(
+            *(run(c, at) for c, at in zip(conversations, arrivals, strict=True))
+        )
         wall = time.perf_counter() - started
     results = [r for conversation in done for r in conversation]
     tokens = sum(r[2] for r in results)
@@ -243,6 +263,7 @@ def measure(
     threads: int | None,
     prompt_cache: bool,
     prefill_chunk: int | None,
+    round_index: int = 0,
 ) -> tuple[dict, dict]:
     """One server of ``bundle`` with ``threads``, ``prompt_cache`` and ``prefill_chunk``: a
     warm-up, then one single-stream and one concurrent phase; the server is stopped before
@@ -256,7 +277,17 @@ def measure(
         common = {"max_tokens": args.max_tokens, "prefix": prefix, "turns": args.turns}
         asyncio.run(phase(url, model, 8, args.concurrency, **common))  # warm-up
         single = asyncio.run(phase(url, model, args.single_requests, 1, **common))
-        many = asyncio.run(phase(url, model, args.concurrent_requests, args.concurrency, **common))
+        many = asyncio.run(
+            phase(
+                url,
+                model,
+                args.concurrent_requests,
+                args.concurrency,
+                rate=args.request_rate,
+                seed=round_index,
+                **common,
+            )
+        )
         return single, many
     finally:
         proc.terminate()
@@ -317,6 +348,12 @@ def main() -> None:
         nargs="+",
         help="The server's prefill_chunk settings to compare (default: the bundle's own).",
     )
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        help="Requests a second, Poisson arrivals, in the concurrent phase (open loop) "
+        "instead of --concurrency streams each waiting for its answer.",
+    )
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
     for bundle in (args.bundle, *args.also):
@@ -326,6 +363,8 @@ def main() -> None:
         raise SystemExit("--prefill-chunk must be at least 0")
     if args.turns < 1:
         raise SystemExit("--turns must be at least 1")
+    if args.request_rate is not None and args.request_rate <= 0:
+        raise SystemExit("--request-rate must be above 0")
     if args.rounds < 1 or (args.threads and min(args.threads) < 1) or args.prefix_words < 0:
         raise SystemExit("--rounds and --threads must be at least 1, --prefix-words at least 0")
 
@@ -345,7 +384,7 @@ def main() -> None:
         # Each setting goes first in turn, so that a drift in the machine's load hits all.
         shift = round_index % len(settings)
         for setting in settings[shift:] + settings[:shift]:
-            single, many = measure(args, *setting)
+            single, many = measure(args, *setting, round_index=round_index)
             runs[setting][0].append(single)
             runs[setting][1].append(many)
 
@@ -386,6 +425,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "prefix_words": args.prefix_words,
         "turns": args.turns,
+        "request_rate": args.request_rate,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "rounds": args.rounds,
         "settings": results,
@@ -403,6 +443,8 @@ def main() -> None:
             label += f", prompt cache {'on' if row['prompt_cache'] else 'off'}"
         if args.prefill_chunk:
             label += f", prefill_chunk {row['prefill_chunk']}"
+        if args.request_rate is not None:
+            label += f"; the second row open-loop at {args.request_rate:g} requests/s"
         print_table(label, row["single"], row["concurrent"])
         rounds = ", ".join(f"{x:.2f}x" for x in row["speedup_by_round"])
         print(f"aggregate speedup at {args.concurrency} streams: {row['speedup']:.2f}x ({rounds})")
