@@ -157,9 +157,9 @@ async def phase(
     ]
     open_loop = rate is not None
     gate = asyncio.Semaphore(requests if open_loop else concurrency)
-    arrivals = list(
-        itertools.accumulate(random.Random(seed).expovariate(rate or 1.0) for _ in conversations)
-    )
+    draw = random.Random(seed)
+    intervals = [draw.expovariate(rate) if rate is not None else 0.0 for _ in conversations]
+    arrivals = list(itertools.accumulate(intervals))
     limits = httpx.Limits(max_connections=requests if open_loop else concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as http:
 
