@@ -224,6 +224,58 @@ def test_a_prompt_computes_only_what_a_finished_requests_cells_do_not_hold(
     assert sorted(loaded.backend._free) == [0, 1]
 
 
+def test_a_prompt_copies_the_cells_of_a_running_sequence_that_holds_its_start(
+    bundle, tokenizer, monkeypatch
+):
+    """Choices of one prompt (``n``), or requests that share a system prompt and arrive
+    together: no free sequence holds the start yet, a running one does, and its cells are
+    copied (``llama_memory_seq_cp``) and cut where the prompts part. Each decodes what
+    llama.cpp decodes from a fresh cache."""
+    from unbottle.core.serving.engine import LlamaCppBackend, SamplingParams, Sequence, load_bundle
+    from unbottle.export import LlamaCppRunner
+
+    monkeypatch.setattr(LlamaCppBackend, "COPY_AT_LEAST", 2)  # the tiny prompts are short
+    runner = LlamaCppRunner(bundle, threads=1)
+
+    def fresh(ids: list[int], n: int) -> list[int]:
+        row = torch.tensor([ids])
+        return runner.generate(row, torch.ones_like(row), n, eos_token_id=None)[0, len(ids) :]
+
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    start = encode(PROMPTS[2])
+    first, second = start + encode(" fox fox"), start + encode(" quick dog")
+    loaded = load_bundle(bundle, {"max_batch": 3, "threads": 1})
+    engine = loaded.engine()
+    engine.start()
+    done = threading.Semaphore(0)
+    params = SamplingParams(max_tokens=NEW, ignore_eos=True)
+
+    def sequence(ids: list[int]) -> Sequence:
+        return Sequence(ids, params, lambda seq, text, finish: finish and done.release())
+
+    try:
+        # Two choices of one prompt: the second copies all of it but its last token.
+        choices = [sequence(first), sequence(first)]
+        engine.submit(choices)
+        # A prompt sharing the start of the running ones: both choices hold it, and a
+        # free sequence holds nothing yet.
+        while len(choices[0].generated) < 2:
+            time.sleep(0.001)
+        late = sequence(second)
+        engine.submit([late])
+        for _ in range(3):
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    assert [s.cached_tokens for s in choices] == [0, len(first) - 1]
+    assert late.cached_tokens == len(start)
+    for seq in (*choices, late):
+        assert seq.generated == fresh(seq.prompt, NEW).tolist()
+    assert sorted(loaded.backend._free) == [0, 1, 2]
+    loaded.backend.close()
+    runner.close()
+
+
 def test_a_prompts_logprobs_score_every_position_in_fresh_cells(bundle, tokenizer):
     """``echo`` with ``logprobs``: llama.cpp returns the logits of every prompt position,
     and takes no cached cells for it (they have no logits), from scratch or in parts."""

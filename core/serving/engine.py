@@ -500,6 +500,12 @@ class LlamaCppBackend:
     couples_rows = False  # llama.cpp rounds each row's activations on their own
     right_padded = False
     owns_cache = True
+    #: A prompt copies a running sequence's cells when they hold at least this many more
+    #: of its first tokens than a free sequence's. llama.cpp copies a sequence's whole
+    #: share of the cache (``context`` cells of every layer), whatever the start's length:
+    #: for SmolLM2 Q4_0 on 2 cores about 22 ms at its 8,192-token context, the time it
+    #: computes some 24 prompt tokens in, 3 ms at 2,048 (bench/llama_cpp_copy_cost.py).
+    COPY_AT_LEAST = 32
 
     def __init__(
         self,
@@ -530,29 +536,51 @@ class LlamaCppBackend:
         #: The tokens whose keys and values each sequence's cells hold, from position 0.
         self._held: list[list[int]] = [[] for _ in range(max_batch)]
 
-    def _longest_free(self, ids: list[int], reuse: bool = True) -> tuple[int, int]:
-        """The free sequence whose cells hold the longest start of ``ids`` (at most all but
-        the last token, whose logits are wanted; the one free longest on a tie), and how
-        long; without ``prompt_cache`` (or ``reuse``), the one free longest and 0."""
+    def _start_of(self, ids: list[int], reuse: bool = True) -> tuple[int, int, int | None]:
+        """Where a prompt starts: the free sequence to take, how many first tokens of
+        ``ids`` its cells will hold (at most all but the last, whose logits are wanted),
+        and the running sequence whose cells it copies first, or None.
+
+        The free sequence whose cells hold the longest start (the one free longest on a
+        tie); but when a running sequence holds at least :attr:`COPY_AT_LEAST` tokens
+        more (choices of one prompt, requests sharing a system prompt that arrive
+        together), the one free longest takes a copy of its cells. Without
+        ``prompt_cache`` (or ``reuse``): the one free longest, from nothing."""
         best, kept = self._free[0], 0
-        if self.prompt_cache and reuse:
-            for seq in self._free:
+        if not (self.prompt_cache and reuse):
+            return best, kept, None
+        for seq in self._free:
+            common = _common_prefix(self._held[seq], ids, len(ids) - 1)
+            if common > kept:
+                best, kept = seq, common
+        source, shared = None, kept + self.COPY_AT_LEAST - 1
+        for seq in range(len(self._held)):
+            if seq not in self._free:
                 common = _common_prefix(self._held[seq], ids, len(ids) - 1)
-                if common > kept:
-                    best, kept = seq, common
-        return best, kept
+                if common > shared:
+                    source, shared = seq, common
+        if source is None:
+            return best, kept, None
+        return self._free[0], shared, source
 
     def cached(self, ids: list[int]) -> int:
-        """How many first tokens of ``ids`` a free sequence's cells hold, which
-        :meth:`prefill` will not compute again."""
-        return self._longest_free(ids)[1] if self._free else 0
+        """How many first tokens of ``ids`` :meth:`prefill` will not compute again: those
+        a free sequence's cells hold, or a running one's that it copies."""
+        return self._start_of(ids)[1] if self._free else 0
 
     def _take(self, ids: list[int], reuse: bool = True) -> tuple[int, int]:
-        """:meth:`_longest_free`, taken; the cells past the shared start are cleared."""
+        """:meth:`_start_of`, taken: the running sequence's cells copied in, if it says so,
+        and the cells past the shared start cleared."""
         if not self._free:
             raise RuntimeError("llama.cpp: every sequence is taken (more rows than max_batch)")
-        best, kept = self._longest_free(ids, reuse)
+        best, kept, source = self._start_of(ids, reuse)
         self._free.remove(best)
+        if source is not None:
+            # Across sequences with cells of their own, llama.cpp copies all of them (at
+            # its next llama_decode, before that batch writes any).
+            self._lib.llama_memory_seq_rm(self._memory, best, -1, -1)
+            self._lib.llama_memory_seq_cp(self._memory, source, best, -1, -1)
+            self._held[best] = list(self._held[source])
         # Cut the cells past the shared start. llama.cpp refuses to cut some caches
         # (recurrent state): then start over.
         cut = kept < len(self._held[best])
