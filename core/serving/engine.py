@@ -503,8 +503,8 @@ class LlamaCppBackend:
     #: A prompt copies a running sequence's cells when they hold at least this many more
     #: of its first tokens than a free sequence's. llama.cpp copies a sequence's whole
     #: share of the cache (``context`` cells of every layer), whatever the start's length:
-    #: for SmolLM2 Q4_0 on 2 cores about 22 ms at its 8,192-token context, the time it
-    #: computes some 24 prompt tokens in, 3 ms at 2,048 (bench/llama_cpp_copy_cost.py).
+    #: for SmolLM2 Q4_0 on 2 cores about 32 ms at its 8,192-token context, the time it
+    #: computes some 25 prompt tokens in, 12 ms at 2,048 (bench/llama_cpp_copy_cost.py).
     COPY_AT_LEAST = 32
 
     def __init__(
@@ -784,8 +784,8 @@ class SamplingParams:
     #: Each generated token's log-probability and this many of the likeliest tokens at its
     #: position, from the model's distribution (before temperature and top_p); None: none.
     logprobs: int | None = None
-    #: The same for each prompt token after the first; the prompt is then computed whole,
-    #: from no cached start, since cached positions have no logits.
+    #: The same for each prompt token after the first; the prompt is then computed from
+    #: its first token, never from a cached start, whose positions have no logits.
     prompt_logprobs: int | None = None
     #: OpenAI's penalties, subtracted from the logits of tokens generated so far: once per
     #: occurrence (frequency), once for any (presence).
@@ -1052,19 +1052,19 @@ class Engine:
             try:
                 # (V,) logits of position end - 1, the (1, h, end, d) cache (or handle).
                 logits, cache = self.backend.prefill(prompt[:end], past, scored is not None)
-                if scored is not None:  # (end - start, V): row j scores token start + j + 1
-                    if not start:
-                        seq.prompt_logprobs.append(None)
-                    following = prompt[start + 1 : end + 1]
-                    seq.prompt_logprobs.extend(
-                        token_logprobs(logits[: len(following)], following, scored)
-                    )
-                    logits = logits[-1]
             except Exception:
                 log.exception("prefill failed")
                 self._filling.popleft()  # a backend gives back its handle when it fails
                 self._finish(seq, "error")
                 continue
+            if scored is not None:  # (end - start, V) logits: row j scores token start + j + 1
+                if not start:
+                    seq.prompt_logprobs.append(None)
+                following = prompt[start + 1 : end + 1]
+                seq.prompt_logprobs.extend(
+                    token_logprobs(logits[: len(following)], following, scored)
+                )
+                logits = logits[-1]
             if not job.done:
                 seq.cached_tokens = self.backend.prompt_tokens_cached
             budget -= end - start
@@ -1165,6 +1165,7 @@ class Engine:
         if params.frequency_penalty or params.presence_penalty or params.logit_bias:
             scores = _adjusted(logits, params, seq.generated)
         token = _choose(scores, params, seq._generator)
+        # Its logprob before the token itself: whoever reads `generated` finds it.
         if params.logprobs is not None:
             seq.logprobs.extend(token_logprobs(logits[None], [token], params.logprobs))
         seq.generated.append(token)

@@ -1,8 +1,9 @@
 """An OpenAI-compatible HTTP server over :class:`unbottle.core.serving.engine.Engine`.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-(both stream as server-sent events ending with ``data: [DONE]``), ``GET /health`` and
-``GET /metrics`` (Prometheus text format).
+(both stream as server-sent events ending with ``data: [DONE]``), vLLM's ``POST
+/tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info``, ``GET /health`` and ``GET
+/metrics`` (Prometheus text format).
 
 Secure by default: it binds 127.0.0.1 unless told otherwise; with an API key every
 endpoint but ``/health`` needs ``Authorization: Bearer <key>``; bodies are size-limited
