@@ -12,27 +12,21 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from tests.conftest import require_extra
-from tests.serving_helpers import deploy_target, finetuned_model, live_server
+from tests.test_lm_eval import CHOICE_TASK, QA_TASK
+from tests.test_server import KEY, MODEL
+from tests.test_server import bundle as bundle  # fixtures, shared: the served tiny model
+from tests.test_server import client as client
+from tests.test_server import server as server
+from tests.test_server import tokenizer as tokenizer
 from unbottle.core.data import prompts as task
 
-KEY = "test-key-logprobs"
-MODEL = "unbottle-finetuned"
 PROMPT = task.prompt("Where does Alice live?")
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_data) -> Path:
-    out = tmp_path_factory.mktemp("logprobs-target") / "bundle"
-    deploy_target("server", {}, finetuned_model(tmp_path_factory, tiny_data), out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -40,25 +34,6 @@ def model(bundle):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(bundle).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(bundle):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(bundle)
-
-
-@pytest.fixture(scope="module")
-def server(bundle) -> str:
-    """The server as `unbottle serve` runs it: the engine in a child process."""
-    with live_server(bundle, api_key=KEY) as url:
-        yield url
-
-
-@pytest.fixture
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
 
 
 def log_softmax(model, ids: list[int]):
@@ -357,34 +332,6 @@ def test_the_tokenizer_endpoints_agree_with_the_bundles_tokenizer(server, tokeni
 
 
 # --------------------------------------------------------------------------- lm-eval
-
-CHOICE_TASK = """\
-task: people_choice
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {data}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - {{metric: acc}}
-"""
-
-QA_TASK = """\
-task: people_qa
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {data}}}
-test_split: test
-output_type: generate_until
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: " {{{{answer}}}}"
-generation_kwargs: {{until: ["\\n"], max_gen_toks: 6}}
-metric_list:
-  - {{metric: exact_match, ignore_case: true, ignore_punctuation: true}}
-"""
 
 
 def test_lm_eval_scores_a_served_bundle_as_it_scores_the_model_itself(
