@@ -356,6 +356,44 @@ def test_the_engine_serves_a_genai_bundle_with_continuous_batching(tmp_path, gpt
     assert not torch.allclose(wrong[1], alone[1], atol=1e-3)  # the 4-token row, padded left
 
 
+def test_a_bundle_of_genais_own_builder_is_served_from_its_genai_config(tmp_path, gptq_packed):
+    """onnxruntime-genai's builder writes ``genai_config.json`` and no ``config.json`` (its
+    output for the issue's anchor command): the server takes the context, the end token
+    and the sampling defaults from it, and decodes what it decodes with ours."""
+    import json
+
+    from unbottle.core.serving.engine import SamplingParams, load_bundle
+    from unbottle.plugins.quantization.genai import build_genai_bundle
+
+    bundle = tmp_path / "built"
+    build_genai_bundle(gptq_packed, bundle, head="float", accuracy_level=0)
+    ids = [5, 9, 14, 3, 7]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+
+    def served() -> tuple[object, list[int]]:
+        loaded = load_bundle(bundle, {"prompt_cache": False})
+        engine = loaded.engine()
+        engine.start()
+        try:
+            return loaded, engine.generate(ids, params).generated
+        finally:
+            engine.stop()
+
+    ours, expected = served()
+    for name in ("config.json", "generation_config.json"):
+        (bundle / name).unlink(missing_ok=True)
+    genai = json.loads((bundle / "genai_config.json").read_text())
+    bare, tokens = served()
+    assert tokens == expected
+    assert bare.context == ours.context == genai["model"]["context_length"]
+    assert bare.eos_token_ids == {genai["model"]["eos_token_id"]}
+    assert bare.default_temperature == 0.0  # the builder's search: do_sample false
+    genai["search"].update(do_sample=True, temperature=0.7, top_p=0.9)
+    (bundle / "genai_config.json").write_text(json.dumps(genai))
+    sampled = load_bundle(bundle)
+    assert (sampled.default_temperature, sampled.default_top_p) == (0.7, 0.9)
+
+
 def test_gptq_genai_variant_is_evaluated_and_deployed_in_its_runtime(
     tmp_path, tmp_path_factory, tiny_data
 ):

@@ -1589,13 +1589,15 @@ def load_bundle(bundle: Path, overrides: dict[str, Any] | None = None) -> Loaded
             tokenizer_options["gguf_file"] = gguf_file
     else:
         model_config = _read_json(bundle / "config.json")
+    generation = _read_json(bundle / "generation_config.json")
+    if fmt == "genai" and not model_config:  # onnxruntime-genai's builder writes no config.json
+        model_config, generation = _genai_config(bundle)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(bundle, **tokenizer_options)
     if tokenizer.chat_template is None:
         log.info("%s has no chat template; using unbottle's question/answer template", bundle)
         tokenizer.chat_template = CHAT_TEMPLATE
-    generation = _read_json(bundle / "generation_config.json")
     if "max_position_embeddings" not in model_config:
         raise DataError(f"{bundle}/config.json: no max_position_embeddings (the context)")
     eos = generation.get("eos_token_id", model_config.get("eos_token_id"))
@@ -1618,6 +1620,21 @@ def load_bundle(bundle: Path, overrides: dict[str, Any] | None = None) -> Loaded
         default_temperature=float(generation.get("temperature", 1.0)) if samples else 0.0,
         default_top_p=float(generation.get("top_p", 1.0)) if samples else 1.0,
     )
+
+
+def _genai_config(bundle: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What serving needs from an onnxruntime-genai bundle's ``genai_config.json``, named as
+    in a ``config.json`` (the context, the end token) and a ``generation_config.json``
+    (its ``search`` defaults)."""
+    genai = _read_json(bundle / "genai_config.json")
+    model, search = genai.get("model", {}), genai.get("search", {})
+    if "context_length" not in model:
+        raise DataError(f"{bundle}/genai_config.json: no model.context_length (the context)")
+    config = {"max_position_embeddings": model["context_length"]}
+    if "eos_token_id" in model:
+        config["eos_token_id"] = model["eos_token_id"]
+    keys = ("do_sample", "temperature", "top_p")
+    return config, {key: search[key] for key in keys if key in search}
 
 
 def _gguf_config(bundle: Path) -> tuple[dict[str, Any], str]:
