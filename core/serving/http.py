@@ -545,13 +545,15 @@ class _Service:
         unsupported: dict[str, bool] = {}
         if isinstance(body, CompletionBody):
             unsupported.update(suffix=bool(body.suffix), best_of=body.best_of not in (None, 1))
-        top = body.logprobs if isinstance(body, CompletionBody) else body.top_logprobs
+        # The likeliest tokens asked for at each position: a completion's logprobs, a chat's
+        # top_logprobs.
+        name = "logprobs" if isinstance(body, CompletionBody) else "top_logprobs"
+        top = getattr(body, name)
         if top is not None and top > self.config.max_logprobs:
             raise APIError(
                 400,
-                f"{'logprobs' if isinstance(body, CompletionBody) else 'top_logprobs'}: {top} "
-                f"is more than this server's limit of {self.config.max_logprobs}",
-                param="logprobs" if isinstance(body, CompletionBody) else "top_logprobs",
+                f"{name}: {top} is more than this server's limit of {self.config.max_logprobs}",
+                param=name,
                 code="invalid_value",
             )
         if isinstance(body, ChatBody) and body.top_logprobs is not None and not body.logprobs:
