@@ -11,9 +11,10 @@ Two local tasks, built from the held-out half of compress_real's text (Python's 
 documentation topics, which no variant was calibrated on), in a scratch folder:
 
 - ``heldout_cloze`` (multiple choice): a passage's first sentences, and which of four
-  sentences comes next: the true one, or the next sentence of three other passages
-  (seeded). ``acc`` and ``acc_norm`` (lm-eval's length-normalized accuracy).
-- ``heldout_rolling`` (``loglikelihood_rolling``): whole passages, scored token by token:
+  sentences comes next: the true one, or the sentence at the same place in three other
+  passages (seeded). ``acc`` and ``acc_norm`` (lm-eval's length-normalized accuracy).
+- ``heldout_rolling`` (``loglikelihood_rolling``): held-out paragraphs of 200 characters
+  or more, code included, scored token by token:
   ``word_perplexity``, ``byte_perplexity`` and ``bits_per_byte``.
 
 Wall time per bundle counts the harness's requests, not the server's start.
