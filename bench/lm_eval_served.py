@@ -7,7 +7,7 @@ by lm-eval's ``local-completions`` model, which reads log-likelihoods from the s
 lm-eval's own ``hf`` model on a float directory in this process, the reference the
 served float bundle should match.
 
-Two local tasks, built from the held-out half of compress_real's text (Python's bundled
+Two local tasks, built from the held-out fifth of compress_real's text (Python's bundled
 documentation topics, which no variant was calibrated on), in a scratch folder:
 
 - ``heldout_cloze`` (multiple choice): a passage's first sentences, and which of four
