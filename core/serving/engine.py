@@ -369,12 +369,7 @@ class OnnxBackend:
         genai_config = Path(bundle) / "genai_config.json"
         self.format = "genai" if genai_config.is_file() else "onnx"
         self.right_padded = self.format == "genai"
-        if (Path(bundle) / "config.json").is_file():
-            config = json.loads((Path(bundle) / "config.json").read_text(encoding="utf-8"))
-            self.context = int(config["max_position_embeddings"])
-        else:  # a bundle of genai's own builder
-            config = json.loads(genai_config.read_text(encoding="utf-8"))
-            self.context = int(config["model"]["context_length"])
+        self.context = int(_model_config(Path(bundle))[0]["max_position_embeddings"])
         graph = onnx.load(str(files[0]), load_external_data=False).graph
         self.couples_rows = any(node.op_type in _DYNAMIC_QUANT_OPS for node in graph.node)
         options = ort.SessionOptions()
@@ -1587,19 +1582,15 @@ def load_bundle(bundle: Path, overrides: dict[str, Any] | None = None) -> Loaded
         # The gguf target writes the tokenizer beside the file; a bare file has its own.
         if not (bundle / "tokenizer.json").is_file():
             tokenizer_options["gguf_file"] = gguf_file
+        generation = _read_json(bundle / "generation_config.json")
     else:
-        model_config = _read_json(bundle / "config.json")
-    generation = _read_json(bundle / "generation_config.json")
-    if fmt == "genai" and not model_config:  # onnxruntime-genai's builder writes no config.json
-        model_config, generation = _genai_config(bundle)
+        model_config, generation = _model_config(bundle)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(bundle, **tokenizer_options)
     if tokenizer.chat_template is None:
         log.info("%s has no chat template; using unbottle's question/answer template", bundle)
         tokenizer.chat_template = CHAT_TEMPLATE
-    if "max_position_embeddings" not in model_config:
-        raise DataError(f"{bundle}/config.json: no max_position_embeddings (the context)")
     eos = generation.get("eos_token_id", model_config.get("eos_token_id"))
     eos_ids = set(eos) if isinstance(eos, list) else {eos if eos is not None else -1}
     if fmt == "gguf":  # as llama-server and the deploy stage's llama.cpp runner stop
@@ -1620,6 +1611,18 @@ def load_bundle(bundle: Path, overrides: dict[str, Any] | None = None) -> Loaded
         default_temperature=float(generation.get("temperature", 1.0)) if samples else 0.0,
         default_top_p=float(generation.get("top_p", 1.0)) if samples else 1.0,
     )
+
+
+def _model_config(bundle: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A bundle's ``config.json`` and ``generation_config.json``; for the folder of
+    onnxruntime-genai's own builder, which writes neither, what serving needs of them from
+    its ``genai_config.json``."""
+    config = _read_json(bundle / "config.json")
+    if not config and (bundle / "genai_config.json").is_file():
+        return _genai_config(bundle)
+    if "max_position_embeddings" not in config:
+        raise DataError(f"{bundle}/config.json: no max_position_embeddings (the context)")
+    return config, _read_json(bundle / "generation_config.json")
 
 
 def _genai_config(bundle: Path) -> tuple[dict[str, Any], dict[str, Any]]:
