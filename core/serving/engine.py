@@ -62,6 +62,7 @@ from pydantic import Field, ValidationError
 
 from unbottle.core.contract.errors import ConfigError, DataError
 from unbottle.core.contract.strategies import StrategyConfig
+from unbottle.core.serving.grammar import GrammarError, Grammars, allowed_tokens
 from unbottle.core.store.artifacts import path_kind
 
 if TYPE_CHECKING:
@@ -788,6 +789,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     #: (token id, bias) pairs added to those tokens' logits before choosing.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    #: A grammar the text must keep to (``grammar.compile_grammar``'s output): tokens
+    #: that cannot continue it are never chosen, and its end ends the sequence ("stop").
+    grammar: str | None = None
 
 
 #: A token's log-probability: (token id, logprob, ((id, logprob) of the likeliest, best
@@ -845,6 +849,7 @@ class Sequence:
     _prefix_offset: int = 0
     _read_offset: int = 0
     _generator: Any = None
+    _matcher: Any = None  # the grammar's state after the tokens generated so far
 
     @property
     def position(self) -> int:
@@ -892,6 +897,7 @@ class Engine:
         self.max_queue = max_queue
         self.row_by_row = backend.couples_rows and batch_invariant
         self.eos = eos_token_ids if eos_token_ids is not None else {tokenizer.eos_token_id}
+        self.grammars = Grammars(tokenizer, self.eos)
         self.on_step = on_step
         self.on_events = on_events
         self._events: list[Event] = []
@@ -1159,19 +1165,25 @@ class Engine:
         scores = logits
         if params.frequency_penalty or params.presence_penalty or params.logit_bias:
             scores = _adjusted(logits, params, seq.generated)
+        if params.grammar is not None:
+            scores = self._constrained(seq, scores)
         token = _choose(scores, params, seq._generator)
         # Its logprob before the token itself: whoever reads `generated` finds it.
         if params.logprobs is not None:
             seq.logprobs.extend(token_logprobs(logits[None], [token], params.logprobs))
         seq.generated.append(token)
+        if seq._matcher is not None and not seq._matcher.consume_token(token):
+            raise GrammarError(f"the grammar refused token {token}: {seq._matcher.get_error()}")
         # EOS ends a sequence without text; any other token may complete a stop string.
         eos = token in self.eos and not params.ignore_eos
         finish = "stop" if eos else self._detokenize(seq)
+        grammar_ended = seq._matcher is not None and seq._matcher.is_stopped()
         if finish is None and (
-            len(seq.generated) >= params.max_tokens
+            grammar_ended
+            or len(seq.generated) >= params.max_tokens
             or len(seq.prompt) + len(seq.generated) >= self.backend.context
         ):
-            finish = "length"
+            finish = "stop" if grammar_ended else "length"
             # A last token that ends inside a multi-byte character still counts.
             seq.text += self.tokenizer.decode(
                 seq.generated[seq._read_offset :], skip_special_tokens=True
@@ -1185,6 +1197,18 @@ class Engine:
             delta, seq._emitted = seq.text[seq._emitted : end], end
             self._emit(seq, delta, None)
         return False
+
+    def _constrained(self, seq: Sequence, scores: torch.Tensor) -> torch.Tensor:
+        """(V,) ``scores`` with minus infinity for every token the sequence's grammar
+        refuses next. The matcher is made on the sequence's first token, here in the
+        engine thread, so that a grammar that fails to build fails its sequence alone."""
+        if seq._matcher is None:
+            assert seq.params.grammar is not None
+            seq._matcher = self.grammars.matcher(seq.params.grammar)
+        allowed = allowed_tokens(seq._matcher, scores.shape[-1])
+        if not bool(allowed.any()):
+            raise GrammarError(f"no token continues the grammar: {seq._matcher.get_error()}")
+        return scores.masked_fill(~allowed, float("-inf"))
 
     def _detokenize(self, seq: Sequence) -> str | None:
         """Extend seq.text with the newest token; "stop" if a stop string appeared.

@@ -62,6 +62,13 @@ from unbottle.core.serving.engine import (
     TokenLogprob,
     default_threads,
 )
+from unbottle.core.serving.grammar import (
+    JSON_WHITESPACE,
+    KINDS,
+    GrammarError,
+    Grammars,
+    compile_grammar,
+)
 
 log = logging.getLogger("unbottle.server")
 
@@ -158,6 +165,10 @@ class _Body(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, Any] | None = None
+    # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs (a JSON
+    # schema, a regex, a choice, a grammar); the completions endpoint takes both, as vLLM's.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 ParsedT = TypeVar("ParsedT", bound=BaseModel)
@@ -210,7 +221,6 @@ class ChatBody(_Body):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
 
 
 class TokenizeBody(BaseModel):
@@ -228,6 +238,82 @@ class DetokenizeBody(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     tokens: list[int]
+
+
+#: vLLM's ``structured_outputs`` keys: one kind (grammar.KINDS) and how JSON may space.
+STRUCTURED_OUTPUT_KEYS = (*KINDS, "disable_any_whitespace", "whitespace_pattern")
+
+
+def _structured_output(
+    response_format: dict[str, Any] | None, structured_outputs: dict[str, Any] | None
+) -> tuple[str, Any, str, str] | None:
+    """(kind, spec, JSON's whitespace pattern, the parameter that asked) of a request's
+    structured output, or None for free text. Names the parameter of any mistake."""
+    free_text = response_format is None or response_format.get("type") == "text"
+    if structured_outputs is not None and not free_text:
+        raise APIError(
+            400,
+            "response_format and structured_outputs: give one, not both",
+            param="structured_outputs",
+            code="invalid_value",
+        )
+    if not free_text:
+        assert response_format is not None
+        kind = response_format.get("type")
+        if kind == "json_object":
+            return "json_object", None, JSON_WHITESPACE, "response_format"
+        schema = (response_format.get("json_schema") or {}) if kind == "json_schema" else None
+        if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
+            raise APIError(
+                400,
+                "response_format: {type: text}, {type: json_object}, or {type: json_schema, "
+                "json_schema: {name, schema: {...}}} "
+                f"(got {json.dumps(response_format)[:80]})",
+                param="response_format",
+                code="invalid_value",
+            )
+        return "json", schema["schema"], JSON_WHITESPACE, "response_format.json_schema.schema"
+    if structured_outputs is None:
+        return None
+    unknown = sorted(set(structured_outputs) - set(STRUCTURED_OUTPUT_KEYS))
+    asked = [k for k in KINDS if structured_outputs.get(k) not in (None, False)]
+    if unknown or len(asked) != 1:
+        problem = f"unknown key {unknown[0]!r}" if unknown else f"{len(asked)} kinds given"
+        raise APIError(
+            400,
+            f"structured_outputs: {problem}; give one of {', '.join(KINDS)} (and, for JSON, "
+            "disable_any_whitespace or whitespace_pattern)",
+            param="structured_outputs",
+            code="invalid_value",
+        )
+    no_whitespace = structured_outputs.get("disable_any_whitespace", False)
+    pattern = structured_outputs.get("whitespace_pattern")
+    for name, value, allowed, ok in (
+        ("disable_any_whitespace", no_whitespace, "true or false", isinstance(no_whitespace, bool)),
+        (
+            "whitespace_pattern",
+            pattern,
+            "a regular expression",
+            pattern is None or (isinstance(pattern, str) and pattern != ""),
+        ),
+    ):
+        if not ok:
+            raise APIError(
+                400,
+                f"structured_outputs.{name}: {allowed} (got {json.dumps(value)[:40]})",
+                param=f"structured_outputs.{name}",
+                code="invalid_value",
+            )
+    if no_whitespace and pattern is not None:
+        raise APIError(
+            400,
+            "structured_outputs: disable_any_whitespace and whitespace_pattern: give one",
+            param="structured_outputs.whitespace_pattern",
+            code="invalid_value",
+        )
+    kind = asked[0]
+    whitespace = "" if no_whitespace else pattern or JSON_WHITESPACE
+    return kind, structured_outputs[kind], whitespace, f"structured_outputs.{kind}"
 
 
 # --------------------------------------------------------------------------- the app
@@ -498,6 +584,7 @@ class _Service:
         self.max_tokens_limit = min(self.config.max_tokens or self.context, self.context)
         self.engine_ref = engine_ref
         self.metrics = metrics
+        self.grammars = Grammars(self.tokenizer, bundle.eos_token_ids)
         self.created = int(time.time())
         self.max_sequences = self.config.max_queue + self.config.max_batch
         # A token covers at most this many characters of text, so a longer text cannot fit
@@ -564,9 +651,6 @@ class _Service:
                 code="invalid_value",
             )
         if isinstance(body, ChatBody):
-            unsupported.update(
-                response_format=(body.response_format or {}).get("type", "text") != "text",
-            )
             calling = {
                 "tools": bool(body.tools),
                 "functions": bool(body.functions),
@@ -764,7 +848,21 @@ class _Service:
             pairs.append((token, float(value)))
         return tuple(pairs)
 
-    def _sampling(self, body: _Body, max_tokens: int) -> SamplingParams:
+    def _grammar(self, body: _Body) -> str | None:
+        """The request's structured output as a compiled and checked grammar (None: free
+        text). Builds llguidance's tokenizer on first use: call it in a thread."""
+        asked = _structured_output(body.response_format, body.structured_outputs)
+        if asked is None:
+            return None
+        kind, spec, whitespace, param = asked
+        try:
+            grammar = compile_grammar(kind, spec, whitespace=whitespace)
+            self.grammars.check(grammar)
+        except GrammarError as e:
+            raise APIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
+        return grammar
+
+    def _sampling(self, body: _Body, max_tokens: int, grammar: str | None = None) -> SamplingParams:
         if isinstance(body, CompletionBody):
             logprobs = body.logprobs
             prompt_logprobs = logprobs if body.echo else None
@@ -788,6 +886,7 @@ class _Service:
             stop=self._stops(body.stop),
             seed=body.seed,
             ignore_eos=body.ignore_eos,
+            grammar=grammar,
         )
 
     # -- endpoints -----------------------------------------------------------------------
@@ -800,7 +899,8 @@ class _Service:
         max_tokens = self._max_tokens(
             body.max_tokens, self.config.default_max_tokens, prompts, "prompt"
         )
-        params = self._sampling(body, max_tokens)
+        grammar = await asyncio.to_thread(self._grammar, body)
+        params = self._sampling(body, max_tokens, grammar)
         echoes = None
         if body.echo:  # the prompt as given, or its ids' text
             echoes = [
@@ -828,7 +928,8 @@ class _Service:
         ids = await self._chat_ids(body.messages, sequences=body.n)
         asked = body.max_completion_tokens or body.max_tokens
         max_tokens = self._max_tokens(asked, self.context, [ids], "messages")
-        params = self._sampling(body, max_tokens)
+        grammar = await asyncio.to_thread(self._grammar, body)
+        params = self._sampling(body, max_tokens, grammar)
         return await self._run(
             [ids], params, body, receive, kind="chat.completion", id_prefix="chatcmpl-"
         )
