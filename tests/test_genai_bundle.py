@@ -450,6 +450,15 @@ def test_gptq_genai_variant_is_evaluated_and_deployed_in_its_runtime(
         again = client.completions.create(
             model="genai", prompt=prompt, max_tokens=5, extra_body={"ignore_eos": True}
         )
+        # A structured output holds in genai's graph too (its logits' width, its vocab).
+        chosen = client.completions.create(
+            model="genai",
+            prompt=prompt,
+            max_tokens=12,
+            extra_body={"structured_outputs": {"choice": ["Alice lives", "Bob works"]}},
+        )
+    assert chosen.choices[0].text in ("Alice lives", "Bob works")
+    assert chosen.choices[0].finish_reason == "stop"
     assert reply.choices[0].text == expected and reply.usage.completion_tokens == 5
     assert reply.usage.prompt_tokens_details.cached_tokens == 0
     assert again.choices[0].text == expected

@@ -354,6 +354,7 @@ def test_a_bare_gguf_file_is_served_with_its_own_tokenizer_and_stop_tokens(bundl
 
     from unbottle.core.models.llama_cpp import file_end_of_generation
     from unbottle.core.serving.engine import SamplingParams, load_bundle
+    from unbottle.core.serving.grammar import compile_grammar
 
     (gguf,) = bundle.glob("*.gguf")
     bare = tmp_path / "bare"
@@ -367,9 +368,13 @@ def test_a_bare_gguf_file_is_served_with_its_own_tokenizer_and_stop_tokens(bundl
     engine.start()
     try:
         seq = engine.generate(ids, SamplingParams(max_tokens=NEW, ignore_eos=True))
+        # A grammar over the file's own vocabulary (llama.cpp's logits, its tokenizer).
+        grammar = compile_grammar("regex", "[a-z]{2,6} [0-9]")
+        shaped = engine.generate(ids, SamplingParams(max_tokens=NEW + 8, grammar=grammar))
     finally:
         engine.stop()
     assert seq.generated == solo[PROMPTS[0]]
+    assert re.fullmatch("[a-z]{2,6} [0-9]", shaped.text) and shaped.finish_reason == "stop"
 
 
 def test_requests_done_at_their_first_token_or_cancelled_give_their_sequences_back(bundle):

@@ -269,3 +269,23 @@ def test_a_grammar_that_fails_in_the_engine_fails_its_sequence_alone(bundle, tok
         assert fine.finish_reason == "stop" and fine.text in ("yes", "no")
     finally:
         engine.stop()
+
+
+def test_a_gguf_files_tokenizer_is_read_as_the_bytes_it_decodes_to(bundle, tmp_path):
+    """transformers' tokenizer of a GGUF file decodes byte-level pieces through a
+    sequence that llguidance takes for sentencepiece's: "Ġ" would be read as two letters,
+    and the mask would refuse every space. The tokenizer is given its byte-level decoder."""
+    from transformers import AutoTokenizer
+
+    from tests.test_formats import deploy
+    from unbottle.core.serving.grammar import Grammars, compile_grammar
+
+    deploy("gguf", {"type": "F16"}, bundle, tmp_path / "gguf")
+    (gguf,) = (tmp_path / "gguf").glob("*.gguf")
+    from_file = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    text = "lives in the city"
+    ids = from_file(text, add_special_tokens=False)["input_ids"]
+    assert from_file.decode(ids) == text
+    grammars = Grammars(from_file, {from_file.eos_token_id})
+    matcher = grammars.matcher(compile_grammar("regex", "[a-z]+( [a-z]+)*"))
+    assert matcher.consume_tokens(ids) and matcher.is_accepting()

@@ -62,7 +62,7 @@ from pydantic import Field, ValidationError
 
 from unbottle.core.contract.errors import ConfigError, DataError
 from unbottle.core.contract.strategies import StrategyConfig
-from unbottle.core.serving.grammar import GrammarError, Grammars, allowed_tokens
+from unbottle.core.serving.grammar import GrammarError, Grammars, mask_refused
 from unbottle.core.store.artifacts import path_kind
 
 if TYPE_CHECKING:
@@ -1205,10 +1205,7 @@ class Engine:
         if seq._matcher is None:
             assert seq.params.grammar is not None
             seq._matcher = self.grammars.matcher(seq.params.grammar)
-        allowed = allowed_tokens(seq._matcher, scores.shape[-1])
-        if not bool(allowed.any()):
-            raise GrammarError(f"no token continues the grammar: {seq._matcher.get_error()}")
-        return scores.masked_fill(~allowed, float("-inf"))
+        return mask_refused(seq._matcher, scores)
 
     def _detokenize(self, seq: Sequence) -> str | None:
         """Extend seq.text with the newest token; "stop" if a stop string appeared.
