@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,26 @@ def test_a_symmetric_variant_is_built_without_zero_points(tmp_path, tokenizer):
     ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(5))
     expected = TorchRunner(packed).logits(ids)
     assert torch.allclose(GenaiRunner(tmp_path / "sym").logits(ids), expected, atol=1e-5)
+
+
+def test_the_bundle_keeps_the_models_chat_template(tmp_path, gptq_packed):
+    """transformers writes a chat template to chat_template.jinja, beside the tokenizer's
+    files: a bundle without it is served with unbottle's question/answer template, and a
+    chat model answers off its format (seen on SmolLM2's bundle: no JSON where the
+    GGUF file of the same variant wrote it)."""
+    from transformers import AutoTokenizer
+
+    from unbottle.plugins.quantization.genai import build_genai_bundle
+
+    packed = tmp_path / "packed"
+    shutil.copytree(gptq_packed, packed)
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    tokenizer = AutoTokenizer.from_pretrained(packed)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(packed)
+    assert (packed / "chat_template.jinja").is_file()
+    build_genai_bundle(packed, tmp_path / "genai")
+    assert AutoTokenizer.from_pretrained(tmp_path / "genai").chat_template == template
 
 
 def test_genai_generate_on_a_left_padded_batch_keeps_the_prompt_columns(tmp_path, gptq_packed):

@@ -413,7 +413,9 @@ def build_genai_bundle(
             location="model.onnx.data",
         )
         del graph
-        for name in ("config.json", "generation_config.json"):  # the model's, for readers
+        # The model's, for readers; and its chat template, which transformers keeps in a
+        # file of its own that the builder's copy of the tokenizer leaves out.
+        for name in ("config.json", "generation_config.json", "chat_template.jinja"):
             if (packed_dir / name).is_file():
                 shutil.copy2(packed_dir / name, built / name)
         out_dir.mkdir(parents=True, exist_ok=True)
