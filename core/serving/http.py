@@ -22,6 +22,7 @@ a large prompt does not hold up ``/health``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hmac
 import ipaddress
@@ -45,7 +46,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
@@ -68,6 +69,13 @@ from unbottle.core.serving.grammar import (
     GrammarError,
     Grammars,
     compile_grammar,
+)
+from unbottle.core.serving.tools import (
+    ForcedCall,
+    ToolError,
+    forced_call,
+    read_tools,
+    template_tool_calls,
 )
 
 log = logging.getLogger("unbottle.server")
@@ -192,9 +200,20 @@ class TextPart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None
     name: str | None = None
+    #: An assistant turn's calls, and a tool turn's answer to one of them.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> Message:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content: null only in an assistant turn with tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool turn names the call it answers (tool_call_id)")
+        return self
 
     @field_validator("content", mode="wrap")
     @classmethod
@@ -206,9 +225,18 @@ class Message(BaseModel):
             raise ValueError("a string or a list of {type: text, text: ...} parts") from None
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
         return "".join(part.text for part in self.content)
+
+    def turn(self) -> dict[str, Any]:
+        """The message as transformers' chat templates take it."""
+        turn: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            turn["tool_calls"] = template_tool_calls(self.tool_calls)
+        if self.tool_call_id is not None:
+            turn["tool_call_id"] = self.tool_call_id
+        return turn
 
 
 class ChatBody(_Body):
@@ -216,7 +244,7 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Tool and function calling (and its older name, functions) are refused alike.
+    # Tools, with a call forced (core/serving/tools.py); the older functions are refused.
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -232,6 +260,7 @@ class TokenizeBody(BaseModel):
     messages: list[Message] | None = Field(None, min_length=1)
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
     add_generation_prompt: bool = True
+    tools: list[Any] | None = None  # for the chat template, with messages
 
 
 class DetokenizeBody(BaseModel):
@@ -652,16 +681,14 @@ class _Service:
             )
         if isinstance(body, ChatBody):
             calling = {
-                "tools": bool(body.tools),
                 "functions": bool(body.functions),
-                "tool_choice": body.tool_choice not in (None, "none", "auto"),
                 "function_call": body.function_call not in (None, "none", "auto"),
             }
             for name, used in calling.items():
                 if used:
                     raise APIError(
                         400,
-                        f"{name}: not supported by this server (no tool or function calling)",
+                        f"{name}: not supported by this server (give tools and tool_choice)",
                         param=name,
                         code="unsupported",
                     )
@@ -848,10 +875,21 @@ class _Service:
             pairs.append((token, float(value)))
         return tuple(pairs)
 
-    def _grammar(self, body: _Body) -> str | None:
-        """The request's structured output as a compiled and checked grammar (None: free
-        text). Builds llguidance's tokenizer on first use: call it in a thread."""
+    def _grammar(self, body: _Body, forced: ForcedCall | None = None) -> str | None:
+        """The request's structured output, or the form of the tool call it forces, as a
+        compiled and checked grammar (None: free text). Builds llguidance's tokenizer on
+        first use: call it in a thread."""
         asked = _structured_output(body.response_format, body.structured_outputs)
+        if forced is not None:
+            if asked is not None:
+                raise APIError(
+                    400,
+                    "tool_choice: a forced tool call has its own form; give no "
+                    "response_format or structured_outputs with it",
+                    param="tool_choice",
+                    code="invalid_value",
+                )
+            asked = ("json", forced.schema, JSON_WHITESPACE, "tools")
         if asked is None:
             return None
         kind, spec, whitespace, param = asked
@@ -925,28 +963,46 @@ class _Service:
                 param="max_completion_tokens",
                 code="invalid_value",
             )
-        ids = await self._chat_ids(body.messages, sequences=body.n)
+        try:
+            forced = forced_call(body.tools, body.tool_choice)
+        except ToolError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from None
+        ids = await self._chat_ids(body.messages, sequences=body.n, tools=body.tools)
         asked = body.max_completion_tokens or body.max_tokens
         max_tokens = self._max_tokens(asked, self.context, [ids], "messages")
-        grammar = await asyncio.to_thread(self._grammar, body)
+        grammar = await asyncio.to_thread(self._grammar, body, forced)
         params = self._sampling(body, max_tokens, grammar)
         return await self._run(
-            [ids], params, body, receive, kind="chat.completion", id_prefix="chatcmpl-"
+            [ids],
+            params,
+            body,
+            receive,
+            kind="chat.completion",
+            id_prefix="chatcmpl-",
+            forced=forced,
         )
 
     async def _chat_ids(
-        self, messages: list[Message], sequences: int = 1, add_generation_prompt: bool = True
+        self,
+        messages: list[Message],
+        sequences: int = 1,
+        add_generation_prompt: bool = True,
+        tools: list[Any] | None = None,
     ) -> list[int]:
-        """A conversation's token ids through the chat template (in a thread)."""
-        turns = [{"role": m.role, "content": m.text()} for m in messages]
+        """A conversation's token ids through the chat template (in a thread), which is
+        given the tools too: a template that knows them describes them to the model."""
+        turns = [m.turn() for m in messages]
         # The template only adds text, so the contents alone bound the prompt from below.
         self._check_size(sequences, ["".join(m["content"] for m in turns)], "messages")
         try:
             ids = await asyncio.to_thread(
-                self.tokenizer.apply_chat_template,
-                turns,
-                add_generation_prompt=add_generation_prompt,
-                tokenize=True,
+                functools.partial(
+                    self.tokenizer.apply_chat_template,
+                    turns,
+                    add_generation_prompt=add_generation_prompt,
+                    tokenize=True,
+                    tools=tools or None,
+                )
             )
         except Exception as e:  # the template itself refused the conversation
             raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
@@ -970,8 +1026,13 @@ class _Service:
                     param="add_special_tokens",
                     code="invalid_value",
                 )
+            if body.tools:
+                try:
+                    read_tools(body.tools)
+                except ToolError as e:
+                    raise APIError(400, str(e), param=e.param, code="invalid_value") from None
             ids = await self._chat_ids(
-                body.messages, add_generation_prompt=body.add_generation_prompt
+                body.messages, add_generation_prompt=body.add_generation_prompt, tools=body.tools
             )
         else:
             prompt = body.prompt
@@ -1018,6 +1079,7 @@ class _Service:
         kind: str,
         id_prefix: str,
         echoes: list[str] | None = None,
+        forced: ForcedCall | None = None,
     ) -> Response:
         engine = self.engine_ref["engine"]
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -1057,6 +1119,7 @@ class _Service:
             choices=body.n,
             names=self.token_names if params.logprobs is not None else None,
             echoes={s.index: echoes[s.index // body.n] for s in seqs} if echoes else {},
+            forced=forced,
         )
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -1086,7 +1149,10 @@ class _Call:
         choices,
         names=None,
         echoes=None,
+        forced=None,
     ) -> None:
+        #: The tool call the request forces: each choice's text is its calls.
+        self.forced: ForcedCall | None = forced
         #: Names the tokens of logprobs; None when the request asked for none.
         self.names: TokenNames | None = names
         #: The prompt text each choice starts with (``echo``), by choice index.
@@ -1184,10 +1250,11 @@ class _Call:
             reason = s.finish_reason
             text, logprobs = self._piece(s, texts[s.index])
             if self.kind == "chat.completion":
+                message, reason = self._message(text, reason)
                 choices.append(
                     {
                         "index": s.index,
-                        "message": {"role": "assistant", "content": text},
+                        "message": {"role": "assistant", **message},
                         "logprobs": logprobs,
                         "finish_reason": reason,
                     }
@@ -1206,6 +1273,17 @@ class _Call:
                 "usage": self._usage(),
             }
         )
+
+    def _message(self, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """A chat choice's message fields and finish reason: its text, or the tool calls
+        the request forced. As OpenAI has it, a call of any tool ("required") finishes
+        with ``tool_calls``, a named function's with ``stop``."""
+        calls = self.forced.calls(text) if self.forced is not None else None
+        if calls is None:
+            return {"content": text}, reason
+        if self.forced is not None and self.forced.function is None and reason == "stop":
+            reason = "tool_calls"
+        return {"content": None, "tool_calls": calls}, reason
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict | None = None) -> str:
         obj = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
@@ -1309,8 +1387,22 @@ class _Call:
             ],
         }
 
+    def _calls_chunk(self, seq: Sequence, text: str, finish: str) -> str:
+        """A forced tool call's whole answer, then its finish: OpenAI's streamed
+        ``tool_calls`` deltas, each call in one piece."""
+        text, logprobs = self._piece(seq, text)
+        message, reason = self._message(text, finish)
+        delta: dict[str, Any] = {"content": message["content"]}
+        if "tool_calls" in message:
+            delta["tool_calls"] = [
+                {"index": i, **call} for i, call in enumerate(message["tool_calls"])
+            ]
+        choice = {"index": seq.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}
+        return self._chunk([choice]) + self._chunk([self._choice(seq.index, None, reason)])
+
     async def stream(self, include_usage: bool) -> AsyncIterator[str]:
         pending = len(self.seqs)
+        whole: dict[int, str] = {}  # a forced tool call's text so far, by choice
         try:
             if self.kind == "chat.completion":  # the role first, as OpenAI sends it
                 yield self._chunk([self._choice(s.index, "", None, True) for s in self.seqs])
@@ -1333,13 +1425,19 @@ class _Call:
                         assert failed is not None
                         body = error_body(failed.message, failed.type, None, failed.code)
                         out.append(f"data: {json.dumps(body)}\n\n")
+                    elif finish is not None and self.forced is not None:
+                        # The calls go out whole at the end, with all their logprobs.
+                        calls = whole.pop(seq.index, "") + texts.pop(seq.index)
+                        out.append(self._calls_chunk(seq, calls, finish))
                     elif finish is not None:
                         # The rest of its text, and the logprobs of tokens without text
                         # (EOS), before the finish.
                         out.append(self._text_chunk(seq, texts.pop(seq.index)))
                         out.append(self._chunk([self._choice(seq.index, None, finish)]))
                 for index, merged in texts.items():
-                    if merged:
+                    if self.forced is not None:
+                        whole[index] = whole.get(index, "") + merged
+                    elif merged:
                         out.append(self._text_chunk(by_index[index], merged))
                 if out:
                     yield "".join(out)
