@@ -456,12 +456,12 @@ def test_the_server_keeps_what_it_loaded_out_of_garbage_collection(bundle):
 # --------------------------------------------------------------------------- 6. options
 
 
-def test_functions_are_refused_like_tools(http):
+def test_functions_are_refused_in_favour_of_tools(http):
+    """The older function calling is refused, naming its successor (tests/test_server_tools.py
+    has tools themselves)."""
     message = [{"role": "user", "content": "hi"}]
     calling = {
         "functions": [{"name": "f", "parameters": {}}],  # was accepted, and ignored
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-        "tool_choice": "required",
         "function_call": {"name": "f"},
     }
     for field, value in calling.items():
@@ -469,7 +469,7 @@ def test_functions_are_refused_like_tools(http):
         text = assert_openai_error(
             http.post("/v1/chat/completions", json=body), 400, field, "unsupported"
         )
-        assert text == f"{field}: not supported by this server (no tool or function calling)"
+        assert text == f"{field}: not supported by this server (give tools and tool_choice)"
     for none in ({"tool_choice": "none"}, {"function_call": "auto"}, {"tools": []}):
         body = {"model": MODEL, "messages": message, "max_tokens": 1} | none
         assert http.post("/v1/chat/completions", json=body).status_code == 200

@@ -889,7 +889,9 @@ class _Service:
                     param="tool_choice",
                     code="invalid_value",
                 )
-            asked = ("json", forced.schema, JSON_WHITESPACE, "tools")
+            # Compact, as OpenAI writes arguments: a program reads them, and every space
+            # would be a token more to decode.
+            asked = ("json", forced.schema, "", "tools")
         if asked is None:
             return None
         kind, spec, whitespace, param = asked

@@ -92,7 +92,7 @@ def read_tools(tools: list[Any]) -> dict[str, dict[str, Any]]:
 
 def forced_call(tools: list[Any] | None, tool_choice: Any) -> ForcedCall | None:
     """The call a request forces, None when it forces none (no tools, or ``"none"``)."""
-    if tool_choice is not None and not tools:
+    if tool_choice not in (None, "none") and not tools:
         raise ToolError("tool_choice", "only allowed when tools are given")
     if not tools or tool_choice == "none":
         return None
