@@ -146,8 +146,12 @@ def save_tokenizer(model_dir: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def write_generation_config(model_dir: Path, out_dir: Path, max_new_tokens: int) -> None:
-    """Greedy decoding with the model's special tokens: what the bundle's users get."""
+def write_generation_config(model_dir: Path, out_dir: Path) -> None:
+    """Greedy decoding with the model's special tokens: what the bundle's users get.
+
+    No length: transformers prefers a ``max_new_tokens`` found here to the ``max_length``
+    a caller passes (lm-eval's ``hf`` model does), so a default here would cut or stretch
+    their generations. The card's example names its own."""
     from transformers import GenerationConfig
 
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
@@ -155,7 +159,6 @@ def write_generation_config(model_dir: Path, out_dir: Path, max_new_tokens: int)
         bos_token_id=config.get("bos_token_id"),
         eos_token_id=config.get("eos_token_id"),
         pad_token_id=config.get("pad_token_id"),
-        max_new_tokens=max_new_tokens,
         do_sample=False,
     ).save_pretrained(out_dir)
 
@@ -224,7 +227,7 @@ class HuggingFaceBundle:
                 if (model_dir / name).is_file():
                     shutil.copy2(model_dir / name, out_dir / name)
         save_tokenizer(model_dir, out_dir)
-        write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
+        write_generation_config(model_dir, out_dir)
         self.write_card(out_dir, ctx)
 
         # The bundle is only done if transformers can load it and generate from it.
@@ -362,7 +365,7 @@ class OnnxBundle:
                 if path.suffix == ".onnx" or path.name in ("config.json", "ort_config.json"):
                     shutil.copy2(path, out_dir / path.name)
         save_tokenizer(model_dir, out_dir)
-        write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
+        write_generation_config(model_dir, out_dir)
         (model_file,) = out_dir.glob("*.onnx")
         self.write_card(out_dir, ctx)
 
@@ -420,7 +423,7 @@ class OnnxBundle:
                 accuracy_level=self.config.accuracy_level,
             )
         save_tokenizer(model_dir, out_dir)
-        write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
+        write_generation_config(model_dir, out_dir)
         self.write_card(out_dir, ctx)
         # The bundle is only done if onnxruntime-genai loads it, tokenizes the card's prompt
         # as transformers does, and generates from it.
@@ -524,7 +527,7 @@ print(reply.choices[0].message.content)
 `unbottle serve` override them."""
 
 
-def packed_bundle(model_dir: Path, out_dir: Path, max_new_tokens: int) -> dict[str, Any]:
+def packed_bundle(model_dir: Path, out_dir: Path) -> dict[str, Any]:
     """A packed variant's files, tokenizer and generation config, as they are."""
     from unbottle.compression import QUANT_CONFIG
 
@@ -532,7 +535,7 @@ def packed_bundle(model_dir: Path, out_dir: Path, max_new_tokens: int) -> dict[s
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out_dir / name)
     save_tokenizer(model_dir, out_dir)
-    write_generation_config(model_dir, out_dir, max_new_tokens)
+    write_generation_config(model_dir, out_dir)
     return {"weights_bytes": (out_dir / "model.safetensors").stat().st_size}
 
 
@@ -560,7 +563,7 @@ class ServerBundle:
             update={"model_name": self.config.model_name or f"unbottle-{ctx.variant}"}
         )
         if ctx.model_format == "packed":
-            facts = packed_bundle(model_dir, out_dir, config.default_max_tokens)
+            facts = packed_bundle(model_dir, out_dir)
         else:
             # An onnx or genai variant is copied as it is by the onnx target.
             inner = HuggingFaceBundle if ctx.model_format == "hf" else OnnxBundle

@@ -181,7 +181,7 @@ class GgufBundle:
             facts = write_quantized_gguf(model_dir, out_dir, out_dir / file_name, gguf_type)
         else:
             facts = write_gguf(model_dir, out_dir, out_dir / file_name, gguf_type)
-        write_generation_config(model_dir, out_dir, self.config.max_new_tokens)
+        write_generation_config(model_dir, out_dir)
         self.write_card(out_dir, ctx)
 
         # The bundle is only done if its runtime loads the file and generates from it.
