@@ -131,11 +131,15 @@ def judge(text: str, truth: dict[str, Any]) -> dict[str, bool]:
 
 
 def ask(client: Any, model: str, content: str, response_format: Any, max_tokens: int) -> dict:
-    """One streamed request: its text, completion tokens, and seconds per token after the
-    first."""
+    """One streamed request: its text, completion tokens, finish reason, and seconds per
+    token between its first and last pieces of text.
+
+    An answer that ends with the end token spends its last step on a token with no text
+    (after the last piece); one ended by its grammar does not. So the steps between the
+    first and last pieces are the tokens less one, less one more for an end token."""
     extra = {"response_format": response_format} if response_format else {}
     started = time.perf_counter()
-    stamps, parts, usage = [], [], None
+    stamps, parts, usage, finish = [], [], None, None
     stream = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": content}],
@@ -151,11 +155,15 @@ def ask(client: Any, model: str, content: str, response_format: Any, max_tokens:
         if chunk.choices and chunk.choices[0].delta.content:
             parts.append(chunk.choices[0].delta.content)
             stamps.append(time.perf_counter())
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
     tokens = usage.completion_tokens if usage else 0
-    per_token = (stamps[-1] - stamps[0]) / (tokens - 1) if len(stamps) > 1 and tokens > 1 else None
+    steps = tokens - 1 - (finish == "stop" and response_format is None)
+    per_token = (stamps[-1] - stamps[0]) / steps if len(stamps) > 1 and steps > 0 else None
     return {
         "text": "".join(parts),
         "tokens": tokens,
+        "finish": finish,
         "ttft_s": stamps[0] - started if stamps else None,
         "s_per_token": per_token,
     }
@@ -247,7 +255,10 @@ def main() -> None:
             "rows": rows,
             "answers": {
                 label: {
-                    mode: [{"text": a["text"], "tokens": a["tokens"]} for a in given]
+                    mode: [
+                        {"text": a["text"], "tokens": a["tokens"], "finish": a["finish"]}
+                        for a in given
+                    ]
                     for mode, given in results.items()
                 }
                 for label, results in answers.items()
