@@ -1299,9 +1299,10 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generator: Any) -> int
 
     if params.temperature < GREEDY_BELOW:
         # In numpy, on this thread: torch splits a vocabulary-long argmax across its
-        # threads, whose second waits for a core that ONNX Runtime's or llama.cpp's own
-        # threads still spin on after their step (bench/greedy_choice_ab.py: the genai
-        # bundle decoded about 5% faster so). Both take the first of equal maxima.
+        # threads, whose second may wait for a core that ONNX Runtime's or llama.cpp's
+        # own threads still spin on after their step. A small gain at most
+        # (bench/greedy_choice_ab.py: 0.99x to 1.06x per process, the GGUF file's
+        # rows a little more often faster). Both take the first of equal maxima.
         if logits.dtype not in (torch.float32, torch.float16, torch.float64):
             logits = logits.float()
         return int(np.argmax(logits.detach().numpy()))
