@@ -21,9 +21,13 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import labelled_bundles
 
 import unbottle.core.serving.engine as engine_module
 from unbottle.core.serving.engine import SamplingParams, load_bundle
@@ -86,12 +90,9 @@ def main() -> None:
     results = {}
     print("| bundle | torch argmax tokens/s | numpy argmax tokens/s | × (median of rounds) "
           "| rounds faster | same tokens |\n|---|---:|---:|---:|---:|---|", flush=True)  # fmt: skip
-    for item in args.bundles:
-        label, _, path = item.partition("=")
-        if not path or not Path(path).is_dir():
-            raise SystemExit(f"error: {item!r}: expected LABEL=BUNDLE_DIRECTORY")
-        result = measure(Path(path), args.rounds, args.new_tokens, args.threads)
-        results[label] = {"bundle": path, **result}
+    for label, path in labelled_bundles(args.bundles):
+        result = measure(path, args.rounds, args.new_tokens, args.threads)
+        results[label] = {"bundle": str(path), **result}
         before, now = (statistics.median(v) for v in result["speeds"].values())
         print(
             f"| {label} | {before:.1f} | {now:.1f} | {result['ratio_median']:.3f} | "

@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compress_real as real
-from serve_load import free_port, start_server
+from serve_load import free_port, labelled_bundles, start_server
 
 CLOZE = """\
 task: heldout_cloze
@@ -180,12 +180,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="The server's threads (default: its own).")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    bundles = []
-    for item in args.bundles:
-        label, _, path = item.partition("=")
-        if not path or not Path(path).is_dir():
-            raise SystemExit(f"error: {item!r}: expected LABEL=BUNDLE_DIRECTORY")
-        bundles.append((label, Path(path)))
+    bundles = labelled_bundles(args.bundles)
     load_before = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as scratch:

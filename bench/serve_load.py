@@ -89,6 +89,17 @@ def prefix_of(words: int) -> str:
     return " ".join(PASSAGE[i % len(PASSAGE)] for i in range(words)) + "\n\n"
 
 
+def labelled_bundles(items: list[str]) -> list[tuple[str, Path]]:
+    """``LABEL=BUNDLE`` arguments, each a directory, as (label, path) pairs."""
+    bundles = []
+    for item in items:
+        label, _, path = item.partition("=")
+        if not path or not Path(path).is_dir():
+            raise SystemExit(f"error: {item!r}: expected LABEL=BUNDLE_DIRECTORY")
+        bundles.append((label, Path(path)))
+    return bundles
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

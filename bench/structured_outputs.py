@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import free_port, start_server
+from serve_load import free_port, labelled_bundles, start_server
 
 NAMES = [
     "Alice Martin",
@@ -192,7 +192,7 @@ def run_bundle(bundle: Path, items: list[dict], max_tokens: int, threads: int | 
         proc.wait(60)
 
 
-def summary(answers: list[dict], max_tokens: int) -> dict[str, Any]:
+def summary(answers: list[dict]) -> dict[str, Any]:
     def share(key: str) -> float:
         return sum(a[key] for a in answers) / len(answers)
 
@@ -204,7 +204,7 @@ def summary(answers: list[dict], max_tokens: int) -> dict[str, Any]:
         "correct": share("correct"),
         "tokens_mean": statistics.mean(a["tokens"] for a in answers),
         "ms_per_token_median": 1000 * statistics.median(timed) if timed else None,
-        "ended_by_length": sum(a["tokens"] >= max_tokens for a in answers),
+        "ended_by_length": sum(a["finish"] == "length" for a in answers),
     }
 
 
@@ -217,12 +217,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="The server's threads (default: its own).")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    bundles = []
-    for item in args.bundles:
-        label, _, path = item.partition("=")
-        if not path or not Path(path).is_dir():
-            raise SystemExit(f"error: {item!r}: expected LABEL=BUNDLE_DIRECTORY")
-        bundles.append((label, Path(path)))
+    bundles = labelled_bundles(args.bundles)
     items = records(args.count, args.seed)
     load_before = os.getloadavg()
     rows, answers = [], {}
@@ -235,7 +230,7 @@ def main() -> None:
         results = run_bundle(bundle, items, args.max_tokens, args.threads)
         answers[label] = results
         for mode, given in results.items():
-            row = {"bundle": label, "mode": mode, **summary(given, args.max_tokens)}
+            row = {"bundle": label, "mode": mode, **summary(given)}
             rows.append(row)
             print(
                 f"| {label} | {mode} | {row['parses']:.0%} | {row['dug_out']:.0%} | "
