@@ -170,9 +170,8 @@ def mask_refused(matcher: Any, scores: torch.Tensor) -> torch.Tensor:
     """A copy of (V,) ``scores`` with minus infinity for every token ``matcher`` refuses
     next; ids past the tokenizer's vocabulary (a model's padded rows) are refused too.
 
-    In numpy, on one thread: torch would split these 49k-element operations across its
-    threads, and each split waits on a core the server's other work holds (7 ms an
-    operation was seen with both cores busy, against 0.2 ms on one thread)."""
+    In numpy, on one thread: torch would split these vocabulary-long operations across
+    its threads, and a split can wait on a core that the server's other work holds."""
     import numpy as np
     import torch
 
