@@ -94,9 +94,12 @@ def test_a_named_function_is_called_with_arguments_that_keep_to_its_schema(clien
         stream=True,
     )
     deltas = [c.choices[0] for c in streamed if c.choices]
-    calls = [d.delta.tool_calls for d in deltas if d.delta.tool_calls]
-    assert len(calls) == 1 and calls[0][0].function.name == "wx"
-    assert calls[0][0].function.arguments == call.function.arguments  # greedy, the same
+    # As OpenAI streams them: the first delta names the call, the next extend its arguments.
+    pieces = [d.delta.tool_calls[0] for d in deltas if d.delta.tool_calls]
+    assert len(pieces) > 2 and pieces[0].function.name == "wx" and pieces[0].id
+    assert all(p.index == 0 and p.id is None and p.function.name is None for p in pieces[1:])
+    # Greedy: the same arguments, piece by piece.
+    assert "".join(p.function.arguments for p in pieces) == call.function.arguments
     assert deltas[-1].finish_reason == "stop"
     assert not any(d.delta.content for d in deltas)
 
@@ -123,6 +126,17 @@ def test_required_calls_one_or_more_of_the_tools_each_with_its_own_arguments(cli
             names.add(call.function.name)
             jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
     assert names  # at least one choice completed its calls
+    # Streamed, the calls come whole in one delta (an array's items are known once it is
+    # parsed), then the finish; the same seed gives the same calls.
+    asked = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=80)
+    whole = client.chat.completions.create(**asked, temperature=0.8, seed=3)
+    streamed = client.chat.completions.create(**asked, temperature=0.8, seed=3, stream=True)
+    deltas = [c.choices[0] for c in streamed if c.choices]
+    (pieces,) = [d.delta.tool_calls for d in deltas if d.delta.tool_calls]
+    assert [(p.function.name, p.function.arguments) for p in pieces] == [
+        (c.function.name, c.function.arguments) for c in whole.choices[0].message.tool_calls
+    ]
+    assert deltas[-1].finish_reason == whole.choices[0].finish_reason == "tool_calls"
 
 
 def test_a_conversation_carries_calls_and_results_to_the_template(server, bundle):

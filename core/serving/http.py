@@ -1312,7 +1312,16 @@ class _Call:
             delta: dict[str, Any] = {}
             if first:
                 delta["role"] = "assistant"
-            if text is not None:
+            if text is not None and self.forced is not None and self.forced.function is not None:
+                # A named function's arguments stream as they come, as OpenAI's do: the
+                # first delta names the call, the next ones extend its arguments.
+                call: dict[str, Any] = {"index": 0, "function": {"arguments": text}}
+                if first:
+                    (named,) = self.forced.calls("")
+                    call.update(id=named["id"], type="function")
+                    call["function"]["name"] = self.forced.function
+                delta["tool_calls"] = [call]
+            elif text is not None:
                 delta["content"] = text
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
@@ -1390,8 +1399,9 @@ class _Call:
         }
 
     def _calls_chunk(self, seq: Sequence, text: str, finish: str) -> str:
-        """A forced tool call's whole answer, then its finish: OpenAI's streamed
-        ``tool_calls`` deltas, each call in one piece."""
+        """The calls of ``tool_choice: required``, whole, then the finish: OpenAI's
+        streamed ``tool_calls`` deltas, each call in one piece (the array's items are known
+        only once it is parsed)."""
         text, logprobs = self._piece(seq, text)
         message, reason = self._message(text, finish)
         delta: dict[str, Any] = {"content": message["content"]}
@@ -1404,7 +1414,8 @@ class _Call:
 
     async def stream(self, include_usage: bool) -> AsyncIterator[str]:
         pending = len(self.seqs)
-        whole: dict[int, str] = {}  # a forced tool call's text so far, by choice
+        whole: dict[int, str] = {}  # required calls' text so far, by choice
+        buffered = self.forced is not None and self.forced.function is None
         try:
             if self.kind == "chat.completion":  # the role first, as OpenAI sends it
                 yield self._chunk([self._choice(s.index, "", None, True) for s in self.seqs])
@@ -1427,7 +1438,7 @@ class _Call:
                         assert failed is not None
                         body = error_body(failed.message, failed.type, None, failed.code)
                         out.append(f"data: {json.dumps(body)}\n\n")
-                    elif finish is not None and self.forced is not None:
+                    elif finish is not None and buffered:
                         # The calls go out whole at the end, with all their logprobs.
                         calls = whole.pop(seq.index, "") + texts.pop(seq.index)
                         out.append(self._calls_chunk(seq, calls, finish))
@@ -1437,7 +1448,7 @@ class _Call:
                         out.append(self._text_chunk(seq, texts.pop(seq.index)))
                         out.append(self._chunk([self._choice(seq.index, None, finish)]))
                 for index, merged in texts.items():
-                    if self.forced is not None:
+                    if buffered:
                         whole[index] = whole.get(index, "") + merged
                     elif merged:
                         out.append(self._text_chunk(by_index[index], merged))
