@@ -234,6 +234,48 @@ def test_sampling_follows_the_seed_and_top_p(client, greedy, tokenizer):
     assert sample(temperature=1.0, top_p=1e-6, seed=3) == text_of(tokenizer, greedy["Alice"])
 
 
+def nucleus_by_definition(logits, temperature: float, top_p: float):
+    """(V,) probabilities: softmax(logits / T) cut to the smallest likeliest prefix whose
+    mass reaches top_p, by a full sort, renormalized."""
+    import torch
+
+    probs = torch.softmax(logits / temperature, 0)
+    ordered, order = probs.sort(descending=True)
+    keep = ordered.cumsum(0) - ordered < top_p
+    keep[0] = True
+    expected = torch.zeros_like(probs)
+    expected[order[keep]] = ordered[keep] / ordered[keep].sum()
+    return expected
+
+
+def test_sampling_draws_from_the_tempered_nucleus_and_nothing_outside():
+    import torch
+
+    from unbottle.core.serving.engine import NUCLEUS_FIRST_K, SamplingParams, _choose
+
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0])
+    draws = 20_000
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.8), (1.3, 0.95), (2.0, 0.5)):
+        expected = nucleus_by_definition(logits, temperature, top_p)
+        params = SamplingParams(max_tokens=1, temperature=temperature, top_p=top_p)
+        generator = torch.Generator().manual_seed(0)
+        drawn = torch.tensor([_choose(logits, params, generator) for _ in range(draws)])
+        frequencies = torch.bincount(drawn, minlength=len(logits)) / draws
+        assert (frequencies[expected == 0] == 0).all()
+        # Binomial standard error at most 0.0035: 0.012 is past 3 of them.
+        assert torch.allclose(frequencies, expected, atol=0.012), (temperature, top_p)
+    # A flat distribution over a large vocabulary: the nucleus lies far past the first
+    # NUCLEUS_FIRST_K tokens, and every draw falls in it, near its end too.
+    wide = -torch.arange(20_000, dtype=torch.float32) * 1e-4
+    expected = nucleus_by_definition(wide, 1.0, 0.5)
+    size = int((expected > 0).sum())
+    assert size > 8 * NUCLEUS_FIRST_K
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.5)
+    generator = torch.Generator().manual_seed(1)
+    drawn = [_choose(wide, params, generator) for _ in range(2_000)]
+    assert max(drawn) < size and max(drawn) > 0.95 * size
+
+
 # --------------------------------------------------------------------------- batching
 
 
