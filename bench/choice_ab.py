@@ -116,6 +116,24 @@ def measure(
     }
 
 
+def time_alone(vocabulary: int, sampling: dict[str, float], calls: int = 200) -> dict[str, float]:
+    """Milliseconds a call of each choice takes on random logits of ``vocabulary``."""
+    import torch
+
+    logits = torch.randn(vocabulary, generator=torch.Generator().manual_seed(0)) * 3
+    params = SamplingParams(max_tokens=1, **sampling)
+    out = {}
+    for name, choose in (("before", choice_before), ("now", CHOICE_NOW)):
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            choose(logits, params, generator)
+        started = time.perf_counter()
+        for _ in range(calls):
+            choose(logits, params, generator)
+        out[name] = 1000 * (time.perf_counter() - started) / calls
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundles", nargs="+", help="LABEL=BUNDLE")
@@ -129,6 +147,12 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     sampling = {"temperature": args.temperature, "top_p": args.top_p}
+    alone = time_alone(49_152, sampling)
+    print(
+        f"one choice on 49,152 random logits: {alone['before']:.3f} ms before, "
+        f"{alone['now']:.3f} ms now",
+        flush=True,
+    )
     print("| bundle | before tokens/s | now tokens/s | × (median of rounds) "
           "| rounds faster | same tokens |\n|---|---:|---:|---:|---:|---|", flush=True)  # fmt: skip
     for label, path in labelled_bundles(args.bundles):
@@ -148,6 +172,7 @@ def main() -> None:
             "threads": args.threads,
             "batch": args.batch,
             "sampling": sampling,
+            "ms_per_choice_alone": alone,
             "results": results,
         }
         args.json.write_text(json.dumps(out, indent=2) + "\n")
