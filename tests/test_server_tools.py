@@ -180,6 +180,47 @@ def test_a_conversation_carries_calls_and_results_to_the_template(server, bundle
     assert reply.json()["choices"][0]["message"].get("tool_calls") is None
 
 
+def test_a_template_that_ignores_tools_gets_them_in_a_system_turn(bundle):
+    """The served tiny model's own template (question and answer) renders no tools: the
+    server writes them into a system turn, and an earlier call as its JSON, so the model
+    sees what it may call and what it called."""
+    from transformers import AutoTokenizer
+
+    turns = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "wx", "arguments": '{"city": "Rome"}'},
+                }
+            ],
+        },
+        {"role": "user", "content": "And 2 + 3?"},
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(bundle)
+    with live_server(bundle, {"model_name": MODEL}) as url:
+        r = httpx.post(
+            f"{url}/tokenize", json={"model": MODEL, "messages": turns, "tools": TOOLS}, timeout=30
+        )
+        assert r.status_code == 200, r.text
+        text = tokenizer.decode(r.json()["tokens"])
+        plain = httpx.post(f"{url}/tokenize", json={"model": MODEL, "messages": ASK}, timeout=30)
+        assert tokenizer.decode(plain.json()["tokens"]) == "Question: Rome?\nAnswer:"
+    system, rest = text.split("\nQuestion: Rome?\n")
+    assert system.startswith("You can call these tools")
+    listed = [json.loads(line) for line in system.splitlines()[1:]]
+    assert [(t["name"], t["parameters"]) for t in listed] == [("wx", WEATHER), ("add", ADD)]
+    assert listed[1]["description"] == "a + b"
+    assert rest == (
+        'Answer: {"name": "wx", "parameters": {"city": "Rome"}}'
+        f"{tokenizer.eos_token}Question: And 2 + 3?\nAnswer:"
+    )
+
+
 @pytest.mark.parametrize(
     ("body", "param", "says"),
     [

@@ -76,6 +76,7 @@ from unbottle.core.serving.tools import (
     forced_call,
     read_tools,
     template_tool_calls,
+    tools_written_in,
 )
 
 log = logging.getLogger("unbottle.server")
@@ -614,6 +615,7 @@ class _Service:
         self.engine_ref = engine_ref
         self.metrics = metrics
         self.grammars = Grammars(self.tokenizer, bundle.eos_token_ids)
+        self._reads_tools: bool | None = None  # see _template_reads_tools
         self.created = int(time.time())
         self.max_sequences = self.config.max_queue + self.config.max_batch
         # A token covers at most this many characters of text, so a longer text cannot fit
@@ -992,25 +994,39 @@ class _Service:
         tools: list[Any] | None = None,
     ) -> list[int]:
         """A conversation's token ids through the chat template (in a thread), which is
-        given the tools too: a template that knows them describes them to the model."""
+        given the tools too: a template that knows them describes them to the model. One
+        that ignores them (SmolLM2's) gets them written into a system turn, and earlier
+        calls as their JSON, so that the model sees what it may call and what it did."""
         turns = [m.turn() for m in messages]
         # The template only adds text, so the contents alone bound the prompt from below.
         self._check_size(sequences, ["".join(m["content"] for m in turns)], "messages")
+        render = functools.partial(
+            self.tokenizer.apply_chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+        )
+        if tools and not await asyncio.to_thread(self._template_reads_tools):
+            turns, tools = tools_written_in(turns, tools), None
         try:
-            ids = await asyncio.to_thread(
-                functools.partial(
-                    self.tokenizer.apply_chat_template,
-                    turns,
-                    add_generation_prompt=add_generation_prompt,
-                    tokenize=True,
-                    tools=tools or None,
-                )
-            )
+            ids = await asyncio.to_thread(render, turns, tools=tools or None)
         except Exception as e:  # the template itself refused the conversation
             raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
         if hasattr(ids, "keys"):  # some versions return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
+
+    def _template_reads_tools(self) -> bool:
+        """Whether the chat template renders ``tools`` at all (a probe, rendered with and
+        without one tool; the answer is kept)."""
+        if self._reads_tools is None:
+            probe = [{"role": "user", "content": "?"}]
+            tool = {"type": "function", "function": {"name": "probe", "parameters": {}}}
+            render = functools.partial(self.tokenizer.apply_chat_template, tokenize=False)
+            try:
+                self._reads_tools = render(probe, tools=[tool]) != render(probe)
+            except Exception:  # a template that refuses tools reads them, in its way
+                self._reads_tools = True
+        return self._reads_tools
 
     async def tokenize(self, body: TokenizeBody) -> dict[str, Any]:
         if body.model is not None:

@@ -143,3 +143,42 @@ def template_tool_calls(tool_calls: list[Any]) -> list[dict[str, Any]]:
                 function["arguments"] = parsed
         out.append({"id": call.get("id"), "type": "function", "function": function})
     return out
+
+
+#: How a system turn introduces the tools to a model whose template does not.
+TOOLS_PREAMBLE = (
+    "You can call these tools (each a function and the JSON schema of its parameters). "
+    'A call is written as JSON: {"name": ..., "parameters": {...}}.'
+)
+
+
+def tools_written_in(turns: list[dict[str, Any]], tools: list[Any]) -> list[dict[str, Any]]:
+    """``turns`` for a chat template that ignores tools: the tools described at the end of
+    the first system turn (or in one of their own, first), and each assistant turn's calls
+    written as its content, in the form a call is asked in."""
+    listed = "\n".join(
+        json.dumps(
+            {
+                "name": tool["function"]["name"],
+                "description": tool["function"].get("description", ""),
+                "parameters": tool["function"].get("parameters", NO_PARAMETERS),
+            }
+        )
+        for tool in tools
+    )
+    described = f"{TOOLS_PREAMBLE}\n{listed}"
+    out = [dict(turn) for turn in turns]
+    if out and out[0]["role"] in ("system", "developer"):
+        out[0]["content"] = f"{out[0]['content']}\n\n{described}".lstrip()
+    else:
+        out.insert(0, {"role": "system", "content": described})
+    for turn in out:
+        calls = turn.pop("tool_calls", None)
+        if calls:
+            written = [
+                {"name": c["function"]["name"], "parameters": c["function"].get("arguments")}
+                for c in calls
+            ]
+            text = json.dumps(written[0] if len(written) == 1 else written)
+            turn["content"] = f"{turn['content']}\n{text}".lstrip()
+    return out
