@@ -109,7 +109,9 @@ def requests(count: int, seed: int) -> list[dict[str, Any]]:
     return out
 
 
-def run_bundle(bundle: Path, items: list[dict], max_tokens: int, threads: int | None) -> list:
+def run_bundle(
+    bundle: Path, items: list[dict], max_tokens: int, threads: int | None, parallel: bool
+) -> list:
     import openai
 
     port = free_port()
@@ -124,6 +126,7 @@ def run_bundle(bundle: Path, items: list[dict], max_tokens: int, threads: int | 
                 messages=[{"role": "user", "content": item["question"]}],
                 tools=TOOLS,
                 tool_choice="required",
+                parallel_tool_calls=parallel,
                 max_tokens=max_tokens,
                 temperature=0,
             )
@@ -158,6 +161,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="The server's threads (default: its own).")
+    parser.add_argument(
+        "--one-call", action="store_true", help="parallel_tool_calls false: one call each."
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     items = requests(args.count, args.seed)
@@ -168,7 +174,7 @@ def main() -> None:
         flush=True,
     )
     for label, bundle in labelled_bundles(args.bundles):
-        answers[label] = run_bundle(bundle, items, args.max_tokens, args.threads)
+        answers[label] = run_bundle(bundle, items, args.max_tokens, args.threads, not args.one_call)
         row = {"bundle": label, **score(items, answers[label])}
         rows.append(row)
         print(
@@ -181,6 +187,7 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
             "count": args.count,
             "seed": args.seed,
+            "parallel_tool_calls": not args.one_call,
             "rows": rows,
             "requests": items,
             "answers": answers,

@@ -137,6 +137,12 @@ def test_required_calls_one_or_more_of_the_tools_each_with_its_own_arguments(cli
         (c.function.name, c.function.arguments) for c in whole.choices[0].message.tool_calls
     ]
     assert deltas[-1].finish_reason == whole.choices[0].finish_reason == "tool_calls"
+    # OpenAI's parallel_tool_calls false: exactly one call, every time.
+    single = client.chat.completions.create(
+        **asked, temperature=1.0, seed=5, n=4, parallel_tool_calls=False
+    )
+    completed = [c for c in single.choices if c.finish_reason != "length"]
+    assert completed and all(len(c.message.tool_calls) == 1 for c in completed)
 
 
 def test_a_conversation_carries_calls_and_results_to_the_template(server, bundle):

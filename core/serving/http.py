@@ -248,6 +248,7 @@ class ChatBody(_Body):
     # Tools, with a call forced (core/serving/tools.py); the older functions are refused.
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
     functions: list[Any] | None = None
     function_call: Any = None
 
@@ -968,7 +969,7 @@ class _Service:
                 code="invalid_value",
             )
         try:
-            forced = forced_call(body.tools, body.tool_choice)
+            forced = forced_call(body.tools, body.tool_choice, body.parallel_tool_calls)
         except ToolError as e:
             raise APIError(400, str(e), param=e.param, code="invalid_value") from None
         ids = await self._chat_ids(body.messages, sequences=body.n, tools=body.tools)

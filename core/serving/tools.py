@@ -90,8 +90,11 @@ def read_tools(tools: list[Any]) -> dict[str, dict[str, Any]]:
     return schemas
 
 
-def forced_call(tools: list[Any] | None, tool_choice: Any) -> ForcedCall | None:
-    """The call a request forces, None when it forces none (no tools, or ``"none"``)."""
+def forced_call(
+    tools: list[Any] | None, tool_choice: Any, parallel: bool = True
+) -> ForcedCall | None:
+    """The call a request forces, None when it forces none (no tools, or ``"none"``).
+    ``parallel`` false (OpenAI's ``parallel_tool_calls``) makes ``required`` one call."""
     if tool_choice not in (None, "none") and not tools:
         raise ToolError("tool_choice", "only allowed when tools are given")
     if not tools or tool_choice == "none":
@@ -114,7 +117,10 @@ def forced_call(tools: list[Any] | None, tool_choice: Any) -> ForcedCall | None:
             }
             for name, parameters in schemas.items()
         ]
-        return ForcedCall(None, {"type": "array", "minItems": 1, "items": {"anyOf": calls}})
+        array: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not parallel:
+            array["maxItems"] = 1
+        return ForcedCall(None, array)
     named = isinstance(tool_choice, dict) and tool_choice.get("type") == "function"
     function = tool_choice.get("function") if named else None
     name = function.get("name") if isinstance(function, dict) else None
