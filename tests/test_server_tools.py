@@ -51,6 +51,18 @@ TEMPLATE = (
     "{%- if add_generation_prompt -%}Answer:{%- endif -%}"
 )
 ASK = [{"role": "user", "content": "Rome?"}]
+#: An assistant turn that called wx, its arguments a JSON string as OpenAI sends them.
+CALLED_WX = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "wx", "arguments": '{"city": "Rome"}'},
+        }
+    ],
+}
 
 
 @pytest.fixture(scope="module")
@@ -153,17 +165,7 @@ def test_a_conversation_carries_calls_and_results_to_the_template(server, bundle
 
     turns = [
         *ASK,
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "wx", "arguments": '{"city": "Rome"}'},
-                }
-            ],
-        },
+        CALLED_WX,
         {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
     ]
     r = httpx.post(
@@ -194,17 +196,7 @@ def test_a_template_that_ignores_tools_gets_them_in_a_system_turn(bundle):
 
     turns = [
         *ASK,
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "wx", "arguments": '{"city": "Rome"}'},
-                }
-            ],
-        },
+        CALLED_WX,
         {"role": "user", "content": "And 2 + 3?"},
     ]
     tokenizer = AutoTokenizer.from_pretrained(bundle)
