@@ -232,6 +232,7 @@ def test_a_template_that_ignores_tools_gets_them_in_a_system_turn(bundle):
         ),
         ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice", '"required"'),
         ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools.0", "function"),
+        ({"tools": [{"type": "function"}], "tool_choice": "none"}, "tools.0", "function"),
         (
             {"tools": [TOOLS[0], TOOLS[0]], "tool_choice": "required"},
             "tools.1.function.name",

@@ -97,9 +97,11 @@ def forced_call(
     ``parallel`` false (OpenAI's ``parallel_tool_calls``) makes ``required`` one call."""
     if tool_choice not in (None, "none") and not tools:
         raise ToolError("tool_choice", "only allowed when tools are given")
-    if not tools or tool_choice == "none":
+    if not tools:
         return None
-    schemas = read_tools(tools)
+    schemas = read_tools(tools)  # checked even when none is forced: the template gets them
+    if tool_choice == "none":
+        return None
     if tool_choice is None or tool_choice == "auto":
         raise ToolError(
             "tool_choice",
