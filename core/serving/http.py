@@ -73,6 +73,7 @@ from unbottle.core.serving.grammar import (
 from unbottle.core.serving.tools import (
     ForcedCall,
     ToolError,
+    call_id,
     forced_call,
     read_tools,
     template_tool_calls,
@@ -878,6 +879,13 @@ class _Service:
             pairs.append((token, float(value)))
         return tuple(pairs)
 
+    async def _grammar_off_loop(self, body: _Body, forced: ForcedCall | None = None) -> str | None:
+        """``_grammar`` in a thread, for the requests that ask for a form; the rest, most
+        of them, skip the thread's hop."""
+        if body.response_format is None and body.structured_outputs is None and forced is None:
+            return None
+        return await asyncio.to_thread(self._grammar, body, forced)
+
     def _grammar(self, body: _Body, forced: ForcedCall | None = None) -> str | None:
         """The request's structured output, or the form of the tool call it forces, as a
         compiled and checked grammar (None: free text). Builds llguidance's tokenizer on
@@ -942,7 +950,7 @@ class _Service:
         max_tokens = self._max_tokens(
             body.max_tokens, self.config.default_max_tokens, prompts, "prompt"
         )
-        grammar = await asyncio.to_thread(self._grammar, body)
+        grammar = await self._grammar_off_loop(body)
         params = self._sampling(body, max_tokens, grammar)
         echoes = None
         if body.echo:  # the prompt as given, or its ids' text
@@ -975,7 +983,7 @@ class _Service:
         ids = await self._chat_ids(body.messages, sequences=body.n, tools=body.tools)
         asked = body.max_completion_tokens or body.max_tokens
         max_tokens = self._max_tokens(asked, self.context, [ids], "messages")
-        grammar = await asyncio.to_thread(self._grammar, body, forced)
+        grammar = await self._grammar_off_loop(body, forced)
         params = self._sampling(body, max_tokens, grammar)
         return await self._run(
             [ids],
@@ -1334,8 +1342,7 @@ class _Call:
                 # first delta names the call, the next ones extend its arguments.
                 call: dict[str, Any] = {"index": 0, "function": {"arguments": text}}
                 if first:
-                    (named,) = self.forced.calls("")
-                    call.update(id=named["id"], type="function")
+                    call.update(id=call_id(), type="function")
                     call["function"]["name"] = self.forced.function
                 delta["tool_calls"] = [call]
             elif text is not None:

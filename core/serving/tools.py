@@ -58,9 +58,14 @@ class ForcedCall:
         return [_call(item["name"], json.dumps(item["parameters"])) for item in items]
 
 
+def call_id() -> str:
+    """A new id for one tool call, in OpenAI's form."""
+    return f"call_{secrets.token_hex(12)}"
+
+
 def _call(name: str, arguments: str) -> dict[str, Any]:
     return {
-        "id": f"call_{secrets.token_hex(12)}",
+        "id": call_id(),
         "type": "function",
         "function": {"name": name, "arguments": arguments},
     }
