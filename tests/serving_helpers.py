@@ -124,6 +124,63 @@ def assert_every_position_scored(backend: Any, ids: list[int], kept: int, atol: 
     assert (rest - every[kept:]).abs().max() < atol
 
 
+def assert_verify_matches_decode(
+    backend: Any, ids: list[int], tokens: list[int], atol: float
+) -> None:
+    """``backend.verify(tokens, ...)`` after the prompt ``ids`` (speculative decoding's
+    check of a lone row) gives, row by row, the logits that decoding ``tokens`` one step
+    at a time gives, and leaves the cache those steps leave. A runtime that keeps its own
+    cache is then cut back to the prompt (``truncate``) and decodes as if nothing had been
+    checked."""
+    import torch
+
+    from unbottle.core.serving.engine import _Batch
+
+    n = len(ids)
+    if backend.owns_cache:
+        _, seq = backend.prefill(ids)
+        try:
+            one = torch.tensor([1])
+            stepped = [
+                backend.decode(torch.tensor([t]), torch.tensor([n + i]), one, [seq], 0)[0]
+                for i, t in enumerate(tokens)
+            ]
+            backend.truncate(seq, n)
+            checked = backend.verify(tokens, n, seq, 0)
+            assert (checked - torch.stack(stepped)).abs().max() < atol
+            backend.truncate(seq, n + 1)  # the first token's cell stays, the rest go
+            again = backend.decode(torch.tensor([tokens[1]]), torch.tensor([n + 1]), one, [seq], 0)
+            assert (again[0] - stepped[1]).abs().max() < atol
+        finally:
+            backend.release(seq)
+        return
+
+    _, cache = backend.prefill(ids)
+
+    def alone() -> _Batch:
+        batch = _Batch(backend.right_padded)
+        batch.add(object(), cache, backend.context)
+        batch.make_room(backend.context, len(tokens))
+        return batch
+
+    stepwise, stepped = alone(), []
+    for i, token in enumerate(tokens):
+        mask = stepwise.next_mask()
+        logits = backend.decode(
+            torch.tensor([token]), torch.tensor([n + i]), mask, stepwise.buffers, stepwise.width
+        )
+        stepped.append(logits[0])
+        stepwise.mask, stepwise.width = mask, stepwise.width + 1
+    checked_batch = alone()
+    checked = backend.verify(tokens, n, checked_batch.buffers, n)
+    assert checked.shape == (len(tokens), stepped[0].shape[0])
+    assert (checked - torch.stack(stepped)).abs().max() < atol
+    end = n + len(tokens)
+    for got, want in zip(checked_batch.buffers, stepwise.buffers, strict=True):
+        for a, b in zip(got, want, strict=True):
+            assert (a[:, :, :end] - b[:, :, :end]).abs().max() < atol
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -377,6 +377,20 @@ def test_the_engine_serves_a_genai_bundle_with_continuous_batching(tmp_path, gpt
     assert not torch.allclose(wrong[1], alone[1], atol=1e-3)  # the 4-token row, padded left
 
 
+def test_speculative_checks_write_genais_cache_in_place_as_decode_steps(tmp_path, gptq_packed):
+    """Several tokens of a lone row in one call of the graph bound to the engine's buffer:
+    each position's logits and cache column as one decode step each gives them. (The
+    fused attention takes them after the row's length, read off the mask.)"""
+    from tests.serving_helpers import assert_verify_matches_decode
+    from unbottle.core.serving.engine import load_backend
+    from unbottle.plugins.quantization.genai import build_genai_bundle
+
+    bundle = tmp_path / "exact"
+    build_genai_bundle(gptq_packed, bundle, head="float", accuracy_level=0)
+    backend = load_backend(bundle, threads=1)
+    assert_verify_matches_decode(backend, [5, 9, 11, 20, 7], [5, 9, 11, 5, 30], atol=1e-4)
+
+
 def test_a_bundle_of_genais_own_builder_is_served_from_its_genai_config(tmp_path, gptq_packed):
     """onnxruntime-genai's builder writes ``genai_config.json`` and no ``config.json`` (its
     output for the issue's anchor command): the server takes the context, the end token

@@ -13,7 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving_helpers import deploy_target, finetuned_model, live_server
+from tests.serving_helpers import (
+    assert_verify_matches_decode,
+    deploy_target,
+    finetuned_model,
+    live_server,
+)
 from unbottle.core.data import prompts as task
 
 NEW_TOKENS = 8
@@ -138,6 +143,24 @@ def test_an_onnx_variant_ships_as_it_is(tmp_path, int8_bundle):
     assert facts["int8"] is True and "onnx_fp32_bytes" not in facts
     shipped = (tmp_path / "out" / "model_quantized.onnx").read_bytes()
     assert shipped == (int8_bundle / "model_quantized.onnx").read_bytes()
+
+
+def test_speculative_checks_run_the_graph_as_decode_steps_and_skip_coupled_rows(
+    tmp_path, finetuned, int8_bundle
+):
+    """Several tokens of a lone row in one call give each step's logits and cache; a graph
+    whose rows share activation scales (dynamic int8) would give others, so its engine
+    does not speculate."""
+    from unbottle.core.serving.engine import load_backend, load_bundle
+
+    out = tmp_path / "fp32"
+    deploy_target("onnx", {"int8": False}, finetuned, out)
+    assert_verify_matches_decode(
+        load_backend(out, threads=1), [5, 9, 11, 20, 7], [5, 9, 11, 5], atol=1e-4
+    )
+    speculative = {"speculative": {"num_speculative_tokens": 2}}
+    assert load_bundle(out, speculative).engine().speculative is not None
+    assert load_bundle(int8_bundle, speculative).engine().speculative is None
 
 
 def test_the_engine_keeps_int8_greedy_tokens_batch_invariant(int8_bundle, prompts):

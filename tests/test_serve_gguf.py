@@ -20,7 +20,11 @@ import openai
 import pytest
 import torch
 
-from tests.serving_helpers import assert_every_position_scored, live_server
+from tests.serving_helpers import (
+    assert_every_position_scored,
+    assert_verify_matches_decode,
+    live_server,
+)
 from tests.test_bad_input import assert_one_line, cli
 from tests.test_formats import deploy, require_llama_cpp
 from tests.test_formats import tokenizer as tokenizer  # a fixture, shared
@@ -274,6 +278,26 @@ def test_a_prompt_copies_the_cells_of_a_running_sequence_that_holds_its_start(
     assert sorted(loaded.backend._free) == [0, 1, 2]
     loaded.backend.close()
     runner.close()
+
+
+def test_speculative_checks_in_llama_cpp_give_its_plain_tokens(bundle, solo, tokenizer):
+    """Drafted tokens go into the sequence's cells with the step's own token; those the
+    model refuses are cut from them (``truncate``), so what follows decodes as alone."""
+    from unbottle.core.serving.engine import SamplingParams, load_bundle
+
+    speculative = {"num_speculative_tokens": 4, "prompt_lookup_min": 1}
+    loaded = load_bundle(bundle, {"threads": 1, "speculative": speculative})
+    ids = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS}
+    assert_verify_matches_decode(loaded.backend, ids[PROMPTS[2]], [5, 9, 11, 5], atol=1e-4)
+    engine = loaded.engine()
+    engine.start()
+    try:
+        for prompt in PROMPTS:
+            seq = engine.generate(ids[prompt], SamplingParams(max_tokens=NEW, ignore_eos=True))
+            assert seq.generated == solo[prompt], prompt
+    finally:
+        engine.stop()
+    assert engine.drafted_tokens > engine.accepted_tokens  # refused drafts were cut
 
 
 def test_a_prompts_logprobs_score_every_position_in_fresh_cells(bundle, tokenizer):

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -501,6 +501,14 @@ def serve(
             "only the rest (default on).",
         ),
     ] = None,
+    speculative_config: Annotated[
+        str | None,
+        typer.Option(
+            help='Speculative decoding by prompt lookup, as JSON, e.g. \'{"method": "ngram", '
+            "\"num_speculative_tokens\": 3}' (vLLM's names; default off). A sequence "
+            "decoding alone then checks a guess of its next tokens in the same step.",
+        ),
+    ] = None,
 ) -> None:
     """Serve a bundle with an OpenAI-compatible API (completions, chat, streaming, metrics)."""
     _environment(Path.cwd().resolve())
@@ -530,10 +538,26 @@ def serve(
         "prompt_cache": prompt_cache,
         "prefill_chunk": prefill_chunk,
         "cors_origins": tuple(cors_origin) if cors_origin else None,
+        "speculative": _json_option("--speculative-config", speculative_config),
     }
     if path_kind(bundle, "bundle") == "directory":  # refuse an exposed host before loading
         check_exposure(read_serve_config(bundle, overrides).host, key, insecure_no_auth)
     run_server(load_bundle(bundle, overrides), api_key=key, insecure_no_auth=insecure_no_auth)
+
+
+def _json_option(option: str, text: str | None) -> dict[str, Any] | None:
+    """An option given as a JSON object, or None when not given."""
+    from unbottle.core.contract.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{option}: not JSON ({e.msg}); give an object, e.g. '{{}}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option}: give a JSON object, not {type(value).__name__}")
+    return value
 
 
 def _read_api_key(path: Path | None) -> str | None:

@@ -33,6 +33,11 @@ real columns from the left, writing its new column right after them. So for such
 backend (``right_padded``) the batch keeps every row's cache from column 0, padded on the
 right, and rows of any lengths decode as one batch.
 
+With ``speculative`` set, a sequence decoding alone checks a draft of its next tokens in
+the same step (prompt lookup, :mod:`unbottle.core.serving.speculative`): the backend's
+``verify`` runs them as one call, the engine chooses each position's token as a plain
+step would and keeps the cache columns of those that match the draft.
+
 A GGUF bundle runs in llama.cpp (:class:`LlamaCppBackend`), which keeps each sequence's
 cache itself (``owns_cache``): the engine then holds one handle per row instead of
 tensors, and the same scheduling admits, steps and drops rows.
@@ -63,6 +68,7 @@ from pydantic import Field, ValidationError
 from unbottle.core.contract.errors import ConfigError, DataError
 from unbottle.core.contract.strategies import StrategyConfig
 from unbottle.core.serving.grammar import GrammarError, Grammars, mask_refused
+from unbottle.core.serving.speculative import SpeculativeConfig, draft_by_lookup
 from unbottle.core.store.artifacts import path_kind
 
 if TYPE_CHECKING:
@@ -143,6 +149,9 @@ class ServeConfig(StrategyConfig):
     stall_timeout_s: float = Field(60.0, gt=0, le=86_400)
     #: Origins a browser may call the API from (CORS); none by default.
     cors_origins: tuple[str, ...] = ()
+    #: Speculative decoding by prompt lookup (:mod:`unbottle.core.serving.speculative`)
+    #: for a sequence decoding alone; none by default.
+    speculative: SpeculativeConfig | None = None
 
 
 def read_serve_config(bundle: Path, overrides: dict[str, Any] | None = None) -> ServeConfig:
@@ -218,6 +227,15 @@ class Backend(Protocol):
         (with ``right_padded``, into each row's column at its length: its mask row's sum
         less one).
         """
+        ...
+
+    def verify(self, tokens: list[int], position: int, buffers: Any, width: int) -> torch.Tensor:
+        """Several tokens of one sequence decoding alone (speculative decoding's check):
+        ``tokens`` at positions ``position``, ``position + 1``... after the ``width``
+        columns of its (1, h, capacity, d) ``buffers``, all of them real -> (n, V)
+        logits, row i after token i; their keys and values written into columns
+        ``width`` to ``width + n - 1`` (``owns_cache``: appended to the handle
+        ``buffers``' cells, which :meth:`truncate` cuts back)."""
         ...
 
 
@@ -305,6 +323,22 @@ class TorchBackend:
                 use_cache=True,
             )
         return out.logits[:, -1].float()  # (B, V)
+
+    def verify(self, tokens, position, buffers, width):
+        from transformers.cache_utils import Cache
+
+        torch = self._torch
+        n, layer = len(tokens), _slot_layer_class()
+        past = Cache(layers=[layer(keys, values, width) for keys, values in buffers])
+        with torch.inference_mode():  # no mask: one row, all real, causal by cache_position
+            out = self.model(
+                input_ids=torch.tensor([tokens]),
+                position_ids=torch.arange(position, position + n)[None],
+                past_key_values=past,
+                cache_position=torch.arange(width, width + n),
+                use_cache=True,
+            )
+        return out.logits[0].float()  # (n, V)
 
 
 def _last_or_all(logits: torch.Tensor, all_logits: bool) -> torch.Tensor:
@@ -430,20 +464,32 @@ class OnnxBackend:
         return _last_or_all(logits[0], all_logits), cache
 
     def decode(self, tokens, positions, mask, buffers, width):
-        if self.right_padded:
-            return self._decode_in_place(tokens, mask, buffers)
-        in_use = [(k[:, :, :width], v[:, :, :width]) for k, v in buffers]
-        logits, present = self._run(tokens[:, None], mask, positions[:, None], in_use)
-        for (keys, values), (new_keys, new_values) in zip(buffers, present, strict=True):
-            keys[:, :, width] = new_keys[:, :, width]  # the new column, (B, h, d)
-            values[:, :, width] = new_values[:, :, width]
-        return logits[:, -1].float()
+        return self._decode(tokens[:, None], positions[:, None], mask, buffers, width)[:, -1]
 
-    def _decode_in_place(self, tokens, mask, buffers):
+    def verify(self, tokens, position, buffers, width):
+        torch, n = self._torch, len(tokens)
+        positions = torch.arange(position, position + n)[None]
+        mask = torch.ones(1, width + n, dtype=torch.long)
+        return self._decode(torch.tensor([tokens]), positions, mask, buffers, width)[0]
+
+    def _decode(self, ids, positions, mask, buffers, width):
+        """(B, n) tokens at (B, n) positions after ``width`` columns -> (B, n, V) logits,
+        their keys and values written into the buffers' next n columns."""
+        if self.right_padded:
+            return self._decode_in_place(ids, mask, buffers)
+        in_use = [(k[:, :, :width], v[:, :, :width]) for k, v in buffers]
+        logits, present = self._run(ids, mask, positions, in_use)
+        end = width + ids.shape[1]
+        for (keys, values), (new_keys, new_values) in zip(buffers, present, strict=True):
+            keys[:, :, width:end] = new_keys[:, :, width:end]  # the new columns, (B, h, n, d)
+            values[:, :, width:end] = new_values[:, :, width:end]
+        return logits.float()
+
+    def _decode_in_place(self, ids, mask, buffers):
         """genai's graph with each layer's past and present bound to the engine's buffer,
         as onnxruntime-genai's own generator runs it: the fused attention writes the new
-        column (at each row's length, read off the mask) into the buffer itself, so a step
-        copies no cache in or out."""
+        columns (after each row's length, read off the mask) into the buffer itself, so a
+        step copies no cache in or out."""
         import numpy as np
 
         torch = self._torch
@@ -465,12 +511,12 @@ class OnnxBackend:
                         f"past_key_values.{i}.{kind}", "cpu", 0, np.float32, shape, at
                     )
                     binding.bind_output(f"present.{i}.{kind}", "cpu", 0, np.float32, shape, at)
-        binding.bind_cpu_input("input_ids", tokens[:, None].numpy())
+        binding.bind_cpu_input("input_ids", ids.numpy())
         binding.bind_cpu_input("attention_mask", mask.numpy())
-        logits = torch.empty(len(tokens), 1, self.vocab)
+        logits = torch.empty(*ids.shape, self.vocab)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.data_ptr())
         self.session.run_with_iobinding(binding)
-        return logits[:, -1]
+        return logits
 
 
 class LlamaCppBackend:
@@ -650,6 +696,25 @@ class LlamaCppBackend:
         unsorted = np.empty_like(logits)
         unsorted[order] = logits
         return torch.from_numpy(unsorted)
+
+    def verify(self, tokens, position, buffers, width):
+        import torch
+
+        seq = buffers
+        try:
+            logits = self._run([(t, position + i, seq, True) for i, t in enumerate(tokens)])
+        except BaseException:
+            self._forget(seq)
+            raise
+        self._held[seq].extend(tokens)
+        return torch.from_numpy(logits)  # (n, V)
+
+    def truncate(self, seq: int, length: int) -> None:
+        """Keep a sequence's first ``length`` cells: the rest held tokens a check refused."""
+        if length < len(self._held[seq]):
+            if not self._lib.llama_memory_seq_rm(self._memory, seq, length, -1):
+                raise RuntimeError("llama.cpp: this cache cannot drop its last cells")
+            del self._held[seq][length:]
 
     def release(self, seq: int) -> None:
         """Free a sequence's id for the next prompt; its cells are kept for one that
@@ -884,6 +949,7 @@ class Engine:
         eos_token_ids: set[int] | None = None,
         prompt_cache_bytes: int = 0,
         prefill_chunk: int = 0,
+        speculative: SpeculativeConfig | None = None,
         on_step: Callable[[int], None] | None = None,
         on_events: Callable[[list[Event]], None] | None = None,
     ) -> None:
@@ -899,6 +965,10 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.row_by_row = backend.couples_rows and batch_invariant
+        # Checking several tokens in one call would change a coupled graph's numbers too.
+        self.speculative = None if self.row_by_row else speculative
+        #: Tokens drafted, and those of them the model chose, over the engine's life.
+        self.drafted_tokens = self.accepted_tokens = 0
         self.eos = eos_token_ids if eos_token_ids is not None else {tokenizer.eos_token_id}
         self.grammars = Grammars(tokenizer, self.eos)
         self.on_step = on_step
@@ -1106,6 +1176,11 @@ class Engine:
         import torch
 
         batch = self._batch
+        if self.speculative is not None and len(batch.rows) == 1:
+            draft = self._draft(batch.rows[0])
+            if draft:
+                self._step_speculative(batch.rows[0], draft)
+                return
         batch.make_room(self.backend.context)
         tokens = torch.tensor([s.generated[-1] for s in batch.rows])  # (B,)
         positions = torch.tensor([s.position for s in batch.rows])  # (B,)
@@ -1130,6 +1205,58 @@ class Engine:
                     self._prompts.put(seq.prompt + seq.generated[:-1], batch.row_cache(r))
         if finished:
             batch.remove(finished)
+
+    def _draft(self, seq: Sequence) -> list[int]:
+        """Tokens to check after the sequence's last one: as many as fit before its
+        ``max_tokens`` (a step yields one more than it drafts) and the context."""
+        assert self.speculative is not None
+        room = min(
+            seq.params.max_tokens - len(seq.generated) - 1,
+            self.backend.context - 1 - seq.position,
+        )
+        return draft_by_lookup(seq.prompt + seq.generated, self.speculative, room)
+
+    def _step_speculative(self, seq: Sequence, draft: list[int]) -> None:
+        """A lone sequence's step over its last token and a draft of the next: its tokens
+        are chosen position by position, as one step each would choose them, until one
+        differs from the draft (or the sequence ends); the cache keeps the columns of the
+        tokens that led to them.
+
+        Only a lone sequence speculates: its step is bound by reading the weights, which
+        the extra positions share, and it has no neighbours whose cache columns would
+        need the rows' different accepted lengths (vLLM's default stops speculating at
+        larger batches too)."""
+        import torch
+
+        batch = self._batch
+        tokens = [seq.generated[-1], *draft]
+        batch.make_room(self.backend.context, len(tokens))
+        # The row's cache: the batch's buffers, or (owns_cache) its handle.
+        cache = batch.buffers[0] if self.backend.owns_cache else batch.buffers
+        # (n, V): row i chooses the token after tokens[i].
+        logits = self.backend.verify(tokens, seq.position, cache, batch.width)
+        if self.on_step is not None:
+            self.on_step(1)
+        kept = 0  # columns of `tokens` whose keys and values stay: those that led somewhere
+        for i, row in enumerate(logits):
+            kept += 1
+            done = seq.cancelled or self._advance_or_fail(seq, row)
+            if done or i == len(draft) or seq.generated[-1] != draft[i]:
+                break
+        accepted = kept - 1
+        if seq.finish_reason is not None and seq.generated[-1:] == draft[accepted:kept]:
+            accepted += 1  # its last token was the draft's too
+        self.drafted_tokens += len(draft)
+        self.accepted_tokens += accepted
+        batch.width += kept
+        if batch.mask is not None:  # a lone row has no padding
+            batch.mask = torch.ones(1, batch.width, dtype=torch.long)
+        if self.backend.owns_cache:
+            self.backend.truncate(cache, seq.position)
+        if seq.cancelled or seq.finish_reason is not None:
+            if self._prompts is not None and seq.finish_reason in ("stop", "length"):
+                self._prompts.put(seq.prompt + seq.generated[:-1], batch.row_cache(0))
+            batch.remove([0])
 
     def _decode_rows(self, tokens, positions, mask):
         """Each row on its own, over its real columns only: exactly its solo computation."""
@@ -1444,13 +1571,13 @@ class _Batch:
         self.mask, self.width = mask, width
         self.rows.append(seq)
 
-    def make_room(self, context: int) -> None:
-        """Grow the buffers when the next step's column would not fit."""
+    def make_room(self, context: int, columns: int = 1) -> None:
+        """Grow the buffers when the next step's ``columns`` would not fit."""
         import torch
 
-        if self.width < self.capacity:
+        if self.width + columns <= self.capacity:
             return
-        capacity = self._room(self.width + 1, context)
+        capacity = self._room(self.width + columns, context)
         if capacity <= self.capacity:
             return  # at the context: the engine ends sequences before they pass it
         grown = []
@@ -1534,7 +1661,7 @@ class _Slots:
         self.rows.append(seq)
         self.buffers.append(handle)
 
-    def make_room(self, context: int) -> None:
+    def make_room(self, context: int, columns: int = 1) -> None:
         """Nothing: the runtime holds a whole context for each row."""
 
     def next_mask(self) -> None:
@@ -1596,6 +1723,7 @@ class LoadedBundle:
             eos_token_ids=self.eos_token_ids,
             prompt_cache_bytes=self.config.prompt_cache_mb << 20 if self.config.prompt_cache else 0,
             prefill_chunk=self.config.prefill_chunk,
+            speculative=self.config.speculative,
             on_step=on_step,
             on_events=on_events,
         )
@@ -1774,6 +1902,7 @@ class EngineProcess:
         self._stopping = False
         self._queue_depth = 0
         self._running = 0
+        self.drafted_tokens = self.accepted_tokens = 0  # the child's counts, as last heard
         self._heard_at = time.monotonic()  # the child's last message
         self._proc: Any = None
         self._conn: Any = None
@@ -1873,7 +2002,8 @@ class EngineProcess:
                 self._heard_at = time.monotonic()
                 if message[0] == "stopped":
                     return
-                _, updates, steps, self._queue_depth, self._running = message
+                _, updates, steps, self._queue_depth, self._running, speculated = message
+                self.drafted_tokens, self.accepted_tokens = speculated
                 events = []
                 with self._lock:
                     for uid, tokens, logprobs, prompt_logprobs, cached, text, finish in updates:
@@ -1947,7 +2077,8 @@ def _engine_main(path: str, overrides: dict[str, Any], conn: Any) -> None:
         sizes = steps[:]
         steps.clear()
         with send_lock:
-            conn.send(("events", updates, sizes, engine.queue_depth, engine.running))
+            speculated = (engine.drafted_tokens, engine.accepted_tokens)
+            conn.send(("events", updates, sizes, engine.queue_depth, engine.running, speculated))
 
     engine = loaded.engine(on_step=steps.append, on_events=on_events)
     # The server enforces the queue limit; the child takes whatever it is sent (its own

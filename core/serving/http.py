@@ -31,7 +31,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeVar
 
@@ -46,6 +46,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive
@@ -402,6 +403,29 @@ class Metrics:
         running = Gauge("unbottle_running_sequences", "Sequences in the decode batch", registry=r)
         queue.set_function(lambda: engine_ref["engine"].queue_depth if engine_ref else 0)
         running.set_function(lambda: engine_ref["engine"].running if engine_ref else 0)
+        r.register(_SpeculationCounts(engine_ref))
+
+
+class _SpeculationCounts:
+    """Speculative decoding's drafted and accepted tokens, read off the engine's own
+    counts when scraped (vLLM's ``spec_decode_num_draft_tokens`` and
+    ``spec_decode_num_accepted_tokens``)."""
+
+    def __init__(self, engine_ref: dict[str, Engine | EngineProcess]) -> None:
+        self.engine_ref = engine_ref
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        engine = self.engine_ref.get("engine")
+        drafted, accepted = (engine.drafted_tokens, engine.accepted_tokens) if engine else (0, 0)
+        for name, what, count in (
+            ("drafted", "drafted", drafted),
+            ("accepted", "drafted that the model chose", accepted),
+        ):
+            yield CounterMetricFamily(
+                f"unbottle_spec_decode_{name}_tokens",
+                f"Tokens speculative decoding {what}",
+                value=count,
+            )
 
 
 def create_app(bundle: LoadedBundle, *, api_key: str | None = None) -> FastAPI:
