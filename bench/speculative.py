@@ -1,0 +1,308 @@
+"""Speculative decoding by prompt lookup against plain decoding, one request at a time.
+
+The serving engine with ``speculative`` set checks a draft of a lone sequence's next
+tokens, read off its prompt and answer, in the same call as its next token
+(core/serving/speculative.py). What that buys depends on how much of the answer repeats
+what came before, and on what a call of several tokens costs the runtime against a call
+of one. So four kinds of chat request, each a few prompts:
+
+- ``rewrite``: correct the spelling of a paragraph and write it out (the answer copies
+  the prompt);
+- ``code``: add a docstring to a short function from Python's standard library and write
+  the whole function out;
+- ``extract``: name, age and city of a sentence as JSON, constrained by a schema
+  (bench/structured_outputs.py's sentences);
+- ``story``: a short story on a topic (little to copy: what a miss costs).
+
+One process per bundle: the bundle's backend loaded once, one engine per setting on it
+(plain, then each ``--tokens`` count of drafted tokens), no prompt cache. In each round
+every prompt is generated greedily once with each setting, in an order rotated by one
+setting per prompt. Decode tokens/s counts the tokens after the first (the prefill's)
+over the time from the first token to the last; a workload's rate in a round is its
+tokens over its time. Ratios are to the plain setting in the same round; their median
+(min-max) over rounds is printed, and every round's figures go to ``--json``.
+
+    python bench/speculative.py genai=BUNDLE gguf=BUNDLE --rounds 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import labelled_bundles
+from structured_outputs import INSTRUCTION, SCHEMA, judge, records
+
+from unbottle.core.serving.engine import Engine, SamplingParams, Sequence, load_bundle
+from unbottle.core.serving.grammar import compile_grammar
+from unbottle.core.serving.speculative import SpeculativeConfig
+
+#: Paragraphs with a few misspellings each, for the model to write out corrected.
+PARAGRAPHS = [
+    "The libary will be closed on monday for repairs to the roof. Books that are due that "
+    "day can be returned on tuesday without a fine. The reading room on the second floor "
+    "will open again next week, once the new lights have been instaled.",
+    "Our team meets every thursday at ten in the small conference room. Please bring your "
+    "notes from the last meeting and a list of the tasks you finished. If you can not come, "
+    "send a short sumary to the group by email before the meeting starts.",
+    "To make the bread, mix the flour, the salt and the yeast in a large bowl. Add warm "
+    "water slowly and knead the dough for ten minutes untill it is smooth. Leave it to rise "
+    "for an hour, then bake it in a hot oven for thirty minutes.",
+    "The train to the coast leaves the central station at eight in the morning. Tickets can "
+    "be bought at the station or online, and children under twelve travel for half the "
+    "price. The journey takes about three hours, with one stop in the valey.",
+    "Water the plants in the garden early in the morning, before the sun is high. Tomatoes "
+    "need more water than herbs, and the roses should be cut back in the autum. Keep the "
+    "tools in the shed so that they do not rust in the rain.",
+    "The museum has a new exhibition about the history of the city harbour. It shows old "
+    "maps, models of ships and photographs of the people who worked on the docks. The "
+    "exhibition is open every day exept monday until the end of the year.",
+]
+REWRITE = "Correct the spelling mistakes in this text and write the whole text out:\n\n{text}"
+CODE = (
+    "Add a docstring to this Python function and write the whole function out:\n\n"
+    "```python\n{code}```"
+)
+STORY = "Write a short story about {topic}."
+TOPICS = [
+    "a lighthouse keeper",
+    "a lost cat in a big city",
+    "a robot learning to paint",
+    "two friends on a mountain",
+    "a baker who wakes up late",
+    "a message in a bottle",
+]
+
+
+def functions() -> list[str]:
+    """Short functions of the standard library, their docstrings removed."""
+    import ast
+    import calendar
+    import fnmatch
+    import shlex
+    import shutil
+    import string
+    import textwrap
+
+    sources = []
+    for function in (
+        string.capwords,
+        shutil.copyfileobj,
+        textwrap.indent,
+        fnmatch.filter,
+        shlex.join,
+        calendar.leapdays,
+    ):
+        lines = textwrap.dedent(inspect.getsource(function)).splitlines(keepends=True)
+        first = ast.parse("".join(lines)).body[0].body[0]
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+            del lines[first.lineno - 1 : first.end_lineno]  # the model is asked to write one
+        sources.append("".join(lines))
+    return sources
+
+
+def workloads(count: int) -> dict[str, list[tuple[str, str | None, Any]]]:
+    """(user message, grammar or None, the right answer or None) per prompt, by workload."""
+    extract = compile_grammar("json", SCHEMA)
+    return {
+        "rewrite": [(REWRITE.format(text=p), None, None) for p in PARAGRAPHS[:count]],
+        "code": [(CODE.format(code=c), None, None) for c in functions()[:count]],
+        "extract": [
+            (INSTRUCTION.format(sentence=r["sentence"]), extract, r["truth"])
+            for r in records(count, seed=0)
+        ],
+        "story": [(STORY.format(topic=t), None, None) for t in TOPICS[:count]],
+    }
+
+
+def chat(tokenizer: Any, message: str) -> list[int]:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], add_generation_prompt=True
+    )
+
+
+def generate(engine: Engine, ids: list[int], params: SamplingParams) -> dict[str, Any]:
+    """One request alone: its tokens, text, and decode time after its first token."""
+    done = threading.Event()
+    first: list[tuple[float, int]] = []
+
+    def sink(seq: Sequence, text: str, finish: str | None) -> None:
+        if not first:
+            first.append((time.perf_counter(), len(seq.generated)))
+        if finish:
+            done.set()
+
+    seq = Sequence(ids, params, sink)
+    engine.submit([seq])
+    done.wait()
+    ended = time.perf_counter()
+    ((started, before),) = first
+    return {
+        "tokens": seq.generated,
+        "text": seq.text,
+        "decoded": len(seq.generated) - before,
+        "seconds": ended - started,
+    }
+
+
+def measure(
+    bundle: Path, drafts: list[int], rounds: int, count: int, new: int, lookup: tuple[int, int]
+) -> dict[str, Any]:
+    loaded = load_bundle(bundle, {"prompt_cache": False, "max_batch": 1})
+    backend, tokenizer = loaded.backend, loaded.tokenizer
+    settings: dict[str, SpeculativeConfig | None] = {"plain": None}
+    for k in drafts:
+        settings[f"k={k}"] = SpeculativeConfig(
+            num_speculative_tokens=k, prompt_lookup_min=lookup[0], prompt_lookup_max=lookup[1]
+        )
+    engines = {
+        name: Engine(
+            backend, tokenizer, max_batch=1, eos_token_ids=loaded.eos_token_ids, speculative=config
+        )
+        for name, config in settings.items()
+    }
+    for engine in engines.values():
+        engine.start()
+    prompts = {
+        name: [(chat(tokenizer, message), grammar, truth) for message, grammar, truth in items]
+        for name, items in workloads(count).items()
+    }
+    names = list(settings)
+    # rounds[r][workload][setting]: decoded tokens, seconds, drafted and accepted tokens,
+    # the answers, and how many of them are right (extract).
+    per_round: list[dict[str, dict[str, dict[str, Any]]]] = []
+    try:
+        for r in range(rounds):
+            this: dict[str, dict[str, dict[str, Any]]] = {}
+            for workload, items in prompts.items():
+                cell = {
+                    n: {
+                        "decoded": 0,
+                        "seconds": 0.0,
+                        "drafted": 0,
+                        "accepted": 0,
+                        "texts": [],
+                        "correct": 0,
+                    }
+                    for n in names
+                }
+                for p, (ids, grammar, truth) in enumerate(items):
+                    params = SamplingParams(max_tokens=new, grammar=grammar)
+                    shift = (r + p) % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        engine = engines[name]
+                        drafted, accepted = engine.drafted_tokens, engine.accepted_tokens
+                        out = generate(engine, ids, params)
+                        cell[name]["decoded"] += out["decoded"]
+                        cell[name]["seconds"] += out["seconds"]
+                        cell[name]["drafted"] += engine.drafted_tokens - drafted
+                        cell[name]["accepted"] += engine.accepted_tokens - accepted
+                        cell[name]["texts"].append(out["text"])
+                        if truth is not None:
+                            cell[name]["correct"] += judge(out["text"], truth)["correct"]
+                this[workload] = cell
+                rates = {n: c["decoded"] / c["seconds"] for n, c in cell.items()}
+                print(
+                    f"  round {r + 1} {workload}: "
+                    + ", ".join(f"{n} {v:.1f}" for n, v in rates.items())
+                    + " tokens/s",
+                    flush=True,
+                )
+            per_round.append(this)
+    finally:
+        for engine in engines.values():
+            engine.stop()
+    return {"settings": {n: c.model_dump() if c else None for n, c in settings.items()},
+            "rounds": per_round}  # fmt: skip
+
+
+def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """A row per workload and setting: median tokens/s, ratio to plain (median, min, max
+    over rounds), acceptance, and the share of answers whose text is plain's."""
+    rows = []
+    rounds = result["rounds"]
+    for workload in rounds[0]:
+        for name in rounds[0][workload]:
+            rates = [rd[workload][name]["decoded"] / rd[workload][name]["seconds"] for rd in rounds]
+            plain = [
+                rd[workload]["plain"]["decoded"] / rd[workload]["plain"]["seconds"] for rd in rounds
+            ]
+            ratios = [a / b for a, b in zip(rates, plain, strict=True)]
+            drafted = sum(rd[workload][name]["drafted"] for rd in rounds)
+            accepted = sum(rd[workload][name]["accepted"] for rd in rounds)
+            texts = [t for rd in rounds for t in rd[workload][name]["texts"]]
+            plain_texts = [t for rd in rounds for t in rd[workload]["plain"]["texts"]]
+            same = sum(a == b for a, b in zip(texts, plain_texts, strict=True)) / len(texts)
+            correct = sum(rd[workload][name]["correct"] for rd in rounds) / len(texts)
+            decoded = sum(rd[workload][name]["decoded"] for rd in rounds)
+            rows.append(
+                {
+                    "workload": workload,
+                    "setting": name,
+                    "tokens_per_s": statistics.median(rates),
+                    "ratio": statistics.median(ratios),
+                    "ratio_min": min(ratios),
+                    "ratio_max": max(ratios),
+                    "accepted_share": accepted / drafted if drafted else None,
+                    "tokens_per_step": decoded / max(1, decoded - accepted) if drafted else 1.0,
+                    "same_text": same,
+                    "correct": correct,  # extract's answers with the sentence's fields
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundles", nargs="+", help="LABEL=BUNDLE")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2, 3, 5],
+                        help="Drafted tokens per step, one setting each.")  # fmt: skip
+    parser.add_argument("--lookup", type=int, nargs=2, default=[2, 3], metavar=("MIN", "MAX"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=6, help="Prompts per workload.")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    out: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "rounds": args.rounds,
+        "prompts": args.prompts,
+        "new_tokens": args.new_tokens,
+        "lookup": args.lookup,
+        "results": {},
+    }
+    for label, path in labelled_bundles(args.bundles):
+        print(f"{label} ({path})", flush=True)
+        result = measure(
+            path, args.tokens, args.rounds, args.prompts, args.new_tokens, tuple(args.lookup)
+        )
+        rows = summarize(result)
+        out["results"][label] = {"bundle": str(path), **result, "summary": rows}
+        print("| workload | setting | tokens/s | × plain (min–max) | drafts kept | tokens/step "
+              "| text as plain | fields right |\n"
+              "|---|---|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+        for row in rows:
+            kept = "–" if row["accepted_share"] is None else f"{row['accepted_share']:.0%}"
+            print(
+                f"| {row['workload']} | {row['setting']} | {row['tokens_per_s']:.1f} | "
+                f"{row['ratio']:.2f} ({row['ratio_min']:.2f}–{row['ratio_max']:.2f}) | {kept} | "
+                f"{row['tokens_per_step']:.2f} | {row['same_text']:.0%} | "
+                + (f"{row['correct']:.0%} |" if row["workload"] == "extract" else "– |"),
+                flush=True,
+            )
+        if args.json:  # after each bundle, so a long run keeps what it measured
+            args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
