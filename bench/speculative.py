@@ -146,6 +146,8 @@ def generate(engine: Engine, ids: list[int], params: SamplingParams) -> dict[str
     engine.submit([seq])
     done.wait()
     ended = time.perf_counter()
+    while engine.running:  # the sequence is told before the engine lets go of its cache
+        time.sleep(0.001)
     ((started, before),) = first
     return {
         "tokens": seq.generated,
