@@ -14,8 +14,9 @@ of one. So four kinds of chat request, each a few prompts:
   (bench/structured_outputs.py's sentences);
 - ``story``: a short story on a topic (little to copy: what a miss costs).
 
-One process per bundle: the bundle's backend loaded once, one engine per setting on it
-(plain, then each ``--tokens`` count of drafted tokens), no prompt cache. In each round
+One process per bundle: the bundle loaded once, one engine on it with no prompt cache,
+whose setting (plain, then each ``--tokens`` count of drafted tokens) is switched between
+requests. In each round
 every prompt is generated greedily once with each setting, in an order rotated by one
 setting per prompt. Decode tokens/s counts the tokens after the first (the prefill's)
 over the time from the first token to the last; a workload's rate in a round is its
@@ -167,14 +168,10 @@ def measure(
         settings[f"k={k}"] = SpeculativeConfig(
             num_speculative_tokens=k, prompt_lookup_min=lookup[0], prompt_lookup_max=lookup[1]
         )
-    engines = {
-        name: Engine(
-            backend, tokenizer, max_batch=1, eos_token_ids=loaded.eos_token_ids, speculative=config
-        )
-        for name, config in settings.items()
-    }
-    for engine in engines.values():
-        engine.start()
+    # One engine, its setting switched between requests: llama.cpp's OpenMP threads are
+    # a team per calling thread, and a second engine's team made every call 3x slower.
+    engine = Engine(backend, tokenizer, max_batch=1, eos_token_ids=loaded.eos_token_ids)
+    engine.start()
     prompts = {
         name: [(chat(tokenizer, message), grammar, truth) for message, grammar, truth in items]
         for name, items in workloads(count).items()
@@ -202,7 +199,7 @@ def measure(
                     params = SamplingParams(max_tokens=new, grammar=grammar)
                     shift = (r + p) % len(names)
                     for name in names[shift:] + names[:shift]:
-                        engine = engines[name]
+                        engine.speculative = settings[name]
                         drafted, accepted = engine.drafted_tokens, engine.accepted_tokens
                         out = generate(engine, ids, params)
                         cell[name]["decoded"] += out["decoded"]
@@ -222,8 +219,7 @@ def measure(
                 )
             per_round.append(this)
     finally:
-        for engine in engines.values():
-            engine.stop()
+        engine.stop()
     return {"settings": {n: c.model_dump() if c else None for n, c in settings.items()},
             "rounds": per_round}  # fmt: skip
 
