@@ -137,6 +137,20 @@ def test_speculation_chooses_the_tokens_plain_decoding_chooses(bundle, prompt_id
         )
 
 
+def test_drafts_refused_whole_pause_drafting_for_longer_and_longer(bundle, prompt_ids, monkeypatch):
+    """A refused draft costs its step more than a plain one: a sequence whose drafts keep
+    being refused waits 1, 2, 4... plain steps before the next. Same tokens, fewer drafts."""
+    import unbottle.core.serving.engine as engine_module
+    from unbottle.core.serving.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, presence_penalty=0.3)
+    paused, _, (drafted, accepted) = run(bundle, prompt_ids, params, SPECULATIVE)
+    monkeypatch.setattr(engine_module, "MOST_PAUSED_STEPS", 0)  # draft at every step
+    eager, _, (drafted_eagerly, _) = run(bundle, prompt_ids, params, SPECULATIVE)
+    assert [s.generated for s in paused] == [s.generated for s in eager]
+    assert accepted > 0 and drafted < drafted_eagerly
+
+
 @pytest.mark.parametrize("max_tokens", [1, 2, 3, 5])
 def test_a_speculative_step_never_passes_max_tokens(bundle, prompt_ids, max_tokens):
     from unbottle.core.serving.engine import SamplingParams
@@ -169,6 +183,43 @@ def test_stop_strings_eos_and_grammars_end_a_speculative_step_where_plain_decodi
         fast, _, _ = run(bundle, prompt_ids, params, SPECULATIVE)
         got = [(s.generated, s.text, s.finish_reason) for s in fast]
         assert got == [(s.generated, s.text, s.finish_reason) for s in plain]
+
+
+def test_under_a_grammar_the_tokens_it_forces_are_drafted_and_those_it_refuses_are_not(
+    bundle, prompt_ids
+):
+    from transformers import AutoTokenizer
+
+    from unbottle.core.serving.engine import SamplingParams
+    from unbottle.core.serving.grammar import compile_grammar
+
+    no_lookup = {"num_speculative_tokens": 4, "prompt_lookup_max": 64, "prompt_lookup_min": 64}
+    forced = compile_grammar("regex", "Alice lives in the town of [a-z]{2,8}")
+    params = SamplingParams(max_tokens=NEW_TOKENS, grammar=forced)
+    plain, _, _ = run(bundle, prompt_ids, params)
+    fast, steps, (drafted, accepted) = run(bundle, prompt_ids, params, no_lookup)
+    assert [s.generated for s in fast] == [s.generated for s in plain]
+    assert all(s.text.startswith("Alice lives in the town of") for s in fast)
+    assert 0 < accepted <= drafted  # the literal, drafted by the grammar alone
+    assert len(steps) == sum(len(s.generated) - 1 for s in fast) - accepted
+
+    # A draft is cut where the grammar refuses it: a lookup in a prompt of digits drafts
+    # digits, which an answer of letters never takes.
+    from unbottle.core.serving.engine import Sequence, load_bundle
+
+    tokenizer = AutoTokenizer.from_pretrained(bundle)
+    digits = tokenizer("1 2 3 1 2 3 1 2", add_special_tokens=False)["input_ids"]
+    loaded = load_bundle(bundle, {"speculative": SPECULATIVE})
+    engine = loaded.engine()  # not started: its draft for a sequence, as a step asks it
+    drafts = {}
+    for pattern in (None, "[0-9 ]{1,40}", "[a-z]{8}"):
+        grammar = compile_grammar("regex", pattern) if pattern else None
+        seq = Sequence(digits, SamplingParams(max_tokens=NEW_TOKENS, grammar=grammar), None)
+        if grammar is not None:
+            seq._matcher = engine.grammars.matcher(grammar)
+        drafts[pattern] = engine._draft(seq)
+    assert tokenizer.decode(drafts[None]).strip().startswith("3")
+    assert drafts["[0-9 ]{1,40}"] == drafts[None] and drafts["[a-z]{8}"] == []
 
 
 def test_a_speculated_answer_is_kept_for_the_next_turn_as_if_decoded_plainly(bundle, prompt_ids):

@@ -833,6 +833,9 @@ MIN_TEMPERATURE = 1e-2
 NUCLEUS_FIRST_K = 64
 #: A seed is taken modulo 2**64, the range of ``torch.Generator.manual_seed``.
 SEED_MODULUS = 1 << 64
+#: Plain steps a speculating sequence takes at most before drafting again, after drafts
+#: refused whole.
+MOST_PAUSED_STEPS = 16
 #: How often a busy engine reports its progress to the server when nothing else happens.
 HEARTBEAT_S = 1.0
 
@@ -918,6 +921,9 @@ class Sequence:
     _read_offset: int = 0
     _generator: Any = None
     _matcher: Any = None  # the grammar's state after the tokens generated so far
+    #: Speculative decoding: drafts refused in a row, and plain steps left before the next.
+    _refused: int = 0
+    _pause: int = 0
 
     @property
     def position(self) -> int:
@@ -1208,13 +1214,29 @@ class Engine:
 
     def _draft(self, seq: Sequence) -> list[int]:
         """Tokens to check after the sequence's last one: as many as fit before its
-        ``max_tokens`` (a step yields one more than it drafts) and the context."""
+        ``max_tokens`` (a step yields one more than it drafts) and the context.
+
+        Under a grammar, the tokens it forces next if any (a schema's next key), else
+        the lookup's; either cut where the grammar would refuse them, since the engine
+        could never choose a token past that."""
         assert self.speculative is not None
+        if seq._pause:
+            seq._pause -= 1
+            return []
         room = min(
             seq.params.max_tokens - len(seq.generated) - 1,
             self.backend.context - 1 - seq.position,
+            self.speculative.num_speculative_tokens,
         )
-        return draft_by_lookup(seq.prompt + seq.generated, self.speculative, room)
+        if room <= 0:
+            return []
+        matcher = seq._matcher
+        draft = matcher.compute_ff_tokens()[:room] if matcher is not None else []
+        if not draft:
+            draft = draft_by_lookup(seq.prompt + seq.generated, self.speculative, room)
+        if matcher is not None and draft:
+            draft = draft[: matcher.validate_tokens(draft)]
+        return draft
 
     def _step_speculative(self, seq: Sequence, draft: list[int]) -> None:
         """A lone sequence's step over its last token and a draft of the next: its tokens
@@ -1248,6 +1270,11 @@ class Engine:
             accepted += 1  # its last token was the draft's too
         self.drafted_tokens += len(draft)
         self.accepted_tokens += accepted
+        # A draft refused whole cost its step more than a plain one and gave nothing: wait
+        # 1, 2, 4... plain steps before the next while they keep being refused, so that
+        # an answer that quotes nothing (JSON keys the prompt spells otherwise) pays little.
+        seq._refused = 0 if accepted else seq._refused + 1
+        seq._pause = min(MOST_PAUSED_STEPS, 1 << (seq._refused - 1)) if seq._refused else 0
         batch.width += kept
         if batch.mask is not None:  # a lone row has no padding
             batch.mask = torch.ones(1, batch.width, dtype=torch.long)
