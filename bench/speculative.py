@@ -224,6 +224,38 @@ def measure(
             "rounds": per_round}  # fmt: skip
 
 
+def step_costs(bundle: Path, sizes: list[int], calls: int = 30) -> dict[str, float]:
+    """Milliseconds of a check of n tokens after a 64-token prompt (the median of
+    ``calls``), by n: what a draft adds to a step."""
+    import torch
+
+    from unbottle.core.serving.engine import _Batch
+
+    loaded = load_bundle(bundle, {"prompt_cache": False, "max_batch": 1})
+    backend = loaded.backend
+    ids = list(range(1000, 1064))
+    _, cache = backend.prefill(ids)
+    if backend.owns_cache:
+        rows, width = cache, 0
+    else:
+        batch = _Batch(backend.right_padded)
+        batch.add(None, cache, backend.context)
+        batch.make_room(backend.context, max(sizes))
+        rows, width = batch.buffers, batch.width
+    out = {}
+    with torch.inference_mode():
+        for n in sizes:
+            times = []
+            for _ in range(calls + 3):
+                started = time.perf_counter()
+                backend.verify([1000 + i for i in range(n)], len(ids), rows, width)
+                times.append(time.perf_counter() - started)
+                if backend.owns_cache:
+                    backend.truncate(rows, len(ids))
+            out[str(n)] = 1000 * statistics.median(times[3:])
+    return out
+
+
 def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
     """A row per workload and setting: median tokens/s, ratio to plain (median, min, max
     over rounds), acceptance, and the share of answers whose text is plain's."""
@@ -269,8 +301,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=6, help="Prompts per workload.")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--step-costs",
+        action="store_true",
+        help="Only time a check of 1, 2, 3 and 5 tokens in each bundle's runtime.",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.step_costs:
+        costs = {}
+        print("| bundle | 1 token (ms) | 2 | 3 | 5 |\n|---|---:|---:|---:|---:|")
+        for label, path in labelled_bundles(args.bundles):
+            ms = costs[label] = step_costs(path, [1, 2, 3, 5])
+            print(
+                f"| {label} | {ms['1']:.2f} | "
+                + " | ".join(f"{ms[n]:.2f} ({ms[n] / ms['1']:.2f}x)" for n in ("2", "3", "5"))
+                + " |",
+                flush=True,
+            )
+        if args.json:
+            args.json.write_text(json.dumps({"step_costs_ms": costs}, indent=2) + "\n")
+        return
     out: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "rounds": args.rounds,
