@@ -22,7 +22,7 @@ from tests.serving_helpers import (
     live_server,
 )
 from unbottle.core.data import prompts as task
-from unbottle.core.serving.speculative import SpeculativeConfig, draft_by_lookup
+from unbottle.core.serving.speculative import SpeculativeConfig, TokenHistory, draft_by_lookup
 
 SPECULATIVE = {"num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 PROMPTS = [
@@ -53,6 +53,30 @@ def test_the_longest_run_found_earlier_drafts_what_followed_its_latest_occurrenc
     assert draft_by_lookup([1, 2, 3, 4, 5, 1], config, 2) == [2, 3]
     assert draft_by_lookup([1, 2, 3, 4, 5, 1], config, 0) == []
     assert draft_by_lookup([1], config, 8) == []
+
+
+def test_the_lookup_finds_what_a_scan_of_every_window_finds():
+    """The lookup narrows to where the last token occurs; a plain scan is the definition."""
+    import random
+
+    config = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=4, prompt_lookup_min=1)
+
+    def scan(tokens: list[int]) -> list[int]:
+        for n in range(min(4, len(tokens) - 1), 0, -1):
+            for start in range(len(tokens) - n - 1, -1, -1):  # windows before the last token
+                if tokens[start : start + n] == tokens[-n:]:
+                    return tokens[start + n : start + n + 4]
+        return []
+
+    rng = random.Random(0)
+    for _ in range(500):
+        tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 30))]
+        assert draft_by_lookup(tokens, config, 8) == scan(tokens), tokens
+    # A sequence's history grows with its answer: one array, converted token by token.
+    history, prompt, generated = TokenHistory(), [5, 6, 7], []
+    for t in range(600):
+        generated.append(t % 7)
+        assert history.extend(prompt, generated).tolist() == prompt + generated
 
 
 def test_a_lookup_range_upside_down_is_refused():

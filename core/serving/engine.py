@@ -68,7 +68,7 @@ from pydantic import Field, ValidationError
 from unbottle.core.contract.errors import ConfigError, DataError
 from unbottle.core.contract.strategies import StrategyConfig
 from unbottle.core.serving.grammar import GrammarError, Grammars, mask_refused
-from unbottle.core.serving.speculative import SpeculativeConfig, draft_by_lookup
+from unbottle.core.serving.speculative import SpeculativeConfig, TokenHistory, draft_by_lookup
 from unbottle.core.store.artifacts import path_kind
 
 if TYPE_CHECKING:
@@ -924,6 +924,7 @@ class Sequence:
     #: Speculative decoding: drafts refused in a row, and plain steps left before the next.
     _refused: int = 0
     _pause: int = 0
+    _history: Any = None  # its tokens for the lookup (speculative.TokenHistory)
 
     @property
     def position(self) -> int:
@@ -1233,7 +1234,10 @@ class Engine:
         matcher = seq._matcher
         draft = matcher.compute_ff_tokens()[:room] if matcher is not None else []
         if not draft:
-            draft = draft_by_lookup(seq.prompt + seq.generated, self.speculative, room)
+            if seq._history is None:
+                seq._history = TokenHistory()
+            tokens = seq._history.extend(seq.prompt, seq.generated)
+            draft = draft_by_lookup(tokens, self.speculative, room)
         if matcher is not None and draft:
             draft = draft[: matcher.validate_tokens(draft)]
         return draft
