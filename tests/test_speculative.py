@@ -330,6 +330,24 @@ def test_the_server_counts_drafted_and_accepted_tokens(bundle, prompt_ids):
     assert 0 < counts["unbottle_spec_decode_accepted_tokens_total"] <= drafted
 
 
+def test_the_server_target_writes_speculation_into_the_bundles_serve_json(
+    tmp_path, tmp_path_factory, tiny_data
+):
+    """``deploy: {target: server, speculative: {...}}`` ships the setting with the bundle:
+    ``unbottle serve`` then speculates without a flag."""
+    import json
+
+    from unbottle.core.serving.engine import load_bundle
+
+    out = tmp_path / "deployed"
+    model = finetuned_model(tmp_path_factory, tiny_data)
+    deploy_target("server", {"speculative": SPECULATIVE}, model, out)
+    written = json.loads((out / "serve.json").read_text())["speculative"]
+    assert written == {"method": "ngram", **SPECULATIVE}
+    engine = load_bundle(out).engine()
+    assert engine.speculative is not None and engine.speculative.num_speculative_tokens == 4
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [
