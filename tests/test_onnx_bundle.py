@@ -146,7 +146,7 @@ def test_an_onnx_variant_ships_as_it_is(tmp_path, int8_bundle):
 
 
 def test_speculative_checks_run_the_graph_as_decode_steps_and_skip_coupled_rows(
-    tmp_path, finetuned, int8_bundle
+    tmp_path, finetuned, int8_bundle, caplog
 ):
     """Several tokens of a lone row in one call give each step's logits and cache; a graph
     whose rows share activation scales (dynamic int8) would give others, so its engine
@@ -161,6 +161,7 @@ def test_speculative_checks_run_the_graph_as_decode_steps_and_skip_coupled_rows(
     speculative = {"speculative": {"num_speculative_tokens": 2}}
     assert load_bundle(out, speculative).engine().speculative is not None
     assert load_bundle(int8_bundle, speculative).engine().speculative is None
+    assert "speculative decoding is off: this graph's rows share activation scales" in caplog.text
 
 
 def test_the_engine_keeps_int8_greedy_tokens_batch_invariant(int8_bundle, prompts):

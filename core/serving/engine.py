@@ -974,6 +974,11 @@ class Engine:
         self.row_by_row = backend.couples_rows and batch_invariant
         # Checking several tokens in one call would change a coupled graph's numbers too.
         self.speculative = None if self.row_by_row else speculative
+        if speculative is not None and self.speculative is None:
+            log.warning(
+                "speculative decoding is off: this graph's rows share activation scales "
+                "(dynamic int8), so checking several tokens at once would change them"
+            )
         #: Tokens drafted, and those of them the model chose, over the engine's life.
         self.drafted_tokens = self.accepted_tokens = 0
         self.eos = eos_token_ids if eos_token_ids is not None else {tokenizer.eos_token_id}
