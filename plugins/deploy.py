@@ -524,7 +524,10 @@ print(reply.choices[0].message.content)
 ```
 
 `serve.json` holds the server's settings (batch size, queue bound, limits); flags of
-`unbottle serve` override them."""
+`unbottle serve` override them. For answers that quote their prompt (edits, extraction,
+code), `--speculative-config '{{"method": "ngram"}}'` checks tokens drafted from the
+prompt in the same step as the next one: plain decoding's tokens (up to float rounding),
+1.04x to 1.9x as fast on SmolLM2."""
 
 
 def packed_bundle(model_dir: Path, out_dir: Path) -> dict[str, Any]:

@@ -346,6 +346,7 @@ def test_the_server_target_writes_speculation_into_the_bundles_serve_json(
     assert written == {"method": "ngram", **SPECULATIVE}
     engine = load_bundle(out).engine()
     assert engine.speculative is not None and engine.speculative.num_speculative_tokens == 4
+    assert """--speculative-config '{"method": "ngram"}'""" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
