@@ -237,6 +237,7 @@ def start_server(
     threads: int | None,
     prompt_cache: bool = True,
     prefill_chunk: int | None = None,
+    extra: list[str] | None = None,
 ) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("UNBOTTLE_API_KEY", None)
@@ -248,6 +249,7 @@ def start_server(
         command.append("--no-prompt-cache")
     if prefill_chunk is not None:
         command += ["--prefill-chunk", str(prefill_chunk)]
+    command += extra or []
     proc = subprocess.Popen(
         command,
         env=env,

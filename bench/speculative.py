@@ -23,6 +23,9 @@ over the time from the first token to the last; a workload's rate in a round is 
 tokens over its time. Ratios are to the plain setting in the same round; their median
 (min-max) over rounds is printed, and every round's figures go to ``--json``.
 
+With ``--http`` the same requests go through ``unbottle serve`` (one server per setting)
+and the official ``openai`` client, streamed.
+
     python bench/speculative.py genai=BUNDLE gguf=BUNDLE --rounds 3 --json out.json
 """
 
@@ -41,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import labelled_bundles
+from serve_load import free_port, labelled_bundles, start_server
 from structured_outputs import INSTRUCTION, SCHEMA, judge, records
 
 from unbottle.core.serving.engine import Engine, SamplingParams, Sequence, load_bundle
@@ -224,6 +227,110 @@ def measure(
             "rounds": per_round}  # fmt: skip
 
 
+def measure_http(
+    bundle: Path, drafts: list[int], rounds: int, count: int, new: int, lookup: tuple[int, int]
+) -> dict[str, Any]:
+    """:func:`measure` through ``unbottle serve``: one server per setting, the official
+    client streaming each chat request (extract's schema as ``response_format``); decode
+    time from the first piece of text to the end, drafts from each server's /metrics."""
+    import httpx
+    import openai
+
+    settings: dict[str, dict[str, Any] | None] = {"plain": None}
+    for k in drafts:
+        settings[f"k={k}"] = {
+            "method": "ngram",
+            "num_speculative_tokens": k,
+            "prompt_lookup_min": lookup[0],
+            "prompt_lookup_max": lookup[1],
+        }
+    servers, clients = {}, {}
+    try:
+        for name, config in settings.items():
+            port = free_port()
+            extra = ["--speculative-config", json.dumps(config)] if config else []
+            servers[name] = start_server(bundle, port, 1, None, prompt_cache=False, extra=extra)
+            clients[name] = (
+                openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0),
+                f"http://127.0.0.1:{port}/metrics",
+            )
+        schema = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+
+        def counts(url: str) -> tuple[float, float]:
+            lines = httpx.get(url).text.splitlines()
+            value = {
+                line.split()[0]: float(line.split()[1])
+                for line in lines
+                if line.startswith("unbottle_spec")
+            }
+            return (
+                value["unbottle_spec_decode_drafted_tokens_total"],
+                value["unbottle_spec_decode_accepted_tokens_total"],
+            )
+
+        names, per_round = list(settings), []
+        for r in range(rounds):
+            this: dict[str, dict[str, dict[str, Any]]] = {}
+            for workload, items in workloads(count).items():
+                cell = {
+                    n: {
+                        "decoded": 0,
+                        "seconds": 0.0,
+                        "drafted": 0,
+                        "accepted": 0,
+                        "texts": [],
+                        "correct": 0,
+                    }
+                    for n in names
+                }
+                for p, (message, grammar, truth) in enumerate(items):
+                    shift = (r + p) % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        client, metrics = clients[name]
+                        before = counts(metrics)
+                        first, text, tokens = None, "", 0
+                        stream = client.chat.completions.create(
+                            model=client.models.list().data[0].id,
+                            messages=[{"role": "user", "content": message}],
+                            max_tokens=new,
+                            temperature=0,
+                            stream=True,
+                            stream_options={"include_usage": True},
+                            response_format=schema if grammar else None,
+                        )
+                        for chunk in stream:
+                            if chunk.choices and chunk.choices[0].delta.content:
+                                first = first or (time.perf_counter(), len(text))
+                                text += chunk.choices[0].delta.content
+                            if chunk.usage:
+                                tokens = chunk.usage.completion_tokens
+                        ended = time.perf_counter()
+                        after = counts(metrics)
+                        if first is None:
+                            continue  # nothing written: no decode to time
+                        cell[name]["decoded"] += tokens - 1
+                        cell[name]["seconds"] += ended - first[0]
+                        cell[name]["drafted"] += int(after[0] - before[0])
+                        cell[name]["accepted"] += int(after[1] - before[1])
+                        cell[name]["texts"].append(text)
+                        if truth is not None:
+                            cell[name]["correct"] += judge(text, truth)["correct"]
+                this[workload] = cell
+                rates = {n: c["decoded"] / c["seconds"] for n, c in cell.items()}
+                print(
+                    f"  round {r + 1} {workload}: "
+                    + ", ".join(f"{n} {v:.1f}" for n, v in rates.items())
+                    + " tokens/s",
+                    flush=True,
+                )
+            per_round.append(this)
+    finally:
+        for proc in servers.values():
+            proc.terminate()
+            proc.wait(30)
+    return {"settings": settings, "rounds": per_round, "through": "unbottle serve"}
+
+
 def step_costs(bundle: Path, sizes: list[int], calls: int = 30) -> dict[str, float]:
     """Milliseconds of a check of n tokens after a 64-token prompt (the median of
     ``calls``), by n: what a draft adds to a step."""
@@ -302,6 +409,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=6, help="Prompts per workload.")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument(
+        "--http",
+        action="store_true",
+        help="Through `unbottle serve` and the openai client, one server per setting.",
+    )
+    parser.add_argument(
         "--step-costs",
         action="store_true",
         help="Only time a check of 1, 2, 3 and 5 tokens in each bundle's runtime.",
@@ -332,9 +444,9 @@ def main() -> None:
     }
     for label, path in labelled_bundles(args.bundles):
         print(f"{label} ({path})", flush=True)
-        result = measure(
-            path, args.tokens, args.rounds, args.prompts, args.new_tokens, tuple(args.lookup)
-        )
+        run = measure_http if args.http else measure
+        lookup = tuple(args.lookup)
+        result = run(path, args.tokens, args.rounds, args.prompts, args.new_tokens, lookup)
         rows = summarize(result)
         out["results"][label] = {"bundle": str(path), **result, "summary": rows}
         print("| workload | setting | tokens/s | × plain (min–max) | drafts kept | tokens/step "
