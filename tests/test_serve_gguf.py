@@ -287,6 +287,7 @@ def test_speculative_checks_in_llama_cpp_give_its_plain_tokens(bundle, solo, tok
 
     speculative = {"num_speculative_tokens": 4, "prompt_lookup_min": 1}
     loaded = load_bundle(bundle, {"threads": 1, "speculative": speculative})
+    assert loaded.backend.rewinds  # a Llama's cache drops positions; a recurrent one's not
     ids = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS}
     assert_verify_matches_decode(loaded.backend, ids[PROMPTS[2]], [5, 9, 11, 5], atol=1e-4)
     engine = loaded.engine()

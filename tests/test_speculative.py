@@ -305,6 +305,21 @@ def test_only_a_lone_sequence_speculates(bundle, prompt_ids):
     assert [s.generated for s in seqs[1:]] == [s.generated[:4] for s in plain[1:]]
 
 
+def test_a_cache_that_cannot_drop_positions_does_not_speculate(bundle, caplog):
+    """A recurrent model's state (llama.cpp's Mamba, RWKV, hybrids) cannot take back a
+    refused draft's positions: its engine decodes plainly and says why."""
+    from unbottle.core.serving.engine import Engine, load_bundle
+    from unbottle.core.serving.speculative import SpeculativeConfig
+
+    loaded = load_bundle(bundle)
+    backend = loaded.backend
+    assert backend.rewinds
+    backend.rewinds = False  # as LlamaCppBackend says of a recurrent model
+    engine = Engine(backend, loaded.tokenizer, speculative=SpeculativeConfig())
+    assert engine.speculative is None
+    assert "cannot drop the positions of refused drafts" in caplog.text
+
+
 def test_the_torch_backends_check_gives_one_decode_step_per_token(bundle, prompt_ids):
     from unbottle.core.serving.engine import load_backend
 

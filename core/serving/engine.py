@@ -199,6 +199,9 @@ class Backend(Protocol):
     #: Tokens at the start of the last prompt given to ``prefill`` that it did not compute
     #: again: those of ``past``, or (``owns_cache``) those it found in its own cache.
     prompt_tokens_cached: int
+    #: False when the cache cannot drop a sequence's last positions (a recurrent state):
+    #: ``verify``'s refused tokens could not be taken back, so nothing speculates.
+    rewinds: bool
 
     def prefill(
         self,
@@ -247,6 +250,7 @@ class TorchBackend:
     right_padded = False
     owns_cache = False
     prompt_tokens_cached = 0
+    rewinds = True
 
     def __init__(self, bundle: Path) -> None:
         import torch
@@ -392,6 +396,7 @@ class OnnxBackend:
     format = "onnx"
     owns_cache = False
     prompt_tokens_cached = 0
+    rewinds = True
 
     def __init__(self, bundle: Path, threads: int | None = None) -> None:
         import onnx
@@ -565,6 +570,10 @@ class LlamaCppBackend:
         self._lib = lib = llama_cpp.llama_library()
         self._model = llama_cpp.load_llama_model(self.path)
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
+        # A recurrent (or hybrid) model's state cannot drop its last positions.
+        self.rewinds = not (
+            lib.llama_model_is_recurrent(self._model) or lib.llama_model_is_hybrid(self._model)
+        )
         trained = int(lib.llama_model_n_ctx_train(self._model))
         self.context = min(trained, context or trained)
         self._ctx = llama_cpp.new_context(
@@ -973,11 +982,18 @@ class Engine:
         self.max_queue = max_queue
         self.row_by_row = backend.couples_rows and batch_invariant
         # Checking several tokens in one call would change a coupled graph's numbers too.
-        self.speculative = None if self.row_by_row else speculative
-        if speculative is not None and self.speculative is None:
+        self.speculative = speculative
+        if speculative is not None and self.row_by_row:
+            self.speculative = None
             log.warning(
                 "speculative decoding is off: this graph's rows share activation scales "
                 "(dynamic int8), so checking several tokens at once would change them"
+            )
+        elif speculative is not None and not backend.rewinds:
+            self.speculative = None
+            log.warning(
+                "speculative decoding is off: this model's cache cannot drop the positions "
+                "of refused drafts (a recurrent state)"
             )
         #: Tokens drafted, and those of them the model chose, over the engine's life.
         self.drafted_tokens = self.accepted_tokens = 0
