@@ -40,6 +40,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,46 @@ def generate(engine: Engine, ids: list[int], params: SamplingParams) -> dict[str
     }
 
 
+def in_rounds(
+    names: list[str],
+    items: dict[str, list[tuple[Any, str | None, Any]]],
+    rounds: int,
+    ask: Callable[[str, Any, str | None], dict[str, Any]],
+) -> list[dict[str, dict[str, dict[str, Any]]]]:
+    """Every prompt of every workload once per setting in each round, the settings' order
+    rotated by one per prompt. ``ask(setting, prompt, grammar)`` gives one answer's
+    decoded tokens, seconds, drafted and accepted tokens and text. Per round, workload and
+    setting: their sums, the answers, and how many hold the right fields (extract)."""
+    per_round = []
+    for r in range(rounds):
+        this: dict[str, dict[str, dict[str, Any]]] = {}
+        for workload, prompts in items.items():
+            cell: dict[str, dict[str, Any]] = {
+                n: {"decoded": 0, "seconds": 0.0, "drafted": 0, "accepted": 0, "texts": [],
+                    "correct": 0}
+                for n in names
+            }  # fmt: skip
+            for p, (prompt, grammar, truth) in enumerate(prompts):
+                shift = (r + p) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    out = ask(name, prompt, grammar)
+                    for key in ("decoded", "seconds", "drafted", "accepted"):
+                        cell[name][key] += out[key]
+                    cell[name]["texts"].append(out["text"])
+                    if truth is not None:
+                        cell[name]["correct"] += judge(out["text"], truth)["correct"]
+            this[workload] = cell
+            rates = {n: c["decoded"] / c["seconds"] for n, c in cell.items()}
+            print(
+                f"  round {r + 1} {workload}: "
+                + ", ".join(f"{n} {v:.1f}" for n, v in rates.items())
+                + " tokens/s",
+                flush=True,
+            )
+        per_round.append(this)
+    return per_round
+
+
 def measure(
     bundle: Path, drafts: list[int], rounds: int, count: int, new: int, lookup: tuple[int, int]
 ) -> dict[str, Any]:
@@ -175,52 +216,21 @@ def measure(
     # a team per calling thread, and a second engine's team made every call 3x slower.
     engine = Engine(backend, tokenizer, max_batch=1, eos_token_ids=loaded.eos_token_ids)
     engine.start()
-    prompts = {
-        name: [(chat(tokenizer, message), grammar, truth) for message, grammar, truth in items]
-        for name, items in workloads(count).items()
+
+    def ask(name: str, ids: list[int], grammar: str | None) -> dict[str, Any]:
+        engine.speculative = settings[name]
+        drafted, accepted = engine.drafted_tokens, engine.accepted_tokens
+        out = generate(engine, ids, SamplingParams(max_tokens=new, grammar=grammar))
+        out["drafted"] = engine.drafted_tokens - drafted
+        out["accepted"] = engine.accepted_tokens - accepted
+        return out
+
+    chats = {
+        workload: [(chat(tokenizer, message), grammar, truth) for message, grammar, truth in asks]
+        for workload, asks in workloads(count).items()
     }
-    names = list(settings)
-    # rounds[r][workload][setting]: decoded tokens, seconds, drafted and accepted tokens,
-    # the answers, and how many of them are right (extract).
-    per_round: list[dict[str, dict[str, dict[str, Any]]]] = []
     try:
-        for r in range(rounds):
-            this: dict[str, dict[str, dict[str, Any]]] = {}
-            for workload, items in prompts.items():
-                cell = {
-                    n: {
-                        "decoded": 0,
-                        "seconds": 0.0,
-                        "drafted": 0,
-                        "accepted": 0,
-                        "texts": [],
-                        "correct": 0,
-                    }
-                    for n in names
-                }
-                for p, (ids, grammar, truth) in enumerate(items):
-                    params = SamplingParams(max_tokens=new, grammar=grammar)
-                    shift = (r + p) % len(names)
-                    for name in names[shift:] + names[:shift]:
-                        engine.speculative = settings[name]
-                        drafted, accepted = engine.drafted_tokens, engine.accepted_tokens
-                        out = generate(engine, ids, params)
-                        cell[name]["decoded"] += out["decoded"]
-                        cell[name]["seconds"] += out["seconds"]
-                        cell[name]["drafted"] += engine.drafted_tokens - drafted
-                        cell[name]["accepted"] += engine.accepted_tokens - accepted
-                        cell[name]["texts"].append(out["text"])
-                        if truth is not None:
-                            cell[name]["correct"] += judge(out["text"], truth)["correct"]
-                this[workload] = cell
-                rates = {n: c["decoded"] / c["seconds"] for n, c in cell.items()}
-                print(
-                    f"  round {r + 1} {workload}: "
-                    + ", ".join(f"{n} {v:.1f}" for n, v in rates.items())
-                    + " tokens/s",
-                    flush=True,
-                )
-            per_round.append(this)
+        per_round = in_rounds(list(settings), chats, rounds, ask)
     finally:
         engine.stop()
     return {"settings": {n: c.model_dump() if c else None for n, c in settings.items()},
@@ -244,7 +254,50 @@ def measure_http(
             "prompt_lookup_min": lookup[0],
             "prompt_lookup_max": lookup[1],
         }
+    schema = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
     servers, clients = {}, {}
+
+    def counts(url: str) -> tuple[float, float]:
+        lines = httpx.get(url).text.splitlines()
+        value = {
+            line.split()[0]: float(line.split()[1])
+            for line in lines
+            if line.startswith("unbottle_spec")
+        }
+        return (
+            value["unbottle_spec_decode_drafted_tokens_total"],
+            value["unbottle_spec_decode_accepted_tokens_total"],
+        )
+
+    def ask(name: str, message: str, grammar: str | None) -> dict[str, Any]:
+        client, metrics = clients[name]
+        before = counts(metrics)
+        first, text, tokens = None, "", 0
+        stream = client.chat.completions.create(
+            model=client.models.list().data[0].id,
+            messages=[{"role": "user", "content": message}],
+            max_tokens=new,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            response_format=schema if grammar else None,
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter()
+                text += chunk.choices[0].delta.content
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        ended = time.perf_counter()
+        after = counts(metrics)
+        return {
+            "decoded": tokens - 1 if first else 0,  # nothing written: no decode to time
+            "seconds": ended - first if first else 0.0,
+            "drafted": int(after[0] - before[0]),
+            "accepted": int(after[1] - before[1]),
+            "text": text,
+        }
+
     try:
         for name, config in settings.items():
             port = free_port()
@@ -254,76 +307,7 @@ def measure_http(
                 openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0),
                 f"http://127.0.0.1:{port}/metrics",
             )
-        schema = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
-
-        def counts(url: str) -> tuple[float, float]:
-            lines = httpx.get(url).text.splitlines()
-            value = {
-                line.split()[0]: float(line.split()[1])
-                for line in lines
-                if line.startswith("unbottle_spec")
-            }
-            return (
-                value["unbottle_spec_decode_drafted_tokens_total"],
-                value["unbottle_spec_decode_accepted_tokens_total"],
-            )
-
-        names, per_round = list(settings), []
-        for r in range(rounds):
-            this: dict[str, dict[str, dict[str, Any]]] = {}
-            for workload, items in workloads(count).items():
-                cell = {
-                    n: {
-                        "decoded": 0,
-                        "seconds": 0.0,
-                        "drafted": 0,
-                        "accepted": 0,
-                        "texts": [],
-                        "correct": 0,
-                    }
-                    for n in names
-                }
-                for p, (message, grammar, truth) in enumerate(items):
-                    shift = (r + p) % len(names)
-                    for name in names[shift:] + names[:shift]:
-                        client, metrics = clients[name]
-                        before = counts(metrics)
-                        first, text, tokens = None, "", 0
-                        stream = client.chat.completions.create(
-                            model=client.models.list().data[0].id,
-                            messages=[{"role": "user", "content": message}],
-                            max_tokens=new,
-                            temperature=0,
-                            stream=True,
-                            stream_options={"include_usage": True},
-                            response_format=schema if grammar else None,
-                        )
-                        for chunk in stream:
-                            if chunk.choices and chunk.choices[0].delta.content:
-                                first = first or (time.perf_counter(), len(text))
-                                text += chunk.choices[0].delta.content
-                            if chunk.usage:
-                                tokens = chunk.usage.completion_tokens
-                        ended = time.perf_counter()
-                        after = counts(metrics)
-                        if first is None:
-                            continue  # nothing written: no decode to time
-                        cell[name]["decoded"] += tokens - 1
-                        cell[name]["seconds"] += ended - first[0]
-                        cell[name]["drafted"] += int(after[0] - before[0])
-                        cell[name]["accepted"] += int(after[1] - before[1])
-                        cell[name]["texts"].append(text)
-                        if truth is not None:
-                            cell[name]["correct"] += judge(text, truth)["correct"]
-                this[workload] = cell
-                rates = {n: c["decoded"] / c["seconds"] for n, c in cell.items()}
-                print(
-                    f"  round {r + 1} {workload}: "
-                    + ", ".join(f"{n} {v:.1f}" for n, v in rates.items())
-                    + " tokens/s",
-                    flush=True,
-                )
-            per_round.append(this)
+        per_round = in_rounds(list(settings), workloads(count), rounds, ask)
     finally:
         for proc in servers.values():
             proc.terminate()
