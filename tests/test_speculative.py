@@ -102,14 +102,15 @@ def prompt_ids(bundle) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
 
 
-def run(bundle: Path, prompts: list[list[int]], params, speculative=None, **overrides):
-    """Each prompt alone through an engine: the sequences, the engine's step sizes, and
-    its (drafted, accepted) counts."""
+def run(bundle: Path, prompts: list[list[int]], params, speculative=None, eos=None, **overrides):
+    """Each prompt alone through an engine (``eos``: other end tokens than the bundle's):
+    the sequences, the engine's step sizes, and its (drafted, accepted) counts."""
     from unbottle.core.serving.engine import load_bundle
 
     loaded = load_bundle(bundle, {"speculative": speculative, **overrides})
     steps: list[int] = []
     engine = loaded.engine(on_step=steps.append)
+    engine.eos = eos or engine.eos
     engine.start()
     try:
         seqs = [engine.generate(ids, params) for ids in prompts]
@@ -198,15 +199,21 @@ def test_stop_strings_eos_and_grammars_end_a_speculative_step_where_plain_decodi
         assert seq.text.strip(), "the tiny model answered nothing to stop in"
     stops = tuple({s.text.strip()[2:4] for s in plain_tokens})
     grammar = compile_grammar("regex", "[a-z ]{3,12}")
-    for params in (
-        SamplingParams(max_tokens=NEW_TOKENS),  # EOS on
-        SamplingParams(max_tokens=NEW_TOKENS, stop=stops, ignore_eos=True),
-        SamplingParams(max_tokens=NEW_TOKENS, grammar=grammar),
+    # The tiny model writes no EOS: the token a penalized answer (whose drafts are partly
+    # kept) writes first last stands in for one.
+    penalized = SamplingParams(max_tokens=NEW_TOKENS, presence_penalty=0.3)
+    answer = run(bundle, prompt_ids[:1], penalized, eos={-1})[0][0].generated
+    eos = {max(set(answer), key=answer.index)}  # the token that first appears last
+    for params, end in (
+        (penalized, eos),
+        (SamplingParams(max_tokens=NEW_TOKENS, stop=stops, ignore_eos=True), None),
+        (SamplingParams(max_tokens=NEW_TOKENS, grammar=grammar), None),
     ):
-        plain, _, _ = run(bundle, prompt_ids, params)
-        fast, _, _ = run(bundle, prompt_ids, params, SPECULATIVE)
+        plain, _, _ = run(bundle, prompt_ids, params, eos=end)
+        fast, _, (_, accepted) = run(bundle, prompt_ids, params, SPECULATIVE, eos=end)
         got = [(s.generated, s.text, s.finish_reason) for s in fast]
         assert got == [(s.generated, s.text, s.finish_reason) for s in plain]
+        assert accepted > 0 and "stop" in {s.finish_reason for s in fast}
 
 
 def test_under_a_grammar_the_tokens_it_forces_are_drafted_and_those_it_refuses_are_not(
