@@ -14,14 +14,14 @@ of one. So four kinds of chat request, each a few prompts:
   (bench/structured_outputs.py's sentences);
 - ``story``: a short story on a topic (little to copy: what a miss costs).
 
-One process per bundle: the bundle loaded once, one engine on it with no prompt cache,
-whose setting (plain, then each ``--tokens`` count of drafted tokens) is switched between
-requests. In each round
-every prompt is generated greedily once with each setting, in an order rotated by one
-setting per prompt. Decode tokens/s counts the tokens after the first (the prefill's)
-over the time from the first token to the last; a workload's rate in a round is its
-tokens over its time. Ratios are to the plain setting in the same round; their median
-(min-max) over rounds is printed, and every round's figures go to ``--json``.
+The bundles in turn, in this process: each loaded once, one engine on it with no prompt
+cache, whose setting (plain, then each ``--tokens`` count of drafted tokens) is switched
+between requests. In each round every prompt is generated greedily once with each
+setting, in an order rotated by one setting per prompt. Decode tokens/s counts the
+tokens after the first (the prefill's) over the time from the first token to the last; a
+workload's rate in a round is its tokens over its time. Ratios are to the plain setting
+in the same round; their median (min-max) over rounds is printed, and every round's
+figures go to ``--json``.
 
 With ``--http`` the same requests go through ``unbottle serve`` (one server per setting)
 and the official ``openai`` client, streamed.
